@@ -1,0 +1,132 @@
+"""Built-in models that need no download: written to disk in diffusers format and then loaded with the
+same `from_pretrained` code as a hub model.
+
+`builtin:tiny` is a randomly initialised Stable-Diffusion-architecture pipeline built from configs under
+a fixed seed (the diffusers test idiom): the smallest thing the whole method runs on, for tests and
+smoke runs. It is built once into the cache dir (`$SHORTFT_CACHE`, default ~/.cache/shortft).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+TINY_WORDS = (
+    "a an the small large big tiny red green blue yellow white black purple orange circle square triangle "
+    "star on in of at with background top bottom left right center picture photo shape"
+).split()
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("SHORTFT_CACHE", Path.home() / ".cache" / "shortft"))
+
+
+def build_clip_tokenizer(words: list[str], max_length: int):
+    """A CLIPTokenizer whose vocabulary is exactly `words` (plus single characters as fallback).
+
+    BPE merges are generated so that each word merges left to right into one token; the result saves
+    and loads with `CLIPTokenizer.from_pretrained` like any hub tokenizer.
+    """
+    from transformers import CLIPTokenizer
+
+    chars = sorted({ch for w in words for ch in w})
+    vocab: dict[str, int] = {}
+    merges: list[tuple[str, str]] = []
+
+    def add(token: str) -> None:
+        vocab.setdefault(token, len(vocab))
+
+    for special in ("<|startoftext|>", "<|endoftext|>"):
+        add(special)
+    for ch in chars:
+        add(ch)
+        add(ch + "</w>")
+    for word in sorted(set(words)):
+        pieces = list(word[:-1]) + [word[-1] + "</w>"]
+        while len(pieces) > 1:
+            merged = pieces[0] + pieces[1]
+            merge = (pieces[0], pieces[1])
+            if merge not in merges:
+                merges.append(merge)
+            add(merged)
+            pieces = [merged] + pieces[2:]
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=max_length)
+
+
+def build_tiny(out_dir: Path, seed: int = 0) -> Path:
+    """Random tiny SD pipeline (32x32 images, 16x16x4 latents) saved in diffusers format."""
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        block_out_channels=(16, 32), layers_per_block=1, sample_size=16, in_channels=4, out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=16, attention_head_dim=4, norm_num_groups=8,
+    )
+    torch.manual_seed(seed + 1)
+    vae = AutoencoderKL(
+        block_out_channels=(8, 16), in_channels=3, out_channels=3, latent_channels=4, norm_num_groups=8,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+    )
+    torch.manual_seed(seed + 2)
+    tokenizer = build_clip_tokenizer(TINY_WORDS, max_length=16)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+        num_attention_heads=2, max_position_embeddings=16, bos_token_id=0, eos_token_id=1, pad_token_id=1,
+    ))
+    scheduler = DDIMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+        set_alpha_to_one=False, steps_offset=1,
+    )
+    pipe = StableDiffusionPipeline(
+        unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    pipe.save_pretrained(out_dir)
+    return out_dir
+
+
+BUILTIN_MODELS = {"tiny": build_tiny}  # built on first use into the cache
+PACKAGED = ("toy",)  # shipped inside the package (shortft/toy/assets), rebuilt by `shortft toy build`
+
+
+def toy_dir() -> Path:
+    """The toy world's assets: $SHORTFT_TOY_DIR if set (e.g. a `--quick` build), else the packaged ones."""
+    from importlib import resources
+
+    return Path(os.environ.get("SHORTFT_TOY_DIR") or resources.files("shortft.toy") / "assets")
+
+
+def resolve(pretrained: str) -> str:
+    """`builtin:<name>` -> a local diffusers dir (built on first use, atomically); anything else as is."""
+    if not pretrained.startswith("builtin:"):
+        return pretrained
+    name = pretrained.split(":", 1)[1]
+    if name == "toy":
+        return str(toy_dir())
+    target = cache_dir() / f"{name}-v1"
+    if not (target / "model_index.json").is_file():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
+        BUILTIN_MODELS[name](tmp)
+        try:
+            tmp.rename(target)
+        except OSError:  # another process won the race; its copy is identical
+            shutil.rmtree(tmp, ignore_errors=True)
+    return str(target)
+
+
+def resolve_path(path: str, segments: int | None = None) -> str:
+    """`builtin:toy/reward` -> <toy dir>/reward; `{segments}` is filled in (per-k shortcut LoRAs)."""
+    if segments is not None:
+        path = path.replace("{segments}", str(segments))
+    if path.startswith("builtin:"):
+        name, _, sub = path[len("builtin:"):].partition("/")
+        base = resolve(f"builtin:{name}")
+        return str(Path(base) / sub) if sub else base
+    return path

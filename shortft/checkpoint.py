@@ -1,0 +1,72 @@
+"""Training checkpoints: written atomically (a temp folder renamed into place), resumed exactly.
+
+Layout: <output_dir>/checkpoints/step_000006/{lora/, optimizer.pt, state.json}. A folder without
+state.json is never read: state.json is written last, then the folder is renamed, so a crash mid-save
+leaves the previous checkpoint as the latest.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from shortft.lora import load_lora_state, save_loras
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save(root: Path, step: int, unet, adapters: list[str], optimizer, state: dict, plan: dict, keep: int) -> Path:
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step_{step:06d}"
+    tmp = root / f".tmp-step_{step:06d}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    save_loras(unet, adapters, tmp / "lora", plan)
+    torch.save({"optimizer": optimizer.state_dict(), "rng": _rng_state()}, tmp / "optimizer.pt")
+    (tmp / "state.json").write_text(json.dumps({"step": step, **state}))
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    for old in list_checkpoints(root)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(root: Path) -> list[Path]:
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.glob("step_*") if (p / "state.json").is_file())
+
+
+def latest(root: Path) -> Path | None:
+    found = list_checkpoints(root)
+    return found[-1] if found else None
+
+
+def load(path: Path, unet, adapters: list[str], optimizer) -> dict:
+    """Restores LoRA weights, optimizer and RNG state in place; returns state.json (with `step`)."""
+    path = Path(path)
+    load_lora_state(unet, path / "lora", adapters)
+    blob = torch.load(path / "optimizer.pt", weights_only=False)
+    optimizer.load_state_dict(blob["optimizer"])
+    _set_rng_state(blob["rng"])
+    return json.loads((path / "state.json").read_text())

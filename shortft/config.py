@@ -1,0 +1,396 @@
+"""Run configuration: dataclasses loaded from YAML, with `a.b=c` overrides and validation.
+
+Every field has a default and a one-line help (the `help` metadata); the dataclasses are the single
+source of truth for the YAML files, the command line and the docs. Errors raise `ConfigError` with one
+line that names the bad key and what is allowed; the CLI prints it without a traceback.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+METHODS = ("shortft", "full", "draft", "draft_lv", "alignprop", "refl", "drtune")
+MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
+INTERIOR_ADAPTERS = ("segment", "none")
+
+
+class ConfigError(ValueError):
+    """A user mistake in the configuration; the message is one line that names the key and the fix."""
+
+
+def _f(default: Any, help: str) -> Any:
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class ModelConfig:
+    pretrained: str = _f("builtin:tiny", "diffusers pipeline: hub id (org/name), local dir, or builtin:<name>")
+    shortcut: str = _f("none", "frozen few-step model: none (base model, one DDIM jump), lora:<path>, unet:<path>")
+    shortcut_guidance_scale: float | None = _f(None, "guidance for shortcut jumps (null = chain.guidance_scale)")
+    dtype: str = _f("float32", "dtype of the frozen weights: float32, bfloat16 or float16 (LoRA stays fp32)")
+    device: str = _f("auto", "auto (cuda if available), cpu, cuda, cuda:N")
+
+
+@dataclass
+class ChainConfig:
+    method: str = _f("shortft", "one of " + ", ".join(METHODS))
+    steps: int = _f(50, "N: original DDIM steps of the sampler")
+    segments: int = _f(4, "k: shortcut segments of the ShortFT chain")
+    truncate_at: float = _f(0.0, "fraction of the N steps run without gradient first (0 = end to end)")
+    guidance_scale: float = _f(7.5, "classifier-free guidance scale (<= 1 turns guidance off)")
+    checkpointing: bool = _f(False, "recompute each UNet call in backward (less memory, ~1.3x time)")
+    last_k: int = _f(1, "draft: steps at the end of the chain that carry gradient")
+    lv_copies: int = _f(2, "draft_lv: extra re-noised copies of the last step")
+    alignprop_range: list = _f([0.0, 1.0], "alignprop: fraction range the random gradient cut is drawn from")
+    refl_window: list = _f([0.75, 1.0], "refl: fraction window of the step that carries gradient")
+    drtune_train_steps: int = _f(5, "drtune: evenly spaced steps that carry gradient")
+    drtune_stop_at: float = _f(1.0, "drtune: fraction of the chain after which x0 is predicted directly")
+    interior_adapters: str = _f("segment", "inference: LoRAs inside a segment: segment (its stack) or none")
+
+
+@dataclass
+class LoraConfig:
+    rank: int = _f(8, "LoRA rank")
+    alpha: float | None = _f(None, "LoRA alpha (null = rank, i.e. scale 1)")
+    timestep_aware: bool = _f(True, "one LoRA per segment, stacked; off = one shared LoRA")
+    targets: list = _f(["to_q", "to_k", "to_v", "to_out.0"], "UNet module names the LoRA wraps")
+
+
+@dataclass
+class TrainConfig:
+    steps: int = _f(100, "optimizer steps")
+    batch_size: int = _f(2, "prompts per micro-batch")
+    grad_accum: int = _f(1, "micro-batches per optimizer step")
+    lr: float = _f(1e-3, "AdamW learning rate")
+    weight_decay: float = _f(0.0, "AdamW weight decay")
+    progressive: bool = _f(True, "shortft: k stages; stage s trains LoRA_s..k")
+    stage_segment_grad: bool = _f(True, "progressive: stage s runs segment s itself with gradient")
+    grad_clip: float = _f(1.0, "max gradient norm (0 = no clipping)")
+    seed: int = _f(0, "seed of prompts, noise and random cuts")
+    max_bad_steps: int = _f(5, "stop after this many non-finite losses/grads in a row")
+    checkpoint_every: int = _f(50, "steps between checkpoints (0 = only at the end)")
+    keep_checkpoints: int = _f(2, "checkpoints kept on disk")
+    log_every: int = _f(1, "steps between progress lines")
+    mixed_precision: str = _f("auto", "autocast: auto (bf16 on cuda, off on cpu), no, bf16, fp16")
+    output_dir: str = _f("runs/{name}", "where checkpoints, LoRA, metrics and samples go")
+
+
+@dataclass
+class RewardConfig:
+    weights: dict = _f({"symmetry": 1.0}, "training reward = sum of weight * term")
+    options: dict = _f({}, "per-term settings, e.g. {toy_alignment: {path: ...}}")
+
+
+@dataclass
+class EvalConfig:
+    every: int = _f(0, "steps between evaluations (0 = only at the end)")
+    objective: str = _f("symmetry", "fixed reward term reported as the evaluation objective")
+    terms: list = _f([], "extra reward terms to report besides the training ones")
+    samples_per_prompt: int = _f(1, "samples per held-out prompt (fixed seeds)")
+    seed: int = _f(1234, "seed of the evaluation noise")
+    batch_size: int = _f(8, "samples per sampler call")
+
+
+@dataclass
+class DataConfig:
+    prompts: Any = _f([], "training prompts: a list or a text file, one per line")
+    eval_prompts: Any = _f([], "held-out prompts: a list or a text file, one per line")
+
+
+@dataclass
+class Config:
+    name: str = _f("run", "run name")
+    model: ModelConfig = field(default_factory=ModelConfig)
+    chain: ChainConfig = field(default_factory=ChainConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.train.output_dir.format(name=self.name))
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+def builtin_configs() -> list[str]:
+    return sorted(p.name[:-5] for p in resources.files("shortft.configs").iterdir() if p.name.endswith(".yaml"))
+
+
+def _read_yaml(name_or_path: str) -> dict:
+    path = Path(name_or_path)
+    if not path.suffix and name_or_path in builtin_configs():
+        text = resources.files("shortft.configs").joinpath(f"{name_or_path}.yaml").read_text()
+    elif path.is_file():
+        text = path.read_text()
+    else:
+        raise ConfigError(
+            f"--config {name_or_path!r}: no such file or built-in config (built-in: {', '.join(builtin_configs())})"
+        )
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--config {name_or_path!r}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"--config {name_or_path!r}: top level must be a mapping of sections")
+    return data
+
+
+def parse_overrides(items: list[str]) -> dict:
+    """`["chain.steps=20", "reward.weights.symmetry=0.5"]` -> nested dict; values parsed as YAML."""
+    out: dict = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r}: expected key=value, e.g. chain.steps=20")
+        try:
+            parsed = yaml.safe_load(value) if value != "" else ""
+        except yaml.YAMLError:
+            parsed = value
+        node = out
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {part} is set both as a value and as a section")
+        node[parts[-1]] = parsed
+    return out
+
+
+def merge(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for k, v in update.items():
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_config(config: str | None = None, overrides: list[str] | dict | None = None) -> Config:
+    """Built-in name or YAML path, then overrides (`a.b=c` strings or a nested dict); validated."""
+    data = _read_yaml(config) if config else {}
+    if overrides:
+        data = merge(data, overrides if isinstance(overrides, dict) else parse_overrides(list(overrides)))
+    cfg = from_dict(Config, data)
+    validate(cfg)
+    return cfg
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(value, args[0], key)
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}={value!r}: expected true or false")
+    if tp is int:
+        if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, float) and value.is_integer())):
+            raise ConfigError(f"{key}={value!r}: expected an integer")
+        return int(value)
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}={value!r}: expected a number")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{key}={value!r}: expected a string")
+        return str(value)
+    if tp is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}={value!r}: expected a list, e.g. [a, b]")
+        return value
+    if tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}={value!r}: expected a mapping")
+        return value
+    return value
+
+
+def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        full = f"{prefix}{key}"
+        if key not in names:
+            raise ConfigError(f"unknown key {full!r}: allowed under {prefix.rstrip('.') or 'the top level'}: {', '.join(names)}")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{full}: is a section; set its keys, e.g. {full}.{dataclasses.fields(tp)[0].name}=...")
+            kwargs[key] = from_dict(tp, value, prefix=f"{full}.")
+        else:
+            kwargs[key] = _coerce(value, tp, full)
+    return cls(**kwargs)
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def flatten(d: dict, prefix: str = "") -> dict:
+    """{'a': {'b': 1}} -> {'a.b': 1}: for logging params."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def describe() -> list[tuple[str, Any, str]]:
+    """(key, default, help) for every field: for docs and `shortft config --help`."""
+    rows = []
+
+    def walk(cls: type, prefix: str) -> None:
+        for f in dataclasses.fields(cls):
+            tp = typing.get_type_hints(cls)[f.name]
+            if dataclasses.is_dataclass(tp):
+                walk(tp, f"{prefix}{f.name}.")
+            else:
+                default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+                rows.append((f"{prefix}{f.name}", default, f.metadata.get("help", "")))
+
+    walk(Config, "")
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation: everything that can be checked without loading a model.
+
+
+def _one_of(key: str, value: Any, allowed: typing.Iterable[str]) -> None:
+    allowed = list(allowed)
+    if value not in allowed:
+        raise ConfigError(f"{key}={value!r}: not one of {', '.join(allowed)}")
+
+
+def _positive(key: str, value: float, zero_ok: bool = False) -> None:
+    if not math.isfinite(value) or value < 0 or (value == 0 and not zero_ok):
+        raise ConfigError(f"{key}={value!r}: must be {'>= 0' if zero_ok else '> 0'}")
+
+
+def _fraction_range(key: str, value: list) -> None:
+    if (
+        len(value) != 2
+        or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+        or not 0 <= value[0] < value[1] <= 1
+    ):
+        raise ConfigError(f"{key}={value!r}: expected [low, high] with 0 <= low < high <= 1")
+
+
+def looks_like_path(name: str) -> bool:
+    # A hub id is exactly "org/name"; anything else with a separator or a leading dot/tilde is a path.
+    return name.startswith(("/", ".", "~")) or name.count("/") != 1 or os.sep != "/" and os.sep in name
+
+
+def validate(cfg: Config) -> None:
+    from shortft import rewards  # registry lives with the rewards; imported late to keep config light
+
+    c, lora, t, m = cfg.chain, cfg.lora, cfg.train, cfg.model
+    _one_of("chain.method", c.method, METHODS)
+    for key, value in (("chain.steps", c.steps), ("chain.segments", c.segments), ("lora.rank", lora.rank),
+                       ("train.steps", t.steps), ("train.batch_size", t.batch_size),
+                       ("train.grad_accum", t.grad_accum), ("chain.last_k", c.last_k),
+                       ("chain.lv_copies", c.lv_copies), ("chain.drtune_train_steps", c.drtune_train_steps),
+                       ("train.max_bad_steps", t.max_bad_steps), ("train.keep_checkpoints", t.keep_checkpoints),
+                       ("train.log_every", t.log_every), ("eval.samples_per_prompt", cfg.eval.samples_per_prompt),
+                       ("eval.batch_size", cfg.eval.batch_size)):
+        if value <= 0:
+            raise ConfigError(f"{key}={value}: must be a positive integer")
+    if c.segments > c.steps:
+        raise ConfigError(f"chain.segments={c.segments}: must be <= chain.steps={c.steps} (each segment needs a step)")
+    if c.last_k > c.steps:
+        raise ConfigError(f"chain.last_k={c.last_k}: must be <= chain.steps={c.steps}")
+    if not (math.isfinite(c.truncate_at) and 0 <= c.truncate_at < 1):
+        raise ConfigError(f"chain.truncate_at={c.truncate_at}: must be in [0, 1) (0 = gradient end to end)")
+    if not (math.isfinite(c.drtune_stop_at) and 0 < c.drtune_stop_at <= 1):
+        raise ConfigError(f"chain.drtune_stop_at={c.drtune_stop_at}: must be in (0, 1]")
+    _fraction_range("chain.alignprop_range", c.alignprop_range)
+    _fraction_range("chain.refl_window", c.refl_window)
+    _one_of("chain.interior_adapters", c.interior_adapters, INTERIOR_ADAPTERS)
+    if not math.isfinite(c.guidance_scale):
+        raise ConfigError(f"chain.guidance_scale={c.guidance_scale}: must be a finite number")
+    if lora.alpha is not None:
+        _positive("lora.alpha", lora.alpha)
+    if not lora.targets or not all(isinstance(x, str) for x in lora.targets):
+        raise ConfigError(f"lora.targets={lora.targets!r}: expected a non-empty list of module names, e.g. [to_q, to_v]")
+    _positive("train.lr", t.lr)
+    _positive("train.weight_decay", t.weight_decay, zero_ok=True)
+    _positive("train.grad_clip", t.grad_clip, zero_ok=True)
+    for key, value in (("train.checkpoint_every", t.checkpoint_every), ("eval.every", cfg.eval.every)):
+        if value < 0:
+            raise ConfigError(f"{key}={value}: must be >= 0 (0 = only at the end)")
+    _one_of("train.mixed_precision", t.mixed_precision, MIXED_PRECISION)
+    _one_of("model.dtype", m.dtype, ("float32", "bfloat16", "float16"))
+    if not (m.device in ("auto", "cpu", "cuda") or m.device.startswith("cuda:")):
+        raise ConfigError(f"model.device={m.device!r}: not one of auto, cpu, cuda, cuda:N")
+
+    if not cfg.reward.weights:
+        raise ConfigError("reward.weights: empty; name at least one term, e.g. reward.weights.symmetry=1.0")
+    for name, weight in cfg.reward.weights.items():
+        rewards.check_name(f"reward.weights.{name}", name)
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
+            raise ConfigError(f"reward.weights.{name}={weight!r}: must be a finite number")
+    for name, opts in cfg.reward.options.items():
+        rewards.check_name(f"reward.options.{name}", name)
+        if not isinstance(opts, dict):
+            raise ConfigError(f"reward.options.{name}={opts!r}: expected a mapping, e.g. {{path: ...}}")
+    rewards.check_name("eval.objective", cfg.eval.objective)
+    for name in cfg.eval.terms:
+        rewards.check_name("eval.terms", name)
+
+    from shortft.builtin import BUILTIN_MODELS, PACKAGED, resolve_path
+
+    if m.pretrained.startswith("builtin:"):
+        _one_of("model.pretrained", m.pretrained, [f"builtin:{n}" for n in (*BUILTIN_MODELS, *PACKAGED)])
+        if m.pretrained == "builtin:toy" and not (Path(resolve_path(m.pretrained)) / "model_index.json").is_file():
+            raise ConfigError(f"model.pretrained=builtin:toy: no toy assets at {resolve_path(m.pretrained)}; "
+                              "run `shortft toy build` (or set SHORTFT_TOY_DIR)")
+    elif looks_like_path(m.pretrained) and not Path(m.pretrained).expanduser().is_dir():
+        raise ConfigError(
+            f"model.pretrained={m.pretrained!r}: no such directory; give a diffusers pipeline dir, a hub id "
+            "(org/name) or builtin:tiny"
+        )
+    kind, _, path = m.shortcut.partition(":")
+    if m.shortcut != "none":
+        if kind not in ("lora", "unet") or not path:
+            raise ConfigError(f"model.shortcut={m.shortcut!r}: expected none, lora:<path or hub id>, unet:<path or hub id>")
+        local = resolve_path(path, c.segments)
+        if (path.startswith("builtin:") or looks_like_path(local)) and not Path(local).expanduser().exists():
+            raise ConfigError(f"model.shortcut={m.shortcut!r}: {local} does not exist"
+                              + (" (no shortcut for this chain.segments?)" if "{segments}" in path else ""))
+    for key in ("prompts", "eval_prompts"):
+        value = getattr(cfg.data, key)
+        if isinstance(value, str):
+            if not Path(value).is_file():
+                raise ConfigError(f"data.{key}={value!r}: no such file; give a list or a text file, one prompt per line")
+        elif not isinstance(value, list) or not value or not all(isinstance(p, str) for p in value):
+            raise ConfigError(f"data.{key}: expected a non-empty list of prompts or a text file path")
+
+
+def read_prompts(value: list | str) -> list[str]:
+    if isinstance(value, str):
+        return [line.strip() for line in Path(value).read_text().splitlines() if line.strip()]
+    return list(value)

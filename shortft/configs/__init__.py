@@ -1,0 +1,1 @@
+"""Built-in run configs, named by file stem: `shortft train --config tiny`."""

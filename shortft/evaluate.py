@@ -1,0 +1,73 @@
+"""Evaluation: held-out prompts, fixed seeds, the ORIGINAL N-step sampler with the learned LoRAs.
+
+Reports the mean of every reward term and `objective`, the fixed evaluation objective (the term
+named by `eval.objective`, never the weighted training reward), and writes a grid of the samples.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from shortft.chain import original_sampler
+from shortft.config import Config, read_prompts
+from shortft.models import Models
+from shortft.rewards import Rewards
+
+
+def seeded_noise(models: Models, seeds: list[int]) -> torch.Tensor:
+    """One generator per sample, so a sample's noise does not depend on the batch it lands in."""
+    return torch.cat([models.initial_noise(1, torch.Generator().manual_seed(s)) for s in seeds])
+
+
+@torch.no_grad()
+def generate(models: Models, cfg: Config, prompts: list[str], seeds: list[int]) -> torch.Tensor:
+    """[B, 3, H, W] images in [0, 1] from the original sampler, in eval.batch_size chunks."""
+    out = []
+    bs = cfg.eval.batch_size
+    for i in range(0, len(prompts), bs):
+        c = models.condition(prompts[i:i + bs], cfg.chain.guidance_scale, cfg.chain.guidance_scale)
+        latents = original_sampler(models.denoiser, seeded_noise(models, seeds[i:i + bs]), c, cfg.chain.steps,
+                                   cfg.chain.segments, models.adapters, cfg.chain.interior_adapters)
+        out.append(models.decode(latents).cpu())
+    return torch.cat(out)
+
+
+def evaluate(models: Models, cfg: Config, rewards: Rewards, grid_path: Path | None = None) -> dict[str, float]:
+    prompts = read_prompts(cfg.data.eval_prompts)
+    items = [(p, n) for p in prompts for n in range(cfg.eval.samples_per_prompt)]
+    all_prompts = [p for p, _ in items]
+    seeds = [cfg.eval.seed + i for i in range(len(items))]
+    images = generate(models, cfg, all_prompts, seeds)
+    with torch.no_grad():
+        terms = rewards.terms(images.to(models.device), all_prompts)
+    metrics = {f"eval/{n}": float(v.mean()) for n, v in terms.items()}
+    metrics["eval/objective"] = metrics[f"eval/{cfg.eval.objective}"]
+    if grid_path is not None:
+        save_grid(images, grid_path)
+    return metrics
+
+
+def save_grid(images: torch.Tensor, path: Path, min_tile: int = 128) -> Path:
+    """[B, 3, H, W] in [0, 1] -> one PNG; small images are upscaled (nearest) to be visible."""
+    from PIL import Image
+
+    b, _, h, w = images.shape
+    cols = math.ceil(math.sqrt(b))
+    rows = math.ceil(b / cols)
+    scale = max(1, min_tile // max(h, w))
+    grid = np.ones((rows * h, cols * w, 3), dtype=np.uint8) * 255
+    arr = (images.clamp(0, 1).permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
+    for i in range(b):
+        r, c = divmod(i, cols)
+        grid[r * h:(r + 1) * h, c * w:(c + 1) * w] = arr[i]
+    img = Image.fromarray(grid)
+    if scale > 1:
+        img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path)
+    return path

@@ -1,0 +1,206 @@
+"""The training loop: prompts -> embeddings -> chain -> VAE decode -> reward -> loss -> backward -> clip -> step.
+
+`train(cfg)` runs one fine-tuning in this process (CPU or one GPU). It reports through `Callback`s, the
+seam where the Ray and MLflow layers plug in; the loop itself imports neither.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+from shortft import checkpoint
+from shortft.chain import ChainInput, sample, stage_of
+from shortft.config import Config, read_prompts, to_dict
+from shortft.evaluate import evaluate
+from shortft.lora import lora_params, save_loras
+from shortft.models import Models, load_models
+from shortft.plan import sampler_plan, stacked
+from shortft.rewards import Rewards
+
+
+class Callback:
+    """Override what you need. Called in the training process (rank 0 only under Ray)."""
+
+    def on_start(self, models: Models, start_step: int) -> None: ...
+
+    def on_step(self, step: int, metrics: dict[str, float], artifacts: dict[str, Path]) -> None:
+        """After each optimizer step. metrics include `eval/*` on evaluation steps; artifacts may hold
+        `checkpoint` (a checkpoint dir written this step) and `grid` (the eval sample grid PNG)."""
+
+
+class NonFiniteError(RuntimeError):
+    """Too many non-finite losses or gradients in a row."""
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    lora_dir: Path
+    steps: int
+    eval: dict[str, float] = field(default_factory=dict)
+    history: list[dict] = field(default_factory=list)
+
+
+def step_generator(seed: int, step: int, micro: int = 0, rank: int = 0) -> torch.Generator:
+    """All randomness of one micro-batch (prompts, noise, random cuts) from (seed, step, micro, rank):
+    a resumed run draws exactly what the uninterrupted run drew, and ranks never draw the same."""
+    state = np.random.SeedSequence([seed, step, micro, rank]).generate_state(1, dtype=np.uint64)[0]
+    return torch.Generator().manual_seed(int(state))
+
+
+def lora_plan(models: Models, cfg: Config) -> dict:
+    """What a user needs to run the LoRA set at inference: which adapters at which timestep."""
+    ts = models.denoiser.timesteps(cfg.chain.steps)
+    calls = sampler_plan(ts, cfg.chain.segments, stacked(models.adapters), cfg.chain.interior_adapters)
+    return {"method": cfg.chain.method, "steps": cfg.chain.steps, "segments": cfg.chain.segments,
+            "timesteps": ts, "step_adapters": [list(c.adapters) for c in calls]}
+
+
+def trainable_adapters(cfg: Config, adapters: list[str], stage: int) -> list[str]:
+    """Progressive ShortFT: stage s trains LoRA_s..k (a shared LoRA trains in every stage)."""
+    return adapters[stage - 1:] if len(adapters) > 1 else adapters
+
+
+def num_stages(cfg: Config) -> int:
+    return cfg.chain.segments if cfg.chain.method == "shortft" and cfg.train.progressive else 1
+
+
+def autocast_for(cfg: Config, device: torch.device):
+    mode = cfg.train.mixed_precision
+    if mode == "auto":
+        mode = "bf16" if device.type == "cuda" else "no"
+    if mode == "no":
+        return nullcontext(), mode
+    return torch.autocast(device.type, dtype=torch.bfloat16 if mode == "bf16" else torch.float16), mode
+
+
+def train(cfg: Config, callbacks: list[Callback] = (), resume: bool | str | Path = False) -> TrainResult:
+    out = cfg.output_dir
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+    # 1. Load and freeze; add the LoRAs (zero-initialised) and the rewards.
+    models = load_models(cfg)
+    unet, adapters = models.unet, models.adapters
+    rewards = Rewards(cfg.reward.weights, cfg.reward.options, [cfg.eval.objective, *cfg.eval.terms], models.device)
+    prompts = read_prompts(cfg.data.prompts)
+
+    # 2. One optimizer over every LoRA; frozen stages simply get no gradient.
+    params = {name: list(lora_params(unet, name).values()) for name in adapters}
+    optimizer = torch.optim.AdamW([p for name in adapters for p in params[name]], lr=cfg.train.lr,
+                                  weight_decay=cfg.train.weight_decay)
+    autocast, amp = autocast_for(cfg, models.device)
+    scaler = torch.amp.GradScaler(models.device.type, enabled=amp == "fp16")
+    plan = lora_plan(models, cfg)
+
+    # 3. Resume: LoRA, optimizer, RNG and step from the latest (or given) checkpoint.
+    start, bad_in_row, history = 0, 0, []
+    metrics_file = out / "metrics.jsonl"
+    if resume:
+        path = checkpoint.latest(out / "checkpoints") if resume is True else Path(resume)
+        if path is None:
+            print(f"no checkpoint under {out / 'checkpoints'}; starting from step 0", file=sys.stderr)
+        else:
+            state = checkpoint.load(path, unet, adapters, optimizer)
+            start, bad_in_row = state["step"], state.get("bad_in_row", 0)
+            print(f"resumed from {path} at step {start}", file=sys.stderr)
+    if metrics_file.exists():  # keep the rows up to the resumed step, so no step is logged twice
+        rows = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
+        history = [r for r in rows if r.get("step", 0) <= start]
+    metrics_file.write_text("".join(json.dumps(r) + "\n" for r in history))
+
+    for cb in callbacks:
+        cb.on_start(models, start)
+    stages, total = num_stages(cfg), cfg.train.steps
+    eval_metrics: dict[str, float] = {}
+    for step in range(start, total):
+        t0 = time.perf_counter()
+        stage = stage_of(step, total, stages)
+        training = set(trainable_adapters(cfg, adapters, stage))
+        for name in adapters:
+            for p in params[name]:
+                p.requires_grad_(name in training)
+
+        # 4. Micro-batches: chain -> decode -> reward -> loss -> backward.
+        sums: dict[str, float] = {}
+        for micro in range(cfg.train.grad_accum):
+            g = step_generator(cfg.train.seed, step, micro)
+            batch = [prompts[i] for i in torch.randint(len(prompts), (cfg.train.batch_size,), generator=g)]
+            noise = models.initial_noise(len(batch), g)  # [B, 4, h, w]
+            cond = models.condition(batch, cfg.chain.guidance_scale, cfg.model.shortcut_guidance_scale)
+            with autocast:
+                latents = sample(models.denoiser, ChainInput(noise, cond, stage, g, tuple(adapters),
+                                                             cfg.train.stage_segment_grad), cfg.chain)
+                images = models.decode(latents)  # [B', 3, H, W], B' = B * copies (draft_lv)
+                batch_prompts = batch * (images.shape[0] // len(batch))
+                terms = rewards.terms(images, batch_prompts, list(rewards.weights))
+                reward = rewards.weighted(terms)  # [B']
+                loss = -reward.mean() / cfg.train.grad_accum
+            scaler.scale(loss).backward()
+            sums["loss"] = sums.get("loss", 0.0) + float(loss.detach())
+            sums["reward"] = sums.get("reward", 0.0) + float(reward.detach().mean()) / cfg.train.grad_accum
+            for n, v in terms.items():
+                sums[f"reward/{n}"] = sums.get(f"reward/{n}", 0.0) + float(v.detach().mean()) / cfg.train.grad_accum
+            del latents, images, terms, reward, loss  # free the graph before the next micro-batch
+
+        # 5. Clip, guard against non-finite values, step.
+        scaler.unscale_(optimizer)
+        trainable = [p for name in training for p in params[name]]
+        grads = [p.grad for p in trainable if p.grad is not None]
+        grad_norm = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+        if cfg.train.grad_clip > 0 and grads:
+            torch.nn.utils.clip_grads_with_norm_(trainable, cfg.train.grad_clip, torch.tensor(grad_norm))
+        finite = math.isfinite(sums["loss"]) and math.isfinite(grad_norm)
+        if finite:
+            scaler.step(optimizer)
+            bad_in_row = 0
+        else:
+            bad_in_row += 1
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+
+        # 6. Checkpoint, evaluate, then report the step (with what was written) in one call.
+        seconds = time.perf_counter() - t0
+        images_seen = cfg.train.batch_size * cfg.train.grad_accum
+        metrics = {"step": step + 1, "stage": stage, **sums, "grad_norm": grad_norm, "skipped": int(not finite),
+                   "lr": optimizer.param_groups[0]["lr"], "seconds_per_step": seconds,
+                   "images_per_second": images_seen / seconds}
+        if (step + 1) % cfg.train.log_every == 0 or step + 1 == total:
+            print(f"step {step + 1}/{total}  stage {stage}/{stages}  loss {sums['loss']:+.4f}  "
+                  f"grad {grad_norm:.3g}  {seconds:.2f} s/step" + ("  SKIPPED (non-finite)" if not finite else ""),
+                  flush=True)
+        artifacts: dict[str, Path] = {}
+        every = cfg.train.checkpoint_every
+        if (every and (step + 1) % every == 0) or step + 1 == total:
+            artifacts["checkpoint"] = checkpoint.save(out / "checkpoints", step + 1, unet, adapters, optimizer,
+                                                      {"bad_in_row": bad_in_row}, plan, cfg.train.keep_checkpoints)
+        if (cfg.eval.every and (step + 1) % cfg.eval.every == 0) or step + 1 == total:
+            artifacts["grid"] = out / "samples" / f"step_{step + 1:06d}.png"
+            eval_metrics = evaluate(models, cfg, rewards, artifacts["grid"])
+            metrics.update(eval_metrics)
+            print("eval  " + "  ".join(f"{k[5:]} {v:+.4f}" for k, v in eval_metrics.items()), flush=True)
+        history.append(metrics)
+        with metrics_file.open("a") as f:
+            f.write(json.dumps(metrics) + "\n")
+        for cb in callbacks:
+            cb.on_step(step + 1, metrics, artifacts)
+        if bad_in_row >= cfg.train.max_bad_steps:
+            raise NonFiniteError(
+                f"{bad_in_row} steps in a row had a non-finite loss or gradient (last at step {step + 1}); "
+                "lower train.lr, set train.grad_clip, or use train.mixed_precision=bf16/no"
+            )
+
+    lora_dir = save_loras(unet, adapters, out / "lora", plan)
+    result = TrainResult(out, lora_dir, total, eval_metrics, history)
+    (out / "result.json").write_text(json.dumps({"steps": total, "lora_dir": str(lora_dir), "eval": eval_metrics}))
+    return result

@@ -1,0 +1,133 @@
+"""LoRA adapters on the UNet (peft), switched per call, saved in the diffusers LoRA format.
+
+Timestep-aware ShortFT keeps one adapter per segment (`segment_1` .. `segment_k`); segment j runs with
+`segment_1..j` stacked. Each adapter is saved in its own folder as a plain diffusers LoRA, so that
+
+    pipe.load_lora_weights("out/lora/segment_1")          # any one of them, or a shared `default`
+
+works with a stock `StableDiffusionPipeline`; `enable_timestep_aware(pipe, "out/lora")` loads the whole
+set and switches adapters by timestep during any sampler's loop (a UNet forward pre-hook).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+PLAN_FILE = "shortft_lora.json"
+
+
+def adapter_names(method: str, timestep_aware: bool, segments: int) -> list[str]:
+    """One LoRA per segment for timestep-aware ShortFT; one shared `default` LoRA otherwise."""
+    if method == "shortft" and timestep_aware and segments > 1:
+        return [f"segment_{j}" for j in range(1, segments + 1)]
+    return ["default"]
+
+
+class AdapterSwitch:
+    """Sets which adapters are active on every LoRA layer of a model.
+
+    peft's `set_adapter` also flips `requires_grad` on adapters (active = trainable), which would
+    unfreeze earlier LoRAs in progressive training and freeze trainable ones during the shortcut
+    call; we only need the forward switch, so the active list is set directly."""
+
+    def __init__(self, model: torch.nn.Module):
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        self.layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+        self.active: tuple[str, ...] | None = None
+
+    def activate(self, names: Sequence[str]) -> None:
+        names = tuple(names)
+        if names == self.active:
+            return
+        for layer in self.layers:
+            layer._active_adapter = list(names)
+        self.active = names
+
+
+def add_loras(unet, names: Sequence[str], rank: int, alpha: float | None, targets: Sequence[str]) -> None:
+    """Adds zero-initialised (B = 0) LoRAs; their params are fp32 whatever the UNet's dtype."""
+    from peft import LoraConfig
+
+    for name in names:
+        unet.add_adapter(
+            LoraConfig(r=rank, lora_alpha=alpha or rank, target_modules=list(targets), init_lora_weights=True),
+            adapter_name=name,
+        )
+    for pname, p in unet.named_parameters():
+        if "lora_" in pname and any(f".{n}." in pname for n in names):
+            p.data = p.data.float()
+
+
+def lora_params(unet, name: str) -> dict[str, torch.nn.Parameter]:
+    return {k: p for k, p in unet.named_parameters() if "lora_" in k and f".{name}." in k}
+
+
+def unet_has_target(unet, targets: Sequence[str]) -> list[str]:
+    """Targets that match no module of the UNet (for a clear error)."""
+    names = [n for n, _ in unet.named_modules()]
+    return [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+
+
+def save_loras(unet, names: Sequence[str], out_dir: Path, plan: dict) -> Path:
+    """Each adapter as a diffusers LoRA folder, plus the per-timestep adapter plan as JSON."""
+    from diffusers import StableDiffusionPipeline
+    from peft.utils import get_peft_model_state_dict
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        state = get_peft_model_state_dict(unet, adapter_name=name)
+        state = {k: v.detach().float().cpu().contiguous() for k, v in state.items()}
+        StableDiffusionPipeline.save_lora_weights(out_dir / name, unet_lora_layers=state)
+    (out_dir / PLAN_FILE).write_text(json.dumps({"adapters": list(names), **plan}, indent=1))
+    return out_dir
+
+
+def load_lora_state(unet, lora_dir: Path, names: Sequence[str]) -> None:
+    """Loads saved adapter weights back into already-added adapters (resume)."""
+    from peft.utils import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    for name in names:
+        state = load_file(str(Path(lora_dir) / name / "pytorch_lora_weights.safetensors"))
+        state = {k.removeprefix("unet."): v for k, v in state.items()}
+        result = set_peft_model_state_dict(unet, state, adapter_name=name)
+        if getattr(result, "unexpected_keys", None):
+            raise RuntimeError(f"LoRA {name} in {lora_dir}: unexpected keys {result.unexpected_keys[:3]}")
+
+
+class TimestepAwareLora:
+    """Switches LoRAs by timestep inside any diffusers sampler loop. Remove with `.remove()`."""
+
+    def __init__(self, pipe, lora_dir: str | Path):
+        lora_dir = Path(lora_dir)
+        plan = json.loads((lora_dir / PLAN_FILE).read_text())
+        for name in plan["adapters"]:
+            pipe.load_lora_weights(str(lora_dir / name), adapter_name=name)
+        self.timesteps = plan["timesteps"]
+        self.step_adapters = [tuple(a) for a in plan["step_adapters"]]
+        self.switch = AdapterSwitch(pipe.unet)
+        self.handle = pipe.unet.register_forward_pre_hook(self._hook, with_kwargs=True)
+
+    def adapters_at(self, t: float) -> tuple[str, ...]:
+        # The step whose timestep is nearest: exact for the sampler's own N, sensible for another N.
+        i = min(range(len(self.timesteps)), key=lambda i: abs(self.timesteps[i] - t))
+        return self.step_adapters[i]
+
+    def _hook(self, module, args, kwargs):
+        t = args[1] if len(args) > 1 else kwargs["timestep"]
+        t = float(t.flatten()[0]) if torch.is_tensor(t) else float(t)
+        self.switch.activate(self.adapters_at(t))
+
+    def remove(self) -> None:
+        self.handle.remove()
+
+
+def enable_timestep_aware(pipe, lora_dir: str | Path) -> TimestepAwareLora:
+    """Load a ShortFT LoRA set into `pipe` and switch adapters per timestep during sampling."""
+    return TimestepAwareLora(pipe, lora_dir)

@@ -1,0 +1,395 @@
+"""`shortft toy build`: train the toy world from seeds, deterministically, and write it in diffusers format.
+
+Stages (each prints progress and its figures; all land in <out>/build.json):
+  1. VAE         AutoencoderKL on rendered 32x32 images (latents 4x8x8), scaling factor = 1/std.
+  2. text + UNet CLIPTextModel (tokenizer from the grammar's words) and UNet2DConditionModel trained
+                 jointly on eps-prediction, 10% empty prompts so classifier-free guidance works.
+  3. shortcuts   one LoRA per k in (2, 4, 8), distilled by direct regression onto the teacher's ODE
+                 endpoints: from the teacher's own latent at a segment's first timestep, one conditional
+                 call + DDIM jump must land where the guided N-step DDIM path lands at the segment's
+                 last timestep. Direct regression needs only teacher trajectories (no target network,
+                 no bootstrapping), which is cheap here and is exactly the property ShortFT relies on.
+  4. reward, judge  two AttributeNets, different seeds, widths, pooling and data streams.
+  5. checks      judge accuracy of base samples on held-out prompts, shortcut vs naive jump error,
+                 reward/judge matched-vs-mismatched ranking, a sample grid.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from shortft.toy import grammar
+from shortft.toy.judges import HEADS, AttributeNet, prompt_score, shape_and_colour_right
+
+
+@dataclass
+class BuildSize:
+    vae_steps: int = 3000
+    vae_widths: tuple = (32, 64, 64)
+    unet_steps: int = 12000
+    unet_widths: tuple = (64, 128)
+    text_width: int = 64
+    batch: int = 64
+    teacher_samples: int = 1024
+    shortcut_steps: int = 1500
+    shortcut_rank: int = 16
+    judge_steps: int = 1500
+    eval_samples: int = 256
+    teacher_steps: int = 50
+    guidance: float = 4.0
+
+
+QUICK = BuildSize(vae_steps=150, vae_widths=(16, 32, 32), unet_steps=200, unet_widths=(32, 64), text_width=32,
+                  batch=32, teacher_samples=64, shortcut_steps=60, shortcut_rank=4, judge_steps=120,
+                  eval_samples=32, teacher_steps=20)
+SEGMENTS = (2, 4, 8)
+
+
+def log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def _batches(seed: int, triples: list, batch: int):
+    """Endless (images [B,3,32,32], prompts, attributes) from the generator, reproducible from `seed`."""
+    rng = np.random.default_rng(seed)
+    while True:
+        attrs = grammar.sample_attributes(rng, triples, batch)
+        prompts = grammar.sample_prompts(rng, attrs)
+        yield grammar.render(attrs, rng), prompts, attrs
+
+
+def _progress(stage: str, step: int, total: int, loss: float, t0: float) -> None:
+    if step == 1 or step % max(1, total // 10) == 0 or step == total:
+        rate = (time.time() - t0) / step
+        log(f"  [{stage}] {step}/{total}  loss {loss:.4f}  {rate:.2f} s/step  eta {rate * (total - step):.0f} s")
+
+
+# -- 1. VAE ---------------------------------------------------------------------------------------
+def train_vae(size: BuildSize, triples: list, seed: int):
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    w = size.vae_widths
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=w,
+                        down_block_types=("DownEncoderBlock2D",) * len(w), up_block_types=("UpDecoderBlock2D",) * len(w),
+                        layers_per_block=1, norm_num_groups=8, sample_size=grammar.IMAGE_SIZE)
+    opt = torch.optim.AdamW(vae.parameters(), lr=1e-3)
+    data, t0 = _batches(seed, triples, size.batch), time.time()
+    for step in range(1, size.vae_steps + 1):
+        images, _, _ = next(data)
+        x = images * 2 - 1
+        post = vae.encode(x).latent_dist
+        rec = vae.decode(post.sample()).sample
+        loss = F.mse_loss(rec, x) + 1e-6 * post.kl().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        _progress("vae", step, size.vae_steps, float(loss), t0)
+    vae.eval().requires_grad_(False)
+    with torch.no_grad():
+        images, _, _ = next(data)
+        z = vae.encode(images * 2 - 1).latent_dist.mean
+        vae.register_to_config(scaling_factor=float(1 / z.std()))
+        mse = float(F.mse_loss(vae.decode(z).sample, images * 2 - 1))
+    return vae, {"vae_recon_mse": mse, "vae_scaling_factor": vae.config.scaling_factor}
+
+
+# -- 2. text encoder + UNet -----------------------------------------------------------------------
+def make_text_and_unet(size: BuildSize, seed: int):
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from shortft.builtin import build_clip_tokenizer
+
+    tokenizer = build_clip_tokenizer(grammar.VOCAB, max_length=20)
+    torch.manual_seed(seed)
+    d = size.text_width
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=d, intermediate_size=2 * d, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=20, bos_token_id=0, eos_token_id=1, pad_token_id=1))
+    w = size.unet_widths
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, block_out_channels=w, layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=d, attention_head_dim=8, norm_num_groups=16)
+    return tokenizer, text_encoder, unet
+
+
+def _encode(tokenizer, text_encoder, prompts):
+    ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                    return_tensors="pt").input_ids
+    return text_encoder(ids)[0]
+
+
+def train_unet(size: BuildSize, triples: list, vae, tokenizer, text_encoder, unet, scheduler, seed: int):
+    torch.manual_seed(seed)
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    opt = torch.optim.AdamW(params, lr=5e-4, weight_decay=0.0)
+    warm = 200
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / size.unet_steps))))
+    data, t0 = _batches(seed, triples, size.batch), time.time()
+    gen = torch.Generator().manual_seed(seed)
+    ac = scheduler.alphas_cumprod
+    for step in range(1, size.unet_steps + 1):
+        images, prompts, _ = next(data)
+        prompts = [p if r > 0.1 else "" for p, r in zip(prompts, torch.rand(len(prompts), generator=gen).tolist())]
+        with torch.no_grad():
+            z = vae.encode(images * 2 - 1).latent_dist.sample(generator=gen) * vae.config.scaling_factor
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (len(z),), generator=gen)
+        noise = torch.randn(z.shape, generator=gen)
+        a = ac[t].view(-1, 1, 1, 1)
+        x_t = a.sqrt() * z + (1 - a).sqrt() * noise
+        pred = unet(x_t, t, encoder_hidden_states=_encode(tokenizer, text_encoder, prompts)).sample
+        loss = F.mse_loss(pred, noise)
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        _progress("unet", step, size.unet_steps, float(loss), t0)
+    unet.eval().requires_grad_(False)
+    text_encoder.eval().requires_grad_(False)
+
+
+# -- 3. shortcuts ---------------------------------------------------------------------------------
+@torch.no_grad()
+def teacher_trajectories(dn, cond, uncond, noise, steps: int, guidance: float) -> torch.Tensor:
+    """Guided DDIM path of the frozen teacher: [steps + 1, B, 4, 8, 8] latents at every timestep."""
+    from shortft.chain import Condition, run_calls
+    from shortft.plan import sampler_plan
+
+    calls = sampler_plan(dn.timesteps(steps), 1, lambda s: ())
+    path = [noise]
+    run_calls(dn, noise, calls, ["none"] * len(calls), Condition(cond, uncond, guidance, guidance),
+              on_call=lambda n, call, x: path.append(x))
+    return torch.stack(path)
+
+
+def _jumps(timesteps: list[int], k: int) -> list[tuple[int, int]]:
+    """(start index, landing index) of the shortcut jumps of a ShortFT chain with k segments."""
+    from shortft.plan import segment_bounds
+
+    b = segment_bounds(len(timesteps), k)
+    return [(b[j - 1], b[j] - 1) for j in range(2, k + 1) if b[j] - 1 > b[j - 1]]
+
+
+def distill_shortcut(size: BuildSize, k: int, dn, unet, traj, cond, seed: int) -> dict:
+    """Train LoRA `shortcut-k{k}` so that one conditional call + DDIM jump lands on the teacher."""
+    from peft import LoraConfig
+
+    from shortft.chain import Condition
+    from shortft.lora import AdapterSwitch, lora_params
+    from shortft.plan import Call
+
+    name = f"shortcut-k{k}"
+    torch.manual_seed(seed)
+    unet.add_adapter(LoraConfig(r=size.shortcut_rank, lora_alpha=size.shortcut_rank,
+                                target_modules=["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out",
+                                                "conv1", "conv2"]), adapter_name=name)
+    dn.switch = AdapterSwitch(unet)  # the UNet has new LoRA layers now
+    params = list(lora_params(unet, name).values())
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=1e-3)
+    ts = dn.timesteps(size.teacher_steps)
+    jumps = _jumps(ts, k)
+    n = traj.shape[1]
+    gen = torch.Generator().manual_seed(seed)
+    t0 = time.time()
+    for step in range(1, size.shortcut_steps + 1):
+        idx = torch.randint(n, (size.batch,), generator=gen)
+        j = jumps[int(torch.randint(len(jumps), (1,), generator=gen))]
+        call = Call(j[0], ts[j[0]], ts[j[1]], False, (name,), 0)
+        c = Condition(cond[idx], None, 1.0, 1.0)
+        x, _ = dn.ddim(traj[j[0], idx], dn.predict(traj[j[0], idx], call, c), call.t, call.t_next)
+        loss = F.mse_loss(x, traj[j[1], idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        _progress(name, step, size.shortcut_steps, float(loss), t0)
+    unet.requires_grad_(False)
+    return {"jumps": [(ts[a], ts[b]) for a, b in jumps]}
+
+
+@torch.no_grad()
+def jump_errors(size: BuildSize, k: int, dn, traj, cond, uncond) -> dict:
+    """Mean squared distance to the teacher's landing latent: distilled shortcut vs naive DDIM jump."""
+    from shortft.chain import Condition
+    from shortft.plan import Call
+
+    ts = dn.timesteps(size.teacher_steps)
+    errs = {"shortcut": [], "naive": []}
+    for a, b in _jumps(ts, k):
+        target = traj[b]
+        sc = Call(a, ts[a], ts[b], False, (f"shortcut-k{k}",), 0)
+        x, _ = dn.ddim(traj[a], dn.predict(traj[a], sc, Condition(cond, None, 1.0, 1.0)), ts[a], ts[b])
+        errs["shortcut"].append(float(((x - target) ** 2).mean()))
+        naive = Call(a, ts[a], ts[b], False, (), 0)
+        x, _ = dn.ddim(traj[a], dn.predict(traj[a], naive, Condition(cond, uncond, size.guidance, size.guidance)),
+                       ts[a], ts[b])
+        errs["naive"].append(float(((x - target) ** 2).mean()))
+    s, nv = float(np.mean(errs["shortcut"])), float(np.mean(errs["naive"]))
+    return {"shortcut_mse": s, "naive_mse": nv, "ratio": nv / s}
+
+
+# -- 4. reward and judge --------------------------------------------------------------------------
+def train_attribute_net(size: BuildSize, triples: list, vae, seed: int, widths, kernel: int, pool: str, tag: str):
+    torch.manual_seed(seed)
+    net = AttributeNet(widths, kernel, pool)
+    opt = torch.optim.AdamW(net.parameters(), lr=2e-3)
+    data, t0 = _batches(seed, triples, size.batch), time.time()
+    gen = torch.Generator().manual_seed(seed)
+    for step in range(1, size.judge_steps + 1):
+        images, _, attrs = next(data)
+        with torch.no_grad():  # half the batch through the VAE, so decoded samples look familiar
+            half = len(images) // 2
+            rec = vae.decode(vae.encode(images[:half] * 2 - 1).latent_dist.mean).sample
+            images = torch.cat([(rec / 2 + 0.5).clamp(0, 1), images[half:]])
+            images = (images + 0.03 * torch.randn(images.shape, generator=gen)).clamp(0, 1)
+        logits = net(images)
+        loss = sum(F.cross_entropy(logits[h], torch.tensor([HEADS[h].index(getattr(a, h)) for a in attrs]))
+                   for h in HEADS)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        _progress(tag, step, size.judge_steps, float(loss), t0)
+    return net.eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def ranking_accuracy(net, held: list, seed: int, n: int = 512) -> float:
+    """Share of held-out images whose own prompt outscores a prompt with another shape or colour."""
+    rng = np.random.default_rng(seed)
+    attrs = grammar.sample_attributes(rng, held, n)
+    images = grammar.render(attrs, rng)
+    match = [f"a {a.colour} {a.shape} on a {a.background} background" for a in attrs]
+    wrong = []
+    for a in attrs:
+        if rng.random() < 0.5:
+            shape = grammar.SHAPES[(grammar.SHAPES.index(a.shape) + rng.integers(1, len(grammar.SHAPES))) % 4]
+            wrong.append(f"a {a.colour} {shape} on a {a.background} background")
+        else:
+            others = [c for c in grammar.COLOURS if c not in (a.colour, a.background)]
+            wrong.append(f"a {others[rng.integers(len(others))]} {a.shape} on a {a.background} background")
+    logits = net(images)
+    return float((prompt_score(logits, match) > prompt_score(logits, wrong)).float().mean())
+
+
+# -- the whole build ------------------------------------------------------------------------------
+def build(out: Path, quick: bool = False, seed: int = 0) -> dict:
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    from shortft.chain import Denoiser
+    from shortft.evaluate import save_grid
+    from shortft.lora import AdapterSwitch, save_loras
+
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    size = QUICK if quick else BuildSize()
+    out = Path(out)
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    train_triples, held = grammar.split_triples(seed)
+    report: dict = {"quick": quick, "seed": seed, "size": asdict(size), "seconds": {}}
+    t_all = time.time()
+
+    def stage(name: str):
+        report["seconds"][name] = round(time.time() - t_stage[0], 1)
+        t_stage[0] = time.time()
+
+    t_stage = [time.time()]
+    log(f"toy build ({'quick' if quick else 'full'}) -> {out}")
+    log("1/5 VAE")
+    vae, figures = train_vae(size, train_triples, seed + 1)
+    report.update(figures)
+    stage("vae")
+
+    log("2/5 text encoder + UNet")
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                              set_alpha_to_one=False, steps_offset=1)
+    tokenizer, text_encoder, unet = make_text_and_unet(size, seed + 2)
+    train_unet(size, train_triples, vae, tokenizer, text_encoder, unet, scheduler, seed + 2)
+    pipe = StableDiffusionPipeline(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.save_pretrained(tmp)
+    stage("unet")
+
+    log("3/5 shortcuts (k = 2, 4, 8)")
+    rng = np.random.default_rng(seed + 3)
+    attrs = grammar.sample_attributes(rng, train_triples, size.teacher_samples)
+    prompts = grammar.sample_prompts(rng, attrs)
+    with torch.no_grad():
+        cond = torch.cat([_encode(tokenizer, text_encoder, prompts[i:i + 256]) for i in range(0, len(prompts), 256)])
+        uncond = _encode(tokenizer, text_encoder, [""]).expand_as(cond)
+    noise = torch.randn((len(prompts), 4, 8, 8), generator=torch.Generator().manual_seed(seed + 3))
+    dn = Denoiser(unet, scheduler, AdapterSwitch(unet))
+    traj = torch.cat([teacher_trajectories(dn, cond[i:i + 256], uncond[i:i + 256], noise[i:i + 256],
+                                           size.teacher_steps, size.guidance) for i in range(0, len(noise), 256)], 1)
+    # held-out trajectories (other prompts and noise) measure the jump error honestly
+    attrs_t = grammar.sample_attributes(rng, train_triples + held, 128)
+    with torch.no_grad():
+        cond_t = _encode(tokenizer, text_encoder, grammar.sample_prompts(rng, attrs_t))
+        uncond_t = _encode(tokenizer, text_encoder, [""]).expand_as(cond_t)
+    noise_t = torch.randn((128, 4, 8, 8), generator=torch.Generator().manual_seed(seed + 4))
+    traj_t = teacher_trajectories(dn, cond_t, uncond_t, noise_t, size.teacher_steps, size.guidance)
+    report["shortcut"] = {}
+    for k in SEGMENTS:
+        info = distill_shortcut(size, k, dn, unet, traj, cond, seed + 10 + k)
+        info.update(jump_errors(size, k, dn, traj_t, cond_t, uncond_t))
+        report["shortcut"][f"k{k}"] = info
+        log(f"  k={k}: shortcut jump MSE {info['shortcut_mse']:.5f}, naive DDIM jump MSE {info['naive_mse']:.5f} "
+            f"({info['ratio']:.1f}x)")
+        save_loras(unet, [f"shortcut-k{k}"], tmp, {"segments": k, "steps": size.teacher_steps,
+                                                 "guidance_distilled": size.guidance})
+        (tmp / "shortft_lora.json").unlink()
+        unet.delete_adapters(f"shortcut-k{k}")
+        dn.switch = AdapterSwitch(unet)
+    stage("shortcuts")
+
+    log("4/5 reward model and judge")
+    reward = train_attribute_net(size, train_triples + held, vae, seed + 20, (32, 64, 128), 3, "stride", "reward")
+    judge = train_attribute_net(size, train_triples + held, vae, seed + 30, (24, 48, 96), 5, "max", "judge")
+    reward.save(tmp / "reward")
+    judge.save(tmp / "judge")
+    report["reward_ranking_accuracy"] = ranking_accuracy(reward, held, seed + 40)
+    report["judge_ranking_accuracy"] = ranking_accuracy(judge, held, seed + 40)
+    log(f"  matched > mismatched on held-out pairs: reward {report['reward_ranking_accuracy']:.1%}, "
+        f"judge {report['judge_ranking_accuracy']:.1%}")
+    stage("judges")
+
+    log("5/5 base model on held-out prompts")
+    eval_prompts = grammar.eval_prompts(seed)
+    prompts_e = [eval_prompts[i % len(eval_prompts)] for i in range(size.eval_samples)]
+    from shortft.chain import Condition, original_sampler
+
+    with torch.no_grad():
+        c = _encode(tokenizer, text_encoder, prompts_e)
+        u = _encode(tokenizer, text_encoder, [""]).expand_as(c)
+        z = torch.randn((len(prompts_e), 4, 8, 8), generator=torch.Generator().manual_seed(seed + 5))
+        lat = original_sampler(dn, z, Condition(c, u, size.guidance, size.guidance), size.teacher_steps, 1, [])
+        images = (vae.decode(lat / vae.config.scaling_factor).sample / 2 + 0.5).clamp(0, 1)
+        acc = float(shape_and_colour_right(judge(images), prompts_e).mean())
+    report["base_judge_accuracy"] = acc
+    log(f"  judge accuracy (shape and colour right) on {len(prompts_e)} held-out samples: {acc:.1%}")
+    save_grid(images[:64], tmp / "samples.png", min_tile=64)
+    (tmp / "eval_prompts.txt").write_text("\n".join(eval_prompts) + "\n")
+    (tmp / "train_prompts.txt").write_text(
+        "\n".join(f"a {c} {s} on a {b} background" for s, c, b in train_triples) + "\n")
+    stage("checks")
+    report["seconds"]["total"] = round(time.time() - t_all, 1)
+    (tmp / "build.json").write_text(json.dumps(report, indent=1))
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    log(f"done in {report['seconds']['total']:.0f} s -> {out}")
+    return report

@@ -1,0 +1,150 @@
+"""The chain: equivalence with the diffusers sampler, call counts, and where gradient flows."""
+
+import math
+
+import pytest
+import torch
+
+from shortft.chain import ChainInput, plan_for, sample
+from shortft.models import load_models
+from shortft.plan import shortft_plan, stacked
+
+ADAPTERS = ("segment_1", "segment_2", "segment_3", "segment_4")
+
+
+@pytest.fixture(scope="module")
+def sd_timesteps_50():
+    # SD 1.5's DDIM schedule (leading spacing, steps_offset=1) as the tiny pipeline uses it.
+    from diffusers import DDIMScheduler
+
+    s = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, steps_offset=1,
+                      set_alpha_to_one=False, clip_sample=False)
+    s.set_timesteps(50)
+    return [int(t) for t in s.timesteps]
+
+
+def test_shortft_plan_matches_paper_timesteps(sd_timesteps_50):
+    calls = shortft_plan(sd_timesteps_50, 4, stacked(ADAPTERS))
+    lora_steps = [c for c in calls if not c.shortcut]
+    jumps = [(c.t, c.t_next) for c in calls if c.shortcut]
+    assert len(calls) == 18  # N/k + 2(k-1) for N=50, k=4
+    assert [c.t for c in lora_steps[:12]] == list(range(981, 760, -20))  # the head, LoRA_1
+    assert [c.t for c in lora_steps[12:]] == [501, 261, 1]
+    assert jumps == [(741, 501), (481, 261), (241, 1)]
+    assert [c.adapters for c in lora_steps[12:]] == [ADAPTERS[:2], ADAPTERS[:3], ADAPTERS]
+    assert all(c.adapters == () for c in calls if c.shortcut)
+
+
+@pytest.mark.parametrize("guidance", [1.0, 7.5])
+def test_full_chain_matches_diffusers_pipeline(make_cfg, guidance):
+    cfg = make_cfg("chain.method=full", "chain.steps=10", f"chain.guidance_scale={guidance}")
+    models = load_models(cfg)
+    prompts = ["a red circle", "a blue square on a white background"]
+    noise = models.initial_noise(2, torch.Generator().manual_seed(3))
+    ref = models.pipe(prompts, num_inference_steps=10, guidance_scale=guidance, latents=noise.clone(),
+                      output_type="latent").images
+    c = models.condition(prompts, guidance, None)
+    with torch.no_grad():
+        ours = sample(models.denoiser, ChainInput(noise, c, adapters=tuple(models.adapters)), cfg.chain)
+    assert (ours - ref).abs().max().item() <= 1e-4
+
+
+def _count_calls(unet):
+    calls = []
+    handle = unet.register_forward_hook(lambda m, args, out: calls.append(int(args[1])))
+    return calls, handle
+
+
+def test_shortft_chain_makes_18_network_calls_for_50_over_4(make_cfg, sd_timesteps_50):
+    cfg = make_cfg("chain.steps=50", "chain.segments=4")
+    models = load_models(cfg)
+    calls, handle = _count_calls(models.unet)
+    c = models.condition(["a red circle"], cfg.chain.guidance_scale, None)
+    sample(models.denoiser, ChainInput(models.initial_noise(1, torch.Generator().manual_seed(0)), c,
+                                       adapters=tuple(models.adapters)), cfg.chain)
+    handle.remove()
+    assert len(calls) == 18
+    assert calls == [c.t for c in shortft_plan(sd_timesteps_50, 4, stacked(ADAPTERS))]
+
+
+def _grad_receiving_calls(models, cfg, stage=1):
+    """Schedule indices of the network calls that ran, and of those through which gradient flowed back
+    (a tensor hook on each UNet output fires only if gradient reaches it)."""
+    index_of_t = {t: i for i, t in enumerate(models.denoiser.timesteps(cfg.chain.steps))}
+    ran, reached = [], set()
+
+    def hook(module, args, out):
+        i = index_of_t[int(args[1])]
+        ran.append(i)
+        if out.sample.requires_grad:
+            out.sample.register_hook(lambda g, i=i: reached.add(i))
+
+    handle = models.unet.register_forward_hook(hook)
+    for p in (p for k, p in models.unet.named_parameters() if "lora_" in k):
+        p.requires_grad_(True)
+    c = models.condition(["a red circle"], cfg.chain.guidance_scale, None)
+    x = sample(models.denoiser, ChainInput(models.initial_noise(1, torch.Generator().manual_seed(0)), c, stage,
+                                           adapters=tuple(models.adapters)), cfg.chain)
+    x.square().mean().backward()
+    handle.remove()
+    return reached, sorted(set(ran))
+
+
+# N=20, k=4: segments start at 0, 5, 10, 15. After a cut at 10 the ShortFT chain is: jump 10->14 (the
+# frozen shortcut on a detached input: nothing to send gradient to), step 14, jump 15->19, step 19.
+@pytest.mark.parametrize("method,expect", [("shortft", {14, 15, 19}), ("full", set(range(10, 20)))])
+def test_truncate_at_stops_gradient_before_the_cut(make_cfg, method, expect):
+    cfg = make_cfg(f"chain.method={method}", "chain.steps=20", "chain.truncate_at=0.5")
+    reached, indices = _grad_receiving_calls(load_models(cfg), cfg)
+    assert reached == expect
+    assert min(indices) == 0 and max(indices) == 19  # the calls before the cut did run
+
+
+def test_no_truncation_means_end_to_end(make_cfg):
+    cfg = make_cfg("chain.steps=20")
+    reached, indices = _grad_receiving_calls(load_models(cfg), cfg)
+    assert reached == set(indices) and 0 in reached
+
+
+def test_progressive_stage_runs_earlier_segments_without_gradient(make_cfg):
+    cfg = make_cfg("chain.steps=20", "chain.segments=4")
+    reached, indices = _grad_receiving_calls(load_models(cfg), cfg, stage=3)
+    # segment 3 starts at index 10: the original steps before it carry no gradient
+    assert reached == {14, 15, 19}
+    assert set(range(10)) <= set(indices)  # the original steps, not the shortcut
+
+
+@pytest.mark.parametrize("method,expect", [("draft", {19}), ("refl", None), ("alignprop", None), ("drtune", None),
+                                           ("draft_lv", {19})])
+def test_baselines_put_gradient_where_they_should(make_cfg, method, expect):
+    cfg = make_cfg(f"chain.method={method}", "chain.steps=20", "chain.drtune_train_steps=4")
+    reached, indices = _grad_receiving_calls(load_models(cfg), cfg)
+    if expect is not None:
+        assert reached == expect
+    elif method == "refl":  # one step with gradient, inside the late window [15, 20)
+        assert len(reached) == 1 and 15 <= min(reached) < 20 and max(indices) == min(reached)
+    elif method == "alignprop":  # outputs detached before a random cut, kept after
+        assert reached == {i for i in indices if i >= min(reached)}
+    elif method == "drtune":  # 4 evenly spaced trained steps
+        steps = sorted(reached)
+        assert len(steps) == 4 and len({b - a for a, b in zip(steps, steps[1:])}) == 1
+
+
+def test_lora_shortcut_runs_only_the_shortcut_adapter(make_cfg, tmp_path, tiny_dir):
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    unet = UNet2DConditionModel.from_pretrained(tiny_dir, subfolder="unet")
+    unet.add_adapter(LoraConfig(r=2, target_modules=["to_q", "to_v"], init_lora_weights=False))
+    StableDiffusionPipeline.save_lora_weights(tmp_path / "sc", unet_lora_layers=get_peft_model_state_dict(unet))
+    cfg = make_cfg("chain.steps=8", "chain.segments=2", f"model.shortcut=lora:{tmp_path / 'sc'}")
+    models = load_models(cfg)
+    seen = []
+    orig = models.denoiser.switch.activate
+    models.denoiser.switch.activate = lambda names: (seen.append(tuple(names)), orig(names))
+    c = models.condition(["a red circle"], 3.0, None)
+    sample(models.denoiser, ChainInput(models.initial_noise(1, torch.Generator().manual_seed(0)), c,
+                                       adapters=tuple(models.adapters)), cfg.chain)
+    assert ("shortcut",) in seen
+    assert all("shortcut" not in names or names == ("shortcut",) for names in seen)

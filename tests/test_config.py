@@ -1,0 +1,77 @@
+import math
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+
+from shortft.config import ConfigError, builtin_configs, describe, load_config, parse_overrides
+
+
+def test_overrides_nest_and_parse_yaml_values():
+    assert parse_overrides(["chain.steps=20", "reward.weights.symmetry=0.5", "lora.targets=[to_q, to_v]"]) == {
+        "chain": {"steps": 20}, "reward": {"weights": {"symmetry": 0.5}}, "lora": {"targets": ["to_q", "to_v"]}}
+
+
+@pytest.mark.parametrize("name", builtin_configs())
+def test_every_builtin_config_loads_and_validates(name):
+    cfg = load_config(name)
+    assert cfg.chain.segments <= cfg.chain.steps
+
+
+def test_every_key_has_help():
+    rows = describe()
+    assert len(rows) > 30 and all(help for _, _, help in rows)
+
+
+def test_override_changes_value_and_weights_merge():
+    cfg = load_config("tiny", ["reward.weights.brightness=0.5", "chain.truncate_at=0.25"])
+    assert cfg.reward.weights == {"symmetry": 1.0, "brightness": 0.5}
+    assert cfg.chain.truncate_at == 0.25
+
+
+BAD = [
+    (["chain.stepz=3"], "chain.stepz"),
+    (["chain.method=dpo"], "chain.method"),
+    (["reward.weights.beauty=1"], "beauty"),
+    (["chain.truncate_at=1.0"], "chain.truncate_at"),
+    (["chain.truncate_at=-0.1"], "chain.truncate_at"),
+    (["lora.rank=0"], "lora.rank"),
+    (["chain.segments=30", "chain.steps=20"], "chain.segments"),
+    (["model.pretrained=/no/such/model"], "model.pretrained"),
+    (["reward.weights.symmetry=.nan"], "reward.weights.symmetry"),
+    (["reward.weights.symmetry=.inf"], "reward.weights.symmetry"),
+    (["train.steps=ten"], "train.steps"),
+]
+
+
+@pytest.mark.parametrize("overrides,key", BAD)
+def test_bad_value_raises_config_error_naming_key(overrides, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config("tiny", overrides)
+
+
+@pytest.mark.parametrize("overrides,key", BAD[:9])
+def test_cli_bad_input_one_line_exit_2_no_traceback(overrides, key):
+    t0 = time.time()
+    p = subprocess.run([sys.executable, "-m", "shortft.cli", "train", "--config", "tiny", *overrides],
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2
+    lines = [line for line in p.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, p.stderr
+    assert key in lines[0] and "Traceback" not in p.stderr
+    assert time.time() - t0 < 30
+
+
+def test_cli_unknown_config_name():
+    p = subprocess.run([sys.executable, "-m", "shortft.cli", "train", "--config", "nope"], capture_output=True,
+                       text=True, timeout=60)
+    assert p.returncode == 2 and "nope" in p.stderr and "tiny" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_config_command_prints_resolved_yaml():
+    p = subprocess.run([sys.executable, "-m", "shortft.cli", "config", "--config", "tiny", "chain.steps=7"],
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0
+    assert yaml.safe_load(p.stdout)["chain"]["steps"] == 7
