@@ -37,6 +37,13 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", nargs="?", const=True, default=False, metavar="CHECKPOINT",
                    help="continue from the latest checkpoint in the output dir (or the one given)")
     t.add_argument("--dry-run", action="store_true", help="print the resolved config and timestep plan, then exit")
+    t.add_argument("--workers", type=int, default=0, help="Ray Train workers (0 = in this process, no Ray)")
+    t.add_argument("--gpu", action="store_true", help="one GPU per Ray worker (NCCL)")
+    t.add_argument("--storage-path", help="Ray checkpoints: a local dir, s3://... or an NFS path (default ./ray_results)")
+    t.add_argument("--max-failures", type=int, default=1, help="worker-group restarts from the last checkpoint")
+    t.add_argument("--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
+    t.add_argument("--experiment", default="shortft", help="MLflow experiment name")
+    t.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
 
     e = sub.add_parser("eval", help="evaluate with the original N-step sampler")
     common(e)
@@ -51,6 +58,9 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--quick", action="store_true", help="a miniature build in about a minute (tests)")
     b.add_argument("--out", help="output dir (default: the package's shortft/toy/assets)")
     b.add_argument("--seed", type=int, default=0)
+    ck = toy.add_parser("check", help="recompute the toy build's figures from its files")
+    ck.add_argument("--dir", help="assets dir (default: the package's)")
+    ck.add_argument("--samples", type=int, default=256)
 
     c = sub.add_parser("config", help="print the resolved config, or every key with --keys")
     common(c)
@@ -96,7 +106,12 @@ def main(argv: list[str] | None = None) -> int:
             from shortft.builtin import toy_dir
             from shortft.toy.build import build
 
-            build(Path(args.out) if args.out else toy_dir(), quick=args.quick, seed=args.seed)
+            if args.toy_command == "build":
+                build(Path(args.out) if args.out else toy_dir(), quick=args.quick, seed=args.seed)
+            else:
+                from shortft.toy.build import measure
+
+                print(json.dumps(measure(args.dir or toy_dir(), samples=args.samples), indent=1))
             return 0
         if args.command == "config" and args.keys:
             for key, default, help in describe():
@@ -110,14 +125,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(yaml.safe_dump(to_dict(cfg), sort_keys=False))
             print_plan(cfg)
         elif args.command == "train":
-            from shortft.loop import NonFiniteError, train
-
-            try:
-                result = train(cfg, resume=args.resume)
-            except NonFiniteError as e:
-                print(f"shortft: error: {e}", file=sys.stderr)
-                return 1
-            print(f"done: LoRA in {result.lora_dir}; eval " + json.dumps(result.eval))
+            return run_train(cfg, args)
         elif args.command == "eval":
             run_eval(cfg, args.lora, args.grid)
     except ConfigError as e:
@@ -126,6 +134,40 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("shortft: interrupted; resume with --resume", file=sys.stderr)
         return 130
+    return 0
+
+
+def run_train(cfg, args) -> int:
+    from shortft import tracking
+    from shortft.loop import NonFiniteError, train
+
+    uri = None if args.no_mlflow else (args.tracking_uri or tracking.default_tracking_uri())
+    try:
+        if args.workers > 0:
+            from shortft.distributed import train_with_ray
+
+            if args.resume not in (True, False):
+                raise ConfigError("--resume with --workers takes no path: Ray resumes from its storage path")
+            r = train_with_ray(cfg, args.workers, use_gpu=args.gpu, storage_path=args.storage_path,
+                               max_failures=args.max_failures, tracking_uri=uri, experiment=args.experiment,
+                               resume=bool(args.resume))
+            print(f"done: run {r.run_name}; LoRA in {r.output_dir / 'lora'}; checkpoints in {r.storage_path}")
+        else:
+            if args.storage_path or args.gpu:
+                print("shortft: note: --storage-path and --gpu apply with --workers N only", file=sys.stderr)
+            callbacks = []
+            if uri:
+                tracking.check_tracking_uri(uri)
+                run_id = tracking.ensure_run(uri, args.experiment, str(cfg.output_dir.resolve()), cfg.name, cfg,
+                                             reuse=bool(args.resume))
+                callbacks.append(tracking.MlflowLogger(uri, run_id))
+            result = train(cfg, callbacks, resume=args.resume)
+            print(f"done: LoRA in {result.lora_dir}; eval " + json.dumps(result.eval))
+    except NonFiniteError as e:
+        print(f"shortft: error: {e}", file=sys.stderr)
+        return 1
+    if uri:
+        print(f"compare runs: mlflow ui --backend-store-uri {uri}")
     return 0
 
 

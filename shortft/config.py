@@ -384,13 +384,16 @@ def validate(cfg: Config) -> None:
     for key in ("prompts", "eval_prompts"):
         value = getattr(cfg.data, key)
         if isinstance(value, str):
-            if not Path(value).is_file():
+            if not Path(resolve_path(value)).is_file():
                 raise ConfigError(f"data.{key}={value!r}: no such file; give a list or a text file, one prompt per line")
         elif not isinstance(value, list) or not value or not all(isinstance(p, str) for p in value):
             raise ConfigError(f"data.{key}: expected a non-empty list of prompts or a text file path")
 
 
 def read_prompts(value: list | str) -> list[str]:
+    """A list as is, or a text file (a path, or builtin:toy/<file>) with one prompt per line."""
     if isinstance(value, str):
-        return [line.strip() for line in Path(value).read_text().splitlines() if line.strip()]
+        from shortft.builtin import resolve_path
+
+        return [line.strip() for line in Path(resolve_path(value)).read_text().splitlines() if line.strip()]
     return list(value)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import yaml
 
 from shortft import checkpoint
@@ -29,13 +30,17 @@ from shortft.rewards import Rewards
 
 
 class Callback:
-    """Override what you need. Called in the training process (rank 0 only under Ray)."""
+    """Override what you need. Called on every rank under torch.distributed (files are written by
+    rank 0 only, so `artifacts` is empty elsewhere); a callback that should act once checks its rank."""
 
     def on_start(self, models: Models, start_step: int) -> None: ...
 
     def on_step(self, step: int, metrics: dict[str, float], artifacts: dict[str, Path]) -> None:
         """After each optimizer step. metrics include `eval/*` on evaluation steps; artifacts may hold
         `checkpoint` (a checkpoint dir written this step) and `grid` (the eval sample grid PNG)."""
+
+    def on_end(self, result: "TrainResult") -> None:
+        """After the final LoRA is saved."""
 
 
 class NonFiniteError(RuntimeError):
@@ -51,11 +56,24 @@ class TrainResult:
     history: list[dict] = field(default_factory=list)
 
 
-def step_generator(seed: int, step: int, micro: int = 0, rank: int = 0) -> torch.Generator:
-    """All randomness of one micro-batch (prompts, noise, random cuts) from (seed, step, micro, rank):
-    a resumed run draws exactly what the uninterrupted run drew, and ranks never draw the same."""
-    state = np.random.SeedSequence([seed, step, micro, rank]).generate_state(1, dtype=np.uint64)[0]
+CHAIN_STREAM = 2**32 - 1  # the stream of a micro-batch's method randomness (cuts, copies), shared by ranks
+
+
+def seeded(*key: int) -> torch.Generator:
+    state = np.random.SeedSequence(list(key)).generate_state(1, dtype=np.uint64)[0]
     return torch.Generator().manual_seed(int(state))
+
+
+def draw_batch(models: Models, prompts: list[str], seed: int, step: int, micro: int, first: int, size: int):
+    """Prompts and noise of global samples first..first+size-1 of a micro-batch, one generator per
+    sample: a resumed run draws what the uninterrupted run drew, ranks draw disjoint samples, and
+    2 ranks x b samples are exactly the samples of 1 process x 2b."""
+    batch, noise = [], []
+    for i in range(first, first + size):
+        g = seeded(seed, step, micro, i)
+        batch.append(prompts[int(torch.randint(len(prompts), (1,), generator=g))])
+        noise.append(models.initial_noise(1, g))
+    return batch, torch.cat(noise)  # [B, 4, h, w]
 
 
 def lora_plan(models: Models, cfg: Config) -> dict:
@@ -84,10 +102,40 @@ def autocast_for(cfg: Config, device: torch.device):
     return torch.autocast(device.type, dtype=torch.bfloat16 if mode == "bf16" else torch.float16), mode
 
 
-def train(cfg: Config, callbacks: list[Callback] = (), resume: bool | str | Path = False) -> TrainResult:
-    out = cfg.output_dir
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+def _all_reduce_mean(values: list[float], device: torch.device, world_size: int) -> list[float]:
+    if world_size == 1:
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return (t / world_size).tolist()
+
+
+def _all_reduce_grads(params: list[torch.nn.Parameter], world_size: int) -> None:
+    """Average LoRA gradients over ranks in one flat bucket. The chain calls the UNet many times per
+    step (and recomputes under checkpointing), which DDP's per-forward hooks do not expect; the
+    gradient of the sum is the same, so one explicit all-reduce after backward does the job."""
+    if world_size == 1 or not params:
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= world_size
+    offset = 0
+    for p in params:
+        n = p.numel()
+        p.grad = flat[offset:offset + n].view_as(p).clone()
+        offset += n
+
+
+def train(cfg: Config, callbacks: list[Callback] = (), resume: bool | str | Path = False, rank: int = 0,
+          world_size: int = 1) -> TrainResult:
+    """One fine-tuning run. Under torch.distributed (rank/world_size > 1): each rank draws its own
+    share of every batch, LoRA gradients and metrics are averaged over ranks, and only rank 0 writes
+    files."""
+    out, main = cfg.output_dir, rank == 0
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
     # 1. Load and freeze; add the LoRAs (zero-initialised) and the rewards.
     models = load_models(cfg)
@@ -114,11 +162,11 @@ def train(cfg: Config, callbacks: list[Callback] = (), resume: bool | str | Path
             state = checkpoint.load(path, unet, adapters, optimizer)
             start, bad_in_row = state["step"], state.get("bad_in_row", 0)
             print(f"resumed from {path} at step {start}", file=sys.stderr)
-    if metrics_file.exists():  # keep the rows up to the resumed step, so no step is logged twice
-        rows = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
-        history = [r for r in rows if r.get("step", 0) <= start]
-    metrics_file.write_text("".join(json.dumps(r) + "\n" for r in history))
-
+    if main:
+        if metrics_file.exists():  # keep the rows up to the resumed step, so no step is logged twice
+            rows = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
+            history = [r for r in rows if r.get("step", 0) <= start]
+        metrics_file.write_text("".join(json.dumps(r) + "\n" for r in history))
     for cb in callbacks:
         cb.on_start(models, start)
     stages, total = num_stages(cfg), cfg.train.steps
@@ -134,9 +182,9 @@ def train(cfg: Config, callbacks: list[Callback] = (), resume: bool | str | Path
         # 4. Micro-batches: chain -> decode -> reward -> loss -> backward.
         sums: dict[str, float] = {}
         for micro in range(cfg.train.grad_accum):
-            g = step_generator(cfg.train.seed, step, micro)
-            batch = [prompts[i] for i in torch.randint(len(prompts), (cfg.train.batch_size,), generator=g)]
-            noise = models.initial_noise(len(batch), g)  # [B, 4, h, w]
+            batch, noise = draw_batch(models, prompts, cfg.train.seed, step, micro, rank * cfg.train.batch_size,
+                                      cfg.train.batch_size)
+            g = seeded(cfg.train.seed, step, micro, CHAIN_STREAM)
             cond = models.condition(batch, cfg.chain.guidance_scale, cfg.model.shortcut_guidance_scale)
             with autocast:
                 latents = sample(models.denoiser, ChainInput(noise, cond, stage, g, tuple(adapters),
@@ -153,9 +201,12 @@ def train(cfg: Config, callbacks: list[Callback] = (), resume: bool | str | Path
                 sums[f"reward/{n}"] = sums.get(f"reward/{n}", 0.0) + float(v.detach().mean()) / cfg.train.grad_accum
             del latents, images, terms, reward, loss  # free the graph before the next micro-batch
 
-        # 5. Clip, guard against non-finite values, step.
+        # 5. Average over ranks, clip, guard against non-finite values, step.
         scaler.unscale_(optimizer)
-        trainable = [p for name in training for p in params[name]]
+        trainable = [p for name in adapters if name in training for p in params[name]]  # same order on every rank
+        _all_reduce_grads(trainable, world_size)
+        keys = sorted(sums)
+        sums = dict(zip(keys, _all_reduce_mean([sums[k] for k in keys], models.device, world_size)))
         grads = [p.grad for p in trainable if p.grad is not None]
         grad_norm = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
         if cfg.train.grad_clip > 0 and grads:
@@ -171,27 +222,28 @@ def train(cfg: Config, callbacks: list[Callback] = (), resume: bool | str | Path
 
         # 6. Checkpoint, evaluate, then report the step (with what was written) in one call.
         seconds = time.perf_counter() - t0
-        images_seen = cfg.train.batch_size * cfg.train.grad_accum
+        images_seen = cfg.train.batch_size * cfg.train.grad_accum * world_size
         metrics = {"step": step + 1, "stage": stage, **sums, "grad_norm": grad_norm, "skipped": int(not finite),
                    "lr": optimizer.param_groups[0]["lr"], "seconds_per_step": seconds,
                    "images_per_second": images_seen / seconds}
-        if (step + 1) % cfg.train.log_every == 0 or step + 1 == total:
+        if main and ((step + 1) % cfg.train.log_every == 0 or step + 1 == total):
             print(f"step {step + 1}/{total}  stage {stage}/{stages}  loss {sums['loss']:+.4f}  "
                   f"grad {grad_norm:.3g}  {seconds:.2f} s/step" + ("  SKIPPED (non-finite)" if not finite else ""),
                   flush=True)
         artifacts: dict[str, Path] = {}
         every = cfg.train.checkpoint_every
-        if (every and (step + 1) % every == 0) or step + 1 == total:
+        if main and ((every and (step + 1) % every == 0) or step + 1 == total):
             artifacts["checkpoint"] = checkpoint.save(out / "checkpoints", step + 1, unet, adapters, optimizer,
                                                       {"bad_in_row": bad_in_row}, plan, cfg.train.keep_checkpoints)
-        if (cfg.eval.every and (step + 1) % cfg.eval.every == 0) or step + 1 == total:
+        if main and ((cfg.eval.every and (step + 1) % cfg.eval.every == 0) or step + 1 == total):
             artifacts["grid"] = out / "samples" / f"step_{step + 1:06d}.png"
             eval_metrics = evaluate(models, cfg, rewards, artifacts["grid"])
             metrics.update(eval_metrics)
             print("eval  " + "  ".join(f"{k[5:]} {v:+.4f}" for k, v in eval_metrics.items()), flush=True)
         history.append(metrics)
-        with metrics_file.open("a") as f:
-            f.write(json.dumps(metrics) + "\n")
+        if main:
+            with metrics_file.open("a") as f:
+                f.write(json.dumps(metrics) + "\n")
         for cb in callbacks:
             cb.on_step(step + 1, metrics, artifacts)
         if bad_in_row >= cfg.train.max_bad_steps:
@@ -200,7 +252,11 @@ def train(cfg: Config, callbacks: list[Callback] = (), resume: bool | str | Path
                 "lower train.lr, set train.grad_clip, or use train.mixed_precision=bf16/no"
             )
 
-    lora_dir = save_loras(unet, adapters, out / "lora", plan)
+    lora_dir = out / "lora"
+    if main:
+        save_loras(unet, adapters, lora_dir, plan)
+        (out / "result.json").write_text(json.dumps({"steps": total, "lora_dir": str(lora_dir), "eval": eval_metrics}))
     result = TrainResult(out, lora_dir, total, eval_metrics, history)
-    (out / "result.json").write_text(json.dumps({"steps": total, "lora_dir": str(lora_dir), "eval": eval_metrics}))
+    for cb in callbacks:
+        cb.on_end(result)
     return result

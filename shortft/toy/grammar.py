@@ -107,10 +107,10 @@ def render(attrs: list[Attributes], rng: np.random.Generator, size: int = IMAGE_
     yy, xx = np.mgrid[0:hi, 0:hi].astype(np.float32) / hi
     out = np.empty((len(attrs), 3, size, size), dtype=np.float32)
     for i, a in enumerate(attrs):
-        r = (0.15 if a.size == "small" else 0.26) * (1 + 0.1 * rng.standard_normal())
+        r = (0.19 if a.size == "small" else 0.3) * (1 + 0.1 * rng.standard_normal())
         px, py = POSITIONS[a.position]
         if a.size == "large":  # large shapes stay nearer the middle so they fit
-            px, py = 0.5 + 0.4 * (px - 0.5), 0.5 + 0.4 * (py - 0.5)
+            px, py = 0.5 + 0.25 * (px - 0.5), 0.5 + 0.25 * (py - 0.5)
         cx, cy = px + 0.03 * rng.standard_normal(), py + 0.03 * rng.standard_normal()
         fg = np.clip(np.array(COLOURS[a.colour]) / 255 + 0.04 * rng.standard_normal(3), 0, 1)
         bg = np.clip(np.array(COLOURS[a.background]) / 255 + 0.04 * rng.standard_normal(3), 0, 1)

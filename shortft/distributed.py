@@ -1,0 +1,188 @@
+"""Ray Train: the same training loop as `shortft train`, as a TorchTrainer over N workers.
+
+Each worker runs `shortft.loop.train` with its rank: the batch is sharded by rank, LoRA gradients and
+metrics are averaged over ranks (gloo on CPU, NCCL on GPU), rank 0 writes files and logs to MLflow,
+and every worker reports each step to Ray Train (with rank 0's checkpoint when one was written).
+A restarted worker group resumes from the latest reported checkpoint (`FailureConfig.max_failures`).
+
+    from shortft.distributed import train_with_ray
+    result = train_with_ray(cfg, workers=2)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from shortft import tracking
+from shortft.config import Config, ConfigError, from_dict, to_dict
+from shortft.loop import Callback
+
+FAIL_AT_STEP_ENV = "SHORTFT_FAIL_AT_STEP"  # test switch: one worker dies once at this step
+FAIL_RANK_ENV = "SHORTFT_FAIL_RANK"
+
+
+def run_name(cfg: Config) -> str:
+    """Deterministic: the same config gives the same name, so a restarted job finds its checkpoints."""
+    digest = hashlib.sha1(json.dumps(to_dict(cfg), sort_keys=True, default=str).encode()).hexdigest()[:8]
+    return f"{cfg.name}-{digest}"
+
+
+def default_storage_path() -> str:
+    return str(Path("ray_results").resolve())
+
+
+def check_storage_path(path: str) -> None:
+    """Fail before any worker starts if checkpoints could not be written there."""
+    if "://" in path:
+        import pyarrow.fs
+
+        try:
+            fs, root = pyarrow.fs.FileSystem.from_uri(path)
+            fs.create_dir(root, recursive=True)
+        except Exception as e:  # any failure means: not usable from here
+            raise ConfigError(f"storage path {path}: not writable ({type(e).__name__}: {e}); check the URI and "
+                              "credentials or pass another --storage-path") from None
+        return
+    p = Path(path).expanduser()
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+        probe = p / f".write-test-{uuid.uuid4().hex[:8]}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"storage path {path}: not writable ({e.strerror or e}); pass --storage-path to a "
+                          "writable directory (or s3://..., an NFS mount on clusters)") from None
+
+
+def _run_exists(storage_path: str, name: str) -> bool:
+    if "://" in storage_path:
+        import pyarrow.fs
+
+        fs, root = pyarrow.fs.FileSystem.from_uri(storage_path)
+        return fs.get_file_info(f"{root}/{name}").type != pyarrow.fs.FileType.NotFound
+    d = Path(storage_path).expanduser() / name
+    return d.is_dir() and any(d.iterdir())
+
+
+class RayReport(Callback):
+    """Every worker reports every step (Ray Train requires it); rank 0 attaches its checkpoint."""
+
+    def __init__(self, rank: int):
+        self.rank = rank
+
+    def on_step(self, step: int, metrics: dict, artifacts: dict) -> None:
+        import ray.train
+
+        ckpt = None
+        if self.rank == 0 and "checkpoint" in artifacts:
+            ckpt = ray.train.Checkpoint.from_directory(str(artifacts["checkpoint"]))
+        ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"step_{step:06d}" if ckpt else None)
+
+
+class FaultInjector(Callback):
+    """Kills this worker's process once, as it starts `fail_at` (a marker file remembers it happened)."""
+
+    def __init__(self, rank: int, fail_at: int, fail_rank: int, marker: Path):
+        self.rank, self.fail_at, self.fail_rank, self.marker = rank, fail_at, fail_rank, Path(marker)
+
+    def on_step(self, step: int, metrics: dict, artifacts: dict) -> None:
+        if self.rank == self.fail_rank and step + 1 == self.fail_at and not self.marker.exists():
+            self.marker.parent.mkdir(parents=True, exist_ok=True)
+            self.marker.write_text(str(step + 1))
+            os._exit(1)
+
+
+def _worker(config: dict) -> None:
+    import ray.train
+    import torch
+
+    from shortft.loop import train
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    cfg = from_dict(Config, config["cfg"])
+    if config["use_gpu"]:
+        cfg.model.device = str(ray.train.torch.get_device())
+    else:
+        torch.set_num_threads(max(1, config["threads"]))
+    resume: bool | str = False
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is not None:
+        local = Path(tempfile.mkdtemp(prefix=f"shortft-resume-{rank}-"))
+        resume = str(ckpt.to_directory(str(local)))
+    callbacks: list[Callback] = [RayReport(rank)]
+    if config["tracking_uri"] and rank == 0:
+        callbacks.append(tracking.MlflowLogger(config["tracking_uri"], config["run_id"], rank))
+    if config.get("fail_at"):
+        callbacks.append(FaultInjector(rank, config["fail_at"], config["fail_rank"], Path(config["fail_marker"])))
+    train(cfg, callbacks, resume=resume, rank=rank, world_size=world)
+    if resume:
+        shutil.rmtree(local, ignore_errors=True)
+
+
+@dataclass
+class RayTrainResult:
+    run_name: str
+    storage_path: str
+    output_dir: Path
+    run_id: str | None
+    metrics: dict
+    checkpoint_path: str | None
+
+
+def train_with_ray(cfg: Config, workers: int, use_gpu: bool = False, storage_path: str | None = None,
+                   max_failures: int = 0, tracking_uri: str | None = "", experiment: str = tracking.DEFAULT_EXPERIMENT,
+                   resume: bool = False, cpus_per_worker: float | None = None, run_id: str | None = None,
+                   name: str | None = None) -> RayTrainResult:
+    """Fine-tune with Ray Train over `workers` workers. tracking_uri "" = default, None = no MLflow."""
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    if workers < 1:
+        raise ConfigError(f"--workers {workers}: must be >= 1 for Ray Train (0 runs in-process)")
+    if tracking_uri == "":
+        tracking_uri = tracking.default_tracking_uri()
+    if tracking_uri:
+        tracking.check_tracking_uri(tracking_uri)
+    storage_path = storage_path or default_storage_path()
+    check_storage_path(storage_path)
+    name = name or run_name(cfg)
+    if _run_exists(storage_path, name) and not resume:
+        raise ConfigError(f"run {name} already exists in {storage_path}; pass --resume to continue it, or set "
+                          "name=<new name> to start another")
+    # Files written by rank 0 go to an absolute path, whatever the worker's working directory.
+    cfg = from_dict(Config, to_dict(cfg))
+    cfg.train.output_dir = str(cfg.output_dir.resolve())
+    if tracking_uri and not run_id:
+        run_id = tracking.ensure_run(tracking_uri, experiment, name, name, cfg)
+
+    if not ray.is_initialized():
+        ray.init(include_dashboard=False, log_to_driver=True)
+    cpus = cpus_per_worker
+    if cpus is None:
+        cpus = 1.0 if use_gpu else max(0.1, min(1.0, float(ray.cluster_resources().get("CPU", 1)) / workers))
+    fail_at = int(os.environ.get(FAIL_AT_STEP_ENV, "0") or 0)
+    loop_config = {
+        "cfg": to_dict(cfg), "use_gpu": use_gpu, "threads": max(1, int(cpus)), "tracking_uri": tracking_uri,
+        "run_id": run_id, "fail_at": fail_at, "fail_rank": int(os.environ.get(FAIL_RANK_ENV, "1")),
+        "fail_marker": str(Path(cfg.train.output_dir) / ".fault-injected"),
+    }
+    trainer = TorchTrainer(
+        _worker,
+        train_loop_config=loop_config,
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker={"CPU": cpus}),
+        run_config=RunConfig(name=name, storage_path=storage_path, failure_config=FailureConfig(max_failures=max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints)),
+    )
+    result = trainer.fit()
+    return RayTrainResult(name, storage_path, Path(cfg.train.output_dir), run_id, dict(result.metrics or {}),
+                          result.checkpoint.path if result.checkpoint else None)

@@ -1,0 +1,118 @@
+"""MLflow: runs created in the driver (SQLite has one writer), logged to from the training process.
+
+The tracking URI comes from `--tracking-uri`, else $MLFLOW_TRACKING_URI, else `sqlite:///mlflow.db` in
+the working directory. A run is found again by its deterministic run key (tag `shortft.run_key`), so a
+restarted job logs into the run it started, and steps already logged are not logged twice.
+"""
+
+from __future__ import annotations
+
+import os
+import urllib.request
+from pathlib import Path
+
+from shortft.config import Config, ConfigError, flatten, to_dict
+from shortft.loop import Callback, TrainResult
+
+RUN_KEY = "shortft.run_key"
+DEFAULT_EXPERIMENT = "shortft"
+
+
+def default_tracking_uri() -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
+
+
+def check_tracking_uri(uri: str) -> None:
+    """Fail fast, with one line, when runs could not be logged."""
+    if uri.startswith("sqlite:///"):
+        path = Path(uri[len("sqlite:///"):]).expanduser()
+        parent = path.parent if str(path.parent) else Path(".")
+        if not parent.is_dir() or not os.access(parent, os.W_OK):
+            raise ConfigError(f"tracking URI {uri}: directory {parent} does not exist or is not writable; "
+                              "pass --tracking-uri sqlite:///<writable dir>/mlflow.db or an http(s):// server")
+    elif uri.startswith(("http://", "https://")):
+        try:
+            urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5).read()
+        except Exception as e:  # any failure means: unreachable from here
+            raise ConfigError(f"tracking URI {uri}: MLflow server unreachable ({type(e).__name__}: {e}); "
+                              "start it (mlflow server ...) or pass another --tracking-uri") from None
+    elif uri.startswith(("databricks", "postgresql", "mysql", "mssql")):
+        return
+    else:
+        raise ConfigError(f"tracking URI {uri!r}: use sqlite:///path/mlflow.db or http(s)://host:port "
+                          "(MLflow 3.17+ no longer reads a ./mlruns file store)")
+
+
+def client(uri: str):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def experiment_id(uri: str, name: str) -> str:
+    c = client(uri)
+    exp = c.get_experiment_by_name(name)
+    return exp.experiment_id if exp else c.create_experiment(name)
+
+
+def ensure_run(uri: str, experiment: str, run_key: str, run_name: str, cfg: Config | None = None,
+               parent_run_id: str | None = None, tags: dict | None = None, reuse: bool = True) -> str:
+    """The newest run with this key (created if none, or if reuse=False, with the config's params)."""
+    c = client(uri)
+    exp_id = experiment_id(uri, experiment)
+    found = c.search_runs([exp_id], filter_string=f"tags.`{RUN_KEY}` = '{run_key}'", max_results=1,
+                          order_by=["attributes.start_time DESC"]) if reuse else []
+    if found:
+        return found[0].info.run_id
+    all_tags = {RUN_KEY: run_key, **(tags or {})}
+    if parent_run_id:
+        all_tags["mlflow.parentRunId"] = parent_run_id
+    run = c.create_run(exp_id, run_name=run_name, tags=all_tags)
+    if cfg is not None:
+        log_params(uri, run.info.run_id, cfg)
+    return run.info.run_id
+
+
+def log_params(uri: str, run_id: str, cfg: Config) -> None:
+    from mlflow.entities import Param
+
+    params = [Param(k, str(v)[:6000]) for k, v in flatten(to_dict(cfg)).items()]
+    c = client(uri)
+    for i in range(0, len(params), 100):
+        c.log_batch(run_id, params=params[i:i + 100])
+
+
+class MlflowLogger(Callback):
+    """Per-step metrics, eval grids, the final LoRA and config, into an existing run (rank 0 only)."""
+
+    def __init__(self, uri: str, run_id: str, rank: int = 0):
+        self.uri, self.run_id, self.rank = uri, run_id, rank
+
+    def on_start(self, models, start_step: int) -> None:
+        if self.rank:
+            return
+        self.client = client(self.uri)
+        history = self.client.get_metric_history(self.run_id, "loss")
+        # After a restart the steps since the last checkpoint run again; they were logged already.
+        self.logged_up_to = max((m.step for m in history), default=0)
+        self.client.update_run(self.run_id, status="RUNNING")
+
+    def on_step(self, step: int, metrics: dict, artifacts: dict) -> None:
+        if self.rank or step <= self.logged_up_to:
+            return
+        from mlflow.entities import Metric
+
+        import time
+
+        now = int(time.time() * 1000)
+        batch = [Metric(k, float(v), now, step) for k, v in metrics.items() if k != "step"]
+        self.client.log_batch(self.run_id, metrics=batch)
+        if "grid" in artifacts:
+            self.client.log_artifact(self.run_id, str(artifacts["grid"]), "samples")
+
+    def on_end(self, result: TrainResult) -> None:
+        if self.rank:
+            return
+        self.client.log_artifacts(self.run_id, str(result.lora_dir), "lora")
+        self.client.log_artifact(self.run_id, str(result.output_dir / "config.yaml"))
+        self.client.set_terminated(self.run_id, "FINISHED")

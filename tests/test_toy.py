@@ -1,0 +1,89 @@
+"""The toy world: grammar, the quick build, and the committed assets."""
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import shortft
+from shortft.builtin import toy_dir
+from shortft.toy import grammar
+
+
+def test_held_out_triples_are_new_combinations_of_known_parts():
+    train, held = grammar.split_triples()
+    assert held and not set(held) & set(train)
+    seen_sc = {(s, c) for s, c, _ in train}
+    seen_cb = {(c, b) for _, c, b in train}
+    assert all((s, c) in seen_sc and (c, b) in seen_cb for s, c, b in held)
+
+
+def test_prompts_parse_back_to_their_attributes():
+    rng = np.random.default_rng(0)
+    attrs = grammar.sample_attributes(rng, grammar.all_triples(), 50)
+    for a, p in zip(attrs, grammar.sample_prompts(rng, attrs)):
+        got = grammar.parse(p)
+        assert (got["shape"], got["colour"], got["background"]) == (a.shape, a.colour, a.background), p
+
+
+def test_tokenizer_round_trips_every_word(tmp_path):
+    from transformers import CLIPTokenizer
+
+    from shortft.builtin import build_clip_tokenizer
+
+    tok = build_clip_tokenizer(grammar.VOCAB, 20)
+    tok.save_pretrained(tmp_path)
+    tok = CLIPTokenizer.from_pretrained(tmp_path)
+    ids = tok("a large purple triangle at the top left on a white background").input_ids
+    assert len(ids) == 2 + 12  # one token per word, plus start/end
+    assert tok.unk_token_id not in ids[1:-1]
+
+
+@pytest.mark.slow
+def test_quick_build_loads_with_stock_diffusers_and_trains(tmp_path, monkeypatch):
+    from diffusers import StableDiffusionPipeline
+
+    from shortft.toy.build import build
+
+    out = tmp_path / "toy"
+    report = build(out, quick=True)
+    assert report["seconds"]["total"] < 300
+    pipe = StableDiffusionPipeline.from_pretrained(out, safety_checker=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    img = pipe("a red circle on a blue background", num_inference_steps=4, output_type="pt").images
+    assert img.shape == (1, 3, 32, 32)
+    pipe.load_lora_weights(str(out / "shortcut-k4"), adapter_name="shortcut")
+    # the toy config runs on it, shortcut LoRA per k and learned reward included
+    monkeypatch.setenv("SHORTFT_TOY_DIR", str(out))
+    cfg = shortft.load_config("toy", ["train.steps=2", "chain.steps=10", "chain.segments=2", "eval.samples_per_prompt=1",
+                                      f"train.output_dir={tmp_path}/run", "eval.every=0"])
+    result = shortft.train(cfg)
+    assert 0 <= result.eval["eval/objective"] <= 1 and "eval/toy_judge" in result.eval
+
+
+def test_committed_assets_load_and_sample_on_cpu():
+    from diffusers import StableDiffusionPipeline
+
+    path = toy_dir()
+    size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    assert size <= 20 * 2**20
+    pipe = StableDiffusionPipeline.from_pretrained(path, safety_checker=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    img = pipe("a green square on a white background", num_inference_steps=10,
+               generator=torch.Generator().manual_seed(0), output_type="pt").images
+    assert img.shape == (1, 3, 32, 32) and torch.isfinite(img).all()
+    for k in (2, 4, 8):
+        assert (path / f"shortcut-k{k}" / "pytorch_lora_weights.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_committed_assets_meet_their_figures():
+    from shortft.toy.build import measure
+
+    m = measure(toy_dir(), samples=256)
+    print(m)
+    assert m["base_judge_accuracy"] >= 0.70
+    assert m["reward_ranking_accuracy"] >= 0.90 and m["judge_ranking_accuracy"] >= 0.90
+    assert m["shortcut_k4"]["ratio"] >= 5
