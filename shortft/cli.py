@@ -58,6 +58,8 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--quick", action="store_true", help="a miniature build in about a minute (tests)")
     b.add_argument("--out", help="output dir (default: the package's shortft/toy/assets)")
     b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--from-base", metavar="DIR", help="reuse this build's VAE/text encoder/UNet; redo the rest")
+    b.add_argument("--set", nargs="*", default=[], metavar="key=value", help="build sizes, e.g. shortcut_steps=1500")
     ck = toy.add_parser("check", help="recompute the toy build's figures from its files")
     ck.add_argument("--dir", help="assets dir (default: the package's)")
     ck.add_argument("--samples", type=int, default=256)
@@ -107,7 +109,9 @@ def main(argv: list[str] | None = None) -> int:
             from shortft.toy.build import build
 
             if args.toy_command == "build":
-                build(Path(args.out) if args.out else toy_dir(), quick=args.quick, seed=args.seed)
+                sizes = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.set)}
+                build(Path(args.out) if args.out else toy_dir(), quick=args.quick, seed=args.seed,
+                      base=Path(args.from_base) if args.from_base else None, overrides=sizes)
             else:
                 from shortft.toy.build import measure
 

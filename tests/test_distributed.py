@@ -89,3 +89,28 @@ def test_bad_storage_or_tracking_fails_before_workers_start(tmp_path, flag, valu
     lines = [line for line in p.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and word in lines[0] and "Traceback" not in p.stderr, p.stderr
     assert not (tmp_path / "ray_results").exists()
+
+
+@pytest.mark.slow
+def test_cli_two_workers_on_toy_config_logs_everything_to_mlflow(tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    p = subprocess.run([sys.executable, "-m", "shortft.cli", "train", "--config", "toy", "--workers", "2",
+                        "--tracking-uri", uri, "--storage-path", str(tmp_path / "ray"), "--experiment", "cli",
+                        "train.steps=3", "chain.steps=10", "chain.segments=2", "train.batch_size=1",
+                        "eval.samples_per_prompt=1", "eval.every=0", f"train.output_dir={tmp_path}/out"],
+                       capture_output=True, text=True, timeout=900, cwd=tmp_path,
+                       env={**os.environ, "RAY_num_cpus": "4"})
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "mlflow ui --backend-store-uri" in p.stdout
+    client = tracking.client(uri)
+    runs = client.search_runs([client.get_experiment_by_name("cli").experiment_id])
+    assert len(runs) == 1
+    run = runs[0]
+    assert run.data.params["chain.method"] == "shortft" and run.data.params["lora.rank"] == "8"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [1, 2, 3]
+    assert "eval/toy_judge_accuracy" in run.data.metrics
+    top = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"samples", "lora", "config.yaml"} <= top
+    assert [a.path for a in client.list_artifacts(run.info.run_id, "samples")] == ["samples/step_000003.png"]
+    lora = {a.path for a in client.list_artifacts(run.info.run_id, "lora")}
+    assert "lora/segment_1" in lora and "lora/shortft_lora.json" in lora

@@ -43,12 +43,15 @@ class BuildSize:
     text_width: int = 32
     batch: int = 64
     teacher_samples: int = 1024
-    shortcut_steps: int = 400
+    shortcut_steps: int = 500
     shortcut_rank: int = 8
     judge_steps: int = 800
     eval_samples: int = 256
     teacher_steps: int = 50
-    guidance: float = 4.0
+    guidance: float = 1.0  # of the teacher paths the shortcuts follow (the toy config trains without CFG)
+    shortcut_guidance: float = 1.0  # of the jump itself: same as the teacher, so the LoRA learns the curvature
+    shortcut_lr: float = 3e-3
+    eval_guidance: float = 4.0  # of the base-model accuracy check
 
 
 QUICK = BuildSize(vae_steps=40, vae_widths=(8, 16, 16), vae_batch=16, unet_steps=60, unet_widths=(16, 32),
@@ -97,7 +100,7 @@ def train_vae(size: BuildSize, triples: list, seed: int):
         opt.zero_grad()
         loss.backward()
         opt.step()
-        _progress("vae", step, size.vae_steps, float(loss), t0)
+        _progress("vae", step, size.vae_steps, loss.item(), t0)
     vae.eval().requires_grad_(False)
     with torch.no_grad():
         images, _, _ = next(data)
@@ -161,7 +164,7 @@ def train_unet(size: BuildSize, triples: list, vae, tokenizer, text_encoder, une
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
-        _progress("unet", step, size.unet_steps, float(loss), t0)
+        _progress("unet", step, size.unet_steps, loss.item(), t0)
     unet.eval().requires_grad_(False)
     text_encoder.eval().requires_grad_(False)
 
@@ -188,7 +191,7 @@ def _jumps(timesteps: list[int], k: int) -> list[tuple[int, int]]:
     return [(b[j - 1], b[j] - 1) for j in range(2, k + 1) if b[j] - 1 > b[j - 1]]
 
 
-def distill_shortcut(size: BuildSize, k: int, dn, unet, traj, cond, seed: int) -> dict:
+def distill_shortcut(size: BuildSize, k: int, dn, unet, traj, cond, uncond, seed: int) -> dict:
     """Train LoRA `shortcut-k{k}` so that one conditional call + DDIM jump lands on the teacher."""
     from peft import LoraConfig
 
@@ -205,7 +208,8 @@ def distill_shortcut(size: BuildSize, k: int, dn, unet, traj, cond, seed: int) -
     params = list(lora_params(unet, name).values())
     for p in params:
         p.requires_grad_(True)
-    opt = torch.optim.AdamW(params, lr=1e-3)
+    opt = torch.optim.AdamW(params, lr=size.shortcut_lr)
+    decay = torch.optim.lr_scheduler.CosineAnnealingLR(opt, size.shortcut_steps)
     ts = dn.timesteps(size.teacher_steps)
     jumps = _jumps(ts, k)
     n = traj.shape[1]
@@ -215,13 +219,15 @@ def distill_shortcut(size: BuildSize, k: int, dn, unet, traj, cond, seed: int) -
         idx = torch.randint(n, (size.batch,), generator=gen)
         j = jumps[int(torch.randint(len(jumps), (1,), generator=gen))]
         call = Call(j[0], ts[j[0]], ts[j[1]], False, (name,), 0)
-        c = Condition(cond[idx], None, 1.0, 1.0)
+        g = size.shortcut_guidance
+        c = Condition(cond[idx], uncond[idx] if g > 1 else None, g, g)
         x, _ = dn.ddim(traj[j[0], idx], dn.predict(traj[j[0], idx], call, c), call.t, call.t_next)
         loss = F.mse_loss(x, traj[j[1], idx])
         opt.zero_grad()
         loss.backward()
         opt.step()
-        _progress(name, step, size.shortcut_steps, float(loss), t0)
+        decay.step()
+        _progress(name, step, size.shortcut_steps, loss.item(), t0)
     unet.requires_grad_(False)
     return {"jumps": [(ts[a], ts[b]) for a, b in jumps]}
 
@@ -237,7 +243,8 @@ def jump_errors(size: BuildSize, k: int, dn, traj, cond, uncond) -> dict:
     for a, b in _jumps(ts, k):
         target = traj[b]
         sc = Call(a, ts[a], ts[b], False, (f"shortcut-k{k}",), 0)
-        x, _ = dn.ddim(traj[a], dn.predict(traj[a], sc, Condition(cond, None, 1.0, 1.0)), ts[a], ts[b])
+        g = size.shortcut_guidance
+        x, _ = dn.ddim(traj[a], dn.predict(traj[a], sc, Condition(cond, uncond if g > 1 else None, g, g)), ts[a], ts[b])
         errs["shortcut"].append(float(((x - target) ** 2).mean()))
         naive = Call(a, ts[a], ts[b], False, (), 0)
         x, _ = dn.ddim(traj[a], dn.predict(traj[a], naive, Condition(cond, uncond, size.guidance, size.guidance)),
@@ -267,7 +274,7 @@ def train_attribute_net(size: BuildSize, triples: list, vae, seed: int, widths, 
         opt.zero_grad()
         loss.backward()
         opt.step()
-        _progress(tag, step, size.judge_steps, float(loss), t0)
+        _progress(tag, step, size.judge_steps, loss.item(), t0)
     return net.eval().requires_grad_(False)
 
 
@@ -291,7 +298,11 @@ def ranking_accuracy(net, held: list, seed: int, n: int = 512) -> float:
 
 
 # -- the whole build ------------------------------------------------------------------------------
-def build(out: Path, quick: bool = False, seed: int = 0) -> dict:
+def build(out: Path, quick: bool = False, seed: int = 0, base: Path | None = None, overrides: dict | None = None) -> dict:
+    """Build everything into `out`. With `base`, reuse that build's VAE, text encoder and UNet and redo
+    the shortcuts, reward, judge and checks (`overrides` change BuildSize fields, e.g. shortcut_steps)."""
+    from dataclasses import replace
+
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
     from shortft.chain import Denoiser
@@ -299,7 +310,7 @@ def build(out: Path, quick: bool = False, seed: int = 0) -> dict:
     from shortft.lora import AdapterSwitch, save_loras
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    size = QUICK if quick else BuildSize()
+    size = replace(QUICK if quick else BuildSize(), **(overrides or {}))
     out = Path(out)
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -313,21 +324,38 @@ def build(out: Path, quick: bool = False, seed: int = 0) -> dict:
 
     t_stage = [time.time()]
     log(f"toy build ({'quick' if quick else 'full'}) -> {out}")
-    log("1/5 VAE")
-    vae, figures = train_vae(size, train_triples, seed + 1)
-    report.update(figures)
-    stage("vae")
+    previous: dict = {}
+    if base is not None:
+        from shortft.models import load_pipeline
 
-    log("2/5 text encoder + UNet")
-    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-                              set_alpha_to_one=False, steps_offset=1)
-    tokenizer, text_encoder, unet = make_text_and_unet(size, seed + 2)
-    train_unet(size, train_triples, vae, tokenizer, text_encoder, unet, scheduler, seed + 2)
-    pipe = StableDiffusionPipeline(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
-                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
+        log(f"1-2/5 VAE, text encoder and UNet from {base}")
+        pipe = load_pipeline(str(base))
+        vae, unet, text_encoder, tokenizer, scheduler = pipe.vae, pipe.unet, pipe.text_encoder, pipe.tokenizer, pipe.scheduler
+        for m in (vae, unet, text_encoder):
+            m.eval().requires_grad_(False)
+        previous = json.loads((Path(base) / "build.json").read_text()) if (Path(base) / "build.json").is_file() else {}
+        report.update({k: previous[k] for k in ("vae_recon_mse", "vae_scaling_factor") if k in previous})
+        report["seconds"].update({k: previous.get("seconds", {}).get(k) for k in ("vae", "unet")})
+        report["size"].update({k: previous.get("size", {}).get(k) for k in
+                               ("vae_steps", "vae_widths", "vae_batch", "unet_steps", "unet_widths", "text_width")})
+        report["base"] = "reused from an earlier build"
+    else:
+        log("1/5 VAE")
+        vae, figures = train_vae(size, train_triples, seed + 1)
+        report.update(figures)
+        stage("vae")
+
+        log("2/5 text encoder + UNet")
+        scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                  clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+        tokenizer, text_encoder, unet = make_text_and_unet(size, seed + 2)
+        train_unet(size, train_triples, vae, tokenizer, text_encoder, unet, scheduler, seed + 2)
+        pipe = StableDiffusionPipeline(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                                       scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                       requires_safety_checker=False)
+        stage("unet")
     pipe.save_pretrained(tmp)
-    stage("unet")
+    t_stage[0] = time.time()
 
     log("3/5 shortcuts (k = 2, 4, 8)")
     rng = np.random.default_rng(seed + 3)
@@ -349,28 +377,35 @@ def build(out: Path, quick: bool = False, seed: int = 0) -> dict:
     traj_t = teacher_trajectories(dn, cond_t, uncond_t, noise_t, size.teacher_steps, size.guidance)
     report["shortcut"] = {}
     for k in SEGMENTS:
-        info = distill_shortcut(size, k, dn, unet, traj, cond, seed + 10 + k)
+        info = distill_shortcut(size, k, dn, unet, traj, cond, uncond, seed + 10 + k)
         info.update(jump_errors(size, k, dn, traj_t, cond_t, uncond_t))
         report["shortcut"][f"k{k}"] = info
         log(f"  k={k}: shortcut jump MSE {info['shortcut_mse']:.5f}, naive DDIM jump MSE {info['naive_mse']:.5f} "
             f"({info['ratio']:.1f}x)")
         save_loras(unet, [f"shortcut-k{k}"], tmp, {"segments": k, "steps": size.teacher_steps,
-                                                 "guidance_distilled": size.guidance})
+                                                 "guidance_scale": size.shortcut_guidance})
         (tmp / "shortft_lora.json").unlink()
         unet.delete_adapters(f"shortcut-k{k}")
         dn.switch = AdapterSwitch(unet)
     stage("shortcuts")
 
     log("4/5 reward model and judge")
-    reward = train_attribute_net(size, train_triples + held, vae, seed + 20, (32, 64, 128), 3, "stride", "reward")
-    judge = train_attribute_net(size, train_triples + held, vae, seed + 30, (24, 48, 96), 5, "max", "judge")
+    if base is not None and (Path(base) / "reward").is_dir() and (Path(base) / "judge").is_dir():
+        log(f"  reused from {base}")  # same seeds and data: retraining would give the same nets
+        reward, judge = AttributeNet.load(Path(base) / "reward"), AttributeNet.load(Path(base) / "judge")
+        report["seconds"]["judges"] = previous.get("seconds", {}).get("judges")
+    else:
+        reward = train_attribute_net(size, train_triples + held, vae, seed + 20, (32, 64, 128), 3, "stride", "reward")
+        judge = train_attribute_net(size, train_triples + held, vae, seed + 30, (24, 48, 96), 5, "max", "judge")
     reward.save(tmp / "reward")
     judge.save(tmp / "judge")
     report["reward_ranking_accuracy"] = ranking_accuracy(reward, held, seed + 40)
     report["judge_ranking_accuracy"] = ranking_accuracy(judge, held, seed + 40)
     log(f"  matched > mismatched on held-out pairs: reward {report['reward_ranking_accuracy']:.1%}, "
         f"judge {report['judge_ranking_accuracy']:.1%}")
-    stage("judges")
+    if base is None:
+        stage("judges")
+    t_stage[0] = time.time()
 
     log("5/5 base model on held-out prompts")
     eval_prompts = grammar.eval_prompts(seed)
@@ -381,17 +416,19 @@ def build(out: Path, quick: bool = False, seed: int = 0) -> dict:
         c = _encode(tokenizer, text_encoder, prompts_e)
         u = _encode(tokenizer, text_encoder, [""]).expand_as(c)
         z = torch.randn((len(prompts_e), 4, 8, 8), generator=torch.Generator().manual_seed(seed + 5))
-        lat = original_sampler(dn, z, Condition(c, u, size.guidance, size.guidance), size.teacher_steps, 1, [])
+        g = size.eval_guidance
+        lat = original_sampler(dn, z, Condition(c, u, g, g), size.teacher_steps, 1, [])
         images = (vae.decode(lat / vae.config.scaling_factor).sample / 2 + 0.5).clamp(0, 1)
         acc = float(shape_and_colour_right(judge(images), prompts_e).mean())
     report["base_judge_accuracy"] = acc
-    log(f"  judge accuracy (shape and colour right) on {len(prompts_e)} held-out samples: {acc:.1%}")
+    log(f"  judge accuracy (shape and colour right) on {len(prompts_e)} held-out samples, "
+        f"{size.teacher_steps}-step DDIM, guidance {g}: {acc:.1%}")
     save_grid(images[:64], tmp / "samples.png", min_tile=64)
     (tmp / "eval_prompts.txt").write_text("\n".join(eval_prompts) + "\n")
     (tmp / "train_prompts.txt").write_text(
         "\n".join(f"a {c} {s} on a {b} background" for s, c, b in train_triples) + "\n")
     stage("checks")
-    report["seconds"]["total"] = round(time.time() - t_all, 1)
+    report["seconds"]["total"] = round(sum(v for v in report["seconds"].values() if v), 1)
     (tmp / "build.json").write_text(json.dumps(report, indent=1))
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
@@ -401,7 +438,7 @@ def build(out: Path, quick: bool = False, seed: int = 0) -> dict:
 
 # -- measuring committed (or any) assets: `shortft toy check` ---------------------------------------
 @torch.no_grad()
-def measure(path: str | Path, samples: int = 256, steps: int = 50, guidance: float = 4.0, seed: int = 0) -> dict:
+def measure(path: str | Path, samples: int = 256, steps: int = 50, seed: int = 0) -> dict:
     """The acceptance figures of a toy build, recomputed from the files on disk."""
     from shortft.chain import Condition, Denoiser, original_sampler
     from shortft.lora import AdapterSwitch
@@ -418,6 +455,8 @@ def measure(path: str | Path, samples: int = 256, steps: int = 50, guidance: flo
     prompts = grammar.eval_prompts(seed)
     prompts = [prompts[i % len(prompts)] for i in range(samples)]
     dn = Denoiser(unet, pipe.scheduler, AdapterSwitch(unet))
+    size = BuildSize(teacher_steps=steps)
+    guidance = size.eval_guidance
     images = []
     for i in range(0, samples, 64):
         c = _encode(tok, te, prompts[i:i + 64])
@@ -434,8 +473,7 @@ def measure(path: str | Path, samples: int = 256, steps: int = 50, guidance: flo
     cond = _encode(tok, te, grammar.sample_prompts(rng, attrs))
     uncond = _encode(tok, te, [""]).expand_as(cond)
     noise = torch.randn((128, 4, 8, 8), generator=torch.Generator().manual_seed(seed + 7))
-    traj = teacher_trajectories(dn, cond, uncond, noise, steps, guidance)
-    size = BuildSize(teacher_steps=steps, guidance=guidance)
+    traj = teacher_trajectories(dn, cond, uncond, noise, steps, size.guidance)
     for k in SEGMENTS:
         if (path / f"shortcut-k{k}").is_dir():
             pipe.load_lora_weights(str(path / f"shortcut-k{k}"), adapter_name=f"shortcut-k{k}")
