@@ -159,13 +159,18 @@ def _truncate(calls: Sequence[Call], modes: list[str], cfg: ChainConfig) -> list
     return ["none" if c.index < cut else m for c, m in zip(calls, modes)]
 
 
+def interior(cfg: ChainConfig) -> str:
+    """LoRAs on segment interiors: a ShortFT setting (its LoRAs never trained there); the baselines
+    train one LoRA on every step, so it is always on for them."""
+    return cfg.interior_adapters if cfg.method == "shortft" else "segment"
+
+
 def plan_for(timesteps: Sequence[int], cfg: ChainConfig, adapters: Sequence[str], stage: int = 1) -> list[Call]:
     """The calls a method makes (for ShortFT: the short chain of `stage`; else the N-step sampler)."""
-    ts = timesteps
     adapters_for = stacked(adapters)
     if cfg.method == "shortft":
-        return shortft_plan(ts, cfg.segments, adapters_for, stage, cfg.interior_adapters)
-    return sampler_plan(ts, cfg.segments, adapters_for, cfg.interior_adapters)
+        return shortft_plan(timesteps, cfg.segments, adapters_for, stage, interior(cfg))
+    return sampler_plan(timesteps, cfg.segments, adapters_for, interior(cfg))
 
 
 def shortft(dn: Denoiser, inp: ChainInput, cfg: ChainConfig) -> torch.Tensor:

@@ -21,7 +21,7 @@ import yaml
 
 METHODS = ("shortft", "full", "draft", "draft_lv", "alignprop", "refl", "drtune")
 MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
-INTERIOR_ADAPTERS = ("segment", "none")
+INTERIOR_ADAPTERS = ("none", "segment")
 
 
 class ConfigError(ValueError):
@@ -57,7 +57,7 @@ class ChainConfig:
     refl_window: list = _f([0.75, 1.0], "refl: fraction window of the step that carries gradient")
     drtune_train_steps: int = _f(5, "drtune: evenly spaced steps that carry gradient")
     drtune_stop_at: float = _f(1.0, "drtune: fraction of the chain after which x0 is predicted directly")
-    interior_adapters: str = _f("segment", "inference: LoRAs inside a segment: segment (its stack) or none")
+    interior_adapters: str = _f("none", "shortft inference: LoRAs on the steps the short chain skips: none or segment")
 
 
 @dataclass

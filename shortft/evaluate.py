@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from shortft.chain import original_sampler
+from shortft.chain import interior, original_sampler
 from shortft.config import Config, read_prompts
 from shortft.models import Models
 from shortft.rewards import Rewards
@@ -31,7 +31,7 @@ def generate(models: Models, cfg: Config, prompts: list[str], seeds: list[int]) 
     for i in range(0, len(prompts), bs):
         c = models.condition(prompts[i:i + bs], cfg.chain.guidance_scale, cfg.chain.guidance_scale)
         latents = original_sampler(models.denoiser, seeded_noise(models, seeds[i:i + bs]), c, cfg.chain.steps,
-                                   cfg.chain.segments, models.adapters, cfg.chain.interior_adapters)
+                                   cfg.chain.segments, models.adapters, interior(cfg.chain))
         out.append(models.decode(latents).cpu())
     return torch.cat(out)
 

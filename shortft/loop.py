@@ -20,7 +20,7 @@ import torch.distributed as dist
 import yaml
 
 from shortft import checkpoint
-from shortft.chain import ChainInput, sample, stage_of
+from shortft.chain import ChainInput, interior, sample, stage_of
 from shortft.config import Config, read_prompts, to_dict
 from shortft.evaluate import evaluate
 from shortft.lora import lora_params, save_loras
@@ -79,7 +79,7 @@ def draw_batch(models: Models, prompts: list[str], seed: int, step: int, micro: 
 def lora_plan(models: Models, cfg: Config) -> dict:
     """What a user needs to run the LoRA set at inference: which adapters at which timestep."""
     ts = models.denoiser.timesteps(cfg.chain.steps)
-    calls = sampler_plan(ts, cfg.chain.segments, stacked(models.adapters), cfg.chain.interior_adapters)
+    calls = sampler_plan(ts, cfg.chain.segments, stacked(models.adapters), interior(cfg.chain))
     return {"method": cfg.chain.method, "steps": cfg.chain.steps, "segments": cfg.chain.segments,
             "timesteps": ts, "step_adapters": [list(c.adapters) for c in calls]}
 

@@ -12,6 +12,7 @@ set and switches adapters by timestep during any sampler's loop (a UNet forward 
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -54,10 +55,12 @@ def add_loras(unet, names: Sequence[str], rank: int, alpha: float | None, target
     from peft import LoraConfig
 
     for name in names:
-        unet.add_adapter(
-            LoraConfig(r=rank, lora_alpha=alpha or rank, target_modules=list(targets), init_lora_weights=True),
-            adapter_name=name,
-        )
+        with warnings.catch_warnings():  # peft warns on every adapter after the first; several are the point
+            warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+            unet.add_adapter(
+                LoraConfig(r=rank, lora_alpha=alpha or rank, target_modules=list(targets), init_lora_weights=True),
+                adapter_name=name,
+            )
     for pname, p in unet.named_parameters():
         if "lora_" in pname and any(f".{n}." in pname for n in names):
             p.data = p.data.float()

@@ -251,7 +251,7 @@ def jump_errors(size: BuildSize, k: int, dn, traj, cond, uncond) -> dict:
                        ts[a], ts[b])
         errs["naive"].append(float(((x - target) ** 2).mean()))
     s, nv = float(np.mean(errs["shortcut"])), float(np.mean(errs["naive"]))
-    return {"shortcut_mse": s, "naive_mse": nv, "ratio": nv / s}
+    return {"shortcut_mse": s, "naive_mse": nv, "ratio": nv / s if s > 0 else float("inf")}
 
 
 # -- 4. reward and judge --------------------------------------------------------------------------
