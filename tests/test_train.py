@@ -29,7 +29,11 @@ def _test_judge():
         def forward(self, images, prompts):
             return self.net(images)[:, 0]
 
-    return Judge()
+    BUILT.append(Judge())
+    return BUILT[-1]
+
+
+BUILT = []  # the test_judge instances the loop built, to check they stayed frozen
 
 
 @rewards.register("test_nan")
@@ -70,10 +74,12 @@ def test_only_the_lora_changes_shortcut_and_reward_model_stay_frozen(make_cfg, t
     lora1 = lora_state(unet)
     assert _changed(cap.lora0, lora1) == set(cap.lora0)  # every LoRA param moved (A from step 2 on)
     shortcut = cap.models.denoiser.shortcut_unet
-    judge = None
-    from shortft.rewards import build
     frozen1 = frozen_state(unet, cap.models.pipe.vae, cap.models.pipe.text_encoder)
     assert _changed(cap.frozen0, frozen1) == set()
+    # the reward model the loop used: same weights as a fresh build from its seed
+    used = BUILT[-1].state_dict()
+    fresh = _test_judge().state_dict()
+    assert used.keys() == fresh.keys() and all(torch.equal(used[k], fresh[k]) for k in used)
     # The shortcut UNet and the reward model are rebuilt from disk/seed: compare with fresh copies.
     from diffusers import UNet2DConditionModel
     fresh = UNet2DConditionModel.from_pretrained(tiny_dir, subfolder="unet").state_dict()
