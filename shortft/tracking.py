@@ -8,6 +8,7 @@ restarted job logs into the run it started, and steps already logged are not log
 from __future__ import annotations
 
 import os
+import time
 import urllib.request
 from pathlib import Path
 
@@ -101,8 +102,6 @@ class MlflowLogger(Callback):
         if self.rank or step <= self.logged_up_to:
             return
         from mlflow.entities import Metric
-
-        import time
 
         now = int(time.time() * 1000)
         batch = [Metric(k, float(v), now, step) for k, v in metrics.items() if k != "step"]
