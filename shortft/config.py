@@ -129,26 +129,30 @@ class Config:
 # Loading
 
 
+def builtin_names(package: str = "shortft.configs") -> list[str]:
+    return sorted(p.name[:-5] for p in resources.files(package).iterdir() if p.name.endswith(".yaml"))
+
+
 def builtin_configs() -> list[str]:
-    return sorted(p.name[:-5] for p in resources.files("shortft.configs").iterdir() if p.name.endswith(".yaml"))
+    return builtin_names("shortft.configs")
 
 
-def _read_yaml(name_or_path: str) -> dict:
+def read_mapping(name_or_path: str, package: str = "shortft.configs", flag: str = "--config",
+                 shape: str = "a mapping of sections") -> dict:
+    """A built-in YAML of `package` by name, or a YAML file; its top level must be a mapping."""
     path = Path(name_or_path)
-    if not path.suffix and name_or_path in builtin_configs():
-        text = resources.files("shortft.configs").joinpath(f"{name_or_path}.yaml").read_text()
+    if not path.suffix and name_or_path in builtin_names(package):
+        text = resources.files(package).joinpath(f"{name_or_path}.yaml").read_text()
     elif path.is_file():
         text = path.read_text()
     else:
-        raise ConfigError(
-            f"--config {name_or_path!r}: no such file or built-in config (built-in: {', '.join(builtin_configs())})"
-        )
+        raise ConfigError(f"{flag} {name_or_path!r}: no such file or built-in (built-in: {', '.join(builtin_names(package))})")
     try:
         data = yaml.safe_load(text) or {}
     except yaml.YAMLError as e:
-        raise ConfigError(f"--config {name_or_path!r}: not valid YAML ({str(e).splitlines()[0]})") from None
+        raise ConfigError(f"{flag} {name_or_path!r}: not valid YAML ({str(e).splitlines()[0]})") from None
     if not isinstance(data, dict):
-        raise ConfigError(f"--config {name_or_path!r}: top level must be a mapping of sections")
+        raise ConfigError(f"{flag} {name_or_path!r}: top level must be {shape}")
     return data
 
 
@@ -182,7 +186,7 @@ def merge(base: dict, update: dict) -> dict:
 
 def load_config(config: str | None = None, overrides: list[str] | dict | None = None) -> Config:
     """Built-in name or YAML path, then overrides (`a.b=c` strings or a nested dict); validated."""
-    data = _read_yaml(config) if config else {}
+    data = read_mapping(config) if config else {}
     if overrides:
         data = merge(data, overrides if isinstance(overrides, dict) else parse_overrides(list(overrides)))
     cfg = from_dict(Config, data)

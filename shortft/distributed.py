@@ -23,6 +23,7 @@ from pathlib import Path
 from shortft import tracking
 from shortft.config import Config, ConfigError, from_dict, to_dict
 from shortft.loop import Callback
+from shortft.mlflow_relay import start_relay
 
 FAIL_AT_STEP_ENV = "SHORTFT_FAIL_AT_STEP"  # test switch: one worker dies once at this step
 FAIL_RANK_ENV = "SHORTFT_FAIL_RANK"
@@ -75,11 +76,15 @@ class RayReport(Callback):
     """Every worker reports every step (Ray Train requires it); rank 0 attaches its checkpoint."""
 
     def __init__(self, rank: int):
+        import ray
+
         self.rank = rank
+        self.node_id = ray.get_runtime_context().get_node_id()  # where rank 0 ran: shown in sweep results
 
     def on_step(self, step: int, metrics: dict, artifacts: dict) -> None:
         import ray.train
 
+        metrics = {**metrics, "node_id": self.node_id}
         ckpt = None
         if self.rank == 0 and "checkpoint" in artifacts:
             ckpt = ray.train.Checkpoint.from_directory(str(artifacts["checkpoint"]))
@@ -119,7 +124,7 @@ def _worker(config: dict) -> None:
         resume = str(ckpt.to_directory(str(local)))
     callbacks: list[Callback] = [RayReport(rank)]
     if config["tracking_uri"] and rank == 0:
-        callbacks.append(tracking.MlflowLogger(config["tracking_uri"], config["run_id"], rank))
+        callbacks.append(tracking.MlflowLogger(config["tracking_uri"], config["run_id"], rank, config["relay"]))
     if config.get("fail_at"):
         callbacks.append(FaultInjector(rank, config["fail_at"], config["fail_rank"], Path(config["fail_marker"])))
     train(cfg, callbacks, resume=resume, rank=rank, world_size=world)
@@ -140,8 +145,10 @@ class RayTrainResult:
 def train_with_ray(cfg: Config, workers: int, use_gpu: bool = False, storage_path: str | None = None,
                    max_failures: int = 0, tracking_uri: str | None = "", experiment: str = tracking.DEFAULT_EXPERIMENT,
                    resume: bool = False, cpus_per_worker: float | None = None, run_id: str | None = None,
-                   name: str | None = None) -> RayTrainResult:
-    """Fine-tune with Ray Train over `workers` workers. tracking_uri "" = default, None = no MLflow."""
+                   name: str | None = None, threads: int | None = None, gpus_per_worker: float = 1.0,
+                   callbacks: list | None = None) -> RayTrainResult:
+    """Fine-tune with Ray Train over `workers` workers. tracking_uri "" = default, None = no MLflow.
+    `callbacks` are Ray Train callbacks (the sweep passes one that reports evaluations to Tune)."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -152,6 +159,7 @@ def train_with_ray(cfg: Config, workers: int, use_gpu: bool = False, storage_pat
         tracking_uri = tracking.default_tracking_uri()
     if tracking_uri:
         tracking.check_tracking_uri(tracking_uri)
+        tracking_uri = tracking.absolute_uri(tracking_uri)
     storage_path = storage_path or default_storage_path()
     check_storage_path(storage_path)
     name = name or run_name(cfg)
@@ -166,22 +174,25 @@ def train_with_ray(cfg: Config, workers: int, use_gpu: bool = False, storage_pat
 
     if not ray.is_initialized():
         ray.init(include_dashboard=False, log_to_driver=True)
+    relay = start_relay(tracking_uri) if tracking_uri else None  # found again if the sweep started it
     cpus = cpus_per_worker
     if cpus is None:
         cpus = 1.0 if use_gpu else max(0.1, min(1.0, float(ray.cluster_resources().get("CPU", 1)) / workers))
     fail_at = int(os.environ.get(FAIL_AT_STEP_ENV, "0") or 0)
     loop_config = {
-        "cfg": to_dict(cfg), "use_gpu": use_gpu, "threads": max(1, int(cpus)), "tracking_uri": tracking_uri,
-        "run_id": run_id, "fail_at": fail_at, "fail_rank": int(os.environ.get(FAIL_RANK_ENV, "1")),
+        "cfg": to_dict(cfg), "use_gpu": use_gpu, "threads": threads or max(1, int(cpus)), "tracking_uri": tracking_uri,
+        "run_id": run_id, "relay": relay, "fail_at": fail_at, "fail_rank": int(os.environ.get(FAIL_RANK_ENV, "1")),
         "fail_marker": str(Path(cfg.train.output_dir) / ".fault-injected"),
     }
     trainer = TorchTrainer(
         _worker,
         train_loop_config=loop_config,
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker={"CPU": cpus}),
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu,
+                                     resources_per_worker={"CPU": cpus, **({"GPU": gpus_per_worker} if use_gpu else {})}),
         run_config=RunConfig(name=name, storage_path=storage_path, failure_config=FailureConfig(max_failures=max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints)),
+                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
+                             callbacks=callbacks or []),
     )
     result = trainer.fit()
     return RayTrainResult(name, storage_path, Path(cfg.train.output_dir), run_id, dict(result.metrics or {}),

@@ -43,6 +43,15 @@ class Callback:
         """After the final LoRA is saved."""
 
 
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak accelerator memory of this process, or its peak resident memory on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
 class NonFiniteError(RuntimeError):
     """Too many non-finite losses or gradients in a row."""
 
@@ -225,7 +234,7 @@ def train(cfg: Config, callbacks: list[Callback] = (), resume: bool | str | Path
         images_seen = cfg.train.batch_size * cfg.train.grad_accum * world_size
         metrics = {"step": step + 1, "stage": stage, **sums, "grad_norm": grad_norm, "skipped": int(not finite),
                    "lr": optimizer.param_groups[0]["lr"], "seconds_per_step": seconds,
-                   "images_per_second": images_seen / seconds}
+                   "images_per_second": images_seen / seconds, "peak_memory_mb": peak_memory_mb(models.device)}
         if main and ((step + 1) % cfg.train.log_every == 0 or step + 1 == total):
             print(f"step {step + 1}/{total}  stage {stage}/{stages}  loss {sums['loss']:+.4f}  "
                   f"grad {grad_norm:.3g}  {seconds:.2f} s/step" + ("  SKIPPED (non-finite)" if not finite else ""),
@@ -237,8 +246,9 @@ def train(cfg: Config, callbacks: list[Callback] = (), resume: bool | str | Path
                                                       {"bad_in_row": bad_in_row}, plan, cfg.train.keep_checkpoints)
         if main and ((cfg.eval.every and (step + 1) % cfg.eval.every == 0) or step + 1 == total):
             artifacts["grid"] = out / "samples" / f"step_{step + 1:06d}.png"
+            t_eval = time.perf_counter()
             eval_metrics = evaluate(models, cfg, rewards, artifacts["grid"])
-            metrics.update(eval_metrics)
+            metrics.update(eval_metrics, eval_seconds=time.perf_counter() - t_eval)
             print("eval  " + "  ".join(f"{k[5:]} {v:+.4f}" for k, v in eval_metrics.items()), flush=True)
         history.append(metrics)
         if main:

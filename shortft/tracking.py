@@ -23,6 +23,14 @@ def default_tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
 
 
+def absolute_uri(uri: str) -> str:
+    """sqlite:///mlflow.db names a file relative to the working directory, which differs in Ray's
+    workers and trials: pin it to an absolute path before handing it to them."""
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        return "sqlite:///" + str(Path(uri[len("sqlite:///"):]).expanduser().resolve())
+    return uri
+
+
 def check_tracking_uri(uri: str) -> None:
     """Fail fast, with one line, when runs could not be logged."""
     if uri.startswith("sqlite:///"):
@@ -75,24 +83,46 @@ def ensure_run(uri: str, experiment: str, run_key: str, run_name: str, cfg: Conf
 
 
 def log_params(uri: str, run_id: str, cfg: Config) -> None:
+    log_dict_params(uri, run_id, flatten(to_dict(cfg)))
+
+
+def log_dict_params(uri: str, run_id: str, values: dict) -> None:
     from mlflow.entities import Param
 
-    params = [Param(k, str(v)[:6000]) for k, v in flatten(to_dict(cfg)).items()]
+    params = [Param(k, str(v)[:6000]) for k, v in values.items()]
     c = client(uri)
     for i in range(0, len(params), 100):
         c.log_batch(run_id, params=params[i:i + 100])
 
 
+def ensure_trial_run(uri: str, experiment: str, name: str, cfg: Config, parent_run_id: str | None) -> str:
+    """A sweep trial's nested run, keyed by its name. If a resumed sweep gives that trial other values
+    than the run already holds (the crash came before the sweep state was saved), the stale, unfinished
+    run is deleted and a fresh one made, so every trial has exactly one run with its real params."""
+    run_id = ensure_run(uri, experiment, name, name, cfg, parent_run_id)
+    logged = client(uri).get_run(run_id).data.params
+    wanted = {k: str(v)[:6000] for k, v in flatten(to_dict(cfg)).items()}
+    if any(logged.get(k) != v for k, v in wanted.items()):
+        client(uri).delete_run(run_id)
+        run_id = ensure_run(uri, experiment, name, name, cfg, parent_run_id, reuse=False)
+    return run_id
+
+
 class MlflowLogger(Callback):
     """Per-step metrics, eval grids, the final LoRA and config, into an existing run (rank 0 only)."""
 
-    def __init__(self, uri: str, run_id: str, rank: int = 0):
-        self.uri, self.run_id, self.rank = uri, run_id, rank
+    def __init__(self, uri: str, run_id: str, rank: int = 0, relay: str | None = None):
+        self.uri, self.run_id, self.rank, self.relay = uri, run_id, rank, relay
 
     def on_start(self, models, start_step: int) -> None:
         if self.rank:
             return
-        self.client = client(self.uri)
+        if self.relay:  # under Ray: the calls go through the actor next to the driver (see mlflow_relay)
+            from shortft.mlflow_relay import RelayClient
+
+            self.client = RelayClient(self.relay)
+        else:
+            self.client = client(self.uri)
         history = self.client.get_metric_history(self.run_id, "loss")
         # After a restart the steps since the last checkpoint run again; they were logged already.
         self.logged_up_to = max((m.step for m in history), default=0)

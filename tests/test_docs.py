@@ -24,3 +24,18 @@ def test_every_config_key_in_readme_exists():
     mentioned = set(re.findall(r"`((?:model|chain|lora|train|reward|eval|data)\.[a-z_]+)", (ROOT / "README.md").read_text()))
     mentioned = {k for k in mentioned if not k.startswith(("reward.weights", "reward.options")) and not k.endswith(".py")}
     assert mentioned and mentioned <= keys, mentioned - keys
+
+
+def test_readme_python_sweep_example_names_real_things():
+    import ast
+
+    from shortft import space, sweep, tracking
+
+    text = (ROOT / "README.md").read_text()
+    block = re.search(r"### From Python\n\n```python\n(.+?)\n```", text, re.S).group(1)
+    tree = ast.parse(block)  # it is valid Python
+    modules = {"sweep": sweep, "tracking": tracking}
+    used = {(n.value.id, n.attr) for n in ast.walk(tree)
+            if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name) and n.value.id in modules}
+    assert used and all(hasattr(modules[m], a) for m, a in used), [u for u in used if not hasattr(modules[u[0]], u[1])]
+    assert hasattr(space, "load_space")

@@ -60,6 +60,9 @@ QUICK = BuildSize(vae_steps=40, vae_widths=(8, 16, 16), vae_batch=16, unet_steps
 SEGMENTS = (2, 4, 8)
 
 
+SHORTCUT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "conv1", "conv2")
+
+
 def log(msg: str) -> None:
     print(msg, flush=True)
 
@@ -202,8 +205,7 @@ def distill_shortcut(size: BuildSize, k: int, dn, unet, traj, cond, uncond, seed
     name = f"shortcut-k{k}"
     torch.manual_seed(seed)
     unet.add_adapter(LoraConfig(r=size.shortcut_rank, lora_alpha=size.shortcut_rank,
-                                target_modules=["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out",
-                                                "conv1", "conv2"]), adapter_name=name)
+                                target_modules=list(SHORTCUT_TARGETS)), adapter_name=name)
     dn.switch = AdapterSwitch(unet)  # the UNet has new LoRA layers now
     params = list(lora_params(unet, name).values())
     for p in params:

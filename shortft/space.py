@@ -1,0 +1,207 @@
+"""Search spaces: which config keys a sweep searches, over what, and from which base config.
+
+A space is a small YAML file (built-in ones live in `shortft/spaces/`; copy one to edit it):
+
+    base: toy                       # built-in config name or YAML path (--config overrides it)
+    fixed:                          # config keys every trial sets
+      train.steps: 60
+    search:                         # config key -> one distribution
+      chain.segments: {choice: [2, 4, 8]}
+      chain.truncate_at: {uniform: [0.0, 0.75]}
+      lora.rank: {lograndint: [4, 128]}       # integers, both ends included
+      train.lr: {loguniform: [3.0e-4, 3.0e-3]}
+    points_to_evaluate:             # tried first, e.g. the paper's defaults
+      - {chain.segments: 4, chain.truncate_at: 0.0, lora.rank: 8, train.lr: 1.0e-3}
+
+Everything is checked here, before Ray starts: unknown keys, empty ranges, rewards that do not exist,
+values a config would reject. Ray Tune is imported only by `to_tune`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from shortft.config import Config, ConfigError, builtin_names, describe, from_dict, merge, read_mapping, validate
+
+KINDS = ("choice", "uniform", "loguniform", "randint", "lograndint")
+DYNAMIC = ("reward.weights.", "reward.options.")  # keys under these name a reward term
+
+
+@dataclass
+class Dimension:
+    key: str
+    kind: str
+    args: list
+
+    def contains(self, value: Any) -> bool:
+        if self.kind == "choice":
+            return value in self.args
+        lo, hi = self.args
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and lo <= value <= hi
+
+    def corners(self) -> list:
+        """Values that show a config would accept the whole range: both ends, or every choice."""
+        return list(self.args) if self.kind == "choice" else [self.args[0], self.args[1]]
+
+
+@dataclass
+class Space:
+    name: str
+    base: str
+    fixed: dict = field(default_factory=dict)
+    search: dict[str, Dimension] = field(default_factory=dict)
+    points_to_evaluate: list[dict] = field(default_factory=list)
+
+
+def _read(name_or_path: str) -> tuple[str, dict]:
+    data = read_mapping(name_or_path, "shortft.spaces", "--space", "a mapping with base, fixed, search")
+    name = name_or_path if name_or_path in builtin_names("shortft.spaces") else Path(name_or_path).stem
+    unknown = set(data) - {"base", "fixed", "search", "points_to_evaluate"}
+    if unknown:
+        raise ConfigError(f"--space {name_or_path!r}: unknown section {sorted(unknown)[0]!r} "
+                          "(allowed: base, fixed, search, points_to_evaluate)")
+    return name, data
+
+
+def nested(flat: dict) -> dict:
+    """{'chain.segments': 4} -> {'chain': {'segments': 4}}: the override shape of `load_config`."""
+    out: dict = {}
+    for key, value in flat.items():
+        node = out
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    return out
+
+
+def check_key(key: str, where: str) -> None:
+    known = {k for k, _, _ in describe()}
+    if key in known:
+        return
+    if key.startswith(DYNAMIC) and key.count(".") >= 2:
+        from shortft import rewards
+
+        term = key.split(".")[2]
+        rewards.check_name(f"{where} {key}", term)
+        return
+    raise ConfigError(f"{where}: unknown config key {key!r} (see `shortft config --keys`; reward weights are "
+                      "reward.weights.<term>)")
+
+
+def _dimension(key: str, spec: Any) -> Dimension:
+    where = f"search.{key}"
+    if not isinstance(spec, dict) or len(spec) != 1:
+        raise ConfigError(f"{where}: expected one of {{{': ..., '.join(KINDS)}: ...}}, got {spec!r}")
+    kind, args = next(iter(spec.items()))
+    if kind not in KINDS:
+        raise ConfigError(f"{where}: unknown distribution {kind!r} (allowed: {', '.join(KINDS)})")
+    if kind == "choice":
+        if not isinstance(args, list) or not args:
+            raise ConfigError(f"{where}: choice needs a non-empty list of values, e.g. {{choice: [2, 4, 8]}}")
+        return Dimension(key, kind, list(args))
+    if (not isinstance(args, list) or len(args) != 2
+            or not all(isinstance(a, (int, float)) and not isinstance(a, bool) and math.isfinite(a) for a in args)):
+        raise ConfigError(f"{where}: {kind} needs [low, high], e.g. {{{kind}: [4, 128]}}, got {args!r}")
+    lo, hi = args
+    integer = kind.endswith("randint")
+    if integer and not all(float(a).is_integer() for a in args):
+        raise ConfigError(f"{where}: {kind} bounds must be integers, got {args!r}")
+    if (lo > hi) if integer else (lo >= hi):
+        raise ConfigError(f"{where}: empty range {args!r} (need low {'<=' if integer else '<'} high)")
+    if kind.startswith("log") and lo <= 0:
+        raise ConfigError(f"{where}: {kind} needs low > 0, got {args!r}")
+    return Dimension(key, kind, [int(lo), int(hi)] if integer else [float(lo), float(hi)])
+
+
+def load_space(name_or_path: str, base: str | None = None, overrides: dict | None = None) -> Space:
+    """Read and check a space. `base` replaces its base config; `overrides` (flat keys) win over
+    `fixed` and remove those keys from the search (the smoke test uses this)."""
+    name, data = _read(name_or_path)
+    base = base or data.get("base")
+    if not base:
+        raise ConfigError(f"--space {name_or_path!r}: no base config; add `base: toy` or pass --config")
+    fixed = data.get("fixed") or {}
+    search = data.get("search") or {}
+    for section, value in (("fixed", fixed), ("search", search)):
+        if not isinstance(value, dict):
+            raise ConfigError(f"--space {name_or_path!r}: {section} must be a mapping of config keys")
+    for key in fixed:
+        check_key(key, "fixed")
+    dims = {}
+    for key, spec in search.items():
+        check_key(key, "search")
+        dims[key] = _dimension(key, spec)
+    if not dims:
+        raise ConfigError(f"--space {name_or_path!r}: search is empty; name at least one key, e.g. "
+                          "chain.segments: {choice: [2, 4, 8]}")
+    overrides = dict(overrides or {})
+    fixed = {**fixed, **overrides}
+    dims = {k: d for k, d in dims.items() if k not in overrides}
+    points = []
+    for i, point in enumerate(data.get("points_to_evaluate") or []):
+        if not isinstance(point, dict):
+            raise ConfigError(f"points_to_evaluate[{i}]: expected a mapping of searched keys to values")
+        for key, value in point.items():
+            if key in overrides:
+                continue
+            if key not in dims:
+                raise ConfigError(f"points_to_evaluate[{i}]: {key!r} is not a searched key")
+            if not dims[key].contains(value):
+                raise ConfigError(f"points_to_evaluate[{i}]: {key}={value!r} lies outside its {dims[key].kind} "
+                                  f"{dims[key].args}")
+        points.append({k: v for k, v in point.items() if k not in overrides})
+    space = Space(name, base, fixed, dims, points)
+    _check_configs(space)
+    return space
+
+
+def trial_config(base: str | dict, fixed: dict, values: dict, name: str | None = None) -> Config:
+    """The run config of one trial: base config, then the fixed keys, then the trial's values."""
+    data = read_mapping(base) if isinstance(base, str) else base
+    data = merge(merge(data, nested(fixed)), nested(values))
+    if name:
+        data = merge(data, {"name": name})
+    cfg = from_dict(Config, data)
+    validate(cfg)
+    return cfg
+
+
+def _check_configs(space: Space) -> None:
+    """Every end of every range must give a valid config, so no trial fails on a value the space allows."""
+    try:
+        trial_config(space.base, space.fixed, {})
+    except ConfigError as e:
+        raise ConfigError(f"base {space.base!r} with the fixed keys: {e}") from None
+    first = {k: d.corners()[0] for k, d in space.search.items()}
+    for key, dim in space.search.items():
+        for value in dim.corners():
+            try:
+                trial_config(space.base, space.fixed, {**first, key: value})
+            except ConfigError as e:
+                raise ConfigError(f"search.{key}={value!r} gives an invalid config: {e}") from None
+    for i, point in enumerate(space.points_to_evaluate):
+        try:
+            trial_config(space.base, space.fixed, {**first, **point})
+        except ConfigError as e:
+            raise ConfigError(f"points_to_evaluate[{i}] gives an invalid config: {e}") from None
+
+
+def to_tune(space: Space) -> dict:
+    """The searched keys as Ray Tune domains (integer ranges include their upper end)."""
+    from ray import tune
+
+    out = {}
+    for key, d in space.search.items():
+        lo, hi = (d.args + [None])[:2] if d.kind != "choice" else (None, None)
+        out[key] = {
+            "choice": lambda: tune.choice(d.args),
+            "uniform": lambda: tune.uniform(lo, hi),
+            "loguniform": lambda: tune.loguniform(lo, hi),
+            "randint": lambda: tune.randint(lo, hi + 1),
+            "lograndint": lambda: tune.lograndint(lo, hi + 1),
+        }[d.kind]()
+    return out

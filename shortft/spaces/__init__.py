@@ -1,0 +1,1 @@
+"""Built-in search spaces for `tune/sweep.py --space <name>`."""

@@ -1,0 +1,168 @@
+"""The sweep: search-space checks, the script run alone (as `ray submit` runs it), `ray.tune.run`,
+MLflow parent/children, the Parquet table, and resuming a sweep whose driver was killed."""
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from shortft import sweep, tracking
+from shortft.config import ConfigError
+from shortft.space import load_space, trial_config
+
+ray = pytest.importorskip("ray")
+ROOT = Path(__file__).resolve().parents[1]
+SEARCHED = ["chain.segments", "chain.truncate_at", "lora.rank", "lora.alpha", "train.lr",
+            "reward.weights.toy_alignment", "reward.weights.saturation"]
+COLUMNS = ["trial", "status", *SEARCHED, "objective_final", "objective_best", "eval/toy_judge",
+           "eval/toy_alignment", "eval/saturation", "seconds_per_step", "peak_memory_mb", "node_id"]
+
+
+def _space_file(tmp_path, search: str, extra: str = "") -> str:
+    p = tmp_path / "space.yaml"
+    p.write_text(f"base: toy\nfixed:\n  train.steps: 2\nsearch:\n{search}\n{extra}")
+    return str(p)
+
+
+# -- bad input: one line, exit 2, before Ray starts --------------------------------------------------
+@pytest.mark.parametrize("search,args,expected", [
+    ("  chain.segmentz: {choice: [2, 4]}", [], "unknown config key 'chain.segmentz'"),
+    ("  chain.truncate_at: {uniform: [0.5, 0.5]}", [], "search.chain.truncate_at: empty range"),
+    ("  lora.rank: {lograndint: [64, 4]}", [], "search.lora.rank: empty range"),
+    ("  chain.segments: {choice: []}", [], "choice needs a non-empty list"),
+    ("  reward.weights.beauty: {uniform: [0, 1]}", [], "beauty"),
+    ("  chain.segments: {choice: [2, 4]}", ["--num-samples", "0"], "--num-samples 0"),
+    ("  chain.segments: {choice: [3]}", [], "search.chain.segments=3"),
+])
+def test_bad_input_fails_before_ray_with_one_line(tmp_path, capsys, search, args, expected):
+    assert not ray.is_initialized()
+    code = sweep.main(["--space", _space_file(tmp_path, search), "--storage-path", str(tmp_path / "s"),
+                       "--tracking-uri", f"sqlite:///{tmp_path}/m.db", *args])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert len(err.splitlines()) == 1 and err.startswith("error:") and expected in err, err
+    assert not ray.is_initialized()
+
+
+def test_builtin_space_and_trial_config():
+    space = load_space("toy")
+    assert set(space.search) == set(SEARCHED)
+    assert space.search["lora.rank"].kind == "lograndint" and space.search["lora.rank"].args == [4, 128]
+    cfg = trial_config(space.base, space.fixed, space.points_to_evaluate[0], name="x")
+    assert (cfg.chain.segments, cfg.chain.truncate_at, cfg.lora.rank, cfg.train.steps) == (4, 0.0, 8, 40)
+    assert cfg.reward.weights == {"toy_alignment": 1.0, "saturation": 0.0}
+    assert cfg.eval.objective == "toy_judge_accuracy"  # fixed evaluation objective, not the training reward
+    smoke = load_space("toy", overrides=sweep.SMOKE_TEST)
+    assert smoke.fixed["train.steps"] == 2 and "chain.steps" not in smoke.search
+    with pytest.raises(ConfigError, match="outside"):
+        load_space(_space_file(Path(os.environ["SHORTFT_CACHE"]), "  lora.rank: {randint: [4, 8]}",
+                               "points_to_evaluate:\n  - {lora.rank: 16}\n"))
+
+
+# -- MLflow / Parquet checks shared by the sweeps below ------------------------------------------------
+def _runs(db: Path, experiment: str = "shortft-sweeps"):
+    c = tracking.client(f"sqlite:///{db}")
+    exp = c.get_experiment_by_name(experiment)
+    runs = c.search_runs([exp.experiment_id])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    return c, parents, children
+
+
+def _check_sweep_outputs(db: Path, table: Path, trials: int = 3):
+    import pyarrow.parquet as pq
+
+    c, parents, children = _runs(db)
+    assert len(parents) == 1 and len(children) == trials
+    for child in children:
+        assert child.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
+        for key in SEARCHED:
+            assert key in child.data.params, key
+        assert "loss" in child.data.metrics and "eval/objective" in child.data.metrics
+        assert child.info.status == "FINISHED"
+    assert len({ch.data.tags[tracking.RUN_KEY] for ch in children}) == trials  # no duplicates
+    artifacts = {a.path for a in c.list_artifacts(parents[0].info.run_id)}
+    assert {"results.parquet", "results.csv", "best_config.yaml"} <= artifacts
+    t = pq.read_table(table)
+    assert t.num_rows == trials
+    assert set(COLUMNS) <= set(t.column_names), set(COLUMNS) - set(t.column_names)
+    rows = t.to_pylist()
+    assert all(r["status"] in ("DONE", "STOPPED_EARLY") and r["objective_best"] is not None for r in rows)
+    assert all(r["seconds_per_step"] > 0 and r["peak_memory_mb"] > 0 for r in rows)
+    return parents[0], children, rows
+
+
+# -- the script, copied alone into an empty directory -------------------------------------------------
+def _script(tmp_path: Path) -> Path:
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "sweep.py").write_bytes((ROOT / "tune" / "sweep.py").read_bytes())
+    return work
+
+
+def _run_script(work: Path, *args: str, **kw) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("RAY_ADDRESS", None)
+    return subprocess.Popen([sys.executable, "sweep.py", "--smoke-test", "--num-samples", "3", *args], cwd=work,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                            start_new_session=True, **kw)
+
+
+@pytest.mark.slow
+def test_tune_run_from_python(tmp_path):
+    from ray import tune
+
+    space = load_space("toy", overrides=sweep.SMOKE_TEST)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    parent = tracking.ensure_run(uri, "shortft-sweeps", "sweep/py", "py")
+    settings = sweep.settings(space, "py", str(tmp_path / "ray_results"), str(tmp_path / "runs"), threads=2,
+                              cpus_per_worker=1.0, tracking_uri=uri, parent_run_id=parent)
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    try:
+        analysis = tune.run(sweep.trainable, config=sweep.param_space(space, settings),
+                            search_alg=sweep.searcher(space, settings), scheduler=sweep.scheduler(space),
+                            num_samples=3, storage_path=str(tmp_path / "ray_results"), name="py",
+                            resources_per_trial={"CPU": 0.1}, callbacks=[sweep.RunCloser(uri)], verbose=0)
+    finally:
+        ray.shutdown()
+    assert len(analysis.trials) == 3 and all(t.status == "TERMINATED" for t in analysis.trials)
+    rows = [t.last_result for t in analysis.trials]
+    assert all("eval/objective" in r for r in rows)
+    _, parents, children = _runs(tmp_path / "mlflow.db")
+    assert len(parents) == 1 and len(children) == 3
+    assert {ch.data.params["lora.rank"] for ch in children} == {str(t.config["lora.rank"]) for t in analysis.trials}
+
+
+@pytest.mark.slow
+def test_resume_after_the_driver_is_killed_in_the_second_trial(tmp_path):
+    """Also the smoke sweep through the script alone: copied into an empty directory, as `ray submit`
+    runs it, it starts a local Ray, and the resumed sweep leaves 1 parent, 3 children, 3 table rows."""
+    work = _script(tmp_path)
+    proc = _run_script(work, "--name", "crash")
+    db = work / "mlflow.db"
+    deadline = time.time() + 600
+    # wait until the second trial is training (its child run exists and has logged a step)
+    while time.time() < deadline and proc.poll() is None:
+        time.sleep(2)
+        try:
+            with sqlite3.connect(db) as con:
+                n = con.execute("select count(distinct run_uuid) from metrics where key='loss'").fetchone()[0]
+        except sqlite3.Error:
+            continue
+        if n >= 2:
+            break
+    assert proc.poll() is None, "sweep ended before it could be killed"
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started, mid-trial
+    proc.communicate()
+    subprocess.run([str(Path(sys.executable).parent / "ray"), "stop", "--force"], capture_output=True)  # leftovers
+
+    again = _run_script(work, "--name", "crash", "--resume")
+    out, _ = again.communicate(timeout=900)
+    assert again.returncode == 0, out[-3000:]
+    assert "best trial t00" in out and "mlflow ui --backend-store-uri sqlite:///" in out
+    _check_sweep_outputs(db, work / "runs" / "sweeps" / "crash" / "results.parquet")

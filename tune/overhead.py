@@ -1,0 +1,35 @@
+"""Where a finished sweep's wall time went: training steps, evaluations, and everything else (Ray,
+Tune, Train and MLflow start-up and hand-over), from what MLflow recorded.
+
+    python tune/overhead.py [--tracking-uri sqlite:///mlflow.db] [--name <sweep>]   # default: latest sweep
+"""
+
+import argparse
+
+from mlflow.tracking import MlflowClient
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--tracking-uri", default="sqlite:///mlflow.db")
+    p.add_argument("--experiment", default="shortft-sweeps")
+    p.add_argument("--name", default=None, help="sweep name (default: the latest)")
+    args = p.parse_args()
+    c = MlflowClient(args.tracking_uri)
+    exp = c.get_experiment_by_name(args.experiment)
+    runs = c.search_runs([exp.experiment_id], order_by=["attributes.start_time DESC"])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags and "sweep_seconds" in r.data.metrics]
+    parent = next(r for r in parents if args.name in (None, r.info.run_name))
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    train = sum(m.value for ch in children for m in c.get_metric_history(ch.info.run_id, "seconds_per_step"))
+    evals = sum(m.value for ch in children for m in c.get_metric_history(ch.info.run_id, "eval_seconds"))
+    steps = sum(len(c.get_metric_history(ch.info.run_id, "seconds_per_step")) for ch in children)
+    wall = parent.data.metrics["sweep_seconds"]
+    rest = wall - train - evals
+    print(f"sweep {parent.info.run_name}: {len(children)} trials, {steps} steps, wall {wall:.0f} s")
+    print(f"  training steps {train:.0f} s ({train / wall:.0%}), evaluations {evals:.0f} s ({evals / wall:.0%}), "
+          f"outside both {rest:.0f} s ({rest / wall:.0%}, {rest / max(1, len(children)):.0f} s per trial)")
+
+
+if __name__ == "__main__":
+    main()
