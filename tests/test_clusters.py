@@ -1,0 +1,110 @@
+"""Cluster definitions pass Ray's own validation; the sweep runs on a real multi-node Ray cluster
+(on this one machine) with trials on the non-head node, and refuses local storage there."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ray = pytest.importorskip("ray")
+ROOT = Path(__file__).resolve().parents[1]
+CLUSTERS = sorted((ROOT / "clusters").glob("*.yaml"))
+
+
+def test_every_cluster_yaml_is_checked():
+    assert {p.name for p in CLUSTERS} == {"gpu.yaml", "kuberay.yaml"}
+
+
+@pytest.mark.parametrize("path", [p for p in CLUSTERS if p.name != "kuberay.yaml"], ids=lambda p: p.name)
+def test_launcher_config_passes_ray_validation(path):
+    import jsonschema
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    config = yaml.safe_load(path.read_text())
+    schema = json.loads((Path(ray.autoscaler.__file__).parent / "ray-schema.json").read_text())
+    jsonschema.validate(config, schema)  # the file as written, no defaults filled in
+    validate_config(prepare_config(config))  # and as `ray up` sees it
+    assert config["docker"]["image"] == f"rayproject/ray:{ray.__version__}-py311-gpu"
+    head = config["available_node_types"][config["head_node_type"]]
+    assert head["resources"] == {"CPU": 0}
+    gpu_types = [t for n, t in config["available_node_types"].items() if n != config["head_node_type"]]
+    assert gpu_types and all(t["min_workers"] == 0 for t in gpu_types)
+    assert any("pip install" in c and "/home/ray/shortft" in c for c in config["setup_commands"])
+    mlflow = [c for c in config["head_start_ray_commands"] if "mlflow server" in c]
+    assert mlflow and "--host 127.0.0.1" in mlflow[0] and "0.0.0.0" not in " ".join(config["head_start_ray_commands"])
+    env = " ".join(config["docker"]["run_options"])
+    assert "SHORTFT_STORAGE_PATH=s3://" in env and "MLFLOW_TRACKING_URI=http://127.0.0.1:5000" in env
+
+
+def test_rayjob_has_the_kuberay_shape():
+    job = yaml.safe_load((ROOT / "clusters" / "kuberay.yaml").read_text())
+    assert job["apiVersion"] == "ray.io/v1" and job["kind"] == "RayJob"
+    spec = job["spec"]
+    assert "tune/sweep.py" in spec["entrypoint"] and "--address auto" in spec["entrypoint"]
+    assert "--host 127.0.0.1" in spec["entrypoint"]
+    cluster = spec["rayClusterSpec"]
+    assert cluster["rayVersion"] == ray.__version__
+    head = cluster["headGroupSpec"]
+    assert head["rayStartParams"]["num-cpus"] == "0"
+    assert head["template"]["spec"]["containers"][0]["image"]
+    workers = cluster["workerGroupSpecs"]
+    assert workers and all(w["groupName"] and w["template"]["spec"]["containers"] for w in workers)
+    assert all(c["resources"]["limits"].get("nvidia.com/gpu") for w in workers for c in w["template"]["spec"]["containers"])
+
+
+@pytest.fixture(scope="module")
+def two_nodes():
+    """A head with no CPUs for trials (as in clusters/gpu.yaml) and one worker node."""
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
+    worker = cluster.add_node(num_cpus=4)
+    cluster.wait_for_nodes()
+    yield cluster, cluster.head_node.node_id, worker.node_id
+    cluster.shutdown()
+
+
+def _sweep(work: Path, address: str, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    work.mkdir(exist_ok=True)
+    (work / "sweep.py").write_bytes((ROOT / "tune" / "sweep.py").read_bytes())
+    e = {**os.environ, **(env or {})}
+    e.pop("RAY_ADDRESS", None)
+    return subprocess.run([sys.executable, "sweep.py", "--address", address, "--smoke-test", *args], cwd=work,
+                          capture_output=True, text=True, env=e, timeout=900)
+
+
+def test_local_storage_on_a_multi_node_cluster_is_refused(two_nodes, tmp_path):
+    cluster, _, _ = two_nodes
+    r = _sweep(tmp_path / "work", cluster.address, "--storage-path", str(tmp_path / "local"))
+    assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-2000:]
+    err = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert len(err) == 1 and "local directory" in err[0] and "s3://" in err[0], r.stderr[-2000:]
+    assert "Trial" not in r.stdout
+    assert not (tmp_path / "local").exists() or not any((tmp_path / "local").iterdir())
+
+
+@pytest.mark.slow
+def test_smoke_sweep_on_a_two_node_cluster_places_trials_on_the_worker(two_nodes, tmp_path):
+    import pyarrow.parquet as pq
+    from mlflow.tracking import MlflowClient
+
+    cluster, head_id, worker_id = two_nodes
+    shared = tmp_path / "shared"  # stands for an NFS mount: the same path on every node
+    work = tmp_path / "work"
+    r = _sweep(work, cluster.address, "--num-samples", "3", "--name", "multi", "--storage-path", str(shared),
+               env={"SHORTFT_SHARED_STORAGE": "1"})
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    rows = pq.read_table(work / "runs" / "sweeps" / "multi" / "results.parquet").to_pylist()
+    assert len(rows) == 3
+    assert {row["node_id"] for row in rows} == {worker_id} != {head_id}
+    assert (shared / "multi" / "tuner.pkl").is_file()
+    assert any(p.name.startswith("multi-t00") for p in shared.iterdir())  # the Train runs' checkpoints too
+    c = MlflowClient(f"sqlite:///{work / 'mlflow.db'}")
+    runs = c.search_runs([c.get_experiment_by_name("shortft-sweeps").experiment_id])
+    children = [x for x in runs if "mlflow.parentRunId" in x.data.tags]
+    assert len(runs) - len(children) == 1 and len(children) == 3
+    assert all("loss" in x.data.metrics for x in children)  # logged from the worker node, through the relay
