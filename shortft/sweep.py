@@ -41,7 +41,8 @@ SMOKE_TEST = {"train.steps": 2, "eval.every": 1, "chain.steps": 10, "eval.sample
               "train.batch_size": 1, "train.checkpoint_every": 0, "train.log_every": 1}
 TRIAL_KEY = "trial_key"  # set by TrialRuns: t001, t002, ... (stable across a resumed driver)
 RUN_ID_KEY = "mlflow_run_id"
-EXPERIMENT = "shortft-sweeps"  # MLflow experiment of sweeps (single runs go to "shortft")
+EXPERIMENT = "shortft-sweeps"
+TRIAL_CPUS = 0.1  # the trial process itself only waits on its Ray Train job  # MLflow experiment of sweeps (single runs go to "shortft")
 
 
 def settings(space: Space, name: str, storage_path: str, output_root: str, workers: int = 1, use_gpu: bool = False,
@@ -167,6 +168,41 @@ class RunCloser(tune.Callback):
         early = status == "FINISHED" and (trial.last_result or {}).get("step", 0) < _planned(trial.config)
         c.set_tag(run_id, "shortft.trial_status", "stopped early" if early else status.lower())
         c.set_terminated(run_id, status)
+
+
+class PlacementGroupReaper(tune.Callback):
+    """Local Ray without a dashboard only. When Tune ends a trial (ASHA stops it, or it reaches its
+    last step) it kills the trial's Ray Train job; Train's own safety net for that (a cleaner actor)
+    needs the dashboard's state API, so the job's placement group would keep its CPUs forever and the
+    next trials could not start. With one trial at a time, every placement group made during a trial
+    other than Tune's own for the trial is that job's: remove it when the trial ends."""
+
+    def __init__(self, trial_cpus: float):
+        self.trial_cpus, self.before = trial_cpus, set()
+
+    def _created(self) -> dict:
+        from ray.util import placement_group_table
+
+        return {k: v for k, v in placement_group_table().items() if v["state"] == "CREATED"}
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self.before = set(self._created())
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self._reap()
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._reap()
+
+    def _reap(self) -> None:
+        from ray.util import remove_placement_group
+        from ray.util.placement_group import PlacementGroup
+
+        import ray
+
+        for pg_id, pg in self._created().items():
+            if pg_id not in self.before and list(pg["bundles"].values()) != [{"CPU": self.trial_cpus}]:
+                remove_placement_group(PlacementGroup(ray.PlacementGroupID(bytes.fromhex(pg_id))))
 
 
 # -- the whole sweep ---------------------------------------------------------------------------------
@@ -361,6 +397,7 @@ def run_sweep(space: str | Space = "toy", num_samples: int = 6, config: str | No
 
     # 2. Ray: the given cluster, the one this machine is part of (`ray start`, e.g. a head node
     #    that `ray submit` runs this on), or else a local one.
+    local_ray = False
     if not ray.is_initialized():
         from ray._private.services import canonicalize_bootstrap_address
 
@@ -374,6 +411,7 @@ def run_sweep(space: str | Space = "toy", num_samples: int = 6, config: str | No
             os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
             ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False,
                      logging_config=ray.LoggingConfig(log_level="ERROR"))
+            local_ray = True
     check_storage_for_cluster(storage_path)
     _start_autoscaling_coordinator()
     if tracking_uri:
@@ -400,10 +438,12 @@ def run_sweep(space: str | Space = "toy", num_samples: int = 6, config: str | No
 
     # 4. Tune.
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "0")  # save sweep state at every event: resumes lose nothing
-    trial_fn = tune.with_resources(trainable, {"CPU": 0.1})
-    run_config = tune.RunConfig(name=name, storage_path=storage_path,
-                                failure_config=tune.FailureConfig(max_failures=1),
-                                callbacks=[RunCloser(tracking_uri)] if tracking_uri else [], verbose=1)
+    trial_fn = tune.with_resources(trainable, {"CPU": TRIAL_CPUS})
+    callbacks = [RunCloser(tracking_uri)] if tracking_uri else []
+    if local_ray and max_concurrent == 1:
+        callbacks.append(PlacementGroupReaper(TRIAL_CPUS))
+    run_config = tune.RunConfig(name=name, storage_path=storage_path, failure_config=tune.FailureConfig(max_failures=1),
+                                callbacks=callbacks, verbose=1)
     print(f"sweep {name}: {num_samples} trials of space {space.name!r} (base {space.base}), "
           f"{max_concurrent} at a time, {workers_per_trial} worker(s) each; storage {storage_path}", flush=True)
     if resume:

@@ -54,7 +54,7 @@ def test_builtin_space_and_trial_config():
     assert set(space.search) == set(SEARCHED)
     assert space.search["lora.rank"].kind == "lograndint" and space.search["lora.rank"].args == [4, 128]
     cfg = trial_config(space.base, space.fixed, space.points_to_evaluate[0], name="x")
-    assert (cfg.chain.segments, cfg.chain.truncate_at, cfg.lora.rank, cfg.train.steps) == (4, 0.0, 8, 40)
+    assert (cfg.chain.segments, cfg.chain.truncate_at, cfg.lora.rank, cfg.train.steps) == (4, 0.0, 8, 20)
     assert cfg.reward.weights == {"toy_alignment": 1.0, "saturation": 0.0}
     assert cfg.eval.objective == "toy_judge_accuracy"  # fixed evaluation objective, not the training reward
     smoke = load_space("toy", overrides=sweep.SMOKE_TEST)
@@ -127,7 +127,12 @@ def test_tune_run_from_python(tmp_path):
         analysis = tune.run(sweep.trainable, config=sweep.param_space(space, settings),
                             search_alg=sweep.searcher(space, settings), scheduler=sweep.scheduler(space),
                             num_samples=3, storage_path=str(tmp_path / "ray_results"), name="py",
-                            resources_per_trial={"CPU": 0.1}, callbacks=[sweep.RunCloser(uri)], verbose=0)
+                            resources_per_trial={"CPU": sweep.TRIAL_CPUS}, verbose=0,
+                            callbacks=[sweep.RunCloser(uri), sweep.PlacementGroupReaper(sweep.TRIAL_CPUS)])
+        # Tune kills each trial's Train job at its end; without a dashboard Ray Train cannot clean up
+        # after that, so this checks the reaper did: no placement group of a trial's workers is left.
+        left = [pg for pg in ray.util.placement_group_table().values() if pg["state"] == "CREATED"]
+        assert left == [], left
     finally:
         ray.shutdown()
     assert len(analysis.trials) == 3 and all(t.status == "TERMINATED" for t in analysis.trials)
