@@ -194,14 +194,12 @@ def to_tune(space: Space) -> dict:
     """The searched keys as Ray Tune domains (integer ranges include their upper end)."""
     from ray import tune
 
-    out = {}
-    for key, d in space.search.items():
-        lo, hi = (d.args + [None])[:2] if d.kind != "choice" else (None, None)
-        out[key] = {
-            "choice": lambda: tune.choice(d.args),
-            "uniform": lambda: tune.uniform(lo, hi),
-            "loguniform": lambda: tune.loguniform(lo, hi),
-            "randint": lambda: tune.randint(lo, hi + 1),
-            "lograndint": lambda: tune.lograndint(lo, hi + 1),
-        }[d.kind]()
-    return out
+    def domain(d: Dimension):
+        if d.kind == "choice":
+            return tune.choice(d.args)
+        lo, hi = d.args
+        if d.kind.endswith("randint"):
+            return getattr(tune, d.kind)(lo, hi + 1)  # Tune's upper end is exclusive
+        return getattr(tune, d.kind)(lo, hi)
+
+    return {key: domain(d) for key, d in space.search.items()}

@@ -165,7 +165,7 @@ class RunCloser(tune.Callback):
         if not run_id:
             return
         c = tracking.client(self.tracking_uri)
-        early = status == "FINISHED" and (trial.last_result or {}).get("step", 0) < _planned(trial.config)
+        early = status == "FINISHED" and _stopped_early(trial.config, trial.last_result or {})
         c.set_tag(run_id, "shortft.trial_status", "stopped early" if early else status.lower())
         c.set_terminated(run_id, status)
 
@@ -227,7 +227,7 @@ def _table(results, space: Space) -> list[dict]:
         history = r.metrics_dataframe
         best = float(history[OBJECTIVE].max()) if history is not None and OBJECTIVE in history else None
         row = {"trial": cfg.get(TRIAL_KEY) or m.get("trial_id"), "trial_id": m.get("trial_id"),
-               "status": "ERROR" if r.error else ("STOPPED_EARLY" if m.get("step", 0) < _planned(cfg) else "DONE"),
+               "status": "ERROR" if r.error else ("STOPPED_EARLY" if _stopped_early(cfg, m) else "DONE"),
                **{k: cfg.get(k) for k in space.search},
                "objective_final": m.get(OBJECTIVE), "objective_best": best, "steps": m.get("step"),
                **{k: v for k, v in m.items() if k.startswith("eval/") and k != OBJECTIVE},
@@ -238,11 +238,12 @@ def _table(results, space: Space) -> list[dict]:
     return sorted(rows, key=lambda row: str(row["trial"]))
 
 
-def _planned(config: dict) -> int:
+def _stopped_early(config: dict, last_result: dict) -> bool:
+    """The trial's last reported step is short of the steps its config plans (ASHA stopped it)."""
     if "sweep" not in config:
-        return 0
+        return False
     s = config["sweep"]
-    return trial_config(s["base"], s["fixed"], searched_values(config)).train.steps
+    return last_result.get("step", 0) < trial_config(s["base"], s["fixed"], searched_values(config)).train.steps
 
 
 def write_table(rows: list[dict], path: Path) -> Path:
@@ -259,14 +260,13 @@ def write_table(rows: list[dict], path: Path) -> Path:
 def _finish_parent(uri: str, run_id: str, rows: list[dict], best: dict | None, study, table_path: Path,
                    out_dir: Path, seconds: float) -> None:
     """Best trial's config and objective, Optuna's plots and the results table, on the parent run."""
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
     import yaml
 
     c = tracking.client(uri)
     c.log_artifact(run_id, str(table_path))
     csv = out_dir / "results.csv"
-    import pyarrow.csv as pacsv
-    import pyarrow.parquet as pq
-
     pacsv.write_csv(pq.read_table(table_path), csv)
     c.log_artifact(run_id, str(csv))
     c.log_metric(run_id, "sweep_seconds", seconds)
@@ -467,10 +467,9 @@ def run_sweep(space: str | Space = "toy", num_samples: int = 6, config: str | No
     best = None
     if done:
         top = max(done, key=lambda r: r["objective_best"])
-        best_result = next(r for r in grid if (r.config or {}).get(TRIAL_KEY, r.metrics.get("trial_id")) == top["trial"])
-        s_ = best_result.config["sweep"]
-        best_cfg = trial_config(s_["base"], s_["fixed"], searched_values(best_result.config), name=f"{name}-best")
-        best = {"trial": top["trial"], "objective": top["objective_best"], "values": {k: top[k] for k in space.search},
+        values = {k: top[k] for k in space.search}
+        best_cfg = trial_config(space.base, space.fixed, values, name=f"{name}-best")
+        best = {"trial": top["trial"], "objective": top["objective_best"], "values": values,
                 "config": to_dict(best_cfg), "mlflow_run_id": top["mlflow_run_id"]}
     seconds = time.time() - t_start
     if parent:

@@ -141,6 +141,10 @@ def test_tune_run_from_python(tmp_path):
     _, parents, children = _runs(tmp_path / "mlflow.db")
     assert len(parents) == 1 and len(children) == 3
     assert {ch.data.params["lora.rank"] for ch in children} == {str(t.config["lora.rank"]) for t in analysis.trials}
+    for child in children:
+        assert child.data.tags["mlflow.parentRunId"] == parent
+        assert all(key in child.data.params for key in SEARCHED)
+        assert "loss" in child.data.metrics and "eval/objective" in child.data.metrics
 
 
 @pytest.mark.slow
