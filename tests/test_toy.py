@@ -88,6 +88,6 @@ def test_committed_assets_meet_their_figures():
     print(m)
     assert m["base_judge_accuracy"] >= 0.70
     assert m["reward_ranking_accuracy"] >= 0.90 and m["judge_ranking_accuracy"] >= 0.90
-    # The distilled jump must beat a naive DDIM jump clearly (the build measures 3.1x for k=4; the
-    # 5x the project aims for is not reached yet, see README).
-    assert all(m[f"shortcut_k{k}"]["ratio"] >= 2 for k in (2, 4, 8))
+    # The distilled jump must beat a naive DDIM jump clearly (the build measures 3.4x / 3.8x / 5.4x for
+    # k = 2 / 4 / 8; the 5x the project aims for at k=4 is not reached yet, see README).
+    assert all(m[f"shortcut_k{k}"]["ratio"] >= 3 for k in (2, 4, 8))
