@@ -41,8 +41,8 @@ SMOKE_TEST = {"train.steps": 2, "eval.every": 1, "chain.steps": 10, "eval.sample
               "train.batch_size": 1, "train.checkpoint_every": 0, "train.log_every": 1}
 TRIAL_KEY = "trial_key"  # set by TrialRuns: t001, t002, ... (stable across a resumed driver)
 RUN_ID_KEY = "mlflow_run_id"
-EXPERIMENT = "shortft-sweeps"
-TRIAL_CPUS = 0.1  # the trial process itself only waits on its Ray Train job  # MLflow experiment of sweeps (single runs go to "shortft")
+EXPERIMENT = "shortft-sweeps"  # MLflow experiment of sweeps (single runs go to "shortft")
+TRIAL_CPUS = 0.1  # the trial process itself only waits on its Ray Train job
 
 
 def settings(space: Space, name: str, storage_path: str, output_root: str, workers: int = 1, use_gpu: bool = False,
