@@ -20,7 +20,7 @@ from pathlib import Path
 
 import yaml
 
-from shortft.config import ConfigError, builtin_configs, describe, load_config, to_dict
+from shortft.config import ConfigError, builtin_configs, describe, load_config, parse_overrides, to_dict
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -60,6 +60,7 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--from-base", metavar="DIR", help="reuse this build's VAE/text encoder/UNet; redo the rest")
     b.add_argument("--set", nargs="*", default=[], metavar="key=value", help="build sizes, e.g. shortcut_steps=1500")
+    b.add_argument("--device", default="cpu", help="where the shortcut stage runs (cpu, cuda); the rest runs on cpu")
     ck = toy.add_parser("check", help="recompute the toy build's figures from its files")
     ck.add_argument("--dir", help="assets dir (default: the package's)")
     ck.add_argument("--samples", type=int, default=256)
@@ -109,9 +110,9 @@ def main(argv: list[str] | None = None) -> int:
             from shortft.toy.build import build
 
             if args.toy_command == "build":
-                sizes = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.set)}
+                sizes = parse_overrides(args.set)
                 build(Path(args.out) if args.out else toy_dir(), quick=args.quick, seed=args.seed,
-                      base=Path(args.from_base) if args.from_base else None, overrides=sizes)
+                      base=Path(args.from_base) if args.from_base else None, overrides=sizes, device=args.device)
             else:
                 from shortft.toy.build import measure
 

@@ -43,6 +43,20 @@ def test_tokenizer_round_trips_every_word(tmp_path):
     assert tok.unk_token_id not in ids[1:-1]  # CLIP maps unknown characters to <|endoftext|>
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--set", "shortcut_step=10"], "--set shortcut_step=...: not a build size; the sizes are vae_steps"),
+    (["--set", "shortcut_steps=lots"], "--set shortcut_steps='lots': expected int like 1500"),
+    (["--set", "shortcut_steps"], "expected key=value"),
+    (["--device", "cuda"] if not torch.cuda.is_available() else ["--device", "tpu"], "--device"),
+])
+def test_toy_build_rejects_bad_sizes_and_devices_before_any_work(tmp_path, capsys, args, message):
+    from shortft.cli import main
+
+    assert main(["toy", "build", "--out", str(tmp_path / "toy"), *args]) == 2
+    assert message in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())  # nothing was started
+
+
 @pytest.mark.slow
 def test_quick_build_loads_with_stock_diffusers_and_trains(tmp_path, monkeypatch):
     from diffusers import StableDiffusionPipeline
@@ -50,8 +64,8 @@ def test_quick_build_loads_with_stock_diffusers_and_trains(tmp_path, monkeypatch
     from shortft.toy.build import build
 
     out = tmp_path / "toy"
-    report = build(out, quick=True)
-    assert report["seconds"]["total"] < 300
+    report = build(out, quick=True, overrides={"shortcut_eval_every": 10})  # also runs the in-training check
+    assert report["seconds"]["total"] < 300 and report["shortcut_device"] == "cpu"
     pipe = StableDiffusionPipeline.from_pretrained(out, safety_checker=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     img = pipe("a red circle on a blue background", num_inference_steps=4, output_type="pt").images

@@ -10,7 +10,8 @@ Stages (each prints progress and its figures; all land in <out>/build.json):
                  last timestep. Direct regression needs only teacher trajectories (no target network,
                  no bootstrapping), which is cheap here and is exactly the property ShortFT relies on.
                  The fit is bound by the number of distinct paths (the gap between the error on training
-                 and on fresh paths, both printed, shrinks with more), hence 8192 of them.
+                 and on fresh paths, both printed, shrinks with more), hence 8192 of them. `--device cuda`
+                 runs this stage on a GPU, where far more paths are cheap; the other stages stay on the CPU.
   4. reward, judge  two AttributeNets, different seeds, widths, pooling and data streams.
   5. checks      judge accuracy of base samples on held-out prompts, shortcut vs naive jump error,
                  reward/judge matched-vs-mismatched ranking, a sample grid.
@@ -53,12 +54,14 @@ class BuildSize:
     guidance: float = 1.0  # of the teacher paths the shortcuts follow (the toy config trains without CFG)
     shortcut_guidance: float = 1.0  # of the jump itself: same as the teacher, so the LoRA learns the curvature
     shortcut_lr: float = 3e-3
+    shortcut_batch: int = 64
+    shortcut_eval_every: int = 0  # >0: print the jump-error ratio on training and fresh paths every n steps
     eval_guidance: float = 4.0  # of the base-model accuracy check
 
 
 QUICK = BuildSize(vae_steps=40, vae_widths=(8, 16, 16), vae_batch=16, unet_steps=60, unet_widths=(16, 32),
-                  text_width=16, batch=16, teacher_samples=32, shortcut_steps=15, shortcut_rank=2, judge_steps=40,
-                  eval_samples=16, teacher_steps=10)
+                  text_width=16, batch=16, teacher_samples=32, shortcut_steps=15, shortcut_rank=2, shortcut_batch=16,
+                  judge_steps=40, eval_samples=16, teacher_steps=10)
 SEGMENTS = (2, 4, 8)
 
 
@@ -188,6 +191,19 @@ def teacher_trajectories(dn, cond, uncond, noise, steps: int, guidance: float) -
     return torch.stack(path)
 
 
+def teacher_paths(dn, cond, uncond, noise, size: BuildSize, chunk: int = 256) -> torch.Tensor:
+    """`teacher_trajectories` for many samples, in chunks, with progress: [steps + 1, B, 4, 8, 8]."""
+    out, t0, n = [], time.time(), len(noise)
+    for i in range(0, n, chunk):
+        out.append(teacher_trajectories(dn, cond[i:i + chunk], uncond[i:i + chunk], noise[i:i + chunk],
+                                        size.teacher_steps, size.guidance))
+        done = min(n, i + chunk)
+        if n > 8 * chunk and (done // chunk) % max(1, n // chunk // 10) == 0 or done == n:
+            rate = (time.time() - t0) / done
+            log(f"  [teacher paths] {done}/{n}  {rate * 1000:.1f} ms/path  eta {rate * (n - done):.0f} s")
+    return torch.cat(out, 1)
+
+
 def _jumps(timesteps: list[int], k: int) -> list[tuple[int, int]]:
     """(start index, landing index) of the shortcut jumps of a ShortFT chain with k segments."""
     from shortft.plan import segment_bounds
@@ -196,8 +212,9 @@ def _jumps(timesteps: list[int], k: int) -> list[tuple[int, int]]:
     return [(b[j - 1], b[j] - 1) for j in range(2, k + 1) if b[j] - 1 > b[j - 1]]
 
 
-def distill_shortcut(size: BuildSize, k: int, dn, unet, traj, cond, uncond, seed: int) -> dict:
-    """Train LoRA `shortcut-k{k}` so that one conditional call + DDIM jump lands on the teacher."""
+def distill_shortcut(size: BuildSize, k: int, dn, unet, traj, cond, uncond, seed: int, fresh=None) -> dict:
+    """Train LoRA `shortcut-k{k}` so that one conditional call + DDIM jump lands on the teacher.
+    `fresh` = (traj, cond, uncond) of held-out paths, for size.shortcut_eval_every."""
     from peft import LoraConfig
 
     from shortft.chain import Condition
@@ -220,7 +237,7 @@ def distill_shortcut(size: BuildSize, k: int, dn, unet, traj, cond, uncond, seed
     gen = torch.Generator().manual_seed(seed)
     t0 = time.time()
     for step in range(1, size.shortcut_steps + 1):
-        idx = torch.randint(n, (size.batch,), generator=gen)
+        idx = torch.randint(n, (size.shortcut_batch,), generator=gen).to(traj.device)
         j = jumps[int(torch.randint(len(jumps), (1,), generator=gen))]
         call = Call(j[0], ts[j[0]], ts[j[1]], False, (name,), 0)
         g = size.shortcut_guidance
@@ -232,6 +249,12 @@ def distill_shortcut(size: BuildSize, k: int, dn, unet, traj, cond, uncond, seed
         opt.step()
         decay.step()
         _progress(name, step, size.shortcut_steps, loss.item(), t0)
+        if fresh is not None and size.shortcut_eval_every > 0 and (
+                step % size.shortcut_eval_every == 0 or step == size.shortcut_steps):
+            seen = slice(0, fresh[0].shape[1])
+            r_train = jump_errors(size, k, dn, traj[:, seen], cond[seen], uncond[seen])["ratio"]
+            log(f"  [{name}] step {step}: {jump_errors(size, k, dn, *fresh)['ratio']:.2f}x on fresh paths, "
+                f"{r_train:.2f}x on training ones")
     unet.requires_grad_(False)
     return {"jumps": [(ts[a], ts[b]) for a, b in jumps]}
 
@@ -302,10 +325,50 @@ def ranking_accuracy(net, held: list, seed: int, n: int = 512) -> float:
 
 
 # -- the whole build ------------------------------------------------------------------------------
-def build(out: Path, quick: bool = False, seed: int = 0, base: Path | None = None, overrides: dict | None = None) -> dict:
+def build_size(quick: bool = False, overrides: dict | None = None) -> BuildSize:
+    """The build's sizes with `overrides` (from `--set key=value`) applied; unknown keys are a ConfigError."""
+    from dataclasses import fields, replace
+
+    from shortft.config import ConfigError
+
+    size = QUICK if quick else BuildSize()
+    names = [f.name for f in fields(BuildSize)]
+    clean = {}
+    for key, value in (overrides or {}).items():
+        if key not in names:
+            raise ConfigError(f"--set {key}=...: not a build size; the sizes are {', '.join(names)}")
+        default = getattr(size, key)
+        if isinstance(default, tuple) and isinstance(value, list) and all(isinstance(v, int) for v in value):
+            value = tuple(value)
+        elif isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if type(value) is not type(default):
+            raise ConfigError(f"--set {key}={value!r}: expected {type(default).__name__} like {default!r}")
+        clean[key] = value
+    return replace(size, **clean)
+
+
+def check_device(device: str) -> torch.device:
+    """The torch device the shortcut stage runs on; a ConfigError if this machine has no such device."""
+    from shortft.config import ConfigError
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"--device {device!r}: not a torch device; use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {device!r}: this machine has no CUDA device; use --device cpu")
+    if dev.type not in ("cpu", "cuda"):
+        raise ConfigError(f"--device {device!r}: the build runs on cpu or cuda")
+    return dev
+
+
+def build(out: Path, quick: bool = False, seed: int = 0, base: Path | None = None, overrides: dict | None = None,
+          device: str = "cpu") -> dict:
     """Build everything into `out`. With `base`, reuse that build's VAE, text encoder and UNet and redo
-    the shortcuts, reward, judge and checks (`overrides` change BuildSize fields, e.g. shortcut_steps)."""
-    from dataclasses import replace
+    the shortcuts, reward, judge and checks (`overrides` change BuildSize fields, e.g. shortcut_steps).
+    `device` runs the shortcut stage (teacher paths and distillation, the part that wants many paths)
+    there; every other stage runs on the CPU, so only the shortcuts depend on where it was built."""
 
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
@@ -314,12 +377,14 @@ def build(out: Path, quick: bool = False, seed: int = 0, base: Path | None = Non
     from shortft.lora import AdapterSwitch, save_loras
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    size = replace(QUICK if quick else BuildSize(), **(overrides or {}))
+    size = build_size(quick, overrides)
+    dev = check_device(device)
     out = Path(out)
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     train_triples, held = grammar.split_triples(seed)
-    report: dict = {"quick": quick, "seed": seed, "size": asdict(size), "seconds": {}}
+    report: dict = {"quick": quick, "seed": seed, "size": asdict(size), "seconds": {},
+                    "shortcut_device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"}
     t_all = time.time()
 
     def stage(name: str):
@@ -361,7 +426,7 @@ def build(out: Path, quick: bool = False, seed: int = 0, base: Path | None = Non
     pipe.save_pretrained(tmp)
     t_stage[0] = time.time()
 
-    log("3/5 shortcuts (k = 2, 4, 8)")
+    log(f"3/5 shortcuts (k = 2, 4, 8) on {report['shortcut_device']}")
     rng = np.random.default_rng(seed + 3)
     attrs = grammar.sample_attributes(rng, train_triples, size.teacher_samples)
     prompts = grammar.sample_prompts(rng, attrs)
@@ -369,19 +434,20 @@ def build(out: Path, quick: bool = False, seed: int = 0, base: Path | None = Non
         cond = torch.cat([_encode(tokenizer, text_encoder, prompts[i:i + 256]) for i in range(0, len(prompts), 256)])
         uncond = _encode(tokenizer, text_encoder, [""]).expand_as(cond)
     noise = torch.randn((len(prompts), 4, 8, 8), generator=torch.Generator().manual_seed(seed + 3))
+    unet.to(dev)  # random draws stay on the CPU generators, so a device changes only the arithmetic
     dn = Denoiser(unet, scheduler, AdapterSwitch(unet))
-    traj = torch.cat([teacher_trajectories(dn, cond[i:i + 256], uncond[i:i + 256], noise[i:i + 256],
-                                           size.teacher_steps, size.guidance) for i in range(0, len(noise), 256)], 1)
+    traj = teacher_paths(dn, cond.to(dev), uncond.to(dev), noise.to(dev), size)
+    cond, uncond = cond.to(dev), uncond.to(dev)
     # held-out trajectories (other prompts and noise) measure the jump error honestly
     attrs_t = grammar.sample_attributes(rng, train_triples + held, 128)
     with torch.no_grad():
-        cond_t = _encode(tokenizer, text_encoder, grammar.sample_prompts(rng, attrs_t))
-        uncond_t = _encode(tokenizer, text_encoder, [""]).expand_as(cond_t)
-    noise_t = torch.randn((128, 4, 8, 8), generator=torch.Generator().manual_seed(seed + 4))
+        cond_t = _encode(tokenizer, text_encoder, grammar.sample_prompts(rng, attrs_t)).to(dev)
+        uncond_t = _encode(tokenizer, text_encoder, [""]).to(dev).expand_as(cond_t)
+    noise_t = torch.randn((128, 4, 8, 8), generator=torch.Generator().manual_seed(seed + 4)).to(dev)
     traj_t = teacher_trajectories(dn, cond_t, uncond_t, noise_t, size.teacher_steps, size.guidance)
     report["shortcut"] = {}
     for k in SEGMENTS:
-        info = distill_shortcut(size, k, dn, unet, traj, cond, uncond, seed + 10 + k)
+        info = distill_shortcut(size, k, dn, unet, traj, cond, uncond, seed + 10 + k, (traj_t, cond_t, uncond_t))
         info.update(jump_errors(size, k, dn, traj_t, cond_t, uncond_t))
         # the same on trajectories it was trained on: the gap to the fresh ones is its overfitting
         seen = slice(0, len(traj_t[0]))
@@ -394,6 +460,9 @@ def build(out: Path, quick: bool = False, seed: int = 0, base: Path | None = Non
         (tmp / "shortft_lora.json").unlink()
         unet.delete_adapters(f"shortcut-k{k}")
         dn.switch = AdapterSwitch(unet)
+    del traj
+    unet.to("cpu")
+    dn = Denoiser(unet, scheduler, AdapterSwitch(unet))
     stage("shortcuts")
 
     log("4/5 reward model and judge")
