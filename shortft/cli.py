@@ -60,7 +60,8 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--from-base", metavar="DIR", help="reuse this build's VAE/text encoder/UNet; redo the rest")
     b.add_argument("--set", nargs="*", default=[], metavar="key=value", help="build sizes, e.g. shortcut_steps=1500")
-    b.add_argument("--device", default="cpu", help="where the shortcut stage runs (cpu, cuda); the rest runs on cpu")
+    b.add_argument("--device", default="cpu",
+                   help="where the shortcut stage runs: cpu (default), cuda, cuda:N or auto; the rest runs on cpu")
     ck = toy.add_parser("check", help="recompute the toy build's figures from its files")
     ck.add_argument("--dir", help="assets dir (default: the package's)")
     ck.add_argument("--samples", type=int, default=256)

@@ -156,6 +156,12 @@ def read_mapping(name_or_path: str, package: str = "shortft.configs", flag: str 
     return data
 
 
+def check_device_name(flag: str, name: str) -> None:
+    """auto, cpu, cuda or cuda:N; anything else is a ConfigError naming `flag`."""
+    if not (name in ("auto", "cpu", "cuda") or name.startswith("cuda:")):
+        raise ConfigError(f"{flag}={name!r}: not one of auto, cpu, cuda, cuda:N")
+
+
 def parse_overrides(items: list[str]) -> dict:
     """`["chain.steps=20", "reward.weights.symmetry=0.5"]` -> nested dict; values parsed as YAML."""
     out: dict = {}
@@ -348,8 +354,7 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"{key}={value}: must be >= 0 (0 = only at the end)")
     _one_of("train.mixed_precision", t.mixed_precision, MIXED_PRECISION)
     _one_of("model.dtype", m.dtype, ("float32", "bfloat16", "float16"))
-    if not (m.device in ("auto", "cpu", "cuda") or m.device.startswith("cuda:")):
-        raise ConfigError(f"model.device={m.device!r}: not one of auto, cpu, cuda, cuda:N")
+    check_device_name("model.device", m.device)
 
     if not cfg.reward.weights:
         raise ConfigError("reward.weights: empty; name at least one term, e.g. reward.weights.symmetry=1.0")

@@ -9,18 +9,20 @@ import torch
 
 from shortft import builtin
 from shortft.chain import Condition, Denoiser
-from shortft.config import Config, ConfigError
+from shortft.config import Config, ConfigError, check_device_name
 from shortft.lora import AdapterSwitch, add_loras, adapter_names, unet_has_target
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 SHORTCUT_ADAPTER = "shortcut"
 
 
-def pick_device(name: str) -> torch.device:
+def pick_device(name: str, flag: str = "model.device") -> torch.device:
+    """The device `name` (auto, cpu, cuda, cuda:N) on this machine; a ConfigError naming `flag` if it has none."""
+    check_device_name(flag, name)
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"model.device={name!r}: CUDA is not available here; use model.device=cpu or auto")
+        raise ConfigError(f"{flag}={name!r}: CUDA is not available here; use {flag}=cpu or auto")
     return torch.device(name)
 
 

@@ -249,14 +249,19 @@ def distill_shortcut(size: BuildSize, k: int, dn, unet, traj, cond, uncond, seed
         opt.step()
         decay.step()
         _progress(name, step, size.shortcut_steps, loss.item(), t0)
-        if fresh is not None and size.shortcut_eval_every > 0 and (
-                step % size.shortcut_eval_every == 0 or step == size.shortcut_steps):
-            seen = slice(0, fresh[0].shape[1])
-            r_train = jump_errors(size, k, dn, traj[:, seen], cond[seen], uncond[seen])["ratio"]
-            log(f"  [{name}] step {step}: {jump_errors(size, k, dn, *fresh)['ratio']:.2f}x on fresh paths, "
-                f"{r_train:.2f}x on training ones")
+        if fresh is not None and size.shortcut_eval_every > 0 and step % size.shortcut_eval_every == 0:
+            info = fresh_and_seen_errors(size, k, dn, fresh, traj, cond, uncond)
+            log(f"  [{name}] step {step}: {info['ratio']:.2f}x on fresh paths, {info['train_ratio']:.2f}x on training ones")
     unet.requires_grad_(False)
     return {"jumps": [(ts[a], ts[b]) for a, b in jumps]}
+
+
+def fresh_and_seen_errors(size: BuildSize, k: int, dn, fresh, traj, cond, uncond) -> dict:
+    """`jump_errors` on the fresh paths, plus `train_ratio`: the ratio on as many of the training paths.
+    The gap between the two is the shortcut's overfitting."""
+    seen = slice(0, fresh[0].shape[1])
+    return {**jump_errors(size, k, dn, *fresh),
+            "train_ratio": jump_errors(size, k, dn, traj[:, seen], cond[seen], uncond[seen])["ratio"]}
 
 
 @torch.no_grad()
@@ -348,21 +353,6 @@ def build_size(quick: bool = False, overrides: dict | None = None) -> BuildSize:
     return replace(size, **clean)
 
 
-def check_device(device: str) -> torch.device:
-    """The torch device the shortcut stage runs on; a ConfigError if this machine has no such device."""
-    from shortft.config import ConfigError
-
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, ValueError):
-        raise ConfigError(f"--device {device!r}: not a torch device; use cpu, cuda or cuda:N") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"--device {device!r}: this machine has no CUDA device; use --device cpu")
-    if dev.type not in ("cpu", "cuda"):
-        raise ConfigError(f"--device {device!r}: the build runs on cpu or cuda")
-    return dev
-
-
 def build(out: Path, quick: bool = False, seed: int = 0, base: Path | None = None, overrides: dict | None = None,
           device: str = "cpu") -> dict:
     """Build everything into `out`. With `base`, reuse that build's VAE, text encoder and UNet and redo
@@ -375,10 +365,11 @@ def build(out: Path, quick: bool = False, seed: int = 0, base: Path | None = Non
     from shortft.chain import Denoiser
     from shortft.evaluate import save_grid
     from shortft.lora import AdapterSwitch, save_loras
+    from shortft.models import pick_device
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
     size = build_size(quick, overrides)
-    dev = check_device(device)
+    dev = pick_device(device, "--device")
     out = Path(out)
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -435,9 +426,9 @@ def build(out: Path, quick: bool = False, seed: int = 0, base: Path | None = Non
         uncond = _encode(tokenizer, text_encoder, [""]).expand_as(cond)
     noise = torch.randn((len(prompts), 4, 8, 8), generator=torch.Generator().manual_seed(seed + 3))
     unet.to(dev)  # random draws stay on the CPU generators, so a device changes only the arithmetic
+    cond, uncond, noise = cond.to(dev), uncond.to(dev), noise.to(dev)
     dn = Denoiser(unet, scheduler, AdapterSwitch(unet))
-    traj = teacher_paths(dn, cond.to(dev), uncond.to(dev), noise.to(dev), size)
-    cond, uncond = cond.to(dev), uncond.to(dev)
+    traj = teacher_paths(dn, cond, uncond, noise, size)
     # held-out trajectories (other prompts and noise) measure the jump error honestly
     attrs_t = grammar.sample_attributes(rng, train_triples + held, 128)
     with torch.no_grad():
@@ -447,11 +438,9 @@ def build(out: Path, quick: bool = False, seed: int = 0, base: Path | None = Non
     traj_t = teacher_trajectories(dn, cond_t, uncond_t, noise_t, size.teacher_steps, size.guidance)
     report["shortcut"] = {}
     for k in SEGMENTS:
-        info = distill_shortcut(size, k, dn, unet, traj, cond, uncond, seed + 10 + k, (traj_t, cond_t, uncond_t))
-        info.update(jump_errors(size, k, dn, traj_t, cond_t, uncond_t))
-        # the same on trajectories it was trained on: the gap to the fresh ones is its overfitting
-        seen = slice(0, len(traj_t[0]))
-        info["train_ratio"] = jump_errors(size, k, dn, traj[:, seen], cond[seen], uncond[seen])["ratio"]
+        fresh = (traj_t, cond_t, uncond_t)
+        info = distill_shortcut(size, k, dn, unet, traj, cond, uncond, seed + 10 + k, fresh)
+        info.update(fresh_and_seen_errors(size, k, dn, fresh, traj, cond, uncond))
         report["shortcut"][f"k{k}"] = info
         log(f"  k={k}: shortcut jump MSE {info['shortcut_mse']:.5f}, naive DDIM jump MSE {info['naive_mse']:.5f} "
             f"({info['ratio']:.1f}x on fresh trajectories, {info['train_ratio']:.1f}x on training ones)")
