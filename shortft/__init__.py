@@ -5,7 +5,8 @@
     result = shortft.train(cfg)
 """
 
-from shortft.config import Config, ConfigError, load_config
+from shortft.checks import check, load_config
+from shortft.config import Config, ConfigError
 
 __version__ = "0.1.0"
 
@@ -17,4 +18,4 @@ def train(cfg, callbacks=(), resume=False):
     return _train(cfg, callbacks, resume)
 
 
-__all__ = ["Config", "ConfigError", "load_config", "train", "__version__"]
+__all__ = ["Config", "ConfigError", "check", "load_config", "train", "__version__"]

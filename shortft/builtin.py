@@ -3,11 +3,16 @@ same `from_pretrained` code as a hub model.
 
 `builtin:tiny` is a randomly initialised Stable-Diffusion-architecture pipeline built from configs under
 a fixed seed (the diffusers test idiom): the smallest thing the whole method runs on, for tests and
-smoke runs. It is built once into the cache dir (`$SHORTFT_CACHE`, default ~/.cache/shortft).
+smoke runs; `builtin:tiny-xl` is the same for the SDXL class. It is built once into the cache dir (`$SHORTFT_CACHE`, default ~/.cache/shortft).
+
+Built-in worlds (today the toy world, `shortft/toy/`) are plug-ins: this module is the one place that
+names them, loads their packaged assets by name and imports them so that their reward terms register.
+The core never imports them directly.
 """
 
 from __future__ import annotations
 
+import importlib
 import os
 import shutil
 import tempfile
@@ -15,10 +20,18 @@ from pathlib import Path
 
 import torch
 
+from shortft.config import ConfigError
+
 TINY_WORDS = (
     "a an the small large big tiny red green blue yellow white black purple orange circle square triangle "
     "star on in of at with background top bottom left right center picture photo shape"
 ).split()
+
+
+# Stable Diffusion's DDIM schedule (scaled-linear betas, leading timesteps with offset 1), shared by the
+# built-in models and the random-weight architectures.
+SD_SCHEDULER = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "clip_sample": False,
+                "set_alpha_to_one": False, "steps_offset": 1}
 
 
 def cache_dir() -> Path:
@@ -79,10 +92,7 @@ def build_tiny(out_dir: Path, seed: int = 0) -> Path:
         vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
         num_attention_heads=2, max_position_embeddings=16, bos_token_id=0, eos_token_id=1, pad_token_id=1,
     ))
-    scheduler = DDIMScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-        set_alpha_to_one=False, steps_offset=1,
-    )
+    scheduler = DDIMScheduler(**SD_SCHEDULER)
     pipe = StableDiffusionPipeline(
         unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler,
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
@@ -91,15 +101,81 @@ def build_tiny(out_dir: Path, seed: int = 0) -> Path:
     return out_dir
 
 
-BUILTIN_MODELS = {"tiny": build_tiny}  # built on first use into the cache
-PACKAGED = ("toy",)  # shipped inside the package (shortft/toy/assets), rebuilt by `shortft toy build`
+def build_tiny_xl(out_dir: Path, seed: int = 0) -> Path:
+    """Random tiny SDXL-class pipeline (two text encoders, pooled states, added time ids; 32x32 images)."""
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        block_out_channels=(16, 32), layers_per_block=1, sample_size=16, in_channels=4, out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time",
+        addition_time_embed_dim=8, transformer_layers_per_block=(1, 2), cross_attention_dim=32,
+        projection_class_embeddings_input_dim=6 * 8 + 16, norm_num_groups=8,  # 6 time ids x 8 + pooled 16
+    )
+    torch.manual_seed(seed + 1)
+    vae = AutoencoderKL(
+        block_out_channels=(8, 16), in_channels=3, out_channels=3, latent_channels=4, norm_num_groups=8,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, sample_size=32,
+    )
+    torch.manual_seed(seed + 2)
+    tokenizer = build_clip_tokenizer(TINY_WORDS, max_length=16)
+    text = dict(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                num_attention_heads=2, max_position_embeddings=16, projection_dim=16, bos_token_id=0,
+                eos_token_id=1, pad_token_id=1)
+    pipe = StableDiffusionXLPipeline(
+        unet=unet, vae=vae, text_encoder=CLIPTextModel(CLIPTextConfig(**text)),
+        text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**text)), tokenizer=tokenizer,
+        tokenizer_2=tokenizer, scheduler=DDIMScheduler(**SD_SCHEDULER), force_zeros_for_empty_prompt=True,
+    )
+    pipe.save_pretrained(out_dir)
+    return out_dir
+
+
+BUILTIN_MODELS = {"tiny": build_tiny, "tiny-xl": build_tiny_xl}  # built on first use into the cache
+# Built-in worlds: name -> (package, module whose import registers the world's reward terms). Each
+# ships its model in <package>/assets, rebuilt by its own command (`shortft toy build`).
+WORLDS = {"toy": ("shortft.toy", "shortft.toy.judges")}
+PACKAGED = tuple(WORLDS)
 
 
 def toy_dir() -> Path:
     """The toy world's assets: $SHORTFT_TOY_DIR if set (e.g. a `--quick` build), else the packaged ones."""
     from importlib import resources
 
-    return Path(os.environ.get("SHORTFT_TOY_DIR") or resources.files("shortft.toy") / "assets")
+    return Path(os.environ.get("SHORTFT_TOY_DIR") or resources.files(WORLDS["toy"][0]) / "assets")
+
+
+def world_module(world: str, module: str):
+    """A module of a built-in world by name, e.g. `world_module("toy", "build")` for its build command."""
+    return importlib.import_module(f"{WORLDS[world][0]}.{module}")
+
+
+def load_worlds() -> None:
+    """Import every built-in world so that its reward terms are registered (idempotent)."""
+    for _, terms_module in WORLDS.values():
+        importlib.import_module(terms_module)
+
+
+def looks_like_path(name: str) -> bool:
+    # A hub id is exactly "org/name"; anything else with a separator or a leading dot/tilde is a path.
+    return name.startswith(("/", ".", "~")) or name.count("/") != 1 or os.sep != "/" and os.sep in name
+
+
+def check_pretrained(pretrained: str) -> None:
+    """`model.pretrained`: a known built-in, a built world's assets, or an existing local dir (hub ids
+    are checked when loaded). Raised as a ConfigError naming the key."""
+    if pretrained.startswith("builtin:"):
+        allowed = [f"builtin:{n}" for n in (*BUILTIN_MODELS, *PACKAGED)]
+        if pretrained not in allowed:
+            raise ConfigError(f"model.pretrained={pretrained!r}: not one of {', '.join(allowed)}")
+        if pretrained == "builtin:toy" and not (Path(resolve_path(pretrained)) / "model_index.json").is_file():
+            raise ConfigError(f"model.pretrained=builtin:toy: no toy assets at {resolve_path(pretrained)}; "
+                              "run `shortft toy build` (or set SHORTFT_TOY_DIR)")
+    elif looks_like_path(pretrained) and not Path(pretrained).expanduser().is_dir():
+        raise ConfigError(f"model.pretrained={pretrained!r}: no such directory; give a diffusers pipeline dir, "
+                          "a hub id (org/name) or builtin:tiny")
 
 
 def resolve(pretrained: str) -> str:

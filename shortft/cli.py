@@ -1,9 +1,10 @@
-"""Command line: `shortft train|eval|plan|config`.
+"""Command line: `shortft train|eval|sample|plan|bench|config|toy`.
 
     shortft train --config tiny train.steps=50 reward.weights.symmetry=1.0
     shortft train --config tiny --dry-run          # print the timestep plan, load no model
     shortft train --config tiny --resume           # continue from the latest checkpoint
     shortft eval  --config tiny --lora runs/tiny/lora
+    shortft sample --config tiny --lora runs/tiny/lora --prompt "a red circle" --seeds 0,1 --compare
     shortft config --config tiny                   # the resolved config as YAML
     shortft config --keys                          # every key with its default and help
 
@@ -20,7 +21,8 @@ from pathlib import Path
 
 import yaml
 
-from shortft.config import ConfigError, builtin_configs, describe, load_config, parse_overrides, to_dict
+from shortft.checks import load_config
+from shortft.config import ConfigError, builtin_configs, describe, parse_overrides, to_dict
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -50,6 +52,17 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--lora", help="a LoRA dir written by train (omit for the base model)")
     e.add_argument("--grid", help="write the sample grid PNG here")
 
+    sp = sub.add_parser("sample", help="images from the original sampler with a run's LoRAs (and the base model)")
+    common(sp)
+    sp.add_argument("--lora", required=True, help="the lora/ dir a train run wrote")
+    sp.add_argument("--prompt", action="append", default=[], help="a prompt (repeat for more)")
+    sp.add_argument("--prompts", help="a text file, one prompt per line")
+    sp.add_argument("--seeds", default="0", help="comma-separated seeds; every prompt is drawn with each (default 0)")
+    sp.add_argument("--steps", type=int, help="sampler steps N (default: the config's chain.steps)")
+    sp.add_argument("--guidance", type=float, help="guidance scale (default: the config's chain.guidance_scale)")
+    sp.add_argument("--out", default="samples", help="output dir (default ./samples)")
+    sp.add_argument("--compare", action="store_true", help="also the base model, side by side, as one grid PNG")
+
     pl = sub.add_parser("plan", help="print the timestep plan of every stage (same as train --dry-run)")
     common(pl)
 
@@ -66,9 +79,25 @@ def _parser() -> argparse.ArgumentParser:
     ck.add_argument("--dir", help="assets dir (default: the package's)")
     ck.add_argument("--samples", type=int, default=256)
 
-    c = sub.add_parser("config", help="print the resolved config, or every key with --keys")
-    common(c)
-    c.add_argument("--keys", action="store_true", help="list every key with its default and help")
+    bn = sub.add_parser("bench", help="seconds/step, memory, FLOPs and utilisation of each method")
+    common(bn)
+    bn.add_argument("--methods", default=",".join(("shortft", "full", "draft", "draft_lv", "alignprop", "drtune", "refl")),
+                    help="comma-separated methods (full, checkpointed, always runs as the reference)")
+    bn.add_argument("--segments", default="4", help="ShortFT segment counts k, e.g. 2,4,8 (default 4)")
+    bn.add_argument("--batch", default="1", help="batch sizes, e.g. 1,2 (default 1)")
+    bn.add_argument("--steps", type=int, default=3, help="timed training steps per arm (default 3)")
+    bn.add_argument("--warmup", type=int, default=1, help="untimed steps first (default 1)")
+    bn.add_argument("--random-weights", action="store_true",
+                    help="random weights of the config's real architecture (SD 1.5, SDXL, tiny, toy): nothing downloaded")
+    bn.add_argument("--count-only", action="store_true", help="FLOPs, calls and memory estimate only (no timing)")
+    bn.add_argument("--json", help="write the results as JSON here")
+    bn.add_argument("--counts-from", metavar="JSON", help="reuse FLOP counts and memory estimates of an earlier "
+                    "--json (e.g. a --count-only run on a CPU) for the same arms")
+    bn.add_argument("--tracking-uri", help="also log an MLflow run (experiment shortft-bench)")
+
+    config_parser = sub.add_parser("config", help="print the resolved config, or every key with --keys")
+    common(config_parser)
+    config_parser.add_argument("--keys", action="store_true", help="list every key with its default and help")
     return p
 
 
@@ -76,27 +105,22 @@ def print_plan(cfg) -> None:
     from diffusers import DDIMScheduler
 
     from shortft import builtin
-    from shortft.chain import plan_for
-    from shortft.lora import adapter_names
-    from shortft.loop import num_stages
+    from shortft.plan import format_plan, training_plan
 
     path = builtin.resolve(cfg.model.pretrained)
     try:
-        sched = DDIMScheduler.from_pretrained(path, subfolder="scheduler")
+        scheduler = DDIMScheduler.from_pretrained(path, subfolder="scheduler")
     except OSError as e:
         raise ConfigError(f"model.pretrained={cfg.model.pretrained!r}: no scheduler config ({str(e).splitlines()[0]})") from None
-    sched.set_timesteps(cfg.chain.steps)
-    ts = [int(t) for t in sched.timesteps]
-    adapters = adapter_names(cfg.chain.method, cfg.lora.timestep_aware, cfg.chain.segments)
-    stages = num_stages(cfg)
+    scheduler.set_timesteps(cfg.chain.steps)
+    timesteps = [int(t) for t in scheduler.timesteps]
+    plan = training_plan(cfg)
     print(f"method {cfg.chain.method}: N={cfg.chain.steps} original steps, k={cfg.chain.segments} segments, "
-          f"{stages} stage(s), LoRAs: {', '.join(adapters)}")
-    from shortft.plan import format_plan
-
-    for stage in range(1, stages + 1):
-        calls = plan_for(ts, cfg.chain, adapters, stage)
-        print(f"\nstage {stage}/{stages}" + (f" (segments < {stage} run the original steps without gradient)"
-                                            if stage > 1 else ""))
+          f"{plan.stages} stage(s), LoRAs: {', '.join(plan.adapters)}")
+    for stage in range(1, plan.stages + 1):
+        calls = plan.calls(timesteps, stage)
+        print(f"\nstage {stage}/{plan.stages}" + (f" (segments < {stage} run the original steps without gradient)"
+                                                  if stage > 1 else ""))
         print(format_plan(calls))
 
 
@@ -107,17 +131,16 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.command == "toy":
-            from shortft.builtin import toy_dir
-            from shortft.toy.build import build
+            from shortft.builtin import toy_dir, world_module
 
+            build = world_module("toy", "build")
             if args.toy_command == "build":
                 sizes = parse_overrides(args.set)
-                build(Path(args.out) if args.out else toy_dir(), quick=args.quick, seed=args.seed,
-                      base=Path(args.from_base) if args.from_base else None, overrides=sizes, device=args.device)
+                build.build(Path(args.out) if args.out else toy_dir(), quick=args.quick, seed=args.seed,
+                            base=Path(args.from_base) if args.from_base else None, overrides=sizes, device=args.device)
             else:
-                from shortft.toy.build import measure
-
-                print(json.dumps(measure(args.dir or toy_dir(), samples=args.samples), indent=1))
+                print(json.dumps(world_module("toy", "checks").measure(args.dir or toy_dir(), samples=args.samples),
+                                 indent=1))
             return 0
         if args.command == "config" and args.keys:
             for key, default, help in describe():
@@ -134,6 +157,10 @@ def main(argv: list[str] | None = None) -> int:
             return run_train(cfg, args)
         elif args.command == "eval":
             run_eval(cfg, args.lora, args.grid)
+        elif args.command == "bench":
+            run_bench(cfg, args)
+        elif args.command == "sample":
+            run_sample(cfg, args)
     except ConfigError as e:
         print(f"shortft: error: {e}", file=sys.stderr)
         return 2
@@ -177,24 +204,85 @@ def run_train(cfg, args) -> int:
     return 0
 
 
-def run_eval(cfg, lora: str | None, grid: str | None) -> dict:
-    import dataclasses
+def _int_list(flag: str, text: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ConfigError(f"{flag} {text!r}: expected comma-separated integers, e.g. 1,2") from None
 
-    from shortft.evaluate import evaluate
-    from shortft.lora import PLAN_FILE, load_lora_state
+
+def run_bench(cfg, args) -> dict:
+    from shortft.bench import format_table, log_to_mlflow, run_bench as bench
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    print(f"bench {cfg.name}: {cfg.model.pretrained}{' (random weights)' if args.random_weights else ''}, "
+          f"N={cfg.chain.steps}", flush=True)
+    result = bench(cfg, methods, _int_list("--segments", args.segments), _int_list("--batch", args.batch),
+                   args.steps, args.warmup, args.random_weights, time_it=not args.count_only,
+                   counts_from=json.loads(Path(args.counts_from).read_text()) if args.counts_from else None)
+    print(f"\n{result['device']}, {result['mixed_precision']} autocast, frozen weights {result['dtype']}, "
+          f"{result['date']}\n" + format_table(result))
+    path = Path(args.json) if args.json else None
+    if path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result, indent=1))
+    if args.tracking_uri:
+        print(f"mlflow run {log_to_mlflow(result, args.tracking_uri, path)}")
+    return result
+
+
+def load_trained(cfg, lora: str | None):
+    """The config's models with the LoRAs of a run (its own adapters and chain), or without any."""
+    from shortft.lora import load_lora_state, read_lora_plan
     from shortft.models import load_models
-    from shortft.rewards import Rewards
+    from shortft.plan import training_plan
 
-    if lora:
-        plan_file = Path(lora) / PLAN_FILE
-        if not plan_file.is_file():
-            raise ConfigError(f"--lora {lora}: no {PLAN_FILE} there; give the lora/ dir a train run wrote")
-        plan = json.loads(plan_file.read_text())
-        chain = dataclasses.replace(cfg.chain, method=plan["method"], segments=plan["segments"])
-        cfg = dataclasses.replace(cfg, chain=chain)
-    models = load_models(cfg, with_loras=bool(lora))
+    plan = training_plan(cfg, saved=read_lora_plan(lora)) if lora else None
+    models = load_models(cfg, with_loras=bool(lora), plan=plan)
     if lora:
         load_lora_state(models.unet, Path(lora), models.adapters)
+    return models
+
+
+def run_sample(cfg, args) -> Path:
+    import dataclasses
+
+    import torch
+
+    from shortft.data import read_prompts
+    from shortft.evaluate import generate, save_grid
+
+    if args.prompts and not Path(args.prompts).is_file():
+        raise ConfigError(f"--prompts {args.prompts}: no such file")
+    prompts = list(args.prompt) + (read_prompts(args.prompts) if args.prompts else [])
+    if not prompts:
+        raise ConfigError("give --prompt \"...\" (repeatable) or --prompts <file>")
+    seeds = _int_list("--seeds", args.seeds)
+    chain = dataclasses.replace(cfg.chain, steps=args.steps or cfg.chain.steps,
+                                guidance_scale=cfg.chain.guidance_scale if args.guidance is None else args.guidance)
+    cfg = dataclasses.replace(cfg, chain=chain)
+    models = load_trained(cfg, args.lora)
+    items = [(p, s) for p in prompts for s in seeds]
+    tuned = generate(models, cfg, [p for p, _ in items], [s for _, s in items], progress=True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for i, ((prompt, seed), image) in enumerate(zip(items, tuned)):
+        save_grid(image[None], out / f"{i:03d}-seed{seed}.png", min_tile=1)
+    if args.compare:
+        base = generate(models, cfg, [p for p, _ in items], [s for _, s in items],
+                        plan=dataclasses.replace(models.plan, adapters=()), progress=True)
+        pairs = torch.stack([base, tuned], 1).flatten(0, 1)  # base_0, tuned_0, base_1, ...
+        path = save_grid(pairs, out / "compare.png", cols=2)
+        print(f"base | tuned, one row per prompt and seed: {path}")
+    print(f"{len(items)} image(s) in {out}")
+    return out
+
+
+def run_eval(cfg, lora: str | None, grid: str | None) -> dict:
+    from shortft.evaluate import evaluate
+    from shortft.rewards import Rewards
+
+    models = load_trained(cfg, lora)
     rewards = Rewards(cfg.reward.weights, cfg.reward.options, [cfg.eval.objective, *cfg.eval.terms], models.device)
     metrics = evaluate(models, cfg, rewards, Path(grid) if grid else None)
     print(json.dumps(metrics, indent=1))

@@ -1,15 +1,21 @@
-"""Run configuration: dataclasses loaded from YAML, with `a.b=c` overrides and validation.
+"""Run configuration, as pure data: dataclasses loaded from YAML, `a.b=c` overrides, type and range checks.
 
 Every field has a default and a one-line help (the `help` metadata); the dataclasses are the single
 source of truth for the YAML files, the command line and the docs. Errors raise `ConfigError` with one
 line that names the bad key and what is allowed; the CLI prints it without a traceback.
+
+This module imports no other part of the package. Checks that need a registry or the disk (reward
+names, model paths, shortcut files, prompt files) live next to what they check and run together in
+`shortft.checks.check(cfg)`.
+
+Over 300 lines: the dataclasses with a help line per field are half of it, and the loader and the
+validator read those same fields; splitting them would spread one schema over three files.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -28,7 +34,8 @@ class ConfigError(ValueError):
     """A user mistake in the configuration; the message is one line that names the key and the fix."""
 
 
-def _f(default: Any, help: str) -> Any:
+def setting(default: Any, help: str) -> Any:
+    """A dataclass field with a default (lists/dicts copied per instance) and its one-line help."""
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata={"help": help})
     return field(default=default, metadata={"help": help})
@@ -36,82 +43,82 @@ def _f(default: Any, help: str) -> Any:
 
 @dataclass
 class ModelConfig:
-    pretrained: str = _f("builtin:tiny", "diffusers pipeline: hub id (org/name), local dir, or builtin:<name>")
-    shortcut: str = _f("none", "frozen few-step model: none (base model, one DDIM jump), lora:<path>, unet:<path>")
-    shortcut_guidance_scale: float | None = _f(None, "guidance for shortcut jumps (null = chain.guidance_scale)")
-    dtype: str = _f("float32", "dtype of the frozen weights: float32, bfloat16 or float16 (LoRA stays fp32)")
-    device: str = _f("auto", "auto (cuda if available), cpu, cuda, cuda:N")
+    pretrained: str = setting("builtin:tiny", "diffusers pipeline: hub id (org/name), local dir, or builtin:<name>")
+    shortcut: str = setting("none", "frozen few-step model: none (base model, one DDIM jump), lora:<path>, unet:<path>")
+    shortcut_guidance_scale: float | None = setting(None, "guidance for shortcut jumps (null = chain.guidance_scale)")
+    dtype: str = setting("float32", "dtype of the frozen weights: float32, bfloat16 or float16 (LoRA stays fp32)")
+    device: str = setting("auto", "auto (cuda if available), cpu, cuda, cuda:N")
 
 
 @dataclass
 class ChainConfig:
-    method: str = _f("shortft", "one of " + ", ".join(METHODS))
-    steps: int = _f(50, "N: original DDIM steps of the sampler")
-    segments: int = _f(4, "k: shortcut segments of the ShortFT chain")
-    truncate_at: float = _f(0.0, "fraction of the N steps run without gradient first (0 = end to end)")
-    guidance_scale: float = _f(7.5, "classifier-free guidance scale (<= 1 turns guidance off)")
-    checkpointing: bool = _f(False, "recompute each UNet call in backward (less memory, ~1.3x time)")
-    last_k: int = _f(1, "draft: steps at the end of the chain that carry gradient")
-    lv_copies: int = _f(2, "draft_lv: extra re-noised copies of the last step")
-    alignprop_range: list = _f([0.0, 1.0], "alignprop: fraction range the random gradient cut is drawn from")
-    refl_window: list = _f([0.75, 1.0], "refl: fraction window of the step that carries gradient")
-    drtune_train_steps: int = _f(5, "drtune: evenly spaced steps that carry gradient")
-    drtune_stop_at: float = _f(1.0, "drtune: fraction of the chain after which x0 is predicted directly")
-    interior_adapters: str = _f("none", "shortft inference: LoRAs on the steps the short chain skips: none or segment")
+    method: str = setting("shortft", "one of " + ", ".join(METHODS))
+    steps: int = setting(50, "N: original DDIM steps of the sampler")
+    segments: int = setting(4, "k: shortcut segments of the ShortFT chain")
+    truncate_at: float = setting(0.0, "fraction of the N steps run without gradient first (0 = end to end)")
+    guidance_scale: float = setting(7.5, "classifier-free guidance scale (<= 1 turns guidance off)")
+    checkpointing: bool = setting(False, "recompute each UNet call in backward (less memory, ~1.3x time)")
+    last_k: int = setting(1, "draft: steps at the end of the chain that carry gradient")
+    lv_copies: int = setting(2, "draft_lv: extra re-noised copies of the last step")
+    alignprop_range: list = setting([0.0, 1.0], "alignprop: fraction range the random gradient cut is drawn from")
+    refl_window: list = setting([0.75, 1.0], "refl: fraction window of the step that carries gradient")
+    drtune_train_steps: int = setting(5, "drtune: evenly spaced steps that carry gradient")
+    drtune_stop_at: float = setting(1.0, "drtune: fraction of the chain after which x0 is predicted directly")
+    interior_adapters: str = setting("none", "shortft inference: LoRAs on the steps the short chain skips: none or segment")
 
 
 @dataclass
 class LoraConfig:
-    rank: int = _f(8, "LoRA rank")
-    alpha: float | None = _f(None, "LoRA alpha (null = rank, i.e. scale 1)")
-    timestep_aware: bool = _f(True, "one LoRA per segment, stacked; off = one shared LoRA")
-    targets: list = _f(["to_q", "to_k", "to_v", "to_out.0"], "UNet module names the LoRA wraps")
+    rank: int = setting(8, "LoRA rank")
+    alpha: float | None = setting(None, "LoRA alpha (null = rank, i.e. scale 1)")
+    timestep_aware: bool = setting(True, "one LoRA per segment, stacked; off = one shared LoRA")
+    targets: list = setting(["to_q", "to_k", "to_v", "to_out.0"], "UNet module names the LoRA wraps")
 
 
 @dataclass
 class TrainConfig:
-    steps: int = _f(100, "optimizer steps")
-    batch_size: int = _f(2, "prompts per micro-batch")
-    grad_accum: int = _f(1, "micro-batches per optimizer step")
-    lr: float = _f(1e-3, "AdamW learning rate")
-    weight_decay: float = _f(0.0, "AdamW weight decay")
-    progressive: bool = _f(True, "shortft: k stages; stage s trains LoRA_s..k")
-    stage_segment_grad: bool = _f(True, "progressive: stage s runs segment s itself with gradient")
-    grad_clip: float = _f(1.0, "max gradient norm (0 = no clipping)")
-    seed: int = _f(0, "seed of prompts, noise and random cuts")
-    max_bad_steps: int = _f(5, "stop after this many non-finite losses/grads in a row")
-    checkpoint_every: int = _f(50, "steps between checkpoints (0 = only at the end)")
-    keep_checkpoints: int = _f(2, "checkpoints kept on disk")
-    log_every: int = _f(1, "steps between progress lines")
-    mixed_precision: str = _f("auto", "autocast: auto (bf16 on cuda, off on cpu), no, bf16, fp16")
-    output_dir: str = _f("runs/{name}", "where checkpoints, LoRA, metrics and samples go")
+    steps: int = setting(100, "optimizer steps")
+    batch_size: int = setting(2, "prompts per micro-batch")
+    grad_accum: int = setting(1, "micro-batches per optimizer step")
+    lr: float = setting(1e-3, "AdamW learning rate")
+    weight_decay: float = setting(0.0, "AdamW weight decay")
+    progressive: bool = setting(True, "shortft: k stages; stage s trains LoRA_s..k")
+    stage_segment_grad: bool = setting(True, "progressive: stage s runs segment s itself with gradient")
+    grad_clip: float = setting(1.0, "max gradient norm (0 = no clipping)")
+    seed: int = setting(0, "seed of prompts, noise and random cuts")
+    max_bad_steps: int = setting(5, "stop after this many non-finite losses/grads in a row")
+    checkpoint_every: int = setting(50, "steps between checkpoints (0 = only at the end)")
+    keep_checkpoints: int = setting(2, "checkpoints kept on disk")
+    log_every: int = setting(1, "steps between progress lines")
+    mixed_precision: str = setting("auto", "autocast: auto (bf16 on cuda, off on cpu), no, bf16, fp16")
+    output_dir: str = setting("runs/{name}", "where checkpoints, LoRA, metrics and samples go")
 
 
 @dataclass
 class RewardConfig:
-    weights: dict = _f({"symmetry": 1.0}, "training reward = sum of weight * term")
-    options: dict = _f({}, "per-term settings, e.g. {toy_alignment: {path: ...}}")
+    weights: dict = setting({"symmetry": 1.0}, "training reward = sum of weight * term")
+    options: dict = setting({}, "per-term settings, e.g. {toy_alignment: {path: ...}}")
 
 
 @dataclass
 class EvalConfig:
-    every: int = _f(0, "steps between evaluations (0 = only at the end)")
-    objective: str = _f("symmetry", "fixed reward term reported as the evaluation objective")
-    terms: list = _f([], "extra reward terms to report besides the training ones")
-    samples_per_prompt: int = _f(1, "samples per held-out prompt (fixed seeds)")
-    seed: int = _f(1234, "seed of the evaluation noise")
-    batch_size: int = _f(8, "samples per sampler call")
+    every: int = setting(0, "steps between evaluations (0 = only at the end)")
+    objective: str = setting("symmetry", "fixed reward term reported as the evaluation objective")
+    terms: list = setting([], "extra reward terms to report besides the training ones")
+    samples_per_prompt: int = setting(1, "samples per held-out prompt (fixed seeds)")
+    seed: int = setting(1234, "seed of the evaluation noise")
+    batch_size: int = setting(8, "samples per sampler call")
 
 
 @dataclass
 class DataConfig:
-    prompts: Any = _f([], "training prompts: a list or a text file, one per line")
-    eval_prompts: Any = _f([], "held-out prompts: a list or a text file, one per line")
+    prompts: Any = setting([], "training prompts: a list or a text file, one per line")
+    eval_prompts: Any = setting([], "held-out prompts: a list or a text file, one per line")
 
 
 @dataclass
 class Config:
-    name: str = _f("run", "run name")
+    name: str = setting("run", "run name")
     model: ModelConfig = field(default_factory=ModelConfig)
     chain: ChainConfig = field(default_factory=ChainConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
@@ -190,8 +197,9 @@ def merge(base: dict, update: dict) -> dict:
     return out
 
 
-def load_config(config: str | None = None, overrides: list[str] | dict | None = None) -> Config:
-    """Built-in name or YAML path, then overrides (`a.b=c` strings or a nested dict); validated."""
+def read_config(config: str | None = None, overrides: list[str] | dict | None = None) -> Config:
+    """Built-in name or YAML path, then overrides (`a.b=c` strings or a nested dict); type and range
+    checked (`shortft.load_config` also runs the registry and disk checks)."""
     data = read_mapping(config) if config else {}
     if overrides:
         data = merge(data, overrides if isinstance(overrides, dict) else parse_overrides(list(overrides)))
@@ -310,99 +318,60 @@ def _fraction_range(key: str, value: list) -> None:
         raise ConfigError(f"{key}={value!r}: expected [low, high] with 0 <= low < high <= 1")
 
 
-def looks_like_path(name: str) -> bool:
-    # A hub id is exactly "org/name"; anything else with a separator or a leading dot/tilde is a path.
-    return name.startswith(("/", ".", "~")) or name.count("/") != 1 or os.sep != "/" and os.sep in name
-
-
 def validate(cfg: Config) -> None:
-    from shortft import rewards  # registry lives with the rewards; imported late to keep config light
-
-    c, lora, t, m = cfg.chain, cfg.lora, cfg.train, cfg.model
-    _one_of("chain.method", c.method, METHODS)
-    for key, value in (("chain.steps", c.steps), ("chain.segments", c.segments), ("lora.rank", lora.rank),
-                       ("train.steps", t.steps), ("train.batch_size", t.batch_size),
-                       ("train.grad_accum", t.grad_accum), ("chain.last_k", c.last_k),
-                       ("chain.lv_copies", c.lv_copies), ("chain.drtune_train_steps", c.drtune_train_steps),
-                       ("train.max_bad_steps", t.max_bad_steps), ("train.keep_checkpoints", t.keep_checkpoints),
-                       ("train.log_every", t.log_every), ("eval.samples_per_prompt", cfg.eval.samples_per_prompt),
+    """Types and ranges: everything that can be checked from the values alone."""
+    chain, lora, train, model = cfg.chain, cfg.lora, cfg.train, cfg.model
+    _one_of("chain.method", chain.method, METHODS)
+    for key, value in (("chain.steps", chain.steps), ("chain.segments", chain.segments), ("lora.rank", lora.rank),
+                       ("train.steps", train.steps), ("train.batch_size", train.batch_size),
+                       ("train.grad_accum", train.grad_accum), ("chain.last_k", chain.last_k),
+                       ("chain.lv_copies", chain.lv_copies), ("chain.drtune_train_steps", chain.drtune_train_steps),
+                       ("train.max_bad_steps", train.max_bad_steps), ("train.keep_checkpoints", train.keep_checkpoints),
+                       ("train.log_every", train.log_every), ("eval.samples_per_prompt", cfg.eval.samples_per_prompt),
                        ("eval.batch_size", cfg.eval.batch_size)):
         if value <= 0:
             raise ConfigError(f"{key}={value}: must be a positive integer")
-    if c.segments > c.steps:
-        raise ConfigError(f"chain.segments={c.segments}: must be <= chain.steps={c.steps} (each segment needs a step)")
-    if c.last_k > c.steps:
-        raise ConfigError(f"chain.last_k={c.last_k}: must be <= chain.steps={c.steps}")
-    if not (math.isfinite(c.truncate_at) and 0 <= c.truncate_at < 1):
-        raise ConfigError(f"chain.truncate_at={c.truncate_at}: must be in [0, 1) (0 = gradient end to end)")
-    if not (math.isfinite(c.drtune_stop_at) and 0 < c.drtune_stop_at <= 1):
-        raise ConfigError(f"chain.drtune_stop_at={c.drtune_stop_at}: must be in (0, 1]")
-    _fraction_range("chain.alignprop_range", c.alignprop_range)
-    _fraction_range("chain.refl_window", c.refl_window)
-    _one_of("chain.interior_adapters", c.interior_adapters, INTERIOR_ADAPTERS)
-    if not math.isfinite(c.guidance_scale):
-        raise ConfigError(f"chain.guidance_scale={c.guidance_scale}: must be a finite number")
+    if chain.segments > chain.steps:
+        raise ConfigError(f"chain.segments={chain.segments}: must be <= chain.steps={chain.steps} (each segment needs a step)")
+    if chain.last_k > chain.steps:
+        raise ConfigError(f"chain.last_k={chain.last_k}: must be <= chain.steps={chain.steps}")
+    if not (math.isfinite(chain.truncate_at) and 0 <= chain.truncate_at < 1):
+        raise ConfigError(f"chain.truncate_at={chain.truncate_at}: must be in [0, 1) (0 = gradient end to end)")
+    if not (math.isfinite(chain.drtune_stop_at) and 0 < chain.drtune_stop_at <= 1):
+        raise ConfigError(f"chain.drtune_stop_at={chain.drtune_stop_at}: must be in (0, 1]")
+    _fraction_range("chain.alignprop_range", chain.alignprop_range)
+    _fraction_range("chain.refl_window", chain.refl_window)
+    _one_of("chain.interior_adapters", chain.interior_adapters, INTERIOR_ADAPTERS)
+    if not math.isfinite(chain.guidance_scale):
+        raise ConfigError(f"chain.guidance_scale={chain.guidance_scale}: must be a finite number")
     if lora.alpha is not None:
         _positive("lora.alpha", lora.alpha)
     if not lora.targets or not all(isinstance(x, str) for x in lora.targets):
         raise ConfigError(f"lora.targets={lora.targets!r}: expected a non-empty list of module names, e.g. [to_q, to_v]")
-    _positive("train.lr", t.lr)
-    _positive("train.weight_decay", t.weight_decay, zero_ok=True)
-    _positive("train.grad_clip", t.grad_clip, zero_ok=True)
-    for key, value in (("train.checkpoint_every", t.checkpoint_every), ("eval.every", cfg.eval.every)):
+    _positive("train.lr", train.lr)
+    _positive("train.weight_decay", train.weight_decay, zero_ok=True)
+    _positive("train.grad_clip", train.grad_clip, zero_ok=True)
+    for key, value in (("train.checkpoint_every", train.checkpoint_every), ("eval.every", cfg.eval.every)):
         if value < 0:
             raise ConfigError(f"{key}={value}: must be >= 0 (0 = only at the end)")
-    _one_of("train.mixed_precision", t.mixed_precision, MIXED_PRECISION)
-    _one_of("model.dtype", m.dtype, ("float32", "bfloat16", "float16"))
-    check_device_name("model.device", m.device)
+    _one_of("train.mixed_precision", train.mixed_precision, MIXED_PRECISION)
+    _one_of("model.dtype", model.dtype, ("float32", "bfloat16", "float16"))
+    check_device_name("model.device", model.device)
+    kind, _, path = model.shortcut.partition(":")
+    if model.shortcut != "none" and (kind not in ("lora", "unet") or not path):
+        raise ConfigError(f"model.shortcut={model.shortcut!r}: expected none, lora:<path or hub id>, unet:<path or hub id>")
 
     if not cfg.reward.weights:
         raise ConfigError("reward.weights: empty; name at least one term, e.g. reward.weights.symmetry=1.0")
     for name, weight in cfg.reward.weights.items():
-        rewards.check_name(f"reward.weights.{name}", name)
         if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
             raise ConfigError(f"reward.weights.{name}={weight!r}: must be a finite number")
     for name, opts in cfg.reward.options.items():
-        rewards.check_name(f"reward.options.{name}", name)
         if not isinstance(opts, dict):
             raise ConfigError(f"reward.options.{name}={opts!r}: expected a mapping, e.g. {{path: ...}}")
-    rewards.check_name("eval.objective", cfg.eval.objective)
-    for name in cfg.eval.terms:
-        rewards.check_name("eval.terms", name)
-
-    from shortft.builtin import BUILTIN_MODELS, PACKAGED, resolve_path
-
-    if m.pretrained.startswith("builtin:"):
-        _one_of("model.pretrained", m.pretrained, [f"builtin:{n}" for n in (*BUILTIN_MODELS, *PACKAGED)])
-        if m.pretrained == "builtin:toy" and not (Path(resolve_path(m.pretrained)) / "model_index.json").is_file():
-            raise ConfigError(f"model.pretrained=builtin:toy: no toy assets at {resolve_path(m.pretrained)}; "
-                              "run `shortft toy build` (or set SHORTFT_TOY_DIR)")
-    elif looks_like_path(m.pretrained) and not Path(m.pretrained).expanduser().is_dir():
-        raise ConfigError(
-            f"model.pretrained={m.pretrained!r}: no such directory; give a diffusers pipeline dir, a hub id "
-            "(org/name) or builtin:tiny"
-        )
-    kind, _, path = m.shortcut.partition(":")
-    if m.shortcut != "none":
-        if kind not in ("lora", "unet") or not path:
-            raise ConfigError(f"model.shortcut={m.shortcut!r}: expected none, lora:<path or hub id>, unet:<path or hub id>")
-        local = resolve_path(path, c.segments)
-        if (path.startswith("builtin:") or looks_like_path(local)) and not Path(local).expanduser().exists():
-            raise ConfigError(f"model.shortcut={m.shortcut!r}: {local} does not exist"
-                              + (" (no shortcut for this chain.segments?)" if "{segments}" in path else ""))
     for key in ("prompts", "eval_prompts"):
         value = getattr(cfg.data, key)
         if isinstance(value, str):
-            if not Path(resolve_path(value)).is_file():
-                raise ConfigError(f"data.{key}={value!r}: no such file; give a list or a text file, one prompt per line")
-        elif not isinstance(value, list) or not value or not all(isinstance(p, str) for p in value):
+            continue  # a file: `shortft.data.check_prompts` looks for it
+        if not isinstance(value, list) or not value or not all(isinstance(p, str) for p in value):
             raise ConfigError(f"data.{key}: expected a non-empty list of prompts or a text file path")
-
-
-def read_prompts(value: list | str) -> list[str]:
-    """A list as is, or a text file (a path, or builtin:toy/<file>) with one prompt per line."""
-    if isinstance(value, str):
-        from shortft.builtin import resolve_path
-
-        return [line.strip() for line in Path(resolve_path(value)).read_text().splitlines() if line.strip()]
-    return list(value)

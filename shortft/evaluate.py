@@ -12,9 +12,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from shortft.chain import interior, original_sampler
-from shortft.config import Config, read_prompts
+from shortft.chain import original_sampler
+from shortft.config import Config
+from shortft.data import read_prompts
 from shortft.models import Models
+from shortft.plan import TrainingPlan
 from shortft.rewards import Rewards
 
 
@@ -24,14 +26,18 @@ def seeded_noise(models: Models, seeds: list[int]) -> torch.Tensor:
 
 
 @torch.no_grad()
-def generate(models: Models, cfg: Config, prompts: list[str], seeds: list[int]) -> torch.Tensor:
-    """[B, 3, H, W] images in [0, 1] from the original sampler, in eval.batch_size chunks."""
+def generate(models: Models, cfg: Config, prompts: list[str], seeds: list[int], plan: TrainingPlan | None = None,
+             progress: bool = False) -> torch.Tensor:
+    """[B, 3, H, W] images in [0, 1] from the original sampler with `plan`'s LoRAs (default: the models'
+    own; a plan with no adapters gives the base model), in eval.batch_size chunks."""
+    from tqdm.auto import tqdm
+
     out = []
-    bs = cfg.eval.batch_size
-    for i in range(0, len(prompts), bs):
-        c = models.condition(prompts[i:i + bs], cfg.chain.guidance_scale, cfg.chain.guidance_scale)
-        latents = original_sampler(models.denoiser, seeded_noise(models, seeds[i:i + bs]), c, cfg.chain.steps,
-                                   cfg.chain.segments, models.adapters, interior(cfg.chain))
+    size = cfg.eval.batch_size
+    calls = (plan or models.plan).inference_calls(models.denoiser.timesteps(cfg.chain.steps))
+    for i in tqdm(range(0, len(prompts), size), desc="sampling", unit="batch", disable=not progress):
+        condition = models.condition(prompts[i:i + size], cfg.chain.guidance_scale, cfg.chain.guidance_scale)
+        latents = original_sampler(models.denoiser, seeded_noise(models, seeds[i:i + size]), condition, calls)
         out.append(models.decode(latents).cpu())
     return torch.cat(out)
 
@@ -51,12 +57,13 @@ def evaluate(models: Models, cfg: Config, rewards: Rewards, grid_path: Path | No
     return metrics
 
 
-def save_grid(images: torch.Tensor, path: Path, min_tile: int = 128) -> Path:
-    """[B, 3, H, W] in [0, 1] -> one PNG; small images are upscaled (nearest) to be visible."""
+def save_grid(images: torch.Tensor, path: Path, min_tile: int = 128, cols: int | None = None) -> Path:
+    """[B, 3, H, W] in [0, 1] -> one PNG, row by row (`cols` per row, default a square-ish grid); small
+    images are upscaled (nearest) to be visible."""
     from PIL import Image
 
     b, _, h, w = images.shape
-    cols = math.ceil(math.sqrt(b))
+    cols = cols or math.ceil(math.sqrt(b))
     rows = math.ceil(b / cols)
     scale = max(1, min_tile // max(h, w))
     grid = np.ones((rows * h, cols * w, 3), dtype=np.uint8) * 255

@@ -20,12 +20,14 @@ import torch.distributed as dist
 import yaml
 
 from shortft import checkpoint
-from shortft.chain import ChainInput, interior, sample, stage_of
-from shortft.config import Config, read_prompts, to_dict
+from shortft.chain import ChainInput, sample
+from shortft.checks import check
+from shortft.config import Config, to_dict
+from shortft.data import read_prompts
+from shortft.denoiser import CallCount
 from shortft.evaluate import evaluate
 from shortft.lora import lora_params, save_loras
 from shortft.models import Models, load_models
-from shortft.plan import sampler_plan, stacked
 from shortft.rewards import Rewards
 
 
@@ -85,21 +87,19 @@ def draw_batch(models: Models, prompts: list[str], seed: int, step: int, micro: 
     return batch, torch.cat(noise)  # [B, 4, h, w]
 
 
-def lora_plan(models: Models, cfg: Config) -> dict:
-    """What a user needs to run the LoRA set at inference: which adapters at which timestep."""
-    ts = models.denoiser.timesteps(cfg.chain.steps)
-    calls = sampler_plan(ts, cfg.chain.segments, stacked(models.adapters), interior(cfg.chain))
-    return {"method": cfg.chain.method, "steps": cfg.chain.steps, "segments": cfg.chain.segments,
-            "timesteps": ts, "step_adapters": [list(c.adapters) for c in calls]}
-
-
-def trainable_adapters(cfg: Config, adapters: list[str], stage: int) -> list[str]:
-    """Progressive ShortFT: stage s trains LoRA_s..k (a shared LoRA trains in every stage)."""
-    return adapters[stage - 1:] if len(adapters) > 1 else adapters
-
-
-def num_stages(cfg: Config) -> int:
-    return cfg.chain.segments if cfg.chain.method == "shortft" and cfg.train.progressive else 1
+def micro_batch_loss(models: Models, rewards: Rewards, cfg: Config, prompts: list[str], noise: torch.Tensor,
+                     stage: int, generator: torch.Generator, autocast=nullcontext(),
+                     ) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """prompts -> text states -> chain -> VAE decode -> reward terms -> loss (scaled for grad_accum).
+    noise: [B, 4, h, w]. Returns (loss, weighted reward [B'], terms {name: [B']}), B' = B * copies."""
+    condition = models.condition(prompts, cfg.chain.guidance_scale, cfg.model.shortcut_guidance_scale)
+    with autocast:
+        latents = sample(models.denoiser, ChainInput(noise, condition, stage, generator), models.plan)
+        images = models.decode(latents)  # [B', 3, H, W], B' = B * copies (draft_lv)
+        batch_prompts = prompts * (images.shape[0] // len(prompts))
+        terms = rewards.terms(images, batch_prompts, list(rewards.weights))
+        reward = rewards.weighted(terms)  # [B']
+        return -reward.mean() / cfg.train.grad_accum, reward, terms
 
 
 def autocast_for(cfg: Config, device: torch.device):
@@ -141,14 +141,15 @@ def train(cfg: Config, callbacks: list[Callback] = (), resume: bool | str | Path
     """One fine-tuning run. Under torch.distributed (rank/world_size > 1): each rank draws its own
     share of every batch, LoRA gradients and metrics are averaged over ranks, and only rank 0 writes
     files."""
-    out, main = cfg.output_dir, rank == 0
-    if main:
+    check(cfg)
+    out, is_main = cfg.output_dir, rank == 0
+    if is_main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
     # 1. Load and freeze; add the LoRAs (zero-initialised) and the rewards.
     models = load_models(cfg)
-    unet, adapters = models.unet, models.adapters
+    unet, plan, adapters = models.unet, models.plan, models.adapters
     rewards = Rewards(cfg.reward.weights, cfg.reward.options, [cfg.eval.objective, *cfg.eval.terms], models.device)
     prompts = read_prompts(cfg.data.prompts)
 
@@ -158,7 +159,7 @@ def train(cfg: Config, callbacks: list[Callback] = (), resume: bool | str | Path
                                   weight_decay=cfg.train.weight_decay)
     autocast, amp = autocast_for(cfg, models.device)
     scaler = torch.amp.GradScaler(models.device.type, enabled=amp == "fp16")
-    plan = lora_plan(models, cfg)
+    lora_json = plan.lora_json(models.denoiser.timesteps(cfg.chain.steps))
 
     # 3. Resume: LoRA, optimizer, RNG and step from the latest (or given) checkpoint.
     start, bad_in_row, history = 0, 0, []
@@ -171,19 +172,20 @@ def train(cfg: Config, callbacks: list[Callback] = (), resume: bool | str | Path
             state = checkpoint.load(path, unet, adapters, optimizer)
             start, bad_in_row = state["step"], state.get("bad_in_row", 0)
             print(f"resumed from {path} at step {start}", file=sys.stderr)
-    if main:
+    if is_main:
         if metrics_file.exists():  # keep the rows up to the resumed step, so no step is logged twice
             rows = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
             history = [r for r in rows if r.get("step", 0) <= start]
         metrics_file.write_text("".join(json.dumps(r) + "\n" for r in history))
     for cb in callbacks:
         cb.on_start(models, start)
-    stages, total = num_stages(cfg), cfg.train.steps
+    total = cfg.train.steps
     eval_metrics: dict[str, float] = {}
     for step in range(start, total):
         t0 = time.perf_counter()
-        stage = stage_of(step, total, stages)
-        training = set(trainable_adapters(cfg, adapters, stage))
+        stage = plan.stage_of(step, total)
+        training = set(plan.trainable(stage))
+        models.denoiser.count = CallCount()  # network calls of this step, logged with it
         for name in adapters:
             for p in params[name]:
                 p.requires_grad_(name in training)
@@ -193,22 +195,14 @@ def train(cfg: Config, callbacks: list[Callback] = (), resume: bool | str | Path
         for micro in range(cfg.train.grad_accum):
             batch, noise = draw_batch(models, prompts, cfg.train.seed, step, micro, rank * cfg.train.batch_size,
                                       cfg.train.batch_size)
-            g = seeded(cfg.train.seed, step, micro, CHAIN_STREAM)
-            cond = models.condition(batch, cfg.chain.guidance_scale, cfg.model.shortcut_guidance_scale)
-            with autocast:
-                latents = sample(models.denoiser, ChainInput(noise, cond, stage, g, tuple(adapters),
-                                                             cfg.train.stage_segment_grad), cfg.chain)
-                images = models.decode(latents)  # [B', 3, H, W], B' = B * copies (draft_lv)
-                batch_prompts = batch * (images.shape[0] // len(batch))
-                terms = rewards.terms(images, batch_prompts, list(rewards.weights))
-                reward = rewards.weighted(terms)  # [B']
-                loss = -reward.mean() / cfg.train.grad_accum
+            generator = seeded(cfg.train.seed, step, micro, CHAIN_STREAM)
+            loss, reward, terms = micro_batch_loss(models, rewards, cfg, batch, noise, stage, generator, autocast)
             scaler.scale(loss).backward()
             sums["loss"] = sums.get("loss", 0.0) + float(loss.detach())
             sums["reward"] = sums.get("reward", 0.0) + float(reward.detach().mean()) / cfg.train.grad_accum
             for n, v in terms.items():
                 sums[f"reward/{n}"] = sums.get(f"reward/{n}", 0.0) + float(v.detach().mean()) / cfg.train.grad_accum
-            del latents, images, terms, reward, loss  # free the graph before the next micro-batch
+            del terms, reward, loss  # free the graph before the next micro-batch
 
         # 5. Average over ranks, clip, guard against non-finite values, step.
         scaler.unscale_(optimizer)
@@ -233,25 +227,26 @@ def train(cfg: Config, callbacks: list[Callback] = (), resume: bool | str | Path
         seconds = time.perf_counter() - t0
         images_seen = cfg.train.batch_size * cfg.train.grad_accum * world_size
         metrics = {"step": step + 1, "stage": stage, **sums, "grad_norm": grad_norm, "skipped": int(not finite),
+                   "network_calls": models.denoiser.count.calls, "grad_calls": models.denoiser.count.grad_calls,
                    "lr": optimizer.param_groups[0]["lr"], "seconds_per_step": seconds,
                    "images_per_second": images_seen / seconds, "peak_memory_mb": peak_memory_mb(models.device)}
-        if main and ((step + 1) % cfg.train.log_every == 0 or step + 1 == total):
-            print(f"step {step + 1}/{total}  stage {stage}/{stages}  loss {sums['loss']:+.4f}  "
+        if is_main and ((step + 1) % cfg.train.log_every == 0 or step + 1 == total):
+            print(f"step {step + 1}/{total}  stage {stage}/{plan.stages}  loss {sums['loss']:+.4f}  "
                   f"grad {grad_norm:.3g}  {seconds:.2f} s/step" + ("  SKIPPED (non-finite)" if not finite else ""),
                   flush=True)
         artifacts: dict[str, Path] = {}
         every = cfg.train.checkpoint_every
-        if main and ((every and (step + 1) % every == 0) or step + 1 == total):
+        if is_main and ((every and (step + 1) % every == 0) or step + 1 == total):
             artifacts["checkpoint"] = checkpoint.save(out / "checkpoints", step + 1, unet, adapters, optimizer,
-                                                      {"bad_in_row": bad_in_row}, plan, cfg.train.keep_checkpoints)
-        if main and ((cfg.eval.every and (step + 1) % cfg.eval.every == 0) or step + 1 == total):
+                                                      {"bad_in_row": bad_in_row}, lora_json, cfg.train.keep_checkpoints)
+        if is_main and ((cfg.eval.every and (step + 1) % cfg.eval.every == 0) or step + 1 == total):
             artifacts["grid"] = out / "samples" / f"step_{step + 1:06d}.png"
             t_eval = time.perf_counter()
             eval_metrics = evaluate(models, cfg, rewards, artifacts["grid"])
             metrics.update(eval_metrics, eval_seconds=time.perf_counter() - t_eval)
             print("eval  " + "  ".join(f"{k[5:]} {v:+.4f}" for k, v in eval_metrics.items()), flush=True)
         history.append(metrics)
-        if main:
+        if is_main:
             with metrics_file.open("a") as f:
                 f.write(json.dumps(metrics) + "\n")
         for cb in callbacks:
@@ -263,8 +258,8 @@ def train(cfg: Config, callbacks: list[Callback] = (), resume: bool | str | Path
             )
 
     lora_dir = out / "lora"
-    if main:
-        save_loras(unet, adapters, lora_dir, plan)
+    if is_main:
+        save_loras(unet, adapters, lora_dir, lora_json)
         (out / "result.json").write_text(json.dumps({"steps": total, "lora_dir": str(lora_dir), "eval": eval_metrics}))
     result = TrainResult(out, lora_dir, total, eval_metrics, history)
     for cb in callbacks:

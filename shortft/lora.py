@@ -18,14 +18,9 @@ from typing import Sequence
 
 import torch
 
+from shortft.config import ConfigError
+
 PLAN_FILE = "shortft_lora.json"
-
-
-def adapter_names(method: str, timestep_aware: bool, segments: int) -> list[str]:
-    """One LoRA per segment for timestep-aware ShortFT; one shared `default` LoRA otherwise."""
-    if method == "shortft" and timestep_aware and segments > 1:
-        return [f"segment_{j}" for j in range(1, segments + 1)]
-    return ["default"]
 
 
 class AdapterSwitch:
@@ -92,30 +87,78 @@ def save_loras(unet, names: Sequence[str], out_dir: Path, plan: dict) -> Path:
 
 
 def load_lora_state(unet, lora_dir: Path, names: Sequence[str]) -> None:
-    """Loads saved adapter weights back into already-added adapters (resume)."""
+    """Loads saved adapter weights back into already-added adapters (resume, eval, sample). A file
+    whose keys do not fit the adapters (another model, rank or target list) is a ConfigError, never a
+    partial load."""
     from peft.utils import set_peft_model_state_dict
     from safetensors.torch import load_file
 
     for name in names:
-        state = load_file(str(Path(lora_dir) / name / "pytorch_lora_weights.safetensors"))
-        state = {k.removeprefix("unet."): v for k, v in state.items()}
-        result = set_peft_model_state_dict(unet, state, adapter_name=name)
-        if getattr(result, "unexpected_keys", None):
-            raise RuntimeError(f"LoRA {name} in {lora_dir}: unexpected keys {result.unexpected_keys[:3]}")
+        path = Path(lora_dir) / name / "pytorch_lora_weights.safetensors"
+        if not path.is_file():
+            raise ConfigError(f"LoRA {lora_dir}: no {name}/pytorch_lora_weights.safetensors there")
+        state = {k.removeprefix("unet."): v for k, v in load_file(str(path)).items()}
+        try:
+            result = set_peft_model_state_dict(unet, state, adapter_name=name)
+        except RuntimeError as e:  # a shape mismatch: another rank or model
+            raise ConfigError(f"LoRA {name} in {lora_dir}: does not fit this UNet's adapters "
+                              f"({str(e).splitlines()[0][:200]})") from None
+        ours = {k for k in lora_params(unet, name)}
+        missing = [k for k in result.missing_keys if k in ours]
+        if result.unexpected_keys or missing:
+            example = (result.unexpected_keys or missing)[0]
+            raise ConfigError(f"LoRA {name} in {lora_dir}: {len(result.unexpected_keys)} keys this UNet does not "
+                              f"have and {len(missing)} it lacks (e.g. {example}); it was trained for another "
+                              "model or with other lora.targets")
+
+
+def read_lora_plan(lora_dir: str | Path) -> dict:
+    """The `shortft_lora.json` of a LoRA folder a run wrote; a ConfigError naming the folder if absent."""
+    plan_file = Path(lora_dir) / PLAN_FILE
+    if not plan_file.is_file():
+        raise ConfigError(f"--lora {lora_dir}: no {PLAN_FILE} there; give the lora/ dir a train run wrote")
+    return json.loads(plan_file.read_text())
+
+
+def load_unet_lora(unet, folder: str | Path, adapter_name: str) -> None:
+    """One saved adapter (`<folder>/pytorch_lora_weights.safetensors`, diffusers format) into the UNet
+    only: no text-encoder look-up, so no "no LoRA keys" warnings. Keys that match no UNet module are a
+    ConfigError, never a partial load."""
+    from safetensors.torch import load_file
+
+    path = Path(folder) / "pytorch_lora_weights.safetensors"
+    if not path.is_file():
+        raise ConfigError(f"LoRA {folder}: no pytorch_lora_weights.safetensors there")
+    state = {k.removeprefix("unet."): v for k, v in load_file(str(path)).items()}
+    modules = {name for name, _ in unet.named_modules()}
+    targets = {k.split(".lora_")[0] for k in state}
+    stray = sorted(t for t in targets if t not in modules)
+    if stray:
+        raise ConfigError(f"LoRA {folder}: {len(stray)} of its {len(targets)} target modules are not in this UNet "
+                          f"(e.g. {stray[0]}); it was trained for another model")
+    with warnings.catch_warnings():  # peft warns on every adapter after the first; several are the point
+        warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+        unet.load_lora_adapter(state, prefix=None, adapter_name=adapter_name)
 
 
 class TimestepAwareLora:
-    """Switches LoRAs by timestep inside any diffusers sampler loop. Remove with `.remove()`."""
+    """Switches LoRAs by timestep inside any diffusers sampler loop.
+
+    `remove()` (or leaving the `with` block) unloads the adapters it loaded and the hook, leaving the
+    pipeline as it was: a pipeline that had no LoRA then samples bit-identically to a fresh one."""
 
     def __init__(self, pipe, lora_dir: str | Path):
         lora_dir = Path(lora_dir)
-        plan = json.loads((lora_dir / PLAN_FILE).read_text())
-        for name in plan["adapters"]:
-            pipe.load_lora_weights(str(lora_dir / name), adapter_name=name)
+        plan = read_lora_plan(lora_dir)
+        self.unet = pipe.unet
+        self.had_adapters = bool(getattr(self.unet, "peft_config", None))
+        self.names = list(plan["adapters"])
+        for name in self.names:
+            load_unet_lora(self.unet, lora_dir / name, name)
         self.timesteps = plan["timesteps"]
         self.step_adapters = [tuple(a) for a in plan["step_adapters"]]
-        self.switch = AdapterSwitch(pipe.unet)
-        self.handle = pipe.unet.register_forward_pre_hook(self._hook, with_kwargs=True)
+        self.switch = AdapterSwitch(self.unet)
+        self.handle = self.unet.register_forward_pre_hook(self._hook, with_kwargs=True)
 
     def adapters_at(self, t: float) -> tuple[str, ...]:
         # The step whose timestep is nearest: exact for the sampler's own N, sensible for another N.
@@ -128,9 +171,25 @@ class TimestepAwareLora:
         self.switch.activate(self.adapters_at(t))
 
     def remove(self) -> None:
+        if self.handle is None:
+            return
         self.handle.remove()
+        self.handle = None
+        self.unet.delete_adapters(self.names)
+        if not self.had_adapters:
+            self.unet.unload_lora()  # back to the plain modules, not LoRA wrappers with nothing in them
+
+    def __enter__(self) -> "TimestepAwareLora":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
 
 
 def enable_timestep_aware(pipe, lora_dir: str | Path) -> TimestepAwareLora:
-    """Load a ShortFT LoRA set into `pipe` and switch adapters per timestep during sampling."""
+    """Load a ShortFT LoRA set into `pipe`'s UNet and switch adapters per timestep during sampling.
+
+        with enable_timestep_aware(pipe, "runs/toy/lora"):
+            images = pipe(prompt, num_inference_steps=50).images
+    """
     return TimestepAwareLora(pipe, lora_dir)

@@ -1,4 +1,9 @@
-"""Loading the frozen pipeline, the shortcut, and the LoRAs to train."""
+"""Loading the frozen pipeline, the shortcut and the LoRAs to train; text encoding and VAE decoding.
+
+Stable Diffusion 1.x/2.x (`StableDiffusionPipeline`) and SDXL (`StableDiffusionXLPipeline`: two text
+encoders, pooled embeddings and the added time ids) load through the same `from_pretrained` path,
+from a hub id, a local diffusers dir or `builtin:<name>`.
+"""
 
 from __future__ import annotations
 
@@ -8,12 +13,14 @@ from pathlib import Path
 import torch
 
 from shortft import builtin
-from shortft.chain import Condition, Denoiser
 from shortft.config import Config, ConfigError, check_device_name
-from shortft.lora import AdapterSwitch, add_loras, adapter_names, unet_has_target
+from shortft.denoiser import Condition, Denoiser
+from shortft.lora import AdapterSwitch, add_loras, unet_has_target
+from shortft.plan import TrainingPlan, training_plan
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 SHORTCUT_ADAPTER = "shortcut"
+PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
 
 
 def pick_device(name: str, flag: str = "model.device") -> torch.device:
@@ -26,58 +33,104 @@ def pick_device(name: str, flag: str = "model.device") -> torch.device:
     return torch.device(name)
 
 
+def is_sdxl(pipe) -> bool:
+    return type(pipe).__name__ == "StableDiffusionXLPipeline"
+
+
 @dataclass
 class Models:
-    pipe: object  # StableDiffusionPipeline holding the frozen parts (and the UNet with its LoRAs)
+    pipe: "diffusers.DiffusionPipeline"  # noqa: F821  the frozen parts, and the UNet with its LoRAs
     denoiser: Denoiser
-    adapters: list[str]
+    plan: TrainingPlan
     device: torch.device
 
     @property
     def unet(self):
         return self.pipe.unet
 
+    @property
+    def adapters(self) -> tuple[str, ...]:
+        return self.plan.adapters
+
     @torch.no_grad()
-    def encode(self, prompts: list[str]) -> torch.Tensor:
-        """Prompts -> [B, L, D] text states, as the SD pipeline encodes them (no clip skip)."""
-        tok = self.pipe.tokenizer(prompts, padding="max_length", max_length=self.pipe.tokenizer.model_max_length,
-                                  truncation=True, return_tensors="pt")
-        return self.pipe.text_encoder(tok.input_ids.to(self.device))[0]
+    def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Prompts -> ([B, L, D] text states, [B, P] pooled states or None), as the pipeline encodes them."""
+        if is_sdxl(self.pipe):
+            states, _, pooled, _ = self.pipe.encode_prompt(prompts, device=self.device, num_images_per_prompt=1,
+                                                           do_classifier_free_guidance=False)
+            return states, pooled
+        return encode_text(self.pipe.tokenizer, self.pipe.text_encoder, prompts), None
+
+    @torch.no_grad()
+    def _unconditional(self, batch: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        # SDXL's pipeline uses zeros for an empty negative prompt when its config says so.
+        if is_sdxl(self.pipe) and self.pipe.config.force_zeros_for_empty_prompt:
+            states, pooled = self.encode([""])
+            return torch.zeros_like(states).expand(batch, -1, -1), torch.zeros_like(pooled).expand(batch, -1)
+        states, pooled = self.encode([""])
+        return states.expand(batch, -1, -1), None if pooled is None else pooled.expand(batch, -1)
+
+    def _added(self, pooled: torch.Tensor | None, batch: int) -> dict | None:
+        """SDXL micro-conditioning as the pipeline computes it for its default sizes: (original size,
+        crop top-left (0, 0), target size), all at the model's resolution."""
+        if pooled is None:
+            return None
+        size = self.unet.config.sample_size * self.pipe.vae_scale_factor
+        time_ids = torch.tensor([[size, size, 0, 0, size, size]], dtype=pooled.dtype, device=self.device)
+        return {"text_embeds": pooled, "time_ids": time_ids.expand(batch, -1)}
 
     def condition(self, prompts: list[str], guidance_scale: float, shortcut_guidance_scale: float | None) -> Condition:
-        cond = self.encode(prompts)
-        uncond = self.encode([""] * len(prompts)) if max(guidance_scale, shortcut_guidance_scale or 0) > 1 else None
-        sc = guidance_scale if shortcut_guidance_scale is None else shortcut_guidance_scale
-        return Condition(cond, uncond, guidance_scale, sc)
+        cond, pooled = self.encode(prompts)
+        shortcut_scale = guidance_scale if shortcut_guidance_scale is None else shortcut_guidance_scale
+        uncond, uncond_pooled = None, None
+        if max(guidance_scale, shortcut_scale) > 1:
+            uncond, uncond_pooled = self._unconditional(len(prompts))
+        return Condition(cond, uncond, guidance_scale, shortcut_scale, self._added(pooled, len(prompts)),
+                         self._added(uncond_pooled, len(prompts)))
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """[B, 4, h, w] latents -> [B, 3, H, W] images in [0, 1], differentiable."""
-        vae = self.pipe.vae
-        images = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
-        return (images.float() / 2 + 0.5).clamp(0, 1)
+        return decode_latents(self.pipe.vae, latents)
 
     def initial_noise(self, batch: int, generator: torch.Generator) -> torch.Tensor:
         unet = self.pipe.unet
         size = unet.config.sample_size
         shape = (batch, unet.config.in_channels, size, size)
         # Drawn on the CPU so that a seed gives the same noise on every device.
-        return torch.randn(shape, generator=generator).to(self.device, self.pipe.unet.dtype)
+        return torch.randn(shape, generator=generator).to(self.device, unet.dtype)
+
+
+def encode_text(tokenizer, text_encoder, prompts: list[str]) -> torch.Tensor:
+    """Prompts -> [B, L, D] last hidden states, as the SD 1.x/2.x pipelines encode them (no clip skip)."""
+    tokens = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                       return_tensors="pt")
+    return text_encoder(tokens.input_ids.to(text_encoder.device))[0]
+
+
+def decode_latents(vae, latents: torch.Tensor) -> torch.Tensor:
+    """[B, 4, h, w] latents -> [B, 3, H, W] images in [0, 1] (differentiable)."""
+    images = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
+    return (images.float() / 2 + 0.5).clamp(0, 1)
 
 
 def load_pipeline(pretrained: str, dtype: torch.dtype = torch.float32):
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
-
+    """A Stable Diffusion (1.x/2.x) or SDXL pipeline with a DDIM scheduler on its own betas."""
     import diffusers
     import transformers
+    from diffusers import DDIMScheduler, DiffusionPipeline
 
     diffusers.utils.logging.disable_progress_bar()
     transformers.utils.logging.disable_progress_bar()
     path = builtin.resolve(pretrained)
     try:
-        pipe = StableDiffusionPipeline.from_pretrained(
-            path, dtype=dtype, safety_checker=None, feature_extractor=None, requires_safety_checker=False
-        )
-    except (OSError, ValueError, EnvironmentError) as e:
+        kind = DiffusionPipeline.load_config(path)["_class_name"]  # model_index.json only: no weights yet
+        if kind not in PIPELINES:
+            raise ConfigError(f"model.pretrained={pretrained!r}: a {kind}; supported: {', '.join(PIPELINES)}")
+        extra = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
+        pipe = DiffusionPipeline.from_pretrained(path, dtype=dtype, **(extra if kind == PIPELINES[0] else {}))
+    except (OSError, ValueError, EnvironmentError, KeyError) as e:
+        if isinstance(e, ConfigError):
+            raise
         raise ConfigError(f"model.pretrained={pretrained!r}: could not load a diffusers pipeline ({str(e).splitlines()[0]})") from None
     if not isinstance(pipe.scheduler, DDIMScheduler):
         # The chain's update is DDIM; a pipeline shipped with PNDM (SD 1.5) gets DDIM on the same betas.
@@ -86,36 +139,51 @@ def load_pipeline(pretrained: str, dtype: torch.dtype = torch.float32):
     return pipe
 
 
-def load_models(cfg: Config, with_loras: bool = True) -> Models:
-    """Load the pipeline, freeze everything, add the shortcut and the trainable LoRAs."""
-    device = pick_device(cfg.model.device)
+def frozen_parts(pipe) -> list[torch.nn.Module]:
+    names = ("unet", "vae", "text_encoder", "text_encoder_2")
+    return [getattr(pipe, n) for n in names if getattr(pipe, n, None) is not None]
+
+
+def load_models(cfg: Config, with_loras: bool = True, plan: TrainingPlan | None = None) -> Models:
+    """Load the pipeline, freeze everything, add the shortcut and the trainable LoRAs of `plan`
+    (default: the config's own training plan)."""
+    pipe = load_pipeline(cfg.model.pretrained, DTYPES[cfg.model.dtype])
+    return prepare_models(cfg, pipe, with_loras, plan)
+
+
+def prepare_models(cfg: Config, pipe, with_loras: bool = True, plan: TrainingPlan | None = None,
+                   device: torch.device | None = None) -> Models:
+    """Freeze a loaded (or random-weight) pipeline, add the shortcut and the trainable LoRAs."""
+    plan = plan or training_plan(cfg)
+    device = device or pick_device(cfg.model.device)
     dtype = DTYPES[cfg.model.dtype]
-    pipe = load_pipeline(cfg.model.pretrained, dtype)
-    for part in (pipe.unet, pipe.vae, pipe.text_encoder):
+    for part in frozen_parts(pipe):
         part.requires_grad_(False).eval()
 
     shortcut_unet, shortcut_adapter = None, None
-    kind, _, path = cfg.model.shortcut.partition(":")
-    path = builtin.resolve_path(path, cfg.chain.segments)
-    if kind == "lora":
-        pipe.load_lora_weights(path, adapter_name=SHORTCUT_ADAPTER)
+    if plan.shortcut.kind == "lora":
+        extra = {"weight_name": plan.shortcut.weight_name} if plan.shortcut.weight_name else {}
+        pipe.load_lora_weights(plan.shortcut.path, adapter_name=SHORTCUT_ADAPTER, **extra)
         shortcut_adapter = SHORTCUT_ADAPTER
-    elif kind == "unet":
+    elif plan.shortcut.kind == "unet":
         from diffusers import UNet2DConditionModel
 
-        sub = "unet" if (Path(path) / "unet").is_dir() else None
-        shortcut_unet = UNet2DConditionModel.from_pretrained(path, subfolder=sub, dtype=dtype)
+        sub = "unet" if (Path(plan.shortcut.path) / "unet").is_dir() else None
+        shortcut_unet = UNet2DConditionModel.from_pretrained(plan.shortcut.path, subfolder=sub, dtype=dtype)
         shortcut_unet.requires_grad_(False).eval().to(device)
 
-    adapters = adapter_names(cfg.chain.method, cfg.lora.timestep_aware, cfg.chain.segments)
     if with_loras:
         missing = unet_has_target(pipe.unet, cfg.lora.targets)
         if missing:
             raise ConfigError(f"lora.targets: {missing} match no UNet module; e.g. to_q, to_k, to_v, to_out.0")
         torch.manual_seed(cfg.train.seed)  # LoRA A is drawn at random: same seed, same start
-        add_loras(pipe.unet, adapters, cfg.lora.rank, cfg.lora.alpha, cfg.lora.targets)
+        add_loras(pipe.unet, plan.adapters, cfg.lora.rank, cfg.lora.alpha, cfg.lora.targets)
+    else:
+        from dataclasses import replace
+
+        plan = replace(plan, adapters=())
     pipe.unet.requires_grad_(False)  # LoRA params are made trainable by the loop, stage by stage
     pipe.to(device)
     denoiser = Denoiser(pipe.unet, pipe.scheduler, AdapterSwitch(pipe.unet), shortcut_unet, shortcut_adapter,
                         checkpointing=cfg.chain.checkpointing)
-    return Models(pipe, denoiser, adapters if with_loras else [], device)
+    return Models(pipe, denoiser, plan, device)

@@ -1,7 +1,9 @@
-"""Timestep plans: which network call runs at which timestep, with which model and which LoRAs.
+"""The training plan of a config, in one place: adapters, stages, which adapters train in each stage,
+the network calls of each stage, and the resolved shortcut. The loop, the evaluation, the CLI's
+`plan` command, the benchmark and the saved `shortft_lora.json` all read it from `training_plan(cfg)`.
 
-A plan is a plain list of `Call`s. The original N-step sampler is one call per timestep. The ShortFT
-chain (DESIGN.md section 2) splits the N steps into k segments; segment 1 (the head) runs its original
+A call plan is a plain list of `Call`s. The original N-step sampler is one call per timestep. The
+ShortFT chain (docs/method.md) splits the N steps into k segments; segment 1 (the head) runs its original
 steps with LoRA_1; every later segment j runs one frozen-shortcut jump across its interior and then ONE
 original step at its last timestep with LoRA_1..j. For N=50, k=4 on SD's leading timesteps:
 
@@ -13,7 +15,11 @@ i.e. 12 + 2*3 = 18 calls instead of 50.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Sequence
+
+from shortft import builtin
+from shortft.config import ChainConfig, Config, ConfigError, ModelConfig
 
 FINAL = -1  # t_next of the last step: the clean sample
 
@@ -105,3 +111,113 @@ def shortft_plan(
 def format_plan(calls: Sequence[Call]) -> str:
     lines = [f"{n:3d}  {c.describe()}" for n, c in enumerate(calls, 1)]
     return "\n".join(lines + [f"{len(calls)} network calls"])
+
+
+# ---------------------------------------------------------------------------------------------
+# The plan of a whole run
+
+
+@dataclass(frozen=True)
+class Shortcut:
+    """The frozen few-step model: `none` (the base model jumps in one DDIM step), a LoRA on the base
+    UNet, or a separate UNet; `path` is a local path or a hub id, with `{segments}` filled in.
+    `weight_name`: one file inside a hub repo (`lora:ByteDance/Hyper-SD/Hyper-SD15-4steps-lora.safetensors`)."""
+
+    kind: str
+    path: str = ""
+    weight_name: str | None = None
+
+
+def resolve_shortcut(model: ModelConfig, segments: int) -> Shortcut:
+    if model.shortcut == "none":
+        return Shortcut("none")
+    kind, _, path = model.shortcut.partition(":")
+    path = builtin.resolve_path(path, segments)
+    parts = path.split("/")
+    in_hub_repo = (len(parts) > 2 and path.endswith(".safetensors") and not path.startswith(("/", ".", "~"))
+                   and not Path(path).exists())
+    if in_hub_repo:  # org/repo/<file inside the repo>
+        return Shortcut(kind, "/".join(parts[:2]), "/".join(parts[2:]))
+    return Shortcut(kind, path)
+
+
+def check_shortcut(cfg: Config) -> None:
+    """A shortcut given as a local path (or a built-in file) must exist; hub ids are checked on load."""
+    shortcut = resolve_shortcut(cfg.model, cfg.chain.segments)
+    if shortcut.kind == "none":
+        return
+    given = cfg.model.shortcut.partition(":")[2]
+    if shortcut.weight_name:
+        return  # a file inside a hub repo: checked when loaded
+    if (given.startswith("builtin:") or builtin.looks_like_path(shortcut.path)) and not Path(shortcut.path).expanduser().exists():
+        hint = " (no shortcut for this chain.segments?)" if "{segments}" in given else ""
+        raise ConfigError(f"model.shortcut={cfg.model.shortcut!r}: {shortcut.path} does not exist{hint}")
+
+
+def adapter_names(method: str, timestep_aware: bool, segments: int) -> list[str]:
+    """One LoRA per segment for timestep-aware ShortFT; one shared `default` LoRA otherwise."""
+    if method == "shortft" and timestep_aware and segments > 1:
+        return [f"segment_{j}" for j in range(1, segments + 1)]
+    return ["default"]
+
+
+@dataclass(frozen=True)
+class TrainingPlan:
+    """Who trains what, when, through which calls. Build it with `training_plan(cfg)`."""
+
+    chain: ChainConfig
+    adapters: tuple[str, ...]
+    stages: int
+    stage_segment_grad: bool
+    shortcut: Shortcut
+
+    @property
+    def interior(self) -> str:
+        """LoRAs on segment interiors at inference: a ShortFT setting (its LoRAs never trained there);
+        the baselines train one LoRA on every step, so it is always on for them."""
+        return self.chain.interior_adapters if self.chain.method == "shortft" else "segment"
+
+    def stage_of(self, step: int, total_steps: int) -> int:
+        """Progressive training: the optimizer steps are split evenly over the stages (1-based)."""
+        return min(self.stages, step * self.stages // total_steps + 1)
+
+    def trainable(self, stage: int) -> tuple[str, ...]:
+        """Progressive ShortFT: stage s trains LoRA_s..k (a shared LoRA trains in every stage)."""
+        return self.adapters[stage - 1:] if len(self.adapters) > 1 else self.adapters
+
+    def first_grad_segment(self, stage: int) -> int:
+        """Progressive stage s runs the segments before s without gradient (and segment s too, unless
+        train.stage_segment_grad)."""
+        return stage if self.stage_segment_grad else stage + 1
+
+    def calls(self, timesteps: Sequence[int], stage: int = 1) -> list[Call]:
+        """The calls a method makes (for ShortFT: the short chain of `stage`; else the N-step sampler)."""
+        adapters_for = stacked(self.adapters)
+        if self.chain.method == "shortft":
+            return shortft_plan(timesteps, self.chain.segments, adapters_for, stage, self.interior)
+        return sampler_plan(timesteps, self.chain.segments, adapters_for, self.interior)
+
+    def inference_calls(self, timesteps: Sequence[int]) -> list[Call]:
+        """The ORIGINAL N-step sampler with the learned LoRAs (evaluation and inference)."""
+        return sampler_plan(timesteps, self.chain.segments, stacked(self.adapters), self.interior)
+
+    def lora_json(self, timesteps: Sequence[int]) -> dict:
+        """What `shortft_lora.json` holds: which adapters run at which timestep at inference."""
+        return {"method": self.chain.method, "steps": self.chain.steps, "segments": self.chain.segments,
+                "timesteps": list(timesteps),
+                "step_adapters": [list(c.adapters) for c in self.inference_calls(timesteps)]}
+
+
+def training_plan(cfg: Config, saved: dict | None = None) -> TrainingPlan:
+    """The plan of `cfg`; with `saved` (a `shortft_lora.json`), the adapters and chain of that run."""
+    chain = cfg.chain
+    if saved is not None:
+        from dataclasses import replace
+
+        chain = replace(chain, method=saved["method"], segments=saved["segments"])
+        adapters = tuple(saved["adapters"])
+    else:
+        adapters = tuple(adapter_names(chain.method, cfg.lora.timestep_aware, chain.segments))
+    stages = chain.segments if chain.method == "shortft" and cfg.train.progressive else 1
+    return TrainingPlan(chain, adapters, stages, cfg.train.stage_segment_grad,
+                        resolve_shortcut(cfg.model, chain.segments))

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from shortft.checks import check
 from shortft.config import Config, ConfigError, builtin_names, describe, from_dict, merge, read_mapping, validate
 
 KINDS = ("choice", "uniform", "loguniform", "randint", "lograndint")
@@ -167,7 +168,7 @@ def trial_config(base: str | dict, fixed: dict, values: dict, name: str | None =
         data = merge(data, {"name": name})
     cfg = from_dict(Config, data)
     validate(cfg)
-    return cfg
+    return check(cfg)
 
 
 def _check_configs(space: Space) -> None:

@@ -58,25 +58,35 @@ def client(uri: str):
     return MlflowClient(tracking_uri=uri)
 
 
+# MLflow 3's UI opens an experiment by its kind: without this tag it may land on the GenAI overview
+# instead of the runs table with the searched params and the objective.
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
+
+
 def experiment_id(uri: str, name: str) -> str:
-    c = client(uri)
-    exp = c.get_experiment_by_name(name)
-    return exp.experiment_id if exp else c.create_experiment(name)
+    """The experiment's id (created if new), marked as a model-training experiment."""
+    mlflow_client = client(uri)
+    experiment = mlflow_client.get_experiment_by_name(name)
+    if experiment is None:
+        return mlflow_client.create_experiment(name, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
+    if experiment.tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:
+        mlflow_client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+    return experiment.experiment_id
 
 
 def ensure_run(uri: str, experiment: str, run_key: str, run_name: str, cfg: Config | None = None,
                parent_run_id: str | None = None, tags: dict | None = None, reuse: bool = True) -> str:
     """The newest run with this key (created if none, or if reuse=False, with the config's params)."""
-    c = client(uri)
+    mlflow_client = client(uri)
     exp_id = experiment_id(uri, experiment)
-    found = c.search_runs([exp_id], filter_string=f"tags.`{RUN_KEY}` = '{run_key}'", max_results=1,
+    found = mlflow_client.search_runs([exp_id], filter_string=f"tags.`{RUN_KEY}` = '{run_key}'", max_results=1,
                           order_by=["attributes.start_time DESC"]) if reuse else []
     if found:
         return found[0].info.run_id
     all_tags = {RUN_KEY: run_key, **(tags or {})}
     if parent_run_id:
         all_tags["mlflow.parentRunId"] = parent_run_id
-    run = c.create_run(exp_id, run_name=run_name, tags=all_tags)
+    run = mlflow_client.create_run(exp_id, run_name=run_name, tags=all_tags)
     if cfg is not None:
         log_params(uri, run.info.run_id, cfg)
     return run.info.run_id
@@ -90,9 +100,9 @@ def log_dict_params(uri: str, run_id: str, values: dict) -> None:
     from mlflow.entities import Param
 
     params = [Param(k, str(v)[:6000]) for k, v in values.items()]
-    c = client(uri)
+    mlflow_client = client(uri)
     for i in range(0, len(params), 100):
-        c.log_batch(run_id, params=params[i:i + 100])
+        mlflow_client.log_batch(run_id, params=params[i:i + 100])
 
 
 def ensure_trial_run(uri: str, experiment: str, name: str, cfg: Config, parent_run_id: str | None) -> str:

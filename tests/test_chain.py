@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from shortft.chain import ChainInput, plan_for, sample
+from shortft.chain import ChainInput, sample
 from shortft.models import load_models
 from shortft.plan import shortft_plan, stacked
 
@@ -45,7 +45,7 @@ def test_full_chain_matches_diffusers_pipeline(make_cfg, guidance):
                       output_type="latent").images
     c = models.condition(prompts, guidance, None)
     with torch.no_grad():
-        ours = sample(models.denoiser, ChainInput(noise, c, adapters=tuple(models.adapters)), cfg.chain)
+        ours = sample(models.denoiser, ChainInput(noise, c), models.plan)
     assert (ours - ref).abs().max().item() <= 1e-4
 
 
@@ -60,8 +60,7 @@ def test_shortft_chain_makes_18_network_calls_for_50_over_4(make_cfg, sd_timeste
     models = load_models(cfg)
     calls, handle = _count_calls(models.unet)
     c = models.condition(["a red circle"], cfg.chain.guidance_scale, None)
-    sample(models.denoiser, ChainInput(models.initial_noise(1, torch.Generator().manual_seed(0)), c,
-                                       adapters=tuple(models.adapters)), cfg.chain)
+    sample(models.denoiser, ChainInput(models.initial_noise(1, torch.Generator().manual_seed(0)), c), models.plan)
     handle.remove()
     assert len(calls) == 18
     assert calls == [c.t for c in shortft_plan(sd_timesteps_50, 4, stacked(ADAPTERS))]
@@ -83,8 +82,7 @@ def _grad_receiving_calls(models, cfg, stage=1):
     for p in (p for k, p in models.unet.named_parameters() if "lora_" in k):
         p.requires_grad_(True)
     c = models.condition(["a red circle"], cfg.chain.guidance_scale, None)
-    x = sample(models.denoiser, ChainInput(models.initial_noise(1, torch.Generator().manual_seed(0)), c, stage,
-                                           adapters=tuple(models.adapters)), cfg.chain)
+    x = sample(models.denoiser, ChainInput(models.initial_noise(1, torch.Generator().manual_seed(0)), c, stage), models.plan)
     x.square().mean().backward()
     handle.remove()
     return reached, sorted(set(ran))
@@ -144,7 +142,6 @@ def test_lora_shortcut_runs_only_the_shortcut_adapter(make_cfg, tmp_path, tiny_d
     orig = models.denoiser.switch.activate
     models.denoiser.switch.activate = lambda names: (seen.append(tuple(names)), orig(names))
     c = models.condition(["a red circle"], 3.0, None)
-    sample(models.denoiser, ChainInput(models.initial_noise(1, torch.Generator().manual_seed(0)), c,
-                                       adapters=tuple(models.adapters)), cfg.chain)
+    sample(models.denoiser, ChainInput(models.initial_noise(1, torch.Generator().manual_seed(0)), c), models.plan)
     assert ("shortcut",) in seen
     assert all("shortcut" not in names or names == ("shortcut",) for names in seen)

@@ -6,7 +6,8 @@ import time
 import pytest
 import yaml
 
-from shortft.config import ConfigError, builtin_configs, describe, load_config, parse_overrides
+from shortft import load_config
+from shortft.config import ConfigError, builtin_configs, describe, parse_overrides
 
 
 def test_overrides_nest_and_parse_yaml_values():

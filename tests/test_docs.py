@@ -39,3 +39,54 @@ def test_readme_python_sweep_example_names_real_things():
             if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name) and n.value.id in modules}
     assert used and all(hasattr(modules[m], a) for m, a in used), [u for u in used if not hasattr(modules[u[0]], u[1])]
     assert hasattr(space, "load_space")
+
+
+def _quoted_commands():
+    """(file, argv) of every command line in the ```bash blocks of README.md and docs/*.md."""
+    import shlex
+
+    for path in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        for block in re.findall(r"```bash\n(.+?)\n```", path.read_text(), re.S):
+            for line in block.replace("\\\n", " ").splitlines():
+                line = line.strip()
+                if line and not line.startswith("#") and "&&" not in line:  # the set-up lines: tested above
+                    yield path.name, shlex.split(line)
+
+
+def test_every_quoted_command_parses():
+    import importlib.util
+
+    import click
+    from mlflow.cli import cli as mlflow_cli
+    from ray.scripts.scripts import cli as ray_cli
+
+    from shortft.cli import _parser
+    from shortft.sweep.cli import parser as sweep_parser
+
+    spec = importlib.util.spec_from_file_location("overhead", ROOT / "tune" / "overhead.py")
+    overhead = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(overhead)
+    scripts = {"tune/sweep.py": sweep_parser(), "tune/overhead.py": overhead.parser()}
+    seen = 0
+    for where, argv in _quoted_commands():
+        program, *args = argv
+        if program == "shortft":
+            _parser().parse_args(args)
+        elif program in ("python", "python3") and args and args[0] in scripts:
+            scripts[args[0]].parse_args(args[1:])
+        elif program in ("ray", "mlflow"):  # click: parse the options without running the command
+            group = ray_cli if program == "ray" else mlflow_cli
+            command = group.get_command(click.Context(group), args[0])
+            assert command is not None, (where, argv)
+            command.make_context(args[0], list(args[1:]))
+            if program == "ray":
+                assert (ROOT / args[1]).is_file(), (where, argv)  # the cluster file
+            if args[0] == "submit":
+                script, rest = args[2], args[args.index("--") + 1:] if "--" in args else []
+                scripts[script].parse_args(rest)
+        elif program in ("kubectl", "export"):
+            continue
+        else:
+            raise AssertionError(f"{where}: no check for {argv}")
+        seen += 1
+    assert seen > 20

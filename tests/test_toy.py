@@ -96,7 +96,7 @@ def test_committed_assets_load_and_sample_on_cpu():
 
 @pytest.mark.slow
 def test_committed_assets_meet_their_figures():
-    from shortft.toy.build import measure
+    from shortft.toy.checks import measure
 
     m = measure(toy_dir(), samples=256)
     print(m)

@@ -9,12 +9,16 @@ import argparse
 from mlflow.tracking import MlflowClient
 
 
-def main() -> None:
-    p = argparse.ArgumentParser()
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Where a sweep's wall time went.")
     p.add_argument("--tracking-uri", default="sqlite:///mlflow.db")
     p.add_argument("--experiment", default="shortft-sweeps")
     p.add_argument("--name", default=None, help="sweep name (default: the latest)")
-    args = p.parse_args()
+    return p
+
+
+def main() -> None:
+    args = parser().parse_args()
     c = MlflowClient(args.tracking_uri)
     exp = c.get_experiment_by_name(args.experiment)
     runs = c.search_runs([exp.experiment_id], order_by=["attributes.start_time DESC"])

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from shortft.rewards import register
+from shortft.rewards.registry import register
 from shortft.toy.grammar import COLOURS, SHAPES, SIZES, parse
 
 HEADS = {"shape": SHAPES, "colour": tuple(COLOURS), "background": tuple(COLOURS), "size": SIZES}

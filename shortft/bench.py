@@ -1,0 +1,293 @@
+"""`shortft bench`: seconds per step, peak memory, FLOPs and utilisation of each method on one config.
+
+    shortft bench --config toy --segments 2,4,8 --batch 4 --json bench.json
+    shortft bench --config sd15 --random-weights --methods shortft,full,draft,alignprop --batch 1,2
+
+Every arm (method x segments x batch) builds its models afresh (with `--random-weights`, random weights
+of the config's real architecture, nothing downloaded), runs warm-up steps and then timed training
+steps of the loop's own step (chain -> decode -> reward -> backward -> clip -> AdamW). FLOPs per step
+are counted once per arm with `FlopCounterMode` on one such step of random weights (on meta tensors
+for the real architectures on a CPU: no memory), together with a memory estimate (weights + LoRA with
+grads and AdamW state + tensors saved for backward). `full` always runs, with per-call checkpointing,
+as the reference every ratio is taken against. On a CPU, peak memory is the process's resident high-
+water mark, so it only grows from arm to arm; compare the estimates there.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import gc
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from shortft.architectures import random_pipeline
+from shortft.config import Config, ConfigError, METHODS
+from shortft.loop import autocast_for, micro_batch_loss, peak_memory_mb
+from shortft.models import DTYPES, frozen_parts, load_pipeline, pick_device, prepare_models
+from shortft.rewards import Rewards
+
+# Dense bf16 tensor-core peaks from the vendors' data sheets, TFLOP/s (SXM parts for H100/H200/A100).
+PEAK_BF16_TFLOPS = {"H200": 989.4, "H100": 989.4, "A100": 312.0, "L40S": 362.1, "A10G": 70.0}
+PROMPTS = ["a photo of a cat", "a painting of a lighthouse", "concept art of a city", "an anime portrait"]
+
+
+@dataclasses.dataclass
+class Arm:
+    method: str
+    segments: int | None  # None: the method does not depend on k
+    batch: int
+
+    @property
+    def label(self) -> str:
+        return f"{self.method}" + (f" k={self.segments}" if self.segments else "") + f" b={self.batch}"
+
+
+def arms(methods: list[str], segments: list[int], batches: list[int]) -> list[Arm]:
+    """Every method at every batch; ShortFT at every k too. `full` (checkpointed) is always included."""
+    out = []
+    for batch in batches:
+        for method in dict.fromkeys(["full", *methods]):
+            out += [Arm(method, k, batch) for k in segments] if method == "shortft" else [Arm(method, None, batch)]
+    return out
+
+
+def arm_config(cfg: Config, arm: Arm) -> Config:
+    chain = dataclasses.replace(cfg.chain, method=arm.method, segments=arm.segments or cfg.chain.segments,
+                                checkpointing=True if arm.method == "full" else cfg.chain.checkpointing)
+    train = dataclasses.replace(cfg.train, batch_size=arm.batch, grad_accum=1)
+    return dataclasses.replace(cfg, chain=chain, train=train)
+
+
+def _pipeline(cfg: Config, random_weights: bool, device: torch.device | str, dtype: torch.dtype):
+    if random_weights:
+        return random_pipeline(cfg.model.pretrained, device, dtype)
+    return load_pipeline(cfg.model.pretrained, dtype)
+
+
+def _draws() -> torch.Generator:
+    """The random cuts and copies of alignprop, drtune, refl and draft_lv: one fixed draw for every
+    counted and timed step, so that an arm's FLOPs, calls and seconds describe the same step."""
+    return torch.Generator().manual_seed(0)
+
+
+def _step_inputs(models, batch: int):
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(batch)]
+    return prompts, models.initial_noise(batch, torch.Generator().manual_seed(0))
+
+
+def _count_device(cfg: Config, target: torch.device) -> torch.device:
+    """Where the counting step runs: the GPU itself, a CPU for small models, meta tensors for the real
+    architectures on a CPU (no memory, but slow: every op runs in Python there)."""
+    from shortft.architectures import HUB_IDS
+
+    if target.type == "cpu" and cfg.model.pretrained in HUB_IDS:
+        return torch.device("meta")
+    return target
+
+
+class SavedBytes:
+    """Bytes of the tensors autograd saves for backward (parameters excluded), by storage."""
+
+    def __init__(self, parameters):
+        self.params = {p.untyped_storage()._cdata for p in parameters}
+        self.saved: dict[int, int] = {}
+
+    def pack(self, t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage._cdata not in self.params:
+            self.saved[storage._cdata] = storage.nbytes()
+        return t
+
+    def hooks(self):
+        return torch.autograd.graph.saved_tensors_hooks(self.pack, lambda t: t)
+
+    @property
+    def total(self) -> int:
+        return sum(self.saved.values())
+
+
+def count(cfg: Config, target: torch.device) -> dict:
+    """FLOPs of one training step and a memory estimate for `target`: weights, LoRA with its gradient
+    and AdamW state, the tensors saved for backward, and under checkpointing one call's activations
+    (recomputed in backward). Runs one step on random weights of the same architecture."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    autocast_dtype = autocast_for(cfg, target)[1]
+    dtype = torch.bfloat16 if autocast_dtype == "bf16" else torch.float16 if autocast_dtype == "fp16" else DTYPES[cfg.model.dtype]
+    device = _count_device(cfg, target)
+    models = prepare_models(cfg, _pipeline(cfg, True, device, dtype), device=device)
+    rewards = Rewards(cfg.reward.weights, cfg.reward.options, device=device)
+    trainable = _trainable(models)
+    saved = SavedBytes(models.pipe.unet.parameters())
+    prompts, noise = _step_inputs(models, cfg.train.batch_size)
+    with FlopCounterMode(display=False) as counter:
+        with saved.hooks():
+            loss, _, _ = micro_batch_loss(models, rewards, cfg, prompts, noise.to(device), 1, _draws())
+        loss.backward()
+    calls, grad_calls = models.denoiser.count.calls, models.denoiser.count.grad_calls
+    recomputed = 0
+    if cfg.chain.checkpointing:  # one call's activations exist again while its backward runs
+        one_call = SavedBytes(models.pipe.unet.parameters())
+        first = models.plan.calls(models.denoiser.timesteps(cfg.chain.steps))[0]
+        condition = models.condition(prompts, cfg.chain.guidance_scale, cfg.model.shortcut_guidance_scale)
+        models.denoiser.checkpointing = False
+        with one_call.hooks():
+            models.denoiser.predict(noise.to(device), first, condition)
+        recomputed = one_call.total
+    weights = sum(p.numel() * p.element_size() for part in frozen_parts(models.pipe) for p in part.parameters())
+    lora = sum(p.numel() for p in trainable) * 4 * 4  # fp32 param, grad, AdamW's two moments
+    return {"flops": counter.get_total_flops(), "calls": calls, "grad_calls": grad_calls,
+            "memory_estimate_mb": (weights + lora + saved.total + recomputed) / 2**20}
+
+
+def _trainable(models) -> list[torch.nn.Parameter]:
+    """The LoRA parameters the first stage trains, made trainable."""
+    names = models.plan.trainable(1)
+    params = [p for n, p in models.unet.named_parameters() if "lora_" in n and any(f".{a}." in n for a in names)]
+    for p in params:
+        p.requires_grad_(True)
+    return params
+
+
+def time_steps(cfg: Config, random_weights: bool, steps: int, warmup: int) -> dict:
+    """Median seconds per training step (and spread), peak memory, calls per step, on the config's device."""
+    device = pick_device(cfg.model.device)
+    torch.manual_seed(cfg.train.seed)
+    models = prepare_models(cfg, _pipeline(cfg, random_weights, device, DTYPES[cfg.model.dtype]), device=device)
+    rewards = Rewards(cfg.reward.weights, cfg.reward.options, device=device)
+    trainable = _trainable(models)
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.train.lr)
+    autocast = autocast_for(cfg, device)[0]
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    seconds = []
+    for i in range(warmup + steps):
+        prompts, noise = _step_inputs(models, cfg.train.batch_size)
+        models.denoiser.count = type(models.denoiser.count)()
+        t0 = time.perf_counter()
+        loss, _, _ = micro_batch_loss(models, rewards, cfg, prompts, noise, 1, _draws(), autocast)
+        loss.backward()
+        if cfg.train.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(trainable, cfg.train.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if i >= warmup:
+            seconds.append(time.perf_counter() - t0)
+    return {"seconds_per_step": statistics.median(seconds), "seconds_min": min(seconds), "seconds_max": max(seconds),
+            "peak_memory_mb": peak_memory_mb(device), "timed_steps": steps,
+            "measured_calls": models.denoiser.count.calls, "measured_grad_calls": models.denoiser.count.grad_calls}
+
+
+def device_peak_tflops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
+
+
+def run_bench(cfg: Config, methods: list[str], segments: list[int], batches: list[int], steps: int = 3,
+              warmup: int = 1, random_weights: bool = False, time_it: bool = True, progress=print,
+              counts_from: dict | None = None) -> dict:
+    """Bench every arm; returns {"rows": [...], "device": ..., ...} (see the module docstring).
+    `counts_from`: an earlier result (e.g. a `--count-only` run on a CPU) whose FLOP counts and memory
+    estimates are reused for the same arms, since they do not depend on the machine."""
+    bad = [m for m in methods if m not in METHODS]
+    if bad:
+        raise ConfigError(f"--methods {','.join(bad)}: unknown; choose from {','.join(METHODS)}")
+    for flag, values in (("--segments", segments), ("--batch", batches)):
+        if not values or any(v < 1 for v in values):
+            raise ConfigError(f"{flag} {values}: give positive integers, e.g. {flag} 2,4")
+    if any(k > cfg.chain.steps for k in segments):
+        raise ConfigError(f"--segments {segments}: each must be <= chain.steps={cfg.chain.steps}")
+    if steps < 1:
+        raise ConfigError(f"--steps {steps}: must be >= 1")
+    if random_weights and cfg.model.shortcut != "none":
+        # A shortcut LoRA cannot be random-initialised meaningfully; the base model's own jump costs the same calls.
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, shortcut="none"))
+    device = pick_device(cfg.model.device)
+    peak = device_peak_tflops(device)
+    rows = []
+    for arm in arms(methods, segments, batches):
+        arm_cfg = arm_config(cfg, arm)
+        t0 = time.perf_counter()
+        counted = _earlier_count(counts_from, arm) if counts_from else None
+        row = {"method": arm.method, "segments": arm.segments, "batch": arm.batch,
+               "checkpointing": arm_cfg.chain.checkpointing, **(counted or count(arm_cfg, device))}
+        gc.collect()  # the counting step's models before the timed ones load
+        if time_it:
+            row.update(time_steps(arm_cfg, random_weights, steps, warmup))
+            row["achieved_tflops"] = row["flops"] / row["seconds_per_step"] / 1e12
+            row["peak_share"] = row["achieved_tflops"] / peak if peak else None
+        rows.append(row)
+        gc.collect()  # the arm's models (peft and diffusers hold reference cycles) before the next arm's
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        progress(f"  {arm.label:22s} {_describe(row)}  ({time.perf_counter() - t0:.0f} s)")
+    for row in rows:
+        ref = next(r for r in rows if r["method"] == "full" and r["batch"] == row["batch"])
+        for key in ("seconds_per_step", "peak_memory_mb", "flops", "memory_estimate_mb"):
+            if key in row:
+                row[f"{key}_vs_full"] = row[key] / ref[key] if ref[key] else None
+    return {"config": cfg.name, "pretrained": cfg.model.pretrained, "random_weights": random_weights,
+            "steps": cfg.chain.steps, "dtype": cfg.model.dtype, "mixed_precision": autocast_for(cfg, device)[1],
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "threads": torch.get_num_threads(), "peak_bf16_tflops": peak,
+            "date": datetime.date.today().isoformat(), "rows": rows}
+
+
+def _earlier_count(result: dict, arm: Arm) -> dict | None:
+    for row in result["rows"]:
+        if (row["method"], row["segments"], row["batch"]) == (arm.method, arm.segments, arm.batch):
+            return {k: row[k] for k in ("flops", "memory_estimate_mb", "calls", "grad_calls")}
+    return None
+
+
+def _describe(row: dict) -> str:
+    text = f"calls {row['calls']}/{row['grad_calls']}  {row['flops'] / 1e12:8.3g} TFLOP"
+    if "seconds_per_step" in row:
+        text += f"  {row['seconds_per_step']:.3f} s/step  peak {row['peak_memory_mb']:.0f} MB"
+    return text
+
+
+def format_table(result: dict) -> str:
+    timed = "seconds_per_step" in result["rows"][0]
+    head = "| method | k | batch | calls (grad) | TFLOP/step | est. memory MB |"
+    if timed:
+        head += " s/step (min-max) | peak MB | TFLOP/s | share of peak | s/step vs full | memory vs full |"
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in result["rows"]:
+        line = (f"| {r['method']}{' (ckpt)' if r['checkpointing'] else ''} | {r['segments'] or '-'} | {r['batch']} | "
+                f"{r['calls']} ({r['grad_calls']}) | {r['flops'] / 1e12:.3g} | {r['memory_estimate_mb']:.0f} |")
+        if timed:
+            share = f"{r['peak_share']:.0%}" if r["peak_share"] else "-"
+            line += (f" {r['seconds_per_step']:.3f} ({r['seconds_min']:.3f}-{r['seconds_max']:.3f}) | "
+                     f"{r['peak_memory_mb']:.0f} | {r['achieved_tflops']:.3g} | {share} | "
+                     f"{r['seconds_per_step_vs_full']:.2f} | {r['peak_memory_mb_vs_full']:.2f} |")
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def log_to_mlflow(result: dict, tracking_uri: str, json_path: Path | None, experiment: str = "shortft-bench") -> str:
+    from shortft import tracking
+
+    tracking.check_tracking_uri(tracking_uri)
+    run_id = tracking.ensure_run(tracking_uri, experiment, f"bench/{time.time_ns()}", f"bench-{result['config']}",
+                                 reuse=False)
+    tracking.log_dict_params(tracking_uri, run_id, {k: v for k, v in result.items() if k != "rows"})
+    client = tracking.client(tracking_uri)
+    for r in result["rows"]:
+        label = f"{r['method']}_k{r['segments'] or 0}_b{r['batch']}"
+        for key in ("seconds_per_step", "peak_memory_mb", "flops", "achieved_tflops", "calls", "grad_calls"):
+            if r.get(key) is not None:
+                client.log_metric(run_id, f"{label}/{key}", float(r[key]))
+    if json_path:
+        client.log_artifact(run_id, str(json_path))
+    client.set_terminated(run_id, "FINISHED")
+    return run_id

@@ -1,0 +1,90 @@
+"""The reward registry: names -> factories of differentiable rewards, and a run's weighted terms.
+
+Pixel rewards (`symmetry`, `brightness`, ...) live in `rewards/pixel.py`; the terms of built-in worlds
+(e.g. the toy world's `toy_alignment`) register themselves from their own packages, loaded by name
+the first time the registry is read.
+
+A reward takes images in [0, 1] as a [B, 3, H, W] tensor plus their prompts and returns [B] rewards,
+differentiable with respect to the images. Rewards are registered by name with a factory that takes
+the term's options (`reward.options.<name>`, e.g. a local path or hub id for model-based rewards) and
+returns a callable (an `nn.Module` for model-based ones: it is frozen and moved to the device).
+
+    @register("my_reward")
+    def my_reward(path: str = "org/model") -> RewardFn: ...
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Protocol
+
+import torch
+from torch import nn
+
+from shortft import builtin
+from shortft.config import Config, ConfigError
+
+
+class RewardFn(Protocol):
+    def __call__(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor: ...
+
+
+_REGISTRY: dict[str, Callable[..., RewardFn]] = {}
+
+
+def register(name: str) -> Callable:
+    def wrap(factory: Callable[..., RewardFn]) -> Callable[..., RewardFn]:
+        _REGISTRY[name] = factory
+        return factory
+
+    return wrap
+
+
+def _registry() -> dict[str, Callable[..., RewardFn]]:
+    builtin.load_worlds()  # their terms register on import
+    return _REGISTRY
+
+
+def names() -> list[str]:
+    return sorted(_registry())
+
+
+def check_name(key: str, name: str) -> None:
+    if name not in _registry():
+        raise ConfigError(f"{key}: unknown reward {name!r}; registered: {', '.join(names())}")
+
+
+def build(name: str, options: dict | None = None, device: torch.device | str = "cpu") -> RewardFn:
+    try:
+        fn = _registry()[name](**(options or {}))
+    except TypeError as e:
+        raise ConfigError(f"reward.options.{name}: {e}") from None
+    if isinstance(fn, nn.Module):
+        fn = fn.to(device).eval().requires_grad_(False)
+    return fn
+
+
+class Rewards:
+    """The named terms of a run: `terms(images, prompts)` -> {name: [B]}; `weighted` sums the weights."""
+
+    def __init__(self, weights: dict[str, float], options: dict, extra: list[str] = (), device="cpu"):
+        self.weights = {k: float(v) for k, v in weights.items()}
+        wanted = list(dict.fromkeys([*self.weights, *extra]))
+        self.fns = {n: build(n, options.get(n), device) for n in wanted}
+
+    def terms(self, images: torch.Tensor, prompts: list[str], only: list[str] | None = None) -> dict[str, torch.Tensor]:
+        return {n: self.fns[n](images, prompts).float() for n in (only or self.fns)}
+
+    def weighted(self, terms: dict[str, torch.Tensor]) -> torch.Tensor:
+        return sum(w * terms[n] for n, w in self.weights.items())
+
+
+def check_config(cfg: Config) -> None:
+    """Every reward term a config names (training weights, options, evaluation) is registered."""
+    for name in cfg.reward.weights:
+        check_name(f"reward.weights.{name}", name)
+    for name in cfg.reward.options:
+        check_name(f"reward.options.{name}", name)
+    check_name("eval.objective", cfg.eval.objective)
+    for name in cfg.eval.terms:
+        check_name("eval.terms", name)
+

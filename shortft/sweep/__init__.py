@@ -1,0 +1,32 @@
+"""The sweep: Ray Tune + Optuna over a search space; every trial is a Ray Train job; MLflow tracks it all.
+
+    from shortft.sweep import run_sweep
+    result = run_sweep("toy", num_samples=6)          # what `python tune/sweep.py` runs
+    print(result.best["objective"], result.table_path)
+
+Pieces, for use with `ray.tune.run` / `Tuner` directly (see the README):
+- `trainable(config)`: the Tune function trainable. `config` holds the trial's searched keys
+  (`chain.segments`, ...) and, under "sweep", the constants of the sweep (`settings(...)`).
+- `param_space(space, settings)`, `searcher(space, ...)`, `scheduler(space)`, `RunCloser`.
+
+The objective is the fixed evaluation metric on held-out prompts (`eval/objective`), reported to Tune
+at every `eval.every` steps; never the weighted training reward, which a searcher could inflate by
+raising the weights. MLflow: one parent run per sweep; one nested child run per trial, created in the
+driver as the searcher suggests the trial (SQLite has one writer), logged to by the trial's rank 0.
+
+Modules: `trials` (a trial's settings, config and trainable), `trial_runs` (its MLflow run),
+`search` (Optuna and ASHA), `results` (table, best trial, plots), `ray_compat` (every private Ray,
+Tune or Optuna attribute reached), `runner` (`run_sweep`), `cli` (`main`).
+"""
+
+from shortft.sweep.cli import main
+from shortft.sweep.ray_compat import PlacementGroupReaper
+from shortft.sweep.runner import SweepResult, run_sweep
+from shortft.sweep.search import scheduler, searcher
+from shortft.sweep.trial_runs import RunCloser, TrialRuns
+from shortft.sweep.trials import (EXPERIMENT, MODE, OBJECTIVE, RUN_ID_KEY, SMOKE_TEST, TRIAL_CPUS, TRIAL_KEY,
+                                  param_space, settings, trainable)
+
+__all__ = ["EXPERIMENT", "MODE", "OBJECTIVE", "RUN_ID_KEY", "SMOKE_TEST", "TRIAL_CPUS", "TRIAL_KEY",
+           "PlacementGroupReaper", "RunCloser", "SweepResult", "TrialRuns", "main", "param_space", "run_sweep",
+           "scheduler", "searcher", "settings", "trainable"]

@@ -1,0 +1,58 @@
+"""The sweep's command line (`python tune/sweep.py`, which `ray submit` runs on the head node)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from shortft.config import ConfigError
+from shortft.sweep.runner import run_sweep
+from shortft.sweep.trials import EXPERIMENT, OBJECTIVE
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tune/sweep.py", description="ShortFT sweep: Ray Tune + Optuna + MLflow.")
+    p.add_argument("--space", default="toy", help="built-in space name or YAML path (default: toy)")
+    p.add_argument("--config", default=None, help="base config (name or YAML path); default: the space's base")
+    p.add_argument("--num-samples", type=int, default=6, help="trials in all (default 6)")
+    p.add_argument("--workers-per-trial", type=int, default=1, help="Ray Train workers per trial")
+    p.add_argument("--gpus-per-worker", type=float, default=0.0, help="GPUs per worker (0 = CPU)")
+    p.add_argument("--max-concurrent", type=int, default=None, help="trials at once (default: cluster GPUs / GPUs per trial; 1 on CPU)")
+    p.add_argument("--tracking-uri", default="", help="MLflow URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
+    p.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
+    p.add_argument("--experiment", default=EXPERIMENT, help=f"MLflow experiment (default {EXPERIMENT})")
+    p.add_argument("--storage-path", default=os.environ.get("SHORTFT_STORAGE_PATH"),
+                   help="where Tune and Train keep state: a local dir, s3://..., or NFS (default: ./ray_results)")
+    p.add_argument("--address", default=os.environ.get("RAY_ADDRESS"), help="Ray cluster address (auto on a head node)")
+    p.add_argument("--name", default=None, help="sweep name (default: <space>-<date>-<time>)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the sweep --name (default: the latest) from storage; give the flags it started with")
+    p.add_argument("--smoke-test", action="store_true", help="2 steps per trial, tiny evaluation: checks the plumbing")
+    p.add_argument("--seed", type=int, default=0, help="Optuna sampler seed")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    try:
+        result = run_sweep(args.space, args.num_samples, args.config, args.name, args.storage_path,
+                           None if args.no_mlflow else args.tracking_uri, args.experiment, args.workers_per_trial,
+                           args.gpus_per_worker, args.max_concurrent, args.address, args.resume, args.smoke_test,
+                           args.seed)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"\nsweep {result.name}: {len(result.rows)} trials in {result.seconds:.0f} s; results: {result.table_path}")
+    if result.best:
+        print(f"best trial {result.best['trial']}: {OBJECTIVE} {result.best['objective']:.4f} with "
+              + ", ".join(f"{k}={v}" for k, v in result.best["values"].items()))
+    if result.tracking_uri:
+        print(f"compare the runs: mlflow ui --backend-store-uri {result.tracking_uri}")
+    failed = [r["trial"] for r in result.rows if r["status"] == "ERROR"]
+    if failed:
+        print(f"{len(failed)} trial(s) failed: {', '.join(map(str, failed))}; their error.txt is under "
+              f"{result.storage_path}/{result.name}", file=sys.stderr)
+    return 0 if result.best else 1

@@ -1,0 +1,96 @@
+"""What a sweep leaves behind: the results table (Parquet and CSV, one row per trial), the best trial,
+Optuna's plots, all logged to the sweep's parent MLflow run."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from shortft import tracking
+from shortft.space import Space
+from shortft.sweep.trials import OBJECTIVE, RUN_ID_KEY, TRIAL_KEY, stopped_early
+
+
+def results_table(results, space: Space) -> list[dict]:
+    """One row per trial: searched values, final and best objective, reward terms, speed, memory, status."""
+    rows = []
+    for r in results:
+        cfg = r.config or {}
+        m = r.metrics or {}
+        history = r.metrics_dataframe
+        best = float(history[OBJECTIVE].max()) if history is not None and OBJECTIVE in history else None
+        row = {"trial": cfg.get(TRIAL_KEY) or m.get("trial_id"), "trial_id": m.get("trial_id"),
+               "status": "ERROR" if r.error else ("STOPPED_EARLY" if stopped_early(cfg, m) else "DONE"),
+               **{k: cfg.get(k) for k in space.search},
+               "objective_final": m.get(OBJECTIVE), "objective_best": best, "steps": m.get("step"),
+               **{k: v for k, v in m.items() if k.startswith("eval/") and k != OBJECTIVE},
+               **{f"train/{k}": v for k, v in m.items() if k.startswith("reward")},
+               "seconds_per_step": m.get("mean_seconds_per_step"), "peak_memory_mb": m.get("peak_memory_mb"),
+               "node_id": m.get("node_id"), "mlflow_run_id": cfg.get(RUN_ID_KEY)}
+        rows.append(row)
+    return sorted(rows, key=lambda row: str(row["trial"]))
+
+
+def write_table(rows: list[dict], path: Path) -> Path:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    table = pa.Table.from_pylist([{k: row.get(k) for k in columns} for row in rows])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table, path)
+    return path
+
+
+def finish_parent(uri: str, run_id: str, rows: list[dict], best: dict | None, study, table_path: Path,
+                   out_dir: Path, seconds: float) -> None:
+    """Best trial's config and objective, Optuna's plots and the results table, on the parent run."""
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+    import yaml
+
+    client = tracking.client(uri)
+    client.log_artifact(run_id, str(table_path))
+    csv = out_dir / "results.csv"
+    pacsv.write_csv(pq.read_table(table_path), csv)
+    client.log_artifact(run_id, str(csv))
+    client.log_metric(run_id, "sweep_seconds", seconds)
+    client.log_metric(run_id, "trials", len(rows))
+    if best:
+        client.log_metric(run_id, "best_objective", best["objective"])
+        client.set_tag(run_id, "best_trial", best["trial"])
+        (out_dir / "best_config.yaml").write_text(yaml.safe_dump(best["config"], sort_keys=False))
+        client.log_artifact(run_id, str(out_dir / "best_config.yaml"))
+    for name, path in optuna_plots(study, out_dir).items():
+        client.log_artifact(run_id, str(path), "optuna")
+    client.set_terminated(run_id, "FINISHED")
+
+
+def optuna_plots(study, out_dir: Path) -> dict:
+    """Optimisation history and parameter importances as PNGs (importance needs >= 2 finished trials)."""
+    import optuna
+
+    if study is None or not any(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials):
+        return {}
+    import warnings
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from optuna.visualization import matplotlib as ovm
+
+    out = {}
+    for name, plot in (("optimization_history", ovm.plot_optimization_history),
+                       ("param_importances", ovm.plot_param_importances)):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                ax = plot(study)
+            path = out_dir / f"{name}.png"
+            ax.figure.savefig(path, bbox_inches="tight", dpi=100)
+            plt.close(ax.figure)
+            out[name] = path
+        except Exception as e:  # a plot Optuna cannot draw yet (too few trials) is skipped, not fatal
+            print(f"optuna {name} plot skipped: {type(e).__name__}: {e}", file=sys.stderr)
+    return out

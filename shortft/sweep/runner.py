@@ -1,0 +1,183 @@
+"""`run_sweep`: a whole sweep in one call. Checks every input before Ray starts, connects to (or starts)
+Ray, opens the parent MLflow run, wires Tune (searcher, scheduler, callbacks) and writes the results."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from ray import tune
+
+from shortft import tracking
+from shortft.config import ConfigError, to_dict
+from shortft.mlflow_relay import start_relay
+from shortft.space import Space, load_space, trial_config
+from shortft.sweep.ray_compat import PlacementGroupReaper, canonical_address, start_autoscaling_coordinator, study_of
+from shortft.sweep.results import finish_parent, results_table, write_table
+from shortft.sweep.search import scheduler, searcher
+from shortft.sweep.trial_runs import RunCloser
+from shortft.sweep.trials import EXPERIMENT, SMOKE_TEST, TRIAL_CPUS, param_space, settings, trainable
+
+
+@dataclass
+class SweepResult:
+    name: str
+    rows: list[dict]
+    best: dict | None
+    table_path: Path
+    parent_run_id: str | None
+    tracking_uri: str | None
+    seconds: float
+    storage_path: str
+
+
+def check_storage_for_cluster(storage_path: str) -> None:
+    """Trials on other nodes need storage every node shares (Ray no longer syncs trial files to the
+    head): refuse a local path when the cluster has several nodes, or when this node cannot run trials
+    itself (a head with no CPUs for them, whose workers come up later)."""
+    import ray
+
+    if "://" in storage_path or os.environ.get("SHORTFT_SHARED_STORAGE"):
+        return
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    here = ray.get_runtime_context().get_node_id()
+    local_cpus = next((n["Resources"].get("CPU", 0) for n in nodes if n["NodeID"] == here), 0)
+    if len(nodes) > 1 or local_cpus == 0:
+        raise ConfigError(f"--storage-path {storage_path}: a local directory, but trials run on other nodes of this "
+                          f"{len(nodes)}-node cluster; pass shared storage (s3://bucket/path, gs://bucket/path) or "
+                          "an NFS path mounted on every node, with SHORTFT_SHARED_STORAGE=1")
+
+
+def default_name(space: Space) -> str:
+    return f"{space.name}-{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}"
+
+
+def latest_sweep(storage_path: str) -> str | None:
+    """The most recent sweep under a local storage path (for --resume without --name)."""
+    root = Path(storage_path)
+    found = sorted((p for p in root.glob("*/tuner.pkl")), key=lambda p: p.stat().st_mtime) if root.is_dir() else []
+    return found[-1].parent.name if found else None
+
+
+def run_sweep(space: str | Space = "toy", num_samples: int = 6, config: str | None = None, name: str | None = None,
+              storage_path: str | None = None, tracking_uri: str | None = "", experiment: str = EXPERIMENT,
+              workers_per_trial: int = 1, gpus_per_worker: float = 0.0, max_concurrent: int | None = None,
+              address: str | None = None, resume: bool = False, smoke_test: bool = False, seed: int = 0,
+              output_root: str | None = None) -> SweepResult:
+    """Run (or resume) a sweep and return its results table; see `main` for what each argument means."""
+    import ray
+
+    from shortft.distributed import check_storage_path
+
+    t_start = time.time()
+    # 1. Everything a user can get wrong, before Ray starts.
+    if num_samples < 1:
+        raise ConfigError(f"--num-samples {num_samples}: must be >= 1")
+    if workers_per_trial < 1:
+        raise ConfigError(f"--workers-per-trial {workers_per_trial}: must be >= 1")
+    if gpus_per_worker < 0:
+        raise ConfigError(f"--gpus-per-worker {gpus_per_worker}: must be >= 0")
+    if max_concurrent is not None and max_concurrent < 1:
+        raise ConfigError(f"--max-concurrent {max_concurrent}: must be >= 1")
+    if not isinstance(space, Space):
+        space = load_space(space, base=config, overrides=SMOKE_TEST if smoke_test else None)
+    if tracking_uri == "":
+        tracking_uri = tracking.default_tracking_uri()
+    if tracking_uri:
+        tracking.check_tracking_uri(tracking_uri)
+        tracking_uri = tracking.absolute_uri(tracking_uri)
+    storage_path = storage_path or str(Path("ray_results").resolve())
+    check_storage_path(storage_path)
+    if resume and not name:
+        name = latest_sweep(storage_path)
+        if not name:
+            raise ConfigError(f"--resume: no sweep under {storage_path}; pass --name and --storage-path of the sweep")
+    name = name or default_name(space)
+    exists = (Path(storage_path) / name / "tuner.pkl").is_file() if "://" not in storage_path else resume
+    if resume and not exists:
+        raise ConfigError(f"--resume: no sweep {name!r} under {storage_path}")
+    if exists and not resume:
+        raise ConfigError(f"sweep {name!r} already exists under {storage_path}; pass --resume, or another --name")
+    output_root = str(Path(output_root or "runs/sweeps").resolve() / name)
+
+    # 2. Ray: the given cluster, the one this machine is part of (`ray start`, e.g. a head node
+    #    that `ray submit` runs this on), or else a local one.
+    local_ray = False
+    if not ray.is_initialized():
+        address = canonical_address(address)
+        if address:
+            ray.init(address=address)
+        else:
+            # No dashboard (seconds of start-up and ~0.3 GB on a laptop); without it Ray Train's placement-group
+            # cleaner cannot query actor states and warns every second, so workers log errors only.
+            # A laptop is not preempted: no preemption-watcher actor (one process start less per trial).
+            os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+            ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False,
+                     logging_config=ray.LoggingConfig(log_level="ERROR"))
+            local_ray = True
+    check_storage_for_cluster(storage_path)
+    start_autoscaling_coordinator()
+    if tracking_uri:
+        start_relay(tracking_uri)  # on the driver's node: trials on other nodes log through it
+    use_gpu = gpus_per_worker > 0
+    if max_concurrent is None:
+        gpus = float(ray.cluster_resources().get("GPU", 0))
+        max_concurrent = max(1, int(gpus // (workers_per_trial * gpus_per_worker))) if use_gpu else 1
+    threads = None if use_gpu else max(1, (os.cpu_count() or 1) // (workers_per_trial * max_concurrent))
+
+    # 3. MLflow parent run (found again on --resume).
+    parent = None
+    if tracking_uri:
+        parent = tracking.ensure_run(tracking_uri, experiment, f"sweep/{name}", name,
+                                     tags={"shortft.sweep": name, "shortft.space": space.name})
+        if not resume:
+            tracking.log_dict_params(tracking_uri, parent, {
+                "space": space.name, "base": space.base, "num_samples": num_samples,
+                "workers_per_trial": workers_per_trial, "gpus_per_worker": gpus_per_worker,
+                **{f"fixed.{k}": v for k, v in space.fixed.items()},
+                **{f"search.{k}": f"{d.kind} {d.args}" for k, d in space.search.items()}})
+    s = settings(space, name, storage_path, output_root, workers_per_trial, use_gpu, gpus_per_worker or 1.0,
+                 None if use_gpu else 1.0, threads, tracking_uri, experiment, parent)
+
+    # 4. Tune.
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "0")  # save sweep state at every event: resumes lose nothing
+    trial_fn = tune.with_resources(trainable, {"CPU": TRIAL_CPUS})
+    callbacks = [RunCloser(tracking_uri)] if tracking_uri else []
+    if local_ray and max_concurrent == 1:
+        callbacks.append(PlacementGroupReaper(TRIAL_CPUS))
+    run_config = tune.RunConfig(name=name, storage_path=storage_path, failure_config=tune.FailureConfig(max_failures=1),
+                                callbacks=callbacks, verbose=1)
+    print(f"sweep {name}: {num_samples} trials of space {space.name!r} (base {space.base}), "
+          f"{max_concurrent} at a time, {workers_per_trial} worker(s) each; storage {storage_path}", flush=True)
+    if resume:
+        tuner = tune.Tuner.restore(str(Path(storage_path) / name) if "://" not in storage_path else f"{storage_path}/{name}",
+                                   trainable=trial_fn, resume_unfinished=True, resume_errored=True,
+                                   param_space=param_space(space, s))
+    else:
+        search = searcher(space, s, seed=seed, max_concurrent=max_concurrent)
+        tuner = tune.Tuner(trial_fn, param_space=param_space(space, s),
+                           tune_config=tune.TuneConfig(search_alg=search, scheduler=scheduler(space),
+                                                       num_samples=num_samples, reuse_actors=False),
+                           run_config=run_config)
+    grid = tuner.fit()
+
+    # 5. Results table, best trial, parent run.
+    rows = results_table(grid, space)
+    out_dir = Path(output_root)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    table_path = write_table(rows, out_dir / "results.parquet")
+    done = [r for r in rows if r["objective_best"] is not None]
+    best = None
+    if done:
+        top = max(done, key=lambda r: r["objective_best"])
+        values = {k: top[k] for k in space.search}
+        best_cfg = trial_config(space.base, space.fixed, values, name=f"{name}-best")
+        best = {"trial": top["trial"], "objective": top["objective_best"], "values": values,
+                "config": to_dict(best_cfg), "mlflow_run_id": top["mlflow_run_id"]}
+    seconds = time.time() - t_start
+    if parent:
+        finish_parent(tracking_uri, parent, rows, best, study_of(tuner), table_path, out_dir, seconds)
+    return SweepResult(name, rows, best, table_path, parent, tracking_uri, seconds, storage_path)

@@ -1,0 +1,27 @@
+"""How a sweep proposes and stops trials: seeded Optuna TPE (from the space's points first) and ASHA."""
+
+from __future__ import annotations
+
+from shortft.space import Space, trial_config
+from shortft.sweep.trial_runs import TrialRuns
+from shortft.sweep.trials import MODE, OBJECTIVE
+
+
+def searcher(space: Space, sweep_settings: dict, seed: int = 0, max_concurrent: int = 1):
+    """Seeded Optuna TPE, starting from the space's points_to_evaluate, wrapped by TrialRuns."""
+    import optuna
+    from ray.tune.search.optuna import OptunaSearch
+
+    inner = OptunaSearch(metric=OBJECTIVE, mode=MODE, points_to_evaluate=space.points_to_evaluate or None,
+                         sampler=optuna.samplers.TPESampler(seed=seed, n_startup_trials=3))
+    return TrialRuns(inner, max_concurrent, sweep_settings)
+
+
+def scheduler(space: Space):
+    """ASHA on the evaluation objective, in training steps: a trial is first judged at its first evaluation."""
+    from ray.tune.schedulers import ASHAScheduler
+
+    cfg = trial_config(space.base, space.fixed, {k: d.corners()[0] for k, d in space.search.items()})  # steps, eval.every
+    every = cfg.eval.every or cfg.train.steps
+    return ASHAScheduler(time_attr="step", metric=OBJECTIVE, mode=MODE, max_t=cfg.train.steps,
+                         grace_period=min(every, cfg.train.steps), reduction_factor=2)

@@ -1,0 +1,59 @@
+"""The MLflow runs of a sweep's trials: one nested run per trial, created in the driver as the searcher
+proposes the trial (SQLite has one writer), found again by a resumed driver, closed with the trial's
+status when it ends."""
+
+from __future__ import annotations
+
+from ray import tune
+from ray.tune.search import ConcurrencyLimiter
+
+from shortft import tracking
+from shortft.sweep.trials import RUN_ID_KEY, TRIAL_KEY, config_of_trial, stopped_early
+
+
+class TrialRuns(ConcurrencyLimiter):
+    """Caps concurrency and, as each trial is suggested, creates its nested MLflow run here in the
+    driver. Trials are numbered in suggestion order; a resumed driver that suggests trial n again
+    finds the run it made before the crash instead of making a second one."""
+
+    def __init__(self, searcher, max_concurrent: int, sweep_settings: dict):
+        super().__init__(searcher, max_concurrent)
+        self.sweep_settings, self.count = sweep_settings, 0
+
+    def suggest(self, trial_id: str):
+        config = super().suggest(trial_id)
+        if not isinstance(config, dict):
+            return config
+        self.count += 1
+        key = f"t{self.count:03d}"
+        config[TRIAL_KEY] = key
+        sweep = self.sweep_settings
+        if sweep["tracking_uri"]:
+            name = f"{sweep['name']}-{key}"
+            cfg = config_of_trial({**config, "sweep": sweep}, name)
+            config[RUN_ID_KEY] = tracking.ensure_trial_run(sweep["tracking_uri"], sweep["experiment"], name, cfg,
+                                                           sweep["parent_run_id"])
+        return config
+
+
+class RunCloser(tune.Callback):
+    """Driver side: a trial that ends, is stopped early or fails gets its MLflow run closed with that
+    status (an ASHA stop kills the trial's Train job before it could close the run itself)."""
+
+    def __init__(self, tracking_uri: str):
+        self.tracking_uri = tracking_uri
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self._close(trial, "FINISHED")
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._close(trial, "FAILED")
+
+    def _close(self, trial, status: str) -> None:
+        run_id = trial.config.get(RUN_ID_KEY)
+        if not run_id:
+            return
+        client = tracking.client(self.tracking_uri)
+        early = status == "FINISHED" and stopped_early(trial.config, trial.last_result or {})
+        client.set_tag(run_id, "shortft.trial_status", "stopped early" if early else status.lower())
+        client.set_terminated(run_id, status)

@@ -1,0 +1,47 @@
+"""`shortft bench`: every method on the tiny model, counts checked against the training plan."""
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+
+METHODS = ("shortft", "full", "draft", "draft_lv", "alignprop", "drtune", "refl")
+
+
+@pytest.mark.slow
+def test_bench_every_method_on_tiny_random_weights(tmp_path, tiny_dir):
+    out = tmp_path / "bench.json"
+    p = subprocess.run([sys.executable, "-m", "shortft.cli", "bench", "--config", "tiny", "--random-weights",
+                        "--steps", "2", "--warmup", "0", "--methods", ",".join(METHODS), "--json", str(out),
+                        "chain.steps=50", "chain.segments=4", "chain.drtune_train_steps=5"],
+                       capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, p.stderr[-3000:]
+    rows = {(r["method"], r["segments"]): r for r in json.loads(out.read_text())["rows"]}
+    assert {m for m, _ in rows} == set(METHODS)
+    for r in rows.values():
+        assert math.isfinite(r["seconds_per_step"]) and r["seconds_per_step"] > 0
+        assert r["seconds_min"] <= r["seconds_per_step"] <= r["seconds_max"]
+        assert r["flops"] > 0 and r["memory_estimate_mb"] > 0 and r["peak_memory_mb"] > 0
+        # the timed steps made the calls the counted step made
+        assert (r["measured_calls"], r["measured_grad_calls"]) == (r["calls"], r["grad_calls"])
+    # calls (with gradient) per step, as the plans say: N=50, k=4, end to end
+    assert (rows["shortft", 4]["calls"], rows["shortft", 4]["grad_calls"]) == (18, 18)
+    assert (rows["full", None]["calls"], rows["full", None]["grad_calls"]) == (50, 50)
+    assert (rows["draft", None]["calls"], rows["draft", None]["grad_calls"]) == (50, 1)
+    assert (rows["draft_lv", None]["calls"], rows["draft_lv", None]["grad_calls"]) == (52, 3)  # + 2 copies
+    assert rows["drtune", None]["grad_calls"] == 5
+    assert rows["refl", None]["grad_calls"] == 1
+    assert rows["full", None]["checkpointing"] and rows["full", None]["seconds_per_step_vs_full"] == 1.0
+    assert rows["shortft", 4]["flops"] < rows["full", None]["flops"]
+    assert "| shortft | 4 | 1 | 18 (18) |" in p.stdout
+
+
+def test_bench_bad_flags_one_line_exit_2(tiny_dir):
+    for args, word in ((["--methods", "dpo"], "--methods"), (["--segments", "x"], "--segments"),
+                       (["--segments", "99"], "--segments")):
+        p = subprocess.run([sys.executable, "-m", "shortft.cli", "bench", "--config", "tiny", *args],
+                           capture_output=True, text=True, timeout=120)
+        lines = [line for line in p.stderr.splitlines() if line.strip()]
+        assert p.returncode == 2 and len(lines) == 1 and word in lines[0] and "Traceback" not in p.stderr, p.stderr

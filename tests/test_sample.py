@@ -1,0 +1,96 @@
+"""Using what was trained: the timestep switch detaches cleanly, `shortft sample`, quiet LoRA loading."""
+
+import subprocess
+import sys
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import shortft
+from shortft.config import ConfigError
+from shortft.lora import enable_timestep_aware
+
+
+@pytest.fixture
+def trained(make_cfg):
+    cfg = make_cfg("train.steps=2", "chain.steps=8", "chain.segments=2", "train.lr=0.05", "train.checkpoint_every=0")
+    return shortft.train(cfg).lora_dir
+
+
+def _pipe(tiny_dir):
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_dir, safety_checker=None, feature_extractor=None,
+                                                   requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _image(pipe):
+    return pipe("a red circle", num_inference_steps=8, generator=torch.Generator().manual_seed(0),
+                output_type="np").images
+
+
+def test_remove_restores_the_pipeline_bit_for_bit(trained, tiny_dir, capfd):
+    import diffusers
+
+    pipe = _pipe(tiny_dir)
+    fresh = _image(pipe)
+    diffusers.utils.logging.set_verbosity_warning()  # the test environment mutes it; loading must be quiet anyway
+    try:
+        capfd.readouterr()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            switch = enable_timestep_aware(pipe, trained)
+        printed = capfd.readouterr()
+    finally:
+        diffusers.utils.logging.set_verbosity_error()
+    assert not caught and not printed.err.strip() and not printed.out.strip(), ([str(w.message) for w in caught], printed)
+    tuned = _image(pipe)
+    assert not np.array_equal(tuned, fresh)
+    switch.remove()
+    assert np.array_equal(_image(pipe), fresh)
+    assert np.array_equal(_image(pipe), _image(_pipe(tiny_dir)))  # and equal to a freshly loaded pipeline
+    for _ in range(2):
+        with enable_timestep_aware(pipe, trained):
+            assert np.array_equal(_image(pipe), tuned)
+        assert np.array_equal(_image(pipe), fresh)
+
+
+def test_a_lora_for_another_unet_is_refused_with_one_line(trained, tiny_dir, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    bad = tmp_path / "bad"
+    for name in ("segment_1", "segment_2"):
+        state = load_file(str(trained / name / "pytorch_lora_weights.safetensors"))
+        (bad / name).mkdir(parents=True)
+        save_file({k.replace("down_blocks.0", "down_blocks.7"): v for k, v in state.items()},
+                  str(bad / name / "pytorch_lora_weights.safetensors"))
+    (bad / "shortft_lora.json").write_bytes((trained / "shortft_lora.json").read_bytes())
+    with pytest.raises(ConfigError, match="trained for another"):
+        enable_timestep_aware(_pipe(tiny_dir), bad)
+    p = subprocess.run([sys.executable, "-m", "shortft.cli", "sample", f"model.pretrained={tiny_dir}",
+                        "chain.steps=8", "--lora", str(bad), "--prompt", "a red circle", "--out", str(tmp_path / "o")],
+                       capture_output=True, text=True, timeout=300)
+    lines = [line for line in p.stderr.splitlines() if line.strip() and "sampling" not in line]
+    assert p.returncode == 2 and len(lines) == 1 and "trained for another" in lines[0], p.stderr
+
+
+def test_sample_compare_grid_and_its_tuned_half_equals_eval(trained, tiny_dir, tmp_path):
+    common = ["--config", "tiny", f"model.pretrained={tiny_dir}", "chain.steps=8", "chain.segments=2"]
+    p = subprocess.run([sys.executable, "-m", "shortft.cli", "sample", *common, "--lora", str(trained),
+                        "--prompt", "a red circle", "--prompt", "a blue square", "--seeds", "5,6",
+                        "--compare", "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    grid = np.asarray(Image.open(tmp_path / "out" / "compare.png"))
+    assert grid.shape == (4 * 128, 2 * 128, 3)  # 2 prompts x 2 seeds rows; base | tuned; 32 px tiles shown at 128
+    assert len(list((tmp_path / "out").glob("0*-seed*.png"))) == 4
+    e = subprocess.run([sys.executable, "-m", "shortft.cli", "eval", *common, "data.eval_prompts=[a red circle]",
+                        "eval.seed=5", "eval.samples_per_prompt=1", "--lora", str(trained),
+                        "--grid", str(tmp_path / "eval.png")], capture_output=True, text=True, timeout=300)
+    assert e.returncode == 0, e.stderr
+    assert np.array_equal(grid[:128, 128:], np.asarray(Image.open(tmp_path / "eval.png")))
+    assert not np.array_equal(grid[:128, :128], grid[:128, 128:])  # the base half is the base model
