@@ -277,7 +277,7 @@ def format_table(result: dict) -> str:
 def log_to_mlflow(result: dict, tracking_uri: str, json_path: Path | None, experiment: str = "shortft-bench") -> str:
     from shortft import tracking
 
-    tracking.check_tracking_uri(tracking_uri)
+    tracking_uri = tracking.resolve_uri(tracking_uri)
     run_id = tracking.ensure_run(tracking_uri, experiment, f"bench/{time.time_ns()}", f"bench-{result['config']}",
                                  reuse=False)
     tracking.log_dict_params(tracking_uri, run_id, {k: v for k, v in result.items() if k != "rows"})

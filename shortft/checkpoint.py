@@ -15,22 +15,31 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from shortft import safe_load
 from shortft.lora import load_lora_state, save_loras
 
 
 def _rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    """Every RNG's state as tensors and plain values, so that the file loads with weights_only=True."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": [name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)]}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    torch.set_rng_state(state["torch"].cpu())
+    random.setstate(tuple(state["python"][:1]) + (tuple(state["python"][1]),) + tuple(state["python"][2:]))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    keys = keys.numpy() if torch.is_tensor(keys) else keys  # checkpoints written before kept the array
+    np.random.set_state((name, keys.astype(np.uint32), pos, has_gauss, cached))
+    cuda = state.get("cuda")
+    # CUDA generators are per device: restore them only onto the same device count (a checkpoint
+    # from a GPU machine still resumes on a CPU one).
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all([s.cpu() for s in cuda])
 
 
 def save(root: Path, step: int, unet, adapters: list[str], optimizer, state: dict, plan: dict, keep: int) -> Path:
@@ -66,7 +75,7 @@ def load(path: Path, unet, adapters: list[str], optimizer) -> dict:
     """Restores LoRA weights, optimizer and RNG state in place; returns state.json (with `step`)."""
     path = Path(path)
     load_lora_state(unet, path / "lora", adapters)
-    blob = torch.load(path / "optimizer.pt", weights_only=False)
+    blob = safe_load.load(path / "optimizer.pt", "checkpoint")
     optimizer.load_state_dict(blob["optimizer"])
     _set_rng_state(blob["rng"])
     return json.loads((path / "state.json").read_text())

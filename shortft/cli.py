@@ -175,6 +175,8 @@ def run_train(cfg, args) -> int:
     from shortft.loop import NonFiniteError, train
 
     uri = None if args.no_mlflow else (args.tracking_uri or tracking.default_tracking_uri())
+    if uri:
+        uri = tracking.resolve_uri(uri)  # credentials leave the URI here, before anything prints or stores it
     try:
         if args.workers > 0:
             from shortft.distributed import train_with_ray
@@ -190,7 +192,6 @@ def run_train(cfg, args) -> int:
                 print("shortft: note: --storage-path and --gpu apply with --workers N only", file=sys.stderr)
             callbacks = []
             if uri:
-                tracking.check_tracking_uri(uri)
                 run_id = tracking.ensure_run(uri, args.experiment, str(cfg.output_dir.resolve()), cfg.name, cfg,
                                              reuse=bool(args.resume))
                 callbacks.append(tracking.MlflowLogger(uri, run_id))

@@ -158,8 +158,7 @@ def train_with_ray(cfg: Config, workers: int, use_gpu: bool = False, storage_pat
     if tracking_uri == "":
         tracking_uri = tracking.default_tracking_uri()
     if tracking_uri:
-        tracking.check_tracking_uri(tracking_uri)
-        tracking_uri = tracking.absolute_uri(tracking_uri)
+        tracking_uri = tracking.resolve_uri(tracking_uri)
     storage_path = storage_path or default_storage_path()
     check_storage_path(storage_path)
     name = name or run_name(cfg)
@@ -172,7 +171,7 @@ def train_with_ray(cfg: Config, workers: int, use_gpu: bool = False, storage_pat
     if tracking_uri and not run_id:
         run_id = tracking.ensure_run(tracking_uri, experiment, name, name, cfg)
 
-    if not ray.is_initialized():
+    if not ray.is_initialized():  # a local Ray: its workers inherit this process's environment
         ray.init(include_dashboard=False, log_to_driver=True)
     relay = start_relay(tracking_uri) if tracking_uri else None  # found again if the sweep started it
     cpus = cpus_per_worker

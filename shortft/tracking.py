@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import time
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -29,6 +30,45 @@ def absolute_uri(uri: str) -> str:
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
         return "sqlite:///" + str(Path(uri[len("sqlite:///"):]).expanduser().resolve())
     return uri
+
+
+# MLflow reads these itself; credentials given in a URI move here, so that no URI that Ray, Tune or
+# MLflow prints or stores (Tune's trial configs, params.json, logs) carries them.
+CREDENTIAL_ENV = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")
+TOKEN_KEYS = ("token", "access_token")
+
+
+def take_credentials(uri: str) -> str:
+    """`http(s)://user:password@host:port/?token=...` -> `http(s)://host:port/`, the user, password and
+    token set in MLflow's own environment variables. Other URIs are returned as they are."""
+    parts = urllib.parse.urlsplit(uri)
+    if parts.scheme not in ("http", "https"):
+        return uri
+    if parts.username is not None:
+        os.environ["MLFLOW_TRACKING_USERNAME"] = urllib.parse.unquote(parts.username)
+        os.environ["MLFLOW_TRACKING_PASSWORD"] = urllib.parse.unquote(parts.password or "")
+    kept = []
+    for key, value in urllib.parse.parse_qsl(parts.query, keep_blank_values=True):
+        if key.lower() in TOKEN_KEYS:
+            os.environ["MLFLOW_TRACKING_TOKEN"] = value
+        else:
+            kept.append((key, value))
+    host = parts.hostname or ""
+    netloc = (f"[{host}]" if ":" in host else host) + (f":{parts.port}" if parts.port else "")
+    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, urllib.parse.urlencode(kept), parts.fragment))
+
+
+def credentials_env() -> dict[str, str]:
+    """The credential variables set in this process (for a Ray job's runtime_env on a remote cluster)."""
+    return {k: os.environ[k] for k in CREDENTIAL_ENV if os.environ.get(k)}
+
+
+def resolve_uri(uri: str) -> str:
+    """The URI every other part of the project gets: credentials moved to the environment, checked
+    (one line if unusable), a relative sqlite path made absolute."""
+    uri = take_credentials(uri)
+    check_tracking_uri(uri)
+    return absolute_uri(uri)
 
 
 def check_tracking_uri(uri: str) -> None:

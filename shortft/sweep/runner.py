@@ -87,8 +87,7 @@ def run_sweep(space: str | Space = "toy", num_samples: int = 6, config: str | No
     if tracking_uri == "":
         tracking_uri = tracking.default_tracking_uri()
     if tracking_uri:
-        tracking.check_tracking_uri(tracking_uri)
-        tracking_uri = tracking.absolute_uri(tracking_uri)
+        tracking_uri = tracking.resolve_uri(tracking_uri)  # credentials move to the environment here
     storage_path = storage_path or str(Path("ray_results").resolve())
     check_storage_path(storage_path)
     if resume and not name:
@@ -108,8 +107,8 @@ def run_sweep(space: str | Space = "toy", num_samples: int = 6, config: str | No
     local_ray = False
     if not ray.is_initialized():
         address = canonical_address(address)
-        if address:
-            ray.init(address=address)
+        if address:  # MLflow credentials reach the trials through the job's environment, never its configs
+            ray.init(address=address, runtime_env={"env_vars": tracking.credentials_env()})
         else:
             # No dashboard (seconds of start-up and ~0.3 GB on a laptop); without it Ray Train's placement-group
             # cleaner cannot query actor states and warns every second, so workers log errors only.

@@ -1,0 +1,164 @@
+"""Files others can write are never unpickled; a checkpoint with code in it is refused in one line."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import shortft
+from shortft.config import ConfigError
+
+
+class _Payload:
+    """What a hostile optimizer.pt could hold: unpickling it would write `marker`."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (exec, (f"open({self.marker!r}, 'w').write('ran')",))
+
+
+def _poison(checkpoint_dir, marker):
+    blob = torch.load(checkpoint_dir / "optimizer.pt", weights_only=True)
+    blob["optimizer"]["extra"] = _Payload(marker)
+    torch.save(blob, checkpoint_dir / "optimizer.pt")
+
+
+def test_a_checkpoint_that_would_run_code_is_refused(make_cfg, tmp_path):
+    cfg = make_cfg("train.steps=4", "train.checkpoint_every=2", "chain.steps=4", "chain.segments=2",
+                   f"train.output_dir={tmp_path}/run")
+    shortft.train(cfg)
+    latest = tmp_path / "run/checkpoints/step_000004"
+    marker = tmp_path / "pwned"
+    _poison(latest, marker)
+    with pytest.raises(ConfigError, match="refused"):
+        shortft.train(cfg, resume=str(latest))
+    assert not marker.exists()
+    p = subprocess.run([sys.executable, "-m", "shortft.cli", "train", "--config", "tiny",
+                        f"model.pretrained={cfg.model.pretrained}", "train.steps=4", "chain.steps=4",
+                        "chain.segments=2", f"train.output_dir={tmp_path}/run", "--resume", str(latest), "--no-mlflow"],
+                       capture_output=True, text=True, timeout=300)
+    lines = [line for line in p.stderr.splitlines() if line.strip()]
+    assert p.returncode == 2 and len(lines) == 1 and "refused" in lines[0] and "Traceback" not in p.stderr, p.stderr
+    assert not marker.exists()
+
+
+def test_a_checkpoint_with_cuda_rng_state_resumes_on_a_cpu(make_cfg, tmp_path):
+    cfg = make_cfg("train.steps=4", "train.checkpoint_every=2", "chain.steps=4", "chain.segments=2",
+                   f"train.output_dir={tmp_path}/run")
+    shortft.train(cfg)
+    step2 = tmp_path / "run/checkpoints/step_000002"
+    blob = torch.load(step2 / "optimizer.pt", weights_only=True)
+    blob["rng"]["cuda"] = [torch.zeros(16, dtype=torch.uint8)] * 8  # as an 8-GPU machine would save it
+    torch.save(blob, step2 / "optimizer.pt")
+    assert shortft.train(cfg, resume=str(step2)).steps == 4
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    """A real `mlflow server` on 127.0.0.1, started and stopped by the test."""
+    import time
+    import urllib.request
+
+    port = _free_port()
+    server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+                               "--backend-store-uri", f"sqlite:///{tmp_path}/server.db",
+                               "--artifacts-destination", str(tmp_path / "server-artifacts")],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        for _ in range(120):
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1).read()
+                break
+            except OSError:
+                time.sleep(0.5)
+        else:
+            pytest.fail("mlflow server did not come up")
+        yield port
+    finally:
+        import os
+        import signal
+
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+
+
+def _files_holding(root, needle: bytes) -> list:
+    return [str(p) for p in root.rglob("*") if p.is_file() and needle in p.read_bytes()]
+
+
+@pytest.mark.slow
+def test_credentials_in_the_tracking_uri_are_never_printed_or_stored(mlflow_server, tmp_path, tiny_dir):
+    from pathlib import Path
+
+    from mlflow.tracking import MlflowClient
+
+    uri = f"http://user:s3cr3t-word@127.0.0.1:{mlflow_server}"
+    run = subprocess.run([sys.executable, "-m", "shortft.cli", "train", "--config", "tiny",
+                          f"model.pretrained={tiny_dir}", "train.steps=2", "chain.steps=4", "chain.segments=2",
+                          f"train.output_dir={tmp_path}/run", "--tracking-uri", uri],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    work = tmp_path / "work"
+    work.mkdir()
+    root = Path(__file__).resolve().parents[1]
+    (work / "sweep.py").write_bytes((root / "tune" / "sweep.py").read_bytes())
+    sweep = subprocess.run([sys.executable, "sweep.py", "--smoke-test", "--num-samples", "1", "--name", "creds",
+                            "--storage-path", str(tmp_path / "storage"), "--tracking-uri", uri], cwd=work,
+                           capture_output=True, text=True, timeout=600)
+    assert sweep.returncode == 0, sweep.stdout[-2000:] + sweep.stderr[-2000:]
+    for output in (run.stdout, run.stderr, sweep.stdout, sweep.stderr):
+        assert "s3cr3t-word" not in output
+    assert _files_holding(tmp_path, b"s3cr3t-word") == []  # runs, Tune/Train storage, the server's db and artifacts
+    client = MlflowClient(f"http://127.0.0.1:{mlflow_server}")
+    runs = [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])]
+    assert len(runs) >= 3  # the single run, the sweep's parent and its trial
+    for r in runs:
+        assert "s3cr3t-word" not in str(r.data.params) + str(r.data.tags)
+
+
+def test_every_server_the_project_starts_listens_on_loopback():
+    import re
+    from pathlib import Path
+
+    import yaml
+
+    root = Path(__file__).resolve().parents[1]
+    servers = 0
+    for path in sorted((root / "clusters").glob("*.yaml")):
+        text = path.read_text()
+        for command in re.findall(r"mlflow server --[^\n&>]*(?:\n\s+--[^\n&>]*)*", text):
+            assert "--host 127.0.0.1" in command, (path.name, command)
+            servers += 1
+        for command in re.findall(r"ray start --head[^\n]*", text):
+            assert "--dashboard-host=127.0.0.1" in command, (path.name, command)
+            servers += 1
+        for doc in yaml.safe_load_all(text):
+            for key, value in _walk(doc):
+                if key == "dashboard-host":
+                    assert value == "127.0.0.1", (path.name, key, value)
+                    servers += 1
+    assert servers >= 4
+    for path in (root / "shortft").rglob("*.py"):
+        assert "0.0.0.0" not in path.read_text(), path  # nothing in the code binds to every interface
+
+
+def _walk(node, key=None):
+    if isinstance(node, dict):
+        for k, v in node.items():
+            yield from _walk(v, k)
+    elif isinstance(node, list):
+        for v in node:
+            yield from _walk(v, key)
+    else:
+        yield key, node
