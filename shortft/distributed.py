@@ -20,7 +20,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from shortft import tracking
+from shortft import resources, tracking
 from shortft.config import Config, ConfigError, from_dict, to_dict
 from shortft.loop import Callback
 from shortft.mlflow_relay import start_relay
@@ -172,11 +172,13 @@ def train_with_ray(cfg: Config, workers: int, use_gpu: bool = False, storage_pat
         run_id = tracking.ensure_run(tracking_uri, experiment, name, name, cfg)
 
     if not ray.is_initialized():  # a local Ray: its workers inherit this process's environment
-        ray.init(include_dashboard=False, log_to_driver=True)
+        ray.init(include_dashboard=False, log_to_driver=True, logging_config=ray.LoggingConfig(log_level="ERROR"))
     relay = start_relay(tracking_uri) if tracking_uri else None  # found again if the sweep started it
     cpus = cpus_per_worker
     if cpus is None:
         cpus = 1.0 if use_gpu else max(0.1, min(1.0, float(ray.cluster_resources().get("CPU", 1)) / workers))
+    resources.check(resources.Request(workers, cpus, gpus_per_worker if use_gpu else 0.0, workers_flag="--workers",
+                                      gpu_flag="--gpu", gpu_fix="drop --gpu"))  # before the worker group waits
     fail_at = int(os.environ.get(FAIL_AT_STEP_ENV, "0") or 0)
     loop_config = {
         "cfg": to_dict(cfg), "use_gpu": use_gpu, "threads": threads or max(1, int(cpus)), "tracking_uri": tracking_uri,

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from ray import tune
 
-from shortft import tracking
+from shortft import resources, tracking
 from shortft.config import ConfigError, to_dict
 from shortft.mlflow_relay import start_relay
 from shortft.space import Space, load_space, trial_config
@@ -118,6 +118,7 @@ def run_sweep(space: str | Space = "toy", num_samples: int = 6, config: str | No
                      logging_config=ray.LoggingConfig(log_level="ERROR"))
             local_ray = True
     check_storage_for_cluster(storage_path)
+    resources.check(resources.Request(workers_per_trial, 1.0, gpus_per_worker, TRIAL_CPUS))  # before any trial
     start_autoscaling_coordinator()
     if tracking_uri:
         start_relay(tracking_uri)  # on the driver's node: trials on other nodes log through it

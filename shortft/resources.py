@@ -1,0 +1,94 @@
+"""Can a trial's worker group ever be placed? Checked before the first trial (and before a `--workers`
+run starts its worker group), so that an impossible request fails in one line instead of waiting.
+
+What exists: the cluster's alive nodes (`ray.nodes()`), plus, on a cluster the Ray launcher started,
+the node types its autoscaler may add (`available_node_types` of the autoscaling config the head was
+started with, `~/ray_bootstrap_config.yaml`, or `$SHORTFT_AUTOSCALING_CONFIG`).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from shortft.config import ConfigError
+
+AUTOSCALING_CONFIG_ENV = "SHORTFT_AUTOSCALING_CONFIG"
+LAUNCHER_CONFIG = "~/ray_bootstrap_config.yaml"
+
+
+@dataclass
+class Request:
+    """One trial: `workers` bundles of {CPU, GPU}, plus the trial's own CPUs; the flags that set them."""
+
+    workers: int
+    cpus_per_worker: float
+    gpus_per_worker: float = 0.0
+    trial_cpus: float = 0.0
+    workers_flag: str = "--workers-per-trial"
+    gpu_flag: str = "--gpus-per-worker"
+    gpu_fix: str = "use --gpus-per-worker 0"
+
+
+def _bundles(node: dict, request: Request) -> int:
+    """How many worker bundles fit on a node with these total resources."""
+    fits = [node.get("CPU", 0) / request.cpus_per_worker] if request.cpus_per_worker > 0 else []
+    if request.gpus_per_worker > 0:
+        fits.append(node.get("GPU", 0) / request.gpus_per_worker)
+    return math.floor(min(fits) + 1e-9) if fits else request.workers
+
+
+def fit(request: Request, nodes: list[dict], node_types: list[tuple[dict, int]] | None) -> str:
+    """"now" if the cluster as it is can place the trial, "later" if only the autoscaler's nodes can;
+    otherwise a ConfigError naming the flag, what was asked and what exists. `node_types`: (resources,
+    max_workers) of each type the autoscaler may start; None when there is no autoscaler."""
+    now = sum(_bundles(n, request) for n in nodes)
+    later = now + sum(_bundles(r, request) * count for r, count in node_types or [])
+    scaler = "no autoscaler" if node_types is None else "an autoscaler"
+    if request.gpus_per_worker > 0 and not any(_bundles(n, request) for n in [*nodes, *(r for r, _ in node_types or [])]):
+        gpus = sum(n.get("GPU", 0) for n in nodes)
+        largest = max([n.get("GPU", 0) for n in nodes] + [r.get("GPU", 0) for r, _ in node_types or []])
+        asked = request.gpu_flag if request.gpu_flag == "--gpu" else f"{request.gpu_flag} {request.gpus_per_worker:g}"
+        raise ConfigError(f"{asked}: this Ray cluster has {gpus:g} GPUs "
+                          f"(at most {largest:g} on one node) and {scaler} that could add more; {request.gpu_fix} "
+                          "or start a GPU cluster (clusters/gpu.yaml)")
+    if now >= request.workers:
+        return "now"
+    if later >= request.workers:
+        return "later"
+    gpu_part = f" + {request.gpus_per_worker:g} GPU" if request.gpus_per_worker > 0 else ""
+    raise ConfigError(f"{request.workers_flag} {request.workers}: one trial needs {request.workers} workers of "
+                      f"{request.cpus_per_worker:g} CPU{gpu_part}; this Ray cluster can place {now}"
+                      + (f" (with its autoscaler {later})" if node_types is not None else " and has no autoscaler")
+                      + f"; use {request.workers_flag} {max(1, later)} or fewer")
+
+
+def autoscaler_node_types() -> list[tuple[dict, int]] | None:
+    """(resources, max_workers) of the node types in the autoscaling config the head was started with;
+    None when there is none (a local Ray, a fixed cluster)."""
+    import yaml
+
+    path = Path(os.environ.get(AUTOSCALING_CONFIG_ENV) or LAUNCHER_CONFIG).expanduser()
+    if not path.is_file():
+        return None
+    config = yaml.safe_load(path.read_text()) or {}
+    types = config.get("available_node_types") or {}
+    return [(dict(t.get("resources") or {}), int(t.get("max_workers", config.get("max_workers", 0)) or 0))
+            for t in types.values()]
+
+
+def check(request: Request) -> str:
+    """`fit` against the connected Ray cluster; says once, in one line, when the trial waits for nodes."""
+    import ray
+
+    nodes = [dict(n["Resources"]) for n in ray.nodes() if n.get("Alive")]
+    if nodes and request.trial_cpus:  # the trial process itself takes a little CPU somewhere
+        nodes[0]["CPU"] = max(0.0, nodes[0].get("CPU", 0) - request.trial_cpus)
+    verdict = fit(request, nodes, autoscaler_node_types())
+    if verdict == "later":
+        print(f"note: one trial needs {request.workers} workers of {request.cpus_per_worker:g} CPU"
+              + (f" + {request.gpus_per_worker:g} GPU" if request.gpus_per_worker else "")
+              + "; the cluster has too few now, and its autoscaler can add them: waiting", flush=True)
+    return verdict

@@ -1,0 +1,53 @@
+"""Requests no placement can ever meet fail fast, in one line; ones an autoscaler can meet wait."""
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from shortft.config import ConfigError
+from shortft.resources import Request, fit
+
+ROOT = Path(__file__).resolve().parents[1]
+CPU_NODE = {"CPU": 4.0}
+
+
+def test_fit_against_nodes_and_autoscaler_types():
+    assert fit(Request(2, 1.0), [CPU_NODE], None) == "now"
+    with pytest.raises(ConfigError, match="--gpus-per-worker 1: this Ray cluster has 0 GPUs.*no autoscaler"):
+        fit(Request(1, 1.0, 1.0), [CPU_NODE], None)
+    with pytest.raises(ConfigError, match="--workers-per-trial 8: .*can place 4 and has no autoscaler; use "
+                                          "--workers-per-trial 4 or fewer"):
+        fit(Request(8, 1.0), [CPU_NODE], None)
+    gpu_type = ({"CPU": 8.0, "GPU": 1.0}, 4)
+    assert fit(Request(2, 1.0, 1.0), [CPU_NODE], [gpu_type]) == "later"  # two GPU nodes can be added
+    with pytest.raises(ConfigError, match="with its autoscaler 4"):
+        fit(Request(6, 1.0, 1.0), [CPU_NODE], [gpu_type])
+    with pytest.raises(ConfigError, match="at most 1 on one node"):
+        fit(Request(1, 1.0, 2.0), [CPU_NODE], [gpu_type])  # 2 GPUs per worker on 1-GPU nodes: never
+
+
+def _one_line_exit_2(args, cwd=ROOT):
+    t0 = time.time()
+    p = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=120, cwd=cwd)
+    lines = [line for line in p.stderr.splitlines() if line.strip()]
+    assert p.returncode == 2, p.stdout[-2000:] + p.stderr[-2000:]
+    assert len(lines) == 1 and "Traceback" not in p.stderr, p.stderr
+    assert time.time() - t0 < 30
+    return lines[0]
+
+
+@pytest.mark.parametrize("flags,expected", [(["--gpus-per-worker", "1"], "--gpus-per-worker 1: this Ray cluster has 0 GPUs"),
+                                            (["--workers-per-trial", "8"], "--workers-per-trial 8:")])
+def test_sweep_on_a_cpu_only_local_ray_fails_fast(tmp_path, flags, expected):
+    line = _one_line_exit_2(["tune/sweep.py", "--smoke-test", "--num-samples", "1", "--storage-path",
+                             str(tmp_path / "s"), "--no-mlflow", *flags])
+    assert expected in line
+
+
+def test_train_with_gpu_workers_on_a_cpu_only_machine_fails_fast(tmp_path):
+    line = _one_line_exit_2(["-m", "shortft.cli", "train", "--config", "tiny", "--workers", "2", "--gpu",
+                             "--storage-path", str(tmp_path / "s"), "--no-mlflow"])
+    assert "--gpu: this Ray cluster has 0 GPUs" in line and "drop --gpu" in line
