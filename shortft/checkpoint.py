@@ -42,16 +42,32 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all([s.cpu() for s in cuda])
 
 
-def save(root: Path, step: int, unet, adapters: list[str], optimizer, state: dict, plan: dict, keep: int) -> Path:
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written (disk full, no permission); the previous one is intact."""
+
+
+def save(root: Path, step: int, unet, adapters: list[str], optimizer, state: dict, plan: dict, keep: int,
+         scaler: torch.amp.GradScaler | None = None) -> Path:
     root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:06d}"
     tmp = root / f".tmp-step_{step:06d}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    save_loras(unet, adapters, tmp / "lora", plan)
-    torch.save({"optimizer": optimizer.state_dict(), "rng": _rng_state()}, tmp / "optimizer.pt")
-    (tmp / "state.json").write_text(json.dumps({"step": step, **state}))
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        save_loras(unet, adapters, tmp / "lora", plan)
+        blob = {"optimizer": optimizer.state_dict(), "rng": _rng_state()}
+        if scaler is not None and scaler.is_enabled():
+            blob["scaler"] = scaler.state_dict()  # fp16: the loss scale and its growth tracker
+        torch.save(blob, tmp / "optimizer.pt")
+        (tmp / "state.json").write_text(json.dumps({"step": step, **state}))
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        previous = latest(root)
+        raise CheckpointWriteError(
+            f"checkpoint of step {step} not written to {root}: {e.strerror or e} ({e.filename or tmp}); "
+            + (f"{previous.name} is intact, resume from it with --resume" if previous else "no earlier checkpoint")
+        ) from None
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
     for old in list_checkpoints(root)[:-keep]:
@@ -71,11 +87,13 @@ def latest(root: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def load(path: Path, unet, adapters: list[str], optimizer) -> dict:
-    """Restores LoRA weights, optimizer and RNG state in place; returns state.json (with `step`)."""
+def load(path: Path, unet, adapters: list[str], optimizer, scaler: torch.amp.GradScaler | None = None) -> dict:
+    """Restores LoRA weights, optimizer, GradScaler and RNG state in place; returns state.json (with `step`)."""
     path = Path(path)
     load_lora_state(unet, path / "lora", adapters)
     blob = safe_load.load(path / "optimizer.pt", "checkpoint")
     optimizer.load_state_dict(blob["optimizer"])
+    if scaler is not None and scaler.is_enabled() and "scaler" in blob:
+        scaler.load_state_dict(blob["scaler"])
     _set_rng_state(blob["rng"])
     return json.loads((path / "state.json").read_text())

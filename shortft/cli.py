@@ -172,6 +172,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def run_train(cfg, args) -> int:
     from shortft import tracking
+    from shortft.checkpoint import CheckpointWriteError
     from shortft.loop import NonFiniteError, train
 
     uri = None if args.no_mlflow else (args.tracking_uri or tracking.default_tracking_uri())
@@ -197,7 +198,7 @@ def run_train(cfg, args) -> int:
                 callbacks.append(tracking.MlflowLogger(uri, run_id))
             result = train(cfg, callbacks, resume=args.resume)
             print(f"done: LoRA in {result.lora_dir}; eval " + json.dumps(result.eval))
-    except NonFiniteError as e:
+    except (NonFiniteError, CheckpointWriteError) as e:
         print(f"shortft: error: {e}", file=sys.stderr)
         return 1
     if uri:

@@ -169,7 +169,7 @@ def train(cfg: Config, callbacks: list[Callback] = (), resume: bool | str | Path
         if path is None:
             print(f"no checkpoint under {out / 'checkpoints'}; starting from step 0", file=sys.stderr)
         else:
-            state = checkpoint.load(path, unet, adapters, optimizer)
+            state = checkpoint.load(path, unet, adapters, optimizer, scaler)
             start, bad_in_row = state["step"], state.get("bad_in_row", 0)
             print(f"resumed from {path} at step {start}", file=sys.stderr)
     if is_main:
@@ -238,7 +238,8 @@ def train(cfg: Config, callbacks: list[Callback] = (), resume: bool | str | Path
         every = cfg.train.checkpoint_every
         if is_main and ((every and (step + 1) % every == 0) or step + 1 == total):
             artifacts["checkpoint"] = checkpoint.save(out / "checkpoints", step + 1, unet, adapters, optimizer,
-                                                      {"bad_in_row": bad_in_row}, lora_json, cfg.train.keep_checkpoints)
+                                                      {"bad_in_row": bad_in_row}, lora_json, cfg.train.keep_checkpoints,
+                                                      scaler)
         if is_main and ((cfg.eval.every and (step + 1) % cfg.eval.every == 0) or step + 1 == total):
             artifacts["grid"] = out / "samples" / f"step_{step + 1:06d}.png"
             t_eval = time.perf_counter()
