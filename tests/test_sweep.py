@@ -170,11 +170,26 @@ def test_resume_after_the_driver_is_killed_in_the_second_trial(tmp_path):
     proc.communicate()
     subprocess.run([str(Path(sys.executable).parent / "ray"), "stop", "--force"], capture_output=True)  # leftovers
 
-    again = _run_script(work, "--name", "crash", "--resume")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("RAY_ADDRESS", None)
+    again = subprocess.Popen([sys.executable, "sweep.py", "--name", "crash", "--resume"], cwd=work, env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     out, _ = again.communicate(timeout=900)
     assert again.returncode == 0, out[-3000:]
     assert "best trial t00" in out and "mlflow ui --backend-store-uri sqlite:///" in out
     _check_sweep_outputs(db, work / "runs" / "sweeps" / "crash" / "results.parquet")
+
+
+def test_a_resume_with_a_conflicting_flag_is_refused_in_one_line(tmp_path, capsys):
+    from shortft.sweep import saved
+
+    storage = str(tmp_path / "s")
+    saved.write(storage, "x", saved.settle({}, storage, "x", resume=False))  # a sweep that started on `toy`
+    code = sweep.main(["--name", "x", "--resume", "--space", "other.yaml", "--num-samples", "9", "--storage-path",
+                       storage, "--no-mlflow"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and not ray.is_initialized()
+    assert "--space other.yaml (the sweep has toy)" in err and "--num-samples 9 (the sweep has 6)" in err
 
 
 def test_private_ray_tune_optuna_attributes_are_still_there():

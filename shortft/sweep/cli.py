@@ -13,23 +13,25 @@ from shortft.sweep.trials import EXPERIMENT, OBJECTIVE
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tune/sweep.py", description="ShortFT sweep: Ray Tune + Optuna + MLflow.")
-    p.add_argument("--space", default="toy", help="built-in space name or YAML path (default: toy)")
+    p.add_argument("--space", default=None, help="built-in space name or YAML path (default: toy)")
     p.add_argument("--config", default=None, help="base config (name or YAML path); default: the space's base")
-    p.add_argument("--num-samples", type=int, default=6, help="trials in all (default 6)")
-    p.add_argument("--workers-per-trial", type=int, default=1, help="Ray Train workers per trial")
-    p.add_argument("--gpus-per-worker", type=float, default=0.0, help="GPUs per worker (0 = CPU)")
+    p.add_argument("--num-samples", type=int, default=None, help="trials in all (default 6)")
+    p.add_argument("--workers-per-trial", type=int, default=None, help="Ray Train workers per trial (default 1)")
+    p.add_argument("--gpus-per-worker", type=float, default=None, help="GPUs per worker (default 0 = CPU)")
     p.add_argument("--max-concurrent", type=int, default=None, help="trials at once (default: cluster GPUs / GPUs per trial; 1 on CPU)")
     p.add_argument("--tracking-uri", default="", help="MLflow URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
     p.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
-    p.add_argument("--experiment", default=EXPERIMENT, help=f"MLflow experiment (default {EXPERIMENT})")
+    p.add_argument("--experiment", default=None, help=f"MLflow experiment (default {EXPERIMENT})")
     p.add_argument("--storage-path", default=os.environ.get("SHORTFT_STORAGE_PATH"),
                    help="where Tune and Train keep state: a local dir, s3://..., or NFS (default: ./ray_results)")
     p.add_argument("--address", default=os.environ.get("RAY_ADDRESS"), help="Ray cluster address (auto on a head node)")
     p.add_argument("--name", default=None, help="sweep name (default: <space>-<date>-<time>)")
     p.add_argument("--resume", action="store_true",
-                   help="continue the sweep --name (default: the latest) from storage; give the flags it started with")
-    p.add_argument("--smoke-test", action="store_true", help="2 steps per trial, tiny evaluation: checks the plumbing")
-    p.add_argument("--seed", type=int, default=0, help="Optuna sampler seed")
+                   help="continue the sweep --name (default: the latest) as it started: its space, config and sizes "
+                        "are stored with it; a flag that differs is refused")
+    p.add_argument("--smoke-test", action="store_const", const=True, default=None,
+                   help="2 steps per trial, tiny evaluation: checks the plumbing")
+    p.add_argument("--seed", type=int, default=None, help="Optuna sampler seed (default 0)")
     return p
 
 

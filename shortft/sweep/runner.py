@@ -15,6 +15,7 @@ from shortft import resources, tracking
 from shortft.config import ConfigError, to_dict
 from shortft.mlflow_relay import start_relay
 from shortft.space import Space, load_space, trial_config
+from shortft.sweep import saved
 from shortft.sweep.ray_compat import PlacementGroupReaper, canonical_address, start_autoscaling_coordinator, study_of
 from shortft.sweep.results import finish_parent, results_table, write_table
 from shortft.sweep.search import scheduler, searcher
@@ -62,28 +63,25 @@ def latest_sweep(storage_path: str) -> str | None:
     return found[-1].parent.name if found else None
 
 
-def run_sweep(space: str | Space = "toy", num_samples: int = 6, config: str | None = None, name: str | None = None,
-              storage_path: str | None = None, tracking_uri: str | None = "", experiment: str = EXPERIMENT,
-              workers_per_trial: int = 1, gpus_per_worker: float = 0.0, max_concurrent: int | None = None,
-              address: str | None = None, resume: bool = False, smoke_test: bool = False, seed: int = 0,
+def run_sweep(space: str | Space | None = None, num_samples: int | None = None, config: str | None = None,
+              name: str | None = None, storage_path: str | None = None, tracking_uri: str | None = "",
+              experiment: str | None = None, workers_per_trial: int | None = None,
+              gpus_per_worker: float | None = None, max_concurrent: int | None = None, address: str | None = None,
+              resume: bool = False, smoke_test: bool | None = None, seed: int | None = None,
               output_root: str | None = None) -> SweepResult:
-    """Run (or resume) a sweep and return its results table; see `main` for what each argument means."""
+    """Run (or resume) a sweep and return its results table; see `main` for what each argument means.
+    None means "not given": a new sweep takes the defaults (`saved.DEFAULTS`), a resumed one the values
+    it started with (a given value that differs is refused)."""
     import ray
 
     from shortft.distributed import check_storage_path
 
     t_start = time.time()
     # 1. Everything a user can get wrong, before Ray starts.
-    if num_samples < 1:
-        raise ConfigError(f"--num-samples {num_samples}: must be >= 1")
-    if workers_per_trial < 1:
-        raise ConfigError(f"--workers-per-trial {workers_per_trial}: must be >= 1")
-    if gpus_per_worker < 0:
-        raise ConfigError(f"--gpus-per-worker {gpus_per_worker}: must be >= 0")
-    if max_concurrent is not None and max_concurrent < 1:
-        raise ConfigError(f"--max-concurrent {max_concurrent}: must be >= 1")
-    if not isinstance(space, Space):
-        space = load_space(space, base=config, overrides=SMOKE_TEST if smoke_test else None)
+    for flag, value, low in (("--num-samples", num_samples, 1), ("--workers-per-trial", workers_per_trial, 1),
+                             ("--max-concurrent", max_concurrent, 1), ("--gpus-per-worker", gpus_per_worker, 0)):
+        if value is not None and value < low:
+            raise ConfigError(f"{flag} {value}: must be >= {low}")
     if tracking_uri == "":
         tracking_uri = tracking.default_tracking_uri()
     if tracking_uri:
@@ -94,6 +92,16 @@ def run_sweep(space: str | Space = "toy", num_samples: int = 6, config: str | No
         name = latest_sweep(storage_path)
         if not name:
             raise ConfigError(f"--resume: no sweep under {storage_path}; pass --name and --storage-path of the sweep")
+    given = {"space": space if isinstance(space, (str, type(None))) else space.name, "config": config,
+             "num_samples": num_samples, "workers_per_trial": workers_per_trial, "gpus_per_worker": gpus_per_worker,
+             "max_concurrent": max_concurrent, "experiment": experiment, "smoke_test": smoke_test, "seed": seed}
+    values = saved.settle(given, storage_path, name, resume)
+    num_samples, workers_per_trial, gpus_per_worker = (values["num_samples"], values["workers_per_trial"],
+                                                       values["gpus_per_worker"])
+    max_concurrent, experiment, seed = values["max_concurrent"], values["experiment"], values["seed"]
+    if not isinstance(space, Space):
+        space = load_space(values["space"], base=values["config"],
+                           overrides=SMOKE_TEST if values["smoke_test"] else None)
     name = name or default_name(space)
     exists = (Path(storage_path) / name / "tuner.pkl").is_file() if "://" not in storage_path else resume
     if resume and not exists:
@@ -157,6 +165,7 @@ def run_sweep(space: str | Space = "toy", num_samples: int = 6, config: str | No
                                    trainable=trial_fn, resume_unfinished=True, resume_errored=True,
                                    param_space=param_space(space, s))
     else:
+        saved.write(storage_path, name, values)  # only now: every check has passed, the sweep starts
         search = searcher(space, s, seed=seed, max_concurrent=max_concurrent)
         tuner = tune.Tuner(trial_fn, param_space=param_space(space, s),
                            tune_config=tune.TuneConfig(search_alg=search, scheduler=scheduler(space),

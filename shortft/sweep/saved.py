@@ -1,0 +1,68 @@
+"""A sweep's own settings, stored next to its Tune state, so that `--resume --name X` runs the same sweep
+(same space, base config, trial count, sizes) whatever flags the resume is given, and refuses, in one
+line, a flag that would make it another sweep."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from shortft.config import ConfigError
+from shortft.sweep.trials import EXPERIMENT
+
+FILE = "shortft_sweep.json"
+DEFAULTS = {"space": "toy", "config": None, "num_samples": 6, "workers_per_trial": 1, "gpus_per_worker": 0.0,
+            "max_concurrent": None, "experiment": EXPERIMENT, "smoke_test": False, "seed": 0}
+
+
+def _flag(key: str) -> str:
+    return "--" + key.replace("_", "-")
+
+
+def _path_for(value):
+    """A space or config given as a file is stored as an absolute path (a resume may run elsewhere)."""
+    return str(Path(value).resolve()) if isinstance(value, str) and Path(value).is_file() else value
+
+
+def _read(storage_path: str, name: str) -> dict | None:
+    if "://" in storage_path:
+        import pyarrow.fs
+
+        fs, root = pyarrow.fs.FileSystem.from_uri(storage_path)
+        try:
+            with fs.open_input_stream(f"{root}/{name}/{FILE}") as f:
+                return json.loads(f.read())
+        except (FileNotFoundError, OSError):
+            return None
+    path = Path(storage_path) / name / FILE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def write(storage_path: str, name: str, values: dict) -> None:
+    text = json.dumps(values, indent=1)
+    if "://" in storage_path:
+        import pyarrow.fs
+
+        fs, root = pyarrow.fs.FileSystem.from_uri(storage_path)
+        fs.create_dir(f"{root}/{name}", recursive=True)
+        with fs.open_output_stream(f"{root}/{name}/{FILE}") as f:
+            f.write(text.encode())
+        return
+    (Path(storage_path) / name).mkdir(parents=True, exist_ok=True)
+    (Path(storage_path) / name / FILE).write_text(text)
+
+
+def settle(given: dict, storage_path: str, name: str | None, resume: bool) -> dict:
+    """The sweep's settings: for a new sweep the given values (None = not given) over the defaults; for
+    a resume the stored ones, with every given value that differs refused in one line."""
+    if not resume:
+        return {k: _path_for(given[k]) if given.get(k) is not None else v for k, v in DEFAULTS.items()}
+    stored = _read(storage_path, name) if name else None
+    if stored is None:  # a sweep started before its settings were stored: the flags as given
+        return settle(given, storage_path, name, resume=False)
+    conflicts = [f"{_flag(k)} {given[k]} (the sweep has {stored.get(k)})" for k in DEFAULTS
+                 if given.get(k) is not None and _path_for(given[k]) != stored.get(k)]
+    if conflicts:
+        raise ConfigError(f"--resume --name {name}: {'; '.join(conflicts)}; drop the flag to continue the sweep as "
+                          "it started, or give another --name for a new sweep")
+    return {k: stored.get(k, v) for k, v in DEFAULTS.items()}
