@@ -10,22 +10,18 @@ import pytest
 METHODS = ("shortft", "full", "draft", "draft_lv", "alignprop", "drtune", "refl")
 
 
-@pytest.mark.slow
-def test_bench_every_method_on_tiny_random_weights(tmp_path, tiny_dir):
+def _bench(tmp_path, *args):
     out = tmp_path / "bench.json"
     p = subprocess.run([sys.executable, "-m", "shortft.cli", "bench", "--config", "tiny", "--random-weights",
-                        "--steps", "2", "--warmup", "0", "--methods", ",".join(METHODS), "--json", str(out),
-                        "chain.steps=50", "chain.segments=4", "chain.drtune_train_steps=5"],
+                        "--methods", ",".join(METHODS), "--json", str(out), *args],
                        capture_output=True, text=True, timeout=900)
     assert p.returncode == 0, p.stderr[-3000:]
-    rows = {(r["method"], r["segments"]): r for r in json.loads(out.read_text())["rows"]}
+    return {(r["method"], r["segments"]): r for r in json.loads(out.read_text())["rows"]}, p.stdout
+
+
+def test_bench_counts_every_method_as_its_plan_says(tmp_path, tiny_dir):
+    rows, stdout = _bench(tmp_path, "--count-only", "chain.steps=50", "chain.segments=4", "chain.drtune_train_steps=5")
     assert {m for m, _ in rows} == set(METHODS)
-    for r in rows.values():
-        assert math.isfinite(r["seconds_per_step"]) and r["seconds_per_step"] > 0
-        assert r["seconds_min"] <= r["seconds_per_step"] <= r["seconds_max"]
-        assert r["flops"] > 0 and r["memory_estimate_mb"] > 0 and r["peak_memory_mb"] > 0
-        # the timed steps made the calls the counted step made
-        assert (r["measured_calls"], r["measured_grad_calls"]) == (r["calls"], r["grad_calls"])
     # calls (with gradient) per step, as the plans say: N=50, k=4, end to end
     assert (rows["shortft", 4]["calls"], rows["shortft", 4]["grad_calls"]) == (18, 18)
     assert (rows["full", None]["calls"], rows["full", None]["grad_calls"]) == (50, 50)
@@ -33,9 +29,21 @@ def test_bench_every_method_on_tiny_random_weights(tmp_path, tiny_dir):
     assert (rows["draft_lv", None]["calls"], rows["draft_lv", None]["grad_calls"]) == (52, 3)  # + 2 copies
     assert rows["drtune", None]["grad_calls"] == 5
     assert rows["refl", None]["grad_calls"] == 1
-    assert rows["full", None]["checkpointing"] and rows["full", None]["seconds_per_step_vs_full"] == 1.0
+    assert all(r["flops"] > 0 and r["memory_estimate_mb"] > 0 for r in rows.values())
     assert rows["shortft", 4]["flops"] < rows["full", None]["flops"]
-    assert "| shortft | 4 | 1 | 18 (18) |" in p.stdout
+    assert "| shortft | 4 | 1 | 18 (18) |" in stdout
+
+
+@pytest.mark.slow
+def test_bench_times_every_method(tmp_path, tiny_dir):
+    rows, _ = _bench(tmp_path, "--steps", "2", "--warmup", "0", "chain.steps=10", "chain.segments=2")
+    assert {m for m, _ in rows} == set(METHODS)
+    for r in rows.values():
+        assert math.isfinite(r["seconds_per_step"]) and r["seconds_per_step"] > 0
+        assert r["seconds_min"] <= r["seconds_per_step"] <= r["seconds_max"] and r["peak_memory_mb"] > 0
+        # the timed steps made the calls the counted step made
+        assert (r["measured_calls"], r["measured_grad_calls"]) == (r["calls"], r["grad_calls"])
+    assert rows["full", None]["checkpointing"] and rows["full", None]["seconds_per_step_vs_full"] == 1.0
 
 
 def test_bench_bad_flags_one_line_exit_2(tiny_dir):
