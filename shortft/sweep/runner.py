@@ -147,8 +147,9 @@ def run_sweep(space: str | Space | None = None, num_samples: int | None = None, 
                 "workers_per_trial": workers_per_trial, "gpus_per_worker": gpus_per_worker,
                 **{f"fixed.{k}": v for k, v in space.fixed.items()},
                 **{f"search.{k}": f"{d.kind} {d.args}" for k, d in space.search.items()}})
-    s = settings(space, name, storage_path, output_root, workers_per_trial, use_gpu, gpus_per_worker or 1.0,
-                 None if use_gpu else 1.0, threads, tracking_uri, experiment, parent)
+    sweep_settings = settings(space, name, storage_path, output_root, workers_per_trial, use_gpu,
+                              gpus_per_worker or 1.0, None if use_gpu else 1.0, threads, tracking_uri, experiment,
+                              parent)
 
     # 4. Tune.
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "0")  # save sweep state at every event: resumes lose nothing
@@ -163,11 +164,11 @@ def run_sweep(space: str | Space | None = None, num_samples: int | None = None, 
     if resume:
         tuner = tune.Tuner.restore(str(Path(storage_path) / name) if "://" not in storage_path else f"{storage_path}/{name}",
                                    trainable=trial_fn, resume_unfinished=True, resume_errored=True,
-                                   param_space=param_space(space, s))
+                                   param_space=param_space(space, sweep_settings))
     else:
         saved.write(storage_path, name, values)  # only now: every check has passed, the sweep starts
-        search = searcher(space, s, seed=seed, max_concurrent=max_concurrent)
-        tuner = tune.Tuner(trial_fn, param_space=param_space(space, s),
+        search = searcher(space, sweep_settings, seed=seed, max_concurrent=max_concurrent)
+        tuner = tune.Tuner(trial_fn, param_space=param_space(space, sweep_settings),
                            tune_config=tune.TuneConfig(search_alg=search, scheduler=scheduler(space),
                                                        num_samples=num_samples, reuse_actors=False),
                            run_config=run_config)
