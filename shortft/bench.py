@@ -26,6 +26,7 @@ import torch
 
 from shortft.architectures import random_pipeline
 from shortft.config import Config, ConfigError, METHODS
+from shortft.denoiser import CallCount
 from shortft.loop import autocast_for, micro_batch_loss, peak_memory_mb
 from shortft.models import DTYPES, frozen_parts, load_pipeline, pick_device, prepare_models
 from shortft.rewards import Rewards
@@ -168,7 +169,7 @@ def time_steps(cfg: Config, random_weights: bool, steps: int, warmup: int) -> di
     seconds = []
     for i in range(warmup + steps):
         prompts, noise = _step_inputs(models, cfg.train.batch_size)
-        models.denoiser.count = type(models.denoiser.count)()
+        models.denoiser.count = CallCount()
         t0 = time.perf_counter()
         loss, _, _ = micro_batch_loss(models, rewards, cfg, prompts, noise, 1, _draws(), autocast)
         loss.backward()

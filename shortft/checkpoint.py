@@ -31,7 +31,7 @@ def _rng_state() -> dict:
 
 def _set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"].cpu())
-    random.setstate(tuple(state["python"][:1]) + (tuple(state["python"][1]),) + tuple(state["python"][2:]))
+    random.setstate(state["python"])
     name, keys, pos, has_gauss, cached = state["numpy"]
     keys = keys.numpy() if torch.is_tensor(keys) else keys  # checkpoints written before kept the array
     np.random.set_state((name, keys.astype(np.uint32), pos, has_gauss, cached))

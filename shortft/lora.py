@@ -86,18 +86,24 @@ def save_loras(unet, names: Sequence[str], out_dir: Path, plan: dict) -> Path:
     return out_dir
 
 
+def read_lora_file(folder: str | Path) -> dict[str, torch.Tensor]:
+    """A saved adapter's weights (`<folder>/pytorch_lora_weights.safetensors`), keyed by UNet module path."""
+    from safetensors.torch import load_file
+
+    path = Path(folder) / "pytorch_lora_weights.safetensors"
+    if not path.is_file():
+        raise ConfigError(f"LoRA {folder}: no pytorch_lora_weights.safetensors there")
+    return {k.removeprefix("unet."): v for k, v in load_file(str(path)).items()}
+
+
 def load_lora_state(unet, lora_dir: Path, names: Sequence[str]) -> None:
     """Loads saved adapter weights back into already-added adapters (resume, eval, sample). A file
     whose keys do not fit the adapters (another model, rank or target list) is a ConfigError, never a
     partial load."""
     from peft.utils import set_peft_model_state_dict
-    from safetensors.torch import load_file
 
     for name in names:
-        path = Path(lora_dir) / name / "pytorch_lora_weights.safetensors"
-        if not path.is_file():
-            raise ConfigError(f"LoRA {lora_dir}: no {name}/pytorch_lora_weights.safetensors there")
-        state = {k.removeprefix("unet."): v for k, v in load_file(str(path)).items()}
+        state = read_lora_file(Path(lora_dir) / name)
         try:
             result = set_peft_model_state_dict(unet, state, adapter_name=name)
         except RuntimeError as e:  # a shape mismatch: another rank or model
@@ -124,12 +130,7 @@ def load_unet_lora(unet, folder: str | Path, adapter_name: str) -> None:
     """One saved adapter (`<folder>/pytorch_lora_weights.safetensors`, diffusers format) into the UNet
     only: no text-encoder look-up, so no "no LoRA keys" warnings. Keys that match no UNet module are a
     ConfigError, never a partial load."""
-    from safetensors.torch import load_file
-
-    path = Path(folder) / "pytorch_lora_weights.safetensors"
-    if not path.is_file():
-        raise ConfigError(f"LoRA {folder}: no pytorch_lora_weights.safetensors there")
-    state = {k.removeprefix("unet."): v for k, v in load_file(str(path)).items()}
+    state = read_lora_file(folder)
     modules = {name for name, _ in unet.named_modules()}
     targets = {k.split(".lora_")[0] for k in state}
     stray = sorted(t for t in targets if t not in modules)

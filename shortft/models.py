@@ -7,7 +7,7 @@ from a hub id, a local diffusers dir or `builtin:<name>`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -43,6 +43,7 @@ class Models:
     denoiser: Denoiser
     plan: TrainingPlan
     device: torch.device
+    empty_prompt: list = field(default_factory=list, repr=False)  # [states, pooled] of "", made on first use
 
     @property
     def unet(self):
@@ -61,13 +62,14 @@ class Models:
             return states, pooled
         return encode_text(self.pipe.tokenizer, self.pipe.text_encoder, prompts), None
 
-    @torch.no_grad()
     def _unconditional(self, batch: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        # SDXL's pipeline uses zeros for an empty negative prompt when its config says so.
-        if is_sdxl(self.pipe) and self.pipe.config.force_zeros_for_empty_prompt:
+        # The empty prompt's states are the same every step (the text encoders are frozen): once.
+        if not self.empty_prompt:
             states, pooled = self.encode([""])
-            return torch.zeros_like(states).expand(batch, -1, -1), torch.zeros_like(pooled).expand(batch, -1)
-        states, pooled = self.encode([""])
+            if is_sdxl(self.pipe) and self.pipe.config.force_zeros_for_empty_prompt:
+                states, pooled = torch.zeros_like(states), torch.zeros_like(pooled)  # as SDXL's pipeline does
+            self.empty_prompt.extend([states, pooled])
+        states, pooled = self.empty_prompt
         return states.expand(batch, -1, -1), None if pooled is None else pooled.expand(batch, -1)
 
     def _added(self, pooled: torch.Tensor | None, batch: int) -> dict | None:
@@ -123,14 +125,15 @@ def load_pipeline(pretrained: str, dtype: torch.dtype = torch.float32):
     transformers.utils.logging.disable_progress_bar()
     path = builtin.resolve(pretrained)
     try:
-        kind = DiffusionPipeline.load_config(path)["_class_name"]  # model_index.json only: no weights yet
-        if kind not in PIPELINES:
-            raise ConfigError(f"model.pretrained={pretrained!r}: a {kind}; supported: {', '.join(PIPELINES)}")
-        extra = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
+        kind = DiffusionPipeline.load_config(path).get("_class_name")  # model_index.json only: no weights yet
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"model.pretrained={pretrained!r}: could not load a diffusers pipeline ({str(e).splitlines()[0]})") from None
+    if kind not in PIPELINES:
+        raise ConfigError(f"model.pretrained={pretrained!r}: a {kind}; supported: {', '.join(PIPELINES)}")
+    extra = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
+    try:
         pipe = DiffusionPipeline.from_pretrained(path, dtype=dtype, **(extra if kind == PIPELINES[0] else {}))
-    except (OSError, ValueError, EnvironmentError, KeyError) as e:
-        if isinstance(e, ConfigError):
-            raise
+    except (OSError, ValueError) as e:
         raise ConfigError(f"model.pretrained={pretrained!r}: could not load a diffusers pipeline ({str(e).splitlines()[0]})") from None
     if not isinstance(pipe.scheduler, DDIMScheduler):
         # The chain's update is DDIM; a pipeline shipped with PNDM (SD 1.5) gets DDIM on the same betas.

@@ -144,11 +144,9 @@ def resolve_shortcut(model: ModelConfig, segments: int) -> Shortcut:
 def check_shortcut(cfg: Config) -> None:
     """A shortcut given as a local path (or a built-in file) must exist; hub ids are checked on load."""
     shortcut = resolve_shortcut(cfg.model, cfg.chain.segments)
-    if shortcut.kind == "none":
+    if shortcut.kind == "none" or shortcut.weight_name:  # a file inside a hub repo is checked when loaded
         return
     given = cfg.model.shortcut.partition(":")[2]
-    if shortcut.weight_name:
-        return  # a file inside a hub repo: checked when loaded
     if (given.startswith("builtin:") or builtin.looks_like_path(shortcut.path)) and not Path(shortcut.path).expanduser().exists():
         hint = " (no shortcut for this chain.segments?)" if "{segments}" in given else ""
         raise ConfigError(f"model.shortcut={cfg.model.shortcut!r}: {shortcut.path} does not exist{hint}")
