@@ -121,7 +121,7 @@ def count(cfg: Config, target: torch.device) -> dict:
     dtype = torch.bfloat16 if autocast_dtype == "bf16" else torch.float16 if autocast_dtype == "fp16" else DTYPES[cfg.model.dtype]
     device = _count_device(cfg, target)
     models = prepare_models(cfg, _pipeline(cfg, True, device, dtype), device=device)
-    rewards = Rewards(cfg.reward.weights, cfg.reward.options, device=device)
+    rewards = Rewards(cfg.reward.weights, cfg.reward.options, device=device, random_weights=True)
     trainable = _trainable(models)
     saved = SavedBytes(models.pipe.unet.parameters())
     prompts, noise = _step_inputs(models, cfg.train.batch_size)
@@ -159,7 +159,7 @@ def time_steps(cfg: Config, random_weights: bool, steps: int, warmup: int) -> di
     device = pick_device(cfg.model.device)
     torch.manual_seed(cfg.train.seed)
     models = prepare_models(cfg, _pipeline(cfg, random_weights, device, DTYPES[cfg.model.dtype]), device=device)
-    rewards = Rewards(cfg.reward.weights, cfg.reward.options, device=device)
+    rewards = Rewards(cfg.reward.weights, cfg.reward.options, device=device, random_weights=random_weights)
     trainable = _trainable(models)
     optimizer = torch.optim.AdamW(trainable, lr=cfg.train.lr)
     autocast = autocast_for(cfg, device)[0]

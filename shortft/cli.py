@@ -1,4 +1,4 @@
-"""Command line: `shortft train|eval|sample|plan|bench|config|toy`.
+"""Command line: `shortft train|eval|sample|plan|bench|rewards|config|toy`.
 
     shortft train --config tiny train.steps=50 reward.weights.symmetry=1.0
     shortft train --config tiny --dry-run          # print the timestep plan, load no model
@@ -7,6 +7,7 @@
     shortft sample --config tiny --lora runs/tiny/lora --prompt "a red circle" --seeds 0,1 --compare
     shortft config --config tiny                   # the resolved config as YAML
     shortft config --keys                          # every key with its default and help
+    shortft rewards --cost --random-weights        # the rewards, and seconds per image of each
 
 User mistakes (bad keys, values, paths) print one line and exit 2, with no traceback.
 """
@@ -95,6 +96,15 @@ def _parser() -> argparse.ArgumentParser:
                     "--json (e.g. a --count-only run on a CPU) for the same arms")
     bn.add_argument("--tracking-uri", help="also log an MLflow run (experiment shortft-bench)")
 
+    rw = sub.add_parser("rewards", help="the registered rewards; with --cost, seconds per image of each")
+    common(rw)
+    rw.add_argument("--cost", action="store_true", help="time each reward on random 224x224 images")
+    rw.add_argument("--names", help="comma-separated rewards to time (default: the config's weights and eval terms)")
+    rw.add_argument("--random-weights", action="store_true",
+                    help="preference models as their real architectures with random weights: nothing downloaded")
+    rw.add_argument("--batch", type=int, default=2, help="images per call (default 2)")
+    rw.add_argument("--repeats", type=int, default=3, help="timed calls; the median is reported (default 3)")
+
     config_parser = sub.add_parser("config", help="print the resolved config, or every key with --keys")
     common(config_parser)
     config_parser.add_argument("--keys", action="store_true", help="list every key with its default and help")
@@ -160,7 +170,12 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "bench":
             run_bench(cfg, args)
         elif args.command == "sample":
-            run_sample(cfg, args)
+            from shortft.sample import run_sample
+
+            run_sample(cfg, args.lora, args.prompt, args.prompts, int_list("--seeds", args.seeds), args.steps,
+                       args.guidance, Path(args.out), args.compare)
+        elif args.command == "rewards":
+            run_rewards(cfg, args)
     except ConfigError as e:
         print(f"shortft: error: {e}", file=sys.stderr)
         return 2
@@ -168,6 +183,16 @@ def main(argv: list[str] | None = None) -> int:
         print("shortft: interrupted; resume with --resume", file=sys.stderr)
         return 130
     return 0
+
+
+def run_rewards(cfg, args) -> None:
+    from shortft.rewards import cost
+
+    if not args.cost:
+        for row in cost.describe():
+            print(f"{row['name']:20s} {'' if row['gradient'] else '(evaluation only) '}{row['about']}")
+        return
+    print(cost.run(cfg, args.names.split(",") if args.names else None, args.random_weights, args.batch, args.repeats))
 
 
 def run_train(cfg, args) -> int:
@@ -206,7 +231,7 @@ def run_train(cfg, args) -> int:
     return 0
 
 
-def _int_list(flag: str, text: str) -> list[int]:
+def int_list(flag: str, text: str) -> list[int]:
     try:
         return [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
@@ -219,7 +244,7 @@ def run_bench(cfg, args) -> dict:
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     print(f"bench {cfg.name}: {cfg.model.pretrained}{' (random weights)' if args.random_weights else ''}, "
           f"N={cfg.chain.steps}", flush=True)
-    result = bench(cfg, methods, _int_list("--segments", args.segments), _int_list("--batch", args.batch),
+    result = bench(cfg, methods, int_list("--segments", args.segments), int_list("--batch", args.batch),
                    args.steps, args.warmup, args.random_weights, time_it=not args.count_only,
                    counts_from=json.loads(Path(args.counts_from).read_text()) if args.counts_from else None)
     print(f"\n{result['device']}, {result['mixed_precision']} autocast, frozen weights {result['dtype']}, "
@@ -233,56 +258,11 @@ def run_bench(cfg, args) -> dict:
     return result
 
 
-def load_trained(cfg, lora: str | None):
-    """The config's models with the LoRAs of a run (its own adapters and chain), or without any."""
-    from shortft.lora import load_lora_state, read_lora_plan
-    from shortft.models import load_models
-    from shortft.plan import training_plan
-
-    plan = training_plan(cfg, saved=read_lora_plan(lora)) if lora else None
-    models = load_models(cfg, with_loras=bool(lora), plan=plan)
-    if lora:
-        load_lora_state(models.unet, Path(lora), models.adapters)
-    return models
-
-
-def run_sample(cfg, args) -> Path:
-    import dataclasses
-
-    import torch
-
-    from shortft.data import read_prompts
-    from shortft.evaluate import generate, save_grid
-
-    if args.prompts and not Path(args.prompts).is_file():
-        raise ConfigError(f"--prompts {args.prompts}: no such file")
-    prompts = list(args.prompt) + (read_prompts(args.prompts) if args.prompts else [])
-    if not prompts:
-        raise ConfigError("give --prompt \"...\" (repeatable) or --prompts <file>")
-    seeds = _int_list("--seeds", args.seeds)
-    chain = dataclasses.replace(cfg.chain, steps=args.steps or cfg.chain.steps,
-                                guidance_scale=cfg.chain.guidance_scale if args.guidance is None else args.guidance)
-    cfg = dataclasses.replace(cfg, chain=chain)
-    models = load_trained(cfg, args.lora)
-    items = [(p, s) for p in prompts for s in seeds]
-    tuned = generate(models, cfg, [p for p, _ in items], [s for _, s in items], progress=True)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    for i, ((prompt, seed), image) in enumerate(zip(items, tuned)):
-        save_grid(image[None], out / f"{i:03d}-seed{seed}.png", min_tile=1)
-    if args.compare:
-        base = generate(models, cfg, [p for p, _ in items], [s for _, s in items],
-                        plan=dataclasses.replace(models.plan, adapters=()), progress=True)
-        pairs = torch.stack([base, tuned], 1).flatten(0, 1)  # base_0, tuned_0, base_1, ...
-        path = save_grid(pairs, out / "compare.png", cols=2)
-        print(f"base | tuned, one row per prompt and seed: {path}")
-    print(f"{len(items)} image(s) in {out}")
-    return out
-
-
 def run_eval(cfg, lora: str | None, grid: str | None) -> dict:
     from shortft.evaluate import evaluate
     from shortft.rewards import Rewards
+
+    from shortft.sample import load_trained
 
     models = load_trained(cfg, lora)
     rewards = Rewards(cfg.reward.weights, cfg.reward.options, [cfg.eval.objective, *cfg.eval.terms], models.device)

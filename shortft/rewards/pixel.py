@@ -1,12 +1,18 @@
-"""Hand-written pixel rewards: no weights, exact gradients. [B, 3, H, W] in [0, 1] -> [B]."""
+"""Hand-written pixel rewards: no weights, exact gradients. [B, 3, H, W] in [0, 1] -> [B].
+
+`jpeg_size`, the real JPEG size the `compressibility` proxy stands for, is here too, as an evaluation term.
+"""
 
 from __future__ import annotations
 
+import io
 import math
 
 import torch
+from PIL import Image
 
 from shortft.rewards.registry import RewardFn, register
+
 
 @register("symmetry")
 def symmetry() -> RewardFn:
@@ -38,7 +44,9 @@ def _dct_matrix(n: int = 8) -> torch.Tensor:
 @register("compressibility")
 def compressibility(block: int = 8) -> RewardFn:
     """Differentiable JPEG-size proxy: minus the mean absolute AC coefficient of the 8x8 block DCT of
-    luma (in 0..255 units). JPEG spends its bits on those coefficients, so fewer/smaller ones compress
+    luma (in 0..255 units).
+
+    JPEG spends its bits on those coefficients, so fewer/smaller ones compress
     better; unlike real JPEG size this has a gradient."""
     dct = _dct_matrix(block)
     luma = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
@@ -52,5 +60,22 @@ def compressibility(block: int = 8) -> RewardFn:
         coeffs = d @ tiles @ d.T
         ac = coeffs.abs().flatten(-2)[..., 1:]  # drop DC
         return -ac.mean(dim=(1, 2, 3))
+
+    return fn
+
+
+@register("jpeg_size", eval_only=True)
+def jpeg_size(quality: int = 95) -> RewardFn:
+    """Minus the real JPEG size in kB (PIL, `quality` 95): what `compressibility` approximates.
+
+    No gradient: an evaluation term only, for checking the proxy against the real thing."""
+
+    def fn(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        sizes = []
+        for img in (images.detach().float().clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy():
+            buf = io.BytesIO()
+            Image.fromarray(img).save(buf, format="JPEG", quality=quality)
+            sizes.append(-buf.tell() / 1000)
+        return torch.tensor(sizes, device=images.device)
 
     return fn

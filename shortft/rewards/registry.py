@@ -11,17 +11,24 @@ returns a callable (an `nn.Module` for model-based ones: it is frozen and moved 
 
     @register("my_reward")
     def my_reward(path: str = "org/model") -> RewardFn: ...
+
+A factory that takes `random_weights` is given the bench's `--random-weights` (build the architecture
+with random weights, read nothing); a module with `place(device)` is placed by it (dtype choices).
+Terms registered with `eval_only=True` (e.g. `jpeg_size`) have no gradient: evaluation terms only.
 """
 
 from __future__ import annotations
 
 from typing import Callable, Protocol
 
+import inspect
+
 import torch
 from torch import nn
 
 from shortft import builtin
 from shortft.config import Config, ConfigError
+from shortft.rewards import sources
 
 
 class RewardFn(Protocol):
@@ -29,11 +36,15 @@ class RewardFn(Protocol):
 
 
 _REGISTRY: dict[str, Callable[..., RewardFn]] = {}
+EVAL_ONLY: set[str] = set()
+PATH_OPTIONS = {"path", "processor", "clip"}  # options naming a model: a local path must exist
 
 
-def register(name: str) -> Callable:
+def register(name: str, eval_only: bool = False) -> Callable:
     def wrap(factory: Callable[..., RewardFn]) -> Callable[..., RewardFn]:
         _REGISTRY[name] = factory
+        if eval_only:
+            EVAL_ONLY.add(name)
         return factory
 
     return wrap
@@ -48,28 +59,40 @@ def names() -> list[str]:
     return sorted(_registry())
 
 
+def factory_doc(name: str) -> str:
+    """The first paragraph of a reward's docstring: what it measures."""
+    return " ".join((_registry()[name].__doc__ or "").strip().split("\n\n")[0].split())
+
+
 def check_name(key: str, name: str) -> None:
     if name not in _registry():
         raise ConfigError(f"{key}: unknown reward {name!r}; registered: {', '.join(names())}")
 
 
-def build(name: str, options: dict | None = None, device: torch.device | str = "cpu") -> RewardFn:
+def build(name: str, options: dict | None = None, device: torch.device | str = "cpu",
+          random_weights: bool = False) -> RewardFn:
+    factory = _registry()[name]
+    kwargs = dict(options or {})
+    if random_weights and "random_weights" in inspect.signature(factory).parameters:
+        kwargs["random_weights"] = True
     try:
-        fn = _registry()[name](**(options or {}))
+        fn = factory(**kwargs)
     except TypeError as e:
         raise ConfigError(f"reward.options.{name}: {e}") from None
     if isinstance(fn, nn.Module):
-        fn = fn.to(device).eval().requires_grad_(False)
+        fn = fn.eval().requires_grad_(False)
+        fn = fn.place(device) if hasattr(fn, "place") else fn.to(device)
     return fn
 
 
 class Rewards:
     """The named terms of a run: `terms(images, prompts)` -> {name: [B]}; `weighted` sums the weights."""
 
-    def __init__(self, weights: dict[str, float], options: dict, extra: list[str] = (), device="cpu"):
+    def __init__(self, weights: dict[str, float], options: dict, extra: list[str] = (), device="cpu",
+                 random_weights: bool = False):
         self.weights = {k: float(v) for k, v in weights.items()}
         wanted = list(dict.fromkeys([*self.weights, *extra]))
-        self.fns = {n: build(n, options.get(n), device) for n in wanted}
+        self.fns = {n: build(n, options.get(n), device, random_weights) for n in wanted}
 
     def terms(self, images: torch.Tensor, prompts: list[str], only: list[str] | None = None) -> dict[str, torch.Tensor]:
         return {n: self.fns[n](images, prompts).float() for n in (only or self.fns)}
@@ -82,8 +105,13 @@ def check_config(cfg: Config) -> None:
     """Every reward term a config names (training weights, options, evaluation) is registered."""
     for name in cfg.reward.weights:
         check_name(f"reward.weights.{name}", name)
-    for name in cfg.reward.options:
+        if name in EVAL_ONLY:
+            raise ConfigError(f"reward.weights.{name}: {name} has no gradient (an evaluation term); "
+                              "train on a differentiable term (e.g. compressibility) and list it in eval.terms")
+    for name, opts in cfg.reward.options.items():
         check_name(f"reward.options.{name}", name)
+        for key in PATH_OPTIONS & set(opts or {}):
+            sources.check_exists(f"reward.options.{name}.{key}", str(opts[key]))
     check_name("eval.objective", cfg.eval.objective)
     for name in cfg.eval.terms:
         check_name("eval.terms", name)

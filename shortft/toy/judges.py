@@ -110,14 +110,17 @@ class PromptScorer(nn.Module):
 
 @register("toy_alignment")
 def toy_alignment(path: str = "builtin:toy/reward") -> PromptScorer:
+    """The toy world's learned, differentiable prompt-alignment reward (the training reward)."""
     return PromptScorer(path)
 
 
 @register("toy_judge")
 def toy_judge(path: str = "builtin:toy/judge") -> PromptScorer:
+    """The toy world's held-out judge: mean probability it gives the attributes the prompt names (evaluation)."""
     return PromptScorer(path)
 
 
 @register("toy_judge_accuracy")
 def toy_judge_accuracy(path: str = "builtin:toy/judge") -> PromptScorer:
+    """The held-out judge's accuracy: 1 where its shape and shape colour both match the prompt, else 0."""
     return PromptScorer(path, accuracy=True)

@@ -1,0 +1,55 @@
+"""`shortft sample` and `shortft eval --lora`: a config's models with the LoRAs a run wrote.
+
+    models = load_trained(cfg, "runs/tiny/lora")     # the run's adapters and chain, on the config's model
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import torch
+
+from shortft.config import Config, ConfigError
+from shortft.data import read_prompts
+from shortft.evaluate import generate, save_grid
+from shortft.lora import load_lora_state, read_lora_plan
+from shortft.models import Models, load_models
+from shortft.plan import training_plan
+
+
+def load_trained(cfg: Config, lora: str | None) -> Models:
+    """The config's models with the LoRAs of a run (its own adapters and chain), or without any."""
+    plan = training_plan(cfg, saved=read_lora_plan(lora)) if lora else None
+    models = load_models(cfg, with_loras=bool(lora), plan=plan)
+    if lora:
+        load_lora_state(models.unet, Path(lora), models.adapters)
+    return models
+
+
+def run_sample(cfg: Config, lora: str, prompt: list[str], prompts_file: str | None, seeds: list[int],
+               steps: int | None, guidance: float | None, out: Path, compare: bool) -> Path:
+    """Every prompt with every seed through the original sampler with the run's LoRAs (and, with
+    `compare`, the base model beside them in one grid). Images go to `out`."""
+    if prompts_file and not Path(prompts_file).is_file():
+        raise ConfigError(f"--prompts {prompts_file}: no such file")
+    prompts = list(prompt) + (read_prompts(prompts_file) if prompts_file else [])
+    if not prompts:
+        raise ConfigError("give --prompt \"...\" (repeatable) or --prompts <file>")
+    chain = dataclasses.replace(cfg.chain, steps=steps or cfg.chain.steps,
+                                guidance_scale=cfg.chain.guidance_scale if guidance is None else guidance)
+    cfg = dataclasses.replace(cfg, chain=chain)
+    models = load_trained(cfg, lora)
+    items = [(p, s) for p in prompts for s in seeds]
+    tuned = generate(models, cfg, [p for p, _ in items], [s for _, s in items], progress=True)
+    out.mkdir(parents=True, exist_ok=True)
+    for i, ((_, seed), image) in enumerate(zip(items, tuned)):
+        save_grid(image[None], out / f"{i:03d}-seed{seed}.png", min_tile=1)
+    if compare:
+        base = generate(models, cfg, [p for p, _ in items], [s for _, s in items],
+                        plan=dataclasses.replace(models.plan, adapters=()), progress=True)
+        pairs = torch.stack([base, tuned], 1).flatten(0, 1)  # base_0, tuned_0, base_1, ...
+        path = save_grid(pairs, out / "compare.png", cols=2)
+        print(f"base | tuned, one row per prompt and seed: {path}")
+    print(f"{len(items)} image(s) in {out}")
+    return out
