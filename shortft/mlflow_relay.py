@@ -12,6 +12,7 @@ import tempfile
 from pathlib import Path
 
 NAMESPACE = "shortft"
+RELAY = "mlflow-relay"  # the relay's actor name
 _handles: dict = {}  # a named actor lives while a handle to it does: keep one per process
 
 
@@ -19,10 +20,15 @@ class _Relay:
     def __init__(self, uri: str):
         from mlflow.tracking import MlflowClient
 
-        self.client = MlflowClient(tracking_uri=uri)
+        self.uri, self.client = uri, MlflowClient(tracking_uri=uri)
 
     def call(self, method: str, *args, **kwargs):
         return getattr(self.client, method)(*args, **kwargs)
+
+    def run(self, function, *args):
+        """`function(uri, *args)` on this relay's URI (e.g. `tracking.ensure_trial_run`): calls from
+        concurrent trials run here one at a time, as SQLite wants."""
+        return function(self.uri, *args)
 
     def log_files(self, run_id: str, files: dict[str, bytes], artifact_path: str | None) -> None:
         with tempfile.TemporaryDirectory() as tmp:
@@ -32,11 +38,18 @@ class _Relay:
             self.client.log_artifacts(run_id, tmp, artifact_path)
 
 
-def start_relay(uri: str, name: str = "mlflow-relay") -> str:
+def start_relay(uri: str, name: str = RELAY) -> str:
     """Start (or find) the relay actor on this process's node; returns the name workers look it up by."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+    if name in _handles:  # started by this process: keep the handle it created, which keeps it alive
+        # (a handle from get_if_exists does not: replacing the first one would let Ray destroy the actor)
+        try:
+            ray.get(_handles[name].__ray_ready__.remote(), timeout=30)
+            return name
+        except Exception:
+            del _handles[name]
     here = ray.get_runtime_context().get_node_id()
     actor = ray.remote(_Relay).options(name=name, namespace=NAMESPACE, get_if_exists=True, num_cpus=0,
                                        scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False))
@@ -44,6 +57,13 @@ def start_relay(uri: str, name: str = "mlflow-relay") -> str:
     ray.get(handle.__ray_ready__.remote())
     _handles[name] = handle
     return name
+
+
+def relay_call(name: str, function, *args):
+    """`function(uri, *args)` run by the relay actor `name` (a module-level function: pickled by name)."""
+    import ray
+
+    return ray.get(ray.get_actor(name, namespace=NAMESPACE).run.remote(function, *args))
 
 
 class RelayClient:

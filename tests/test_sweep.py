@@ -114,40 +114,6 @@ def _run_script(work: Path, *args: str, **kw) -> subprocess.Popen:
 
 
 @pytest.mark.slow
-def test_tune_run_from_python(tmp_path):
-    from ray import tune
-
-    space = load_space("toy", overrides=sweep.SMOKE_TEST)
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
-    parent = tracking.ensure_run(uri, "shortft-sweeps", "sweep/py", "py")
-    settings = sweep.settings(space, "py", str(tmp_path / "ray_results"), str(tmp_path / "runs"), threads=2,
-                              cpus_per_worker=1.0, tracking_uri=uri, parent_run_id=parent)
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
-    try:
-        analysis = tune.run(sweep.trainable, config=sweep.param_space(space, settings),
-                            search_alg=sweep.searcher(space, settings), scheduler=sweep.scheduler(space),
-                            num_samples=3, storage_path=str(tmp_path / "ray_results"), name="py",
-                            resources_per_trial={"CPU": sweep.TRIAL_CPUS}, verbose=0,
-                            callbacks=[sweep.RunCloser(uri), sweep.PlacementGroupReaper(sweep.TRIAL_CPUS)])
-        # Tune kills each trial's Train job at its end; without a dashboard Ray Train cannot clean up
-        # after that, so this checks the reaper did: no placement group of a trial's workers is left.
-        left = [pg for pg in ray.util.placement_group_table().values() if pg["state"] == "CREATED"]
-        assert left == [], left
-    finally:
-        ray.shutdown()
-    assert len(analysis.trials) == 3 and all(t.status == "TERMINATED" for t in analysis.trials)
-    rows = [t.last_result for t in analysis.trials]
-    assert all("eval/objective" in r for r in rows)
-    _, parents, children = _runs(tmp_path / "mlflow.db")
-    assert len(parents) == 1 and len(children) == 3
-    assert {ch.data.params["lora.rank"] for ch in children} == {str(t.config["lora.rank"]) for t in analysis.trials}
-    for child in children:
-        assert child.data.tags["mlflow.parentRunId"] == parent
-        assert all(key in child.data.params for key in SEARCHED)
-        assert "loss" in child.data.metrics and "eval/objective" in child.data.metrics
-
-
-@pytest.mark.slow
 def test_resume_after_the_driver_is_killed_in_the_second_trial(tmp_path):
     """Also the smoke sweep through the script alone: copied into an empty directory, as `ray submit`
     runs it, it starts a local Ray, and the resumed sweep leaves 1 parent, 3 children, 3 table rows."""

@@ -4,10 +4,11 @@
     result = run_sweep("toy", num_samples=6)          # what `python tune/sweep.py` runs
     print(result.best["objective"], result.table_path)
 
-Pieces, for use with `ray.tune.run` / `Tuner` directly (see the README):
-- `trainable(config)`: the Tune function trainable. `config` holds the trial's searched keys
-  (`chain.segments`, ...) and, under "sweep", the constants of the sweep (`settings(...)`).
-- `param_space(space, settings)`, `searcher(space, ...)`, `scheduler(space)`, `RunCloser`.
+For `ray.tune.run` / `Tuner` directly (README, docs/sweeps.md):
+- `trainable_for("toy", tracking_uri=...)`: a Tune trainable whose `config` is dotted ShortFT keys with
+  Tune distributions; the sweep's constants are bound to it (`tune.with_parameters`).
+- `param_space(space)`, `searcher(space, settings)`, `scheduler(space)`, `RunCloser`: the pieces
+  `run_sweep` wires together, for a search space file.
 
 The objective is the fixed evaluation metric on held-out prompts (`eval/objective`), reported to Tune
 at every `eval.every` steps; never the weighted training reward, which a searcher could inflate by
@@ -20,13 +21,12 @@ Tune or Optuna attribute reached), `runner` (`run_sweep`), `cli` (`main`).
 """
 
 from shortft.sweep.cli import main
-from shortft.sweep.ray_compat import PlacementGroupReaper
 from shortft.sweep.runner import SweepResult, run_sweep
 from shortft.sweep.search import scheduler, searcher
 from shortft.sweep.trial_runs import RunCloser, TrialRuns
 from shortft.sweep.trials import (EXPERIMENT, MODE, OBJECTIVE, RUN_ID_KEY, SMOKE_TEST, TRIAL_CPUS, TRIAL_KEY,
-                                  param_space, settings, trainable)
+                                  param_space, run_trial, settings, trainable, trainable_for)
 
 __all__ = ["EXPERIMENT", "MODE", "OBJECTIVE", "RUN_ID_KEY", "SMOKE_TEST", "TRIAL_CPUS", "TRIAL_KEY",
-           "PlacementGroupReaper", "RunCloser", "SweepResult", "TrialRuns", "main", "param_space", "run_sweep",
-           "scheduler", "searcher", "settings", "trainable"]
+           "RunCloser", "SweepResult", "TrialRuns", "main", "param_space", "run_sweep", "run_trial",
+           "scheduler", "searcher", "settings", "trainable", "trainable_for"]

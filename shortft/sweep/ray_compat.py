@@ -18,8 +18,6 @@ PRIVATE = (
     ("ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator", "get_or_create_autoscaling_coordinator"),
     ("ray.tune.tuner", "Tuner._local_tuner"),
     ("ray.tune.search.optuna", "OptunaSearch._ot_study"),
-    ("ray", "PlacementGroupID"),
-    ("ray.util.placement_group", "PlacementGroup"),
 )
 
 
@@ -79,38 +77,3 @@ def study_of(tuner):
         return alg.searcher._ot_study
     except AttributeError:
         return None
-
-
-class PlacementGroupReaper(tune.Callback):
-    """Local Ray without a dashboard only. When Tune ends a trial (ASHA stops it, or it reaches its
-    last step) it kills the trial's Ray Train job; Train's own safety net for that (a cleaner actor)
-    needs the dashboard's state API, so the job's placement group would keep its CPUs forever and the
-    next trials could not start. With one trial at a time, every placement group made during a trial
-    other than Tune's own for the trial is that job's: remove it when the trial ends."""
-
-    def __init__(self, trial_cpus: float):
-        self.trial_cpus, self.before = trial_cpus, set()
-
-    def _created(self) -> dict:
-        from ray.util import placement_group_table
-
-        return {k: v for k, v in placement_group_table().items() if v["state"] == "CREATED"}
-
-    def on_trial_start(self, iteration, trials, trial, **info):
-        self.before = set(self._created())
-
-    def on_trial_complete(self, iteration, trials, trial, **info):
-        self._reap()
-
-    def on_trial_error(self, iteration, trials, trial, **info):
-        self._reap()
-
-    def _reap(self) -> None:
-        from ray.util import remove_placement_group
-        from ray.util.placement_group import PlacementGroup
-
-        import ray
-
-        for pg_id, pg in self._created().items():
-            if pg_id not in self.before and list(pg["bundles"].values()) != [{"CPU": self.trial_cpus}]:
-                remove_placement_group(PlacementGroup(ray.PlacementGroupID(bytes.fromhex(pg_id))))

@@ -11,7 +11,7 @@ from shortft.space import Space
 from shortft.sweep.trials import OBJECTIVE, RUN_ID_KEY, TRIAL_KEY, stopped_early
 
 
-def results_table(results, space: Space) -> list[dict]:
+def results_table(results, space: Space, sweep: dict) -> list[dict]:
     """One row per trial: searched values, final and best objective, reward terms, speed, memory, status."""
     rows = []
     for r in results:
@@ -20,7 +20,7 @@ def results_table(results, space: Space) -> list[dict]:
         history = r.metrics_dataframe
         best = float(history[OBJECTIVE].max()) if history is not None and OBJECTIVE in history else None
         row = {"trial": cfg.get(TRIAL_KEY) or m.get("trial_id"), "trial_id": m.get("trial_id"),
-               "status": "ERROR" if r.error else ("STOPPED_EARLY" if stopped_early(cfg, m) else "DONE"),
+               "status": "ERROR" if r.error else ("STOPPED_EARLY" if stopped_early(cfg, sweep, m) else "DONE"),
                **{k: cfg.get(k) for k in space.search},
                "objective_final": m.get(OBJECTIVE), "objective_best": best, "steps": m.get("step"),
                **{k: v for k, v in m.items() if k.startswith("eval/") and k != OBJECTIVE},

@@ -16,7 +16,7 @@ from shortft.config import ConfigError, to_dict
 from shortft.mlflow_relay import start_relay
 from shortft.space import Space, load_space, trial_config
 from shortft.sweep import saved
-from shortft.sweep.ray_compat import PlacementGroupReaper, canonical_address, start_autoscaling_coordinator, study_of
+from shortft.sweep.ray_compat import canonical_address, start_autoscaling_coordinator, study_of
 from shortft.sweep.results import finish_parent, results_table, write_table
 from shortft.sweep.search import scheduler, searcher
 from shortft.sweep.trial_runs import RunCloser
@@ -112,19 +112,16 @@ def run_sweep(space: str | Space | None = None, num_samples: int | None = None, 
 
     # 2. Ray: the given cluster, the one this machine is part of (`ray start`, e.g. a head node
     #    that `ray submit` runs this on), or else a local one.
-    local_ray = False
     if not ray.is_initialized():
         address = canonical_address(address)
         if address:  # MLflow credentials reach the trials through the job's environment, never its configs
             ray.init(address=address, runtime_env={"env_vars": tracking.credentials_env()})
         else:
-            # No dashboard (seconds of start-up and ~0.3 GB on a laptop); without it Ray Train's placement-group
-            # cleaner cannot query actor states and warns every second, so workers log errors only.
-            # A laptop is not preempted: no preemption-watcher actor (one process start less per trial).
+            # With the dashboard (ray[default]): Ray Train's placement-group cleaner needs its state API to
+            # release a finished or stopped trial's workers. A laptop is not preempted: no
+            # preemption-watcher actor (one process start less per trial).
             os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
-            ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False,
-                     logging_config=ray.LoggingConfig(log_level="ERROR"))
-            local_ray = True
+            ray.init(num_cpus=max(4, os.cpu_count() or 1), logging_config=ray.LoggingConfig(log_level="ERROR"))
     check_storage_for_cluster(storage_path)
     resources.check(resources.Request(workers_per_trial, 1.0, gpus_per_worker, TRIAL_CPUS))  # before any trial
     start_autoscaling_coordinator()
@@ -153,10 +150,8 @@ def run_sweep(space: str | Space | None = None, num_samples: int | None = None, 
 
     # 4. Tune.
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "0")  # save sweep state at every event: resumes lose nothing
-    trial_fn = tune.with_resources(trainable, {"CPU": TRIAL_CPUS})
-    callbacks = [RunCloser(tracking_uri)] if tracking_uri else []
-    if local_ray and max_concurrent == 1:
-        callbacks.append(PlacementGroupReaper(TRIAL_CPUS))
+    trial_fn = trainable(sweep_settings)
+    callbacks = [RunCloser(tracking_uri, sweep_settings)] if tracking_uri else []
     run_config = tune.RunConfig(name=name, storage_path=storage_path, failure_config=tune.FailureConfig(max_failures=1),
                                 callbacks=callbacks, verbose=1)
     print(f"sweep {name}: {num_samples} trials of space {space.name!r} (base {space.base}), "
@@ -164,18 +159,18 @@ def run_sweep(space: str | Space | None = None, num_samples: int | None = None, 
     if resume:
         tuner = tune.Tuner.restore(str(Path(storage_path) / name) if "://" not in storage_path else f"{storage_path}/{name}",
                                    trainable=trial_fn, resume_unfinished=True, resume_errored=True,
-                                   param_space=param_space(space, sweep_settings))
+                                   param_space=param_space(space))
     else:
         saved.write(storage_path, name, values)  # only now: every check has passed, the sweep starts
         search = searcher(space, sweep_settings, seed=seed, max_concurrent=max_concurrent)
-        tuner = tune.Tuner(trial_fn, param_space=param_space(space, sweep_settings),
+        tuner = tune.Tuner(trial_fn, param_space=param_space(space),
                            tune_config=tune.TuneConfig(search_alg=search, scheduler=scheduler(space),
                                                        num_samples=num_samples, reuse_actors=False),
                            run_config=run_config)
     grid = tuner.fit()
 
     # 5. Results table, best trial, parent run.
-    rows = results_table(grid, space)
+    rows = results_table(grid, space, sweep_settings)
     out_dir = Path(output_root)
     out_dir.mkdir(parents=True, exist_ok=True)
     table_path = write_table(rows, out_dir / "results.parquet")

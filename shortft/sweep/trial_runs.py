@@ -30,7 +30,7 @@ class TrialRuns(ConcurrencyLimiter):
         sweep = self.sweep_settings
         if sweep["tracking_uri"]:
             name = f"{sweep['name']}-{key}"
-            cfg = config_of_trial({**config, "sweep": sweep}, name)
+            cfg = config_of_trial(config, sweep, name)
             config[RUN_ID_KEY] = tracking.ensure_trial_run(sweep["tracking_uri"], sweep["experiment"], name, cfg,
                                                            sweep["parent_run_id"])
         return config
@@ -38,10 +38,11 @@ class TrialRuns(ConcurrencyLimiter):
 
 class RunCloser(tune.Callback):
     """Driver side: a trial that ends, is stopped early or fails gets its MLflow run closed with that
-    status (an ASHA stop kills the trial's Train job before it could close the run itself)."""
+    status (an ASHA stop kills the trial's Train job before it could close the run itself). `sweep`:
+    the sweep's settings, to tell a trial ASHA stopped from one that finished."""
 
-    def __init__(self, tracking_uri: str):
-        self.tracking_uri = tracking_uri
+    def __init__(self, tracking_uri: str, sweep: dict | None = None):
+        self.tracking_uri, self.sweep = tracking_uri, sweep
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         self._close(trial, "FINISHED")
@@ -54,6 +55,7 @@ class RunCloser(tune.Callback):
         if not run_id:
             return
         client = tracking.client(self.tracking_uri)
-        early = status == "FINISHED" and stopped_early(trial.config, trial.last_result or {})
+        early = (status == "FINISHED" and self.sweep is not None
+                 and stopped_early(trial.config, self.sweep, trial.last_result or {}))
         client.set_tag(run_id, "shortft.trial_status", "stopped early" if early else status.lower())
         client.set_terminated(run_id, status)

@@ -1,17 +1,28 @@
-"""One trial of a sweep: its settings, its run config (built once), and the Tune function trainable that
-fits a Ray Train job and reports its evaluations to Tune."""
+"""One trial of a sweep: its settings, its run config (built once), and the Tune trainable that fits a
+Ray Train job and reports its evaluations to Tune.
+
+    trainable = trainable_for("toy", tracking_uri="sqlite:///mlflow.db")    # settings travel with it
+    tune.run(trainable, config={"chain.segments": tune.choice([2, 4, 8])}, num_samples=4,
+             metric="eval/objective", mode="max")
+
+A trial's Tune `config` holds only dotted ShortFT keys (plus the keys `TrialRuns` adds); the sweep's
+constants (`settings`) are bound to the trainable with `tune.with_parameters`. Each trial's config is
+checked in the driver as Tune creates the trial (Tune asks the trainable for its resources there), so
+an unknown key or a bad value stops `tune.run` before that trial starts, with the key in one line.
+"""
 
 from __future__ import annotations
 
 import json
-from functools import lru_cache
+from functools import lru_cache, partial
 from pathlib import Path
 
 from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 
-from shortft import tracking
+from shortft import resources, tracking
 from shortft.config import Config, from_dict, to_dict
+from shortft.mlflow_relay import RELAY, relay_call, start_relay
 from shortft.space import Space, to_tune, trial_config
 
 OBJECTIVE = "eval/objective"
@@ -29,19 +40,19 @@ def settings(space: Space, name: str, storage_path: str, output_root: str, worke
              gpus_per_worker: float = 1.0, cpus_per_worker: float | None = None, threads: int | None = None,
              tracking_uri: str | None = None, experiment: str = EXPERIMENT,
              parent_run_id: str | None = None) -> dict:
-    """The constants every trial needs (plain values: they travel inside the trial config)."""
+    """The constants every trial needs (plain values, bound to the trainable)."""
     return {"name": name, "base": space.base, "fixed": space.fixed, "storage_path": storage_path,
             "output_root": output_root, "workers": workers, "use_gpu": use_gpu, "gpus_per_worker": gpus_per_worker,
             "cpus_per_worker": cpus_per_worker, "threads": threads, "tracking_uri": tracking_uri,
             "experiment": experiment, "parent_run_id": parent_run_id}
 
 
-def param_space(space: Space, sweep_settings: dict) -> dict:
-    return {**to_tune(space), "sweep": sweep_settings}
+def param_space(space: Space) -> dict:
+    return to_tune(space)
 
 
 def searched_values(config: dict) -> dict:
-    return {k: v for k, v in config.items() if k not in ("sweep", TRIAL_KEY, RUN_ID_KEY)}
+    return {k: v for k, v in config.items() if k not in (TRIAL_KEY, RUN_ID_KEY)}
 
 
 @lru_cache(maxsize=256)
@@ -49,20 +60,17 @@ def _config_json(base: str, fixed: str, values: str, name: str | None) -> str:
     return json.dumps(to_dict(trial_config(json.loads(base), json.loads(fixed), json.loads(values), name=name)))
 
 
-def config_of_trial(config: dict, name: str | None = None) -> Config:
+def config_of_trial(config: dict, sweep: dict, name: str | None = None) -> Config:
     """The run config of the trial whose Tune `config` this is: built (and checked) once per process
     for the same values, however many places ask for it."""
-    sweep = config["sweep"]
     key = (json.dumps(sweep["base"]), json.dumps(sweep["fixed"], sort_keys=True),
            json.dumps(searched_values(config), sort_keys=True), name)
     return from_dict(Config, json.loads(_config_json(*key)))
 
 
-def stopped_early(config: dict, last_result: dict) -> bool:
+def stopped_early(config: dict, sweep: dict, last_result: dict) -> bool:
     """The trial's last reported step is short of the steps its config plans (ASHA stopped it)."""
-    if "sweep" not in config:
-        return False
-    return last_result.get("step", 0) < config_of_trial(config).train.steps
+    return last_result.get("step", 0) < config_of_trial(config, sweep).train.steps
 
 
 class EvalReport(TuneReportCallback):
@@ -83,19 +91,69 @@ class EvalReport(TuneReportCallback):
             super().after_report(run_context, [m, *metrics[1:]], checkpoint)
 
 
-def trainable(config: dict) -> None:
+def run_trial(config: dict, sweep: dict) -> None:
     """One trial: build its run config and fit a Ray Train job that reports evaluations to Tune."""
     from shortft.distributed import train_with_ray
 
-    sweep = config["sweep"]
     key = config.get(TRIAL_KEY) or tune.get_context().get_trial_id()
     name = f"{sweep['name']}-{key}"
-    cfg = config_of_trial(config, name)
+    cfg = config_of_trial(config, sweep, name)
     cfg.train.output_dir = str(Path(sweep["output_root"]) / name)
     run_id = config.get(RUN_ID_KEY)
-    if sweep["tracking_uri"] and not run_id:  # used without TrialRuns (e.g. plain OptunaSearch): own child run
-        run_id = tracking.ensure_trial_run(sweep["tracking_uri"], sweep["experiment"], name, cfg, sweep["parent_run_id"])
+    if sweep["tracking_uri"] and not run_id:  # plain tune.run / Tuner: its own child run, made by the
+        # relay the driver started (trials that start together would otherwise race on SQLite)
+        run_id = relay_call(RELAY, tracking.ensure_trial_run, sweep["experiment"], name, cfg, sweep["parent_run_id"])
     train_with_ray(cfg, sweep["workers"], use_gpu=sweep["use_gpu"], storage_path=sweep["storage_path"],
                    tracking_uri=sweep["tracking_uri"], experiment=sweep["experiment"], resume=True,
                    cpus_per_worker=sweep["cpus_per_worker"], run_id=run_id, name=name, threads=sweep["threads"],
                    gpus_per_worker=sweep["gpus_per_worker"], callbacks=[EvalReport()])
+
+
+def _checked_resources(sweep: dict, config: dict) -> dict:
+    # Tune calls this in the driver as it creates each trial: the place to refuse a bad config before
+    # the trial starts (a ConfigError naming the key ends tune.run), and a request that can never fit.
+    config_of_trial(config, sweep)
+    if not sweep.get("_driver_ready"):  # once, in the driver, before the first trial
+        resources.check(resources.Request(sweep["workers"], sweep["cpus_per_worker"] or 1.0,
+                                          sweep["gpus_per_worker"] if sweep["use_gpu"] else 0.0, TRIAL_CPUS))
+        if sweep["tracking_uri"]:
+            tracking.experiment_id(sweep["tracking_uri"], sweep["experiment"])  # creates the store's tables
+            start_relay(sweep["tracking_uri"], RELAY)  # owned by the driver: lives as long as the sweep
+        sweep["_driver_ready"] = True
+    return {"CPU": TRIAL_CPUS}
+
+
+def trainable(sweep: dict):
+    """The Tune trainable of a sweep with these settings: `run_trial` with the settings bound, asking
+    `TRIAL_CPUS` for the trial itself (its Ray Train job asks for the workers' resources)."""
+    bound = tune.with_parameters(run_trial, sweep=sweep)
+    return tune.with_resources(bound, resources=partial(_checked_resources, dict(sweep)))
+
+
+def trainable_for(base: str = "toy", *, smoke_test: bool = False, fixed: dict | None = None,
+                  name: str = "from-python", tracking_uri: str | None = "", experiment: str = EXPERIMENT,
+                  parent_run_id: str | None = None, workers: int = 1, gpus_per_worker: float = 0.0,
+                  storage_path: str | None = None, output_root: str = "runs/sweeps") -> object:
+    """A Tune trainable for ShortFT runs of config `base` (a built-in name or a YAML path), in the shape of
+    Ray's examples: pass it to `tune.run` or `tune.Tuner` with a `config` of dotted keys
+    (`{"chain.segments": tune.choice([2, 4, 8])}`); it reports `eval/objective` (maximise) and `step`.
+
+    `fixed`: dotted keys every trial gets (`smoke_test` adds the smoke sizes: 2 steps of 10-step chains).
+    `tracking_uri`: MLflow ("" = $MLFLOW_TRACKING_URI or sqlite:///mlflow.db, None = off); one run per
+    trial, nested under `parent_run_id` when given. `workers`/`gpus_per_worker`: each trial's Ray Train
+    job. Raises ConfigError (one line, naming the key) for a bad base, fixed key or value."""
+    from shortft.distributed import check_storage_path, default_storage_path
+
+    fixed = {**(SMOKE_TEST if smoke_test else {}), **(fixed or {})}
+    trial_config(base, fixed, {})  # a bad base config or fixed key fails here, before Tune starts
+    if tracking_uri == "":
+        tracking_uri = tracking.default_tracking_uri()
+    if tracking_uri:
+        tracking_uri = tracking.resolve_uri(tracking_uri)  # credentials move to the environment
+    storage_path = storage_path or default_storage_path()
+    check_storage_path(storage_path)
+    use_gpu = gpus_per_worker > 0
+    sweep = settings(Space(name, base, fixed, {}, []), name, storage_path, str(Path(output_root).resolve() / name),
+                     workers, use_gpu, gpus_per_worker or 1.0, None if use_gpu else 1.0, None, tracking_uri,
+                     experiment, parent_run_id)
+    return trainable(sweep)
