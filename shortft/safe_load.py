@@ -28,6 +28,6 @@ def load(path: str | Path, what: str) -> object:
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         reason = next((line.strip() for line in str(e).splitlines() if "GLOBAL" in line or "Unsupported" in line),
-                      str(e).splitlines()[0])
+                      str(e).splitlines()[0]).split(". ")[0]
         raise ConfigError(f"{what} {path}: refused: loading it would run code from whoever can write that file "
                           f"({reason[:160]}); only tensors and plain values are loaded") from None

@@ -95,16 +95,16 @@ def test_smoke_sweep_on_a_two_node_cluster_places_trials_on_the_worker(two_nodes
     cluster, head_id, worker_id = two_nodes
     shared = tmp_path / "shared"  # stands for an NFS mount: the same path on every node
     work = tmp_path / "work"
-    r = _sweep(work, cluster.address, "--num-samples", "3", "--name", "multi", "--storage-path", str(shared),
+    r = _sweep(work, cluster.address, "--num-samples", "2", "--name", "multi", "--storage-path", str(shared),
                env={"SHORTFT_SHARED_STORAGE": "1"})
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     rows = pq.read_table(work / "runs" / "sweeps" / "multi" / "results.parquet").to_pylist()
-    assert len(rows) == 3
+    assert len(rows) == 2
     assert {row["node_id"] for row in rows} == {worker_id} != {head_id}
     assert (shared / "multi" / "tuner.pkl").is_file()
     assert any(p.name.startswith("multi-t00") for p in shared.iterdir())  # the Train runs' checkpoints too
     c = MlflowClient(f"sqlite:///{work / 'mlflow.db'}")
     runs = c.search_runs([c.get_experiment_by_name("shortft-sweeps").experiment_id])
     children = [x for x in runs if "mlflow.parentRunId" in x.data.tags]
-    assert len(runs) - len(children) == 1 and len(children) == 3
+    assert len(runs) - len(children) == 1 and len(children) == 2
     assert all("loss" in x.data.metrics for x in children)  # logged from the worker node, through the relay

@@ -12,6 +12,7 @@ from PIL import Image
 from shortft import rewards
 from shortft.rewards.clip_prep import ClipPreprocess
 from tests import reward_models
+from tests.test_security import _Payload
 
 PREFERENCE = ["pickscore", "clip_score", "hps_v2", "aesthetic"]
 PROMPTS = ["a photo of a cat", "a watercolour of a harbour at dusk", "an anime portrait", "a photo of a cat"]
@@ -148,10 +149,14 @@ def test_bad_paths_and_files_fail_in_one_line(options, dirs, tmp_path):
     assert "do not fit the architecture" in _bad(options, "hps_v2", path=str(bad))
     torch.save({"layers.0.weight": torch.zeros(1024, 16)}, bad)
     assert "do not fit the architecture" in _bad(options, "aesthetic", path=str(bad))
-    # A pickle that would run code is refused (safe_load).
-    (tmp_path / "evil.pt").write_bytes(b"\x80\x04cos\nsystem\n(S'true'\ntR.")
-    assert "refused" in str(pytest.raises(rewards.ConfigError, rewards.build, "aesthetic",
-                                          {**options["aesthetic"], "path": str(tmp_path / "evil.pt")}).value)
+    # A reward checkpoint that would run code when unpickled is refused, and the code does not run.
+    marker = tmp_path / "pwned"
+    for name, file in (("aesthetic", "sac+logos+ava1-l14-linearMSE.pth"), ("hps_v2", "HPS_v2_compressed.pt")):
+        hostile = tmp_path / name
+        hostile.mkdir()
+        torch.save({"layers.0.weight": torch.zeros(1), "extra": _Payload(marker)}, hostile / file)
+        assert "refused" in _bad(options, name, path=str(hostile))
+        assert not marker.exists()
 
 
 def test_cli_names_the_bad_path_and_exits_2(tmp_path):

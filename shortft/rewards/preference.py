@@ -219,7 +219,7 @@ def hps_v2(path: str = "xswu/HPSv2", version: str = "2", file: str | None = None
     if str(version) not in HPS_FILES:
         raise ConfigError(f"reward.options.hps_v2.version={version!r}: use 2 or 2.1")
     weights = sources.file(key, path, file or HPS_FILES[str(version)], revision)
-    state = safe_load.load(weights, "HPS v2 checkpoint")
+    state = safe_load.load(weights, f"{key}:")
     state = state.get("state_dict", state) if isinstance(state, dict) else state
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ConfigError(f"{key}={str(weights)!r}: not a state dict of tensors (an open_clip checkpoint)")
@@ -255,7 +255,7 @@ def aesthetic(path: str = AESTHETIC_FILE, clip: str = OPENAI_VIT_L, revision: st
         model, tokenizer, prep = _random_clip("ViT-L-14-quickgelu")
         return ClipReward(model, tokenizer, prep, "head", AestheticMLP(model.config.projection_dim), batch_size, dtype)
     weights = sources.file(key, path, "sac+logos+ava1-l14-linearMSE.pth", revision)
-    state = safe_load.load(weights, "aesthetic predictor")
+    state = safe_load.load(weights, f"{key}:")
     if not isinstance(state, dict) or "layers.0.weight" not in state:
         raise ConfigError(f"{key}={str(weights)!r}: not the aesthetic predictor's MLP (no 'layers.0.weight')")
     head = AestheticMLP(state["layers.0.weight"].shape[1])

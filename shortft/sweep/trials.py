@@ -14,6 +14,7 @@ an unknown key or a bad value stops `tune.run` before that trial starts, with th
 from __future__ import annotations
 
 import json
+import os
 from functools import lru_cache, partial
 from pathlib import Path
 
@@ -24,10 +25,12 @@ from shortft import resources, tracking
 from shortft.config import Config, from_dict, to_dict
 from shortft.mlflow_relay import RELAY, relay_call, start_relay
 from shortft.space import Space, to_tune, trial_config
+from shortft.sweep.ray_compat import start_autoscaling_coordinator
 
 OBJECTIVE = "eval/objective"
 MODE = "max"
-SMOKE_TEST = {"train.steps": 2, "eval.every": 1, "chain.steps": 10, "eval.samples_per_prompt": 1,
+# Smoke size: 2 steps of 10-step chains, one evaluation at the end (ASHA cannot stop a 2-step trial).
+SMOKE_TEST = {"train.steps": 2, "eval.every": 2, "chain.steps": 10, "eval.samples_per_prompt": 1,
               "train.batch_size": 1, "train.checkpoint_every": 0, "train.log_every": 1}
 TRIAL_KEY = "trial_key"  # set by trial_runs.TrialRuns: t001, t002, ... (stable across a resumed driver)
 RUN_ID_KEY = "mlflow_run_id"
@@ -119,6 +122,7 @@ def _checked_resources(sweep: dict, config: dict) -> dict:
         if sweep["tracking_uri"]:
             tracking.experiment_id(sweep["tracking_uri"], sweep["experiment"])  # creates the store's tables
             start_relay(sweep["tracking_uri"], RELAY)  # owned by the driver: lives as long as the sweep
+        start_autoscaling_coordinator()
         sweep["_driver_ready"] = True
     return {"CPU": TRIAL_CPUS}
 
@@ -142,8 +146,14 @@ def trainable_for(base: str = "toy", *, smoke_test: bool = False, fixed: dict | 
     `tracking_uri`: MLflow ("" = $MLFLOW_TRACKING_URI or sqlite:///mlflow.db, None = off); one run per
     trial, nested under `parent_run_id` when given. `workers`/`gpus_per_worker`: each trial's Ray Train
     job. Raises ConfigError (one line, naming the key) for a bad base, fixed key or value."""
+    import ray
+
     from shortft.distributed import check_storage_path, default_storage_path
 
+    if not ray.is_initialized() and not os.environ.get("RAY_ADDRESS"):
+        # tune.run will start a local Ray, whose processes inherit this environment: a laptop is not
+        # preempted, so no preemption-watcher actor (one process start less per trial).
+        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     fixed = {**(SMOKE_TEST if smoke_test else {}), **(fixed or {})}
     trial_config(base, fixed, {})  # a bad base config or fixed key fails here, before Tune starts
     if tracking_uri == "":
