@@ -142,13 +142,35 @@ class RayTrainResult:
     checkpoint_path: str | None
 
 
+WORKER_GROUP_START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
+
+
+class ResourceWaitError(RuntimeError):
+    """A Ray Train job whose workers were not placed within `--resource-wait-s`."""
+
+
+def _placement_timed_out(error: BaseException) -> bool:
+    # Ray Train V2 raises a ControllerError around a WorkerGroupStartupTimeoutError (names, not private imports).
+    seen = 0
+    while error is not None and seen < 10:
+        if "WorkerGroupStartupTimeout" in type(error).__name__ or "WorkerGroupStartupTimeout" in type(
+                getattr(error, "controller_failure", None)).__name__:
+            return True
+        error, seen = error.__cause__ or error.__context__, seen + 1
+    return False
+
+
 def train_with_ray(cfg: Config, workers: int, use_gpu: bool = False, storage_path: str | None = None,
                    max_failures: int = 0, tracking_uri: str | None = "", experiment: str = tracking.DEFAULT_EXPERIMENT,
                    resume: bool = False, cpus_per_worker: float | None = None, run_id: str | None = None,
                    name: str | None = None, threads: int | None = None, gpus_per_worker: float = 1.0,
-                   callbacks: list | None = None) -> RayTrainResult:
+                   callbacks: list | None = None, resource_wait_s: float | None = None,
+                   check_resources: bool = True) -> RayTrainResult:
     """Fine-tune with Ray Train over `workers` workers. tracking_uri "" = default, None = no MLflow.
-    `callbacks` are Ray Train callbacks (the sweep passes one that reports evaluations to Tune)."""
+    `callbacks` are Ray Train callbacks (the sweep passes one that reports evaluations to Tune).
+    `resource_wait_s`: give up (ResourceWaitError) if the worker group is not placed within that many
+    seconds; None = Ray's default (retry every 60 s, forever). `check_resources`: False where the
+    caller (a sweep's driver) has checked the request already."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -177,8 +199,11 @@ def train_with_ray(cfg: Config, workers: int, use_gpu: bool = False, storage_pat
     cpus = cpus_per_worker
     if cpus is None:
         cpus = 1.0 if use_gpu else max(0.1, min(1.0, float(ray.cluster_resources().get("CPU", 1)) / workers))
-    resources.check(resources.Request(workers, cpus, gpus_per_worker if use_gpu else 0.0, workers_flag="--workers",
-                                      gpu_flag="--gpu", gpu_fix="drop --gpu"))  # before the worker group waits
+    if check_resources:
+        resources.check(resources.Request(workers, cpus, gpus_per_worker if use_gpu else 0.0, workers_flag="--workers",
+                                          gpu_flag="--gpu", gpu_fix="drop --gpu"))  # before the worker group waits
+    if resource_wait_s:  # Ray Train reads it in its controller, which gets it from this process's environment
+        os.environ[WORKER_GROUP_START_TIMEOUT_ENV] = str(resource_wait_s)
     fail_at = int(os.environ.get(FAIL_AT_STEP_ENV, "0") or 0)
     loop_config = {
         "cfg": to_dict(cfg), "use_gpu": use_gpu, "threads": threads or max(1, int(cpus)), "tracking_uri": tracking_uri,
@@ -191,10 +216,24 @@ def train_with_ray(cfg: Config, workers: int, use_gpu: bool = False, storage_pat
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu,
                                      resources_per_worker={"CPU": cpus, **({"GPU": gpus_per_worker} if use_gpu else {})}),
-        run_config=RunConfig(name=name, storage_path=storage_path, failure_config=FailureConfig(max_failures=max_failures),
+        run_config=RunConfig(name=name, storage_path=storage_path,
+                             # a worker group that was not placed in time is retried forever unless this is 0
+                             failure_config=FailureConfig(max_failures=max_failures,
+                                                          controller_failure_limit=0 if resource_wait_s else -1),
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
                              callbacks=callbacks or []),
     )
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    except Exception as e:
+        refusal = next((line.strip() for line in str(e).splitlines() if "resume: the checkpoint" in line), None)
+        if refusal:  # a worker refused the checkpoint (another worker count): the user's mistake, one line
+            raise ConfigError(refusal[refusal.index("resume: the checkpoint"):]) from None
+        if resource_wait_s and _placement_timed_out(e):
+            raise ResourceWaitError(
+                f"--resource-wait-s {resource_wait_s:g}: the {workers} worker(s) of {cpus:g} CPU"
+                + (f" + {gpus_per_worker:g} GPU" if use_gpu else "") + f" were not placed within {resource_wait_s:g} s "
+                "(the cluster never had them free)") from None
+        raise
     return RayTrainResult(name, storage_path, Path(cfg.train.output_dir), run_id, dict(result.metrics or {}),
                           result.checkpoint.path if result.checkpoint else None)

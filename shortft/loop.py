@@ -22,7 +22,7 @@ import yaml
 from shortft import checkpoint
 from shortft.chain import ChainInput, sample
 from shortft.checks import check
-from shortft.config import Config, to_dict
+from shortft.config import Config, ConfigError, to_dict
 from shortft.data import read_prompts
 from shortft.denoiser import CallCount
 from shortft.evaluate import evaluate
@@ -170,6 +170,11 @@ def train(cfg: Config, callbacks: list[Callback] = (), resume: bool | str | Path
             print(f"no checkpoint under {out / 'checkpoints'}; starting from step 0", file=sys.stderr)
         else:
             state = checkpoint.load(path, unet, adapters, optimizer, scaler)
+            written_by = state.get("world_size", 1)
+            if written_by != world_size:  # the global batch and each rank's draws depend on it
+                raise ConfigError(f"resume: the checkpoint {path} was written by {written_by} worker(s), this run has "
+                                  f"{world_size}; resume with --workers {written_by} (the global batch and every "
+                                  "rank's data order depend on the worker count)")
             start, bad_in_row = state["step"], state.get("bad_in_row", 0)
             print(f"resumed from {path} at step {start}", file=sys.stderr)
     if is_main:
@@ -238,7 +243,8 @@ def train(cfg: Config, callbacks: list[Callback] = (), resume: bool | str | Path
         every = cfg.train.checkpoint_every
         if is_main and ((every and (step + 1) % every == 0) or step + 1 == total):
             artifacts["checkpoint"] = checkpoint.save(out / "checkpoints", step + 1, unet, adapters, optimizer,
-                                                      {"bad_in_row": bad_in_row}, lora_json, cfg.train.keep_checkpoints,
+                                                      {"bad_in_row": bad_in_row, "world_size": world_size}, lora_json,
+                                                      cfg.train.keep_checkpoints,
                                                       scaler)
         if is_main and ((cfg.eval.every and (step + 1) % cfg.eval.every == 0) or step + 1 == total):
             artifacts["grid"] = out / "samples" / f"step_{step + 1:06d}.png"

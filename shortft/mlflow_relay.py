@@ -20,6 +20,12 @@ class _Relay:
     def __init__(self, uri: str):
         from mlflow.tracking import MlflowClient
 
+        import os
+
+        # A dead server fails a call in seconds, not after MLflow's minutes of retries (see MlflowLogger).
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
         self.uri, self.client = uri, MlflowClient(tracking_uri=uri)
 
     def call(self, method: str, *args, **kwargs):

@@ -8,6 +8,7 @@ restarted job logs into the run it started, and steps already logged are not log
 from __future__ import annotations
 
 import os
+import sys
 import time
 import urllib.parse
 import urllib.request
@@ -132,6 +133,10 @@ def ensure_run(uri: str, experiment: str, run_key: str, run_name: str, cfg: Conf
     return run.info.run_id
 
 
+def set_tag(uri: str, run_id: str, key: str, value: str) -> None:
+    client(uri).set_tag(run_id, key, value)
+
+
 def log_params(uri: str, run_id: str, cfg: Config) -> None:
     log_dict_params(uri, run_id, flatten(to_dict(cfg)))
 
@@ -159,24 +164,43 @@ def ensure_trial_run(uri: str, experiment: str, name: str, cfg: Config, parent_r
 
 
 class MlflowLogger(Callback):
-    """Per-step metrics, eval grids, the final LoRA and config, into an existing run (rank 0 only)."""
+    """Per-step metrics, eval grids, the final LoRA and config, into an existing run (rank 0 only).
+
+    Tracking never stops training: a call that fails (server gone, store locked) is kept in a bounded
+    queue (`MAX_PENDING` metric values; the oldest are dropped past that), retried at most every
+    `RETRY_S` seconds in order, and once more at the end; what is still unlogged then is named in one
+    line on stderr. metrics.jsonl, the checkpoints and the run folder hold all of it either way."""
+
+    MAX_PENDING = 100_000
+    RETRY_S = 30.0
 
     def __init__(self, uri: str, run_id: str, rank: int = 0, relay: str | None = None):
         self.uri, self.run_id, self.rank, self.relay = uri, run_id, rank, relay
+        self.pending: list[tuple] = []  # (method, args) in order
+        self.dropped, self.failed_at, self.error = 0, 0.0, ""
 
     def on_start(self, models, start_step: int) -> None:
         if self.rank:
             return
+        # MLflow's HTTP client retries a refused connection for minutes by default; a few seconds here
+        # (the queue retries later), so a dead server does not stall training.
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
         if self.relay:  # under Ray: the calls go through the actor next to the driver (see mlflow_relay)
             from shortft.mlflow_relay import RelayClient
 
             self.client = RelayClient(self.relay)
         else:
             self.client = client(self.uri)
-        history = self.client.get_metric_history(self.run_id, "loss")
-        # After a restart the steps since the last checkpoint run again; they were logged already.
-        self.logged_up_to = max((m.step for m in history), default=0)
-        self.client.update_run(self.run_id, status="RUNNING")
+        self.logged_up_to = 0
+        try:
+            history = self.client.get_metric_history(self.run_id, "loss")
+            # After a restart the steps since the last checkpoint run again; they were logged already.
+            self.logged_up_to = max((m.step for m in history), default=0)
+        except Exception as e:
+            self._failed(e)
+        self._log("update_run", self.run_id, status="RUNNING")
 
     def on_step(self, step: int, metrics: dict, artifacts: dict) -> None:
         if self.rank or step <= self.logged_up_to:
@@ -184,14 +208,46 @@ class MlflowLogger(Callback):
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        batch = [Metric(k, float(v), now, step) for k, v in metrics.items() if k != "step"]
-        self.client.log_batch(self.run_id, metrics=batch)
+        self._log("log_batch", self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()
+                                                      if k != "step"])
         if "grid" in artifacts:
-            self.client.log_artifact(self.run_id, str(artifacts["grid"]), "samples")
+            self._log("log_artifact", self.run_id, str(artifacts["grid"]), "samples")
 
     def on_end(self, result: TrainResult) -> None:
         if self.rank:
             return
-        self.client.log_artifacts(self.run_id, str(result.lora_dir), "lora")
-        self.client.log_artifact(self.run_id, str(result.output_dir / "config.yaml"))
-        self.client.set_terminated(self.run_id, "FINISHED")
+        self.failed_at = 0.0  # one more try for everything queued
+        self._log("log_artifacts", self.run_id, str(result.lora_dir), "lora")
+        self._log("log_artifact", self.run_id, str(result.output_dir / "config.yaml"))
+        self._log("set_terminated", self.run_id, "FINISHED")
+        if self.pending or self.dropped:
+            values = self.dropped + sum(len(kw.get("metrics", [])) for _, _, kw in self.pending)
+            files = sum(1 for method, _, _ in self.pending if method.startswith("log_artifact"))
+            print(f"shortft: mlflow: {values} metric values and {files} artifact upload(s) of run {self.run_id} "
+                  f"were not logged to {self.uri} ({self.error}); all of it is in {result.output_dir}",
+                  file=sys.stderr, flush=True)
+
+    def _log(self, method: str, *args, **kwargs) -> None:
+        self.pending.append((method, args, kwargs))
+        if self.failed_at and time.time() - self.failed_at < self.RETRY_S:
+            self._bound()
+            return
+        while self.pending:
+            method, args, kwargs = self.pending[0]
+            try:
+                getattr(self.client, method)(*args, **kwargs)
+            except Exception as e:
+                self._failed(e)
+                self._bound()
+                return
+            self.pending.pop(0)
+        self.failed_at = 0.0
+
+    def _failed(self, error: Exception) -> None:
+        self.failed_at = time.time()
+        self.error = f"{type(error).__name__}: {(str(error).splitlines() or [''])[0][:160]}"
+
+    def _bound(self) -> None:
+        while sum(len(kw.get("metrics", [])) for _, _, kw in self.pending) > self.MAX_PENDING:
+            i = next(i for i, (m, _, _) in enumerate(self.pending) if m == "log_batch")
+            self.dropped += len(self.pending.pop(i)[2]["metrics"])

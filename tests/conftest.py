@@ -4,9 +4,16 @@ import os
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Two workers on two cores: one thread per torch process (this one and the ones it starts), else
+    # OpenMP threads of both workers spin against each other.
+    os.environ["OMP_NUM_THREADS"] = "1"
 
 import pytest
 import torch
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
 
 import shortft
 from shortft import builtin
@@ -51,3 +58,56 @@ def frozen_state(*modules) -> dict:
     for i, m in enumerate(modules):
         out.update({f"{i}.{k}": v.detach().clone() for k, v in m.state_dict().items() if "lora_" not in k})
     return out
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class MlflowServer:
+    """A real `mlflow server` on 127.0.0.1 (`.port`); `.stop()` takes it away, `.start()` brings it back
+    on the same port and store."""
+
+    def __init__(self, tmp_path):
+        self.port, self.tmp_path, self.process = _free_port(), tmp_path, None
+
+    def start(self) -> None:
+        import subprocess
+        import sys
+        import time
+        import urllib.request
+
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
+             "--backend-store-uri", f"sqlite:///{self.tmp_path}/server.db",
+             "--artifacts-destination", str(self.tmp_path / "server-artifacts")],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        for _ in range(240):
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=1).read()
+                return
+            except OSError:
+                time.sleep(0.25)
+        pytest.fail("mlflow server did not come up")
+
+    def stop(self) -> None:
+        import signal
+
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            self.process.wait(timeout=30)
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    """A real `mlflow server` on 127.0.0.1, started by the test and stopped after it."""
+    server = MlflowServer(tmp_path)
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()

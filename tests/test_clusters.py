@@ -10,6 +10,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+# Tests that start Ray run one after another on one pytest-xdist worker (`ray stop` in one of them
+# would stop another's cluster); the other worker takes the rest.
+pytestmark = pytest.mark.xdist_group("ray")
+
 ray = pytest.importorskip("ray")
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTERS = sorted((ROOT / "clusters").glob("*.yaml"))

@@ -12,6 +12,10 @@ import pytest
 
 from shortft.config import ConfigError
 
+# Tests that start Ray run one after another on one pytest-xdist worker (`ray stop` in one of them
+# would stop another's cluster); the other worker takes the rest.
+pytestmark = pytest.mark.xdist_group("ray")
+
 ROOT = Path(__file__).resolve().parents[1]
 
 # Appended to each example: Ray Train's own clean-up (the dashboard's state API) must have released
@@ -32,14 +36,20 @@ def _block(path: Path, heading: str) -> str:
     return re.search(re.escape(heading) + r".*?```python\n(.+?)\n```", text, re.S).group(1)
 
 
-def _run_example(code: str, cwd: Path, timeout: int) -> str:
+def _start_example(code: str, cwd: Path) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
     env.update(HOME=str(cwd), PYTHONUNBUFFERED="1")  # tune.run's default storage is ~/ray_results
-    p = subprocess.run([sys.executable, "-c", code + AFTER], cwd=cwd, capture_output=True, text=True,
-                       timeout=timeout, env=env)
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    assert "PLACEMENT_GROUPS_LEFT 0" in p.stdout, p.stdout[-2000:]
-    return p.stdout
+    with open(cwd / "stdout.txt", "w") as out, open(cwd / "stderr.txt", "w") as err:  # files: no pipe fills up
+        return subprocess.Popen([sys.executable, "-c", code + AFTER], cwd=cwd, stdout=out, stderr=err, text=True,
+                                env=env, start_new_session=True)
+
+
+def _finish_example(proc: subprocess.Popen, cwd: Path, timeout: int) -> str:
+    proc.wait(timeout=timeout)
+    out, err = (cwd / "stdout.txt").read_text(), (cwd / "stderr.txt").read_text()
+    assert proc.returncode == 0, out[-3000:] + err[-3000:]
+    assert "PLACEMENT_GROUPS_LEFT 0" in out, out[-2000:]
+    return out
 
 
 def _runs(cwd: Path):
@@ -51,21 +61,30 @@ def _runs(cwd: Path):
 
 
 @pytest.mark.slow
-def test_readme_python_block_verbatim(tmp_path):
-    code = _block(ROOT / "README.md", "### From Python")
-    out = _run_example(code, tmp_path, timeout=600)
-    assert "chain.segments" in out  # printed best config
-    runs = _runs(tmp_path)
+def test_readme_block_and_the_tuner_example_verbatim(tmp_path):
+    """Both run at once, each with its own local Ray (each trial's worker uses one thread; most of a
+    smoke trial is process start-up): the README's tune.run block letting Ray start itself (3 trials),
+    and docs/sweeps.md's Tuner + OptunaSearch example on a bare ray.init() (6 trials, one at a time)."""
+    readme, tuner = tmp_path / "readme", tmp_path / "tuner"
+    readme.mkdir()
+    tuner.mkdir()
+    code = _block(ROOT / "docs" / "sweeps.md", "With `tune.Tuner` and Optuna")
+    assert "ray.init()" in code and "num_samples=6" in code
+    procs = [_start_example(_block(ROOT / "README.md", "### From Python"), readme), _start_example(code, tuner)]
+    try:
+        out = _finish_example(procs[0], readme, timeout=900)
+        _finish_example(procs[1], tuner, timeout=900)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, 9)
+
+    assert "chain.segments" in out  # the README block printed the best config
+    runs = _runs(readme)
     assert len(runs) == 3 and all(r.info.status == "FINISHED" for r in runs)
     assert all("eval/objective" in r.data.metrics for r in runs)
 
-
-@pytest.mark.slow
-def test_tuner_with_optuna_six_trials_on_a_bare_ray_init(tmp_path):
-    code = _block(ROOT / "docs" / "sweeps.md", "With `tune.Tuner` and Optuna")
-    assert "ray.init()" in code and "num_samples=6" in code
-    _run_example(code, tmp_path, timeout=900)
-    runs = _runs(tmp_path)
+    runs = _runs(tuner)
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
     assert len(parents) == 1 and len(children) == 6

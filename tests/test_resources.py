@@ -10,6 +10,10 @@ import pytest
 from shortft.config import ConfigError
 from shortft.resources import Request, fit
 
+# Tests that start Ray run one after another on one pytest-xdist worker (`ray stop` in one of them
+# would stop another's cluster); the other worker takes the rest.
+pytestmark = pytest.mark.xdist_group("ray")
+
 ROOT = Path(__file__).resolve().parents[1]
 CPU_NODE = {"CPU": 4.0}
 
@@ -51,3 +55,35 @@ def test_train_with_gpu_workers_on_a_cpu_only_machine_fails_fast(tmp_path):
     line = _one_line_exit_2(["-m", "shortft.cli", "train", "--config", "tiny", "--workers", "2", "--gpu",
                              "--storage-path", str(tmp_path / "s"), "--no-mlflow"])
     assert "--gpu: this Ray cluster has 0 GPUs" in line and "drop --gpu" in line
+
+
+@pytest.mark.slow
+def test_a_trial_that_can_only_fit_later_waits_then_ends_as_error(tmp_path):
+    """A (fake) autoscaler could add a GPU node, so the sweep says once that it waits; the node never
+    comes, and after --resource-wait-s the trial ends as ERROR with that reason; the sweep finishes."""
+    import os
+
+    import pyarrow.parquet as pq
+    from mlflow.tracking import MlflowClient
+
+    autoscaler = tmp_path / "ray_bootstrap_config.yaml"
+    autoscaler.write_text("max_workers: 2\navailable_node_types:\n  gpu:\n    resources: {CPU: 8, GPU: 1}\n"
+                          "    max_workers: 2\n")
+    work = tmp_path / "work"
+    work.mkdir()
+    env = {**os.environ, "SHORTFT_AUTOSCALING_CONFIG": str(autoscaler)}
+    env.pop("RAY_ADDRESS", None)
+    p = subprocess.run([sys.executable, str(ROOT / "tune" / "sweep.py"), "--smoke-test", "--num-samples", "1",
+                        "--gpus-per-worker", "1", "--resource-wait-s", "5", "--name", "wait",
+                        "--storage-path", str(tmp_path / "s")], cwd=work, capture_output=True, text=True,
+                       timeout=600, env=env)
+    out = p.stdout + p.stderr
+    assert out.count("its autoscaler can add them: waiting") == 1, out[-3000:]
+    assert p.returncode == 1 and "1 trial(s) failed: t001" in out, out[-3000:]  # no best trial, but it ended
+    (row,) = pq.read_table(work / "runs" / "sweeps" / "wait" / "results.parquet").to_pylist()
+    assert row["status"] == "ERROR"
+    assert row["error"].startswith("--resource-wait-s 5: the 1 worker(s) of 1 CPU + 1 GPU were not placed within 5 s")
+    c = MlflowClient(f"sqlite:///{work / 'mlflow.db'}")
+    (run,) = [r for r in c.search_runs([c.get_experiment_by_name("shortft-sweeps").experiment_id])
+              if "mlflow.parentRunId" in r.data.tags]
+    assert run.info.status == "FAILED" and run.data.tags["shortft.trial_error"] == row["error"]

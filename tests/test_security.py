@@ -56,54 +56,18 @@ def test_a_checkpoint_with_cuda_rng_state_resumes_on_a_cpu(make_cfg, tmp_path):
     assert shortft.train(cfg, resume=str(step2)).steps == 4
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture
-def mlflow_server(tmp_path):
-    """A real `mlflow server` on 127.0.0.1, started and stopped by the test."""
-    import time
-    import urllib.request
-
-    port = _free_port()
-    server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-                               "--backend-store-uri", f"sqlite:///{tmp_path}/server.db",
-                               "--artifacts-destination", str(tmp_path / "server-artifacts")],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
-        for _ in range(120):
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1).read()
-                break
-            except OSError:
-                time.sleep(0.5)
-        else:
-            pytest.fail("mlflow server did not come up")
-        yield port
-    finally:
-        import os
-        import signal
-
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=30)
-
-
 def _files_holding(root, needle: bytes) -> list:
     return [str(p) for p in root.rglob("*") if p.is_file() and needle in p.read_bytes()]
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("ray")  # it runs a sweep (see test_sweep.py)
 def test_credentials_in_the_tracking_uri_are_never_printed_or_stored(mlflow_server, tmp_path, tiny_dir):
     from pathlib import Path
 
     from mlflow.tracking import MlflowClient
 
-    uri = f"http://user:s3cr3t-word@127.0.0.1:{mlflow_server}"
+    uri = f"http://user:s3cr3t-word@127.0.0.1:{mlflow_server.port}"
     run = subprocess.run([sys.executable, "-m", "shortft.cli", "train", "--config", "tiny",
                           f"model.pretrained={tiny_dir}", "train.steps=2", "chain.steps=4", "chain.segments=2",
                           f"train.output_dir={tmp_path}/run", "--tracking-uri", uri],
@@ -120,7 +84,7 @@ def test_credentials_in_the_tracking_uri_are_never_printed_or_stored(mlflow_serv
     for output in (run.stdout, run.stderr, sweep.stdout, sweep.stderr):
         assert "s3cr3t-word" not in output
     assert _files_holding(tmp_path, b"s3cr3t-word") == []  # runs, Tune/Train storage, the server's db and artifacts
-    client = MlflowClient(f"http://127.0.0.1:{mlflow_server}")
+    client = MlflowClient(f"http://127.0.0.1:{mlflow_server.port}")
     runs = [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])]
     assert len(runs) >= 3  # the single run, the sweep's parent and its trial
     for r in runs:

@@ -15,6 +15,10 @@ from shortft import sweep, tracking
 from shortft.config import ConfigError
 from shortft.space import load_space, trial_config
 
+# Tests that start Ray run one after another on one pytest-xdist worker (`ray stop` in one of them
+# would stop another's cluster); the other worker takes the rest.
+pytestmark = pytest.mark.xdist_group("ray")
+
 ray = pytest.importorskip("ray")
 ROOT = Path(__file__).resolve().parents[1]
 SEARCHED = ["chain.segments", "chain.truncate_at", "lora.rank", "lora.alpha", "train.lr",
@@ -105,10 +109,10 @@ def _script(tmp_path: Path) -> Path:
     return work
 
 
-def _run_script(work: Path, *args: str, **kw) -> subprocess.Popen:
+def _run_script(work: Path, *args: str, samples: int = 3, **kw) -> subprocess.Popen:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env.pop("RAY_ADDRESS", None)
-    return subprocess.Popen([sys.executable, "sweep.py", "--smoke-test", "--num-samples", "3", *args], cwd=work,
+    return subprocess.Popen([sys.executable, "sweep.py", "--smoke-test", "--num-samples", str(samples), *args], cwd=work,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
                             start_new_session=True, **kw)
 
@@ -116,14 +120,14 @@ def _run_script(work: Path, *args: str, **kw) -> subprocess.Popen:
 @pytest.mark.slow
 def test_resume_after_the_driver_is_killed_in_the_second_trial(tmp_path):
     """Also the smoke sweep through the script alone: copied into an empty directory, as `ray submit`
-    runs it, it starts a local Ray, and the resumed sweep leaves 1 parent, 3 children, 3 table rows."""
+    runs it, it starts a local Ray, and the resumed sweep leaves 1 parent, 2 children, 2 table rows."""
     work = _script(tmp_path)
-    proc = _run_script(work, "--name", "crash")
+    proc = _run_script(work, "--name", "crash", samples=2)
     db = work / "mlflow.db"
     deadline = time.time() + 600
     # wait until the second trial is training (its child run exists and has logged a step)
     while time.time() < deadline and proc.poll() is None:
-        time.sleep(2)
+        time.sleep(0.5)
         try:
             with sqlite3.connect(db) as con:
                 n = con.execute("select count(distinct run_uuid) from metrics where key='loss'").fetchone()[0]
@@ -143,7 +147,7 @@ def test_resume_after_the_driver_is_killed_in_the_second_trial(tmp_path):
     out, _ = again.communicate(timeout=900)
     assert again.returncode == 0, out[-3000:]
     assert "best trial t00" in out and "mlflow ui --backend-store-uri sqlite:///" in out
-    _check_sweep_outputs(db, work / "runs" / "sweeps" / "crash" / "results.parquet")
+    _check_sweep_outputs(db, work / "runs" / "sweeps" / "crash" / "results.parquet", trials=2)
 
 
 def test_a_resume_with_a_conflicting_flag_is_refused_in_one_line(tmp_path, capsys):
@@ -171,3 +175,25 @@ def test_sweep_experiment_is_marked_as_model_training(tmp_path):
     tracking.experiment_id(uri, "shortft-sweeps")
     experiment = tracking.client(uri).get_experiment_by_name("shortft-sweeps")
     assert experiment.tags[tracking.EXPERIMENT_KIND_TAG] == "custom_model_development"
+
+
+def test_a_new_sweep_on_remote_storage_refuses_a_name_that_exists(tmp_path, capsys):
+    """s3://, gs://, file://... are read through pyarrow: an existing sweep is found there too."""
+    remote = f"file://{tmp_path}/bucket"
+    (tmp_path / "bucket" / "taken").mkdir(parents=True)
+    (tmp_path / "bucket" / "taken" / "tuner.pkl").write_bytes(b"state")
+    code = sweep.main(["--name", "taken", "--storage-path", remote, "--no-mlflow", "--smoke-test"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and not ray.is_initialized()
+    assert f"sweep 'taken' already exists under {remote}; pass --resume, or another --name" in err
+
+
+def test_the_sd15_space_builds_its_trials_offline():
+    """`--space sd15` (the README's cluster command): every corner of it is a valid sd15 config."""
+    space = load_space("sd15")
+    cfg = trial_config(space.base, space.fixed, space.points_to_evaluate[0], name="x")
+    assert cfg.model.pretrained == "stable-diffusion-v1-5/stable-diffusion-v1-5" and cfg.chain.segments == 4
+    assert cfg.reward.weights == {"pickscore": 10.0, "hps_v2": 2.0, "aesthetic": 0.05}
+    assert cfg.eval.objective == "hps_v2" and cfg.train.steps == 400
+    for corner in (0, 1):
+        trial_config(space.base, space.fixed, {k: d.corners()[corner] for k, d in space.search.items()})

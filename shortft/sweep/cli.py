@@ -32,6 +32,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--smoke-test", action="store_const", const=True, default=None,
                    help="2 steps per trial, tiny evaluation: checks the plumbing")
     p.add_argument("--seed", type=int, default=None, help="Optuna sampler seed (default 0)")
+    p.add_argument("--resource-wait-s", type=float, default=None,
+                   help="a trial whose workers the cluster cannot place within this many seconds ends as ERROR "
+                        "and the sweep goes on (default 1800; an autoscaler may need minutes to add a node)")
     return p
 
 
@@ -43,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         result = run_sweep(args.space, args.num_samples, args.config, args.name, args.storage_path,
                            None if args.no_mlflow else args.tracking_uri, args.experiment, args.workers_per_trial,
                            args.gpus_per_worker, args.max_concurrent, args.address, args.resume, args.smoke_test,
-                           args.seed)
+                           args.seed, resource_wait_s=args.resource_wait_s)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

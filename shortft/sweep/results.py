@@ -11,6 +11,16 @@ from shortft.space import Space
 from shortft.sweep.trials import OBJECTIVE, RUN_ID_KEY, TRIAL_KEY, stopped_early
 
 
+def error_line(error) -> str | None:
+    """A failed trial's reason in one line: ours where we raised one (e.g. `--resource-wait-s`), else the
+    last line of the error Tune kept (the whole traceback is in the trial's error.txt)."""
+    if error is None:
+        return None
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    ours = next((line[line.index("--resource-wait-s"):] for line in lines if "--resource-wait-s" in line), None)
+    return ours or (lines[-1][:300] if lines else type(error).__name__)
+
+
 def results_table(results, space: Space, sweep: dict) -> list[dict]:
     """One row per trial: searched values, final and best objective, reward terms, speed, memory, status."""
     rows = []
@@ -26,7 +36,7 @@ def results_table(results, space: Space, sweep: dict) -> list[dict]:
                **{k: v for k, v in m.items() if k.startswith("eval/") and k != OBJECTIVE},
                **{f"train/{k}": v for k, v in m.items() if k.startswith("reward")},
                "seconds_per_step": m.get("mean_seconds_per_step"), "peak_memory_mb": m.get("peak_memory_mb"),
-               "node_id": m.get("node_id"), "mlflow_run_id": cfg.get(RUN_ID_KEY)}
+               "node_id": m.get("node_id"), "mlflow_run_id": cfg.get(RUN_ID_KEY), "error": error_line(r.error)}
         rows.append(row)
     return sorted(rows, key=lambda row: str(row["trial"]))
 

@@ -68,7 +68,7 @@ def run_sweep(space: str | Space | None = None, num_samples: int | None = None, 
               experiment: str | None = None, workers_per_trial: int | None = None,
               gpus_per_worker: float | None = None, max_concurrent: int | None = None, address: str | None = None,
               resume: bool = False, smoke_test: bool | None = None, seed: int | None = None,
-              output_root: str | None = None) -> SweepResult:
+              output_root: str | None = None, resource_wait_s: float | None = None) -> SweepResult:
     """Run (or resume) a sweep and return its results table; see `main` for what each argument means.
     None means "not given": a new sweep takes the defaults (`saved.DEFAULTS`), a resumed one the values
     it started with (a given value that differs is refused)."""
@@ -79,7 +79,8 @@ def run_sweep(space: str | Space | None = None, num_samples: int | None = None, 
     t_start = time.time()
     # 1. Everything a user can get wrong, before Ray starts.
     for flag, value, low in (("--num-samples", num_samples, 1), ("--workers-per-trial", workers_per_trial, 1),
-                             ("--max-concurrent", max_concurrent, 1), ("--gpus-per-worker", gpus_per_worker, 0)):
+                             ("--max-concurrent", max_concurrent, 1), ("--gpus-per-worker", gpus_per_worker, 0),
+                             ("--resource-wait-s", resource_wait_s, 1)):
         if value is not None and value < low:
             raise ConfigError(f"{flag} {value}: must be >= {low}")
     if tracking_uri == "":
@@ -94,16 +95,18 @@ def run_sweep(space: str | Space | None = None, num_samples: int | None = None, 
             raise ConfigError(f"--resume: no sweep under {storage_path}; pass --name and --storage-path of the sweep")
     given = {"space": space if isinstance(space, (str, type(None))) else space.name, "config": config,
              "num_samples": num_samples, "workers_per_trial": workers_per_trial, "gpus_per_worker": gpus_per_worker,
-             "max_concurrent": max_concurrent, "experiment": experiment, "smoke_test": smoke_test, "seed": seed}
+             "max_concurrent": max_concurrent, "experiment": experiment, "smoke_test": smoke_test, "seed": seed,
+             "resource_wait_s": resource_wait_s}
     values = saved.settle(given, storage_path, name, resume)
     num_samples, workers_per_trial, gpus_per_worker = (values["num_samples"], values["workers_per_trial"],
                                                        values["gpus_per_worker"])
     max_concurrent, experiment, seed = values["max_concurrent"], values["experiment"], values["seed"]
+    resource_wait_s = values["resource_wait_s"]
     if not isinstance(space, Space):
         space = load_space(values["space"], base=values["config"],
                            overrides=SMOKE_TEST if values["smoke_test"] else None)
     name = name or default_name(space)
-    exists = (Path(storage_path) / name / "tuner.pkl").is_file() if "://" not in storage_path else resume
+    exists = saved.sweep_exists(storage_path, name)
     if resume and not exists:
         raise ConfigError(f"--resume: no sweep {name!r} under {storage_path}")
     if exists and not resume:
@@ -146,7 +149,8 @@ def run_sweep(space: str | Space | None = None, num_samples: int | None = None, 
                 **{f"search.{k}": f"{d.kind} {d.args}" for k, d in space.search.items()}})
     sweep_settings = settings(space, name, storage_path, output_root, workers_per_trial, use_gpu,
                               gpus_per_worker or 1.0, None if use_gpu else 1.0, threads, tracking_uri, experiment,
-                              parent)
+                              parent, resource_wait_s)
+    sweep_settings["_driver_ready"] = True  # checked, relay and coordinator started above
 
     # 4. Tune.
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "0")  # save sweep state at every event: resumes lose nothing

@@ -8,11 +8,12 @@ import json
 from pathlib import Path
 
 from shortft.config import ConfigError
-from shortft.sweep.trials import EXPERIMENT
+from shortft.sweep.trials import EXPERIMENT, RESOURCE_WAIT_S
 
 FILE = "shortft_sweep.json"
 DEFAULTS = {"space": "toy", "config": None, "num_samples": 6, "workers_per_trial": 1, "gpus_per_worker": 0.0,
-            "max_concurrent": None, "experiment": EXPERIMENT, "smoke_test": False, "seed": 0}
+            "max_concurrent": None, "experiment": EXPERIMENT, "smoke_test": False, "seed": 0,
+            "resource_wait_s": RESOURCE_WAIT_S}
 
 
 def _flag(key: str) -> str:
@@ -36,6 +37,16 @@ def _read(storage_path: str, name: str) -> dict | None:
             return None
     path = Path(storage_path) / name / FILE
     return json.loads(path.read_text()) if path.is_file() else None
+
+
+def sweep_exists(storage_path: str, name: str) -> bool:
+    """Tune's state of sweep `name` is under the storage path (a local dir, or s3://, gs://, file://...)."""
+    if "://" in storage_path:
+        import pyarrow.fs
+
+        fs, root = pyarrow.fs.FileSystem.from_uri(storage_path)
+        return fs.get_file_info(f"{root}/{name}/tuner.pkl").type != pyarrow.fs.FileType.NotFound
+    return (Path(storage_path) / name / "tuner.pkl").is_file()
 
 
 def write(storage_path: str, name: str, values: dict) -> None:

@@ -34,20 +34,22 @@ SMOKE_TEST = {"train.steps": 2, "eval.every": 2, "chain.steps": 10, "eval.sample
               "train.batch_size": 1, "train.checkpoint_every": 0, "train.log_every": 1}
 TRIAL_KEY = "trial_key"  # set by trial_runs.TrialRuns: t001, t002, ... (stable across a resumed driver)
 RUN_ID_KEY = "mlflow_run_id"
+ERROR_TAG = "shortft.trial_error"  # a failed trial's one-line reason, on its MLflow run
 EXPERIMENT = "shortft-sweeps"  # MLflow experiment of sweeps (single runs go to "shortft")
 TRIAL_CPUS = 0.1  # the trial process itself only waits on its Ray Train job
+RESOURCE_WAIT_S = 1800.0  # a trial whose workers are not placed within this ends as ERROR
 
 
 
 def settings(space: Space, name: str, storage_path: str, output_root: str, workers: int = 1, use_gpu: bool = False,
              gpus_per_worker: float = 1.0, cpus_per_worker: float | None = None, threads: int | None = None,
              tracking_uri: str | None = None, experiment: str = EXPERIMENT,
-             parent_run_id: str | None = None) -> dict:
+             parent_run_id: str | None = None, resource_wait_s: float | None = RESOURCE_WAIT_S) -> dict:
     """The constants every trial needs (plain values, bound to the trainable)."""
     return {"name": name, "base": space.base, "fixed": space.fixed, "storage_path": storage_path,
             "output_root": output_root, "workers": workers, "use_gpu": use_gpu, "gpus_per_worker": gpus_per_worker,
             "cpus_per_worker": cpus_per_worker, "threads": threads, "tracking_uri": tracking_uri,
-            "experiment": experiment, "parent_run_id": parent_run_id}
+            "experiment": experiment, "parent_run_id": parent_run_id, "resource_wait_s": resource_wait_s}
 
 
 def param_space(space: Space) -> dict:
@@ -96,7 +98,7 @@ class EvalReport(TuneReportCallback):
 
 def run_trial(config: dict, sweep: dict) -> None:
     """One trial: build its run config and fit a Ray Train job that reports evaluations to Tune."""
-    from shortft.distributed import train_with_ray
+    from shortft.distributed import ResourceWaitError, train_with_ray
 
     key = config.get(TRIAL_KEY) or tune.get_context().get_trial_id()
     name = f"{sweep['name']}-{key}"
@@ -106,10 +108,16 @@ def run_trial(config: dict, sweep: dict) -> None:
     if sweep["tracking_uri"] and not run_id:  # plain tune.run / Tuner: its own child run, made by the
         # relay the driver started (trials that start together would otherwise race on SQLite)
         run_id = relay_call(RELAY, tracking.ensure_trial_run, sweep["experiment"], name, cfg, sweep["parent_run_id"])
-    train_with_ray(cfg, sweep["workers"], use_gpu=sweep["use_gpu"], storage_path=sweep["storage_path"],
-                   tracking_uri=sweep["tracking_uri"], experiment=sweep["experiment"], resume=True,
-                   cpus_per_worker=sweep["cpus_per_worker"], run_id=run_id, name=name, threads=sweep["threads"],
-                   gpus_per_worker=sweep["gpus_per_worker"], callbacks=[EvalReport()])
+    try:
+        train_with_ray(cfg, sweep["workers"], use_gpu=sweep["use_gpu"], storage_path=sweep["storage_path"],
+                       tracking_uri=sweep["tracking_uri"], experiment=sweep["experiment"], resume=True,
+                       cpus_per_worker=sweep["cpus_per_worker"], run_id=run_id, name=name, threads=sweep["threads"],
+                       gpus_per_worker=sweep["gpus_per_worker"], callbacks=[EvalReport()],
+                       resource_wait_s=sweep.get("resource_wait_s"), check_resources=False)
+    except ResourceWaitError as e:
+        if run_id:  # the reason goes with the trial's run; the driver closes it as FAILED
+            relay_call(RELAY, tracking.set_tag, run_id, ERROR_TAG, str(e))
+        raise
 
 
 def _checked_resources(sweep: dict, config: dict) -> dict:
@@ -137,7 +145,8 @@ def trainable(sweep: dict):
 def trainable_for(base: str = "toy", *, smoke_test: bool = False, fixed: dict | None = None,
                   name: str = "from-python", tracking_uri: str | None = "", experiment: str = EXPERIMENT,
                   parent_run_id: str | None = None, workers: int = 1, gpus_per_worker: float = 0.0,
-                  storage_path: str | None = None, output_root: str = "runs/sweeps") -> object:
+                  storage_path: str | None = None, output_root: str = "runs/sweeps",
+                  resource_wait_s: float = RESOURCE_WAIT_S) -> object:
     """A Tune trainable for ShortFT runs of config `base` (a built-in name or a YAML path), in the shape of
     Ray's examples: pass it to `tune.run` or `tune.Tuner` with a `config` of dotted keys
     (`{"chain.segments": tune.choice([2, 4, 8])}`); it reports `eval/objective` (maximise) and `step`.
@@ -145,7 +154,8 @@ def trainable_for(base: str = "toy", *, smoke_test: bool = False, fixed: dict | 
     `fixed`: dotted keys every trial gets (`smoke_test` adds the smoke sizes: 2 steps of 10-step chains).
     `tracking_uri`: MLflow ("" = $MLFLOW_TRACKING_URI or sqlite:///mlflow.db, None = off); one run per
     trial, nested under `parent_run_id` when given. `workers`/`gpus_per_worker`: each trial's Ray Train
-    job. Raises ConfigError (one line, naming the key) for a bad base, fixed key or value."""
+    job; one whose workers are not placed within `resource_wait_s` fails. Raises ConfigError (one line,
+    naming the key) for a bad base, fixed key or value."""
     import ray
 
     from shortft.distributed import check_storage_path, default_storage_path
@@ -165,5 +175,5 @@ def trainable_for(base: str = "toy", *, smoke_test: bool = False, fixed: dict | 
     use_gpu = gpus_per_worker > 0
     sweep = settings(Space(name, base, fixed, {}, []), name, storage_path, str(Path(output_root).resolve() / name),
                      workers, use_gpu, gpus_per_worker or 1.0, None if use_gpu else 1.0, None, tracking_uri,
-                     experiment, parent_run_id)
+                     experiment, parent_run_id, resource_wait_s)
     return trainable(sweep)
