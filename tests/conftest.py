@@ -86,20 +86,27 @@ class MlflowServer:
              "--backend-store-uri", f"sqlite:///{self.tmp_path}/server.db",
              "--artifacts-destination", str(self.tmp_path / "server-artifacts")],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-        for _ in range(240):
+        deadline = time.time() + 180  # a loaded 2-core machine can take a minute
+        while time.time() < deadline:
             try:
-                urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=1).read()
+                urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=2).read()
                 return
             except OSError:
+                if self.process.poll() is not None:
+                    pytest.fail(f"mlflow server exited with {self.process.returncode}")
                 time.sleep(0.25)
-        pytest.fail("mlflow server did not come up")
+        pytest.fail("mlflow server did not come up in 180 s")
 
     def stop(self) -> None:
         import signal
 
         if self.process is not None and self.process.poll() is None:
             os.killpg(self.process.pid, signal.SIGTERM)
-            self.process.wait(timeout=30)
+            try:
+                self.process.wait(timeout=30)
+            except Exception:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait(timeout=30)
 
 
 @pytest.fixture
