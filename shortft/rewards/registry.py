@@ -19,9 +19,8 @@ Terms registered with `eval_only=True` (e.g. `jpeg_size`) have no gradient: eval
 
 from __future__ import annotations
 
-from typing import Callable, Protocol
-
 import inspect
+from typing import Callable, Protocol
 
 import torch
 from torch import nn
