@@ -19,6 +19,16 @@ import shortft
 from shortft import builtin
 
 
+def pytest_configure(config):
+    # The Ray tests share one xdist group so that two Ray clusters never start side by side. pytest 9.2
+    # ignores the group that xdist 3.8 sets (it writes `item._nodeid`), which lets them: refuse early.
+    if getattr(config.option, "dist", "no") == "loadgroup":
+        major, minor = (int(x) for x in pytest.__version__.split(".")[:2])
+        if (major, minor) >= (9, 2):
+            raise pytest.UsageError(f"pytest {pytest.__version__} drops xdist_group marks: "
+                                    "pip install 'pytest<9.2' (as the dev extra pins)")
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _cache(tmp_path_factory):
     # Built-in models go to a per-session cache, so tests never read a user's cache.
@@ -107,6 +117,72 @@ class MlflowServer:
             except Exception:
                 os.killpg(self.process.pid, signal.SIGKILL)
                 self.process.wait(timeout=30)
+
+
+class TcpGate:
+    """A TCP forwarder on 127.0.0.1 (`.port`) to `target_port`. `.close()` cuts every open connection and
+    every new one (a server that went away, instantly and at a known moment; `.cut` counts the
+    connections it refused), `.open()` lets them through again."""
+
+    def __init__(self, target_port: int):
+        import socket
+        import threading
+
+        self.target, self.is_open, self.cut, self.live = target_port, True, 0, []
+        self.lock = threading.Lock()
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        import socket
+        import threading
+
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            with self.lock:
+                if not self.is_open:
+                    self.cut += 1
+                    client.close()
+                    continue
+                upstream = socket.create_connection(("127.0.0.1", self.target))
+                self.live += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(src, dst) -> None:
+        import socket
+
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        for s in (src, dst):
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        import socket
+
+        with self.lock:
+            self.is_open = False
+            for s in self.live:
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+            self.live.clear()
+
+    def open(self) -> None:
+        with self.lock:
+            self.is_open = True
 
 
 @pytest.fixture
