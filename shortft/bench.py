@@ -28,7 +28,7 @@ from shortft.architectures import random_pipeline
 from shortft.config import Config, ConfigError, METHODS
 from shortft.denoiser import CallCount
 from shortft.loop import autocast_for, micro_batch_loss, peak_memory_mb
-from shortft.models import DTYPES, frozen_parts, load_pipeline, pick_device, prepare_models
+from shortft.models import DTYPES, checkpoint_with_adapters, frozen_parts, load_pipeline, pick_device, prepare_models
 from shortft.rewards import Rewards
 
 # Dense bf16 tensor-core peaks from the vendors' data sheets, TFLOP/s (SXM parts for H100/H200/A100).
@@ -106,6 +106,17 @@ class SavedBytes:
     def hooks(self):
         return torch.autograd.graph.saved_tensors_hooks(self.pack, lambda t: t)
 
+    def counting(self, checkpoint_fn):
+        """diffusers' gradient-checkpointing function `checkpoint_fn`, counting each block's inputs."""
+        def run(module, *args):
+            if torch.is_grad_enabled():
+                for a in args:
+                    if isinstance(a, torch.Tensor):
+                        self.pack(a)
+            return checkpoint_fn(module, *args)
+
+        return run
+
     @property
     def total(self) -> int:
         return sum(self.saved.values())
@@ -124,6 +135,10 @@ def count(cfg: Config, target: torch.device) -> dict:
     rewards = Rewards(cfg.reward.weights, cfg.reward.options, device=device, random_weights=True)
     trainable = _trainable(models)
     saved = SavedBytes(models.pipe.unet.parameters())
+    if cfg.model.gradient_checkpointing:
+        # A checkpointed block keeps only its inputs until backward; they never pass the saved-tensor
+        # hooks (the checkpoint's own hooks take the block's tensors), so count them here.
+        models.unet.enable_gradient_checkpointing(saved.counting(checkpoint_with_adapters(models.denoiser.switch)))
     prompts, noise = _step_inputs(models, cfg.train.batch_size)
     with FlopCounterMode(display=False) as counter:
         with saved.hooks():

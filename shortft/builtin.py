@@ -3,7 +3,8 @@ same `from_pretrained` code as a hub model.
 
 `builtin:tiny` is a randomly initialised Stable-Diffusion-architecture pipeline built from configs under
 a fixed seed (the diffusers test idiom): the smallest thing the whole method runs on, for tests and
-smoke runs; `builtin:tiny-xl` is the same for the SDXL class. It is built once into the cache dir (`$SHORTFT_CACHE`, default ~/.cache/shortft).
+smoke runs; `builtin:tiny-v` is the same for the SD 2.x class (v-prediction, linear attention projections)
+and `builtin:tiny-xl` for the SDXL class. Each is built once into the cache dir (`$SHORTFT_CACHE`, default ~/.cache/shortft).
 
 Built-in worlds (today the toy world, `shortft/toy/`) are plug-ins: this module is the one place that
 names them, loads their packaged assets by name and imports them so that their reward terms register.
@@ -70,8 +71,9 @@ def build_clip_tokenizer(words: list[str], max_length: int):
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=max_length)
 
 
-def build_tiny(out_dir: Path, seed: int = 0) -> Path:
-    """Random tiny SD pipeline (32x32 images, 16x16x4 latents) saved in diffusers format."""
+def build_tiny(out_dir: Path, seed: int = 0, v_prediction: bool = False) -> Path:
+    """Random tiny SD pipeline (32x32 images, 16x16x4 latents) saved in diffusers format; with
+    `v_prediction`, the SD 2.x class (v-prediction scheduler, linear projections, upcast attention)."""
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -79,7 +81,8 @@ def build_tiny(out_dir: Path, seed: int = 0) -> Path:
     unet = UNet2DConditionModel(
         block_out_channels=(16, 32), layers_per_block=1, sample_size=16, in_channels=4, out_channels=4,
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=16, attention_head_dim=4, norm_num_groups=8,
+        cross_attention_dim=16, attention_head_dim=(2, 4) if v_prediction else 4, norm_num_groups=8,
+        **({"use_linear_projection": True, "upcast_attention": True} if v_prediction else {}),
     )
     torch.manual_seed(seed + 1)
     vae = AutoencoderKL(
@@ -92,7 +95,7 @@ def build_tiny(out_dir: Path, seed: int = 0) -> Path:
         vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
         num_attention_heads=2, max_position_embeddings=16, bos_token_id=0, eos_token_id=1, pad_token_id=1,
     ))
-    scheduler = DDIMScheduler(**SD_SCHEDULER)
+    scheduler = DDIMScheduler(**SD_SCHEDULER, prediction_type="v_prediction" if v_prediction else "epsilon")
     pipe = StableDiffusionPipeline(
         unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler,
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
@@ -133,7 +136,11 @@ def build_tiny_xl(out_dir: Path, seed: int = 0) -> Path:
     return out_dir
 
 
-BUILTIN_MODELS = {"tiny": build_tiny, "tiny-xl": build_tiny_xl}  # built on first use into the cache
+def build_tiny_v(out_dir: Path, seed: int = 0) -> Path:
+    return build_tiny(out_dir, seed, v_prediction=True)
+
+
+BUILTIN_MODELS = {"tiny": build_tiny, "tiny-v": build_tiny_v, "tiny-xl": build_tiny_xl}  # built on first use into the cache
 # Built-in worlds: name -> (package, module whose import registers the world's reward terms). Each
 # ships its model in <package>/assets, rebuilt by its own command (`shortft toy build`).
 WORLDS = {"toy": ("shortft.toy", "shortft.toy.judges")}
@@ -183,6 +190,10 @@ def resolve(pretrained: str) -> str:
     if not pretrained.startswith("builtin:"):
         return pretrained
     name = pretrained.split(":", 1)[1]
+    if name == "prompts":  # prompt sets that ship with the package
+        from importlib import resources
+
+        return str(resources.files("shortft.prompts"))
     if name == "toy":
         return str(toy_dir())
     target = cache_dir() / f"{name}-v1"

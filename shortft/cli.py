@@ -34,12 +34,15 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("--config", default="tiny",
                         help=f"built-in config ({', '.join(builtin_configs())}) or a YAML path (default: tiny)")
         sp.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. chain.steps=20")
+        sp.add_argument("--quiet", action="store_true", help="no progress bars or per-step lines")
 
     t = sub.add_parser("train", help="fine-tune with the configured method")
     common(t)
     t.add_argument("--resume", nargs="?", const=True, default=False, metavar="CHECKPOINT",
                    help="continue from the latest checkpoint in the output dir (or the one given)")
-    t.add_argument("--dry-run", action="store_true", help="print the resolved config and timestep plan, then exit")
+    t.add_argument("--dry-run", action="store_true",
+                   help="print the resolved config, the timestep plan, a memory estimate and what would be downloaded; "
+                        "download and load nothing")
     t.add_argument("--workers", type=int, default=0, help="Ray Train workers (0 = in this process, no Ray)")
     t.add_argument("--gpu", action="store_true", help="one GPU per Ray worker (NCCL)")
     t.add_argument("--storage-path", help="Ray checkpoints: a local dir, s3://... or an NFS path (default ./ray_results)")
@@ -115,15 +118,23 @@ def print_plan(cfg) -> None:
     from diffusers import DDIMScheduler
 
     from shortft import builtin
-    from shortft.plan import format_plan, training_plan
+    from shortft.plan import format_plan, schedule, training_plan
+
+    from shortft.architectures import HUB_IDS
 
     path = builtin.resolve(cfg.model.pretrained)
-    try:
-        scheduler = DDIMScheduler.from_pretrained(path, subfolder="scheduler")
+    try:  # the plan never downloads: a hub model is read from the hub cache
+        scheduler = DDIMScheduler.from_pretrained(path, subfolder="scheduler", revision=cfg.model.revision,
+                                                  local_files_only=True)
     except OSError as e:
-        raise ConfigError(f"model.pretrained={cfg.model.pretrained!r}: no scheduler config ({str(e).splitlines()[0]})") from None
-    scheduler.set_timesteps(cfg.chain.steps)
-    timesteps = [int(t) for t in scheduler.timesteps]
+        if cfg.model.pretrained not in HUB_IDS:
+            raise ConfigError(f"model.pretrained={cfg.model.pretrained!r}: no scheduler config here "
+                              f"({str(e).splitlines()[0]}); download the model first") from None
+        print("(the model is not in the hub cache yet: the plan uses its published DDIM settings)")
+        scheduler = DDIMScheduler(**builtin.SD_SCHEDULER)
+    if cfg.model.timestep_spacing:
+        scheduler = DDIMScheduler.from_config(scheduler.config, timestep_spacing=cfg.model.timestep_spacing)
+    timesteps = schedule(scheduler, cfg.chain.steps)
     plan = training_plan(cfg)
     print(f"method {cfg.chain.method}: N={cfg.chain.steps} original steps, k={cfg.chain.segments} segments, "
           f"{plan.stages} stage(s), LoRAs: {', '.join(plan.adapters)}")
@@ -138,7 +149,18 @@ def main(argv: list[str] | None = None) -> int:
     # Import-time chatter of transformers/diffusers (optional backends) is noise on a command line.
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    # `key=value` overrides may come after flags too (`train --no-mlflow chain.steps=20`); argparse
+    # takes positionals in one run only, so it hands the later ones back here.
+    if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if getattr(args, "quiet", False):
+        from shortft.progress import QUIET_ENV
+
+        os.environ[QUIET_ENV] = "1"  # Ray workers inherit it
     try:
         if args.command == "toy":
             from shortft.builtin import toy_dir, world_module
@@ -163,6 +185,10 @@ def main(argv: list[str] | None = None) -> int:
             if args.command == "train":
                 print(yaml.safe_dump(to_dict(cfg), sort_keys=False))
             print_plan(cfg)
+            if args.command == "train":
+                from shortft.preflight import report
+
+                print("\n" + report(cfg))
         elif args.command == "train":
             return run_train(cfg, args)
         elif args.command == "eval":

@@ -28,6 +28,7 @@ import yaml
 METHODS = ("shortft", "full", "draft", "draft_lv", "alignprop", "refl", "drtune")
 MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
 INTERIOR_ADAPTERS = ("none", "segment")
+TIMESTEP_SPACINGS = ("leading", "linspace", "trailing")
 
 
 class ConfigError(ValueError):
@@ -44,10 +45,22 @@ def setting(default: Any, help: str) -> Any:
 @dataclass
 class ModelConfig:
     pretrained: str = setting("builtin:tiny", "diffusers pipeline: hub id (org/name), local dir, or builtin:<name>")
+    revision: str | None = setting(None, "hub revision (branch, tag or commit) of model.pretrained (null = main)")
+    variant: str | None = setting(None, "weights variant of model.pretrained, e.g. fp16 (*.fp16.safetensors)")
+    resolution: int | None = setting(None, "image side in pixels, a multiple of the VAE factor (null = the model's own)")
+    timestep_spacing: str | None = setting(None, "leading, linspace or trailing (null = the model scheduler's own)")
     shortcut: str = setting("none", "frozen few-step model: none (base model, one DDIM jump), lora:<path>, unet:<path>")
-    shortcut_guidance_scale: float | None = setting(None, "guidance for shortcut jumps (null = chain.guidance_scale)")
+    shortcut_weight_name: str | None = setting(None, "the LoRA file inside a lora: shortcut's hub repo or folder")
+    shortcut_scale: float = setting(1.0, "LoRA scale of a lora: shortcut")
+    shortcut_guidance_scale: float | None = setting(
+        None, "guidance for shortcut jumps (null = 1.0, none, for lora:/unet: shortcuts; chain.guidance_scale for none)")
     dtype: str = setting("float32", "dtype of the frozen weights: float32, bfloat16 or float16 (LoRA stays fp32)")
     device: str = setting("auto", "auto (cuda if available), cpu, cuda, cuda:N")
+    gradient_checkpointing: bool = setting(False, "the UNet's own gradient checkpointing (diffusers), inside every call")
+    vae_checkpointing: bool = setting(False, "recompute the VAE decode in backward (less memory)")
+    vae_batch_size: int = setting(0, "images per VAE decode (0 = the whole batch at once)")
+    tf32: bool = setting(True, "TF32 matmuls and convolutions on CUDA (Ampere and later)")
+    compile: bool = setting(False, "torch.compile the UNet (first steps slower, later ones faster)")
 
 
 @dataclass
@@ -112,8 +125,9 @@ class EvalConfig:
 
 @dataclass
 class DataConfig:
-    prompts: Any = setting([], "training prompts: a list or a text file, one per line")
-    eval_prompts: Any = setting([], "held-out prompts: a list or a text file, one per line")
+    prompts: Any = setting([], "training prompts: a list, or a .txt/.jsonl/.csv/.parquet file or hf://datasets/... (docs/models.md#prompts)")
+    eval_prompts: Any = setting([], "held-out prompts: a list or a file, as data.prompts")
+    prompt_column: str = setting("prompt", "the column holding the prompts in a .jsonl/.csv/.parquet file")
 
 
 @dataclass
@@ -357,6 +371,13 @@ def validate(cfg: Config) -> None:
     _one_of("train.mixed_precision", train.mixed_precision, MIXED_PRECISION)
     _one_of("model.dtype", model.dtype, ("float32", "bfloat16", "float16"))
     check_device_name("model.device", model.device)
+    if model.timestep_spacing is not None:
+        _one_of("model.timestep_spacing", model.timestep_spacing, TIMESTEP_SPACINGS)
+    if model.resolution is not None and model.resolution <= 0:
+        raise ConfigError(f"model.resolution={model.resolution}: must be a positive number of pixels (null = the model's own)")
+    if model.vae_batch_size < 0:
+        raise ConfigError(f"model.vae_batch_size={model.vae_batch_size}: must be >= 0 (0 = the whole batch at once)")
+    _positive("model.shortcut_scale", model.shortcut_scale, zero_ok=True)
     kind, _, path = model.shortcut.partition(":")
     if model.shortcut != "none" and (kind not in ("lora", "unet") or not path):
         raise ConfigError(f"model.shortcut={model.shortcut!r}: expected none, lora:<path or hub id>, unet:<path or hub id>")

@@ -1,4 +1,11 @@
-"""Prompts: a list in the config, or a text file with one prompt per line (a path or builtin:<world>/<file>)."""
+"""Prompts: a list in the config, or a file.
+
+    data.prompts: [a photo of a cat, ...]                       a list
+    data.prompts: prompts.txt                                  one prompt a line
+    data.prompts: prompts.jsonl | prompts.csv | prompts.parquet  column `data.prompt_column` (pyarrow)
+    data.prompts: hf://datasets/org/name/train.parquet          a file of a hub dataset (downloaded once)
+    data.prompts: builtin:prompts/hpd_style_train.txt           a set that ships with the package
+"""
 
 from __future__ import annotations
 
@@ -7,17 +14,56 @@ from pathlib import Path
 from shortft import builtin
 from shortft.config import Config, ConfigError
 
+TABLES = (".jsonl", ".csv", ".parquet")
+HUB_DATASET = "hf://datasets/"
 
-def read_prompts(value: list | str) -> list[str]:
-    """A list as is, or a text file (a path, or builtin:toy/<file>) with one prompt per line."""
-    if isinstance(value, str):
-        return [line.strip() for line in Path(builtin.resolve_path(value)).read_text().splitlines() if line.strip()]
-    return list(value)
+
+def _local(value: str, key: str) -> Path:
+    """A local path for `value`; a hub dataset file is downloaded (or found in the hub cache)."""
+    if not value.startswith(HUB_DATASET):
+        return Path(builtin.resolve_path(value)).expanduser()
+    parts = value[len(HUB_DATASET):].split("/")
+    if len(parts) < 3:
+        raise ConfigError(f"{key}={value!r}: expected hf://datasets/<org>/<name>/<file>")
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return Path(hf_hub_download("/".join(parts[:2]), "/".join(parts[2:]), repo_type="dataset"))
+    except Exception as e:  # offline, no such repo or file: one line either way
+        raise ConfigError(f"{key}={value!r}: could not get the file ({(str(e).splitlines() or [type(e).__name__])[0]})") from None
+
+
+def _column(path: Path, column: str, key: str) -> list[str]:
+    import pyarrow.csv
+    import pyarrow.json
+    import pyarrow.parquet
+
+    read = {".jsonl": pyarrow.json.read_json, ".csv": pyarrow.csv.read_csv, ".parquet": pyarrow.parquet.read_table}
+    table = read[path.suffix](path)
+    if column not in table.column_names:
+        raise ConfigError(f"{key}={str(path)!r}: no column {column!r} (it has {', '.join(table.column_names)}); "
+                          "set data.prompt_column")
+    return [str(p).strip() for p in table.column(column).to_pylist() if p is not None and str(p).strip()]
+
+
+def read_prompts(value: list | str, column: str = "prompt", key: str = "data.prompts") -> list[str]:
+    """A list as is; a file as the module docstring says (empty lines and empty cells dropped)."""
+    if not isinstance(value, str):
+        return list(value)
+    path = _local(value, key)
+    if path.suffix in TABLES:
+        prompts = _column(path, column, key)
+    else:
+        prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if not prompts:
+        raise ConfigError(f"{key}={value!r}: the file holds no prompts")
+    return prompts
 
 
 def check_prompts(cfg: Config) -> None:
-    """`data.prompts` / `data.eval_prompts` given as files must exist (lists are checked by the config)."""
+    """`data.prompts` / `data.eval_prompts` given as local files must exist (hub files are fetched when read)."""
     for key in ("prompts", "eval_prompts"):
         value = getattr(cfg.data, key)
-        if isinstance(value, str) and not Path(builtin.resolve_path(value)).is_file():
-            raise ConfigError(f"data.{key}={value!r}: no such file; give a list or a text file, one prompt per line")
+        if isinstance(value, str) and not value.startswith(HUB_DATASET) and not _local(value, key).is_file():
+            raise ConfigError(f"data.{key}={value!r}: no such file; give a list, a .txt (one prompt a line), "
+                              f"{', '.join(TABLES)} (column data.prompt_column) or hf://datasets/<org>/<name>/<file>")

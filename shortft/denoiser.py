@@ -14,7 +14,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from shortft.lora import AdapterSwitch
-from shortft.plan import FINAL, Call
+from shortft.plan import FINAL, Call, Schedule, schedule
 
 
 @dataclass
@@ -56,12 +56,11 @@ class Denoiser:
         self.num_train_timesteps = scheduler.config.num_train_timesteps
         self.scheduler = scheduler
         self.count = CallCount()
-        self._timesteps: dict[int, list[int]] = {}
+        self._timesteps: dict[int, Schedule] = {}
 
-    def timesteps(self, steps: int) -> list[int]:
+    def timesteps(self, steps: int) -> Schedule:
         if steps not in self._timesteps:
-            self.scheduler.set_timesteps(steps)
-            self._timesteps[steps] = [int(t) for t in self.scheduler.timesteps]
+            self._timesteps[steps] = schedule(self.scheduler, steps)
         return self._timesteps[steps]
 
     def alpha(self, t: int) -> float:

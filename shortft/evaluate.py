@@ -17,6 +17,7 @@ from shortft.config import Config
 from shortft.data import read_prompts
 from shortft.models import Models
 from shortft.plan import TrainingPlan
+from shortft.progress import bar
 from shortft.rewards import Rewards
 
 
@@ -27,15 +28,13 @@ def seeded_noise(models: Models, seeds: list[int]) -> torch.Tensor:
 
 @torch.no_grad()
 def generate(models: Models, cfg: Config, prompts: list[str], seeds: list[int], plan: TrainingPlan | None = None,
-             progress: bool = False) -> torch.Tensor:
+             progress: bool = True) -> torch.Tensor:
     """[B, 3, H, W] images in [0, 1] from the original sampler with `plan`'s LoRAs (default: the models'
     own; a plan with no adapters gives the base model), in eval.batch_size chunks."""
-    from tqdm.auto import tqdm
-
     out = []
     size = cfg.eval.batch_size
     calls = (plan or models.plan).inference_calls(models.denoiser.timesteps(cfg.chain.steps))
-    for i in tqdm(range(0, len(prompts), size), desc="sampling", unit="batch", disable=not progress):
+    for i in bar(range(0, len(prompts), size), show=progress, desc="sampling", unit="batch", leave=False):
         condition = models.condition(prompts[i:i + size], cfg.chain.guidance_scale, cfg.chain.guidance_scale)
         latents = original_sampler(models.denoiser, seeded_noise(models, seeds[i:i + size]), condition, calls)
         out.append(models.decode(latents).cpu())
@@ -43,7 +42,7 @@ def generate(models: Models, cfg: Config, prompts: list[str], seeds: list[int], 
 
 
 def evaluate(models: Models, cfg: Config, rewards: Rewards, grid_path: Path | None = None) -> dict[str, float]:
-    prompts = read_prompts(cfg.data.eval_prompts)
+    prompts = read_prompts(cfg.data.eval_prompts, cfg.data.prompt_column, "data.eval_prompts")
     items = [(p, n) for p in prompts for n in range(cfg.eval.samples_per_prompt)]
     all_prompts = [p for p, _ in items]
     seeds = [cfg.eval.seed + i for i in range(len(items))]

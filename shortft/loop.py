@@ -28,6 +28,8 @@ from shortft.denoiser import CallCount
 from shortft.evaluate import evaluate
 from shortft.lora import lora_params, save_loras
 from shortft.models import Models, load_models
+from shortft.preflight import memory_of
+from shortft.progress import bar, say
 from shortft.rewards import Rewards
 
 
@@ -151,7 +153,7 @@ def train(cfg: Config, callbacks: list[Callback] = (), resume: bool | str | Path
     models = load_models(cfg)
     unet, plan, adapters = models.unet, models.plan, models.adapters
     rewards = Rewards(cfg.reward.weights, cfg.reward.options, [cfg.eval.objective, *cfg.eval.terms], models.device)
-    prompts = read_prompts(cfg.data.prompts)
+    prompts = read_prompts(cfg.data.prompts, cfg.data.prompt_column)
 
     # 2. One optimizer over every LoRA; frozen stages simply get no gradient.
     params = {name: list(lora_params(unet, name).values()) for name in adapters}
@@ -160,6 +162,8 @@ def train(cfg: Config, callbacks: list[Callback] = (), resume: bool | str | Path
     autocast, amp = autocast_for(cfg, models.device)
     scaler = torch.amp.GradScaler(models.device.type, enabled=amp == "fp16")
     lora_json = plan.lora_json(models.denoiser.timesteps(cfg.chain.steps))
+    if is_main:
+        say(memory_of(models, rewards))
 
     # 3. Resume: LoRA, optimizer, RNG and step from the latest (or given) checkpoint.
     start, bad_in_row, history = 0, 0, []
@@ -186,7 +190,8 @@ def train(cfg: Config, callbacks: list[Callback] = (), resume: bool | str | Path
         cb.on_start(models, start)
     total = cfg.train.steps
     eval_metrics: dict[str, float] = {}
-    for step in range(start, total):
+    steps = bar(range(start, total), initial=start, total=total, desc="train", unit="step", show=is_main)
+    for step in steps:
         t0 = time.perf_counter()
         stage = plan.stage_of(step, total)
         training = set(plan.trainable(stage))
@@ -236,9 +241,8 @@ def train(cfg: Config, callbacks: list[Callback] = (), resume: bool | str | Path
                    "lr": optimizer.param_groups[0]["lr"], "seconds_per_step": seconds,
                    "images_per_second": images_seen / seconds, "peak_memory_mb": peak_memory_mb(models.device)}
         if is_main and ((step + 1) % cfg.train.log_every == 0 or step + 1 == total):
-            print(f"step {step + 1}/{total}  stage {stage}/{plan.stages}  loss {sums['loss']:+.4f}  "
-                  f"grad {grad_norm:.3g}  {seconds:.2f} s/step" + ("  SKIPPED (non-finite)" if not finite else ""),
-                  flush=True)
+            say(f"step {step + 1}/{total}  stage {stage}/{plan.stages}  loss {sums['loss']:+.4f}  "
+                f"grad {grad_norm:.3g}  {seconds:.2f} s/step" + ("  SKIPPED (non-finite)" if not finite else ""))
         artifacts: dict[str, Path] = {}
         every = cfg.train.checkpoint_every
         if is_main and ((every and (step + 1) % every == 0) or step + 1 == total):
@@ -251,7 +255,7 @@ def train(cfg: Config, callbacks: list[Callback] = (), resume: bool | str | Path
             t_eval = time.perf_counter()
             eval_metrics = evaluate(models, cfg, rewards, artifacts["grid"])
             metrics.update(eval_metrics, eval_seconds=time.perf_counter() - t_eval)
-            print("eval  " + "  ".join(f"{k[5:]} {v:+.4f}" for k, v in eval_metrics.items()), flush=True)
+            say("eval  " + "  ".join(f"{k[5:]} {v:+.4f}" for k, v in eval_metrics.items()))
         history.append(metrics)
         if is_main:
             with metrics_file.open("a") as f:

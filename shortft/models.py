@@ -7,8 +7,8 @@ from a hub id, a local diffusers dir or `builtin:<name>`.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
@@ -17,9 +17,9 @@ from shortft.config import Config, ConfigError, check_device_name
 from shortft.denoiser import Condition, Denoiser
 from shortft.lora import AdapterSwitch, add_loras, unet_has_target
 from shortft.plan import TrainingPlan, training_plan
+from shortft.shortcut import load_lora_shortcut, load_unet_shortcut, steps_warning
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-SHORTCUT_ADAPTER = "shortcut"
 PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
 
 
@@ -43,6 +43,9 @@ class Models:
     denoiser: Denoiser
     plan: TrainingPlan
     device: torch.device
+    resolution: int  # image side in pixels
+    vae_batch_size: int = 0  # images per VAE decode (0 = all)
+    vae_checkpointing: bool = False
     empty_prompt: list = field(default_factory=list, repr=False)  # [states, pooled] of "", made on first use
 
     @property
@@ -73,17 +76,21 @@ class Models:
         return states.expand(batch, -1, -1), None if pooled is None else pooled.expand(batch, -1)
 
     def _added(self, pooled: torch.Tensor | None, batch: int) -> dict | None:
-        """SDXL micro-conditioning as the pipeline computes it for its default sizes: (original size,
-        crop top-left (0, 0), target size), all at the model's resolution."""
+        """SDXL micro-conditioning as the pipeline computes it by default: (original size, crop
+        top-left (0, 0), target size), all at the run's resolution."""
         if pooled is None:
             return None
-        size = self.unet.config.sample_size * self.pipe.vae_scale_factor
+        size = self.resolution
         time_ids = torch.tensor([[size, size, 0, 0, size, size]], dtype=pooled.dtype, device=self.device)
         return {"text_embeds": pooled, "time_ids": time_ids.expand(batch, -1)}
 
     def condition(self, prompts: list[str], guidance_scale: float, shortcut_guidance_scale: float | None) -> Condition:
         cond, pooled = self.encode(prompts)
-        shortcut_scale = guidance_scale if shortcut_guidance_scale is None else shortcut_guidance_scale
+        if shortcut_guidance_scale is None:
+            # Hyper-SD, TCD and LCM LoRAs (and few-step UNets) are distilled to run without CFG; the base
+            # model jumping on its own (shortcut none) is guided like every other call.
+            shortcut_guidance_scale = guidance_scale if self.plan.shortcut.kind == "none" else 1.0
+        shortcut_scale = shortcut_guidance_scale
         uncond, uncond_pooled = None, None
         if max(guidance_scale, shortcut_scale) > 1:
             uncond, uncond_pooled = self._unconditional(len(prompts))
@@ -92,11 +99,11 @@ class Models:
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """[B, 4, h, w] latents -> [B, 3, H, W] images in [0, 1], differentiable."""
-        return decode_latents(self.pipe.vae, latents)
+        return decode_latents(self.pipe.vae, latents, self.vae_batch_size, self.vae_checkpointing)
 
     def initial_noise(self, batch: int, generator: torch.Generator) -> torch.Tensor:
         unet = self.pipe.unet
-        size = unet.config.sample_size
+        size = self.resolution // self.pipe.vae_scale_factor
         shape = (batch, unet.config.in_channels, size, size)
         # Drawn on the CPU so that a seed gives the same noise on every device.
         return torch.randn(shape, generator=generator).to(self.device, unet.dtype)
@@ -109,14 +116,27 @@ def encode_text(tokenizer, text_encoder, prompts: list[str]) -> torch.Tensor:
     return text_encoder(tokens.input_ids.to(text_encoder.device))[0]
 
 
-def decode_latents(vae, latents: torch.Tensor) -> torch.Tensor:
-    """[B, 4, h, w] latents -> [B, 3, H, W] images in [0, 1] (differentiable)."""
-    images = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
-    return (images.float() / 2 + 0.5).clamp(0, 1)
+def decode_latents(vae, latents: torch.Tensor, batch_size: int = 0, checkpointed: bool = False) -> torch.Tensor:
+    """[B, 4, h, w] latents -> [B, 3, H, W] images in [0, 1] (differentiable), `batch_size` at a time
+    (0 = all), each recomputed in backward if `checkpointed` (the decoder's activations at 512-1024 px
+    are larger than the UNet's)."""
+    from torch.utils.checkpoint import checkpoint
+
+    def decode(z: torch.Tensor) -> torch.Tensor:
+        return vae.decode(z.to(vae.dtype) / vae.config.scaling_factor).sample
+
+    parts = latents.split(batch_size) if batch_size else (latents,)
+    if checkpointed and torch.is_grad_enabled():
+        images = [checkpoint(decode, z, use_reentrant=False) for z in parts]
+    else:
+        images = [decode(z) for z in parts]
+    return (torch.cat(images).float() / 2 + 0.5).clamp(0, 1)
 
 
-def load_pipeline(pretrained: str, dtype: torch.dtype = torch.float32):
-    """A Stable Diffusion (1.x/2.x) or SDXL pipeline with a DDIM scheduler on its own betas."""
+def load_pipeline(pretrained: str, dtype: torch.dtype = torch.float32, revision: str | None = None,
+                  variant: str | None = None):
+    """A Stable Diffusion (1.x/2.x) or SDXL pipeline with a DDIM scheduler on its own betas (hub id at
+    `revision`, weights `variant` such as fp16, or a local dir)."""
     import diffusers
     import transformers
     from diffusers import DDIMScheduler, DiffusionPipeline
@@ -125,19 +145,19 @@ def load_pipeline(pretrained: str, dtype: torch.dtype = torch.float32):
     transformers.utils.logging.disable_progress_bar()
     path = builtin.resolve(pretrained)
     try:
-        kind = DiffusionPipeline.load_config(path).get("_class_name")  # model_index.json only: no weights yet
+        kind = DiffusionPipeline.load_config(path, revision=revision).get("_class_name")  # model_index.json only
     except (OSError, ValueError) as e:
         raise ConfigError(f"model.pretrained={pretrained!r}: could not load a diffusers pipeline ({str(e).splitlines()[0]})") from None
     if kind not in PIPELINES:
         raise ConfigError(f"model.pretrained={pretrained!r}: a {kind}; supported: {', '.join(PIPELINES)}")
     extra = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
     try:
-        pipe = DiffusionPipeline.from_pretrained(path, dtype=dtype, **(extra if kind == PIPELINES[0] else {}))
+        pipe = DiffusionPipeline.from_pretrained(path, dtype=dtype, revision=revision, variant=variant,
+                                                 **(extra if kind == PIPELINES[0] else {}))
     except (OSError, ValueError) as e:
         raise ConfigError(f"model.pretrained={pretrained!r}: could not load a diffusers pipeline ({str(e).splitlines()[0]})") from None
-    if not isinstance(pipe.scheduler, DDIMScheduler):
-        # The chain's update is DDIM; a pipeline shipped with PNDM (SD 1.5) gets DDIM on the same betas.
-        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    # The chain's update is DDIM; a pipeline shipped with PNDM (SD 1.5) gets DDIM on the same betas.
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -150,7 +170,7 @@ def frozen_parts(pipe) -> list[torch.nn.Module]:
 def load_models(cfg: Config, with_loras: bool = True, plan: TrainingPlan | None = None) -> Models:
     """Load the pipeline, freeze everything, add the shortcut and the trainable LoRAs of `plan`
     (default: the config's own training plan)."""
-    pipe = load_pipeline(cfg.model.pretrained, DTYPES[cfg.model.dtype])
+    pipe = load_pipeline(cfg.model.pretrained, DTYPES[cfg.model.dtype], cfg.model.revision, cfg.model.variant)
     return prepare_models(cfg, pipe, with_loras, plan)
 
 
@@ -163,17 +183,18 @@ def prepare_models(cfg: Config, pipe, with_loras: bool = True, plan: TrainingPla
     for part in frozen_parts(pipe):
         part.requires_grad_(False).eval()
 
+    if cfg.model.timestep_spacing:
+        pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, timestep_spacing=cfg.model.timestep_spacing)
+    resolution = model_resolution(cfg, pipe)
+
     shortcut_unet, shortcut_adapter = None, None
     if plan.shortcut.kind == "lora":
-        extra = {"weight_name": plan.shortcut.weight_name} if plan.shortcut.weight_name else {}
-        pipe.load_lora_weights(plan.shortcut.path, adapter_name=SHORTCUT_ADAPTER, **extra)
-        shortcut_adapter = SHORTCUT_ADAPTER
+        shortcut_adapter = load_lora_shortcut(pipe, cfg, plan.shortcut)
     elif plan.shortcut.kind == "unet":
-        from diffusers import UNet2DConditionModel
-
-        sub = "unet" if (Path(plan.shortcut.path) / "unet").is_dir() else None
-        shortcut_unet = UNet2DConditionModel.from_pretrained(plan.shortcut.path, subfolder=sub, dtype=dtype)
-        shortcut_unet.requires_grad_(False).eval().to(device)
+        shortcut_unet = load_unet_shortcut(plan.shortcut, dtype, device)
+    warning = steps_warning(cfg, plan.shortcut)
+    if warning:
+        print(warning, file=sys.stderr)
 
     if with_loras:
         missing = unet_has_target(pipe.unet, cfg.lora.targets)
@@ -186,7 +207,47 @@ def prepare_models(cfg: Config, pipe, with_loras: bool = True, plan: TrainingPla
 
         plan = replace(plan, adapters=())
     pipe.unet.requires_grad_(False)  # LoRA params are made trainable by the loop, stage by stage
+    if pipe.vae.dtype == torch.float16 and getattr(pipe.vae.config, "force_upcast", False):
+        pipe.vae.to(torch.float32)  # SDXL's VAE overflows in fp16; its pipeline upcasts it the same way
     pipe.to(device)
-    denoiser = Denoiser(pipe.unet, pipe.scheduler, AdapterSwitch(pipe.unet), shortcut_unet, shortcut_adapter,
+    switch = AdapterSwitch(pipe.unet)
+    if cfg.model.gradient_checkpointing:
+        pipe.unet.enable_gradient_checkpointing(checkpoint_with_adapters(switch))
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.model.tf32
+    if cfg.model.compile:
+        pipe.unet.compile()  # in place: the module keeps its class, config and LoRA layers
+    denoiser = Denoiser(pipe.unet, pipe.scheduler, switch, shortcut_unet, shortcut_adapter,
                         checkpointing=cfg.chain.checkpointing)
-    return Models(pipe, denoiser, plan, device)
+    return Models(pipe, denoiser, plan, device, resolution, cfg.model.vae_batch_size, cfg.model.vae_checkpointing)
+
+
+def model_resolution(cfg: Config, pipe) -> int:
+    """`model.resolution`, or the model's own (UNet sample size x VAE factor); a multiple of the VAE factor."""
+    factor = pipe.vae_scale_factor
+    if cfg.model.resolution is None:
+        return pipe.unet.config.sample_size * factor
+    if cfg.model.resolution % factor:
+        low = cfg.model.resolution // factor * factor
+        raise ConfigError(f"model.resolution={cfg.model.resolution}: not a multiple of this model's VAE factor "
+                          f"{factor}; use {low or factor} or {low + factor}")
+    return cfg.model.resolution
+
+
+def checkpoint_with_adapters(switch: AdapterSwitch):
+    """diffusers' gradient-checkpointing function, made to recompute each block with the LoRAs that were
+    active when it ran forward: the chain switches LoRAs between calls, and by the time backward
+    recomputes a block another set is active."""
+    from torch.utils.checkpoint import checkpoint
+
+    def run(module, *args):
+        active = switch.active
+
+        def forward(*inputs):
+            if active is not None:
+                switch.activate(active)
+            return module(*inputs)
+
+        return checkpoint(forward, *args, use_reentrant=False)
+
+    return run

@@ -49,8 +49,32 @@ def segment_of(index: int, bounds: Sequence[int]) -> int:
     return max(j for j in range(1, len(bounds)) if bounds[j - 1] <= index)
 
 
+class Schedule(list):
+    """The N timesteps of the sampler, high to low, and the DDIM stride T // N (T: training timesteps).
+
+    diffusers' DDIMScheduler steps from t to t - T // N whatever the spacing: the next timestep for
+    `leading` spacing, but not always for `linspace` / `trailing` (e.g. linspace N=10: 999 -> 899, then
+    the next call is at 888). The chain lands where the pipeline does, so that the full chain IS the
+    pipeline's sampler; below 0 is the clean sample (FINAL)."""
+
+    def __init__(self, timesteps: Sequence[int], stride: int | None = None):
+        super().__init__(int(t) for t in timesteps)
+        self.stride = stride
+
+
+def schedule(scheduler, steps: int) -> Schedule:
+    """The N-step DDIM schedule of a diffusers scheduler (its own `timestep_spacing`)."""
+    scheduler.set_timesteps(steps)
+    return Schedule(scheduler.timesteps, scheduler.config.num_train_timesteps // steps)
+
+
 def _next_t(timesteps: Sequence[int], i: int) -> int:
-    return int(timesteps[i + 1]) if i + 1 < len(timesteps) else FINAL
+    """Where an original step from timesteps[i] lands (a plain list: the next timestep)."""
+    stride = getattr(timesteps, "stride", None)
+    if stride is None:
+        return int(timesteps[i + 1]) if i + 1 < len(timesteps) else FINAL
+    t = int(timesteps[i]) - stride
+    return t if t >= 0 else FINAL
 
 
 def stacked(names: Sequence[str]) -> Callable[[int], tuple[str, ...]]:
@@ -136,6 +160,8 @@ def resolve_shortcut(model: ModelConfig, segments: int) -> Shortcut:
     parts = path.split("/")
     in_hub_repo = (len(parts) > 2 and path.endswith(".safetensors") and not path.startswith(("/", ".", "~"))
                    and not Path(path).exists())
+    if model.shortcut_weight_name:
+        return Shortcut(kind, path, model.shortcut_weight_name)
     if in_hub_repo:  # org/repo/<file inside the repo>
         return Shortcut(kind, "/".join(parts[:2]), "/".join(parts[2:]))
     return Shortcut(kind, path)

@@ -33,7 +33,7 @@ def run_sample(cfg: Config, lora: str, prompt: list[str], prompts_file: str | No
     `compare`, the base model beside them in one grid). Images go to `out`."""
     if prompts_file and not Path(prompts_file).is_file():
         raise ConfigError(f"--prompts {prompts_file}: no such file")
-    prompts = list(prompt) + (read_prompts(prompts_file) if prompts_file else [])
+    prompts = list(prompt) + (read_prompts(prompts_file, key="--prompts") if prompts_file else [])
     if not prompts:
         raise ConfigError("give --prompt \"...\" (repeatable) or --prompts <file>")
     chain = dataclasses.replace(cfg.chain, steps=steps or cfg.chain.steps,

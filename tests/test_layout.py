@@ -68,7 +68,8 @@ def test_only_the_world_loader_reaches_the_toy_world():
 
 def test_core_imports_no_ray_mlflow_or_optuna():
     core = ("config", "plan", "denoiser", "chain", "lora", "models", "loop", "evaluate", "checkpoint", "data",
-            "checks", "builtin", "rewards", "rewards.registry", "rewards.pixel", "architectures", "bench")
+            "checks", "builtin", "rewards", "rewards.registry", "rewards.pixel", "architectures", "bench", "shortcut",
+            "preflight", "progress")
     for name in core:
         tree = ast.parse((PACKAGE / (name.replace(".", "/") + ".py")).read_text()
                          if (PACKAGE / (name.replace(".", "/") + ".py")).exists()

@@ -187,11 +187,18 @@ def test_cli_train_runs_and_reports(tmp_path, tiny_dir):
                        capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr
     assert "step 2/2" in p.stdout and "done: LoRA in" in p.stdout
+    assert "memory before activations: " in p.stdout  # printed before the first step
+    assert "%|" not in p.stderr  # no progress bar where nobody watches (a pipe, a log)
     assert (tmp_path / "cli/samples/step_000002.png").is_file()
     rows = [json.loads(line) for line in (tmp_path / "cli/metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 2
     # N=4, k=2: head 2 steps + jump + step; progressive stage 2 runs the head without gradient
     assert [(r["network_calls"], r["grad_calls"]) for r in rows] == [(4, 4), (4, 2)]
+    quiet = subprocess.run([sys.executable, "-m", "shortft.cli", "train", "--config", "tiny", "train.steps=1",
+                            "chain.steps=4", "chain.segments=2", f"model.pretrained={tiny_dir}", "--quiet",
+                            f"train.output_dir={tmp_path}/quiet", "train.log_every=1", "--no-mlflow"],
+                           capture_output=True, text=True, timeout=300)
+    assert quiet.returncode == 0 and quiet.stdout.startswith("done: LoRA in"), quiet.stdout + quiet.stderr[-2000:]
     plan = subprocess.run([sys.executable, "-m", "shortft.cli", "train", "--dry-run", "chain.steps=50",
                            f"model.pretrained={tiny_dir}"], capture_output=True, text=True, timeout=120)
     assert plan.returncode == 0 and "18 network calls" in plan.stdout

@@ -63,6 +63,14 @@ def factory_doc(name: str) -> str:
     return " ".join((_registry()[name].__doc__ or "").strip().split("\n\n")[0].split())
 
 
+def defaults(name: str) -> dict:
+    """A reward's options with their defaults (its factory's keyword arguments)."""
+    import inspect
+
+    return {k: p.default for k, p in inspect.signature(_registry()[name]).parameters.items()
+            if p.default is not inspect.Parameter.empty}
+
+
 def check_name(key: str, name: str) -> None:
     if name not in _registry():
         raise ConfigError(f"{key}: unknown reward {name!r}; registered: {', '.join(names())}")

@@ -1,0 +1,147 @@
+"""What a run needs before it starts, told without downloading or loading anything (`train --dry-run`).
+
+- `downloads(cfg)`: every hub repo or file the run would fetch (base model, shortcut, reward models)
+  and whether the local hub cache already has it.
+- `memory(cfg)`: the weights' and the LoRAs' share of device memory, from parameter counts of the real
+  architecture built on the meta device (no memory, no time). Activations depend on the chain and are
+  measured by `shortft bench --count-only` (docs/models.md has the table for SD 1.5 and SDXL).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from shortft.config import Config
+from shortft.models import DTYPES
+from shortft.plan import resolve_shortcut
+
+COMPONENTS = {"StableDiffusionPipeline": "unet, vae, text_encoder, tokenizer, scheduler",
+              "StableDiffusionXLPipeline": "unet, vae, text_encoder(_2), tokenizer(_2), scheduler"}
+
+
+def _cached(repo: str, filename: str, revision: str | None = None) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    found = try_to_load_from_cache(repo, filename, revision=revision)
+    return isinstance(found, str)
+
+
+def _is_hub(path: str) -> bool:
+    from shortft.rewards.sources import is_local
+
+    return not path.startswith("builtin:") and not is_local(path)
+
+
+def _split(path: str, filename: str | None = None) -> tuple[str, str]:
+    parts = path.split("/")
+    return ("/".join(parts[:2]), "/".join(parts[2:])) if len(parts) > 2 else (path, filename or "config.json")
+
+
+def _reward_sources(cfg: Config) -> list[tuple[str, str, str]]:
+    """(what, repo, file) of each hub source the config's rewards name (their defaults, or its options)."""
+    from shortft.rewards.registry import PATH_OPTIONS, defaults
+
+    out = []
+    for name in dict.fromkeys([*cfg.reward.weights, cfg.eval.objective, *cfg.eval.terms]):
+        params = defaults(name)
+        params.update(cfg.reward.options.get(name) or {})
+        for key in sorted(PATH_OPTIONS & set(params)):
+            value = params[key]
+            if isinstance(value, str) and _is_hub(value):
+                filename = None
+                if key == "path" and "version" in params:  # hps_v2: the file of its version
+                    from shortft.rewards.preference import HPS_FILES
+
+                    filename = params.get("file") or HPS_FILES[str(params["version"])]
+                out.append((f"reward {name} ({key})", *_split(value, filename)))
+    return out
+
+
+def downloads(cfg: Config) -> list[str]:
+    """One line per hub source: what it is, repo (and file), and whether the hub cache has it."""
+    rows = []
+    model = cfg.model
+    if _is_hub(model.pretrained):
+        from shortft.architectures import ARCHITECTURES, HUB_IDS
+
+        kind = ARCHITECTURES[HUB_IDS[model.pretrained]]["pipeline"] if model.pretrained in HUB_IDS else None
+        what = f"model ({COMPONENTS.get(kind, 'every component in model_index.json')}"
+        what += f"; variant {model.variant})" if model.variant else ")"
+        rows.append((what, model.pretrained, "model_index.json", model.revision))
+    shortcut = resolve_shortcut(model, cfg.chain.segments)
+    if shortcut.kind != "none" and _is_hub(shortcut.path):
+        rows.append((f"shortcut ({shortcut.kind})", shortcut.path,
+                     shortcut.weight_name or ("config.json" if shortcut.kind == "unet" else "*.safetensors"), None))
+    rows += [(what, repo, file, None) for what, repo, file in _reward_sources(cfg)]
+    merged: dict[tuple, list[str]] = {}
+    for what, repo, file, revision in rows:  # one line per source, whoever needs it
+        merged.setdefault((repo, file, revision), []).append(what)
+    lines = []
+    for (repo, file, revision), whats in merged.items():
+        state = "in the hub cache" if "*" not in file and _cached(repo, file, revision) else "to download"
+        shown = repo if file in ("model_index.json", "config.json") else f"{repo}/{file}"
+        lines.append(f"  [{state}] {shown}{'@' + revision if revision else ''}  {'; '.join(whats)}")
+    return lines or ["  nothing: every model is local"]
+
+
+def _size(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def _reward_params(cfg: Config) -> int:
+    """Parameters of the reward models (training and evaluation terms), built on the meta device."""
+    from shortft.rewards.registry import build
+
+    total = 0
+    for name in dict.fromkeys([*cfg.reward.weights, cfg.eval.objective, *cfg.eval.terms]):
+        with torch.device("meta"):
+            fn = build(name, cfg.reward.options.get(name), device="meta", random_weights=True)
+        if isinstance(fn, torch.nn.Module):
+            total += sum(p.numel() for p in fn.parameters())
+    return total
+
+
+def memory(cfg: Config) -> str:
+    """Frozen weights in model.dtype plus the LoRAs with their gradients and AdamW state (fp32), and the
+    reward models (bf16 on a GPU), from parameter counts."""
+    from shortft.architectures import HUB_IDS, random_pipeline
+    from shortft.lora import add_loras
+    from shortft.models import frozen_parts
+    from shortft.plan import training_plan
+
+    if cfg.model.pretrained not in HUB_IDS and _is_hub(cfg.model.pretrained):
+        return "memory: unknown architecture (not a local dir or one of the published ones in shortft/architectures.py)"
+    pipe = random_pipeline(cfg.model.pretrained, device="meta")
+    frozen = sum(p.numel() for part in frozen_parts(pipe) for p in part.parameters())
+    with torch.device("meta"):
+        add_loras(pipe.unet, training_plan(cfg).adapters, cfg.lora.rank, cfg.lora.alpha, cfg.lora.targets)
+    lora = sum(p.numel() for n, p in pipe.unet.named_parameters() if "lora_" in n)
+    return _summary(frozen * DTYPES[cfg.model.dtype].itemsize, frozen, cfg.model.dtype, lora,
+                    _reward_params(cfg) * 2, "bf16 on a GPU")  # reward dtype auto
+
+
+def memory_of(models, rewards) -> str:
+    """The same estimate from the loaded models (printed before the first training step)."""
+    from shortft.models import frozen_parts
+
+    trained = set(models.adapters)
+    parts = [*frozen_parts(models.pipe), *([models.denoiser.shortcut_unet] if models.denoiser.shortcut_unet else [])]
+    frozen = [p for part in parts for n, p in part.named_parameters() if not any(f".{a}." in n for a in trained)]
+    lora = sum(p.numel() for n, p in models.unet.named_parameters() if any(f".{a}." in n for a in trained))
+    reward_bytes = sum(p.numel() * p.element_size() for m in rewards.fns.values() if isinstance(m, torch.nn.Module)
+                       for p in m.parameters())
+    dtype = str(next(models.unet.parameters()).dtype).replace("torch.", "")
+    return _summary(sum(p.numel() * p.element_size() for p in frozen), sum(p.numel() for p in frozen), dtype, lora,
+                    reward_bytes, "as loaded")
+
+
+def _summary(weights: int, frozen: int, dtype: str, lora: int, rewards: int, reward_note: str) -> str:
+    trained = lora * 4 * 4  # fp32 param, grad, AdamW's two moments
+    return (f"memory before activations: {_size(weights + trained + rewards)} = frozen model {_size(weights)} "
+            f"({frozen / 1e6:.0f} M params, {dtype}) + LoRAs {_size(trained)} ({lora / 1e6:.2f} M params with "
+            f"grads and AdamW state, fp32) + reward models {_size(rewards)} ({reward_note}); the chain's "
+            "activations: shortft bench --random-weights --count-only (docs/models.md)")
+
+
+def report(cfg: Config) -> str:
+    return "\n".join([memory(cfg), "hub sources:", *downloads(cfg)])

@@ -1,0 +1,30 @@
+"""Progress: a tqdm bar on stderr where a person watches (a terminal), none in logs (Ray workers, CI,
+pipes), none at all under `--quiet` ($SHORTFT_QUIET=1, which Ray workers inherit)."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+QUIET_ENV = "SHORTFT_QUIET"
+
+
+def quiet() -> bool:
+    return os.environ.get(QUIET_ENV, "") not in ("", "0")
+
+
+def bar(iterable=None, show: bool = True, **kwargs):
+    """tqdm over `iterable` (s/it and ETA), shown only on a terminal, if `show`, and never when quiet."""
+    from tqdm.auto import tqdm
+
+    disable = True if quiet() or not show else None  # None: tqdm's own test, off where stderr is not a tty
+    return tqdm(iterable, disable=disable, file=sys.stderr, dynamic_ncols=True, **kwargs)
+
+
+def say(line: str) -> None:
+    """A progress line on stdout (above the bar, if one is shown); nothing when quiet."""
+    if not quiet():
+        from tqdm.auto import tqdm
+
+        tqdm.write(line, file=sys.stdout)
+        sys.stdout.flush()

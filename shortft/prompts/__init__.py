@@ -1,0 +1,1 @@
+"""Prompt sets that ship with the package, read as `builtin:prompts/<file>`."""

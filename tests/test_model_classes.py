@@ -1,0 +1,190 @@
+"""Real model classes on tiny random pipelines: SD 1.5 (`tiny`), SD 2.x v-prediction (`tiny-v`) and SDXL
+(`tiny-xl`). The full chain is the pipeline's own DDIM sampler; each class trains with a shortcut LoRA
+picked by file name out of a hub repo (an offline hub cache); bad shortcuts and sizes fail in one line."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import shortft
+from shortft import builtin
+from shortft.chain import ChainInput, sample
+from shortft.models import load_models
+from tests.hub_layout import hub_cache, write_unet_lora
+
+CLASSES = {"tiny": "StableDiffusionPipeline", "tiny-v": "StableDiffusionPipeline", "tiny-xl": "StableDiffusionXLPipeline"}
+LORA_FILE = {"tiny": "Hyper-SD15-4steps-lora.safetensors", "tiny-v": "Hyper-SD21-4steps-lora.safetensors",
+             "tiny-xl": "Hyper-SDXL-4steps-lora.safetensors"}
+
+
+@pytest.fixture(scope="module")
+def class_dirs(_cache):
+    return {name: builtin.resolve(f"builtin:{name}") for name in CLASSES}
+
+
+@pytest.fixture(scope="module")
+def hub(class_dirs, tmp_path_factory):
+    """An offline hub cache holding `ByteDance/Hyper-SD`: one LoRA file per class, in one repo."""
+    root = tmp_path_factory.mktemp("hub")
+    files = {LORA_FILE[n]: write_unet_lora(d, root / "src" / LORA_FILE[n], seed=i) for i, (n, d) in enumerate(class_dirs.items())}
+    hub_cache(root / "cache", "ByteDance/Hyper-SD", files)
+    return root
+
+
+def _load(class_dirs, name, tmp_path, *overrides):
+    return load_models(shortft.load_config("tiny", [f"model.pretrained={class_dirs[name]}",
+                                                    f"train.output_dir={tmp_path}", *overrides]))
+
+
+@pytest.mark.parametrize("steps", [10, 7])  # 7 does not divide 1000
+@pytest.mark.parametrize("spacing", ["leading", "linspace", "trailing"])
+@pytest.mark.parametrize("name", list(CLASSES))
+def test_full_chain_is_the_pipelines_ddim_sampler(class_dirs, tmp_path, name, spacing, steps):
+    prompts = ["a red circle", "a blue square on a white background"]
+    for guidance in (1.0, 5.0):
+        models = _load(class_dirs, name, tmp_path, "chain.method=full", f"chain.steps={steps}",
+                       f"model.timestep_spacing={spacing}")
+        assert type(models.pipe).__name__ == CLASSES[name]
+        assert models.pipe.scheduler.config.timestep_spacing == spacing
+        noise = models.initial_noise(2, torch.Generator().manual_seed(3))
+        models.denoiser.switch.activate(())
+        ref = models.pipe(prompts, num_inference_steps=steps, guidance_scale=guidance, latents=noise.clone(),
+                          height=32, width=32, output_type="latent").images
+        with torch.no_grad():
+            ours = sample(models.denoiser, ChainInput(noise, models.condition(prompts, guidance, None)), models.plan)
+        assert (ours - ref).abs().max().item() <= 1e-4, (guidance, (ours - ref).abs().max().item())
+
+
+def _cli(args, hub_root, timeout=600):
+    env = {**os.environ, "HF_HUB_CACHE": str(hub_root / "cache"), "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-m", "shortft.cli", *args], capture_output=True, text=True, env=env,
+                          timeout=timeout)
+
+
+@pytest.mark.parametrize("name", list(CLASSES))
+def test_each_class_trains_shortft_with_a_hub_lora_picked_by_file_name(class_dirs, hub, tmp_path, name):
+    r = _cli(["train", "--config", "tiny", f"model.pretrained={class_dirs[name]}",
+              f"model.shortcut=lora:ByteDance/Hyper-SD/{LORA_FILE[name]}", "chain.steps=8", "chain.segments=4",
+              "train.steps=2", "train.log_every=1", f"train.output_dir={tmp_path}/run", "--no-mlflow"], hub)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "warning" not in r.stderr.lower(), r.stderr[-2000:]
+    assert "step 2/2" in r.stdout and (tmp_path / "run" / "lora").is_dir()
+
+
+def test_the_shortcut_lora_is_the_file_named_scaled_and_unguided(class_dirs, hub, tmp_path):
+    from safetensors.torch import load_file
+
+    source = hub / "src"  # a local folder holding three LoRA files: the name picks one
+    scaled = _load(class_dirs, "tiny", tmp_path, f"model.shortcut=lora:{source}",
+                   f"model.shortcut_weight_name={LORA_FILE['tiny']}", "model.shortcut_scale=0.5")
+    plain = _load(class_dirs, "tiny", tmp_path, f"model.shortcut=lora:{source / LORA_FILE['tiny']}")
+    file_b = {k: v for k, v in load_file(source / LORA_FILE["tiny"]).items() if "lora_B" in k or "lora.up" in k}
+    loaded = {n: p for n, p in plain.unet.named_parameters() if "lora_B.shortcut" in n}
+    assert len(loaded) == len(file_b) > 0
+    for n, p in scaled.unet.named_parameters():
+        if "lora_B.shortcut" in n:
+            assert torch.allclose(p, 0.5 * dict(plain.unet.named_parameters())[n])
+    # Distilled shortcuts run without guidance unless asked; the base model jumping on its own is guided.
+    assert plain.condition(["a red circle"], 7.5, None).shortcut_guidance_scale == 1.0
+    assert plain.condition(["a red circle"], 7.5, 3.0).shortcut_guidance_scale == 3.0
+    none = _load(class_dirs, "tiny", tmp_path)
+    assert none.condition(["a red circle"], 7.5, None).shortcut_guidance_scale == 7.5
+
+
+def test_a_shortcut_for_another_segment_count_is_a_warning_with_the_reason(class_dirs, hub, tmp_path, capsys):
+    _load(class_dirs, "tiny", tmp_path, f"model.shortcut=lora:{hub / 'src' / LORA_FILE['tiny']}", "chain.steps=8",
+          "chain.segments=8")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["shortft: warning: model.shortcut is a 4-step shortcut (its file name says so) but chain.segments=8: "
+                   "its jumps would span 1/8 of the trajectory, not the 1/4 it was distilled for; set "
+                   "chain.segments=4 or pick the matching file"]
+
+
+def _bogus_lora(path):
+    from safetensors.torch import save_file
+
+    save_file({"unet.no_such_block.to_q.lora_A.weight": torch.zeros(2, 16),
+               "unet.no_such_block.to_q.lora_B.weight": torch.zeros(16, 2)}, path)
+    return path
+
+
+@pytest.mark.parametrize("case", ["missing file", "keys match nothing", "another model's lora", "several files",
+                                  "unsupported class", "resolution"])
+def test_bad_models_and_shortcuts_fail_in_one_line(class_dirs, hub, tmp_path, capsys, case):
+    base = ["train", "--config", "tiny", f"model.pretrained={class_dirs['tiny']}", "chain.steps=8", "chain.segments=4",
+            "train.steps=1", f"train.output_dir={tmp_path}/run"]
+    extra, expect = {
+        "missing file": (["model.shortcut=lora:ByteDance/Hyper-SD/Hyper-SD15-8steps-lora.safetensors"],
+                         "model.shortcut='lora:ByteDance/Hyper-SD/Hyper-SD15-8steps-lora.safetensors': ByteDance/Hyper-SD "
+                         "has no file Hyper-SD15-8steps-lora.safetensors; check the repo/folder and the file name"),
+        "keys match nothing": ([f"model.shortcut=lora:{_bogus_lora(tmp_path / 'bogus.safetensors')}"],
+                               "the LoRA's keys do not match this UNet"),
+        "another model's lora": ([f"model.shortcut=lora:ByteDance/Hyper-SD/{LORA_FILE['tiny-xl']}"],
+                                 "the LoRA's keys do not match this UNet"),
+        "several files": ([f"model.shortcut=lora:{hub / 'src'}"],
+                          "holds 3 LoRA files (Hyper-SD15-4steps-lora.safetensors, Hyper-SD21-4steps-lora.safetensors, "
+                          "Hyper-SDXL-4steps-lora.safetensors, ...); pick one with model.shortcut_weight_name=<file>"),
+        "unsupported class": ([f"model.pretrained={_unsupported(tmp_path)}"], "a KandinskyPipeline; supported: "),
+        "resolution": (["model.resolution=33"], "model.resolution=33: not a multiple of this model's VAE factor 2; use 32 or 34"),
+    }[case]
+    if "ByteDance/Hyper-SD" in extra[0]:  # through the hub cache: a fresh process with HF_HUB_OFFLINE
+        r = _cli(base + extra + ["--no-mlflow"], hub)
+        code, err = r.returncode, r.stderr
+    else:
+        from shortft.cli import main
+
+        code, err = main(base + extra + ["--no-mlflow"]), capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and "Traceback" not in err, err[-3000:]
+    assert expect in lines[0], lines[0]
+
+
+def _unsupported(tmp_path):
+    import json
+
+    d = tmp_path / "kandinsky"
+    d.mkdir()
+    (d / "model_index.json").write_text(json.dumps({"_class_name": "KandinskyPipeline", "_diffusers_version": "0.42.1"}))
+    return d
+
+
+@pytest.mark.parametrize("setting", ["model.gradient_checkpointing=true",
+                                     "model.vae_checkpointing=true model.vae_batch_size=1"])
+def test_memory_settings_give_the_same_gradients(class_dirs, tmp_path, setting):
+    # Non-zero LoRAs, several per chain: a block recomputed in backward with another segment's LoRA active
+    # (what diffusers' own checkpointing does under the chain's switching) would change the gradients.
+    def grads(*extra):
+        models = _load(class_dirs, "tiny", tmp_path, "chain.steps=8", "chain.segments=4", "train.progressive=false",
+                       "chain.guidance_scale=3", *extra)
+        torch.manual_seed(0)
+        params = [p for n, p in models.unet.named_parameters() if "lora_" in n and "shortcut" not in n]
+        with torch.no_grad():
+            for p in params:
+                p.copy_(torch.randn_like(p) * 0.1)
+        for p in params:
+            p.requires_grad_(True)
+        noise = models.initial_noise(2, torch.Generator().manual_seed(1))
+        latents = sample(models.denoiser, ChainInput(noise, models.condition(["a red circle", "a blue square"], 3.0, None)),
+                         models.plan)
+        images = models.decode(latents)
+        (images * torch.linspace(-1, 1, images.numel()).view_as(images)).sum().backward()
+        return [p.grad.clone() for p in params]
+
+    reference, checked = grads(), grads(*setting.split())
+    assert len(reference) == len(checked) > 0
+    for a, b in zip(reference, checked):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_dry_run_prints_plan_memory_and_hub_sources_without_downloading(hub):
+    r = _cli(["train", "--config", "sd15", "--dry-run"], hub)  # HF_HUB_OFFLINE: a download would fail
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = r.stdout
+    assert "18 network calls" in out and "memory before activations: " in out
+    assert "frozen model 1.99 GiB (1066 M params, bfloat16)" in out  # SD 1.5: UNet 860 M + VAE 84 M + CLIP-L 123 M
+    assert "[to download] stable-diffusion-v1-5/stable-diffusion-v1-5  model" in out
+    assert "[in the hub cache] ByteDance/Hyper-SD/Hyper-SD15-4steps-lora.safetensors  shortcut (lora)" in out
+    assert "[to download] xswu/HPSv2/HPS_v2_compressed.pt  reward hps_v2 (path)" in out

@@ -1,0 +1,66 @@
+"""Prompt files: text, JSON lines, CSV, Parquet (a named column), a hub dataset file, the shipped set."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+import shortft
+from shortft.config import ConfigError
+from shortft.data import read_prompts
+from tests.hub_layout import hub_cache
+
+PROMPTS = ["a photo of a cat", "an anime fox", "concept art of a tower"]
+
+
+def _write(path, column="prompt"):
+    if path.suffix == ".txt":
+        path.write_text("\n".join(PROMPTS) + "\n\n")
+    elif path.suffix == ".jsonl":
+        path.write_text("".join(json.dumps({column: p, "category": "x"}) + "\n" for p in PROMPTS))
+    elif path.suffix == ".csv":
+        path.write_text(f"category,{column}\n" + "".join(f'x,"{p}"\n' for p in PROMPTS))
+    else:
+        pq.write_table(pa.table({"category": ["x"] * 3, column: PROMPTS}), path)
+    return path
+
+
+@pytest.mark.parametrize("suffix", [".txt", ".jsonl", ".csv", ".parquet"])
+def test_every_file_format_reads_the_prompts(tmp_path, suffix):
+    assert read_prompts(str(_write(tmp_path / f"p{suffix}"))) == PROMPTS
+    if suffix != ".txt":
+        assert read_prompts(str(_write(tmp_path / f"c{suffix}", "caption")), column="caption") == PROMPTS
+
+
+def test_a_missing_column_or_an_empty_file_is_one_line(tmp_path):
+    with pytest.raises(ConfigError, match=r"data.prompts='.*c.parquet': no column 'prompt' \(it has category, caption\); "
+                                          "set data.prompt_column"):
+        read_prompts(str(_write(tmp_path / "c.parquet", "caption")))
+    (tmp_path / "empty.txt").write_text("\n\n")
+    with pytest.raises(ConfigError, match="the file holds no prompts"):
+        read_prompts(str(tmp_path / "empty.txt"))
+    with pytest.raises(ConfigError, match=r"data.eval_prompts='nope.csv': no such file"):
+        shortft.load_config("tiny", ["data.eval_prompts=nope.csv"])
+
+
+def test_a_hub_dataset_file_is_read_through_the_hub_cache(tmp_path):
+    hub_cache(tmp_path / "cache", "someone/prompts", {"data/train.parquet": _write(tmp_path / "train.parquet")},
+              repo_type="dataset")
+    code = ("from shortft.data import read_prompts; "
+            "print(read_prompts('hf://datasets/someone/prompts/data/train.parquet'))")
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1"}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == str(PROMPTS), r.stderr[-2000:]
+
+
+def test_the_shipped_prompt_set_has_four_categories_and_a_held_out_split():
+    cfg = shortft.load_config("sd15")
+    train, held_out = read_prompts(cfg.data.prompts), read_prompts(cfg.data.eval_prompts)
+    assert (len(train), len(held_out)) == (100, 40) and not set(train) & set(held_out)
+    for prompts, per in ((train, 25), (held_out, 10)):
+        for start in ("a photo", "an anime", "concept art", "painting"):
+            assert sum(start in p for p in prompts) == per, start
