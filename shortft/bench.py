@@ -29,6 +29,7 @@ from shortft.config import Config, ConfigError, METHODS
 from shortft.denoiser import CallCount
 from shortft.loop import autocast_for, micro_batch_loss, peak_memory_mb
 from shortft.models import DTYPES, checkpoint_with_adapters, frozen_parts, load_pipeline, pick_device, prepare_models
+from shortft.preflight import SavedBytes
 from shortft.rewards import Rewards
 
 # Dense bf16 tensor-core peaks from the vendors' data sheets, TFLOP/s (SXM parts for H100/H200/A100).
@@ -90,38 +91,6 @@ def _count_device(cfg: Config, target: torch.device) -> torch.device:
     return target
 
 
-class SavedBytes:
-    """Bytes of the tensors autograd saves for backward (parameters excluded), by storage."""
-
-    def __init__(self, parameters):
-        self.params = {p.untyped_storage()._cdata for p in parameters}
-        self.saved: dict[int, int] = {}
-
-    def pack(self, t: torch.Tensor) -> torch.Tensor:
-        storage = t.untyped_storage()
-        if storage._cdata not in self.params:
-            self.saved[storage._cdata] = storage.nbytes()
-        return t
-
-    def hooks(self):
-        return torch.autograd.graph.saved_tensors_hooks(self.pack, lambda t: t)
-
-    def counting(self, checkpoint_fn):
-        """diffusers' gradient-checkpointing function `checkpoint_fn`, counting each block's inputs."""
-        def run(module, *args):
-            if torch.is_grad_enabled():
-                for a in args:
-                    if isinstance(a, torch.Tensor):
-                        self.pack(a)
-            return checkpoint_fn(module, *args)
-
-        return run
-
-    @property
-    def total(self) -> int:
-        return sum(self.saved.values())
-
-
 def count(cfg: Config, target: torch.device) -> dict:
     """FLOPs of one training step and a memory estimate for `target`: weights, LoRA with its gradient
     and AdamW state, the tensors saved for backward, and under checkpointing one call's activations
@@ -135,9 +104,10 @@ def count(cfg: Config, target: torch.device) -> dict:
     rewards = Rewards(cfg.reward.weights, cfg.reward.options, device=device, random_weights=True)
     trainable = _trainable(models)
     saved = SavedBytes(models.pipe.unet.parameters())
-    if cfg.model.gradient_checkpointing:
+    if cfg.model.gradient_checkpointing and not cfg.chain.checkpointing:
         # A checkpointed block keeps only its inputs until backward; they never pass the saved-tensor
-        # hooks (the checkpoint's own hooks take the block's tensors), so count them here.
+        # hooks (the checkpoint's own hooks take the block's tensors), so count them here. (Inside a
+        # checkpointed call, `chain.checkpointing`, not even those are kept.)
         models.unet.enable_gradient_checkpointing(saved.counting(checkpoint_with_adapters(models.denoiser.switch)))
     prompts, noise = _step_inputs(models, cfg.train.batch_size)
     with FlopCounterMode(display=False) as counter:

@@ -114,37 +114,6 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def print_plan(cfg) -> None:
-    from diffusers import DDIMScheduler
-
-    from shortft import builtin
-    from shortft.plan import format_plan, schedule, training_plan
-
-    from shortft.architectures import HUB_IDS
-
-    path = builtin.resolve(cfg.model.pretrained)
-    try:  # the plan never downloads: a hub model is read from the hub cache
-        scheduler = DDIMScheduler.from_pretrained(path, subfolder="scheduler", revision=cfg.model.revision,
-                                                  local_files_only=True)
-    except OSError as e:
-        if cfg.model.pretrained not in HUB_IDS:
-            raise ConfigError(f"model.pretrained={cfg.model.pretrained!r}: no scheduler config here "
-                              f"({str(e).splitlines()[0]}); download the model first") from None
-        print("(the model is not in the hub cache yet: the plan uses its published DDIM settings)")
-        scheduler = DDIMScheduler(**builtin.SD_SCHEDULER)
-    if cfg.model.timestep_spacing:
-        scheduler = DDIMScheduler.from_config(scheduler.config, timestep_spacing=cfg.model.timestep_spacing)
-    timesteps = schedule(scheduler, cfg.chain.steps)
-    plan = training_plan(cfg)
-    print(f"method {cfg.chain.method}: N={cfg.chain.steps} original steps, k={cfg.chain.segments} segments, "
-          f"{plan.stages} stage(s), LoRAs: {', '.join(plan.adapters)}")
-    for stage in range(1, plan.stages + 1):
-        calls = plan.calls(timesteps, stage)
-        print(f"\nstage {stage}/{plan.stages}" + (f" (segments < {stage} run the original steps without gradient)"
-                                                  if stage > 1 else ""))
-        print(format_plan(calls))
-
-
 def main(argv: list[str] | None = None) -> int:
     # Import-time chatter of transformers/diffusers (optional backends) is noise on a command line.
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -184,10 +153,10 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "plan" or (args.command == "train" and args.dry_run):
             if args.command == "train":
                 print(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+            from shortft.preflight import print_plan, report
+
             print_plan(cfg)
             if args.command == "train":
-                from shortft.preflight import report
-
                 print("\n" + report(cfg))
         elif args.command == "train":
             return run_train(cfg, args)

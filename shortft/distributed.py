@@ -194,7 +194,7 @@ def train_with_ray(cfg: Config, workers: int, use_gpu: bool = False, storage_pat
         run_id = tracking.ensure_run(tracking_uri, experiment, name, name, cfg)
 
     if not ray.is_initialized():  # a local Ray: its workers inherit this process's environment
-        ray.init(log_to_driver=True, logging_config=ray.LoggingConfig(log_level="ERROR"))
+        resources.connect(log_to_driver=True, logging_config=ray.LoggingConfig(log_level="ERROR"))
     relay = start_relay(tracking_uri) if tracking_uri else None  # found again if the sweep started it
     cpus = cpus_per_worker
     if cpus is None:

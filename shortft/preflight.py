@@ -2,6 +2,8 @@
 
 - `downloads(cfg)`: every hub repo or file the run would fetch (base model, shortcut, reward models)
   and whether the local hub cache already has it.
+- `SavedBytes`: the bytes autograd keeps for backward, counted while a step runs (`shortft bench`).
+- `print_plan(cfg)`: the timestep plan of every stage (`shortft plan`), from the scheduler config alone.
 - `memory(cfg)`: the weights' and the LoRAs' share of device memory, from parameter counts of the real
   architecture built on the meta device (no memory, no time). Activations depend on the chain and are
   measured by `shortft bench --count-only` (docs/models.md has the table for SD 1.5 and SDXL).
@@ -11,12 +13,44 @@ from __future__ import annotations
 
 import torch
 
-from shortft.config import Config
+from shortft.config import Config, ConfigError
 from shortft.models import DTYPES
 from shortft.plan import resolve_shortcut
 
 COMPONENTS = {"StableDiffusionPipeline": "unet, vae, text_encoder, tokenizer, scheduler",
               "StableDiffusionXLPipeline": "unet, vae, text_encoder(_2), tokenizer(_2), scheduler"}
+
+
+class SavedBytes:
+    """Bytes of the tensors autograd saves for backward (parameters excluded), by storage."""
+
+    def __init__(self, parameters):
+        self.params = {p.untyped_storage()._cdata for p in parameters}
+        self.saved: dict[int, int] = {}
+
+    def pack(self, t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage._cdata not in self.params:
+            self.saved[storage._cdata] = storage.nbytes()
+        return t
+
+    def hooks(self):
+        return torch.autograd.graph.saved_tensors_hooks(self.pack, lambda t: t)
+
+    def counting(self, checkpoint_fn):
+        """diffusers' gradient-checkpointing function `checkpoint_fn`, counting each block's inputs."""
+        def run(module, *args):
+            if torch.is_grad_enabled():
+                for a in args:
+                    if isinstance(a, torch.Tensor):
+                        self.pack(a)
+            return checkpoint_fn(module, *args)
+
+        return run
+
+    @property
+    def total(self) -> int:
+        return sum(self.saved.values())
 
 
 def _cached(repo: str, filename: str, revision: str | None = None) -> bool:
@@ -141,6 +175,37 @@ def _summary(weights: int, frozen: int, dtype: str, lora: int, rewards: int, rew
             f"({frozen / 1e6:.0f} M params, {dtype}) + LoRAs {_size(trained)} ({lora / 1e6:.2f} M params with "
             f"grads and AdamW state, fp32) + reward models {_size(rewards)} ({reward_note}); the chain's "
             "activations: shortft bench --random-weights --count-only (docs/models.md)")
+
+
+def print_plan(cfg) -> None:
+    from diffusers import DDIMScheduler
+
+    from shortft import builtin
+    from shortft.plan import format_plan, schedule, training_plan
+
+    from shortft.architectures import HUB_IDS
+
+    path = builtin.resolve(cfg.model.pretrained)
+    try:  # the plan never downloads: a hub model is read from the hub cache
+        scheduler = DDIMScheduler.from_pretrained(path, subfolder="scheduler", revision=cfg.model.revision,
+                                                  local_files_only=True)
+    except OSError as e:
+        if cfg.model.pretrained not in HUB_IDS:
+            raise ConfigError(f"model.pretrained={cfg.model.pretrained!r}: no scheduler config here "
+                              f"({str(e).splitlines()[0]}); download the model first") from None
+        print("(the model is not in the hub cache yet: the plan uses its published DDIM settings)")
+        scheduler = DDIMScheduler(**builtin.SD_SCHEDULER)
+    if cfg.model.timestep_spacing:
+        scheduler = DDIMScheduler.from_config(scheduler.config, timestep_spacing=cfg.model.timestep_spacing)
+    timesteps = schedule(scheduler, cfg.chain.steps)
+    plan = training_plan(cfg)
+    print(f"method {cfg.chain.method}: N={cfg.chain.steps} original steps, k={cfg.chain.segments} segments, "
+          f"{plan.stages} stage(s), LoRAs: {', '.join(plan.adapters)}")
+    for stage in range(1, plan.stages + 1):
+        calls = plan.calls(timesteps, stage)
+        print(f"\nstage {stage}/{plan.stages}" + (f" (segments < {stage} run the original steps without gradient)"
+                                                  if stage > 1 else ""))
+        print(format_plan(calls))
 
 
 def report(cfg: Config) -> str:

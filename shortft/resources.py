@@ -1,5 +1,9 @@
-"""Can a trial's worker group ever be placed? Checked before the first trial (and before a `--workers`
-run starts its worker group), so that an impossible request fails in one line instead of waiting.
+"""Reaching Ray, and whether a trial's worker group can ever be placed there.
+
+`connect(...)` is `ray.init` that turns a refused token (a cluster with `RAY_AUTH_MODE=token`, reached
+without its token) into one line saying what to set. `check(request)` runs before the first trial (and
+before a `--workers` run starts its worker group), so that an impossible request fails in one line
+instead of waiting.
 
 What exists: the cluster's alive nodes (`ray.nodes()`), plus, on a cluster the Ray launcher started,
 the node types its autoscaler may add (`available_node_types` of the autoscaling config the head was
@@ -13,10 +17,53 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from shortft.captured import captured_stderr
 from shortft.config import ConfigError
 
 AUTOSCALING_CONFIG_ENV = "SHORTFT_AUTOSCALING_CONFIG"
 LAUNCHER_CONFIG = "~/ray_bootstrap_config.yaml"
+TOKEN_FIX = ("export RAY_AUTH_MODE=token and RAY_AUTH_TOKEN=<token> (or RAY_AUTH_TOKEN_PATH=<file>); "
+             "`ray get-auth-token` on the head node prints it (docs/clusters.md#token-authentication)")
+
+
+def connect(**kwargs) -> None:
+    """`ray.init(**kwargs)`; a cluster that refuses this driver's token (or its lack of one) is a ConfigError."""
+    import sys
+    from contextlib import nullcontext
+
+    import ray
+
+    # Connecting to a cluster, Ray (Python and C++) logs its guesses and a traceback before it raises:
+    # held back, and shown only if the connection succeeds. A local start is not held (its processes
+    # would inherit the capture).
+    with captured_stderr() if kwargs.get("address") else nullcontext([""]) as said:
+        try:
+            ray.init(**kwargs)
+            refused = False
+        except (ray.exceptions.AuthenticationError, RuntimeError, ConnectionError) as e:
+            if not _refused_token(e):
+                raise
+            refused = True
+    if not refused:
+        sys.stderr.write("".join(said))
+        return
+    where = kwargs.get("address") or "this machine"
+    mode = os.environ.get("RAY_AUTH_MODE", "disabled")
+    raise ConfigError(f"the Ray cluster at {where} requires token authentication and refused this driver "
+                      f"(RAY_AUTH_MODE={mode}{', with a token it does not accept' if mode == 'token' else ''}); "
+                      + TOKEN_FIX)
+
+
+def _refused_token(error: BaseException | None) -> bool:
+    """Ray 2.60 raises ConnectionError from RuntimeError("Failed to connect to GCS ...") from the
+    AuthenticationError: look down the chain."""
+    from ray.exceptions import AuthenticationError
+
+    while error is not None:
+        if isinstance(error, AuthenticationError) or "InvalidAuthToken" in str(error):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
 
 
 @dataclass

@@ -11,15 +11,13 @@ diffusers and peft say while loading is shown (the CLI mutes their import-time c
 
 from __future__ import annotations
 
-import logging
 import re
 import sys
-import warnings
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
+from shortft.captured import captured_warnings
 from shortft.config import Config, ConfigError
 from shortft.plan import Shortcut
 
@@ -27,32 +25,6 @@ SHORTCUT_ADAPTER = "shortcut"
 # Loader messages that mean the file is not a LoRA for this UNet (a UNet-only LoRA that has no text
 # encoder keys is fine: diffusers says so, "safe to ignore").
 MISMATCH = ("unexpected keys", "no lora keys associated to unet", "not found in the base model", "size mismatch")
-
-
-@contextmanager
-def captured_warnings(*loggers: str):
-    """Collect what `loggers` log at WARNING or above, and Python warnings, instead of printing them."""
-    said: list[str] = []
-
-    class Collect(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            said.append(record.getMessage())
-
-    handler, saved = Collect(logging.WARNING), []
-    for name in loggers:
-        logger = logging.getLogger(name)
-        saved.append((logger, logger.level, logger.handlers[:], logger.propagate))
-        logger.handlers, logger.propagate = [handler], False
-        logger.setLevel(logging.WARNING)
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            yield said
-        said.extend(str(w.message) for w in caught)
-    finally:
-        for logger, level, handlers, propagate in saved:
-            logger.handlers, logger.propagate = handlers, propagate
-            logger.setLevel(level)
 
 
 def _first_line(error: BaseException | str) -> str:

@@ -3,6 +3,7 @@
 
 import json
 import os
+import secrets
 import subprocess
 import sys
 from pathlib import Path
@@ -42,6 +43,8 @@ def test_launcher_config_passes_ray_validation(path):
     assert mlflow and "--host 127.0.0.1" in mlflow[0] and "0.0.0.0" not in " ".join(config["head_start_ray_commands"])
     env = " ".join(config["docker"]["run_options"])
     assert "SHORTFT_STORAGE_PATH=s3://" in env and "MLFLOW_TRACKING_URI=http://127.0.0.1:5000" in env
+    # token authentication for every node and the driver: the mode in every container, the token file shipped
+    assert "--env RAY_AUTH_MODE=token" in env and "/home/ray/.ray/auth_token" in config["file_mounts"]
 
 
 def test_rayjob_has_the_kuberay_shape():
@@ -52,6 +55,7 @@ def test_rayjob_has_the_kuberay_shape():
     assert "--host 127.0.0.1" in spec["entrypoint"]
     cluster = spec["rayClusterSpec"]
     assert cluster["rayVersion"] == ray.__version__
+    assert cluster["authOptions"] == {"mode": "token"}  # the operator sets the mode and token in every pod
     head = cluster["headGroupSpec"]
     assert head["rayStartParams"]["num-cpus"] == "0"
     assert head["template"]["spec"]["containers"][0]["image"]
@@ -60,16 +64,34 @@ def test_rayjob_has_the_kuberay_shape():
     assert all(c["resources"]["limits"].get("nvidia.com/gpu") for w in workers for c in w["template"]["spec"]["containers"])
 
 
+TOKEN = secrets.token_hex(16)
+AUTH = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")
+
+
 @pytest.fixture(scope="module")
 def two_nodes():
-    """A head with no CPUs for trials (as in clusters/gpu.yaml) and one worker node."""
+    """A head with no CPUs for trials (as in clusters/gpu.yaml) and one worker node, with Ray's token
+    authentication on, as every cluster file sets it up. The nodes and every driver this module starts
+    inherit RAY_AUTH_MODE=token and the token from this process's environment while it lasts."""
+    from ray._private.authentication_test_utils import reset_auth_token_state
     from ray.cluster_utils import Cluster
 
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
-    worker = cluster.add_node(num_cpus=4)
-    cluster.wait_for_nodes()
-    yield cluster, cluster.head_node.node_id, worker.node_id
-    cluster.shutdown()
+    saved = {k: os.environ.pop(k, None) for k in AUTH}
+    os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=TOKEN)
+    reset_auth_token_state()
+    try:
+        cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
+        worker = cluster.add_node(num_cpus=4)
+        cluster.wait_for_nodes()
+        yield cluster, cluster.head_node.node_id, worker.node_id
+        cluster.shutdown()
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        reset_auth_token_state()
 
 
 def _sweep(work: Path, address: str, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -77,6 +99,8 @@ def _sweep(work: Path, address: str, *args: str, env: dict | None = None) -> sub
     (work / "sweep.py").write_bytes((ROOT / "tune" / "sweep.py").read_bytes())
     e = {**os.environ, **(env or {})}
     e.pop("RAY_ADDRESS", None)
+    for key in [k for k, v in e.items() if v is None]:  # env={"X": None}: X unset for this driver
+        e.pop(key)
     return subprocess.run([sys.executable, "sweep.py", "--address", address, "--smoke-test", *args], cwd=work,
                           capture_output=True, text=True, env=e, timeout=900)
 
@@ -112,3 +136,17 @@ def test_smoke_sweep_on_a_two_node_cluster_places_trials_on_the_worker(two_nodes
     children = [x for x in runs if "mlflow.parentRunId" in x.data.tags]
     assert len(runs) - len(children) == 1 and len(children) == 2
     assert all("loss" in x.data.metrics for x in children)  # logged from the worker node, through the relay
+    # The cluster's token never leaves the environment: not in the output, the runs, Ray's storage or the table.
+    assert TOKEN not in r.stdout + r.stderr
+    assert [str(p) for p in tmp_path.rglob("*") if p.is_file() and TOKEN.encode() in p.read_bytes()] == []
+    assert all(TOKEN not in str(x.data.params) + str(x.data.tags) for x in runs)
+
+
+def test_a_driver_without_the_clusters_token_is_refused_in_one_line(two_nodes, tmp_path):
+    cluster, _, _ = two_nodes
+    r = _sweep(tmp_path / "work", cluster.address, "--storage-path", str(tmp_path / "s"),
+               env={"RAY_AUTH_MODE": None, "RAY_AUTH_TOKEN": None})
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert r.returncode == 2 and len(lines) == 1 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert lines[0].startswith(f"error: the Ray cluster at {cluster.address} requires token authentication and "
+                               "refused this driver (RAY_AUTH_MODE=disabled); export RAY_AUTH_MODE=token"), lines[0]

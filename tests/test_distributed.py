@@ -61,16 +61,16 @@ def test_two_workers_equal_one_process_with_twice_the_batch(ray_cluster, make_cf
 
 @pytest.mark.slow
 def test_worker_death_restarts_from_checkpoint_and_logs_each_step_once(ray_cluster, make_cfg, tmp_path, monkeypatch):
-    common = [*SMALL, "train.steps=8", "train.batch_size=1", "train.checkpoint_every=1", "chain.method=alignprop"]
+    common = [*SMALL, "train.steps=5", "train.batch_size=1", "train.checkpoint_every=1", "chain.method=alignprop"]
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     straight = train_with_ray(make_cfg(*common, f"train.output_dir={tmp_path}/straight"), workers=2,
                               storage_path=str(tmp_path / "ray"), tracking_uri=None, cpus_per_worker=1,
                               name="straight")
-    monkeypatch.setenv(FAIL_AT_STEP_ENV, "4")
+    monkeypatch.setenv(FAIL_AT_STEP_ENV, "3")
     cfg = make_cfg(*common, f"train.output_dir={tmp_path}/faulty")
     faulty = train_with_ray(cfg, workers=2, storage_path=str(tmp_path / "ray"), tracking_uri=uri, max_failures=1,
                             cpus_per_worker=1, experiment="fault")
-    assert (tmp_path / "faulty/.fault-injected").read_text() == "4"  # the worker did die
+    assert (tmp_path / "faulty/.fault-injected").read_text() == "3"  # the worker did die
     a, b = _lora(straight.output_dir), _lora(faulty.output_dir)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     client = tracking.client(uri)
@@ -79,7 +79,7 @@ def test_worker_death_restarts_from_checkpoint_and_logs_each_step_once(ray_clust
     assert len(runs) == 1
     for key in ("loss", "grad_norm", "reward/symmetry"):
         steps = [m.step for m in client.get_metric_history(runs[0].info.run_id, key)]
-        assert sorted(steps) == list(range(1, 9)), key
+        assert sorted(steps) == list(range(1, 6)), key
 
 
 @pytest.mark.parametrize("flag,value,word", [("--storage-path", "/proc/no-such/dir", "storage path"),

@@ -68,20 +68,21 @@ def test_credentials_in_the_tracking_uri_are_never_printed_or_stored(mlflow_serv
     from mlflow.tracking import MlflowClient
 
     uri = f"http://user:s3cr3t-word@127.0.0.1:{mlflow_server.port}"
-    run = subprocess.run([sys.executable, "-m", "shortft.cli", "train", "--config", "tiny",
-                          f"model.pretrained={tiny_dir}", "train.steps=2", "chain.steps=4", "chain.segments=2",
-                          f"train.output_dir={tmp_path}/run", "--tracking-uri", uri],
-                         capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr[-2000:]
     work = tmp_path / "work"
     work.mkdir()
     root = Path(__file__).resolve().parents[1]
     (work / "sweep.py").write_bytes((root / "tune" / "sweep.py").read_bytes())
-    sweep = subprocess.run([sys.executable, "sweep.py", "--smoke-test", "--num-samples", "1", "--name", "creds",
-                            "--storage-path", str(tmp_path / "storage"), "--tracking-uri", uri], cwd=work,
-                           capture_output=True, text=True, timeout=600)
-    assert sweep.returncode == 0, sweep.stdout[-2000:] + sweep.stderr[-2000:]
-    for output in (run.stdout, run.stderr, sweep.stdout, sweep.stderr):
+    # The run and the sweep side by side: independent processes, most of each is start-up.
+    procs = [subprocess.Popen(args, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for args, cwd in (
+        ([sys.executable, "-m", "shortft.cli", "train", "--config", "tiny", f"model.pretrained={tiny_dir}",
+          "train.steps=2", "chain.steps=4", "chain.segments=2", f"train.output_dir={tmp_path}/run", "--tracking-uri",
+          uri], None),
+        ([sys.executable, "sweep.py", "--smoke-test", "--num-samples", "1", "--name", "creds", "--storage-path",
+          str(tmp_path / "storage"), "--tracking-uri", uri], work))]
+    (run_out, run_err), (sweep_out, sweep_err) = [p.communicate(timeout=600) for p in procs]
+    assert procs[0].returncode == 0, run_err[-2000:]
+    assert procs[1].returncode == 0, sweep_out[-2000:] + sweep_err[-2000:]
+    for output in (run_out, run_err, sweep_out, sweep_err):
         assert "s3cr3t-word" not in output
     assert _files_holding(tmp_path, b"s3cr3t-word") == []  # runs, Tune/Train storage, the server's db and artifacts
     client = MlflowClient(f"http://127.0.0.1:{mlflow_server.port}")

@@ -118,13 +118,13 @@ def run_sweep(space: str | Space | None = None, num_samples: int | None = None, 
     if not ray.is_initialized():
         address = canonical_address(address)
         if address:  # MLflow credentials reach the trials through the job's environment, never its configs
-            ray.init(address=address, runtime_env={"env_vars": tracking.credentials_env()})
+            resources.connect(address=address, runtime_env={"env_vars": tracking.credentials_env()})
         else:
             # With the dashboard (ray[default]): Ray Train's placement-group cleaner needs its state API to
             # release a finished or stopped trial's workers. A laptop is not preempted: no
             # preemption-watcher actor (one process start less per trial).
             os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
-            ray.init(num_cpus=max(4, os.cpu_count() or 1), logging_config=ray.LoggingConfig(log_level="ERROR"))
+            resources.connect(num_cpus=max(4, os.cpu_count() or 1), logging_config=ray.LoggingConfig(log_level="ERROR"))
     check_storage_for_cluster(storage_path)
     resources.check(resources.Request(workers_per_trial, 1.0, gpus_per_worker, TRIAL_CPUS))  # before any trial
     start_autoscaling_coordinator()
