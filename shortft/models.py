@@ -11,6 +11,7 @@ import sys
 from dataclasses import dataclass, field
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
 from shortft import builtin
 from shortft.config import Config, ConfigError, check_device_name
@@ -86,11 +87,11 @@ class Models:
 
     def condition(self, prompts: list[str], guidance_scale: float, shortcut_guidance_scale: float | None) -> Condition:
         cond, pooled = self.encode(prompts)
-        if shortcut_guidance_scale is None:
+        shortcut_scale = shortcut_guidance_scale
+        if shortcut_scale is None:
             # Hyper-SD, TCD and LCM LoRAs (and few-step UNets) are distilled to run without CFG; the base
             # model jumping on its own (shortcut none) is guided like every other call.
-            shortcut_guidance_scale = guidance_scale if self.plan.shortcut.kind == "none" else 1.0
-        shortcut_scale = shortcut_guidance_scale
+            shortcut_scale = guidance_scale if self.plan.shortcut.kind == "none" else 1.0
         uncond, uncond_pooled = None, None
         if max(guidance_scale, shortcut_scale) > 1:
             uncond, uncond_pooled = self._unconditional(len(prompts))
@@ -120,7 +121,6 @@ def decode_latents(vae, latents: torch.Tensor, batch_size: int = 0, checkpointed
     """[B, 4, h, w] latents -> [B, 3, H, W] images in [0, 1] (differentiable), `batch_size` at a time
     (0 = all), each recomputed in backward if `checkpointed` (the decoder's activations at 512-1024 px
     are larger than the UNet's)."""
-    from torch.utils.checkpoint import checkpoint
 
     def decode(z: torch.Tensor) -> torch.Tensor:
         return vae.decode(z.to(vae.dtype) / vae.config.scaling_factor).sample
@@ -238,7 +238,6 @@ def checkpoint_with_adapters(switch: AdapterSwitch):
     """diffusers' gradient-checkpointing function, made to recompute each block with the LoRAs that were
     active when it ran forward: the chain switches LoRAs between calls, and by the time backward
     recomputes a block another set is active."""
-    from torch.utils.checkpoint import checkpoint
 
     def run(module, *args):
         active = switch.active

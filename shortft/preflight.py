@@ -66,14 +66,10 @@ def _is_hub(path: str) -> bool:
     return not path.startswith("builtin:") and not is_local(path)
 
 
-def _split(path: str, filename: str | None = None) -> tuple[str, str]:
-    parts = path.split("/")
-    return ("/".join(parts[:2]), "/".join(parts[2:])) if len(parts) > 2 else (path, filename or "config.json")
-
-
 def _reward_sources(cfg: Config) -> list[tuple[str, str, str]]:
     """(what, repo, file) of each hub source the config's rewards name (their defaults, or its options)."""
     from shortft.rewards.registry import PATH_OPTIONS, defaults
+    from shortft.rewards.sources import hub_repo_and_file
 
     out = []
     for name in dict.fromkeys([*cfg.reward.weights, cfg.eval.objective, *cfg.eval.terms]):
@@ -87,7 +83,8 @@ def _reward_sources(cfg: Config) -> list[tuple[str, str, str]]:
                     from shortft.rewards.preference import HPS_FILES
 
                     filename = params.get("file") or HPS_FILES[str(params["version"])]
-                out.append((f"reward {name} ({key})", *_split(value, filename)))
+                repo, file = hub_repo_and_file(value, filename)
+                out.append((f"reward {name} ({key})", repo, file or "config.json"))
     return out
 
 

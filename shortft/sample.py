@@ -41,13 +41,13 @@ def run_sample(cfg: Config, lora: str, prompt: list[str], prompts_file: str | No
     cfg = dataclasses.replace(cfg, chain=chain)
     models = load_trained(cfg, lora)
     items = [(p, s) for p in prompts for s in seeds]
-    tuned = generate(models, cfg, [p for p, _ in items], [s for _, s in items], progress=True)
+    tuned = generate(models, cfg, [p for p, _ in items], [s for _, s in items])
     out.mkdir(parents=True, exist_ok=True)
     for i, ((_, seed), image) in enumerate(zip(items, tuned)):
         save_grid(image[None], out / f"{i:03d}-seed{seed}.png", min_tile=1)
     if compare:
         base = generate(models, cfg, [p for p, _ in items], [s for _, s in items],
-                        plan=dataclasses.replace(models.plan, adapters=()), progress=True)
+                        plan=dataclasses.replace(models.plan, adapters=()))
         pairs = torch.stack([base, tuned], 1).flatten(0, 1)  # base_0, tuned_0, base_1, ...
         path = save_grid(pairs, out / "compare.png", cols=2)
         print(f"base | tuned, one row per prompt and seed: {path}")

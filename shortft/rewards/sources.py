@@ -26,6 +26,14 @@ def _hub_file(path: str) -> bool:
     return not path.startswith(("/", ".", "~")) and path.count("/") >= 2 and "." in path.rsplit("/", 1)[1]
 
 
+def hub_repo_and_file(path: str, filename: str | None = None) -> tuple[str, str | None]:
+    """`org/repo/<file>` -> (org/repo, file); `org/repo` -> (org/repo, filename)."""
+    if _hub_file(path):
+        parts = path.split("/")
+        return "/".join(parts[:2]), "/".join(parts[2:])
+    return path, filename
+
+
 def check_exists(key: str, path: str) -> None:
     """A local path must exist (hub ids are checked when loaded); run by `check(cfg)` before anything starts."""
     if is_local(path) and not Path(path).expanduser().exists():
@@ -54,11 +62,7 @@ def file(key: str, path: str, filename: str | None = None, revision: str | None 
                 raise ConfigError(f"{key}={path!r}: no {filename} in that folder (it holds {held})")
             return p / filename
         return p
-    if _hub_file(path):
-        parts = path.split("/")
-        repo, filename = "/".join(parts[:2]), "/".join(parts[2:])
-    else:
-        repo = path
+    repo, filename = hub_repo_and_file(path, filename)
     from huggingface_hub import hf_hub_download
     try:
         return Path(hf_hub_download(repo, filename, revision=revision))
