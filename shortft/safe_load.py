@@ -8,6 +8,7 @@ a pickle can run any code on the machine that loads it.
 from __future__ import annotations
 
 import pickle
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -22,12 +23,26 @@ NUMPY_ARRAY_GLOBALS = [_numpy_core.multiarray._reconstruct, np.ndarray, np.dtype
 
 
 def load(path: str | Path, what: str) -> object:
-    """`torch.load(..., weights_only=True)` onto the CPU; refuses, in one line, a file that needs more."""
+    """`torch.load(..., weights_only=True)` onto the CPU; refuses, in one line, a file that needs more,
+    and says so, in one line, of a file that is no torch checkpoint at all (empty, cut short, text, an
+    image)."""
     try:
         with torch.serialization.safe_globals(NUMPY_ARRAY_GLOBALS):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        reason = next((line.strip() for line in str(e).splitlines() if "GLOBAL" in line or "Unsupported" in line),
-                      str(e).splitlines()[0]).split(". ")[0]
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        reason = next((line for line in lines if "GLOBAL" in line), None)
+        if reason is None:  # the unpickler met bytes that are no pickle: not code, just not a checkpoint
+            raise _not_a_checkpoint(path, what, e) from None
         raise ConfigError(f"{what} {path}: refused: loading it would run code from whoever can write that file "
-                          f"({reason[:160]}); only tensors and plain values are loaded") from None
+                          f"({reason.split('. ')[0][:160]}); only tensors and plain values are loaded") from None
+    except (EOFError, RuntimeError, KeyError, ValueError, IndexError, zipfile.BadZipFile) as e:
+        raise _not_a_checkpoint(path, what, e) from None
+
+
+def _not_a_checkpoint(path, what: str, e: Exception) -> ConfigError:
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    first = next((line for line in lines if "Unsupported" in line or "load key" in line), lines[0] if lines else "")
+    detail = f"{type(e).__name__}: {first}"[:120] if first else type(e).__name__
+    return ConfigError(f"{what} {path}: not a torch checkpoint ({detail}); the file is empty, cut short, or "
+                       "of another kind: give the file itself, downloaded whole")

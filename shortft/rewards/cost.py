@@ -64,9 +64,8 @@ def measure(name: str, options: dict | None, random_weights: bool, batch: int = 
 def run(cfg, names: list[str] | None, random_weights: bool, batch: int = 2, repeats: int = 3) -> str:
     """Time `names` (default: the config's training and evaluation terms) with the config's reward
     options, on its device; returns the table."""
-    from tqdm import tqdm
-
     from shortft.models import pick_device
+    from shortft.progress import bar
     from shortft.rewards.registry import check_name
 
     wanted = names or list(dict.fromkeys([*cfg.reward.weights, cfg.eval.objective, *cfg.eval.terms]))
@@ -74,7 +73,7 @@ def run(cfg, names: list[str] | None, random_weights: bool, batch: int = 2, repe
         check_name("--names", name)
     device = pick_device(cfg.model.device)
     rows = [measure(n, cfg.reward.options.get(n), random_weights, batch, repeats=repeats, device=device)
-            for n in tqdm(wanted, desc="rewards", unit="reward")]
+            for n in bar(wanted, desc="rewards", unit="reward")]
     return table(rows)
 
 

@@ -6,7 +6,7 @@ after `ln_post`, the text pooled at the end-of-text token (the largest token id)
 projections stored as `x @ proj` in open_clip and as a `Linear` in transformers. Loading an open_clip
 checkpoint into a `CLIPModel` lets every CLIP-based reward share one code path and one dependency
 (transformers). open_clip's model code needs torchvision, which has no build for the CPU torch the
-tests run on; tests/test_rewards.py imports open_clip's model module with torchvision stubbed and
+tests run on; tests/reward_models.py imports open_clip's model module with torchvision stubbed and
 checks this conversion against open_clip's own forward pass.
 
 Architectures are given in open_clip's JSON model-config format (`embed_dim`, `vision_cfg`,

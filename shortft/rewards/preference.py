@@ -169,12 +169,13 @@ def _load_weights(key: str, path, module: nn.Module, state: dict, unplaced: list
         missing, unexpected = module.load_state_dict(state, strict=False)
     except RuntimeError as e:  # shape mismatches
         detail = next((ln.strip() for ln in str(e).splitlines() if "mismatch" in ln), str(e).splitlines()[0])
-        raise ConfigError(f"{key}={str(path)!r}: its weights do not fit the architecture ({detail[:200]})") from None
+        raise ConfigError(f"{key}={str(path)!r}: its weights do not fit the architecture ({detail[:200]}); "
+                          "give this reward's own file (docs/rewards.md)") from None
     missing, unexpected = list(missing), [*unplaced, *unexpected]
     if missing or unexpected:
         raise ConfigError(f"{key}={str(path)!r}: its weights do not fit the architecture ({len(missing)} missing, "
                           f"{len(unexpected)} unexpected, e.g. {(missing + unexpected)[0]!r}); "
-                          "nothing is loaded partially")
+                          "nothing is loaded partially: give this reward's own file (docs/rewards.md)")
 
 
 # --- the rewards -------------------------------------------------------------------------------------

@@ -86,6 +86,10 @@ def build(name: str, options: dict | None = None, device: torch.device | str = "
         fn = factory(**kwargs)
     except TypeError as e:
         raise ConfigError(f"reward.options.{name}: {e}") from None
+    except ConfigError as e:  # an option's own check ("dtype='fp8': ...") gets the key it came from
+        if str(e).startswith("reward."):
+            raise
+        raise ConfigError(f"reward.options.{name}.{e}") from None
     if isinstance(fn, nn.Module):
         fn = fn.eval().requires_grad_(False)
         fn = fn.place(device) if hasattr(fn, "place") else fn.to(device)

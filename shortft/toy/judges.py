@@ -120,7 +120,7 @@ def toy_judge(path: str = "builtin:toy/judge") -> PromptScorer:
     return PromptScorer(path)
 
 
-@register("toy_judge_accuracy")
+@register("toy_judge_accuracy", eval_only=True)  # 0/1 per image: no gradient
 def toy_judge_accuracy(path: str = "builtin:toy/judge") -> PromptScorer:
     """The held-out judge's accuracy: 1 where its shape and shape colour both match the prompt, else 0."""
     return PromptScorer(path, accuracy=True)
