@@ -190,18 +190,17 @@ def train_with_ray(cfg: Config, workers: int, use_gpu: bool = False, storage_pat
     # Files written by rank 0 go to an absolute path, whatever the worker's working directory.
     cfg = from_dict(Config, to_dict(cfg))
     cfg.train.output_dir = str(cfg.output_dir.resolve())
-    if tracking_uri and not run_id:
-        run_id = tracking.ensure_run(tracking_uri, experiment, name, name, cfg)
-
     if not ray.is_initialized():  # a local Ray: its workers inherit this process's environment
         resources.connect(log_to_driver=True, logging_config=ray.LoggingConfig(log_level="ERROR"))
-    relay = start_relay(tracking_uri) if tracking_uri else None  # found again if the sweep started it
     cpus = cpus_per_worker
     if cpus is None:
         cpus = 1.0 if use_gpu else max(0.1, min(1.0, float(ray.cluster_resources().get("CPU", 1)) / workers))
-    if check_resources:
+    if check_resources:  # before anything is made (an MLflow run, the relay) and before the group waits
         resources.check(resources.Request(workers, cpus, gpus_per_worker if use_gpu else 0.0, workers_flag="--workers",
-                                          gpu_flag="--gpu", gpu_fix="drop --gpu"))  # before the worker group waits
+                                          gpu_flag="--gpu", gpu_fix="drop --gpu"))
+    if tracking_uri and not run_id:
+        run_id = tracking.ensure_run(tracking_uri, experiment, name, name, cfg)
+    relay = start_relay(tracking_uri) if tracking_uri else None  # found again if the sweep started it
     if resource_wait_s:  # Ray Train reads it in its controller, which gets it from this process's environment
         os.environ[WORKER_GROUP_START_TIMEOUT_ENV] = str(resource_wait_s)
     fail_at = int(os.environ.get(FAIL_AT_STEP_ENV, "0") or 0)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -29,7 +28,7 @@ from shortft.evaluate import evaluate
 from shortft.lora import lora_params, save_loras
 from shortft.models import Models, load_models
 from shortft.preflight import memory_of
-from shortft.progress import bar, say
+from shortft.progress import bar, say, warn
 from shortft.rewards import Rewards
 
 
@@ -69,6 +68,9 @@ class TrainResult:
     history: list[dict] = field(default_factory=list)
 
 
+# What every step logs (metrics.jsonl, MLflow, Ray Train), besides "reward" and "reward/<term>".
+STEP_METRICS = ("step", "stage", "loss", "grad_norm", "skipped", "network_calls", "grad_calls", "lr",
+                "seconds_per_step", "images_per_second", "peak_memory_mb")
 CHAIN_STREAM = 2**32 - 1  # the stream of a micro-batch's method randomness (cuts, copies), shared by ranks
 
 
@@ -171,7 +173,7 @@ def train(cfg: Config, callbacks: list[Callback] = (), resume: bool | str | Path
     if resume:
         path = checkpoint.latest(out / "checkpoints") if resume is True else Path(resume)
         if path is None:
-            print(f"no checkpoint under {out / 'checkpoints'}; starting from step 0", file=sys.stderr)
+            warn(f"no checkpoint under {out / 'checkpoints'}; starting from step 0")
         else:
             state = checkpoint.load(path, unet, adapters, optimizer, scaler)
             written_by = state.get("world_size", 1)
@@ -180,7 +182,7 @@ def train(cfg: Config, callbacks: list[Callback] = (), resume: bool | str | Path
                                   f"{world_size}; resume with --workers {written_by} (the global batch and every "
                                   "rank's data order depend on the worker count)")
             start, bad_in_row = state["step"], state.get("bad_in_row", 0)
-            print(f"resumed from {path} at step {start}", file=sys.stderr)
+            warn(f"resumed from {path} at step {start}")
     if is_main:
         if metrics_file.exists():  # keep the rows up to the resumed step, so no step is logged twice
             rows = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]

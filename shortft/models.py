@@ -7,7 +7,6 @@ from a hub id, a local diffusers dir or `builtin:<name>`.
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass, field
 
 import torch
@@ -18,6 +17,7 @@ from shortft.config import Config, ConfigError, check_device_name
 from shortft.denoiser import Condition, Denoiser
 from shortft.lora import AdapterSwitch, add_loras, unet_has_target
 from shortft.plan import TrainingPlan, training_plan
+from shortft.progress import warn
 from shortft.shortcut import load_lora_shortcut, load_unet_shortcut, steps_warning
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -194,7 +194,7 @@ def prepare_models(cfg: Config, pipe, with_loras: bool = True, plan: TrainingPla
         shortcut_unet = load_unet_shortcut(plan.shortcut, dtype, device)
     warning = steps_warning(cfg, plan.shortcut)
     if warning:
-        print(warning, file=sys.stderr)
+        warn(warning)
 
     if with_loras:
         missing = unet_has_target(pipe.unet, cfg.lora.targets)

@@ -28,3 +28,10 @@ def say(line: str) -> None:
 
         tqdm.write(line, file=sys.stdout)
         sys.stdout.flush()
+
+
+def warn(line: str) -> None:
+    """One line on stderr, written as is: not with print(), which Ray Train V2 patches in its workers
+    and which then writes the line twice where stderr is wrapped (the user saw each line twice)."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()

@@ -113,11 +113,35 @@ def fit(request: Request, nodes: list[dict], node_types: list[tuple[dict, int]] 
 
 
 def autoscaler_node_types() -> list[tuple[dict, int]] | None:
-    """(resources, max_workers) of the node types in the autoscaling config the head was started with;
-    None when there is none (a local Ray, a fixed cluster)."""
+    """(resources, max_workers) of the node types the cluster's autoscaler may start; None when it has
+    none (a local Ray, a fixed cluster). In order: $SHORTFT_AUTOSCALING_CONFIG (a launcher YAML); the
+    config Ray's autoscaler (v2: `ray up` of Ray 2.60, KubeRay) publishes in the GCS, as Ray Train
+    reads it; the launcher's `~/ray_bootstrap_config.yaml` on a head that `ray up` made."""
+    explicit = os.environ.get(AUTOSCALING_CONFIG_ENV)
+    if not explicit:
+        published = _published_node_types()
+        if published is not None:
+            return published
+    return _launcher_node_types(Path(explicit or LAUNCHER_CONFIG).expanduser())
+
+
+def _published_node_types() -> list[tuple[dict, int]] | None:
+    try:  # private to Ray (listed in shortft/sweep/ray_compat.py); absent or moved: the files decide
+        from ray._private.state import state
+
+        config = state.get_cluster_config()
+    except Exception:  # noqa: BLE001
+        return None
+    if config is None or not config.node_group_configs:
+        return None
+    unbounded = 1 << 20  # max_count -1: no cap
+    return [(dict(g.resources), unbounded if g.max_count == -1 else int(g.max_count))
+            for g in config.node_group_configs]
+
+
+def _launcher_node_types(path: Path) -> list[tuple[dict, int]] | None:
     import yaml
 
-    path = Path(os.environ.get(AUTOSCALING_CONFIG_ENV) or LAUNCHER_CONFIG).expanduser()
     if not path.is_file():
         return None
     config = yaml.safe_load(path.read_text()) or {}

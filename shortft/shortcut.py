@@ -12,7 +12,6 @@ diffusers and peft say while loading is shown (the CLI mutes their import-time c
 from __future__ import annotations
 
 import re
-import sys
 from pathlib import Path
 
 import torch
@@ -20,6 +19,7 @@ import torch
 from shortft.captured import captured_warnings
 from shortft.config import Config, ConfigError
 from shortft.plan import Shortcut
+from shortft.progress import warn
 
 SHORTCUT_ADAPTER = "shortcut"
 # Loader messages that mean the file is not a LoRA for this UNet (a UNet-only LoRA that has no text
@@ -61,7 +61,7 @@ def load_lora_shortcut(pipe, cfg: Config, shortcut: Shortcut) -> str:
                           f"model than this {type(pipe).__name__}?")
     for message in said:
         if "safe to ignore" not in message:
-            print(f"shortft: {flag}: {_first_line(message)}", file=sys.stderr)
+            warn(f"shortft: {flag}: {_first_line(message)}")
     _scale(pipe.unet, SHORTCUT_ADAPTER, cfg.model.shortcut_scale)
     return SHORTCUT_ADAPTER
 

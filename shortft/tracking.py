@@ -8,7 +8,6 @@ restarted job logs into the run it started, and steps already logged are not log
 from __future__ import annotations
 
 import os
-import sys
 import time
 import urllib.parse
 import urllib.request
@@ -16,6 +15,7 @@ from pathlib import Path
 
 from shortft.config import Config, ConfigError, flatten, to_dict
 from shortft.loop import Callback, TrainResult
+from shortft.progress import warn
 
 RUN_KEY = "shortft.run_key"
 DEFAULT_EXPERIMENT = "shortft"
@@ -109,7 +109,14 @@ def experiment_id(uri: str, name: str) -> str:
     mlflow_client = client(uri)
     experiment = mlflow_client.get_experiment_by_name(name)
     if experiment is None:
-        return mlflow_client.create_experiment(name, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return mlflow_client.create_experiment(name, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
+        except MlflowException as e:  # another run or sweep created it since (two started at once)
+            if e.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+            experiment = mlflow_client.get_experiment_by_name(name)
     if experiment.tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:
         mlflow_client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
     return experiment.experiment_id
@@ -223,9 +230,8 @@ class MlflowLogger(Callback):
         if self.pending or self.dropped:
             values = self.dropped + sum(len(kw.get("metrics", [])) for _, _, kw in self.pending)
             files = sum(1 for method, _, _ in self.pending if method.startswith("log_artifact"))
-            print(f"shortft: mlflow: {values} metric values and {files} artifact upload(s) of run {self.run_id} "
-                  f"were not logged to {self.uri} ({self.error}); all of it is in {result.output_dir}",
-                  file=sys.stderr, flush=True)
+            warn(f"shortft: mlflow: {values} metric values and {files} artifact upload(s) of run {self.run_id} "
+                 f"were not logged to {self.uri} ({self.error}); all of it is in {result.output_dir}")
 
     def _log(self, method: str, *args, **kwargs) -> None:
         self.pending.append((method, args, kwargs))

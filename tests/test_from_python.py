@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 AFTER = textwrap.dedent('''
     import time as _time, ray as _ray
     for _ in range(60):
-        _left = [pg for pg in _ray.util.placement_group_table().values() if pg["state"] == "CREATED"]
+        _left = [pg for pg in _ray.util.placement_group_table().values() if pg["state"] != "REMOVED"]
         if not _left:
             break
         _time.sleep(0.5)
@@ -112,6 +112,10 @@ def test_bad_programmatic_configs_fail_before_any_trial_in_one_line(tmp_path, mo
                 tune.run(trainable, config=config, num_samples=1, metric="eval/objective", mode="max",
                          storage_path=str(tmp_path / "ray_results"), verbose=0)
             assert "\n" not in str(e.value)
+        with pytest.raises(ConfigError) as e:  # a metric no trial reports: Tune would fail at the first result
+            tune.run(trainable, config={"chain.segments": 2}, num_samples=1, metric="eval/objetive", mode="max",
+                     storage_path=str(tmp_path / "ray_results"), verbose=0)
+        assert str(e.value).startswith("metric='eval/objetive': a ShortFT trial never reports it; use eval/objective")
         with pytest.raises(ConfigError, match="--gpus-per-worker"):
             tune.run(sweep.trainable_for("toy", smoke_test=True, tracking_uri=None, gpus_per_worker=1),
                      config={"chain.segments": 2}, num_samples=1, storage_path=str(tmp_path / "ray_results"), verbose=0)

@@ -33,6 +33,32 @@ def test_fit_against_nodes_and_autoscaler_types():
         fit(Request(1, 1.0, 2.0), [CPU_NODE], [gpu_type])  # 2 GPUs per worker on 1-GPU nodes: never
 
 
+def test_node_types_that_rays_autoscaler_publishes_are_read(monkeypatch):
+    """KubeRay and `ray up` (autoscaler v2) publish their node groups in the GCS, where Ray Train reads
+    them; a head with no launcher file (a KubeRay pod) still sees the GPU nodes it may get."""
+    import ray
+    from ray.core.generated import autoscaler_pb2
+    from ray.experimental.internal_kv import _internal_kv_put
+
+    from shortft import resources
+
+    monkeypatch.delenv(resources.AUTOSCALING_CONFIG_ENV, raising=False)
+    monkeypatch.setattr(resources, "LAUNCHER_CONFIG", "/nonexistent/ray_bootstrap_config.yaml")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        assert resources.autoscaler_node_types() is None  # a local Ray: no autoscaler
+        config = autoscaler_pb2.ClusterConfig()
+        group = config.node_group_configs.add()
+        group.name, group.max_count = "gpu-group", 8
+        group.resources.update({"CPU": 8, "GPU": 1})
+        _internal_kv_put(ray._raylet.GCS_AUTOSCALER_CLUSTER_CONFIG_KEY.encode(), config.SerializeToString(),
+                         namespace=ray._raylet.GCS_AUTOSCALER_STATE_NAMESPACE.encode())
+        assert resources.autoscaler_node_types() == [({"CPU": 8.0, "GPU": 1.0}, 8)]
+        assert resources.check(Request(2, 1.0, 1.0)) == "later"
+    finally:
+        ray.shutdown()
+
+
 def _one_line_exit_2(args, cwd=ROOT):
     t0 = time.time()
     p = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=120, cwd=cwd)
@@ -53,8 +79,11 @@ def test_sweep_on_a_cpu_only_local_ray_fails_fast(tmp_path, flags, expected):
 
 def test_train_with_gpu_workers_on_a_cpu_only_machine_fails_fast(tmp_path):
     line = _one_line_exit_2(["-m", "shortft.cli", "train", "--config", "tiny", "--workers", "2", "--gpu",
-                             "--storage-path", str(tmp_path / "s"), "--no-mlflow"])
+                             "--storage-path", str(tmp_path / "s"), "--tracking-uri", f"sqlite:///{tmp_path}/m.db"])
     assert "--gpu: this Ray cluster has 0 GPUs" in line and "drop --gpu" in line
+    from mlflow.tracking import MlflowClient  # refused before anything was made: no dangling RUNNING run
+    assert all(not c.search_runs([e.experiment_id]) for c in [MlflowClient(f"sqlite:///{tmp_path}/m.db")]
+               for e in c.search_experiments())
 
 
 @pytest.mark.slow

@@ -194,6 +194,8 @@ def test_cli_train_runs_and_reports(tmp_path, tiny_dir):
     assert len(rows) == 2
     # N=4, k=2: head 2 steps + jump + step; progressive stage 2 runs the head without gradient
     assert [(r["network_calls"], r["grad_calls"]) for r in rows] == [(4, 4), (4, 2)]
+    from shortft.loop import STEP_METRICS  # the names a sweep's metric= is checked against
+    assert {k for k in rows[0] if k != "reward" and not k.startswith("reward/")} == set(STEP_METRICS)
     quiet = subprocess.run([sys.executable, "-m", "shortft.cli", "train", "--config", "tiny", "train.steps=1",
                             "chain.steps=4", "chain.segments=2", f"model.pretrained={tiny_dir}", "--quiet",
                             f"train.output_dir={tmp_path}/quiet", "train.log_every=1", "--no-mlflow"],

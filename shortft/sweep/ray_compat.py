@@ -15,8 +15,10 @@ from ray import tune
 # (module, attribute) pairs reached below; the attribute may be a dotted path on the module.
 PRIVATE = (
     ("ray._private.services", "canonicalize_bootstrap_address"),
+    ("ray._private.state", "state.get_cluster_config"),  # used by shortft/resources.py (no import: layers)
     ("ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator", "get_or_create_autoscaling_coordinator"),
     ("ray.tune.tuner", "Tuner._local_tuner"),
+    ("ray.tune.execution.tune_controller", "TuneController._metric"),
     ("ray.tune.search.optuna", "OptunaSearch._ot_study"),
 )
 
@@ -35,6 +37,11 @@ def missing() -> list[str]:
             ok = "_local_tuner" in _init_names(target.Tuner)
         elif attribute == "OptunaSearch._ot_study":
             ok = "_ot_study" in _init_names(target.OptunaSearch)
+        elif attribute == "TuneController._metric":
+            ok = "self._metric = metric" in _init_names(target.TuneController)
+        elif "." in attribute:
+            owner, name = attribute.split(".")
+            ok = hasattr(getattr(target, owner, None), name)
         else:
             ok = hasattr(target, attribute)
         if not ok:
@@ -77,3 +84,20 @@ def study_of(tuner):
         return alg.searcher._ot_study
     except AttributeError:
         return None
+
+
+def tune_metric() -> str | None:
+    """The `metric` of the `tune.run` / `Tuner` whose controller is creating a trial right now (Tune
+    asks a trainable's resources as it creates each trial, from TuneController.step), or None: not
+    given, not found (called elsewhere, or Tune changed; then nothing is checked)."""
+    from ray.tune.execution.tune_controller import TuneController
+    from ray.tune.result import DEFAULT_METRIC
+
+    frame = sys._getframe(1)
+    while frame is not None:
+        owner = frame.f_locals.get("self")
+        if isinstance(owner, TuneController):
+            metric = getattr(owner, "_metric", None)
+            return None if metric in (None, DEFAULT_METRIC) else metric
+        frame = frame.f_back
+    return None

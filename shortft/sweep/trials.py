@@ -22,10 +22,10 @@ from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from shortft import resources, tracking
-from shortft.config import Config, from_dict, to_dict
+from shortft.config import Config, ConfigError, from_dict, to_dict
 from shortft.mlflow_relay import RELAY, relay_call, start_relay
 from shortft.space import Space, to_tune, trial_config
-from shortft.sweep.ray_compat import start_autoscaling_coordinator
+from shortft.sweep.ray_compat import start_autoscaling_coordinator, tune_metric
 
 OBJECTIVE = "eval/objective"
 MODE = "max"
@@ -120,10 +120,24 @@ def run_trial(config: dict, sweep: dict) -> None:
         raise
 
 
+def reported_metrics(cfg: Config) -> set[str]:
+    """The names a trial of `cfg` reports to Tune with each evaluation."""
+    from shortft.loop import STEP_METRICS
+
+    evals = {OBJECTIVE, *(f"eval/{n}" for n in [cfg.eval.objective, *cfg.eval.terms])}
+    return evals | {"reward", *(f"reward/{n}" for n in cfg.reward.weights)} | set(STEP_METRICS) | {
+        "mean_seconds_per_step", "node_id"}
+
+
 def _checked_resources(sweep: dict, config: dict) -> dict:
     # Tune calls this in the driver as it creates each trial: the place to refuse a bad config before
     # the trial starts (a ConfigError naming the key ends tune.run), and a request that can never fit.
-    config_of_trial(config, sweep)
+    cfg = config_of_trial(config, sweep)
+    metric = tune_metric()
+    if metric is not None and metric not in reported_metrics(cfg):
+        terms = ", ".join(f"eval/{n}" for n in dict.fromkeys([cfg.eval.objective, *cfg.eval.terms]))
+        raise ConfigError(f"metric={metric!r}: a ShortFT trial never reports it; use {OBJECTIVE} (the "
+                          f"evaluation objective, {cfg.eval.objective}), {terms}, loss or reward")
     if not sweep.get("_driver_ready"):  # once, in the driver, before the first trial
         resources.check(resources.Request(sweep["workers"], sweep["cpus_per_worker"] or 1.0,
                                           sweep["gpus_per_worker"] if sweep["use_gpu"] else 0.0, TRIAL_CPUS))
