@@ -4,16 +4,18 @@
 import json
 import os
 import secrets
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 import yaml
 
-# Tests that start Ray run one after another on one pytest-xdist worker (`ray stop` in one of them
-# would stop another's cluster); the other worker takes the rest.
-pytestmark = pytest.mark.xdist_group("ray")
+# With test_onprem.py: the tests that start multi-node clusters run one after another, beside the other
+# Ray tests (tests/test_sweep.py says why that is safe).
+pytestmark = pytest.mark.xdist_group("clusters")
 
 ray = pytest.importorskip("ray")
 ROOT = Path(__file__).resolve().parents[1]
@@ -21,11 +23,10 @@ CLUSTERS = sorted((ROOT / "clusters").glob("*.yaml"))
 
 
 def test_every_cluster_yaml_is_checked():
-    assert {p.name for p in CLUSTERS} == {"gpu.yaml", "kuberay.yaml"}
+    assert {p.name for p in CLUSTERS} == {"gpu.yaml", "kuberay.yaml", "onprem.yaml"}
 
 
-@pytest.mark.parametrize("path", [p for p in CLUSTERS if p.name != "kuberay.yaml"], ids=lambda p: p.name)
-def test_launcher_config_passes_ray_validation(path):
+def _validated(path: Path) -> dict:
     import jsonschema
     from ray.autoscaler._private.util import prepare_config, validate_config
 
@@ -33,6 +34,11 @@ def test_launcher_config_passes_ray_validation(path):
     schema = json.loads((Path(ray.autoscaler.__file__).parent / "ray-schema.json").read_text())
     jsonschema.validate(config, schema)  # the file as written, no defaults filled in
     validate_config(prepare_config(config))  # and as `ray up` sees it
+    return config
+
+
+def test_launcher_config_passes_ray_validation():
+    config = _validated(ROOT / "clusters" / "gpu.yaml")
     assert config["docker"]["image"] == f"rayproject/ray:{ray.__version__}-py311-gpu"
     head = config["available_node_types"][config["head_node_type"]]
     assert head["resources"] == {"CPU": 0}
@@ -45,6 +51,22 @@ def test_launcher_config_passes_ray_validation(path):
     assert "SHORTFT_STORAGE_PATH=s3://" in env and "MLFLOW_TRACKING_URI=http://127.0.0.1:5000" in env
     # token authentication for every node and the driver: the mode in every container, the token file shipped
     assert "--env RAY_AUTH_MODE=token" in env and "/home/ray/.ray/auth_token" in config["file_mounts"]
+
+
+def test_onprem_config_passes_ray_validation():
+    """The file `ray up` reads as shipped; tests/test_onprem.py brings a copy of it up for real."""
+    config = _validated(ROOT / "clusters" / "onprem.yaml")
+    assert config["provider"]["type"] == "local" and {"head_ip", "worker_ips"} <= set(config["provider"])
+    assert {"ssh_user", "ssh_private_key"} <= set(config["auth"])
+    assert config["file_mounts"]["~/.ray/auth_token"] == "~/.ray/auth_token"
+    # every shell Ray opens on a node (ray start on head and workers, and the driver `ray submit`
+    # starts) sources the file that sets token authentication, MLflow and the shared storage
+    setup = " ".join(config["setup_commands"])
+    assert "'export RAY_AUTH_MODE=token'" in setup and "> ~/.shortft.sh" in setup
+    assert "echo 'source ~/.shortft.sh' >> ~/.bashrc" in setup
+    assert "MLFLOW_TRACKING_URI=http://127.0.0.1:5000" in setup and "SHORTFT_STORAGE_PATH=" in setup
+    assert any("pip install" in c and "~/shortft" in c for c in config["setup_commands"])
+    assert any("mlflow-server.sh start 5000" in c for c in config["head_start_ray_commands"])
 
 
 def test_rayjob_has_the_kuberay_shape():
@@ -65,7 +87,7 @@ def test_rayjob_has_the_kuberay_shape():
 
 
 TOKEN = secrets.token_hex(16)
-AUTH = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")
+AUTH = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_TMPDIR")
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +99,10 @@ def two_nodes():
     from ray.cluster_utils import Cluster
 
     saved = {k: os.environ.pop(k, None) for k in AUTH}
-    os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=TOKEN)
+    # Its own Ray temp dir (short: socket paths stop at 107 bytes): a plain ray.init() in a test on the
+    # other pytest worker looks for "the latest cluster" in /tmp/ray and must not find this one.
+    tmp = tempfile.mkdtemp(prefix="r2n", dir="/tmp")
+    os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=TOKEN, RAY_TMPDIR=tmp)
     reset_auth_token_state()
     try:
         cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
@@ -92,6 +117,7 @@ def two_nodes():
             else:
                 os.environ[k] = v
         reset_auth_token_state()
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _sweep(work: Path, address: str, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -123,18 +149,18 @@ def test_smoke_sweep_on_a_two_node_cluster_places_trials_on_the_worker(two_nodes
     cluster, head_id, worker_id = two_nodes
     shared = tmp_path / "shared"  # stands for an NFS mount: the same path on every node
     work = tmp_path / "work"
-    r = _sweep(work, cluster.address, "--num-samples", "2", "--name", "multi", "--storage-path", str(shared),
-               env={"SHORTFT_SHARED_STORAGE": "1"})
+    r = _sweep(work, cluster.address, "--num-samples", "1", "--name", "multi", "--storage-path", str(shared),
+               env={"SHORTFT_SHARED_STORAGE": "1"})  # one trial: tests/test_onprem.py submits two
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     rows = pq.read_table(work / "runs" / "sweeps" / "multi" / "results.parquet").to_pylist()
-    assert len(rows) == 2
+    assert len(rows) == 1
     assert {row["node_id"] for row in rows} == {worker_id} != {head_id}
     assert (shared / "multi" / "tuner.pkl").is_file()
     assert any(p.name.startswith("multi-t00") for p in shared.iterdir())  # the Train runs' checkpoints too
     c = MlflowClient(f"sqlite:///{work / 'mlflow.db'}")
     runs = c.search_runs([c.get_experiment_by_name("shortft-sweeps").experiment_id])
     children = [x for x in runs if "mlflow.parentRunId" in x.data.tags]
-    assert len(runs) - len(children) == 1 and len(children) == 2
+    assert len(runs) - len(children) == 1 and len(children) == 1
     assert all("loss" in x.data.metrics for x in children)  # logged from the worker node, through the relay
     # The cluster's token never leaves the environment: not in the output, the runs, Ray's storage or the table.
     assert TOKEN not in r.stdout + r.stderr

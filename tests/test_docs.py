@@ -79,7 +79,7 @@ def test_every_quoted_command_parses():
             command = group.get_command(click.Context(group), args[0])
             assert command is not None, (where, argv)
             command.make_context(args[0], list(args[1:]))
-            if program == "ray":
+            if program == "ray" and args[0] != "get-auth-token":
                 assert (ROOT / args[1]).is_file(), (where, argv)  # the cluster file
             if args[0] == "submit":
                 script, rest = args[2], args[args.index("--") + 1:] if "--" in args else []

@@ -2,10 +2,12 @@
 MLflow parent/children, the Parquet table, and resuming a sweep whose driver was killed."""
 
 import os
+import shutil
 import signal
 import sqlite3
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -15,8 +17,12 @@ from shortft import sweep, tracking
 from shortft.config import ConfigError
 from shortft.space import load_space, trial_config
 
-# Tests that start Ray run one after another on one pytest-xdist worker (`ray stop` in one of them
-# would stop another's cluster); the other worker takes the rest.
+# Tests that start a local Ray run one after another on one pytest-xdist worker (one machine's CPUs for
+# their trials); the other worker takes the rest, and the multi-node tests (group "clusters"). They
+# can share the machine because none stops another's Ray: no test here runs `ray stop` (which stops
+# every Ray process it sees), the on-prem cluster's own `ray stop` runs in a PID namespace of its
+# own, and the two-node cluster keeps its address in its own RAY_TMPDIR, where no plain ray.init()
+# looks for "the latest cluster".
 pytestmark = pytest.mark.xdist_group("ray")
 
 ray = pytest.importorskip("ray")
@@ -109,8 +115,19 @@ def _script(tmp_path: Path) -> Path:
     return work
 
 
-def _run_script(work: Path, *args: str, samples: int = 3, **kw) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+def _kill_with_env(key: str, value: str) -> None:
+    import psutil
+
+    for p in psutil.process_iter():
+        try:
+            if p.pid != os.getpid() and p.environ().get(key) == value:
+                p.kill()
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            pass
+
+
+def _run_script(work: Path, *args: str, samples: int = 3, env: dict | None = None, **kw) -> subprocess.Popen:
+    env = dict(env or {**os.environ, "PYTHONUNBUFFERED": "1"})
     env.pop("RAY_ADDRESS", None)
     return subprocess.Popen([sys.executable, "sweep.py", "--smoke-test", "--num-samples", str(samples), *args], cwd=work,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
@@ -122,7 +139,9 @@ def test_resume_after_the_driver_is_killed_in_the_second_trial(tmp_path):
     """Also the smoke sweep through the script alone: copied into an empty directory, as `ray submit`
     runs it, it starts a local Ray, and the resumed sweep leaves 1 parent, 2 children, 2 table rows."""
     work = _script(tmp_path)
-    proc = _run_script(work, "--name", "crash", samples=2)
+    ray_tmp = tempfile.mkdtemp(prefix="rcr", dir="/tmp")  # marks every process of the Ray the driver starts
+    proc = _run_script(work, "--name", "crash", samples=2, env={**os.environ, "PYTHONUNBUFFERED": "1",
+                                                                "RAY_TMPDIR": ray_tmp})
     db = work / "mlflow.db"
     deadline = time.time() + 600
     # wait until the second trial is training (its child run exists and has logged a step)
@@ -138,7 +157,8 @@ def test_resume_after_the_driver_is_killed_in_the_second_trial(tmp_path):
     assert proc.poll() is None, "sweep ended before it could be killed"
     os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started, mid-trial
     proc.communicate()
-    subprocess.run([str(Path(sys.executable).parent / "ray"), "stop", "--force"], capture_output=True)  # leftovers
+    _kill_with_env("RAY_TMPDIR", ray_tmp)  # leftovers of that Ray only (not `ray stop`: every Ray here)
+    shutil.rmtree(ray_tmp, ignore_errors=True)
 
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env.pop("RAY_ADDRESS", None)
