@@ -20,7 +20,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from shortft import resources, tracking
+from shortft import checkpoint, resources, tracking
 from shortft.config import Config, ConfigError, from_dict, to_dict
 from shortft.loop import Callback
 from shortft.mlflow_relay import start_relay
@@ -184,9 +184,17 @@ def train_with_ray(cfg: Config, workers: int, use_gpu: bool = False, storage_pat
     storage_path = storage_path or default_storage_path()
     check_storage_path(storage_path)
     name = name or run_name(cfg)
-    if _run_exists(storage_path, name) and not resume:
+    exists = _run_exists(storage_path, name)
+    if exists and not resume:
         raise ConfigError(f"run {name} already exists in {storage_path}; pass --resume to continue it, or set "
                           "name=<new name> to start another")
+    local = checkpoint.latest(cfg.output_dir / "checkpoints") if resume and not exists else None
+    if local is not None:  # Ray would start from step 0 and write over that run: say so instead
+        written_by = json.loads((local / "state.json").read_text()).get("world_size", 1)
+        how = ("in one process (no --workers)" if written_by == 1 else
+               f"with --workers {written_by} and the --storage-path it was written to")
+        raise ConfigError(f"resume: {storage_path} holds no run {name} for Ray to resume, and {local} is a checkpoint "
+                          f"of {written_by} worker(s); resume it {how}")
     # Files written by rank 0 go to an absolute path, whatever the worker's working directory.
     cfg = from_dict(Config, to_dict(cfg))
     cfg.train.output_dir = str(cfg.output_dir.resolve())

@@ -178,6 +178,16 @@ def test_resuming_with_another_worker_count_is_refused_in_one_line(make_cfg, tmp
         train(cfg, resume=str(latest), world_size=2)  # refused before any collective call
     assert str(e.value) == (f"resume: the checkpoint {latest} was written by 1 worker(s), this run has 2; resume "
                             "with --workers 1 (the global batch and every rank's data order depend on the worker count)")
+    # The same through `--workers 2 --resume`: Ray has no run to resume (it was never a Ray run), and
+    # would start again from step 0 over this run's files; refused before Ray starts.
+    import ray
+
+    from shortft.distributed import train_with_ray
+    with pytest.raises(ConfigError) as e:
+        train_with_ray(cfg, 2, resume=True, storage_path=str(tmp_path / "ray"), tracking_uri=None)
+    assert str(e.value).startswith(f"resume: {tmp_path / 'ray'} holds no run ") and str(e.value).endswith(
+        f"and {latest} is a checkpoint of 1 worker(s); resume it in one process (no --workers)")
+    assert not ray.is_initialized() and (latest / "state.json").is_file()
 
 
 @pytest.mark.slow
