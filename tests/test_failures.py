@@ -125,48 +125,6 @@ def _wait_for_step(run_dir, step: int, proc) -> None:
     pytest.fail(f"the run never reached step {step}: {proc.poll()=}: {err[-3000:]}")
 
 
-@pytest.mark.slow
-def test_the_tracking_server_going_away_mid_run_does_not_stop_training(mlflow_server, tmp_path, tiny_dir):
-    import json
-
-    from mlflow.tracking import MlflowClient
-
-    from tests.conftest import TcpGate
-
-    # The run reaches the real server through a gate the test cuts at a known step: a server restart
-    # takes from seconds to minutes on a loaded machine, the gate takes none.
-    gate = TcpGate(mlflow_server.port)
-
-    # 1. The server goes away at step 2 and stays away: the run finishes, one line says what was lost.
-    proc = _train_with_server(tmp_path, tiny_dir, gate.port, "away", 6)
-    _wait_for_step(tmp_path / "away", 2, proc)
-    gate.close()
-    out, err = proc.communicate(timeout=600)
-    assert proc.returncode == 0, err[-3000:]
-    lines = [line for line in err.splitlines() if "mlflow" in line.lower()]
-    assert len(lines) == 1 and "were not logged to" in lines[0] and "Traceback" not in err, err[-3000:]
-    steps = [json.loads(line)["step"] for line in (tmp_path / "away" / "metrics.jsonl").read_text().splitlines()]
-    assert sorted(set(steps)) == list(range(1, 7))
-    assert (tmp_path / "away" / "checkpoints" / "step_000006").is_dir() and (tmp_path / "away" / "lora").is_dir()
-
-    # 2. It goes away from step 2 to step 4 and comes back: everything is logged after all.
-    gate.open()
-    proc = _train_with_server(tmp_path, tiny_dir, gate.port, "back", 8)
-    _wait_for_step(tmp_path / "back", 2, proc)
-    gate.close()
-    _wait_for_step(tmp_path / "back", 4, proc)
-    gate.open()
-    assert proc.poll() is None, "the run ended before the server came back"
-    out, err = proc.communicate(timeout=600)
-    assert proc.returncode == 0 and "were not logged" not in err, err[-3000:]
-    assert gate.cut > 0  # the run did try to log while the server was away
-    client = MlflowClient(f"http://127.0.0.1:{mlflow_server.port}")
-    (run,) = [r for r in client.search_runs([client.get_experiment_by_name("shortft").experiment_id])
-              if r.info.run_name == "tiny" and str(tmp_path / "back") in r.data.tags.get("shortft.run_key", "")]
-    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "loss")) == list(range(1, 9))
-    assert run.info.status == "FINISHED"
-
-
 def test_resuming_with_another_worker_count_is_refused_in_one_line(make_cfg, tmp_path):
     from shortft.config import ConfigError
     from shortft.loop import train
@@ -200,6 +158,7 @@ def test_a_two_worker_run_outlives_the_tracking_server_and_resumes_with_two_work
     every step. Then the 2-worker checkpoint, resumed in one process, is refused in one line (the
     documented result: the global batch and the data order depend on the worker count)."""
     import json
+    import re
     import time
 
     from mlflow.tracking import MlflowClient
@@ -235,8 +194,9 @@ def test_a_two_worker_run_outlives_the_tracking_server_and_resumes_with_two_work
     assert "/shortft/" not in outs["away"][1]  # no traceback of ours (Ray may log its own, on a loaded machine)
     assert "were not logged" not in outs["back"][1]
     client = MlflowClient(f"http://127.0.0.1:{mlflow_server.port}")
+    name = re.search(r"done: run (\S+);", outs["back"][0]).group(1)  # a --workers run's key: its Ray run name
     (run,) = [r for r in client.search_runs([client.get_experiment_by_name("shortft").experiment_id])
-              if str(tmp_path / "back") in r.data.tags.get("shortft.run_key", "")]
+              if r.data.tags.get("shortft.run_key") == name]
     assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "loss")) == list(range(1, 7))
 
     # The 2-worker checkpoint, resumed in one process (no --workers): one line, exit 2, nothing trained.

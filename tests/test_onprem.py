@@ -83,7 +83,8 @@ def machine():
         f"SetEnv HOME={remote} RAY_TMPDIR={rt}\n")
     # sshd starts a session in the user's home from the password database; the bashrc brings Ray's
     # login shells to the $HOME this machine stands for (a real node starts there).
-    (remote / ".bashrc").write_text('cd "$HOME"\n')
+    # MLFLOW_WORKERS=1: one uvicorn worker for MLflow on this small test machine (the file's default is 4).
+    (remote / ".bashrc").write_text('cd "$HOME"\nexport MLFLOW_WORKERS=1\n')
     (remote / "shortft-env").symlink_to(sys.prefix)
     shutil.copy(ROOT / "pyproject.toml", remote / ".shortft-installed.toml")
     (base / "relay.py").write_text(RELAY)
@@ -166,18 +167,18 @@ def test_ray_up_submit_down_on_an_onprem_cluster(machine):
     outputs = []
     try:
         outputs.append(ray("up", "-y", str(config)))
-        r = ray("submit", str(config), "tune/sweep.py", "--", "--smoke-test", "--num-samples", "2", "--name", "onprem")
+        r = ray("submit", str(config), "tune/sweep.py", "--", "--smoke-test", "--num-samples", "1", "--name", "onprem")
         outputs.append(r)
-        assert "sweep onprem: 2 trials" in r.stdout, r.stdout[-3000:]
+        assert "sweep onprem: 1 trials" in r.stdout, r.stdout[-3000:]
 
         remote = machine["remote"]
         rows = pq.read_table(remote / "runs" / "sweeps" / "onprem" / "results.parquet").to_pylist()
-        assert len(rows) == 2 and all(row["status"] == "DONE" for row in rows), rows
+        assert len(rows) == 1 and rows[0]["status"] == "DONE", rows
         assert (machine["base"] / "shared" / "onprem" / "tuner.pkl").is_file()  # SHORTFT_STORAGE_PATH
         c = MlflowClient(f"http://127.0.0.1:{mlflow_port}")  # the head's server, as `ray attach -p` shows it
         runs = c.search_runs([c.get_experiment_by_name("shortft-sweeps").experiment_id])
         children = [x for x in runs if "mlflow.parentRunId" in x.data.tags]
-        assert len(runs) - len(children) == 1 and len(children) == 2
+        assert len(runs) - len(children) == 1 and len(children) == 1
         assert {x.data.tags["mlflow.parentRunId"] for x in children} == {x.info.run_id for x in runs} - {
             x.info.run_id for x in children}
         assert all("loss" in x.data.metrics and "eval/objective" in x.data.metrics for x in children)
