@@ -27,6 +27,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.conftest import _free_port
+
 # With test_clusters.py: the tests that start multi-node clusters run one after another, beside the
 # other Ray tests (tests/test_sweep.py says why that is safe).
 pytestmark = [pytest.mark.xdist_group("clusters"), pytest.mark.slow]
@@ -46,12 +48,6 @@ threading.Thread(target=up, daemon=True).start()
 while b := s.recv(1 << 16):
     os.write(1, b)
 """
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _listening(port: int) -> bool:

@@ -23,7 +23,8 @@ PROMPTS = ["a photo of a cat", "a watercolour of a harbour at dusk", "an anime p
 
 @pytest.fixture(scope="module")
 def dirs(tmp_path_factory):
-    if importlib.util.find_spec("open_clip") is None:  # not imported: its __init__ needs torchvision
+    # not imported (its __init__ needs torchvision); reward_models may have registered its stub already
+    if "open_clip" not in sys.modules and importlib.util.find_spec("open_clip") is None:
         pytest.skip("the HPS v2 reference: pip install --no-deps open-clip-torch==3.3.0")
     return reward_models.build(tmp_path_factory.mktemp("reward_models"))
 

@@ -37,9 +37,10 @@ def _bicubic(x: float, a: float = -0.5) -> float:
 
 
 @lru_cache(maxsize=64)
-def pil_weights(in_size: int, out_size: int) -> torch.Tensor:
-    """[out, in] float64: Pillow's bicubic taps for one axis (precompute_coeffs, then the rounding to
-    fixed point of normalize_coeffs_8bpc), as multiples of 2**-22."""
+def pil_weights(in_size: int, out_size: int, device: str = "cpu") -> torch.Tensor:
+    """[out, in] float64 on `device`: Pillow's bicubic taps for one axis (precompute_coeffs, then the
+    rounding to fixed point of normalize_coeffs_8bpc), as multiples of 2**-22. Cached per device: the
+    reward runs every training step, and the taps would otherwise be copied to the GPU each time."""
     scale = in_size / out_size
     filterscale = max(scale, 1.0)
     support = 2.0 * filterscale
@@ -54,7 +55,7 @@ def pil_weights(in_size: int, out_size: int) -> torch.Tensor:
         for i, v in enumerate(k):
             v = v / total if total != 0.0 else v
             w[xx, xmin + i] = math.trunc(v * one + (0.5 if v >= 0 else -0.5)) / one
-    return w
+    return w.to(device)
 
 
 def _levels(x: torch.Tensor) -> torch.Tensor:
@@ -66,9 +67,9 @@ def pil_resize(levels: torch.Tensor, h: int, w: int) -> torch.Tensor:
     """Pillow's `Image.resize((w, h), BICUBIC)` of [..., H, W] uint8 levels (float64), one pass per axis
     whose size changes, horizontal first."""
     if w != levels.shape[-1]:
-        levels = _levels(levels @ pil_weights(levels.shape[-1], w).to(levels.device).T)
+        levels = _levels(levels @ pil_weights(levels.shape[-1], w, str(levels.device)).T)
     if h != levels.shape[-2]:
-        levels = _levels(pil_weights(levels.shape[-2], h).to(levels.device) @ levels)
+        levels = _levels(pil_weights(levels.shape[-2], h, str(levels.device)) @ levels)
     return levels
 
 
