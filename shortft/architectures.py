@@ -109,7 +109,7 @@ def random_pipeline(pretrained: str, device: str | torch.device = "cpu", dtype: 
     pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)  # its tables on the CPU, not `device`
     for part in ("unet", "vae", "text_encoder", "text_encoder_2"):
         module = getattr(pipe, part, None)
-        if module is not None:
-            module.to(dtype)
+        if module is not None:  # torch's own `to`: diffusers' warns of "modules kept in float32: []"
+            torch.nn.Module.to(module, dtype)
     pipe.set_progress_bar_config(disable=True)
     return pipe

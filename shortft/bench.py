@@ -42,24 +42,35 @@ class Arm:
     method: str
     segments: int | None  # None: the method does not depend on k
     batch: int
+    checkpointing: bool | None = None  # per-call checkpointing; None: the config's (full: always on)
 
     @property
     def label(self) -> str:
-        return f"{self.method}" + (f" k={self.segments}" if self.segments else "") + f" b={self.batch}"
+        return (f"{self.method}" + (f" k={self.segments}" if self.segments else "")
+                + (" ckpt" if self.checkpointing and self.method != "full" else "") + f" b={self.batch}")
 
 
-def arms(methods: list[str], segments: list[int], batches: list[int]) -> list[Arm]:
-    """Every method at every batch; ShortFT at every k too. `full` (checkpointed) is always included."""
+# Methods with a single call with gradient: per-call checkpointing changes nothing there.
+ONE_GRAD_CALL = ("draft", "refl")
+
+
+def arms(methods: list[str], segments: list[int], batches: list[int],
+         checkpointing: list[bool | None] = (None,)) -> list[Arm]:
+    """Every method at every batch and checkpointing choice; ShortFT at every k too. `full` (checkpointed)
+    is always included, once per batch."""
     out = []
     for batch in batches:
         for method in dict.fromkeys(["full", *methods]):
-            out += [Arm(method, k, batch) for k in segments] if method == "shortft" else [Arm(method, None, batch)]
+            choices = [True] if method == "full" else [None] if method in ONE_GRAD_CALL else checkpointing
+            for ckpt in dict.fromkeys(choices):
+                out += [Arm(method, k, batch, ckpt) for k in (segments if method == "shortft" else [None])]
     return out
 
 
 def arm_config(cfg: Config, arm: Arm) -> Config:
+    ckpt = True if arm.method == "full" else cfg.chain.checkpointing if arm.checkpointing is None else arm.checkpointing
     chain = dataclasses.replace(cfg.chain, method=arm.method, segments=arm.segments or cfg.chain.segments,
-                                checkpointing=True if arm.method == "full" else cfg.chain.checkpointing)
+                                checkpointing=ckpt)
     train = dataclasses.replace(cfg.train, batch_size=arm.batch, grad_accum=1)
     return dataclasses.replace(cfg, chain=chain, train=train)
 
@@ -91,7 +102,7 @@ def _count_device(cfg: Config, target: torch.device) -> torch.device:
     return target
 
 
-def count(cfg: Config, target: torch.device) -> dict:
+def count(cfg: Config, target: torch.device, rewards: Rewards | None = None) -> dict:
     """FLOPs of one training step and a memory estimate for `target`: weights, LoRA with its gradient
     and AdamW state, the tensors saved for backward, and under checkpointing one call's activations
     (recomputed in backward). Runs one step on random weights of the same architecture."""
@@ -101,7 +112,7 @@ def count(cfg: Config, target: torch.device) -> dict:
     dtype = torch.bfloat16 if autocast_dtype == "bf16" else torch.float16 if autocast_dtype == "fp16" else DTYPES[cfg.model.dtype]
     device = _count_device(cfg, target)
     models = prepare_models(cfg, _pipeline(cfg, True, device, dtype), device=device)
-    rewards = Rewards(cfg.reward.weights, cfg.reward.options, device=device, random_weights=True)
+    rewards = rewards or Rewards(cfg.reward.weights, cfg.reward.options, device=device, random_weights=True)
     trainable = _trainable(models)
     saved = SavedBytes(models.pipe.unet.parameters())
     if cfg.model.gradient_checkpointing and not cfg.chain.checkpointing:
@@ -139,20 +150,19 @@ def _trainable(models) -> list[torch.nn.Parameter]:
     return params
 
 
-def time_steps(cfg: Config, random_weights: bool, steps: int, warmup: int) -> dict:
-    """Median seconds per training step (and spread), peak memory, calls per step, on the config's device."""
+def time_steps(cfg: Config, random_weights: bool, steps: int, warmup: int, rewards: Rewards | None = None,
+               profile: bool = False) -> dict:
+    """Median seconds per training step (and spread), peak memory, calls per step, on the config's device.
+    `profile` (CUDA): one more step under the profiler, for the GPU's busy share of it and its kernel count."""
     device = pick_device(cfg.model.device)
     torch.manual_seed(cfg.train.seed)
     models = prepare_models(cfg, _pipeline(cfg, random_weights, device, DTYPES[cfg.model.dtype]), device=device)
-    rewards = Rewards(cfg.reward.weights, cfg.reward.options, device=device, random_weights=random_weights)
+    rewards = rewards or Rewards(cfg.reward.weights, cfg.reward.options, device=device, random_weights=random_weights)
     trainable = _trainable(models)
     optimizer = torch.optim.AdamW(trainable, lr=cfg.train.lr)
     autocast = autocast_for(cfg, device)[0]
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-    seconds = []
-    for i in range(warmup + steps):
+
+    def step() -> float:
         prompts, noise = _step_inputs(models, cfg.train.batch_size)
         models.denoiser.count = CallCount()
         t0 = time.perf_counter()
@@ -164,11 +174,31 @@ def time_steps(cfg: Config, random_weights: bool, steps: int, warmup: int) -> di
         optimizer.zero_grad(set_to_none=True)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        if i >= warmup:
-            seconds.append(time.perf_counter() - t0)
-    return {"seconds_per_step": statistics.median(seconds), "seconds_min": min(seconds), "seconds_max": max(seconds),
-            "peak_memory_mb": peak_memory_mb(device), "timed_steps": steps,
-            "measured_calls": models.denoiser.count.calls, "measured_grad_calls": models.denoiser.count.grad_calls}
+        return time.perf_counter() - t0
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    seconds = [step() for _ in range(warmup + steps)][warmup:]
+    out = {"seconds_per_step": statistics.median(seconds), "seconds_min": min(seconds), "seconds_max": max(seconds),
+           "peak_memory_mb": peak_memory_mb(device), "timed_steps": steps,
+           "measured_calls": models.denoiser.count.calls, "measured_grad_calls": models.denoiser.count.grad_calls}
+    if profile and device.type == "cuda":
+        out.update(gpu_busy(step))
+    return out
+
+
+def gpu_busy(step) -> dict:
+    """Run `step` once under the CUDA profiler: kernels launched, their summed time, and that time's share
+    of the step's wall time (near 1: the GPU sets the pace; far below: the host does, launching kernels)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        wall = step()
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]  # and copies
+    busy = sum(e.time_range.elapsed_us() for e in kernels) / 1e6
+    return {"kernels_per_step": len(kernels), "gpu_seconds_per_step": busy, "gpu_busy_share": busy / wall,
+            "profiled_step_seconds": wall}
 
 
 def device_peak_tflops(device: torch.device) -> float | None:
@@ -180,7 +210,8 @@ def device_peak_tflops(device: torch.device) -> float | None:
 
 def run_bench(cfg: Config, methods: list[str], segments: list[int], batches: list[int], steps: int = 3,
               warmup: int = 1, random_weights: bool = False, time_it: bool = True, progress=print,
-              counts_from: dict | None = None) -> dict:
+              counts_from: dict | None = None, checkpointing: list[bool | None] = (None,),
+              profile: bool = False) -> dict:
     """Bench every arm; returns {"rows": [...], "device": ..., ...} (see the module docstring).
     `counts_from`: an earlier result (e.g. a `--count-only` run on a CPU) whose FLOP counts and memory
     estimates are reused for the same arms, since they do not depend on the machine."""
@@ -199,16 +230,28 @@ def run_bench(cfg: Config, methods: list[str], segments: list[int], batches: lis
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, shortcut="none"))
     device = pick_device(cfg.model.device)
     peak = device_peak_tflops(device)
+    # The reward models are frozen and the same in every arm: built once per device they are counted
+    # and timed (with random weights, the counting step's are the timed ones).
+    shared: dict[str, Rewards] = {}
+
+    def rewards_on(where: torch.device, random: bool = True) -> Rewards:
+        key = f"{where}/{random}"
+        if key not in shared:
+            shared[key] = Rewards(cfg.reward.weights, cfg.reward.options, device=where, random_weights=random)
+        return shared[key]
+
     rows = []
-    for arm in arms(methods, segments, batches):
+    for arm in arms(methods, segments, batches, checkpointing):
         arm_cfg = arm_config(cfg, arm)
         t0 = time.perf_counter()
         counted = _earlier_count(counts_from, arm) if counts_from else None
+        if counted is None:
+            counted = count(arm_cfg, device, rewards_on(_count_device(arm_cfg, device)))
         row = {"method": arm.method, "segments": arm.segments, "batch": arm.batch,
-               "checkpointing": arm_cfg.chain.checkpointing, **(counted or count(arm_cfg, device))}
+               "checkpointing": arm_cfg.chain.checkpointing, **counted}
         gc.collect()  # the counting step's models before the timed ones load
         if time_it:
-            row.update(time_steps(arm_cfg, random_weights, steps, warmup))
+            row.update(time_steps(arm_cfg, random_weights, steps, warmup, rewards_on(device, random_weights), profile))
             row["achieved_tflops"] = row["flops"] / row["seconds_per_step"] / 1e12
             row["peak_share"] = row["achieved_tflops"] / peak if peak else None
         rows.append(row)
@@ -230,7 +273,8 @@ def run_bench(cfg: Config, methods: list[str], segments: list[int], batches: lis
 
 def _earlier_count(result: dict, arm: Arm) -> dict | None:
     for row in result["rows"]:
-        if (row["method"], row["segments"], row["batch"]) == (arm.method, arm.segments, arm.batch):
+        same_ckpt = arm.checkpointing is None or row.get("checkpointing") == arm.checkpointing
+        if (row["method"], row["segments"], row["batch"]) == (arm.method, arm.segments, arm.batch) and same_ckpt:
             return {k: row[k] for k in ("flops", "memory_estimate_mb", "calls", "grad_calls")}
     return None
 
@@ -239,14 +283,19 @@ def _describe(row: dict) -> str:
     text = f"calls {row['calls']}/{row['grad_calls']}  {row['flops'] / 1e12:8.3g} TFLOP"
     if "seconds_per_step" in row:
         text += f"  {row['seconds_per_step']:.3f} s/step  peak {row['peak_memory_mb']:.0f} MB"
+    if "gpu_busy_share" in row:
+        text += f"  GPU busy {row['gpu_busy_share']:.0%} ({row['kernels_per_step']} kernels)"
     return text
 
 
 def format_table(result: dict) -> str:
     timed = "seconds_per_step" in result["rows"][0]
+    profiled = "gpu_busy_share" in result["rows"][0]
     head = "| method | k | batch | calls (grad) | TFLOP/step | est. memory MB |"
     if timed:
         head += " s/step (min-max) | peak MB | TFLOP/s | share of peak | s/step vs full | memory vs full |"
+    if profiled:
+        head += " GPU busy | kernels/step |"
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in result["rows"]:
         line = (f"| {r['method']}{' (ckpt)' if r['checkpointing'] else ''} | {r['segments'] or '-'} | {r['batch']} | "
@@ -256,6 +305,8 @@ def format_table(result: dict) -> str:
             line += (f" {r['seconds_per_step']:.3f} ({r['seconds_min']:.3f}-{r['seconds_max']:.3f}) | "
                      f"{r['peak_memory_mb']:.0f} | {r['achieved_tflops']:.3g} | {share} | "
                      f"{r['seconds_per_step_vs_full']:.2f} | {r['peak_memory_mb_vs_full']:.2f} |")
+        if profiled:
+            line += f" {r['gpu_busy_share']:.0%} | {r['kernels_per_step']} |"
         lines.append(line)
     return "\n".join(lines)
 
@@ -269,8 +320,9 @@ def log_to_mlflow(result: dict, tracking_uri: str, json_path: Path | None, exper
     tracking.log_dict_params(tracking_uri, run_id, {k: v for k, v in result.items() if k != "rows"})
     client = tracking.client(tracking_uri)
     for r in result["rows"]:
-        label = f"{r['method']}_k{r['segments'] or 0}_b{r['batch']}"
-        for key in ("seconds_per_step", "peak_memory_mb", "flops", "achieved_tflops", "calls", "grad_calls"):
+        label = f"{r['method']}_k{r['segments'] or 0}_b{r['batch']}" + ("_ckpt" if r["checkpointing"] else "")
+        for key in ("seconds_per_step", "peak_memory_mb", "flops", "achieved_tflops", "calls", "grad_calls",
+                    "gpu_busy_share", "kernels_per_step"):
             if r.get(key) is not None:
                 client.log_metric(run_id, f"{label}/{key}", float(r[key]))
     if json_path:

@@ -97,6 +97,11 @@ def _parser() -> argparse.ArgumentParser:
     bn.add_argument("--json", help="write the results as JSON here")
     bn.add_argument("--counts-from", metavar="JSON", help="reuse FLOP counts and memory estimates of an earlier "
                     "--json (e.g. a --count-only run on a CPU) for the same arms")
+    bn.add_argument("--checkpointing", default=None, metavar="false,true",
+                    help="per-call checkpointing of each method but full (always on): one arm per value "
+                         "(default: the config's chain.checkpointing)")
+    bn.add_argument("--profile", action="store_true",
+                    help="on a GPU, one more step under the profiler: kernels per step and the GPU's busy share")
     bn.add_argument("--tracking-uri", help="also log an MLflow run (experiment shortft-bench)")
 
     rw = sub.add_parser("rewards", help="the registered rewards; with --cost, seconds per image of each")
@@ -233,6 +238,16 @@ def int_list(flag: str, text: str) -> list[int]:
         raise ConfigError(f"{flag} {text!r}: expected comma-separated integers, e.g. 1,2") from None
 
 
+def bool_list(flag: str, text: str | None) -> list[bool | None]:
+    if text is None:
+        return [None]
+    values = [v.strip().lower() for v in text.split(",") if v.strip()]
+    bad = [v for v in values if v not in ("true", "false")]
+    if bad or not values:
+        raise ConfigError(f"{flag} {text!r}: expected true, false or both, e.g. {flag} false,true")
+    return [v == "true" for v in values]
+
+
 def run_bench(cfg, args) -> dict:
     from shortft.bench import format_table, log_to_mlflow, run_bench as bench
 
@@ -241,7 +256,8 @@ def run_bench(cfg, args) -> dict:
           f"N={cfg.chain.steps}", flush=True)
     result = bench(cfg, methods, int_list("--segments", args.segments), int_list("--batch", args.batch),
                    args.steps, args.warmup, args.random_weights, time_it=not args.count_only,
-                   counts_from=json.loads(Path(args.counts_from).read_text()) if args.counts_from else None)
+                   counts_from=json.loads(Path(args.counts_from).read_text()) if args.counts_from else None,
+                   checkpointing=bool_list("--checkpointing", args.checkpointing), profile=args.profile)
     print(f"\n{result['device']}, {result['mixed_precision']} autocast, frozen weights {result['dtype']}, "
           f"{result['date']}\n" + format_table(result))
     path = Path(args.json) if args.json else None

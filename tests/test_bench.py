@@ -19,8 +19,10 @@ def _bench(tmp_path, *args):
     return {(r["method"], r["segments"]): r for r in json.loads(out.read_text())["rows"]}, p.stdout
 
 
-def test_bench_counts_every_method_as_its_plan_says(tmp_path, tiny_dir):
-    rows, stdout = _bench(tmp_path, "--count-only", "chain.steps=20", "chain.segments=4", "chain.drtune_train_steps=5")
+@pytest.mark.slow
+def test_bench_counts_and_times_every_method_as_its_plan_says(tmp_path, tiny_dir):
+    rows, stdout = _bench(tmp_path, "--steps", "1", "--warmup", "0", "chain.steps=20", "chain.segments=4",
+                          "chain.drtune_train_steps=5")
     assert {m for m, _ in rows} == set(METHODS)
     # calls (with gradient) per step, as the plans say: N=20, k=4 (first segment 5 steps, then 3 jumps
     # + 3 steps), end to end; N=20 rather than 50 halves the count's time (FlopCounterMode)
@@ -33,23 +35,31 @@ def test_bench_counts_every_method_as_its_plan_says(tmp_path, tiny_dir):
     assert all(r["flops"] > 0 and r["memory_estimate_mb"] > 0 for r in rows.values())
     assert rows["shortft", 4]["flops"] < rows["full", None]["flops"]
     assert "| shortft | 4 | 1 | 11 (11) |" in stdout
-
-
-@pytest.mark.slow
-def test_bench_times_every_method(tmp_path, tiny_dir):
-    rows, _ = _bench(tmp_path, "--steps", "2", "--warmup", "0", "chain.steps=10", "chain.segments=2")
-    assert {m for m, _ in rows} == set(METHODS)
     for r in rows.values():
         assert math.isfinite(r["seconds_per_step"]) and r["seconds_per_step"] > 0
         assert r["seconds_min"] <= r["seconds_per_step"] <= r["seconds_max"] and r["peak_memory_mb"] > 0
-        # the timed steps made the calls the counted step made
+        # the timed step made the calls the counted step made
         assert (r["measured_calls"], r["measured_grad_calls"]) == (r["calls"], r["grad_calls"])
     assert rows["full", None]["checkpointing"] and rows["full", None]["seconds_per_step_vs_full"] == 1.0
 
 
+def test_checkpointing_arms_one_per_value_full_always_on_single_grad_call_methods_once():
+    from shortft.bench import Arm, arm_config, arms
+    from shortft import load_config
+
+    got = arms(["shortft", "draft", "alignprop"], [4], [1, 2], [False, True])
+    assert [a.label for a in got if a.batch == 1] == [
+        "full b=1", "shortft k=4 b=1", "shortft k=4 ckpt b=1", "draft b=1", "alignprop b=1", "alignprop ckpt b=1"]
+    cfg = load_config("tiny")
+    assert arm_config(cfg, Arm("full", None, 1, None)).chain.checkpointing
+    assert not arm_config(cfg, Arm("shortft", 4, 1, False)).chain.checkpointing
+    assert arm_config(cfg, Arm("shortft", 4, 1, True)).chain.checkpointing
+    assert arm_config(cfg, Arm("alignprop", None, 2, None)).chain.checkpointing == cfg.chain.checkpointing
+
+
 def test_bench_bad_flags_one_line_exit_2(tiny_dir):
     for args, word in ((["--methods", "dpo"], "--methods"), (["--segments", "x"], "--segments"),
-                       (["--segments", "99"], "--segments")):
+                       (["--segments", "99"], "--segments"), (["--checkpointing", "yes"], "--checkpointing")):
         p = subprocess.run([sys.executable, "-m", "shortft.cli", "bench", "--config", "tiny", *args],
                            capture_output=True, text=True, timeout=120)
         lines = [line for line in p.stderr.splitlines() if line.strip()]

@@ -83,7 +83,11 @@ def build(name: str, options: dict | None = None, device: torch.device | str = "
     if random_weights and "random_weights" in inspect.signature(factory).parameters:
         kwargs["random_weights"] = True
     try:
-        fn = factory(**kwargs)
+        if kwargs.get("random_weights"):
+            with torch.device(device):  # random init where the model will run: seconds on a CPU for ~1 B params
+                fn = factory(**kwargs)
+        else:
+            fn = factory(**kwargs)
     except TypeError as e:
         raise ConfigError(f"reward.options.{name}: {e}") from None
     except ConfigError as e:  # an option's own check ("dtype='fp8': ...") gets the key it came from
