@@ -20,11 +20,11 @@ import datetime
 import gc
 import statistics
 import time
-from pathlib import Path
 
 import torch
 
 from shortft.architectures import random_pipeline
+from shortft.bench_report import describe
 from shortft.config import Config, ConfigError, METHODS
 from shortft.denoiser import CallCount
 from shortft.loop import autocast_for, micro_batch_loss, peak_memory_mb
@@ -258,7 +258,7 @@ def run_bench(cfg: Config, methods: list[str], segments: list[int], batches: lis
         gc.collect()  # the arm's models (peft and diffusers hold reference cycles) before the next arm's
         if device.type == "cuda":
             torch.cuda.empty_cache()
-        progress(f"  {arm.label:22s} {_describe(row)}  ({time.perf_counter() - t0:.0f} s)")
+        progress(f"  {arm.label:22s} {describe(row)}  ({time.perf_counter() - t0:.0f} s)")
     for row in rows:
         ref = next(r for r in rows if r["method"] == "full" and r["batch"] == row["batch"])
         for key in ("seconds_per_step", "peak_memory_mb", "flops", "memory_estimate_mb"):
@@ -277,55 +277,3 @@ def _earlier_count(result: dict, arm: Arm) -> dict | None:
         if (row["method"], row["segments"], row["batch"]) == (arm.method, arm.segments, arm.batch) and same_ckpt:
             return {k: row[k] for k in ("flops", "memory_estimate_mb", "calls", "grad_calls")}
     return None
-
-
-def _describe(row: dict) -> str:
-    text = f"calls {row['calls']}/{row['grad_calls']}  {row['flops'] / 1e12:8.3g} TFLOP"
-    if "seconds_per_step" in row:
-        text += f"  {row['seconds_per_step']:.3f} s/step  peak {row['peak_memory_mb']:.0f} MB"
-    if "gpu_busy_share" in row:
-        text += f"  GPU busy {row['gpu_busy_share']:.0%} ({row['kernels_per_step']} kernels)"
-    return text
-
-
-def format_table(result: dict) -> str:
-    timed = "seconds_per_step" in result["rows"][0]
-    profiled = "gpu_busy_share" in result["rows"][0]
-    head = "| method | k | batch | calls (grad) | TFLOP/step | est. memory MB |"
-    if timed:
-        head += " s/step (min-max) | peak MB | TFLOP/s | share of peak | s/step vs full | memory vs full |"
-    if profiled:
-        head += " GPU busy | kernels/step |"
-    lines = [head, "|" + "---|" * (head.count("|") - 1)]
-    for r in result["rows"]:
-        line = (f"| {r['method']}{' (ckpt)' if r['checkpointing'] else ''} | {r['segments'] or '-'} | {r['batch']} | "
-                f"{r['calls']} ({r['grad_calls']}) | {r['flops'] / 1e12:.3g} | {r['memory_estimate_mb']:.0f} |")
-        if timed:
-            share = f"{r['peak_share']:.0%}" if r["peak_share"] else "-"
-            line += (f" {r['seconds_per_step']:.3f} ({r['seconds_min']:.3f}-{r['seconds_max']:.3f}) | "
-                     f"{r['peak_memory_mb']:.0f} | {r['achieved_tflops']:.3g} | {share} | "
-                     f"{r['seconds_per_step_vs_full']:.2f} | {r['peak_memory_mb_vs_full']:.2f} |")
-        if profiled:
-            line += f" {r['gpu_busy_share']:.0%} | {r['kernels_per_step']} |"
-        lines.append(line)
-    return "\n".join(lines)
-
-
-def log_to_mlflow(result: dict, tracking_uri: str, json_path: Path | None, experiment: str = "shortft-bench") -> str:
-    from shortft import tracking
-
-    tracking_uri = tracking.resolve_uri(tracking_uri)
-    run_id = tracking.ensure_run(tracking_uri, experiment, f"bench/{time.time_ns()}", f"bench-{result['config']}",
-                                 reuse=False)
-    tracking.log_dict_params(tracking_uri, run_id, {k: v for k, v in result.items() if k != "rows"})
-    client = tracking.client(tracking_uri)
-    for r in result["rows"]:
-        label = f"{r['method']}_k{r['segments'] or 0}_b{r['batch']}" + ("_ckpt" if r["checkpointing"] else "")
-        for key in ("seconds_per_step", "peak_memory_mb", "flops", "achieved_tflops", "calls", "grad_calls",
-                    "gpu_busy_share", "kernels_per_step"):
-            if r.get(key) is not None:
-                client.log_metric(run_id, f"{label}/{key}", float(r[key]))
-    if json_path:
-        client.log_artifact(run_id, str(json_path))
-    client.set_terminated(run_id, "FINISHED")
-    return run_id

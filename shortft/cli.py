@@ -249,7 +249,8 @@ def bool_list(flag: str, text: str | None) -> list[bool | None]:
 
 
 def run_bench(cfg, args) -> dict:
-    from shortft.bench import format_table, log_to_mlflow, run_bench as bench
+    from shortft.bench import run_bench as bench
+    from shortft.bench_report import format_table, log_to_mlflow
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     print(f"bench {cfg.name}: {cfg.model.pretrained}{' (random weights)' if args.random_weights else ''}, "

@@ -1,0 +1,58 @@
+"""`shortft bench`'s output: the one-line progress of an arm, the Markdown table, the MLflow run."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+
+def describe(row: dict) -> str:
+    text = f"calls {row['calls']}/{row['grad_calls']}  {row['flops'] / 1e12:8.3g} TFLOP"
+    if "seconds_per_step" in row:
+        text += f"  {row['seconds_per_step']:.3f} s/step  peak {row['peak_memory_mb']:.0f} MB"
+    if "gpu_busy_share" in row:
+        text += f"  GPU busy {row['gpu_busy_share']:.0%} ({row['kernels_per_step']} kernels)"
+    return text
+
+
+def format_table(result: dict) -> str:
+    timed = "seconds_per_step" in result["rows"][0]
+    profiled = "gpu_busy_share" in result["rows"][0]
+    head = "| method | k | batch | calls (grad) | TFLOP/step | est. memory MB |"
+    if timed:
+        head += " s/step (min-max) | peak MB | TFLOP/s | share of peak | s/step vs full | memory vs full |"
+    if profiled:
+        head += " GPU busy | kernels/step |"
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in result["rows"]:
+        line = (f"| {r['method']}{' (ckpt)' if r['checkpointing'] else ''} | {r['segments'] or '-'} | {r['batch']} | "
+                f"{r['calls']} ({r['grad_calls']}) | {r['flops'] / 1e12:.3g} | {r['memory_estimate_mb']:.0f} |")
+        if timed:
+            share = f"{r['peak_share']:.0%}" if r["peak_share"] else "-"
+            line += (f" {r['seconds_per_step']:.3f} ({r['seconds_min']:.3f}-{r['seconds_max']:.3f}) | "
+                     f"{r['peak_memory_mb']:.0f} | {r['achieved_tflops']:.3g} | {share} | "
+                     f"{r['seconds_per_step_vs_full']:.2f} | {r['peak_memory_mb_vs_full']:.2f} |")
+        if profiled:
+            line += f" {r['gpu_busy_share']:.0%} | {r['kernels_per_step']} |"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def log_to_mlflow(result: dict, tracking_uri: str, json_path: Path | None, experiment: str = "shortft-bench") -> str:
+    from shortft import tracking
+
+    tracking_uri = tracking.resolve_uri(tracking_uri)
+    run_id = tracking.ensure_run(tracking_uri, experiment, f"bench/{time.time_ns()}", f"bench-{result['config']}",
+                                 reuse=False)
+    tracking.log_dict_params(tracking_uri, run_id, {k: v for k, v in result.items() if k != "rows"})
+    client = tracking.client(tracking_uri)
+    for r in result["rows"]:
+        label = f"{r['method']}_k{r['segments'] or 0}_b{r['batch']}" + ("_ckpt" if r["checkpointing"] else "")
+        for key in ("seconds_per_step", "peak_memory_mb", "flops", "achieved_tflops", "calls", "grad_calls",
+                    "gpu_busy_share", "kernels_per_step"):
+            if r.get(key) is not None:
+                client.log_metric(run_id, f"{label}/{key}", float(r[key]))
+    if json_path:
+        client.log_artifact(run_id, str(json_path))
+    client.set_terminated(run_id, "FINISHED")
+    return run_id
