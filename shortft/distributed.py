@@ -143,6 +143,10 @@ class RayTrainResult:
 
 
 WORKER_GROUP_START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
+# Ray Train's controller takes one report per poll, every 2 s by default, and a worker's `report` waits
+# for it: every step (all are reported) took at least 2 s. Read by the controller, which Ray Train gives
+# the environment of the process that fits the trainer (this one), wherever it runs.
+POLL_INTERVAL_ENV, POLL_INTERVAL_S = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2"
 
 
 class ResourceWaitError(RuntimeError):
@@ -211,6 +215,7 @@ def train_with_ray(cfg: Config, workers: int, use_gpu: bool = False, storage_pat
     relay = start_relay(tracking_uri) if tracking_uri else None  # found again if the sweep started it
     if resource_wait_s:  # Ray Train reads it in its controller, which gets it from this process's environment
         os.environ[WORKER_GROUP_START_TIMEOUT_ENV] = str(resource_wait_s)
+    os.environ.setdefault(POLL_INTERVAL_ENV, POLL_INTERVAL_S)
     fail_at = int(os.environ.get(FAIL_AT_STEP_ENV, "0") or 0)
     loop_config = {
         "cfg": to_dict(cfg), "use_gpu": use_gpu, "threads": threads or max(1, int(cpus)), "tracking_uri": tracking_uri,

@@ -100,7 +100,7 @@ def test_cli_two_workers_on_toy_config_logs_everything_to_mlflow(tmp_path):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     p = subprocess.run([sys.executable, "-m", "shortft.cli", "train", "--config", "toy", "--workers", "2",
                         "--tracking-uri", uri, "--storage-path", str(tmp_path / "ray"), "--experiment", "cli",
-                        "train.steps=3", "chain.steps=10", "chain.segments=2", "train.batch_size=1",
+                        "train.steps=6", "chain.steps=10", "chain.segments=2", "train.batch_size=1",
                         "eval.samples_per_prompt=1", "eval.every=0", f"train.output_dir={tmp_path}/out"],
                        capture_output=True, text=True, timeout=900, cwd=tmp_path,
                        env={**os.environ, "RAY_num_cpus": "4"})
@@ -111,10 +111,16 @@ def test_cli_two_workers_on_toy_config_logs_everything_to_mlflow(tmp_path):
     assert len(runs) == 1
     run = runs[0]
     assert run.data.params["chain.method"] == "shortft" and run.data.params["lora.rank"] == "8"
-    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [1, 2, 3]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [1, 2, 3, 4, 5, 6]
+    # Between two steps the workers wait for Ray Train's controller to take the report: by default it
+    # polls every 2 s, which held every step to at least 2 s (distributed.POLL_INTERVAL_ENV)
+    logged = [m.timestamp / 1000 for m in client.get_metric_history(run.info.run_id, "loss")]
+    seconds = [m.value for m in client.get_metric_history(run.info.run_id, "seconds_per_step")]
+    waits = [b - a - s for a, b, s in zip(logged, logged[1:-1], seconds[1:-1])]  # the last step also saves
+    assert sorted(waits)[len(waits) // 2] < 1.0, waits
     assert "eval/toy_judge_accuracy" in run.data.metrics
     top = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"samples", "lora", "config.yaml"} <= top
-    assert [a.path for a in client.list_artifacts(run.info.run_id, "samples")] == ["samples/step_000003.png"]
+    assert [a.path for a in client.list_artifacts(run.info.run_id, "samples")] == ["samples/step_000006.png"]
     lora = {a.path for a in client.list_artifacts(run.info.run_id, "lora")}
     assert "lora/segment_1" in lora and "lora/shortft_lora.json" in lora

@@ -152,13 +152,14 @@ def test_resuming_with_another_worker_count_is_refused_in_one_line(make_cfg, tmp
 @pytest.mark.xdist_group("ray")  # Ray Train runs: with the other tests that start Ray (see test_sweep.py)
 def test_a_two_worker_run_outlives_the_tracking_server_and_resumes_with_two_workers_only(mlflow_server, tmp_path,
                                                                                        tiny_dir):
-    """Two `--workers 2` runs at once, each through its own gate to one real server: for "away" the
-    server goes at step 2 for good, for "back" from step 2 to step 4. Both finish with exit 0 and
-    complete checkpoints and metrics.jsonl; "away" says in one line what was not logged, "back" logs
-    every step. Then the 2-worker checkpoint, resumed in one process, is refused in one line (the
-    documented result: the global batch and the data order depend on the worker count)."""
+    """Two runs at once, each through its own gate to one real server: for "away", a `--workers 2`
+    run, the server goes at step 2 for good; for "back", a run in one process (the same logger; a
+    second Ray Train job would double the test's time), from step 2 until it tried to log and failed.
+    Both finish with exit 0 and complete checkpoints and metrics.jsonl; "away" says in one line what
+    was not logged, "back" logs every step. Then the 2-worker checkpoint, resumed in one process, is
+    refused in one line (the documented result: the global batch and the data order depend on the
+    worker count)."""
     import json
-    import re
     import time
 
     from mlflow.tracking import MlflowClient
@@ -166,18 +167,21 @@ def test_a_two_worker_run_outlives_the_tracking_server_and_resumes_with_two_work
     from tests.conftest import TcpGate
 
     gates = {name: TcpGate(mlflow_server.port) for name in ("away", "back")}
-    procs = {name: _train_with_server(tmp_path, tiny_dir, gate.port, name, 6, "--workers", "2", "--storage-path",
-                                      str(tmp_path / "ray"), every=2) for name, gate in gates.items()}
+    steps = {"away": 6, "back": 20}
+    procs = {"away": _train_with_server(tmp_path, tiny_dir, gates["away"].port, "away", 6, "--workers", "2",
+                                        "--storage-path", str(tmp_path / "ray"), every=2),
+             "back": _train_with_server(tmp_path, tiny_dir, gates["back"].port, "back", 20, every=10)}
     try:
-        for name in procs:
-            _wait_for_step(tmp_path / name, 2, procs[name])
-            gates[name].close()
-        _wait_for_step(tmp_path / "back", 4, procs["back"])
+        # "back" first: in one process it reaches step 2 while "away" is still starting Ray
+        _wait_for_step(tmp_path / "back", 2, procs["back"])
+        gates["back"].close()
         deadline = time.time() + 120
         while gates["back"].cut == 0 and procs["back"].poll() is None and time.time() < deadline:
-            time.sleep(0.2)  # the run has tried to log while the server was away
+            time.sleep(0.05)  # the run has tried to log while the server was away
         gates["back"].open()
         assert procs["back"].poll() is None, "the run ended before the server came back"
+        _wait_for_step(tmp_path / "away", 2, procs["away"])
+        gates["away"].close()
         outs = {name: p.communicate(timeout=600) for name, p in procs.items()}
     finally:
         for p in procs.values():
@@ -185,24 +189,25 @@ def test_a_two_worker_run_outlives_the_tracking_server_and_resumes_with_two_work
                 p.kill()
     for name, (out, err) in outs.items():
         assert procs[name].returncode == 0, err[-3000:]
-        steps = [json.loads(line)["step"] for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
-        assert sorted(set(steps)) == list(range(1, 7)), (name, steps)
-        assert {p.name for p in (tmp_path / name / "checkpoints").iterdir()} >= {"step_000004", "step_000006"}
+        done = [json.loads(line)["step"] for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        assert sorted(set(done)) == list(range(1, steps[name] + 1)), (name, done)
+        assert {p.name for p in (tmp_path / name / "checkpoints").iterdir()} >= {f"step_{steps[name]:06d}"}
         assert (tmp_path / name / "lora").is_dir() and gates[name].cut > 0, (name, gates[name].cut, err[-3000:])
     lost = [line for line in outs["away"][1].splitlines() if "mlflow" in line.lower()]
     assert len(lost) == 1 and "were not logged to" in lost[0], outs["away"][1][-3000:]
     assert "/shortft/" not in outs["away"][1]  # no traceback of ours (Ray may log its own, on a loaded machine)
+    assert {p.name for p in (tmp_path / "away" / "checkpoints").iterdir()} >= {"step_000004", "step_000006"}
     assert "were not logged" not in outs["back"][1]
     client = MlflowClient(f"http://127.0.0.1:{mlflow_server.port}")
-    name = re.search(r"done: run (\S+);", outs["back"][0]).group(1)  # a --workers run's key: its Ray run name
+    key = str((tmp_path / "back").resolve())  # a one-process run's key: its output folder
     (run,) = [r for r in client.search_runs([client.get_experiment_by_name("shortft").experiment_id])
-              if r.data.tags.get("shortft.run_key") == name]
-    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "loss")) == list(range(1, 7))
+              if r.data.tags.get("shortft.run_key") == key]
+    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "loss")) == list(range(1, 21))
 
     # The 2-worker checkpoint, resumed in one process (no --workers): one line, exit 2, nothing trained.
     p = subprocess.run([sys.executable, "-m", "shortft.cli", "train", "--config", "tiny", f"model.pretrained={tiny_dir}",
                         "train.steps=6", "chain.steps=4", "chain.segments=2", "train.checkpoint_every=2",
-                        f"train.output_dir={tmp_path / 'back'}", "--no-mlflow", "--resume"],
+                        f"train.output_dir={tmp_path / 'away'}", "--no-mlflow", "--resume"],
                        capture_output=True, text=True, timeout=300)
     assert p.returncode == 2 and p.stderr.count("\n") == 1 and "Traceback" not in p.stderr, p.stderr[-3000:]
     assert "was written by 2 worker(s), this run has 1; resume with --workers 2" in p.stderr, p.stderr
