@@ -63,13 +63,13 @@ def _runs(cwd: Path):
 @pytest.mark.slow
 def test_readme_block_and_the_tuner_example_verbatim(tmp_path):
     """Both run at once, each with its own local Ray (each trial's worker uses one thread; most of a
-    smoke trial is process start-up): the README's tune.run block letting Ray start itself (3 trials),
-    and docs/sweeps.md's Tuner + OptunaSearch example on a bare ray.init() (3 trials, one at a time)."""
+    smoke trial is process start-up): the README's tune.run block letting Ray start itself (4 trials),
+    and docs/sweeps.md's Tuner + OptunaSearch example on a bare ray.init() (6 trials, one at a time)."""
     readme, tuner = tmp_path / "readme", tmp_path / "tuner"
     readme.mkdir()
     tuner.mkdir()
     code = _block(ROOT / "docs" / "sweeps.md", "With `tune.Tuner` and Optuna")
-    assert "ray.init()" in code and "num_samples=3" in code
+    assert "ray.init()" in code and "num_samples=6" in code
     procs = [_start_example(_block(ROOT / "README.md", "### From Python"), readme), _start_example(code, tuner)]
     try:
         out = _finish_example(procs[0], readme, timeout=900)
@@ -81,13 +81,13 @@ def test_readme_block_and_the_tuner_example_verbatim(tmp_path):
 
     assert "chain.segments" in out  # the README block printed the best config
     runs = _runs(readme)
-    assert len(runs) == 3 and all(r.info.status == "FINISHED" for r in runs)
+    assert len(runs) == 4 and all(r.info.status == "FINISHED" for r in runs)
     assert all("eval/objective" in r.data.metrics for r in runs)
 
     runs = _runs(tuner)
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
-    assert len(parents) == 1 and len(children) == 3
+    assert len(parents) == 1 and len(children) == 6
     assert all(c.data.tags["mlflow.parentRunId"] == parents[0].info.run_id for c in children)
     assert all("eval/objective" in c.data.metrics and "train.lr" in c.data.params for c in children)
 
