@@ -211,8 +211,9 @@ class TrainingPlan:
 
     def first_grad_segment(self, stage: int) -> int:
         """Progressive stage s runs the segments before s without gradient (and segment s too, unless
-        train.stage_segment_grad)."""
-        return stage if self.stage_segment_grad else stage + 1
+        train.stage_segment_grad). The last stage has no segment after its own, so it always runs its
+        own with gradient: else no call would carry any and its LoRA would not train."""
+        return stage if self.stage_segment_grad or stage == self.stages else stage + 1
 
     def calls(self, timesteps: Sequence[int], stage: int = 1) -> list[Call]:
         """The calls a method makes (for ShortFT: the short chain of `stage`; else the N-step sampler)."""

@@ -97,6 +97,19 @@ def test_progressive_stage_runs_earlier_segments_without_gradient(make_cfg):
     assert set(range(10)) <= set(indices)  # the original steps, not the shortcut
 
 
+@pytest.mark.parametrize("own_segment", [True, False])
+def test_every_progressive_stage_has_calls_with_gradient(make_cfg, own_segment):
+    """With train.stage_segment_grad=false stage s starts its gradient at segment s+1; the last stage has
+    none after its own, and crashed in backward ("element 0 of tensors does not require grad")."""
+    cfg = make_cfg("chain.steps=20", "chain.segments=4", f"train.stage_segment_grad={str(own_segment).lower()}")
+    models = load_models(cfg)
+    for stage in range(1, 5):
+        reached, indices = _grad_receiving_calls(models, cfg, stage=stage)
+        assert reached, stage
+        first = {1: 0, 2: 5, 3: 10, 4: 15}[stage if own_segment or stage == 4 else stage + 1]
+        assert min(reached) >= first  # segment s starts at index 5 (s - 1)
+
+
 @pytest.mark.parametrize("method,expect", [("draft", {19}), ("refl", None), ("alignprop", None), ("drtune", None),
                                            ("draft_lv", {19})])
 def test_baselines_put_gradient_where_they_should(make_cfg, method, expect):
