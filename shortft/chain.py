@@ -110,12 +110,23 @@ def draft_lv(denoiser: Denoiser, inputs: ChainInput, plan: TrainingPlan) -> torc
     return torch.cat(outs)  # [(1 + n) * B, ...]
 
 
-def alignprop(denoiser: Denoiser, inputs: ChainInput, plan: TrainingPlan) -> torch.Tensor:
-    """AlignProp: UNet outputs detached before a random cut (x_t keeps its gradient path)."""
-    calls = _calls(denoiser, plan)
+def alignprop_modes(calls: Sequence[Call], plan: TrainingPlan, generator: torch.Generator | None) -> list[str]:
+    """AlignProp's cut over `chain.alignprop_range` (as step indices lo..hi). `per_step`, as its authors'
+    code and TRL run it: at each step i a fresh u ~ U{lo..hi} is drawn and the UNet output is detached
+    when i < u, so step i trains with probability (i - lo + 1) / (hi - lo + 1), (i + 1) / (N + 1) over the
+    whole chain. `contiguous`: one cut drawn per chain, every step from it on trains."""
     lo, hi = (math.floor(f * plan.chain.steps) for f in plan.chain.alignprop_range)
-    cut = _randint(lo, hi, inputs.generator)
-    modes = ["detach_output" if c.index < cut else "grad" for c in calls]
+    if plan.chain.alignprop_cut == "per_step":
+        cuts = torch.randint(lo, hi + 1, (len(calls),), generator=generator).tolist()
+        return ["detach_output" if c.index < u else "grad" for c, u in zip(calls, cuts)]
+    cut = _randint(lo, hi, generator)
+    return ["detach_output" if c.index < cut else "grad" for c in calls]
+
+
+def alignprop(denoiser: Denoiser, inputs: ChainInput, plan: TrainingPlan) -> torch.Tensor:
+    """AlignProp: UNet outputs detached before the random cut (x_t keeps its gradient path)."""
+    calls = _calls(denoiser, plan)
+    modes = alignprop_modes(calls, plan, inputs.generator)
     return run_calls(denoiser, inputs.latents, calls, _truncate(calls, modes, plan), inputs.condition,
                      inputs.on_call)[0]
 

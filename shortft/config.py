@@ -25,6 +25,7 @@ from typing import Any
 
 import yaml
 
+ALIGNPROP_CUTS = ("per_step", "contiguous")
 METHODS = ("shortft", "full", "draft", "draft_lv", "alignprop", "refl", "drtune")
 MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
 INTERIOR_ADAPTERS = ("none", "segment")
@@ -74,6 +75,8 @@ class ChainConfig:
     last_k: int = setting(1, "draft: steps at the end of the chain that carry gradient")
     lv_copies: int = setting(2, "draft_lv: extra re-noised copies of the last step")
     alignprop_range: list = setting([0.0, 1.0], "alignprop: fraction range the random gradient cut is drawn from")
+    alignprop_cut: str = setting("per_step", "alignprop: per_step (its authors' code: a fresh cut drawn at each "
+                                 "step, which trains if the cut is at or below its index) or contiguous (one cut)")
     refl_window: list = setting([0.75, 1.0], "refl: fraction window of the step that carries gradient")
     drtune_train_steps: int = setting(5, "drtune: evenly spaced steps that carry gradient")
     drtune_stop_at: float = setting(1.0, "drtune: fraction of the chain after which x0 is predicted directly")
@@ -354,6 +357,7 @@ def validate(cfg: Config) -> None:
     if not (math.isfinite(chain.drtune_stop_at) and 0 < chain.drtune_stop_at <= 1):
         raise ConfigError(f"chain.drtune_stop_at={chain.drtune_stop_at}: must be in (0, 1]")
     _fraction_range("chain.alignprop_range", chain.alignprop_range)
+    _one_of("chain.alignprop_cut", chain.alignprop_cut, ALIGNPROP_CUTS)
     _fraction_range("chain.refl_window", chain.refl_window)
     _one_of("chain.interior_adapters", chain.interior_adapters, INTERIOR_ADAPTERS)
     if not math.isfinite(chain.guidance_scale):

@@ -51,7 +51,7 @@ def test_shortft_chain_makes_18_network_calls_for_50_over_4(make_cfg, sd_timeste
     assert calls == [c.t for c in shortft_plan(sd_timesteps_50, 4, stacked(ADAPTERS))]
 
 
-def _grad_receiving_calls(models, cfg, stage=1):
+def _grad_receiving_calls(models, cfg, stage=1, generator=None):
     """Schedule indices of the network calls that ran, and of those through which gradient flowed back
     (a tensor hook on each UNet output fires only if gradient reaches it)."""
     index_of_t = {t: i for i, t in enumerate(models.denoiser.timesteps(cfg.chain.steps))}
@@ -67,7 +67,8 @@ def _grad_receiving_calls(models, cfg, stage=1):
     for p in (p for k, p in models.unet.named_parameters() if "lora_" in k):
         p.requires_grad_(True)
     c = models.condition(["a red circle"], cfg.chain.guidance_scale, None)
-    x = sample(models.denoiser, ChainInput(models.initial_noise(1, torch.Generator().manual_seed(0)), c, stage), models.plan)
+    noise = models.initial_noise(1, torch.Generator().manual_seed(0))
+    x = sample(models.denoiser, ChainInput(noise, c, stage, generator), models.plan)
     x.square().mean().backward()
     handle.remove()
     return reached, sorted(set(ran))
@@ -119,8 +120,8 @@ def test_baselines_put_gradient_where_they_should(make_cfg, method, expect):
         assert reached == expect
     elif method == "refl":  # one step with gradient, inside the late window [15, 20)
         assert len(reached) == 1 and 15 <= min(reached) < 20 and max(indices) == min(reached)
-    elif method == "alignprop":  # outputs detached before a random cut, kept after
-        assert reached == {i for i in indices if i >= min(reached)}
+    elif method == "alignprop":  # outputs detached before a random cut drawn at each step
+        assert 0 < len(reached) < len(indices)
     elif method == "drtune":  # 4 evenly spaced trained steps
         steps = sorted(reached)
         assert len(steps) == 4 and len({b - a for a, b in zip(steps, steps[1:])}) == 1
@@ -143,3 +144,39 @@ def test_lora_shortcut_runs_only_the_shortcut_adapter(make_cfg, tmp_path, tiny_d
     sample(models.denoiser, ChainInput(models.initial_noise(1, torch.Generator().manual_seed(0)), c), models.plan)
     assert ("shortcut",) in seen
     assert all("shortcut" not in names or names == ("shortcut",) for names in seen)
+
+
+@pytest.mark.parametrize("cut", ["per_step", "contiguous"])
+def test_alignprop_trains_the_steps_its_cut_says(make_cfg, cut):
+    """Counted with hooks on the real chain, for several seeded draws: the calls gradient reaches are
+    exactly those the drawn modes train."""
+    from shortft.chain import alignprop_modes
+
+    cfg = make_cfg("chain.method=alignprop", "chain.steps=10", f"chain.alignprop_cut={cut}")
+    models = load_models(cfg)
+    calls = models.plan.calls(models.denoiser.timesteps(10))
+    for seed in range(3):
+        reached, _ = _grad_receiving_calls(models, cfg, generator=torch.Generator().manual_seed(seed))
+        modes = alignprop_modes(calls, models.plan, torch.Generator().manual_seed(seed))
+        assert reached == {c.index for c, m in zip(calls, modes) if m == "grad"}, (seed, modes)
+        if cut == "contiguous":
+            assert reached == set(range(min(reached), 10))
+
+
+def test_alignprop_per_step_cut_trains_step_i_with_probability_i_plus_1_over_n_plus_1(make_cfg):
+    """Its authors' code (and TRL's): u ~ U{0..N} drawn at every step i, output detached when i < u."""
+    from shortft.chain import alignprop_modes
+
+    cfg = make_cfg("chain.method=alignprop", "chain.steps=10")
+    assert cfg.chain.alignprop_cut == "per_step"  # the default
+    models = load_models(cfg)
+    calls = models.plan.calls(models.denoiser.timesteps(10))
+    gen, draws = torch.Generator().manual_seed(0), 4000
+    trained = torch.zeros(10)
+    for _ in range(draws):
+        trained += torch.tensor([m == "grad" for m in alignprop_modes(calls, models.plan, gen)], dtype=torch.float)
+    expected = torch.arange(1, 11) / 11
+    assert torch.allclose(trained / draws, expected, atol=0.025), (trained / draws).tolist()
+    # not one contiguous cut: some draws train a step and not the one after it
+    modes = [alignprop_modes(calls, models.plan, gen) for _ in range(50)]
+    assert any(m[i] == "grad" and m[i + 1] != "grad" for m in modes for i in range(9))
