@@ -103,6 +103,10 @@ class TrainConfig:
     grad_clip: float = setting(1.0, "max gradient norm (0 = no clipping)")
     seed: int = setting(0, "seed of prompts, noise and random cuts")
     max_bad_steps: int = setting(5, "stop after this many non-finite losses/grads in a row")
+    time_budget_s: float | None = setting(None, "stop once the training steps took this many seconds in all "
+                                          "(evaluation excluded); train.steps stays the cap")
+    call_budget: int | None = setting(None, "stop once the steps made this many network calls in all (with "
+                                      "gradient and without); train.steps stays the cap")
     checkpoint_every: int = setting(50, "steps between checkpoints (0 = only at the end)")
     keep_checkpoints: int = setting(2, "checkpoints kept on disk")
     log_every: int = setting(1, "steps between progress lines")
@@ -367,6 +371,10 @@ def validate(cfg: Config) -> None:
     if not lora.targets or not all(isinstance(x, str) for x in lora.targets):
         raise ConfigError(f"lora.targets={lora.targets!r}: expected a non-empty list of module names, e.g. [to_q, to_v]")
     _positive("train.lr", train.lr)
+    if train.time_budget_s is not None:
+        _positive("train.time_budget_s", train.time_budget_s)
+    if train.call_budget is not None and (isinstance(train.call_budget, bool) or train.call_budget <= 0):
+        raise ConfigError(f"train.call_budget={train.call_budget}: must be a positive integer (or null: no budget)")
     _positive("train.weight_decay", train.weight_decay, zero_ok=True)
     _positive("train.grad_clip", train.grad_clip, zero_ok=True)
     for key, value in (("train.checkpoint_every", train.checkpoint_every), ("eval.every", cfg.eval.every)):

@@ -19,6 +19,7 @@ import torch.distributed as dist
 import yaml
 
 from shortft import checkpoint
+from shortft.budget import Budget
 from shortft.chain import ChainInput, sample
 from shortft.checks import check
 from shortft.config import Config, ConfigError, to_dict
@@ -69,8 +70,8 @@ class TrainResult:
 
 
 # What every step logs (metrics.jsonl, MLflow, Ray Train), besides "reward" and "reward/<term>".
-STEP_METRICS = ("step", "stage", "loss", "grad_norm", "skipped", "network_calls", "grad_calls", "lr",
-                "seconds_per_step", "images_per_second", "peak_memory_mb")
+STEP_METRICS = ("step", "stage", "loss", "grad_norm", "skipped", "network_calls", "grad_calls", "train_seconds",
+                "calls_total", "lr", "seconds_per_step", "images_per_second", "peak_memory_mb")
 CHAIN_STREAM = 2**32 - 1  # the stream of a micro-batch's method randomness (cuts, copies), shared by ranks
 
 
@@ -167,8 +168,8 @@ def train(cfg: Config, callbacks: list[Callback] = (), resume: bool | str | Path
     if is_main:
         say(memory_of(models, rewards))
 
-    # 3. Resume: LoRA, optimizer, RNG and step from the latest (or given) checkpoint.
-    start, bad_in_row, history = 0, 0, []
+    # 3. Resume: LoRA, optimizer, RNG, step and the budget spent from the latest (or given) checkpoint.
+    start, bad_in_row, history, state = 0, 0, [], {}
     metrics_file = out / "metrics.jsonl"
     if resume:
         path = checkpoint.latest(out / "checkpoints") if resume is True else Path(resume)
@@ -183,6 +184,7 @@ def train(cfg: Config, callbacks: list[Callback] = (), resume: bool | str | Path
                                   "rank's data order depend on the worker count)")
             start, bad_in_row = state["step"], state.get("bad_in_row", 0)
             warn(f"resumed from {path} at step {start}")
+    budget = Budget.of(cfg.train, state)
     if is_main:
         if metrics_file.exists():  # keep the rows up to the resumed step, so no step is logged twice
             rows = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
@@ -190,12 +192,12 @@ def train(cfg: Config, callbacks: list[Callback] = (), resume: bool | str | Path
         metrics_file.write_text("".join(json.dumps(r) + "\n" for r in history))
     for cb in callbacks:
         cb.on_start(models, start)
-    total = cfg.train.steps
+    total, done = cfg.train.steps, start
     eval_metrics: dict[str, float] = {}
     steps = bar(range(start, total), initial=start, total=total, desc="train", unit="step", show=is_main)
-    for step in steps:
+    for step in (() if budget.done(start) else steps):
         t0 = time.perf_counter()
-        stage = plan.stage_of(step, total)
+        stage = budget.stage(step, plan.stages)
         training = set(plan.trainable(stage))
         models.denoiser.count = CallCount()  # network calls of this step, logged with it
         for name in adapters:
@@ -235,24 +237,30 @@ def train(cfg: Config, callbacks: list[Callback] = (), resume: bool | str | Path
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
 
-        # 6. Checkpoint, evaluate, then report the step (with what was written) in one call.
+        # 6. Checkpoint, evaluate, then report the step (with what was written) in one call. The last
+        # step is train.steps or the one that used up a budget (ranks agree: they spend the mean time).
         seconds = time.perf_counter() - t0
+        budget.spend(_all_reduce_mean([seconds], models.device, world_size)[0] if budget.seconds else seconds,
+                     models.denoiser.count.calls)
+        done, last = step + 1, budget.done(step + 1)
         images_seen = cfg.train.batch_size * cfg.train.grad_accum * world_size
         metrics = {"step": step + 1, "stage": stage, **sums, "grad_norm": grad_norm, "skipped": int(not finite),
                    "network_calls": models.denoiser.count.calls, "grad_calls": models.denoiser.count.grad_calls,
                    "lr": optimizer.param_groups[0]["lr"], "seconds_per_step": seconds,
-                   "images_per_second": images_seen / seconds, "peak_memory_mb": peak_memory_mb(models.device)}
-        if is_main and ((step + 1) % cfg.train.log_every == 0 or step + 1 == total):
+                   "images_per_second": images_seen / seconds, "peak_memory_mb": peak_memory_mb(models.device),
+                   "train_seconds": budget.spent_seconds, "calls_total": budget.spent_calls}
+        if is_main and ((step + 1) % cfg.train.log_every == 0 or last):
             say(f"step {step + 1}/{total}  stage {stage}/{plan.stages}  loss {sums['loss']:+.4f}  "
                 f"grad {grad_norm:.3g}  {seconds:.2f} s/step" + ("  SKIPPED (non-finite)" if not finite else ""))
         artifacts: dict[str, Path] = {}
         every = cfg.train.checkpoint_every
-        if is_main and ((every and (step + 1) % every == 0) or step + 1 == total):
+        if is_main and ((every and (step + 1) % every == 0) or last):
             artifacts["checkpoint"] = checkpoint.save(out / "checkpoints", step + 1, unet, adapters, optimizer,
-                                                      {"bad_in_row": bad_in_row, "world_size": world_size}, lora_json,
+                                                      {"bad_in_row": bad_in_row, "world_size": world_size,
+                                                       **budget.state()}, lora_json,
                                                       cfg.train.keep_checkpoints,
                                                       scaler)
-        if is_main and ((cfg.eval.every and (step + 1) % cfg.eval.every == 0) or step + 1 == total):
+        if is_main and ((cfg.eval.every and (step + 1) % cfg.eval.every == 0) or last):
             artifacts["grid"] = out / "samples" / f"step_{step + 1:06d}.png"
             t_eval = time.perf_counter()
             eval_metrics = evaluate(models, cfg, rewards, artifacts["grid"])
@@ -269,12 +277,15 @@ def train(cfg: Config, callbacks: list[Callback] = (), resume: bool | str | Path
                 f"{bad_in_row} steps in a row had a non-finite loss or gradient (last at step {step + 1}); "
                 "lower train.lr, set train.grad_clip, or use train.mixed_precision=bf16/no"
             )
+        if last:
+            break
 
     lora_dir = out / "lora"
     if is_main:
         save_loras(unet, adapters, lora_dir, lora_json)
-        (out / "result.json").write_text(json.dumps({"steps": total, "lora_dir": str(lora_dir), "eval": eval_metrics}))
-    result = TrainResult(out, lora_dir, total, eval_metrics, history)
+        (out / "result.json").write_text(json.dumps({"steps": done, "lora_dir": str(lora_dir), "eval": eval_metrics,
+                                                     **budget.state()}))
+    result = TrainResult(out, lora_dir, done, eval_metrics, history)
     for cb in callbacks:
         cb.on_end(result)
     return result

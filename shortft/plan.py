@@ -201,10 +201,6 @@ class TrainingPlan:
         the baselines train one LoRA on every step, so it is always on for them."""
         return self.chain.interior_adapters if self.chain.method == "shortft" else "segment"
 
-    def stage_of(self, step: int, total_steps: int) -> int:
-        """Progressive training: the optimizer steps are split evenly over the stages (1-based)."""
-        return min(self.stages, step * self.stages // total_steps + 1)
-
     def trainable(self, stage: int) -> tuple[str, ...]:
         """Progressive ShortFT: stage s trains LoRA_s..k (a shared LoRA trains in every stage)."""
         return self.adapters[stage - 1:] if len(self.adapters) > 1 else self.adapters

@@ -74,8 +74,13 @@ def config_of_trial(config: dict, sweep: dict, name: str | None = None) -> Confi
 
 
 def stopped_early(config: dict, sweep: dict, last_result: dict) -> bool:
-    """The trial's last reported step is short of the steps its config plans (ASHA stopped it)."""
-    return last_result.get("step", 0) < config_of_trial(config, sweep).train.steps
+    """The trial's last reported step is short of the steps its config plans and of its budgets (ASHA
+    stopped it)."""
+    from shortft.budget import Budget
+
+    budget = Budget.of(config_of_trial(config, sweep).train, last_result.get("train_seconds") is not None and {
+        "spent_seconds": last_result["train_seconds"], "spent_calls": last_result.get("calls_total", 0)})
+    return not budget.done(last_result.get("step", 0))
 
 
 class EvalReport(TuneReportCallback):

@@ -1,0 +1,47 @@
+"""How far a run has come: optimizer steps, and the training seconds and network calls spent, against
+`train.steps`, `train.time_budget_s` and `train.call_budget`. Equal-compute comparisons hold methods to
+the same wall clock or the same UNet calls; progressive stages split whichever runs out first."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from shortft.config import TrainConfig
+
+
+@dataclass
+class Budget:
+    steps: int
+    seconds: float | None = None  # training steps only: evaluation and checkpoints are not counted
+    calls: int | None = None  # network calls, with gradient and without
+    spent_seconds: float = 0.0
+    spent_calls: int = 0
+
+    @classmethod
+    def of(cls, train: TrainConfig, state: dict | None = None) -> Budget:
+        """The run's budget; `state` (a checkpoint's) holds what was spent before a resume."""
+        state = state or {}
+        return cls(train.steps, train.time_budget_s, train.call_budget,
+                   float(state.get("spent_seconds", 0.0)), int(state.get("spent_calls", 0)))
+
+    def spend(self, seconds: float, calls: int) -> None:
+        self.spent_seconds += seconds
+        self.spent_calls += calls
+
+    def stage(self, step: int, stages: int) -> int:
+        """The progressive stage (1-based) of the step after `step` steps: the stages split the steps
+        evenly, and the time and call budgets too, whichever is further along."""
+        by_steps = step * stages // self.steps
+        by_budget = max(self._fraction(self.spent_seconds, self.seconds), self._fraction(self.spent_calls, self.calls))
+        return min(stages, max(by_steps, int(by_budget * stages)) + 1)
+
+    def done(self, steps_done: int) -> bool:
+        return (steps_done >= self.steps or self._fraction(self.spent_seconds, self.seconds) >= 1
+                or self._fraction(self.spent_calls, self.calls) >= 1)
+
+    def state(self) -> dict:
+        return {"spent_seconds": self.spent_seconds, "spent_calls": self.spent_calls}
+
+    @staticmethod
+    def _fraction(spent: float, budget: float | None) -> float:
+        return spent / budget if budget else 0.0
