@@ -78,6 +78,10 @@ class ChainConfig:
     alignprop_cut: str = setting("per_step", "alignprop: per_step (its authors' code: a fresh cut drawn at each "
                                  "step, which trains if the cut is at or below its index) or contiguous (one cut)")
     refl_window: list = setting([0.75, 1.0], "refl: fraction window of the step that carries gradient")
+    refl_guidance: float | None = setting(1.0, "refl: guidance of its training chain (ImageReward's ReFL trains "
+                                          "unguided; null = chain.guidance_scale); evaluation keeps the guided one")
+    refl_margin: float | None = setting(None, "refl: loss relu(margin - reward) as ImageReward's ReFL (margin 2 "
+                                        "on its score); null = -reward like every method")
     drtune_train_steps: int = setting(5, "drtune: evenly spaced steps that carry gradient")
     drtune_stop_at: float = setting(1.0, "drtune: fraction of the chain after which x0 is predicted directly")
     interior_adapters: str = setting("none", "shortft inference: LoRAs on the steps the short chain skips: none or segment")
@@ -363,6 +367,9 @@ def validate(cfg: Config) -> None:
     _fraction_range("chain.alignprop_range", chain.alignprop_range)
     _one_of("chain.alignprop_cut", chain.alignprop_cut, ALIGNPROP_CUTS)
     _fraction_range("chain.refl_window", chain.refl_window)
+    for key, value in (("chain.refl_guidance", chain.refl_guidance), ("chain.refl_margin", chain.refl_margin)):
+        if value is not None and not math.isfinite(value):
+            raise ConfigError(f"{key}={value}: must be a finite number or null")
     _one_of("chain.interior_adapters", chain.interior_adapters, INTERIOR_ADAPTERS)
     if not math.isfinite(chain.guidance_scale):
         raise ConfigError(f"chain.guidance_scale={chain.guidance_scale}: must be a finite number")

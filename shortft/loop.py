@@ -97,14 +97,18 @@ def micro_batch_loss(models: Models, rewards: Rewards, cfg: Config, prompts: lis
                      ) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """prompts -> text states -> chain -> VAE decode -> reward terms -> loss (scaled for grad_accum).
     noise: [B, 4, h, w]. Returns (loss, weighted reward [B'], terms {name: [B']}), B' = B * copies."""
-    condition = models.condition(prompts, cfg.chain.guidance_scale, cfg.model.shortcut_guidance_scale)
+    chain = cfg.chain
+    refl = chain.method == "refl"
+    guidance = chain.refl_guidance if refl and chain.refl_guidance is not None else chain.guidance_scale
+    condition = models.condition(prompts, guidance, cfg.model.shortcut_guidance_scale)
     with autocast:
         latents = sample(models.denoiser, ChainInput(noise, condition, stage, generator), models.plan)
         images = models.decode(latents)  # [B', 3, H, W], B' = B * copies (draft_lv)
         batch_prompts = prompts * (images.shape[0] // len(prompts))
         terms = rewards.terms(images, batch_prompts, list(rewards.weights))
         reward = rewards.weighted(terms)  # [B']
-        return -reward.mean() / cfg.train.grad_accum, reward, terms
+        objective = torch.relu(chain.refl_margin - reward) if refl and chain.refl_margin is not None else -reward
+        return objective.mean() / cfg.train.grad_accum, reward, terms
 
 
 def autocast_for(cfg: Config, device: torch.device):

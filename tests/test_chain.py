@@ -180,3 +180,22 @@ def test_alignprop_per_step_cut_trains_step_i_with_probability_i_plus_1_over_n_p
     # not one contiguous cut: some draws train a step and not the one after it
     modes = [alignprop_modes(calls, models.plan, gen) for _ in range(50)]
     assert any(m[i] == "grad" and m[i + 1] != "grad" for m in modes for i in range(9))
+
+
+@pytest.mark.parametrize("guidance,batch", [("1.0", 1), ("null", 2)])
+def test_refl_trains_unguided_as_imagereward_does(make_cfg, guidance, batch):
+    """ImageReward's ReFL.py calls the UNet on the prompt alone while it trains; evaluation stays guided."""
+    from shortft.loop import micro_batch_loss
+    from shortft.rewards import Rewards
+
+    cfg = make_cfg("chain.method=refl", "chain.steps=8", "chain.guidance_scale=5", f"chain.refl_guidance={guidance}",
+                   "chain.refl_margin=100")
+    models = load_models(cfg)
+    rewards = Rewards(cfg.reward.weights, cfg.reward.options)
+    sizes = []
+    handle = models.unet.register_forward_hook(lambda m, args, out: sizes.append(args[0].shape[0]))
+    noise = models.initial_noise(1, torch.Generator().manual_seed(0))
+    loss, reward, _ = micro_batch_loss(models, rewards, cfg, ["a red circle"], noise, 1, torch.Generator().manual_seed(0))
+    handle.remove()
+    assert sizes and set(sizes) == {batch}  # [cond] only, or [uncond, cond]
+    assert float(loss) == pytest.approx(100 - float(reward.mean()), rel=1e-6)  # relu(margin - reward)
