@@ -50,7 +50,7 @@ def _quoted_commands():
             for line in block.replace("\\\n", " ").splitlines():
                 line = line.strip()
                 if line and not line.startswith("#") and "&&" not in line:  # the set-up lines: tested above
-                    yield path.name, shlex.split(line)
+                    yield path.name, shlex.split(line, comments=True)
 
 
 def test_every_quoted_command_parses():
@@ -66,7 +66,9 @@ def test_every_quoted_command_parses():
     spec = importlib.util.spec_from_file_location("overhead", ROOT / "tune" / "overhead.py")
     overhead = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(overhead)
-    scripts = {"tune/sweep.py": sweep_parser(), "tune/overhead.py": overhead.parser()}
+    from shortft.sweep.compare import parser as compare_parser
+
+    scripts = {"tune/sweep.py": sweep_parser(), "tune/overhead.py": overhead.parser(), "tune/compare.py": compare_parser()}
     seen = 0
     for where, argv in _quoted_commands():
         program, *args = argv

@@ -1,0 +1,181 @@
+"""The paper's comparison at equal compute: arms x seeds through the sweep's trainable, one budget.
+
+    run_comparison("toy", arms=["shortft", "draft_lv", "drtune", "alignprop"], seeds=3, time_budget_s=300)
+
+Each arm is a set of config overrides (`ARMS`). First each arm gets its own learning rate: one trial per
+value of `lrs` at seed 0, the best final objective wins (so no arm loses for a rate tuned for another);
+then the arm runs its other seeds at that rate. Every trial has the same budget (`train.time_budget_s`
+or `train.call_budget`), prompts and evaluation (the config's held-out prompts, the original N-step
+sampler, fixed seeds, its judge). Trials run one at a time, so the seconds of one arm are worth those of
+another. Every evaluation each trial reported goes to `rows.jsonl` in `out`; `compare_report` turns
+that into the table, the plot and the grids.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from shortft.config import ConfigError
+from shortft.sweep.compare_report import write_report
+from shortft.sweep.trials import OBJECTIVE, trainable_for
+
+ARMS: dict[str, dict] = {
+    "shortft": {"chain.method": "shortft"},
+    "shortft-no-timestep-aware": {"chain.method": "shortft", "lora.timestep_aware": False},
+    "shortft-no-progressive": {"chain.method": "shortft", "train.progressive": False},
+    "draft_lv": {"chain.method": "draft_lv"},
+    "drtune": {"chain.method": "drtune"},
+    "alignprop": {"chain.method": "alignprop"},
+    "draft": {"chain.method": "draft", "chain.last_k": 1},
+    "full": {"chain.method": "full", "chain.checkpointing": True},
+}
+MAIN = ("shortft", "draft_lv", "drtune", "alignprop")  # the paper's Table 1 comparison; the rest are ablations
+KEPT = ("step", "train_seconds", "calls_total", "reward", "mean_seconds_per_step", "network_calls", "grad_calls")
+
+
+def run_comparison(base: str, out: str | Path, arms: list[str] = tuple(ARMS), seeds: int = 3, ablation_seeds: int = 2,
+                   lrs: list[float] = (3e-4, 1e-3, 3e-3), time_budget_s: float | None = None,
+                   call_budget: int | None = None, fixed: dict | None = None, name: str = "compare",
+                   tracking_uri: str | None = "", storage_path: str | None = None, smoke_test: bool = False,
+                   progress=print) -> Path:
+    """Run every arm (see the module docstring); returns the `rows.jsonl` written under `out`."""
+    from ray import tune
+
+    from shortft import tracking
+
+    unknown = [a for a in arms if a not in ARMS]
+    if unknown:
+        raise ConfigError(f"--arms {','.join(unknown)}: unknown; choose from {','.join(ARMS)}")
+    if time_budget_s is None and call_budget is None:
+        raise ConfigError("a comparison needs a budget: --time-budget-s or --call-budget (equal compute)")
+    budget = {"train.steps": 10**6, **({"train.time_budget_s": time_budget_s} if time_budget_s else {}),
+              **({"train.call_budget": call_budget} if call_budget else {})}
+    from shortft.distributed import default_storage_path
+
+    out = Path(out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    storage_path, runs = storage_path or default_storage_path(), out / "runs"
+    rows_path = out / "rows.jsonl"
+    rows_path.write_text("")
+    if tracking_uri == "":
+        tracking_uri = tracking.default_tracking_uri()
+    parent = tracking.ensure_run(tracking_uri, "shortft-compare", f"compare/{name}", name) if tracking_uri else None
+    (out / "comparison.json").write_text(json.dumps({
+        "base": base, "arms": list(arms), "seeds": seeds, "ablation_seeds": ablation_seeds, "lrs": list(lrs),
+        "budget": budget, "fixed": fixed or {}, "smoke_test": smoke_test, "tracking_uri": tracking_uri,
+        "parent_run_id": parent}, indent=1))
+    # The checks of every arm before the first trial: a bad base, key or value fails in one line here.
+    trainables = {arm: {} for arm in arms}
+    for arm in arms:
+        for phase in ("lr", "seeds"):
+            trainables[arm][phase] = trainable_for(
+                base, smoke_test=smoke_test, fixed={**(fixed or {}), **ARMS[arm], **budget}, name=f"{name}-{arm}-{phase}",
+                tracking_uri=tracking_uri, experiment="shortft-compare", parent_run_id=parent,
+                storage_path=storage_path, output_root=str(runs))
+    for arm in arms:
+        n_seeds = seeds if arm in MAIN else ablation_seeds
+        lr_rows = _fit(trainables[arm]["lr"], {"train.lr": tune.grid_search(list(lrs)), "train.seed": 0},
+                       f"{name}-{arm}-lr", storage_path, runs)
+        best = max(lr_rows, key=lambda r: (r["final"][OBJECTIVE], -r["lr"]))
+        progress(f"{arm}: lr {best['lr']:g} (best of {len(lrs)}: "
+                 + ", ".join(f"{r['lr']:g} -> {r['final'][OBJECTIVE]:.3f}" for r in lr_rows) + ")")
+        seed_rows = _fit(trainables[arm]["seeds"], {"train.lr": best["lr"],
+                                                    "train.seed": tune.grid_search(list(range(1, n_seeds)))},
+                         f"{name}-{arm}-seeds", storage_path, runs) if n_seeds > 1 else []
+        with rows_path.open("a") as f:
+            for r in lr_rows + seed_rows:
+                chosen = r["lr"] == best["lr"]
+                f.write(json.dumps({"arm": arm, "lr_trials": len(lrs), "chosen": chosen, **r}) + "\n")
+    report = write_report(rows_path, out, tracking_uri, parent)
+    progress(f"report: {report}")
+    if parent:
+        tracking.client(tracking_uri).set_terminated(parent)
+    return rows_path
+
+
+def _fit(trainable, param_space: dict, name: str, storage_path: str, runs: Path) -> list[dict]:
+    """One Tuner, one trial at a time; per trial: its lr, seed, run folder, evaluations and final one."""
+    from ray import tune
+
+    tuner = tune.Tuner(trainable, param_space=param_space,
+                       tune_config=tune.TuneConfig(metric=OBJECTIVE, mode="max", max_concurrent_trials=1),
+                       run_config=tune.RunConfig(name=name, storage_path=storage_path, verbose=0))
+    rows = []
+    for result in tuner.fit():
+        if result.error:
+            raise RuntimeError(f"comparison trial {name} {result.config}: {str(result.error).splitlines()[0]}")
+        evals = [{k: v for k, v in rec.items() if k in KEPT or k.startswith("eval/")}
+                 for rec in result.metrics_dataframe.to_dict("records")]
+        rows.append({"lr": float(result.config["train.lr"]), "seed": int(result.config["train.seed"]),
+                     "run_dir": str(runs / name / f"{name}-{result.metrics['trial_id']}"),
+                     "evals": evals, "final": evals[-1]})
+    return sorted(rows, key=lambda r: (r["lr"], r["seed"]))
+
+
+def parser():
+    import argparse
+
+    p = argparse.ArgumentParser(prog="compare.py", description="ShortFT against the baselines at equal compute")
+    p.add_argument("--config", default="toy", help="base config (built-in name or YAML path; default toy)")
+    p.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated, from {','.join(ARMS)}")
+    p.add_argument("--seeds", type=int, default=3, help=f"seeds of the main arms ({', '.join(MAIN)}); default 3")
+    p.add_argument("--ablation-seeds", type=int, default=2, help="seeds of the other arms (default 2)")
+    p.add_argument("--lrs", default="3e-4,1e-3,3e-3", help="learning rates each arm tries at seed 0")
+    p.add_argument("--time-budget-s", type=float, help="training seconds per trial (evaluation excluded)")
+    p.add_argument("--call-budget", type=int, help="network calls per trial (with gradient and without)")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="fixed config keys for every arm")
+    p.add_argument("--name", default="compare")
+    p.add_argument("--out", default=None, help="results folder (default runs/compare/<name>)")
+    p.add_argument("--storage-path", default=None, help="Ray Tune storage (default as the sweep's)")
+    p.add_argument("--tracking-uri", default="", help="MLflow (default $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
+    p.add_argument("--no-mlflow", action="store_true")
+    p.add_argument("--smoke-test", action="store_true", help="the sweep's smoke sizes: a plumbing check")
+    p.add_argument("--report-only", action="store_true", help="write the report of an earlier run in --out")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python tune/compare.py`: the comparison, then its report (docs/evidence.md)."""
+    import os
+    import sys
+
+    p = parser()
+    args = p.parse_args(argv)
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    out = Path(args.out or f"runs/compare/{args.name}")
+    try:
+        if args.report_only:
+            if not (out / "rows.jsonl").is_file():
+                raise ConfigError(f"--out {out}: no rows.jsonl there; run the comparison first")
+            print(f"report: {write_report(out / 'rows.jsonl', out)}")
+            return 0
+        lrs = [float(v) for v in args.lrs.split(",") if v.strip()]
+        fixed = dict(_key_value(kv) for kv in args.set)
+        from shortft import resources
+
+        import ray
+
+        if not ray.is_initialized():
+            resources.connect(log_to_driver=False)
+        rows = run_comparison(args.config, out, [a.strip() for a in args.arms.split(",") if a.strip()], args.seeds,
+                              args.ablation_seeds, lrs, args.time_budget_s, args.call_budget, fixed, args.name,
+                              None if args.no_mlflow else args.tracking_uri, args.storage_path, args.smoke_test)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except ValueError as e:
+        print(f"error: --lrs {args.lrs!r}: {e}", file=sys.stderr)
+        return 2
+    print(f"rows: {rows}")
+    return 0
+
+
+def _key_value(text: str) -> tuple[str, object]:
+    import yaml
+
+    key, sep, value = text.partition("=")
+    if not sep:
+        raise ConfigError(f"--set {text!r}: expected KEY=VALUE, e.g. --set train.batch_size=2")
+    return key, yaml.safe_load(value)

@@ -1,0 +1,108 @@
+"""The comparison's report, from its `rows.jsonl`: a Markdown table per arm (mean +- standard error over
+seeds at the arm's chosen learning rate), the evaluation objective against training seconds with a band
+over seeds (PNG), and the final sample grid of each arm's first seed (same prompts and seeds for all)."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import statistics
+from pathlib import Path
+
+from shortft.sweep.trials import OBJECTIVE
+
+
+def read_rows(path: Path) -> dict[str, list[dict]]:
+    """{arm: [the chosen-lr trials, by seed]} in the order the arms ran."""
+    arms: dict[str, list[dict]] = {}
+    for line in Path(path).read_text().splitlines():
+        row = json.loads(line)
+        arms.setdefault(row["arm"], [])
+        if row["chosen"]:
+            arms[row["arm"]].append(row)
+    return {arm: sorted(trials, key=lambda r: r["seed"]) for arm, trials in arms.items()}
+
+
+def _mean_se(values: list[float]) -> str:
+    values = [v for v in values if v is not None and math.isfinite(v)]
+    if not values:
+        return "-"
+    mean = statistics.fmean(values)
+    if len(values) < 2:
+        return f"{mean:.3f}"
+    return f"{mean:.3f} ± {statistics.stdev(values) / math.sqrt(len(values)):.3f}"
+
+
+def table(arms: dict[str, list[dict]]) -> str:
+    finals = [t["final"] for trials in arms.values() for t in trials]
+    terms = sorted({k for f in finals for k in f if k.startswith("eval/") and k != OBJECTIVE
+                    and any(f.get(k) != f.get(OBJECTIVE) for f in finals)})  # not the objective's own term again
+    head = ["arm", "seeds", "lr (of trials)", f"{OBJECTIVE}", *terms, "training reward", "steps", "s/step", "calls/step"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for arm, trials in arms.items():
+        finals = [t["final"] for t in trials]
+        steps = [f["step"] for f in finals]
+        per_step = [f["calls_total"] / f["step"] for f in finals if f.get("calls_total") and f.get("step")]
+        cells = [arm, str(len(trials)), f"{trials[0]['lr']:g} (of {trials[0]['lr_trials']})",
+                 _mean_se([f.get(OBJECTIVE) for f in finals]), *(_mean_se([f.get(k) for f in finals]) for k in terms),
+                 _mean_se([f.get("reward") for f in finals]), f"{statistics.fmean(steps):.0f}",
+                 _mean_se([f.get("mean_seconds_per_step") for f in finals]),
+                 f"{statistics.fmean(per_step):.1f}" if per_step else "-"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot(arms: dict[str, list[dict]], path: Path) -> Path:
+    """Objective against training seconds: per arm the mean over seeds at each evaluation, and a band
+    from the lowest to the highest seed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for arm, trials in arms.items():
+        n = min(len(t["evals"]) for t in trials)
+        seconds = [statistics.fmean(t["evals"][i]["train_seconds"] for t in trials) for i in range(n)]
+        values = [[t["evals"][i][OBJECTIVE] for t in trials] for i in range(n)]
+        line, = ax.plot(seconds, [statistics.fmean(v) for v in values], marker="o", label=f"{arm} ({len(trials)})")
+        if len(trials) > 1:
+            ax.fill_between(seconds, [min(v) for v in values], [max(v) for v in values], color=line.get_color(),
+                            alpha=0.2)
+    ax.set_xlabel("training seconds (evaluation excluded)")
+    ax.set_ylabel(OBJECTIVE)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def write_report(rows_path: Path, out: Path | None = None, tracking_uri: str | None = None,
+                 parent_run_id: str | None = None) -> Path:
+    """report.md, objective_vs_seconds.png and grids/<arm>.png under `out` (default: beside the rows)."""
+    rows_path = Path(rows_path)
+    out = Path(out or rows_path.parent)
+    arms = read_rows(rows_path)
+    grids = out / "grids"
+    grids.mkdir(parents=True, exist_ok=True)
+    lines = ["# Comparison at equal compute", "", table(arms), "", "![objective](objective_vs_seconds.png)", ""]
+    plot(arms, out / "objective_vs_seconds.png")
+    for arm, trials in arms.items():
+        samples = sorted((Path(trials[0]["run_dir"]) / "samples").glob("step_*.png"))
+        if samples:
+            shutil.copy(samples[-1], grids / f"{arm}.png")
+            lines.append(f"{arm} (seed {trials[0]['seed']}, step {samples[-1].stem[5:].lstrip('0')}): "
+                         f"![{arm}](grids/{arm}.png)")
+    report = out / "report.md"
+    report.write_text("\n".join(lines) + "\n")
+    if tracking_uri and parent_run_id:
+        from shortft import tracking
+
+        client = tracking.client(tracking_uri)
+        for path in (report, out / "objective_vs_seconds.png"):
+            client.log_artifact(parent_run_id, str(path))
+        client.log_artifacts(parent_run_id, str(grids), "grids")
+    return report

@@ -1,0 +1,70 @@
+"""The comparison at equal compute (tune/compare.py) and its report."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from shortft.sweep.compare_report import read_rows, table, write_report
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _trial(arm, seed, objective, seconds, chosen=True, lr=1e-3):
+    evals = [{"step": s, "train_seconds": seconds * s, "calls_total": 10 * s, "reward": 0.5 + objective / 10,
+              "mean_seconds_per_step": seconds, "eval/objective": objective * s / 2, "eval/toy_judge": objective + 0.05}
+             for s in (1, 2)]
+    return {"arm": arm, "lr_trials": 3, "chosen": chosen, "lr": lr, "seed": seed, "run_dir": "/nonexistent",
+            "evals": evals, "final": evals[-1]}
+
+
+def test_report_table_plot_and_mean_with_standard_error(tmp_path):
+    rows = [_trial("shortft", 0, 0.8, 1.0), _trial("shortft", 1, 0.9, 1.2), _trial("shortft", 0, 0.1, 1.0, False, 3e-3),
+            _trial("alignprop", 0, 0.7, 2.0)]
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    arms = read_rows(tmp_path / "rows.jsonl")
+    assert [len(t) for t in arms.values()] == [2, 1]  # the unchosen learning rate is not in the table
+    lines = table(arms).splitlines()
+    assert lines[0].startswith("| arm | seeds | lr (of trials) | eval/objective | eval/toy_judge |")
+    assert lines[2].startswith("| shortft | 2 | 0.001 (of 3) | 0.850 ± 0.050 | 0.900 ± 0.050 |")
+    assert lines[3].startswith("| alignprop | 1 | 0.001 (of 3) | 0.700 | 0.750 |") and lines[3].endswith("| 10.0 |")
+    report = write_report(tmp_path / "rows.jsonl")
+    assert (tmp_path / "objective_vs_seconds.png").stat().st_size > 1000 and "| shortft | 2 |" in report.read_text()
+
+
+@pytest.mark.slow
+def test_a_miniature_comparison_and_its_report(tmp_path):
+    """2 arms, 1 seed, 1 learning rate, a budget of 20 network calls at the smoke sizes, on a private
+    local Ray (its own RAY_TMPDIR: no other test's cluster is joined)."""
+    from mlflow.tracking import MlflowClient
+
+    import shutil
+    import tempfile
+
+    out, uri = tmp_path / "out", f"sqlite:///{tmp_path}/mlflow.db"
+    ray_tmp = tempfile.mkdtemp(prefix="rcm", dir="/tmp")  # Ray's socket paths must stay under 108 bytes
+    env = {**os.environ, "RAY_TMPDIR": ray_tmp, "PYTHONUNBUFFERED": "1"}
+    env.pop("RAY_ADDRESS", None)
+    p = subprocess.run([sys.executable, str(ROOT / "tune" / "compare.py"), "--arms", "shortft,draft", "--seeds", "1",
+                        "--ablation-seeds", "1", "--lrs", "1e-3", "--call-budget", "20", "--smoke-test", "--out", str(out),
+                        "--storage-path", str(tmp_path / "storage"), "--tracking-uri", uri],
+                       capture_output=True, text=True, timeout=900, env=env, cwd=tmp_path)
+    shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    assert "shortft: lr 0.001 (best of 1" in p.stdout and "draft: lr 0.001" in p.stdout
+    rows = [json.loads(line) for line in (out / "rows.jsonl").read_text().splitlines()]
+    assert [r["arm"] for r in rows] == ["shortft", "draft"]
+    assert all(r["final"]["calls_total"] >= 20 and r["final"]["calls_total"] - r["final"]["network_calls"] < 20
+               for r in rows)  # each stopped at the step that used up the budget
+    text = (out / "report.md").read_text()
+    assert "| shortft | 1 | 0.001 (of 1) |" in text and "| draft | 1 | 0.001 (of 1) |" in text
+    assert (out / "objective_vs_seconds.png").is_file()
+    assert {f.name for f in (out / "grids").iterdir()} == {"shortft.png", "draft.png"}
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("shortft-compare").experiment_id])
+    (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert len([r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]) == 2
+    assert {"report.md", "objective_vs_seconds.png", "grids"} <= {a.path for a in client.list_artifacts(parent.info.run_id)}
