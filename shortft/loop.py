@@ -198,8 +198,9 @@ def train(cfg: Config, callbacks: list[Callback] = (), resume: bool | str | Path
         cb.on_start(models, start)
     total, done = cfg.train.steps, start
     eval_metrics: dict[str, float] = {}
-    steps = bar(range(start, total), initial=start, total=total, desc="train", unit="step", show=is_main)
-    for step in (() if budget.done(start) else steps):
+    remaining = range(start, start if budget.done(start) else total)  # a resumed run may have spent its budget
+    steps = bar(remaining, initial=start, total=total, desc="train", unit="step", show=is_main)
+    for step in steps:
         t0 = time.perf_counter()
         stage = budget.stage(step, plan.stages)
         training = set(plan.trainable(stage))

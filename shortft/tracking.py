@@ -35,6 +35,9 @@ def absolute_uri(uri: str) -> str:
 
 # MLflow reads these itself; credentials given in a URI move here, so that no URI that Ray, Tune or
 # MLflow prints or stores (Tune's trial configs, params.json, logs) carries them.
+# A server that takes the connection but answers slowly (a loaded head node: seen at over 5 s in CI) is
+# waited for this long; one that refuses it fails at once.
+HEALTH_WAIT_S = 60.0
 CREDENTIAL_ENV = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")
 TOKEN_KEYS = ("token", "access_token")
 
@@ -81,11 +84,17 @@ def check_tracking_uri(uri: str) -> None:
             raise ConfigError(f"tracking URI {uri}: directory {parent} does not exist or is not writable; "
                               "pass --tracking-uri sqlite:///<writable dir>/mlflow.db or an http(s):// server")
     elif uri.startswith(("http://", "https://")):
-        try:
-            urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5).read()
-        except Exception as e:  # any failure means: unreachable from here
-            raise ConfigError(f"tracking URI {uri}: MLflow server unreachable ({type(e).__name__}: {e}); "
-                              "start it (mlflow server ...) or pass another --tracking-uri") from None
+        deadline = time.time() + HEALTH_WAIT_S
+        while True:
+            try:
+                urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5).read()
+                return
+            except Exception as e:  # any failure means: unreachable from here
+                slow = isinstance(e, TimeoutError) or isinstance(getattr(e, "reason", None), TimeoutError)
+                if slow and time.time() < deadline:  # it answers the connection, slowly: a loaded head node
+                    continue
+                raise ConfigError(f"tracking URI {uri}: MLflow server unreachable ({type(e).__name__}: {e}); "
+                                  "start it (mlflow server ...) or pass another --tracking-uri") from None
     elif uri.startswith(("databricks", "postgresql", "mysql", "mssql")):
         return
     else:

@@ -41,6 +41,7 @@ def test_a_time_budget_counts_training_steps_only(make_cfg):
 def test_the_spent_budget_survives_a_resume(make_cfg):
     cfg = make_cfg("train.steps=100", "train.call_budget=8", "chain.steps=4", "chain.segments=2", "eval.every=0")
     train(cfg)
+    assert train(cfg, resume=True).steps == 2  # its budget is spent: nothing more to do
     cfg.train.call_budget = 16  # the same run, given more calls
     train(cfg, resume=True)
     rows = _rows(cfg)

@@ -248,3 +248,29 @@ def test_two_runs_that_create_the_same_experiment_at_once_both_start(tmp_path, m
 
     monkeypatch.setattr(tracking, "client", racing)
     assert tracking.experiment_id(uri, "shortft") == made
+
+
+def test_a_slow_tracking_server_is_waited_for_and_a_refusing_one_fails_at_once(monkeypatch):
+    """Seen in CI: under load the on-prem head's MLflow server took over 5 s to answer /health and the
+    sweep stopped with "unreachable". A server that takes the connection is now waited for; one that
+    refuses it still fails at once, in one line."""
+    import socket
+    import time
+
+    from shortft import tracking
+    from shortft.config import ConfigError
+    from tests.conftest import _free_port
+
+    silent = socket.socket()  # listens, never answers: connections are taken, reads time out
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)
+    monkeypatch.setattr(tracking, "HEALTH_WAIT_S", 7.0)
+    t0 = time.time()
+    with pytest.raises(ConfigError, match="MLflow server unreachable .*timed out"):
+        tracking.check_tracking_uri(f"http://127.0.0.1:{silent.getsockname()[1]}")
+    assert time.time() - t0 >= 7.0  # waited, then one line
+    silent.close()
+    t0 = time.time()
+    with pytest.raises(ConfigError, match="MLflow server unreachable") as e:
+        tracking.check_tracking_uri(f"http://127.0.0.1:{_free_port()}")
+    assert time.time() - t0 < 2 and "\n" not in str(e.value)

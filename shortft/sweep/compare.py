@@ -31,6 +31,10 @@ ARMS: dict[str, dict] = {
     "full": {"chain.method": "full", "chain.checkpointing": True},
 }
 MAIN = ("shortft", "draft_lv", "drtune", "alignprop")  # the paper's Table 1 comparison; the rest are ablations
+class TrialFailed(RuntimeError):
+    """A comparison trial ended in error: the comparison stops (its table would miss an arm)."""
+
+
 KEPT = ("step", "train_seconds", "calls_total", "reward", "mean_seconds_per_step", "network_calls", "grad_calls")
 
 
@@ -104,7 +108,8 @@ def _fit(trainable, param_space: dict, name: str, storage_path: str, runs: Path)
     rows = []
     for result in tuner.fit():
         if result.error:
-            raise RuntimeError(f"comparison trial {name} {result.config}: {str(result.error).splitlines()[0]}")
+            raise TrialFailed(f"trial {result.metrics.get('trial_id', '?')} of {name} ({result.config}) failed: "
+                              f"{str(result.error).strip().splitlines()[-1]}; its error.txt is under {storage_path}/{name}")
         evals = [{k: v for k, v in rec.items() if k in KEPT or k.startswith("eval/")}
                  for rec in result.metrics_dataframe.to_dict("records")]
         rows.append({"lr": float(result.config["train.lr"]), "seed": int(result.config["train.seed"]),
@@ -168,6 +173,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"error: --lrs {args.lrs!r}: {e}", file=sys.stderr)
         return 2
+    except TrialFailed as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     print(f"rows: {rows}")
     return 0
 
