@@ -36,6 +36,7 @@ def test_report_table_plot_and_mean_with_standard_error(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("clusters")  # a Ray of its own: not beside the two-node cluster (raylet start timed out)
 def test_a_miniature_comparison_and_its_report(tmp_path):
     """2 arms, 1 seed, 1 learning rate, a budget of 20 network calls at the smoke sizes, on a private
     local Ray (its own RAY_TMPDIR: no other test's cluster is joined)."""
@@ -47,7 +48,8 @@ def test_a_miniature_comparison_and_its_report(tmp_path):
     out, uri = tmp_path / "out", f"sqlite:///{tmp_path}/mlflow.db"
     ray_tmp = tempfile.mkdtemp(prefix="rcm", dir="/tmp")  # Ray's socket paths must stay under 108 bytes
     env = {**os.environ, "RAY_TMPDIR": ray_tmp, "PYTHONUNBUFFERED": "1"}
-    env.pop("RAY_ADDRESS", None)
+    for key in ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):  # another test's cluster
+        env.pop(key, None)
     p = subprocess.run([sys.executable, str(ROOT / "tune" / "compare.py"), "--arms", "shortft,draft", "--seeds", "1",
                         "--ablation-seeds", "1", "--lrs", "1e-3", "--call-budget", "20", "--smoke-test", "--out", str(out),
                         "--storage-path", str(tmp_path / "storage"), "--tracking-uri", uri],
