@@ -63,3 +63,12 @@ def test_bad_budgets_name_the_key(make_cfg, key, value):
     with pytest.raises(ConfigError, match=f"train.{key}"):
         make_cfg(f"train.{key}={value}")
     assert TrainConfig().time_budget_s is None and TrainConfig().call_budget is None
+
+
+def test_a_sweep_trial_its_budget_ended_is_done_not_stopped_early():
+    from shortft.sweep.trials import stopped_early
+
+    sweep = {"base": "toy", "fixed": {"train.steps": 1000, "train.call_budget": 40}}
+    config = {"train.lr": 1e-3}
+    assert not stopped_early(config, sweep, {"step": 4, "calls_total": 40})  # the budget ended it
+    assert stopped_early(config, sweep, {"step": 2, "calls_total": 20})  # ASHA did

@@ -78,8 +78,8 @@ def stopped_early(config: dict, sweep: dict, last_result: dict) -> bool:
     stopped it)."""
     from shortft.budget import Budget
 
-    budget = Budget.of(config_of_trial(config, sweep).train, last_result.get("train_seconds") is not None and {
-        "spent_seconds": last_result["train_seconds"], "spent_calls": last_result.get("calls_total", 0)})
+    budget = Budget.of(config_of_trial(config, sweep).train, {"spent_seconds": last_result.get("train_seconds", 0.0),
+                                                               "spent_calls": last_result.get("calls_total", 0)})
     return not budget.done(last_result.get("step", 0))
 
 
