@@ -141,19 +141,28 @@ def refl(denoiser: Denoiser, inputs: ChainInput, plan: TrainingPlan) -> torch.Te
     return run_calls(denoiser, inputs.latents, calls, modes, inputs.condition, inputs.on_call)[1]
 
 
-def drtune(denoiser: Denoiser, inputs: ChainInput, plan: TrainingPlan) -> torch.Tensor:
-    """DRTune: denoiser input detached at every step; gradient kept on K evenly spaced steps (random
-    offset); optionally stop early and use that step's predicted x0."""
+def drtune_plan(steps: int, plan: TrainingPlan, generator: torch.Generator | None) -> tuple[int, list[int]]:
+    """DRTune's draw for one iteration: the early stop (how many calls run; uniform over
+    `chain.drtune_stop_range` as fractions of the chain) and the at most K = `chain.drtune_train_steps`
+    trained steps among them, evenly spaced from a random offset."""
     chain = plan.chain
-    stop = max(1, math.ceil(chain.drtune_stop_at * chain.steps))
+    lo, hi = (max(1, math.ceil(f * steps)) for f in chain.drtune_stop_range)
+    stop = _randint(lo, hi + 1, generator)
+    spacing = math.ceil(stop / chain.drtune_train_steps)  # so that no draw trains more than K
+    offset = _randint(0, spacing, generator)
+    return stop, list(range(offset, stop, spacing))
+
+
+def drtune(denoiser: Denoiser, inputs: ChainInput, plan: TrainingPlan) -> torch.Tensor:
+    """DRTune: denoiser input detached at every step (x_t keeps its path through the update), gradient
+    through the network on K evenly spaced steps, the chain stopped early at a step drawn per iteration
+    and that step's predicted x0 scored."""
+    stop, trained = drtune_plan(plan.chain.steps, plan, inputs.generator)
     calls = _calls(denoiser, plan)[:stop]
-    spacing = max(1, stop // chain.drtune_train_steps)
-    offset = _randint(0, spacing, inputs.generator)
-    trained = set(range(offset, stop, spacing))
     modes = ["detach_input" if c.index in trained else "detach_output" for c in calls]
     x, x0 = run_calls(denoiser, inputs.latents, calls, _truncate(calls, modes, plan), inputs.condition,
                       inputs.on_call)
-    return x if stop == chain.steps else x0
+    return x if stop == plan.chain.steps else x0
 
 
 METHODS: dict[str, Callable[[Denoiser, ChainInput, TrainingPlan], torch.Tensor]] = {

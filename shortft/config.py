@@ -82,8 +82,9 @@ class ChainConfig:
                                           "unguided; null = chain.guidance_scale); evaluation keeps the guided one")
     refl_margin: float | None = setting(None, "refl: loss relu(margin - reward) as ImageReward's ReFL (margin 2 "
                                         "on its score); null = -reward like every method")
-    drtune_train_steps: int = setting(5, "drtune: evenly spaced steps that carry gradient")
-    drtune_stop_at: float = setting(1.0, "drtune: fraction of the chain after which x0 is predicted directly")
+    drtune_train_steps: int = setting(5, "drtune: K, the most evenly spaced steps that carry gradient")
+    drtune_stop_range: list = setting([0.6, 1.0], "drtune: the early stop, drawn per iteration from this range "
+                                      "(fractions of the chain); that step's predicted x0 is scored; [1, 1] = off")
     interior_adapters: str = setting("none", "shortft inference: LoRAs on the steps the short chain skips: none or segment")
 
 
@@ -334,12 +335,13 @@ def _positive(key: str, value: float, zero_ok: bool = False) -> None:
         raise ConfigError(f"{key}={value!r}: must be {'>= 0' if zero_ok else '> 0'}")
 
 
-def _fraction_range(key: str, value: list) -> None:
-    if (
-        len(value) != 2
-        or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
-        or not 0 <= value[0] < value[1] <= 1
-    ):
+def _fraction_range(key: str, value: list, low_open: bool = False) -> None:
+    """[low, high] fractions of the chain: 0 <= low < high <= 1, or 0 < low <= high <= 1 with `low_open`
+    (a range of steps counted from 1, where one fixed step is a range too)."""
+    numbers = len(value) == 2 and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+    if low_open and not (numbers and 0 < value[0] <= value[1] <= 1):
+        raise ConfigError(f"{key}={value!r}: expected [low, high] with 0 < low <= high <= 1")
+    if not low_open and not (numbers and 0 <= value[0] < value[1] <= 1):
         raise ConfigError(f"{key}={value!r}: expected [low, high] with 0 <= low < high <= 1")
 
 
@@ -362,8 +364,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"chain.last_k={chain.last_k}: must be <= chain.steps={chain.steps}")
     if not (math.isfinite(chain.truncate_at) and 0 <= chain.truncate_at < 1):
         raise ConfigError(f"chain.truncate_at={chain.truncate_at}: must be in [0, 1) (0 = gradient end to end)")
-    if not (math.isfinite(chain.drtune_stop_at) and 0 < chain.drtune_stop_at <= 1):
-        raise ConfigError(f"chain.drtune_stop_at={chain.drtune_stop_at}: must be in (0, 1]")
+    _fraction_range("chain.drtune_stop_range", chain.drtune_stop_range, low_open=True)
     _fraction_range("chain.alignprop_range", chain.alignprop_range)
     _one_of("chain.alignprop_cut", chain.alignprop_cut, ALIGNPROP_CUTS)
     _fraction_range("chain.refl_window", chain.refl_window)

@@ -122,9 +122,10 @@ def test_baselines_put_gradient_where_they_should(make_cfg, method, expect):
         assert len(reached) == 1 and 15 <= min(reached) < 20 and max(indices) == min(reached)
     elif method == "alignprop":  # outputs detached before a random cut drawn at each step
         assert 0 < len(reached) < len(indices)
-    elif method == "drtune":  # 4 evenly spaced trained steps
+    elif method == "drtune":  # at most 4 evenly spaced trained steps, before an early stop in [12, 20]
         steps = sorted(reached)
-        assert len(steps) == 4 and len({b - a for a, b in zip(steps, steps[1:])}) == 1
+        assert 0 < len(steps) <= 4 and len({b - a for a, b in zip(steps, steps[1:])}) <= 1
+        assert 12 <= len(indices) <= 20 and max(indices) == len(indices) - 1
 
 
 def test_lora_shortcut_runs_only_the_shortcut_adapter(make_cfg, tmp_path, tiny_dir):
@@ -180,6 +181,46 @@ def test_alignprop_per_step_cut_trains_step_i_with_probability_i_plus_1_over_n_p
     # not one contiguous cut: some draws train a step and not the one after it
     modes = [alignprop_modes(calls, models.plan, gen) for _ in range(50)]
     assert any(m[i] == "grad" and m[i + 1] != "grad" for m in modes for i in range(9))
+
+
+def test_refl_trains_one_step_drawn_uniformly_from_its_window(make_cfg):
+    """ReFL over many seeded draws, counted with hooks on the real chain: each chain stops at its drawn
+    step, whose call alone carries gradient (its predicted x0 is scored); the steps drawn cover the
+    window [0.75, 1) of 12 steps, 9..11, about equally."""
+    cfg = make_cfg("chain.method=refl", "chain.steps=12")
+    models = load_models(cfg)
+    stops = []
+    for seed in range(36):
+        reached, indices = _grad_receiving_calls(models, cfg, generator=torch.Generator().manual_seed(seed))
+        assert len(reached) == 1 and indices == list(range(max(reached) + 1)), (seed, reached, indices)
+        stops.append(max(reached))
+    counts = {s: stops.count(s) for s in set(stops)}
+    assert set(counts) == {9, 10, 11} and min(counts.values()) >= 6, counts
+
+
+def test_drtune_trains_what_its_draw_says_and_stops_early_uniformly(make_cfg):
+    """DRTune's per-iteration draw: the chain stops after a number of calls uniform over
+    chain.drtune_stop_range (here [0.6, 1] of 10 steps: 6..10), at most K evenly spaced steps carry
+    gradient, and hooks on the real chain find exactly the drawn steps (inputs detached elsewhere)."""
+    from shortft.chain import drtune_plan
+
+    cfg = make_cfg("chain.method=drtune", "chain.steps=10", "chain.drtune_train_steps=3")
+    assert cfg.chain.drtune_stop_range == [0.6, 1.0]  # the early stop is on by default
+    models = load_models(cfg)
+    for seed in range(4):
+        reached, indices = _grad_receiving_calls(models, cfg, generator=torch.Generator().manual_seed(seed))
+        stop, trained = drtune_plan(10, models.plan, torch.Generator().manual_seed(seed))
+        assert indices == list(range(stop)) and reached == set(trained), (seed, stop, trained)
+    gen, draws = torch.Generator().manual_seed(0), 5000
+    stops = torch.zeros(11)
+    for _ in range(draws):
+        stop, trained = drtune_plan(10, models.plan, gen)
+        stops[stop] += 1
+        assert 0 < len(trained) <= 3 and len({b - a for a, b in zip(trained, trained[1:])}) <= 1
+        assert trained[-1] < stop
+    assert stops[:6].sum() == 0 and torch.allclose(stops[6:] / draws, torch.full((5,), 0.2), atol=0.025)
+    fixed = make_cfg("chain.method=drtune", "chain.steps=10", "chain.drtune_stop_range=[1.0,1.0]")
+    assert {drtune_plan(10, load_models(fixed).plan, gen)[0] for _ in range(20)} == {10}  # [1, 1]: no early stop
 
 
 @pytest.mark.parametrize("guidance,batch", [("1.0", 1), ("null", 2)])
