@@ -5,10 +5,19 @@
     result = shortft.train(cfg)
 """
 
-from shortft.checks import check, load_config
 from shortft.config import Config, ConfigError
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # `check` and `load_config` import torch (the built-in models): only when asked for, so a process
+    # that only unpickles a sweep callback (Ray Train's controller) does not import torch
+    if name in ("check", "load_config"):
+        from shortft import checks
+
+        return getattr(checks, name)
+    raise AttributeError(f"module 'shortft' has no attribute {name!r}")
 
 
 def train(cfg, callbacks=(), resume=False):

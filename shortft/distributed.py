@@ -2,7 +2,8 @@
 
 Each worker runs `shortft.loop.train` with its rank: the batch is sharded by rank, LoRA gradients and
 metrics are averaged over ranks (gloo on CPU, NCCL on GPU), rank 0 writes files and logs to MLflow,
-and every worker reports each step to Ray Train (with rank 0's checkpoint when one was written).
+and every worker reports the checkpoint, evaluation and last steps to Ray Train (with rank 0's
+checkpoint when one was written).
 A restarted worker group resumes from the latest reported checkpoint (`FailureConfig.max_failures`).
 
     from shortft.distributed import train_with_ray
@@ -73,22 +74,42 @@ def _run_exists(storage_path: str, name: str) -> bool:
 
 
 class RayReport(Callback):
-    """Every worker reports every step (Ray Train requires it); rank 0 attaches its checkpoint."""
+    """Reports to Ray Train the steps something needs: every checkpoint step (rank 0 attaches its
+    checkpoint, so a restarted group resumes from it), every evaluation step (the sweep forwards those to
+    Tune) and the last step. Not the others: each report waits for the controller's next poll (0.2 s),
+    a toll on every step that bought nothing (the metrics go to MLflow from rank 0 directly). Each report
+    carries the mean seconds per step and the peak memory over every step since this worker started.
+    Every rank reports the same steps (Ray Train needs that): the schedule depends on the step alone."""
 
-    def __init__(self, rank: int):
+    def __init__(self, rank: int, eval_every: int = 0, checkpoint_every: int = 0):
         import ray
 
-        self.rank = rank
+        self.rank, self.every = rank, [n for n in (eval_every, checkpoint_every) if n > 0]
         self.node_id = ray.get_runtime_context().get_node_id()  # where rank 0 ran: shown in sweep results
+        self.seconds: list[float] = []
+        self.peak, self.reported, self.pending = 0.0, 0, None
 
     def on_step(self, step: int, metrics: dict, artifacts: dict) -> None:
+        self.seconds.append(metrics.get("seconds_per_step", 0.0))
+        self.peak = max(self.peak, metrics.get("peak_memory_mb", 0.0))
+        ckpt = artifacts.get("checkpoint") if self.rank == 0 else None
+        self.pending = (step, metrics, ckpt)
+        if any(step % n == 0 for n in self.every):
+            self._report()
+
+    def on_end(self, result) -> None:
+        if self.pending is not None and self.pending[0] > self.reported:  # the last step, if not on the schedule
+            self._report()
+
+    def _report(self) -> None:
         import ray.train
 
-        metrics = {**metrics, "node_id": self.node_id}
-        ckpt = None
-        if self.rank == 0 and "checkpoint" in artifacts:
-            ckpt = ray.train.Checkpoint.from_directory(str(artifacts["checkpoint"]))
-        ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"step_{step:06d}" if ckpt else None)
+        step, metrics, ckpt = self.pending
+        metrics = {**metrics, "node_id": self.node_id, "peak_memory_mb": self.peak,
+                   "mean_seconds_per_step": sum(self.seconds) / len(self.seconds)}
+        checkpoint = ray.train.Checkpoint.from_directory(str(ckpt)) if ckpt else None
+        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"step_{step:06d}" if ckpt else None)
+        self.reported = step
 
 
 class FaultInjector(Callback):
@@ -122,7 +143,7 @@ def _worker(config: dict) -> None:
     if ckpt is not None:
         local = Path(tempfile.mkdtemp(prefix=f"shortft-resume-{rank}-"))
         resume = str(ckpt.to_directory(str(local)))
-    callbacks: list[Callback] = [RayReport(rank)]
+    callbacks: list[Callback] = [RayReport(rank, cfg.eval.every, cfg.train.checkpoint_every)]
     if config["tracking_uri"] and rank == 0:
         callbacks.append(tracking.MlflowLogger(config["tracking_uri"], config["run_id"], rank, config["relay"]))
     if config.get("fail_at"):
@@ -130,6 +151,21 @@ def _worker(config: dict) -> None:
     train(cfg, callbacks, resume=resume, rank=rank, world_size=world)
     if resume:
         shutil.rmtree(local, ignore_errors=True)
+
+
+def lean_trainer(base: type) -> type:
+    """`base` (TorchTrainer) without Ray Train's dataset callback when the job has no datasets (ours
+    never has): that callback starts a DatasetManager actor, one more process start per job (seconds on
+    a small machine, per sweep trial). If a later Ray renames the hook, this is the plain trainer."""
+
+    class LeanTrainer(base):
+        def _create_default_callbacks(self):
+            callbacks = super()._create_default_callbacks()
+            if getattr(self, "datasets", None):
+                return callbacks
+            return [c for c in callbacks if type(c).__name__ != "DatasetsCallback"]
+
+    return LeanTrainer
 
 
 @dataclass
@@ -222,7 +258,7 @@ def train_with_ray(cfg: Config, workers: int, use_gpu: bool = False, storage_pat
         "run_id": run_id, "relay": relay, "fail_at": fail_at, "fail_rank": int(os.environ.get(FAIL_RANK_ENV, "1")),
         "fail_marker": str(Path(cfg.train.output_dir) / ".fault-injected"),
     }
-    trainer = TorchTrainer(
+    trainer = lean_trainer(TorchTrainer)(
         _worker,
         train_loop_config=loop_config,
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),

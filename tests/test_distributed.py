@@ -82,6 +82,34 @@ def test_worker_death_restarts_from_checkpoint_and_logs_each_step_once(ray_clust
         assert sorted(steps) == list(range(1, 6)), key
 
 
+@pytest.mark.parametrize("rank", [0, 1])
+def test_ray_train_gets_the_checkpoint_evaluation_and_last_steps_only(monkeypatch, tmp_path, rank):
+    """Each report waits for the controller's next poll: a 13-step run with evaluations every 4 and
+    checkpoints every 6 steps reports steps 4, 6, 8, 12 and 13 on every rank (the same steps: Ray Train
+    needs that), rank 0 with its checkpoints, each with the mean seconds of all steps so far."""
+    from types import SimpleNamespace
+
+    from shortft.distributed import RayReport
+
+    reports = []
+    monkeypatch.setattr(ray, "get_runtime_context", lambda: SimpleNamespace(get_node_id=lambda: "node"))
+    monkeypatch.setattr(ray.train, "report", lambda metrics, checkpoint=None, checkpoint_dir_name=None:
+                        reports.append((metrics, checkpoint_dir_name)))
+    cb = RayReport(rank, eval_every=4, checkpoint_every=6)
+    for step in range(1, 14):
+        saved = step % 6 == 0 or step == 13
+        artifacts = {"checkpoint": tmp_path} if rank == 0 and saved else {}
+        cb.on_step(step, {"step": step, "seconds_per_step": float(step), "peak_memory_mb": 100.0 - step}, artifacts)
+    cb.on_end(None)
+    assert [m["step"] for m, _ in reports] == [4, 6, 8, 12, 13]
+    assert [name for _, name in reports] == ([None, "step_000006", None, "step_000012", "step_000013"] if rank == 0
+                                             else [None] * 5)
+    assert reports[0][0]["mean_seconds_per_step"] == 2.5 and reports[-1][0]["mean_seconds_per_step"] == 7.0
+    assert all(m["peak_memory_mb"] == 99.0 and m["node_id"] == "node" for m, _ in reports)
+    cb.on_end(None)  # the last step is not reported twice
+    assert len(reports) == 5
+
+
 @pytest.mark.parametrize("flag,value,word", [("--storage-path", "/proc/no-such/dir", "storage path"),
                                              ("--tracking-uri", "http://127.0.0.1:9", "tracking URI")])
 def test_bad_storage_or_tracking_fails_before_workers_start(tmp_path, flag, value, word):
@@ -124,3 +152,19 @@ def test_cli_two_workers_on_toy_config_logs_everything_to_mlflow(tmp_path):
     assert [a.path for a in client.list_artifacts(run.info.run_id, "samples")] == ["samples/step_000006.png"]
     lora = {a.path for a in client.list_artifacts(run.info.run_id, "lora")}
     assert "lora/segment_1" in lora and "lora/shortft_lora.json" in lora
+
+
+def test_the_trainer_starts_no_dataset_manager_without_datasets():
+    """Ray Train's dataset callback starts a DatasetManager actor even for a job with no datasets: one
+    process start per job that the project's jobs (no datasets) drop; every other callback stays."""
+    from ray.train.torch import TorchTrainer
+
+    from shortft.distributed import lean_trainer
+
+    def names(trainer):
+        return [type(c).__name__ for c in trainer._create_default_callbacks()]
+
+    plain = TorchTrainer(lambda: None)
+    lean = lean_trainer(TorchTrainer)(lambda: None)
+    assert "DatasetsCallback" in names(plain)
+    assert names(lean) == [n for n in names(plain) if n != "DatasetsCallback"]

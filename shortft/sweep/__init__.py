@@ -15,17 +15,28 @@ at every `eval.every` steps; never the weighted training reward, which a searche
 raising the weights. MLflow: one parent run per sweep; one nested child run per trial, created in the
 driver as the searcher suggests the trial (SQLite has one writer), logged to by the trial's rank 0.
 
-Modules: `trials` (a trial's settings, config and trainable), `trial_runs` (its MLflow run),
+Modules: `trials` (a trial's settings, config and trainable), `eval_report` (what its Ray Train job
+hands to Tune), `trial_runs` (its MLflow run),
 `search` (Optuna and ASHA), `results` (table, best trial, plots), `ray_compat` (every private Ray,
 Tune or Optuna attribute reached), `runner` (`run_sweep`), `cli` (`main`).
 """
 
-from shortft.sweep.cli import main
-from shortft.sweep.runner import SweepResult, run_sweep
-from shortft.sweep.search import scheduler, searcher
-from shortft.sweep.trial_runs import RunCloser, TrialRuns
-from shortft.sweep.trials import (EXPERIMENT, MODE, OBJECTIVE, RUN_ID_KEY, SMOKE_TEST, TRIAL_CPUS, TRIAL_KEY,
-                                  param_space, run_trial, settings, trainable, trainable_for)
+import importlib
+
+# Each name from its module on first use: a process that needs one module (a trial, or Ray Train's
+# controller unpickling the sweep's callback) does not import the others (Optuna, the runner).
+_WHERE = {"main": "cli", "SweepResult": "runner", "run_sweep": "runner", "scheduler": "search",
+          "searcher": "search", "RunCloser": "trial_runs", "TrialRuns": "trial_runs",
+          **{name: "trials" for name in ("EXPERIMENT", "MODE", "OBJECTIVE", "RUN_ID_KEY", "SMOKE_TEST", "TRIAL_CPUS",
+                                         "TRIAL_KEY", "param_space", "run_trial", "settings", "trainable",
+                                         "trainable_for")}}
+
+
+def __getattr__(name: str):
+    if name in _WHERE:
+        return getattr(importlib.import_module(f"shortft.sweep.{_WHERE[name]}"), name)
+    raise AttributeError(f"module 'shortft.sweep' has no attribute {name!r}")
+
 
 __all__ = ["EXPERIMENT", "MODE", "OBJECTIVE", "RUN_ID_KEY", "SMOKE_TEST", "TRIAL_CPUS", "TRIAL_KEY",
            "RunCloser", "SweepResult", "TrialRuns", "main", "param_space", "run_sweep", "run_trial",

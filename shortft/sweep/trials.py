@@ -19,15 +19,14 @@ from functools import lru_cache, partial
 from pathlib import Path
 
 from ray import tune
-from ray.tune.integration.ray_train import TuneReportCallback
 
 from shortft import resources, tracking
 from shortft.config import Config, ConfigError, from_dict, to_dict
 from shortft.mlflow_relay import RELAY, relay_call, start_relay
 from shortft.space import Space, to_tune, trial_config
+from shortft.sweep.eval_report import OBJECTIVE, OBJECTIVE_SE, EvalReport
 from shortft.sweep.ray_compat import start_autoscaling_coordinator, tune_metric
 
-OBJECTIVE = "eval/objective"
 MODE = "max"
 # Smoke size: 2 steps of 10-step chains, one evaluation at the end (ASHA cannot stop a 2-step trial).
 SMOKE_TEST = {"train.steps": 2, "eval.every": 2, "chain.steps": 10, "eval.samples_per_prompt": 1,
@@ -83,24 +82,6 @@ def stopped_early(config: dict, sweep: dict, last_result: dict) -> bool:
     return not budget.done(last_result.get("step", 0))
 
 
-class EvalReport(TuneReportCallback):
-    """Ray Train callback: forward to Tune only the steps that carry an evaluation (Tune wants the
-    objective in every result), with the mean seconds per step and the peak memory since the start."""
-
-    def __init__(self):
-        super().__init__()
-        self.seconds: list[float] = []
-        self.peak = 0.0
-
-    def after_report(self, run_context, metrics, checkpoint):
-        m = metrics[0]
-        self.seconds.append(m.get("seconds_per_step", 0.0))
-        self.peak = max(self.peak, m.get("peak_memory_mb", 0.0))
-        if OBJECTIVE in m:
-            m = {**m, "mean_seconds_per_step": sum(self.seconds) / len(self.seconds), "peak_memory_mb": self.peak}
-            super().after_report(run_context, [m, *metrics[1:]], checkpoint)
-
-
 def run_trial(config: dict, sweep: dict) -> None:
     """One trial: build its run config and fit a Ray Train job that reports evaluations to Tune."""
     from shortft.distributed import ResourceWaitError, train_with_ray
@@ -129,7 +110,7 @@ def reported_metrics(cfg: Config) -> set[str]:
     """The names a trial of `cfg` reports to Tune with each evaluation."""
     from shortft.loop import STEP_METRICS
 
-    evals = {OBJECTIVE, *(f"eval/{n}" for n in [cfg.eval.objective, *cfg.eval.terms])}
+    evals = {OBJECTIVE, OBJECTIVE_SE, *(f"eval/{n}" for n in [cfg.eval.objective, *cfg.eval.terms])}
     return evals | {"reward", *(f"reward/{n}" for n in cfg.reward.weights)} | set(STEP_METRICS) | {
         "mean_seconds_per_step", "node_id"}
 
@@ -165,7 +146,7 @@ def trainable_for(base: str = "toy", *, smoke_test: bool = False, fixed: dict | 
                   name: str = "from-python", tracking_uri: str | None = "", experiment: str = EXPERIMENT,
                   parent_run_id: str | None = None, workers: int = 1, gpus_per_worker: float = 0.0,
                   storage_path: str | None = None, output_root: str = "runs/sweeps",
-                  resource_wait_s: float = RESOURCE_WAIT_S) -> object:
+                  resource_wait_s: float = RESOURCE_WAIT_S, threads: int | None = None) -> object:
     """A Tune trainable for ShortFT runs of config `base` (a built-in name or a YAML path), in the shape of
     Ray's examples: pass it to `tune.run` or `tune.Tuner` with a `config` of dotted keys
     (`{"chain.segments": tune.choice([2, 4, 8])}`); it reports `eval/objective` (maximise) and `step`.
@@ -173,7 +154,8 @@ def trainable_for(base: str = "toy", *, smoke_test: bool = False, fixed: dict | 
     `fixed`: dotted keys every trial gets (`smoke_test` adds the smoke sizes: 2 steps of 10-step chains).
     `tracking_uri`: MLflow ("" = $MLFLOW_TRACKING_URI or sqlite:///mlflow.db, None = off); one run per
     trial, nested under `parent_run_id` when given. `workers`/`gpus_per_worker`: each trial's Ray Train
-    job; one whose workers are not placed within `resource_wait_s` fails. Raises ConfigError (one line,
+    job; one whose workers are not placed within `resource_wait_s` fails. `threads`: torch threads of each
+    CPU worker (default: its CPUs, 1). Raises ConfigError (one line,
     naming the key) for a bad base, fixed key or value."""
     import ray
 
@@ -193,6 +175,6 @@ def trainable_for(base: str = "toy", *, smoke_test: bool = False, fixed: dict | 
     check_storage_path(storage_path)
     use_gpu = gpus_per_worker > 0
     sweep = settings(Space(name, base, fixed, {}, []), name, storage_path, str(Path(output_root).resolve() / name),
-                     workers, use_gpu, gpus_per_worker or 1.0, None if use_gpu else 1.0, None, tracking_uri,
+                     workers, use_gpu, gpus_per_worker or 1.0, None if use_gpu else 1.0, threads, tracking_uri,
                      experiment, parent_run_id, resource_wait_s)
     return trainable(sweep)
