@@ -1,7 +1,8 @@
 """Evaluation: held-out prompts, fixed seeds, the ORIGINAL N-step sampler with the learned LoRAs.
 
-Reports the mean of every reward term and `objective`, the fixed evaluation objective (the term
-named by `eval.objective`, never the weighted training reward), and writes a grid of the samples.
+Reports the mean of every reward term, `objective`, the fixed evaluation objective (the term named by
+`eval.objective`, never the weighted training reward), and `objective_se`, its standard error over the
+samples; writes a grid of the samples.
 """
 
 from __future__ import annotations
@@ -51,6 +52,9 @@ def evaluate(models: Models, cfg: Config, rewards: Rewards, grid_path: Path | No
         terms = rewards.terms(images.to(models.device), all_prompts)
     metrics = {f"eval/{n}": float(v.mean()) for n, v in terms.items()}
     metrics["eval/objective"] = metrics[f"eval/{cfg.eval.objective}"]
+    # the objective's standard error over the samples: the resolution at which two trials differ
+    values = terms[cfg.eval.objective].double()
+    metrics["eval/objective_se"] = float(values.std() / math.sqrt(len(values))) if len(values) > 1 else float("nan")
     if grid_path is not None:
         save_grid(images, grid_path)
     return metrics

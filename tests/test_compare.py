@@ -33,6 +33,12 @@ def test_report_table_plot_and_mean_with_standard_error(tmp_path):
     assert lines[3].startswith("| alignprop | 1 | 0.001 (of 3) | 0.700 | 0.750 |") and lines[3].endswith("| 10.0 |")
     report = write_report(tmp_path / "rows.jsonl")
     assert (tmp_path / "objective_vs_seconds.png").stat().st_size > 1000 and "| shortft | 2 |" in report.read_text()
+    # with the untrained model's evaluation: its row, and each arm's gain over it (seed sd in brackets)
+    lines = table(arms, {"eval/objective": 0.6, "eval/toy_judge": 0.7}).splitlines()
+    assert lines[0].startswith("| arm | seeds | lr (of trials) | eval/objective | gain (seed sd) | eval/toy_judge |")
+    assert lines[2].startswith("| untrained base | - | - | 0.600 | - | 0.700 |")
+    assert lines[3].startswith("| shortft | 2 | 0.001 (of 3) | 0.850 ± 0.050 | +0.250 (0.071) | 0.900 ± 0.050 |")
+    assert lines[4].startswith("| alignprop | 1 | 0.001 (of 3) | 0.700 | +0.100 | 0.750 |")
 
 
 @pytest.mark.slow
@@ -57,6 +63,7 @@ def test_a_miniature_comparison_and_its_report(tmp_path):
     shutil.rmtree(ray_tmp, ignore_errors=True)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
     assert "shortft: lr 0.001 (best of 1" in p.stdout and "draft: lr 0.001" in p.stdout
+    assert "untrained base model: eval/objective" in p.stdout
     rows = [json.loads(line) for line in (out / "rows.jsonl").read_text().splitlines()]
     assert [r["arm"] for r in rows] == ["shortft", "draft"]
     assert all(r["final"]["calls_total"] >= 20 and r["final"]["calls_total"] - r["final"]["network_calls"] < 20
@@ -64,7 +71,8 @@ def test_a_miniature_comparison_and_its_report(tmp_path):
     text = (out / "report.md").read_text()
     assert "| shortft | 1 | 0.001 (of 1) |" in text and "| draft | 1 | 0.001 (of 1) |" in text
     assert (out / "objective_vs_seconds.png").is_file()
-    assert {f.name for f in (out / "grids").iterdir()} == {"shortft.png", "draft.png"}
+    assert {f.name for f in (out / "grids").iterdir()} == {"shortft.png", "draft.png", "base.png"}
+    assert "| untrained base | - | - |" in text and "gain (seed sd)" in text
     client = MlflowClient(uri)
     runs = client.search_runs([client.get_experiment_by_name("shortft-compare").experiment_id])
     (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]

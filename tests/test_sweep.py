@@ -29,7 +29,7 @@ ray = pytest.importorskip("ray")
 ROOT = Path(__file__).resolve().parents[1]
 SEARCHED = ["chain.segments", "chain.truncate_at", "lora.rank", "lora.alpha", "train.lr",
             "reward.weights.toy_alignment", "reward.weights.saturation"]
-COLUMNS = ["trial", "status", *SEARCHED, "objective_final", "objective_best", "eval/toy_judge",
+COLUMNS = ["trial", "status", *SEARCHED, "objective_final", "objective_best", "objective_se", "eval/toy_judge_accuracy",
            "eval/toy_alignment", "eval/saturation", "seconds_per_step", "peak_memory_mb", "node_id"]
 
 
@@ -64,14 +64,31 @@ def test_builtin_space_and_trial_config():
     assert set(space.search) == set(SEARCHED)
     assert space.search["lora.rank"].kind == "lograndint" and space.search["lora.rank"].args == [4, 128]
     cfg = trial_config(space.base, space.fixed, space.points_to_evaluate[0], name="x")
-    assert (cfg.chain.segments, cfg.chain.truncate_at, cfg.lora.rank, cfg.train.steps) == (4, 0.0, 8, 20)
+    assert (cfg.chain.segments, cfg.chain.truncate_at, cfg.lora.rank, cfg.train.steps) == (4, 0.0, 8, 60)
     assert cfg.reward.weights == {"toy_alignment": 1.0, "saturation": 0.0}
-    assert cfg.eval.objective == "toy_judge_accuracy"  # fixed evaluation objective, not the training reward
+    # fixed evaluation objective, not the training reward: the judge's mean score, with its accuracy
+    assert cfg.eval.objective == "toy_judge" and cfg.eval.terms == ["toy_judge_accuracy"]
     smoke = load_space("toy", overrides=sweep.SMOKE_TEST)
     assert smoke.fixed["train.steps"] == 2 and "chain.steps" not in smoke.search
     with pytest.raises(ConfigError, match="outside"):
         load_space(_space_file(Path(os.environ["SHORTFT_CACHE"]), "  lora.rank: {randint: [4, 8]}",
                                "points_to_evaluate:\n  - {lora.rank: 16}\n"))
+
+
+def test_results_markdown_gives_each_objective_its_standard_error_and_the_spread_in_them():
+    from shortft.sweep.results import markdown
+
+    space = load_space(_space_file(Path(os.environ["SHORTFT_CACHE"]), "  lora.rank: {randint: [4, 8]}"))
+    rows = [{"trial": "t001", "status": "DONE", "lora.rank": 4, "objective_best": 0.9, "objective_se": 0.02,
+             "steps": 60, "seconds_per_step": 1.234, "peak_memory_mb": 900.4},
+            {"trial": "t002", "status": "STOPPED_EARLY", "lora.rank": 8, "objective_best": 0.8, "objective_se": 0.01,
+             "steps": 30, "seconds_per_step": 2.0, "peak_memory_mb": 800.0},
+            {"trial": "t003", "status": "ERROR", "lora.rank": 6, "objective_best": None}]
+    lines = markdown(rows, space).splitlines()
+    assert lines[0] == "| trial | status | rank | objective (best) ± se | steps | s/step | peak MB |"
+    assert lines[2] == "| t001 | DONE | 4 | 0.9000 ± 0.0200 | 60 | 1.23 | 900 |"
+    assert lines[4] == "| t003 | ERROR | 6 | - | - | - | - |"
+    assert lines[-1] == "best - worst: 0.1000 = 5.0 x the larger standard error (0.0200)"
 
 
 # -- MLflow / Parquet checks shared by the sweeps below ------------------------------------------------
@@ -97,13 +114,16 @@ def _check_sweep_outputs(db: Path, table: Path, trials: int = 3):
         assert child.info.status == "FINISHED"
     assert len({ch.data.tags[tracking.RUN_KEY] for ch in children}) == trials  # no duplicates
     artifacts = {a.path for a in c.list_artifacts(parents[0].info.run_id)}
-    assert {"results.parquet", "results.csv", "best_config.yaml"} <= artifacts
+    assert {"results.parquet", "results.csv", "results.md", "best_config.yaml"} <= artifacts
     t = pq.read_table(table)
     assert t.num_rows == trials
     assert set(COLUMNS) <= set(t.column_names), set(COLUMNS) - set(t.column_names)
     rows = t.to_pylist()
     assert all(r["status"] in ("DONE", "STOPPED_EARLY") and r["objective_best"] is not None for r in rows)
     assert all(r["seconds_per_step"] > 0 and r["peak_memory_mb"] > 0 for r in rows)
+    assert all(0 < r["objective_se"] < 0.5 for r in rows)  # the judge's score over the samples, in [0, 1]
+    text = Path(table).with_name("results.md").read_text()
+    assert text.count("\n| t0") == trials and "objective (best) ± se" in text
     return parents[0], children, rows
 
 

@@ -50,7 +50,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"\nsweep {result.name}: {len(result.rows)} trials in {result.seconds:.0f} s; results: {result.table_path}")
+    print("\n" + (result.table_path.parent / "results.md").read_text(), end="")
+    print(f"\nsweep {result.name}: {len(result.rows)} trials in {result.seconds:.0f} s; results: {result.table_path} "
+          "(and results.md)")
     if result.best:
         print(f"best trial {result.best['trial']}: {OBJECTIVE} {result.best['objective']:.4f} with "
               + ", ".join(f"{k}={v}" for k, v in result.best["values"].items()))

@@ -10,7 +10,7 @@ import shutil
 import statistics
 from pathlib import Path
 
-from shortft.sweep.trials import OBJECTIVE
+from shortft.sweep.trials import OBJECTIVE, OBJECTIVE_SE
 
 
 def read_rows(path: Path) -> dict[str, list[dict]]:
@@ -34,12 +34,20 @@ def _mean_se(values: list[float]) -> str:
     return f"{mean:.3f} ± {statistics.stdev(values) / math.sqrt(len(values)):.3f}"
 
 
-def table(arms: dict[str, list[dict]]) -> str:
+def table(arms: dict[str, list[dict]], base: dict | None = None) -> str:
+    """A row per arm; with `base` (the untrained model's evaluation) a first row for it and a column of
+    each arm's objective gain over it, with the seeds' standard deviation of the objective in brackets."""
     finals = [t["final"] for trials in arms.values() for t in trials]
-    terms = sorted({k for f in finals for k in f if k.startswith("eval/") and k != OBJECTIVE
+    terms = sorted({k for f in finals for k in f if k.startswith("eval/") and k not in (OBJECTIVE, OBJECTIVE_SE)
                     and any(f.get(k) != f.get(OBJECTIVE) for f in finals)})  # not the objective's own term again
     head = ["arm", "seeds", "lr (of trials)", f"{OBJECTIVE}", *terms, "training reward", "steps", "s/step", "calls/step"]
+    if base is not None:
+        head.insert(4, "gain (seed sd)")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    if base is not None:
+        cells = ["untrained base", "-", "-", f"{base[OBJECTIVE]:.3f}", "-", *(_mean_se([base.get(k)]) for k in terms),
+                 "-", "0", "-", "-"]
+        lines.append("| " + " | ".join(cells) + " |")
     for arm, trials in arms.items():
         finals = [t["final"] for t in trials]
         steps = [f["step"] for f in finals]
@@ -49,11 +57,22 @@ def table(arms: dict[str, list[dict]]) -> str:
                  _mean_se([f.get("reward") for f in finals]), f"{statistics.fmean(steps):.0f}",
                  _mean_se([f.get("mean_seconds_per_step") for f in finals]),
                  f"{statistics.fmean(per_step):.1f}" if per_step else "-"]
+        if base is not None:
+            cells.insert(4, _gain([f.get(OBJECTIVE) for f in finals], base[OBJECTIVE]))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def plot(arms: dict[str, list[dict]], path: Path) -> Path:
+def _gain(values: list[float], base: float) -> str:
+    """Mean gain over the base model and the seeds' standard deviation: '+0.120 (0.030)'."""
+    values = [v for v in values if v is not None and math.isfinite(v)]
+    if not values:
+        return "-"
+    sd = f" ({statistics.stdev(values):.3f})" if len(values) > 1 else ""
+    return f"{statistics.fmean(values) - base:+.3f}{sd}"
+
+
+def plot(arms: dict[str, list[dict]], path: Path, base: dict | None = None) -> Path:
     """Objective against training seconds: per arm the mean over seeds at each evaluation, and a band
     from the lowest to the highest seed."""
     import matplotlib
@@ -70,6 +89,8 @@ def plot(arms: dict[str, list[dict]], path: Path) -> Path:
         if len(trials) > 1:
             ax.fill_between(seconds, [min(v) for v in values], [max(v) for v in values], color=line.get_color(),
                             alpha=0.2)
+    if base is not None:
+        ax.axhline(base[OBJECTIVE], color="grey", linestyle="--", label="untrained base")
     ax.set_xlabel("training seconds (evaluation excluded)")
     ax.set_ylabel(OBJECTIVE)
     ax.legend(fontsize=8)
@@ -86,10 +107,14 @@ def write_report(rows_path: Path, out: Path | None = None, tracking_uri: str | N
     rows_path = Path(rows_path)
     out = Path(out or rows_path.parent)
     arms = read_rows(rows_path)
+    base_path = rows_path.parent / "base.json"
+    base = json.loads(base_path.read_text()) if base_path.is_file() else None
     grids = out / "grids"
     grids.mkdir(parents=True, exist_ok=True)
-    lines = ["# Comparison at equal compute", "", table(arms), "", "![objective](objective_vs_seconds.png)", ""]
-    plot(arms, out / "objective_vs_seconds.png")
+    lines = ["# Comparison at equal compute", "", table(arms, base), "", "![objective](objective_vs_seconds.png)", ""]
+    plot(arms, out / "objective_vs_seconds.png", base)
+    if (grids / "base.png").is_file():
+        lines.append("untrained base: ![base](grids/base.png)")
     for arm, trials in arms.items():
         samples = sorted((Path(trials[0]["run_dir"]) / "samples").glob("step_*.png"))
         if samples:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from shortft import tracking
 from shortft.space import Space
-from shortft.sweep.trials import OBJECTIVE, RUN_ID_KEY, TRIAL_KEY, stopped_early
+from shortft.sweep.trials import OBJECTIVE, OBJECTIVE_SE, RUN_ID_KEY, TRIAL_KEY, stopped_early
 
 
 def error_line(error) -> str | None:
@@ -29,16 +29,47 @@ def results_table(results, space: Space, sweep: dict) -> list[dict]:
         m = r.metrics or {}
         history = r.metrics_dataframe
         best = float(history[OBJECTIVE].max()) if history is not None and OBJECTIVE in history else None
+        se = None  # the standard error of that best evaluation (over its samples)
+        if best is not None and OBJECTIVE_SE in history:
+            se = float(history[OBJECTIVE_SE][history[OBJECTIVE].idxmax()])
         row = {"trial": cfg.get(TRIAL_KEY) or m.get("trial_id"), "trial_id": m.get("trial_id"),
                "status": "ERROR" if r.error else ("STOPPED_EARLY" if stopped_early(cfg, sweep, m) else "DONE"),
                **{k: cfg.get(k) for k in space.search},
-               "objective_final": m.get(OBJECTIVE), "objective_best": best, "steps": m.get("step"),
-               **{k: v for k, v in m.items() if k.startswith("eval/") and k != OBJECTIVE},
+               "objective_final": m.get(OBJECTIVE), "objective_best": best, "objective_se": se, "steps": m.get("step"),
+               **{k: v for k, v in m.items() if k.startswith("eval/") and k not in (OBJECTIVE, OBJECTIVE_SE)},
                **{f"train/{k}": v for k, v in m.items() if k.startswith("reward")},
                "seconds_per_step": m.get("mean_seconds_per_step"), "peak_memory_mb": m.get("peak_memory_mb"),
                "node_id": m.get("node_id"), "mlflow_run_id": cfg.get(RUN_ID_KEY), "error": error_line(r.error)}
         rows.append(row)
     return sorted(rows, key=lambda row: str(row["trial"]))
+
+
+def markdown(rows: list[dict], space: Space) -> str:
+    """The results table as Markdown: a row per trial (searched values, best objective ± its standard
+    error, steps, seconds per step, peak memory), then the spread: best - worst in standard errors."""
+    keys = list(space.search)
+    head = ["trial", "status", *(k.split(".")[-1] for k in keys), "objective (best) ± se", "steps", "s/step", "peak MB"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in rows:
+        best, se = row.get("objective_best"), row.get("objective_se")
+        cells = [str(row["trial"]), row["status"], *(_cell(row.get(k)) for k in keys),
+                 "-" if best is None else f"{best:.4f}" + (f" ± {se:.4f}" if se is not None else ""),
+                 _cell(row.get("steps")), _cell(row.get("seconds_per_step")), _cell(row.get("peak_memory_mb"), ".0f")]
+        lines.append("| " + " | ".join(cells) + " |")
+    done = [r for r in rows if r.get("objective_best") is not None]
+    if len(done) >= 2:
+        hi, lo = max(done, key=lambda r: r["objective_best"]), min(done, key=lambda r: r["objective_best"])
+        ses = [r["objective_se"] for r in (hi, lo) if r.get("objective_se")]
+        gap = hi["objective_best"] - lo["objective_best"]
+        lines += ["", f"best - worst: {gap:.4f}" + (f" = {gap / max(ses):.1f} x the larger standard error "
+                                                    f"({max(ses):.4f})" if ses else "")]
+    return "\n".join(lines) + "\n"
+
+
+def _cell(value, spec: str = ".3g") -> str:
+    if value is None:
+        return "-"
+    return format(value, spec) if isinstance(value, float) else str(value)
 
 
 def write_table(rows: list[dict], path: Path) -> Path:
@@ -64,6 +95,8 @@ def finish_parent(uri: str, run_id: str, rows: list[dict], best: dict | None, st
     csv = out_dir / "results.csv"
     pacsv.write_csv(pq.read_table(table_path), csv)
     client.log_artifact(run_id, str(csv))
+    if (out_dir / "results.md").is_file():
+        client.log_artifact(run_id, str(out_dir / "results.md"))
     client.log_metric(run_id, "sweep_seconds", seconds)
     client.log_metric(run_id, "trials", len(rows))
     if best:
