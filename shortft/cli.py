@@ -271,14 +271,9 @@ def run_bench(cfg, args) -> dict:
 
 
 def run_eval(cfg, lora: str | None, grid: str | None) -> dict:
-    from shortft.evaluate import evaluate
-    from shortft.rewards import Rewards
+    from shortft.sample import evaluate_trained
 
-    from shortft.sample import load_trained
-
-    models = load_trained(cfg, lora)
-    rewards = Rewards(cfg.reward.weights, cfg.reward.options, [cfg.eval.objective, *cfg.eval.terms], models.device)
-    metrics = evaluate(models, cfg, rewards, Path(grid) if grid else None)
+    metrics = evaluate_trained(cfg, lora, Path(grid) if grid else None)
     print(json.dumps(metrics, indent=1))
     return metrics
 

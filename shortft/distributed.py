@@ -86,11 +86,10 @@ class RayReport(Callback):
 
         self.rank, self.every = rank, [n for n in (eval_every, checkpoint_every) if n > 0]
         self.node_id = ray.get_runtime_context().get_node_id()  # where rank 0 ran: shown in sweep results
-        self.seconds: list[float] = []
-        self.peak, self.reported, self.pending = 0.0, 0, None
+        self.seconds, self.steps, self.peak, self.reported, self.pending = 0.0, 0, 0.0, 0, None
 
     def on_step(self, step: int, metrics: dict, artifacts: dict) -> None:
-        self.seconds.append(metrics.get("seconds_per_step", 0.0))
+        self.seconds, self.steps = self.seconds + metrics.get("seconds_per_step", 0.0), self.steps + 1
         self.peak = max(self.peak, metrics.get("peak_memory_mb", 0.0))
         ckpt = artifacts.get("checkpoint") if self.rank == 0 else None
         self.pending = (step, metrics, ckpt)
@@ -106,7 +105,7 @@ class RayReport(Callback):
 
         step, metrics, ckpt = self.pending
         metrics = {**metrics, "node_id": self.node_id, "peak_memory_mb": self.peak,
-                   "mean_seconds_per_step": sum(self.seconds) / len(self.seconds)}
+                   "mean_seconds_per_step": self.seconds / self.steps}
         checkpoint = ray.train.Checkpoint.from_directory(str(ckpt)) if ckpt else None
         ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"step_{step:06d}" if ckpt else None)
         self.reported = step

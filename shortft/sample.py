@@ -53,3 +53,14 @@ def run_sample(cfg: Config, lora: str, prompt: list[str], prompts_file: str | No
         print(f"base | tuned, one row per prompt and seed: {path}")
     print(f"{len(items)} image(s) in {out}")
     return out
+
+
+def evaluate_trained(cfg: Config, lora: str | None, grid: Path | None = None) -> dict[str, float]:
+    """`evaluate` of the model with the LoRAs in `lora` (None: the untrained model) on `cfg`'s
+    held-out prompts, seeds and judge; the sample grid to `grid` if given."""
+    from shortft.evaluate import evaluate
+    from shortft.rewards import Rewards
+
+    models = load_trained(cfg, lora)
+    rewards = Rewards(cfg.reward.weights, cfg.reward.options, [cfg.eval.objective, *cfg.eval.terms], models.device)
+    return evaluate(models, cfg, rewards, grid)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from shortft.config import ConfigError
 from shortft.sweep.compare_report import write_report
-from shortft.sweep.trials import OBJECTIVE, SMOKE_TEST, trainable_for
+from shortft.sweep.trials import OBJECTIVE, SMOKE_TEST, cpu_threads, trainable_for
 
 ARMS: dict[str, dict] = {
     "shortft": {"chain.method": "shortft"},
@@ -79,9 +79,7 @@ def run_comparison(base: str, out: str | Path, arms: list[str] = tuple(ARMS), se
             trainables[arm][phase] = trainable_for(
                 base, smoke_test=smoke_test, fixed={**(fixed or {}), **ARMS[arm], **budget}, name=f"{name}-{arm}-{phase}",
                 tracking_uri=tracking_uri, experiment="shortft-compare", parent_run_id=parent,
-                # one torch thread: on the 2-core CPU a 2-thread worker beside the driver and Ray's own
-                # processes did 31 steps in 75 s where one thread did 39 (same config, seed and lr)
-                storage_path=storage_path, output_root=str(runs), threads=1)
+                storage_path=storage_path, output_root=str(runs), threads=cpu_threads(1, 1))  # one trial at a time
     for arm in arms:
         n_seeds = seeds if arm in MAIN else ablation_seeds
         lr_rows = _fit(trainables[arm]["lr"], {"train.lr": tune.grid_search(list(lrs)), "train.seed": 0},
@@ -106,16 +104,11 @@ def run_comparison(base: str, out: str | Path, arms: list[str] = tuple(ARMS), se
 def evaluate_base(base: str, fixed: dict, out: Path) -> dict:
     """The evaluation of the untrained model (no LoRA; the same prompts, sampler, seeds and judge as
     every trial's), written to `out/base.json` and its sample grid to `out/grids/base.png`."""
-    from shortft.evaluate import evaluate
-    from shortft.rewards import Rewards
-    from shortft.sample import load_trained
+    from shortft.sample import evaluate_trained
     from shortft.space import trial_config
 
-    cfg = trial_config(base, fixed, {})
-    models = load_trained(cfg, None)
-    rewards = Rewards(cfg.reward.weights, cfg.reward.options, [cfg.eval.objective, *cfg.eval.terms], models.device)
     (out / "grids").mkdir(parents=True, exist_ok=True)
-    metrics = evaluate(models, cfg, rewards, out / "grids" / "base.png")
+    metrics = evaluate_trained(trial_config(base, fixed, {}), None, out / "grids" / "base.png")
     (out / "base.json").write_text(json.dumps(metrics, indent=1))
     return metrics
 

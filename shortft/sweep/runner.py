@@ -20,7 +20,7 @@ from shortft.sweep.ray_compat import canonical_address, start_autoscaling_coordi
 from shortft.sweep.results import finish_parent, markdown, results_table, write_table
 from shortft.sweep.search import scheduler, searcher
 from shortft.sweep.trial_runs import RunCloser
-from shortft.sweep.trials import EXPERIMENT, SMOKE_TEST, TRIAL_CPUS, param_space, settings, trainable
+from shortft.sweep.trials import EXPERIMENT, SMOKE_TEST, TRIAL_CPUS, cpu_threads, param_space, settings, trainable
 
 
 @dataclass
@@ -134,9 +134,7 @@ def run_sweep(space: str | Space | None = None, num_samples: int | None = None, 
     if max_concurrent is None:
         gpus = float(ray.cluster_resources().get("GPU", 0))
         max_concurrent = max(1, int(gpus // (workers_per_trial * gpus_per_worker))) if use_gpu else 1
-    # CPU workers leave one core to the driver and Ray's own processes: on the 2-core machine a trial's
-    # worker with 2 threads did 31 steps in 75 s, with 1 thread 39 (same config, seed and lr)
-    threads = None if use_gpu else max(1, ((os.cpu_count() or 1) - 1) // (workers_per_trial * max_concurrent))
+    threads = None if use_gpu else cpu_threads(workers_per_trial, max_concurrent)
 
     # 3. MLflow parent run (found again on --resume).
     parent = None
