@@ -45,3 +45,10 @@ class Budget:
     @staticmethod
     def _fraction(spent: float, budget: float | None) -> float:
         return spent / budget if budget else 0.0
+
+
+def ends_run(train: TrainConfig, metrics: dict) -> bool:
+    """Whether the step these metrics report (`step`, `train_seconds`, `calls_total`, as every step logs
+    them) is the run's last: its steps, or its time or call budget, are spent."""
+    spent = {"spent_seconds": metrics.get("train_seconds", 0.0), "spent_calls": metrics.get("calls_total", 0)}
+    return Budget.of(train, spent).done(metrics.get("step", 0))

@@ -220,7 +220,7 @@ def run_train(cfg, args) -> int:
             if uri:
                 run_id = tracking.ensure_run(uri, args.experiment, str(cfg.output_dir.resolve()), cfg.name, cfg,
                                              reuse=bool(args.resume))
-                callbacks.append(tracking.MlflowLogger(uri, run_id))
+                callbacks.append(tracking.MlflowLogger(uri, run_id, metrics_file=cfg.output_dir / "metrics.jsonl"))
             result = train(cfg, callbacks, resume=args.resume)
             print(f"done: LoRA in {result.lora_dir}; eval " + json.dumps(result.eval))
     except (NonFiniteError, CheckpointWriteError) as e:

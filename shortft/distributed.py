@@ -25,9 +25,7 @@ from shortft import checkpoint, resources, tracking
 from shortft.config import Config, ConfigError, from_dict, to_dict
 from shortft.loop import Callback
 from shortft.mlflow_relay import start_relay
-
-FAIL_AT_STEP_ENV = "SHORTFT_FAIL_AT_STEP"  # test switch: one worker dies once at this step
-FAIL_RANK_ENV = "SHORTFT_FAIL_RANK"
+from shortft.ray_reports import FAULT_MARKER, FaultInjector, RayReport, fault_request
 
 
 def run_name(cfg: Config) -> str:
@@ -73,57 +71,6 @@ def _run_exists(storage_path: str, name: str) -> bool:
     return d.is_dir() and any(d.iterdir())
 
 
-class RayReport(Callback):
-    """Reports to Ray Train the steps something needs: every checkpoint step (rank 0 attaches its
-    checkpoint, so a restarted group resumes from it), every evaluation step (the sweep forwards those to
-    Tune) and the last step. Not the others: each report waits for the controller's next poll (0.2 s),
-    a toll on every step that bought nothing (the metrics go to MLflow from rank 0 directly). Each report
-    carries the mean seconds per step and the peak memory over every step since this worker started.
-    Every rank reports the same steps (Ray Train needs that): the schedule depends on the step alone."""
-
-    def __init__(self, rank: int, eval_every: int = 0, checkpoint_every: int = 0):
-        import ray
-
-        self.rank, self.every = rank, [n for n in (eval_every, checkpoint_every) if n > 0]
-        self.node_id = ray.get_runtime_context().get_node_id()  # where rank 0 ran: shown in sweep results
-        self.seconds, self.steps, self.peak, self.reported, self.pending = 0.0, 0, 0.0, 0, None
-
-    def on_step(self, step: int, metrics: dict, artifacts: dict) -> None:
-        self.seconds, self.steps = self.seconds + metrics.get("seconds_per_step", 0.0), self.steps + 1
-        self.peak = max(self.peak, metrics.get("peak_memory_mb", 0.0))
-        ckpt = artifacts.get("checkpoint") if self.rank == 0 else None
-        self.pending = (step, metrics, ckpt)
-        if any(step % n == 0 for n in self.every):
-            self._report()
-
-    def on_end(self, result) -> None:
-        if self.pending is not None and self.pending[0] > self.reported:  # the last step, if not on the schedule
-            self._report()
-
-    def _report(self) -> None:
-        import ray.train
-
-        step, metrics, ckpt = self.pending
-        metrics = {**metrics, "node_id": self.node_id, "peak_memory_mb": self.peak,
-                   "mean_seconds_per_step": self.seconds / self.steps}
-        checkpoint = ray.train.Checkpoint.from_directory(str(ckpt)) if ckpt else None
-        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"step_{step:06d}" if ckpt else None)
-        self.reported = step
-
-
-class FaultInjector(Callback):
-    """Kills this worker's process once, as it starts `fail_at` (a marker file remembers it happened)."""
-
-    def __init__(self, rank: int, fail_at: int, fail_rank: int, marker: Path):
-        self.rank, self.fail_at, self.fail_rank, self.marker = rank, fail_at, fail_rank, Path(marker)
-
-    def on_step(self, step: int, metrics: dict, artifacts: dict) -> None:
-        if self.rank == self.fail_rank and step + 1 == self.fail_at and not self.marker.exists():
-            self.marker.parent.mkdir(parents=True, exist_ok=True)
-            self.marker.write_text(str(step + 1))
-            os._exit(1)
-
-
 def _worker(config: dict) -> None:
     import ray.train
     import torch
@@ -144,7 +91,8 @@ def _worker(config: dict) -> None:
         resume = str(ckpt.to_directory(str(local)))
     callbacks: list[Callback] = [RayReport(rank, cfg.eval.every, cfg.train.checkpoint_every)]
     if config["tracking_uri"] and rank == 0:
-        callbacks.append(tracking.MlflowLogger(config["tracking_uri"], config["run_id"], rank, config["relay"]))
+        callbacks.append(tracking.MlflowLogger(config["tracking_uri"], config["run_id"], rank, config["relay"],
+                                               cfg.output_dir / "metrics.jsonl"))
     if config.get("fail_at"):
         callbacks.append(FaultInjector(rank, config["fail_at"], config["fail_rank"], Path(config["fail_marker"])))
     train(cfg, callbacks, resume=resume, rank=rank, world_size=world)
@@ -251,11 +199,11 @@ def train_with_ray(cfg: Config, workers: int, use_gpu: bool = False, storage_pat
     if resource_wait_s:  # Ray Train reads it in its controller, which gets it from this process's environment
         os.environ[WORKER_GROUP_START_TIMEOUT_ENV] = str(resource_wait_s)
     os.environ.setdefault(POLL_INTERVAL_ENV, POLL_INTERVAL_S)
-    fail_at = int(os.environ.get(FAIL_AT_STEP_ENV, "0") or 0)
+    fail_at, fail_rank = fault_request()  # read here: workers on other nodes lack this environment
     loop_config = {
         "cfg": to_dict(cfg), "use_gpu": use_gpu, "threads": threads or max(1, int(cpus)), "tracking_uri": tracking_uri,
-        "run_id": run_id, "relay": relay, "fail_at": fail_at, "fail_rank": int(os.environ.get(FAIL_RANK_ENV, "1")),
-        "fail_marker": str(Path(cfg.train.output_dir) / ".fault-injected"),
+        "run_id": run_id, "relay": relay, "fail_at": fail_at, "fail_rank": fail_rank,
+        "fail_marker": str(Path(cfg.train.output_dir) / FAULT_MARKER),
     }
     trainer = lean_trainer(TorchTrainer)(
         _worker,

@@ -75,6 +75,11 @@ STEP_METRICS = ("step", "stage", "loss", "grad_norm", "skipped", "network_calls"
 CHAIN_STREAM = 2**32 - 1  # the stream of a micro-batch's method randomness (cuts, copies), shared by ranks
 
 
+def read_metrics(path: Path) -> list[dict]:
+    """The rows of a run's metrics.jsonl (one per step), [] when there is none."""
+    return [json.loads(x) for x in Path(path).read_text().splitlines() if x.strip()] if Path(path).is_file() else []
+
+
 def seeded(*key: int) -> torch.Generator:
     state = np.random.SeedSequence(list(key)).generate_state(1, dtype=np.uint64)[0]
     return torch.Generator().manual_seed(int(state))
@@ -190,9 +195,8 @@ def train(cfg: Config, callbacks: list[Callback] = (), resume: bool | str | Path
             warn(f"resumed from {path} at step {start}")
     budget = Budget.of(cfg.train, state)
     if is_main:
-        if metrics_file.exists():  # keep the rows up to the resumed step, so no step is logged twice
-            rows = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
-            history = [r for r in rows if r.get("step", 0) <= start]
+        # keep the rows up to the resumed step, so no step is logged twice
+        history = [r for r in read_metrics(metrics_file) if r.get("step", 0) <= start]
         metrics_file.write_text("".join(json.dumps(r) + "\n" for r in history))
     for cb in callbacks:
         cb.on_start(models, start)

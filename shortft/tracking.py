@@ -14,7 +14,7 @@ import urllib.request
 from pathlib import Path
 
 from shortft.config import Config, ConfigError, flatten, to_dict
-from shortft.loop import Callback, TrainResult
+from shortft.loop import Callback, TrainResult, read_metrics
 from shortft.progress import warn
 
 RUN_KEY = "shortft.run_key"
@@ -190,8 +190,10 @@ class MlflowLogger(Callback):
     MAX_PENDING = 100_000
     RETRY_S = 30.0
 
-    def __init__(self, uri: str, run_id: str, rank: int = 0, relay: str | None = None):
+    def __init__(self, uri: str, run_id: str, rank: int = 0, relay: str | None = None,
+                 metrics_file: Path | None = None):
         self.uri, self.run_id, self.rank, self.relay = uri, run_id, rank, relay
+        self.metrics_file = metrics_file  # the run's metrics.jsonl: steps a restart skips are logged from it
         self.pending: list[tuple] = []  # (method, args) in order
         self.dropped, self.failed_at, self.error = 0, 0.0, ""
 
@@ -217,6 +219,12 @@ class MlflowLogger(Callback):
         except Exception as e:
             self._failed(e)
         self._log("update_run", self.run_id, status="RUNNING")
+        if self.metrics_file is not None and start_step > self.logged_up_to:
+            # A process that died after writing a step to metrics.jsonl but before logging it: the
+            # resumed run starts after that step and would never log it.
+            for row in read_metrics(self.metrics_file):
+                if self.logged_up_to < row.get("step", 0) <= start_step:
+                    self.on_step(row["step"], row, {})
 
     def on_step(self, step: int, metrics: dict, artifacts: dict) -> None:
         if self.rank or step <= self.logged_up_to:

@@ -11,7 +11,8 @@ from safetensors.torch import load_file
 
 import shortft
 from shortft import tracking
-from shortft.distributed import FAIL_AT_STEP_ENV, train_with_ray
+from shortft.distributed import train_with_ray
+from shortft.ray_reports import FAIL_AT_STEP_ENV
 
 # Tests that start Ray run one after another on one pytest-xdist worker (`ray stop` in one of them
 # would stop another's cluster); the other worker takes the rest.
@@ -89,7 +90,9 @@ def test_ray_train_gets_the_checkpoint_evaluation_and_last_steps_only(monkeypatc
     needs that), rank 0 with its checkpoints, each with the mean seconds of all steps so far."""
     from types import SimpleNamespace
 
-    from shortft.distributed import RayReport
+    import ray.train  # a submodule: `ray.train` is only an attribute once imported (alone, this test ran first)
+
+    from shortft.ray_reports import RayReport
 
     reports = []
     monkeypatch.setattr(ray, "get_runtime_context", lambda: SimpleNamespace(get_node_id=lambda: "node"))

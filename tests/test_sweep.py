@@ -1,6 +1,7 @@
 """The sweep: search-space checks, the script run alone (as `ray submit` runs it), `ray.tune.run`,
 MLflow parent/children, the Parquet table, and resuming a sweep whose driver was killed."""
 
+import json
 import os
 import shutil
 import signal
@@ -120,6 +121,13 @@ def _check_sweep_outputs(db: Path, table: Path, trials: int = 3):
     assert set(COLUMNS) <= set(t.column_names), set(COLUMNS) - set(t.column_names)
     rows = t.to_pylist()
     assert all(r["status"] in ("DONE", "STOPPED_EARLY") and r["objective_best"] is not None for r in rows)
+    for row in rows:  # every step up to the last reported one is in MLflow; a finished trial has its LoRA
+        child = next(ch for ch in children if ch.info.run_id == row["mlflow_run_id"])
+        logged = max(m.step for m in c.get_metric_history(child.info.run_id, "loss"))
+        assert logged == row["steps"], (row["trial"], logged, row["steps"])
+        if row["status"] == "DONE":
+            artifacts = {a.path for a in c.list_artifacts(child.info.run_id)}
+            assert {"lora", "config.yaml"} <= artifacts, (row["trial"], artifacts)
     assert all(r["seconds_per_step"] > 0 and r["peak_memory_mb"] > 0 for r in rows)
     assert all(0 < r["objective_se"] < 0.5 for r in rows)  # the judge's score over the samples, in [0, 1]
     text = Path(table).with_name("results.md").read_text()
@@ -237,3 +245,141 @@ def test_the_sd15_space_builds_its_trials_offline():
     assert cfg.eval.objective == "hps_v2" and cfg.train.steps == 400
     for corner in (0, 1):
         trial_config(space.base, space.fixed, {k: d.corners()[corner] for k, d in space.search.items()})
+
+
+# -- one-worker trials train in the Tune trial itself -------------------------------------------------
+def test_a_one_worker_trial_asks_for_its_workers_resources_only_when_they_fit_now():
+    from shortft.sweep.trials import TRIAL_CPUS, trial_resources
+
+    def settings(workers=1, use_gpu=False):
+        return {"workers": workers, "use_gpu": use_gpu, "gpus_per_worker": 0.5 if use_gpu else 1.0,
+                "cpus_per_worker": None if use_gpu else 1.0}
+
+    assert trial_resources(settings(), fits_now=True) == {"CPU": 1.0}
+    assert trial_resources(settings(use_gpu=True), fits_now=True) == {"CPU": 1.0, "GPU": 0.5}
+    # a Ray Train job: several workers, or one an autoscaler must first add a node for (it waits up to
+    # --resource-wait-s, then the trial ends as ERROR; tests/test_resources.py)
+    assert trial_resources(settings(workers=2), fits_now=True) == {"CPU": TRIAL_CPUS}
+    assert trial_resources(settings(use_gpu=True), fits_now=False) == {"CPU": TRIAL_CPUS}
+
+
+def _checkpoint(root: Path, step: int) -> Path:
+    d = root / f"step_{step:06d}"
+    d.mkdir(parents=True)
+    (d / "state.json").write_text(f'{{"step": {step}}}')
+    return d
+
+
+@pytest.mark.parametrize("tune_step,local_step,expected", [(4, 6, "local"), (6, 4, "tune"), (4, None, "tune"),
+                                                             (None, 2, "local"), (None, None, None)])
+def test_a_restarted_trial_resumes_from_the_newer_of_tunes_checkpoint_and_its_own(tmp_path, monkeypatch, tune_step,
+                                                                                   local_step, expected):
+    """Tune holds the checkpoints of evaluation steps (persisted to the sweep's storage, found on any
+    node); the run's folder holds every checkpoint the loop wrote on this node, those between
+    evaluations too."""
+    from ray import tune
+
+    from shortft.sweep.in_trial import resume_point
+
+    cfg = trial_config("toy", {"train.output_dir": str(tmp_path / "run")}, {})
+    if local_step is not None:
+        _checkpoint(cfg.output_dir / "checkpoints", local_step)
+    reported = _checkpoint(tmp_path / "tune", tune_step) if tune_step is not None else None
+    monkeypatch.setattr(tune, "get_checkpoint", lambda: reported and tune.Checkpoint.from_directory(str(reported)))
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    got = resume_point(cfg, scratch)
+    if expected is None:
+        assert got is None
+    else:
+        assert (got == scratch or scratch in got.parents) if expected == "tune" else (
+            got.parent == cfg.output_dir / "checkpoints")
+        assert json.loads((got / "state.json").read_text())["step"] == (tune_step if expected == "tune" else local_step)
+
+
+TRIAL_DIES = '''
+import json
+import os
+from ray import tune
+from shortft import sweep
+trainable = sweep.trainable_for("toy", smoke_test=True, fixed={"train.steps": 4, "train.checkpoint_every": 2,
+                                                                "eval.every": 4})
+analysis = tune.run(trainable, config={"chain.segments": 2}, num_samples=1, max_failures=1,
+                    metric="eval/objective", mode="max", verbose=0)
+(trial,) = analysis.trials
+print("STATUS", trial.status, trial.last_result.get("step"), trial.num_failures)
+'''
+
+
+@pytest.mark.slow
+def test_a_one_worker_trial_whose_process_dies_is_restarted_by_tune_from_its_checkpoint(tmp_path):
+    """The trial trains in Tune's own trial process (no Ray Train job is made for it); killed as it
+    starts step 3, Tune restarts it (max_failures=1) from its step-2 checkpoint, and MLflow has every
+    step once."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
+    env.update(HOME=str(tmp_path), PYTHONUNBUFFERED="1", SHORTFT_FAIL_AT_STEP="3", SHORTFT_FAIL_RANK="0")
+    p = subprocess.run([sys.executable, "-c", TRIAL_DIES], cwd=tmp_path, capture_output=True, text=True, env=env,
+                       timeout=600)
+    out = p.stdout + p.stderr
+    assert p.returncode == 0, out[-3000:]
+    assert "STATUS TERMINATED 4 1" in out, out[-3000:]
+    (marker,) = (tmp_path / "runs" / "sweeps").rglob(".fault-injected")
+    assert marker.read_text() == "3"  # the trial's process did die there
+    assert "at step 2" in out and "resumed from" in out, out[-3000:]
+    assert not list((tmp_path / "ray_results").glob("from-python-*"))  # no Ray Train run was made
+    c, parents, children = _runs(tmp_path / "mlflow.db")
+    (run,) = parents + children
+    assert run.info.status == "FINISHED"
+    assert {"lora", "config.yaml"} <= {a.path for a in c.list_artifacts(run.info.run_id)}
+    for key in ("loss", "grad_norm"):
+        assert sorted(m.step for m in c.get_metric_history(run.info.run_id, key)) == [1, 2, 3, 4], key
+
+
+def test_a_trials_last_report_waits_for_the_end_and_a_trial_resumed_at_its_end_still_reports(tmp_path, monkeypatch):
+    """Tune may stop a trial at any report (ASHA stops every trial reaching max_t), killing its process:
+    the last step is reported only after the run ended (LoRA saved, MLflow told). A trial whose process
+    died after its last checkpoint resumes with no step left and reports that step from metrics.jsonl."""
+    from types import SimpleNamespace
+
+    from ray import tune
+
+    from shortft.sweep.in_trial import TuneReport
+
+    reports = []
+    monkeypatch.setattr(ray, "get_runtime_context", lambda: SimpleNamespace(get_node_id=lambda: "node"))
+    monkeypatch.setattr(tune, "report", lambda metrics, checkpoint=None: reports.append(metrics))
+    train = trial_config("toy", {"train.steps": 4}, {}).train
+    rows = [{"step": s, "seconds_per_step": float(s), "peak_memory_mb": 10.0, "train_seconds": s * (s + 1) / 2,
+             "calls_total": 10 * s, **({"eval/objective": 0.1 * s} if s % 2 == 0 else {})} for s in range(1, 5)]
+    cb = TuneReport(train, tmp_path / "metrics.jsonl")
+    cb.on_start(None, 0)
+    for row in rows:
+        cb.on_step(row["step"], row, {})
+    assert [r["step"] for r in reports] == [2]  # step 4 ends the run: not yet
+    cb.on_end(None)
+    assert [r["step"] for r in reports] == [2, 4] and reports[-1]["mean_seconds_per_step"] == 2.5
+
+    reports.clear()
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    resumed = TuneReport(train, tmp_path / "metrics.jsonl")
+    resumed.on_start(None, 4)  # the loop runs no step: the checkpoint was the last one
+    resumed.on_end(None)
+    assert [r["step"] for r in reports] == [4] and reports[0]["eval/objective"] == pytest.approx(0.4)
+    assert reports[0]["mean_seconds_per_step"] == 2.5 and reports[0]["node_id"] == "node"
+
+
+def test_steps_written_but_not_logged_before_a_crash_are_logged_on_resume(tmp_path):
+    """The loop writes a step to metrics.jsonl, then calls the MLflow logger: a process that dies between
+    the two, just after a checkpoint, resumes after that step; the logger logs it from the file."""
+    from mlflow.entities import Metric
+
+    uri = f"sqlite:///{tmp_path}/m.db"
+    run_id = tracking.ensure_run(uri, "x", "run", "run")
+    client = tracking.client(uri)
+    client.log_batch(run_id, metrics=[Metric("loss", -0.1 * s, 0, s) for s in (1, 2)])
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": -0.1 * s}) + "\n"
+                                                    for s in range(1, 5)))
+    logger = tracking.MlflowLogger(uri, run_id, metrics_file=tmp_path / "metrics.jsonl")
+    logger.on_start(None, 3)  # resumed from the step-3 checkpoint: step 3 was never logged, 4 will run again
+    logger.on_step(4, {"step": 4, "loss": -0.4}, {})
+    assert sorted(m.step for m in client.get_metric_history(run_id, "loss")) == [1, 2, 3, 4]

@@ -12,7 +12,7 @@ OBJECTIVE_SE = "eval/objective_se"  # its standard error over the evaluation sam
 class EvalReport(TuneReportCallback):
     """Ray Train callback: forward to Tune only the steps that carry an evaluation (Tune wants the
     objective in every result); each carries the mean seconds per step and the peak memory since the
-    worker started (`distributed.RayReport`)."""
+    worker started (`ray_reports.RayReport`)."""
 
     def after_report(self, run_context, metrics, checkpoint):
         if OBJECTIVE in metrics[0]:

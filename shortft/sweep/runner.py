@@ -126,7 +126,8 @@ def run_sweep(space: str | Space | None = None, num_samples: int | None = None, 
             os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
             resources.connect(num_cpus=max(4, os.cpu_count() or 1), logging_config=ray.LoggingConfig(log_level="ERROR"))
     check_storage_for_cluster(storage_path)
-    resources.check(resources.Request(workers_per_trial, 1.0, gpus_per_worker, TRIAL_CPUS))  # before any trial
+    # before any trial; "now" (not "later", when an autoscaler must add a node): one-worker trials train in-trial
+    verdict = resources.check(resources.Request(workers_per_trial, 1.0, gpus_per_worker, TRIAL_CPUS))
     start_autoscaling_coordinator()
     if tracking_uri:
         start_relay(tracking_uri)  # on the driver's node: trials on other nodes log through it
@@ -150,14 +151,16 @@ def run_sweep(space: str | Space | None = None, num_samples: int | None = None, 
     sweep_settings = settings(space, name, storage_path, output_root, workers_per_trial, use_gpu,
                               gpus_per_worker or 1.0, None if use_gpu else 1.0, threads, tracking_uri, experiment,
                               parent, resource_wait_s)
-    sweep_settings["_driver_ready"] = True  # checked, relay and coordinator started above
+    sweep_settings.update(_driver_ready=True, fits_now=verdict == "now")  # checked, relay and coordinator started
 
     # 4. Tune.
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "0")  # save sweep state at every event: resumes lose nothing
     trial_fn = trainable(sweep_settings)
     callbacks = [RunCloser(tracking_uri, sweep_settings)] if tracking_uri else []
+    keep = trial_config(space.base, space.fixed, {}).train.keep_checkpoints  # of one-worker trials, kept by Tune
     run_config = tune.RunConfig(name=name, storage_path=storage_path, failure_config=tune.FailureConfig(max_failures=1),
-                                callbacks=callbacks, verbose=1)
+                                checkpoint_config=tune.CheckpointConfig(num_to_keep=keep), callbacks=callbacks,
+                                verbose=1)
     print(f"sweep {name}: {num_samples} trials of space {space.name!r} (base {space.base}), "
           f"{max_concurrent} at a time, {workers_per_trial} worker(s) each; storage {storage_path}", flush=True)
     if resume:

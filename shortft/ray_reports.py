@@ -1,0 +1,82 @@
+"""Loop callbacks that hand a run's progress to Ray: `RayReport` (to Ray Train, from each worker; the
+sweep's one-worker trials subclass it to report to Tune) and `FaultInjector`, the test switch that
+kills a worker once (`SHORTFT_FAIL_AT_STEP`, `SHORTFT_FAIL_RANK`)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from shortft.loop import Callback
+
+FAIL_AT_STEP_ENV = "SHORTFT_FAIL_AT_STEP"  # test switch: one worker dies once at this step
+FAIL_RANK_ENV = "SHORTFT_FAIL_RANK"
+FAULT_MARKER = ".fault-injected"  # under the run's folder: the worker died there once
+
+
+def fault_request() -> tuple[int, int]:
+    """(step, rank) at which a worker should die once, from this process's environment; step 0 = never."""
+    return int(os.environ.get(FAIL_AT_STEP_ENV, "0") or 0), int(os.environ.get(FAIL_RANK_ENV, "1"))
+
+
+class RayReport(Callback):
+    """Reports to Ray Train the steps something needs: every checkpoint step (rank 0 attaches its
+    checkpoint, so a restarted group resumes from it), every evaluation step (the sweep forwards those to
+    Tune) and the last step. Not the others: each report waits for the controller's next poll (0.2 s),
+    a toll on every step that bought nothing (the metrics go to MLflow from rank 0 directly). Each report
+    carries the mean seconds per step and the peak memory over every step since this worker started.
+    Every rank reports the same steps (Ray Train needs that): the schedule depends on the step alone.
+    Subclasses change where reports go (`_send`) and which steps are due (`_due`)."""
+
+    def __init__(self, rank: int, eval_every: int = 0, checkpoint_every: int = 0):
+        import ray
+
+        self.rank, self.every = rank, [n for n in (eval_every, checkpoint_every) if n > 0]
+        self.node_id = ray.get_runtime_context().get_node_id()  # where rank 0 ran: shown in sweep results
+        self.seconds, self.steps, self.peak, self.reported, self.pending = 0.0, 0, 0.0, 0, None
+
+    def on_step(self, step: int, metrics: dict, artifacts: dict) -> None:
+        self._count(metrics)
+        ckpt = artifacts.get("checkpoint") if self.rank == 0 else None
+        self.pending = (step, metrics, ckpt)
+        if self._due(step, metrics):
+            self._report()
+
+    def on_end(self, result) -> None:
+        if self.pending is not None and self.pending[0] > self.reported and self._due_at_end(self.pending[1]):
+            self._report()  # the last step, if not on the schedule
+
+    def _count(self, metrics: dict) -> None:
+        self.seconds, self.steps = self.seconds + metrics.get("seconds_per_step", 0.0), self.steps + 1
+        self.peak = max(self.peak, metrics.get("peak_memory_mb", 0.0))
+
+    def _due(self, step: int, metrics: dict) -> bool:
+        return any(step % n == 0 for n in self.every)
+
+    def _due_at_end(self, metrics: dict) -> bool:
+        return True
+
+    def _report(self) -> None:
+        step, metrics, ckpt = self.pending
+        self._send(step, {**metrics, "node_id": self.node_id, "peak_memory_mb": self.peak,
+                          "mean_seconds_per_step": self.seconds / self.steps}, ckpt)
+        self.reported = step
+
+    def _send(self, step: int, metrics: dict, ckpt: Path | None) -> None:
+        import ray.train
+
+        checkpoint = ray.train.Checkpoint.from_directory(str(ckpt)) if ckpt else None
+        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"step_{step:06d}" if ckpt else None)
+
+
+class FaultInjector(Callback):
+    """Kills this worker's process once, as it starts `fail_at` (a marker file remembers it happened)."""
+
+    def __init__(self, rank: int, fail_at: int, fail_rank: int, marker: Path):
+        self.rank, self.fail_at, self.fail_rank, self.marker = rank, fail_at, fail_rank, Path(marker)
+
+    def on_step(self, step: int, metrics: dict, artifacts: dict) -> None:
+        if self.rank == self.fail_rank and step + 1 == self.fail_at and not self.marker.exists():
+            self.marker.parent.mkdir(parents=True, exist_ok=True)
+            self.marker.write_text(str(step + 1))
+            os._exit(1)

@@ -1,0 +1,99 @@
+"""A one-worker trial runs the training loop in the Tune trial's own process and reports to Tune.
+
+A Ray Train job around one worker starts four more processes per trial (controller, placement-group
+cleaner, synchronization actor, the worker) and the report queue between them: about half a minute of
+start-up per trial on a small machine, and a background share of a core during the steps. With one
+worker there is nothing to synchronise, so the trial asks Tune for the worker's own resources
+(`trials.trial_resources`) and trains here. Tune gets the evaluation steps, with the checkpoint
+written at that step; a restarted trial resumes from the newer of Tune's latest checkpoint and the
+latest one the loop wrote under the run's folder (checkpoints between evaluations are only there).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+from shortft import checkpoint, tracking
+from shortft.budget import ends_run
+from shortft.config import Config, TrainConfig
+from shortft.loop import read_metrics, train
+from shortft.mlflow_relay import start_relay
+from shortft.ray_reports import FAULT_MARKER, FaultInjector, RayReport, fault_request
+from shortft.sweep.eval_report import OBJECTIVE
+
+
+class TuneReport(RayReport):
+    """The steps that carry an evaluation go to Tune (Tune wants the objective in every result), with
+    the checkpoint written at that step, the mean seconds per step and the peak memory so far. The last
+    step's goes once the run has ended (LoRA saved, MLflow told): at that report Tune may stop the trial
+    (ASHA stops every trial that reaches `max_t`), and a stopped trial's process is killed on the spot."""
+
+    def __init__(self, train: TrainConfig, metrics_file: Path):
+        super().__init__(0)
+        self.train, self.metrics_file = train, metrics_file
+
+    def on_start(self, models, start_step: int) -> None:
+        # A resumed trial counts the steps before its checkpoint in its means, and one resumed at its very
+        # end (it died after its last checkpoint, before its last report) still owes Tune that report.
+        rows = read_metrics(self.metrics_file) if start_step else []
+        for row in rows:
+            self._count(row)
+        if rows:
+            self.pending = (rows[-1]["step"], rows[-1], None)
+
+    def _due(self, step: int, metrics: dict) -> bool:
+        return OBJECTIVE in metrics and not ends_run(self.train, metrics)
+
+    def _due_at_end(self, metrics: dict) -> bool:
+        return OBJECTIVE in metrics
+
+    def _send(self, step: int, metrics: dict, ckpt: Path | None) -> None:
+        from ray import tune
+
+        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(str(ckpt)) if ckpt else None)
+
+
+def _step_of(path: Path | None) -> int:
+    return json.loads((path / "state.json").read_text())["step"] if path is not None else -1
+
+
+def resume_point(cfg: Config, scratch: Path) -> Path | None:
+    """The newer of Tune's latest checkpoint of this trial (copied into `scratch`) and the latest one
+    under the run's folder; None for a trial that starts afresh."""
+    from ray import tune
+
+    local = checkpoint.latest(cfg.output_dir / "checkpoints")
+    reported = tune.get_checkpoint()
+    if reported is not None:
+        copied = Path(reported.to_directory(str(scratch)))
+        if _step_of(copied) > _step_of(local):
+            return copied
+    return local
+
+
+def train_in_trial(cfg: Config, sweep: dict, run_id: str | None) -> None:
+    """Train `cfg` in this Tune trial (one worker: the CPU threads or the GPU Tune gave the trial)."""
+    import torch
+
+    if sweep["use_gpu"]:
+        cfg.model.device = "cuda"  # Tune made the trial's GPU the only one this process sees
+    else:
+        torch.set_num_threads(max(1, sweep["threads"] or int(sweep["cpus_per_worker"] or 1)))
+    # MLflow first: a report to Tune can be the trial's last act (ASHA stops it there), so what a step
+    # logs is logged before that step is reported.
+    uri = sweep["tracking_uri"]
+    metrics_file = cfg.output_dir / "metrics.jsonl"
+    callbacks = [tracking.MlflowLogger(uri, run_id, 0, start_relay(uri), metrics_file)] if uri and run_id else []
+    callbacks.append(TuneReport(cfg.train, metrics_file))
+    fail_at, fail_rank = fault_request()  # tests: the trial's process dies once at that step
+    if fail_at:
+        callbacks.append(FaultInjector(0, fail_at, fail_rank, cfg.output_dir / FAULT_MARKER))
+    scratch = Path(tempfile.mkdtemp(prefix="shortft-resume-"))
+    try:
+        start = resume_point(cfg, scratch)
+        train(cfg, callbacks, resume=start if start is not None else False)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
