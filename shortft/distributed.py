@@ -89,10 +89,11 @@ def _worker(config: dict) -> None:
     if ckpt is not None:
         local = Path(tempfile.mkdtemp(prefix=f"shortft-resume-{rank}-"))
         resume = str(ckpt.to_directory(str(local)))
-    callbacks: list[Callback] = [RayReport(rank, cfg.eval.every, cfg.train.checkpoint_every)]
-    if config["tracking_uri"] and rank == 0:
+    callbacks: list[Callback] = []
+    if config["tracking_uri"] and rank == 0:  # before the report: it may be the trial's last act in a sweep
         callbacks.append(tracking.MlflowLogger(config["tracking_uri"], config["run_id"], rank, config["relay"],
                                                cfg.output_dir / "metrics.jsonl"))
+    callbacks.append(RayReport(rank, cfg.eval.every, cfg.train.checkpoint_every, cfg.train))
     if config.get("fail_at"):
         callbacks.append(FaultInjector(rank, config["fail_at"], config["fail_rank"], Path(config["fail_marker"])))
     train(cfg, callbacks, resume=resume, rank=rank, world_size=world)

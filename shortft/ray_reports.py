@@ -7,6 +7,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from shortft.budget import ends_run
+from shortft.config import TrainConfig
 from shortft.loop import Callback
 
 FAIL_AT_STEP_ENV = "SHORTFT_FAIL_AT_STEP"  # test switch: one worker dies once at this step
@@ -26,12 +28,15 @@ class RayReport(Callback):
     a toll on every step that bought nothing (the metrics go to MLflow from rank 0 directly). Each report
     carries the mean seconds per step and the peak memory over every step since this worker started.
     Every rank reports the same steps (Ray Train needs that): the schedule depends on the step alone.
+    With `train` (the run's settings), the run's last step is reported only once the run has ended
+    (`on_end`: LoRA saved, and MLflow told by a logger placed before this callback): a sweep may stop
+    the trial at that report (ASHA stops every trial that reaches `max_t`), which kills its processes.
     Subclasses change where reports go (`_send`) and which steps are due (`_due`)."""
 
-    def __init__(self, rank: int, eval_every: int = 0, checkpoint_every: int = 0):
+    def __init__(self, rank: int, eval_every: int = 0, checkpoint_every: int = 0, train: TrainConfig | None = None):
         import ray
 
-        self.rank, self.every = rank, [n for n in (eval_every, checkpoint_every) if n > 0]
+        self.rank, self.every, self.train = rank, [n for n in (eval_every, checkpoint_every) if n > 0], train
         self.node_id = ray.get_runtime_context().get_node_id()  # where rank 0 ran: shown in sweep results
         self.seconds, self.steps, self.peak, self.reported, self.pending = 0.0, 0, 0.0, 0, None
 
@@ -51,7 +56,10 @@ class RayReport(Callback):
         self.peak = max(self.peak, metrics.get("peak_memory_mb", 0.0))
 
     def _due(self, step: int, metrics: dict) -> bool:
-        return any(step % n == 0 for n in self.every)
+        return any(step % n == 0 for n in self.every) and not self._last(metrics)
+
+    def _last(self, metrics: dict) -> bool:
+        return self.train is not None and ends_run(self.train, metrics)
 
     def _due_at_end(self, metrics: dict) -> bool:
         return True

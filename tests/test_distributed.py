@@ -112,6 +112,18 @@ def test_ray_train_gets_the_checkpoint_evaluation_and_last_steps_only(monkeypatc
     cb.on_end(None)  # the last step is not reported twice
     assert len(reports) == 5
 
+    # Given the run's settings, a last step on the schedule waits for the end of the run (LoRA saved,
+    # MLflow told): in a sweep, Tune may stop the trial at that report and kill its workers.
+    from shortft.space import trial_config
+
+    reports.clear()
+    cb = RayReport(rank, eval_every=4, checkpoint_every=6, train=trial_config("toy", {"train.steps": 12}, {}).train)
+    for step in range(1, 13):
+        cb.on_step(step, {"step": step, "seconds_per_step": 1.0, "peak_memory_mb": 1.0}, {})
+    assert [m["step"] for m, _ in reports] == [4, 6, 8]
+    cb.on_end(None)
+    assert [m["step"] for m, _ in reports] == [4, 6, 8, 12]
+
 
 @pytest.mark.parametrize("flag,value,word", [("--storage-path", "/proc/no-such/dir", "storage path"),
                                              ("--tracking-uri", "http://127.0.0.1:9", "tracking URI")])

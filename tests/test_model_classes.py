@@ -152,7 +152,8 @@ def _unsupported(tmp_path):
 
 
 @pytest.mark.parametrize("setting", ["model.gradient_checkpointing=true",
-                                     "model.vae_checkpointing=true model.vae_batch_size=1"])
+                                     "model.vae_checkpointing=true model.vae_batch_size=1", "chain.checkpointing=true",
+                                     "chain.checkpointing=true model.gradient_checkpointing=true"])
 def test_memory_settings_give_the_same_gradients(class_dirs, tmp_path, setting):
     # Non-zero LoRAs, several per chain: a block recomputed in backward with another segment's LoRA active
     # (what diffusers' own checkpointing does under the chain's switching) would change the gradients.

@@ -383,3 +383,23 @@ def test_steps_written_but_not_logged_before_a_crash_are_logged_on_resume(tmp_pa
     logger.on_start(None, 3)  # resumed from the step-3 checkpoint: step 3 was never logged, 4 will run again
     logger.on_step(4, {"step": 4, "loss": -0.4}, {})
     assert sorted(m.step for m in client.get_metric_history(run_id, "loss")) == [1, 2, 3, 4]
+
+
+@pytest.mark.slow
+def test_a_two_worker_trial_is_a_ray_train_job_that_reports_to_tune(tmp_path):
+    """Trials of several workers (and ones waiting for an autoscaler) still fit a Ray Train job: its
+    evaluations reach Tune, its last report waits for the LoRA and MLflow, its checkpoints go to Ray
+    Train's run under the storage path."""
+    import pyarrow.parquet as pq
+
+    work = _script(tmp_path)
+    proc = _run_script(work, "--name", "two", "--workers-per-trial", "2", samples=1)
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out[-3000:]
+    (row,) = pq.read_table(work / "runs" / "sweeps" / "two" / "results.parquet").to_pylist()
+    assert row["status"] == "DONE" and row["steps"] == 2 and row["objective_best"] is not None
+    assert list((work / "ray_results" / "two-t001").glob("checkpoint*")) or list(
+        (work / "ray_results" / "two-t001").rglob("step_000002")), "no Ray Train checkpoint"
+    c, parents, (child,) = _runs(work / "mlflow.db")
+    assert {"lora", "config.yaml"} <= {a.path for a in c.list_artifacts(child.info.run_id)}
+    assert sorted(m.step for m in c.get_metric_history(child.info.run_id, "loss")) == [1, 2]

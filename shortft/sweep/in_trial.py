@@ -17,7 +17,6 @@ import tempfile
 from pathlib import Path
 
 from shortft import checkpoint, tracking
-from shortft.budget import ends_run
 from shortft.config import Config, TrainConfig
 from shortft.loop import read_metrics, train
 from shortft.mlflow_relay import start_relay
@@ -27,13 +26,12 @@ from shortft.sweep.eval_report import OBJECTIVE
 
 class TuneReport(RayReport):
     """The steps that carry an evaluation go to Tune (Tune wants the objective in every result), with
-    the checkpoint written at that step, the mean seconds per step and the peak memory so far. The last
-    step's goes once the run has ended (LoRA saved, MLflow told): at that report Tune may stop the trial
-    (ASHA stops every trial that reaches `max_t`), and a stopped trial's process is killed on the spot."""
+    the checkpoint written at that step, the mean seconds per step and the peak memory so far; the
+    last step's once the run has ended (see `RayReport`: Tune kills a stopped trial's process)."""
 
     def __init__(self, train: TrainConfig, metrics_file: Path):
-        super().__init__(0)
-        self.train, self.metrics_file = train, metrics_file
+        super().__init__(0, train=train)
+        self.metrics_file = metrics_file
 
     def on_start(self, models, start_step: int) -> None:
         # A resumed trial counts the steps before its checkpoint in its means, and one resumed at its very
@@ -45,7 +43,7 @@ class TuneReport(RayReport):
             self.pending = (rows[-1]["step"], rows[-1], None)
 
     def _due(self, step: int, metrics: dict) -> bool:
-        return OBJECTIVE in metrics and not ends_run(self.train, metrics)
+        return OBJECTIVE in metrics and not self._last(metrics)
 
     def _due_at_end(self, metrics: dict) -> bool:
         return OBJECTIVE in metrics
