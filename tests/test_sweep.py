@@ -338,7 +338,9 @@ def test_a_one_worker_trial_whose_process_dies_is_restarted_by_tune_from_its_che
 def test_a_trials_last_report_waits_for_the_end_and_a_trial_resumed_at_its_end_still_reports(tmp_path, monkeypatch):
     """Tune may stop a trial at any report (ASHA stops every trial reaching max_t), killing its process:
     the last step is reported only after the run ended (LoRA saved, MLflow told). A trial whose process
-    died after its last checkpoint resumes with no step left and reports that step from metrics.jsonl."""
+    died after its last checkpoint resumes with no step left and reports that step from metrics.jsonl;
+    restarted on another node (no metrics.jsonl there) from the checkpoint Tune got with that report, it
+    sends the result that checkpoint carries."""
     from types import SimpleNamespace
 
     from ray import tune
@@ -351,13 +353,21 @@ def test_a_trials_last_report_waits_for_the_end_and_a_trial_resumed_at_its_end_s
     train = trial_config("toy", {"train.steps": 4}, {}).train
     rows = [{"step": s, "seconds_per_step": float(s), "peak_memory_mb": 10.0, "train_seconds": s * (s + 1) / 2,
              "calls_total": 10 * s, **({"eval/objective": 0.1 * s} if s % 2 == 0 else {})} for s in range(1, 5)]
+    last_checkpoint = _checkpoint(tmp_path / "run" / "checkpoints", 4)
     cb = TuneReport(train, tmp_path / "metrics.jsonl")
     cb.on_start(None, 0)
     for row in rows:
-        cb.on_step(row["step"], row, {})
+        cb.on_step(row["step"], row, {"checkpoint": last_checkpoint} if row["step"] == 4 else {})
     assert [r["step"] for r in reports] == [2]  # step 4 ends the run: not yet
     cb.on_end(None)
     assert [r["step"] for r in reports] == [2, 4] and reports[-1]["mean_seconds_per_step"] == 2.5
+    sent = reports[-1]
+
+    reports.clear()
+    elsewhere = TuneReport(train, tmp_path / "other-node" / "metrics.jsonl", resumed_from=last_checkpoint)
+    elsewhere.on_start(None, 4)
+    elsewhere.on_end(None)
+    assert reports == [sent]
 
     reports.clear()
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))

@@ -7,6 +7,8 @@ worker there is nothing to synchronise, so the trial asks Tune for the worker's 
 (`trials.trial_resources`) and trains here. Tune gets the evaluation steps, with the checkpoint
 written at that step; a restarted trial resumes from the newer of Tune's latest checkpoint and the
 latest one the loop wrote under the run's folder (checkpoints between evaluations are only there).
+A checkpoint handed to Tune carries the metrics it was reported with (`reported.json`), so a trial
+restarted at its very end on a node without its run folder can still give Tune its last result.
 """
 
 from __future__ import annotations
@@ -23,15 +25,17 @@ from shortft.mlflow_relay import start_relay
 from shortft.ray_reports import FAULT_MARKER, FaultInjector, RayReport, fault_request
 from shortft.sweep.eval_report import OBJECTIVE
 
+REPORTED = "reported.json"  # in a checkpoint handed to Tune: the metrics it was reported with
+
 
 class TuneReport(RayReport):
     """The steps that carry an evaluation go to Tune (Tune wants the objective in every result), with
     the checkpoint written at that step, the mean seconds per step and the peak memory so far; the
     last step's once the run has ended (see `RayReport`: Tune kills a stopped trial's process)."""
 
-    def __init__(self, train: TrainConfig, metrics_file: Path):
+    def __init__(self, train: TrainConfig, metrics_file: Path, resumed_from: Path | None = None):
         super().__init__(0, train=train)
-        self.metrics_file = metrics_file
+        self.metrics_file, self.resumed_from, self.resend = metrics_file, resumed_from, None
 
     def on_start(self, models, start_step: int) -> None:
         # A resumed trial counts the steps before its checkpoint in its means, and one resumed at its very
@@ -41,6 +45,16 @@ class TuneReport(RayReport):
             self._count(row)
         if rows:
             self.pending = (rows[-1]["step"], rows[-1], None)
+        elif start_step and self.resumed_from is not None and (self.resumed_from / REPORTED).is_file():
+            # Restarted on another node from a checkpoint Tune already had: no metrics.jsonl here, but the
+            # checkpoint has the result it was reported with; it is sent again if no step follows it.
+            self.resend = json.loads((self.resumed_from / REPORTED).read_text())
+
+    def on_end(self, result) -> None:
+        if self.resend is not None and self.pending is None:
+            self._send(self.resend["step"], self.resend, None)
+        else:
+            super().on_end(result)
 
     def _due(self, step: int, metrics: dict) -> bool:
         return OBJECTIVE in metrics and not self._last(metrics)
@@ -51,6 +65,9 @@ class TuneReport(RayReport):
     def _send(self, step: int, metrics: dict, ckpt: Path | None) -> None:
         from ray import tune
 
+        if ckpt is not None:  # before Tune copies the folder; written whole or not at all
+            (ckpt / f".{REPORTED}").write_text(json.dumps(metrics))
+            (ckpt / f".{REPORTED}").replace(ckpt / REPORTED)
         tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(str(ckpt)) if ckpt else None)
 
 
@@ -85,13 +102,14 @@ def train_in_trial(cfg: Config, sweep: dict, run_id: str | None) -> None:
     uri = sweep["tracking_uri"]
     metrics_file = cfg.output_dir / "metrics.jsonl"
     callbacks = [tracking.MlflowLogger(uri, run_id, 0, start_relay(uri), metrics_file)] if uri and run_id else []
-    callbacks.append(TuneReport(cfg.train, metrics_file))
+    report = TuneReport(cfg.train, metrics_file)
+    callbacks.append(report)
     fail_at, fail_rank = fault_request()  # tests: the trial's process dies once at that step
     if fail_at:
         callbacks.append(FaultInjector(0, fail_at, fail_rank, cfg.output_dir / FAULT_MARKER))
     scratch = Path(tempfile.mkdtemp(prefix="shortft-resume-"))
     try:
-        start = resume_point(cfg, scratch)
+        start = report.resumed_from = resume_point(cfg, scratch)
         train(cfg, callbacks, resume=start if start is not None else False)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
