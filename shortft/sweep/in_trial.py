@@ -97,19 +97,18 @@ def train_in_trial(cfg: Config, sweep: dict, run_id: str | None) -> None:
         cfg.model.device = "cuda"  # Tune made the trial's GPU the only one this process sees
     else:
         torch.set_num_threads(max(1, sweep["threads"] or int(sweep["cpus_per_worker"] or 1)))
-    # MLflow first: a report to Tune can be the trial's last act (ASHA stops it there), so what a step
-    # logs is logged before that step is reported.
-    uri = sweep["tracking_uri"]
-    metrics_file = cfg.output_dir / "metrics.jsonl"
-    callbacks = [tracking.MlflowLogger(uri, run_id, 0, start_relay(uri), metrics_file)] if uri and run_id else []
-    report = TuneReport(cfg.train, metrics_file)
-    callbacks.append(report)
-    fail_at, fail_rank = fault_request()  # tests: the trial's process dies once at that step
-    if fail_at:
-        callbacks.append(FaultInjector(0, fail_at, fail_rank, cfg.output_dir / FAULT_MARKER))
     scratch = Path(tempfile.mkdtemp(prefix="shortft-resume-"))
     try:
-        start = report.resumed_from = resume_point(cfg, scratch)
+        start = resume_point(cfg, scratch)
+        # MLflow first: a report to Tune can be the trial's last act (ASHA stops it there), so what a step
+        # logs is logged before that step is reported.
+        uri = sweep["tracking_uri"]
+        metrics_file = cfg.output_dir / "metrics.jsonl"
+        callbacks = [tracking.MlflowLogger(uri, run_id, 0, start_relay(uri), metrics_file)] if uri and run_id else []
+        callbacks.append(TuneReport(cfg.train, metrics_file, start))
+        fail_at, fail_rank = fault_request()  # tests: the trial's process dies once at that step
+        if fail_at:
+            callbacks.append(FaultInjector(0, fail_at, fail_rank, cfg.output_dir / FAULT_MARKER))
         train(cfg, callbacks, resume=start if start is not None else False)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
