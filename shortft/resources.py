@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,18 +28,24 @@ TOKEN_FIX = ("export RAY_AUTH_MODE=token and RAY_AUTH_TOKEN=<token> (or RAY_AUTH
 
 
 def connect(**kwargs) -> None:
-    """`ray.init(**kwargs)`; a cluster that refuses this driver's token (or its lack of one) is a ConfigError."""
+    """`ray.init(**kwargs)`; a cluster that refuses this driver's token (or its lack of one) is a ConfigError.
+    A local Ray started here knows its own address in all its processes (`local_ray_environment`)."""
     import sys
     from contextlib import nullcontext
 
     import ray
 
+    local = not kwargs.get("address") and starts_local_ray()
     # Connecting to a cluster, Ray (Python and C++) logs its guesses and a traceback before it raises:
     # held back, and shown only if the connection succeeds. A local start is not held (its processes
     # would inherit the capture).
     with captured_stderr() if kwargs.get("address") else nullcontext([""]) as said:
         try:
-            ray.init(**kwargs)
+            if local:
+                with local_ray_environment():
+                    ray.init(**{**kwargs, "address": "local"})
+            else:
+                ray.init(**kwargs)
             refused = False
         except (ray.exceptions.AuthenticationError, RuntimeError, ConnectionError) as e:
             if not _refused_token(e):
@@ -52,6 +59,48 @@ def connect(**kwargs) -> None:
     raise ConfigError(f"the Ray cluster at {where} requires token authentication and refused this driver "
                       f"(RAY_AUTH_MODE={mode}{', with a token it does not accept' if mode == 'token' else ''}); "
                       + TOKEN_FIX)
+
+
+GCS_PORT_ENV = "RAY_GCS_SERVER_PORT"  # the port a head node's GCS listens on, read by Ray as it starts one
+
+
+def starts_local_ray() -> bool:
+    """Whether a bare `ray.init()` would start a Ray of its own (no RAY_ADDRESS, no `ray start` here)."""
+    from ray._private.services import canonicalize_bootstrap_address  # listed in shortft/sweep/ray_compat.py
+
+    return canonicalize_bootstrap_address(None) is None
+
+
+@contextmanager
+def local_ray_environment():
+    """While a local Ray starts inside: its GCS on a port chosen here, and RAY_ADDRESS naming it, which
+    the GCS, the raylet and through it every worker inherit (the driver's own environment is restored).
+
+    Ray Train's placement-group cleaner, a detached actor of every multi-worker run, asks the state API
+    whether its controller is alive at the address it finds on the machine: RAY_ADDRESS, else the last
+    `ray start`'s (`<tmp>/ray/ray_current_cluster`). Once another Ray was started on the machine, that
+    is the other cluster, which has no such actor: the cleaner took the controller for dead and removed
+    the run's placement group, killing its workers mid-run (seen in the test suite beside the cluster
+    tests; tests/test_distributed.py starts a second Ray during a two-worker run)."""
+    import socket
+
+    import ray
+
+    saved = {k: os.environ.get(k) for k in ("RAY_ADDRESS", GCS_PORT_ENV)}
+    port = os.environ.get(GCS_PORT_ENV)
+    if not port:
+        with socket.socket() as s:
+            s.bind(("", 0))
+            port = str(s.getsockname()[1])
+    os.environ.update({GCS_PORT_ENV: port, "RAY_ADDRESS": f"{ray.util.get_node_ip_address()}:{port}"})
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def _refused_token(error: BaseException | None) -> bool:

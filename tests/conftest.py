@@ -70,6 +70,19 @@ def frozen_state(*modules) -> dict:
     return out
 
 
+def kill_with_env(key: str, value: str) -> None:
+    """Kills the processes whose environment has key=value: the leftovers of one Ray a test started
+    (never `ray stop`: it stops every Ray on the machine, other tests' too)."""
+    import psutil
+
+    for p in psutil.process_iter():
+        try:
+            if p.pid != os.getpid() and p.environ().get(key) == value:
+                p.kill()
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            pass
+
+
 def _free_port() -> int:
     import socket
 

@@ -13,6 +13,7 @@ import shortft
 from shortft import tracking
 from shortft.distributed import train_with_ray
 from shortft.ray_reports import FAIL_AT_STEP_ENV
+from tests.conftest import kill_with_env
 
 # Tests that start Ray run one after another on one pytest-xdist worker (`ray stop` in one of them
 # would stop another's cluster); the other worker takes the rest.
@@ -23,9 +24,48 @@ ray = pytest.importorskip("ray")
 
 @pytest.fixture(scope="module")
 def ray_cluster():
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    from shortft import resources
+
+    resources.connect(num_cpus=4, include_dashboard=False, log_to_driver=False)  # as the library starts one
     yield
     ray.shutdown()
+
+
+def test_a_ray_started_later_on_the_machine_is_not_asked_about_this_clusters_actors(ray_cluster):
+    """Ray Train's placement-group cleaner, a detached actor of every multi-worker run, asks the state API
+    whether its controller lives, at the address it finds on the machine. Once another Ray was started
+    there (`ray start`), that was the other cluster, which has no such actor: the cleaner removed a
+    running job's placement group and its workers died (a two-worker run failed so beside the cluster
+    tests; reproduced by starting a Ray mid-run). The cleaner's own question, from a detached actor."""
+    from ray._common.utils import get_ray_address_file
+
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_TMPDIR", "RAY_GCS_SERVER_PORT")}
+    subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--port=0", "--num-cpus=0",
+                    "--include-dashboard=true", "--dashboard-port=0", "--disable-usage-stats"],
+                   env={**env, "SHORTFT_TEST_OTHER_RAY": "1"}, check=True, capture_output=True, timeout=120)
+    other = open(get_ray_address_file(None)).read()
+
+    @ray.remote(num_cpus=0)
+    class Cleaner:
+        def ask(self):
+            from ray.train.v2._internal.state.util import is_actor_alive
+
+            try:
+                alive = is_actor_alive(actor_id=ray.get_runtime_context().get_actor_id(), timeout=10)
+            except Exception as e:  # this cluster has no dashboard: no answer, and no verdict
+                alive = type(e).__name__
+            return os.environ.get("RAY_ADDRESS"), alive
+
+    try:
+        cleaner = Cleaner.options(lifetime="detached").remote()
+        address, alive = ray.get(cleaner.ask.remote(), timeout=120)
+        ray.kill(cleaner)
+    finally:
+        kill_with_env("SHORTFT_TEST_OTHER_RAY", "1")
+        if os.path.exists(get_ray_address_file(None)) and open(get_ray_address_file(None)).read() == other:
+            os.remove(get_ray_address_file(None))
+    assert alive not in (None, False), alive  # None: "no such actor", the other cluster's answer
+    assert address == ray.get_runtime_context().gcs_address != other
 
 
 def _lora(out_dir):

@@ -17,6 +17,7 @@ import pytest
 from shortft import sweep, tracking
 from shortft.config import ConfigError
 from shortft.space import load_space, trial_config
+from tests.conftest import kill_with_env
 
 # Tests that start a local Ray run one after another on one pytest-xdist worker (one machine's CPUs for
 # their trials); the other worker takes the rest, and the multi-node tests (group "clusters"). They
@@ -143,17 +144,6 @@ def _script(tmp_path: Path) -> Path:
     return work
 
 
-def _kill_with_env(key: str, value: str) -> None:
-    import psutil
-
-    for p in psutil.process_iter():
-        try:
-            if p.pid != os.getpid() and p.environ().get(key) == value:
-                p.kill()
-        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-            pass
-
-
 def _run_script(work: Path, *args: str, samples: int = 3, env: dict | None = None, **kw) -> subprocess.Popen:
     env = dict(env or {**os.environ, "PYTHONUNBUFFERED": "1"})
     env.pop("RAY_ADDRESS", None)
@@ -185,7 +175,7 @@ def test_resume_after_the_driver_is_killed_in_the_second_trial(tmp_path):
     assert proc.poll() is None, "sweep ended before it could be killed"
     os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started, mid-trial
     proc.communicate()
-    _kill_with_env("RAY_TMPDIR", ray_tmp)  # leftovers of that Ray only (not `ray stop`: every Ray here)
+    kill_with_env("RAY_TMPDIR", ray_tmp)  # leftovers of that Ray only (not `ray stop`: every Ray here)
     shutil.rmtree(ray_tmp, ignore_errors=True)
 
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}

@@ -14,7 +14,7 @@ from ray import tune
 
 # (module, attribute) pairs reached below; the attribute may be a dotted path on the module.
 PRIVATE = (
-    ("ray._private.services", "canonicalize_bootstrap_address"),
+    ("ray._private.services", "canonicalize_bootstrap_address"),  # here and in shortft/resources.py
     ("ray._private.state", "state.get_cluster_config"),  # used by shortft/resources.py (no import: layers)
     ("ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator", "get_or_create_autoscaling_coordinator"),
     ("ray.tune.tuner", "Tuner._local_tuner"),
