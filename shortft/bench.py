@@ -23,18 +23,16 @@ import time
 
 import torch
 
-from shortft.architectures import random_pipeline
+from shortft.bench_count import build_pipeline, count, count_device, draws, make_trainable, step_inputs
 from shortft.bench_report import describe
 from shortft.config import Config, ConfigError, METHODS
 from shortft.denoiser import CallCount
 from shortft.loop import autocast_for, micro_batch_loss, peak_memory_mb
-from shortft.models import DTYPES, checkpoint_with_adapters, frozen_parts, load_pipeline, pick_device, prepare_models
-from shortft.preflight import SavedBytes
+from shortft.models import DTYPES, pick_device, prepare_models
 from shortft.rewards import Rewards
 
 # Dense bf16 tensor-core peaks from the vendors' data sheets, TFLOP/s (SXM parts for H100/H200/A100).
 PEAK_BF16_TFLOPS = {"H200": 989.4, "H100": 989.4, "A100": 312.0, "L40S": 362.1, "A10G": 70.0}
-PROMPTS = ["a photo of a cat", "a painting of a lighthouse", "concept art of a city", "an anime portrait"]
 
 
 @dataclasses.dataclass
@@ -75,98 +73,23 @@ def arm_config(cfg: Config, arm: Arm) -> Config:
     return dataclasses.replace(cfg, chain=chain, train=train)
 
 
-def _pipeline(cfg: Config, random_weights: bool, device: torch.device | str, dtype: torch.dtype):
-    if random_weights:
-        return random_pipeline(cfg.model.pretrained, device, dtype)
-    return load_pipeline(cfg.model.pretrained, dtype)
-
-
-def _draws() -> torch.Generator:
-    """The random cuts and copies of alignprop, drtune, refl and draft_lv: one fixed draw for every
-    counted and timed step, so that an arm's FLOPs, calls and seconds describe the same step."""
-    return torch.Generator().manual_seed(0)
-
-
-def _step_inputs(models, batch: int):
-    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(batch)]
-    return prompts, models.initial_noise(batch, torch.Generator().manual_seed(0))
-
-
-def _count_device(cfg: Config, target: torch.device) -> torch.device:
-    """Where the counting step runs: the GPU itself, a CPU for small models, meta tensors for the real
-    architectures on a CPU (no memory, but slow: every op runs in Python there)."""
-    from shortft.architectures import HUB_IDS
-
-    if target.type == "cpu" and cfg.model.pretrained in HUB_IDS:
-        return torch.device("meta")
-    return target
-
-
-def count(cfg: Config, target: torch.device, rewards: Rewards | None = None) -> dict:
-    """FLOPs of one training step and a memory estimate for `target`: weights, LoRA with its gradient
-    and AdamW state, the tensors saved for backward, and under checkpointing one call's activations
-    (recomputed in backward). Runs one step on random weights of the same architecture."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    autocast_dtype = autocast_for(cfg, target)[1]
-    dtype = torch.bfloat16 if autocast_dtype == "bf16" else torch.float16 if autocast_dtype == "fp16" else DTYPES[cfg.model.dtype]
-    device = _count_device(cfg, target)
-    models = prepare_models(cfg, _pipeline(cfg, True, device, dtype), device=device)
-    rewards = rewards or Rewards(cfg.reward.weights, cfg.reward.options, device=device, random_weights=True)
-    trainable = _trainable(models)
-    saved = SavedBytes(models.pipe.unet.parameters())
-    if cfg.model.gradient_checkpointing and not cfg.chain.checkpointing:
-        # A checkpointed block keeps only its inputs until backward; they never pass the saved-tensor
-        # hooks (the checkpoint's own hooks take the block's tensors), so count them here. (Inside a
-        # checkpointed call, `chain.checkpointing`, not even those are kept.)
-        models.unet.enable_gradient_checkpointing(saved.counting(checkpoint_with_adapters(models.denoiser.switch)))
-    prompts, noise = _step_inputs(models, cfg.train.batch_size)
-    with FlopCounterMode(display=False) as counter:
-        with saved.hooks():
-            loss, _, _ = micro_batch_loss(models, rewards, cfg, prompts, noise.to(device), 1, _draws())
-        loss.backward()
-    calls, grad_calls = models.denoiser.count.calls, models.denoiser.count.grad_calls
-    recomputed = 0
-    if cfg.chain.checkpointing:  # one call's activations exist again while its backward runs
-        one_call = SavedBytes(models.pipe.unet.parameters())
-        first = models.plan.calls(models.denoiser.timesteps(cfg.chain.steps))[0]
-        condition = models.condition(prompts, cfg.chain.guidance_scale, cfg.model.shortcut_guidance_scale)
-        models.denoiser.checkpointing = False
-        with one_call.hooks():
-            models.denoiser.predict(noise.to(device), first, condition)
-        recomputed = one_call.total
-    weights = sum(p.numel() * p.element_size() for part in frozen_parts(models.pipe) for p in part.parameters())
-    lora = sum(p.numel() for p in trainable) * 4 * 4  # fp32 param, grad, AdamW's two moments
-    return {"flops": counter.get_total_flops(), "calls": calls, "grad_calls": grad_calls,
-            "memory_estimate_mb": (weights + lora + saved.total + recomputed) / 2**20}
-
-
-def _trainable(models) -> list[torch.nn.Parameter]:
-    """The LoRA parameters the first stage trains, made trainable."""
-    names = models.plan.trainable(1)
-    params = [p for n, p in models.unet.named_parameters() if "lora_" in n and any(f".{a}." in n for a in names)]
-    for p in params:
-        p.requires_grad_(True)
-    return params
-
-
 def time_steps(cfg: Config, random_weights: bool, steps: int, warmup: int, rewards: Rewards | None = None,
                profile: bool = False) -> dict:
     """Median seconds per training step (and spread), peak memory, calls per step, on the config's device.
     `profile` (CUDA): one more step under the profiler, for the GPU's busy share of it and its kernel count."""
     device = pick_device(cfg.model.device)
     torch.manual_seed(cfg.train.seed)
-    models = prepare_models(cfg, _pipeline(cfg, random_weights, device, DTYPES[cfg.model.dtype]), device=device)
+    models = prepare_models(cfg, build_pipeline(cfg, random_weights, device, DTYPES[cfg.model.dtype]), device=device)
     rewards = rewards or Rewards(cfg.reward.weights, cfg.reward.options, device=device, random_weights=random_weights)
-    trainable = _trainable(models)
+    trainable = make_trainable(models)
     optimizer = torch.optim.AdamW(trainable, lr=cfg.train.lr)
     autocast = autocast_for(cfg, device)[0]
 
     def step() -> float:
-        prompts, noise = _step_inputs(models, cfg.train.batch_size)
+        prompts, noise = step_inputs(models, cfg.train.batch_size)
         models.denoiser.count = CallCount()
         t0 = time.perf_counter()
-        loss, _, _ = micro_batch_loss(models, rewards, cfg, prompts, noise, 1, _draws(), autocast)
+        loss, _, _ = micro_batch_loss(models, rewards, cfg, prompts, noise, 1, draws(), autocast)
         loss.backward()
         if cfg.train.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(trainable, cfg.train.grad_clip)
@@ -246,7 +169,7 @@ def run_bench(cfg: Config, methods: list[str], segments: list[int], batches: lis
         t0 = time.perf_counter()
         counted = _earlier_count(counts_from, arm) if counts_from else None
         if counted is None:
-            counted = count(arm_cfg, device, rewards_on(_count_device(arm_cfg, device)))
+            counted = count(arm_cfg, device, rewards_on(count_device(arm_cfg, device)))
         row = {"method": arm.method, "segments": arm.segments, "batch": arm.batch,
                "checkpointing": arm_cfg.chain.checkpointing, **counted}
         gc.collect()  # the counting step's models before the timed ones load
@@ -261,7 +184,7 @@ def run_bench(cfg: Config, methods: list[str], segments: list[int], batches: lis
         progress(f"  {arm.label:22s} {describe(row)}  ({time.perf_counter() - t0:.0f} s)")
     for row in rows:
         ref = next(r for r in rows if r["method"] == "full" and r["batch"] == row["batch"])
-        for key in ("seconds_per_step", "peak_memory_mb", "flops", "memory_estimate_mb"):
+        for key in ("seconds_per_step", "peak_memory_mb", "flops", "ops", "memory_estimate_mb"):
             if key in row:
                 row[f"{key}_vs_full"] = row[key] / ref[key] if ref[key] else None
     return {"config": cfg.name, "pretrained": cfg.model.pretrained, "random_weights": random_weights,
@@ -275,5 +198,5 @@ def _earlier_count(result: dict, arm: Arm) -> dict | None:
     for row in result["rows"]:
         same_ckpt = arm.checkpointing is None or row.get("checkpointing") == arm.checkpointing
         if (row["method"], row["segments"], row["batch"]) == (arm.method, arm.segments, arm.batch) and same_ckpt:
-            return {k: row[k] for k in ("flops", "memory_estimate_mb", "calls", "grad_calls")}
+            return {k: row[k] for k in ("flops", "ops", "memory_estimate_mb", "calls", "grad_calls") if k in row}
     return None

@@ -7,7 +7,7 @@ from pathlib import Path
 
 
 def describe(row: dict) -> str:
-    text = f"calls {row['calls']}/{row['grad_calls']}  {row['flops'] / 1e12:8.3g} TFLOP"
+    text = f"calls {row['calls']}/{row['grad_calls']}  {row['flops'] / 1e12:8.3g} TFLOP  {row.get('ops', 0):7d} ops"
     if "seconds_per_step" in row:
         text += f"  {row['seconds_per_step']:.3f} s/step  peak {row['peak_memory_mb']:.0f} MB"
     if "gpu_busy_share" in row:
@@ -18,7 +18,7 @@ def describe(row: dict) -> str:
 def format_table(result: dict) -> str:
     timed = "seconds_per_step" in result["rows"][0]
     profiled = "gpu_busy_share" in result["rows"][0]
-    head = "| method | k | batch | calls (grad) | TFLOP/step | est. memory MB |"
+    head = "| method | k | batch | calls (grad) | TFLOP/step | aten ops/step | est. memory MB |"
     if timed:
         head += " s/step (min-max) | peak MB | TFLOP/s | share of peak | s/step vs full | memory vs full |"
     if profiled:
@@ -26,7 +26,8 @@ def format_table(result: dict) -> str:
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in result["rows"]:
         line = (f"| {r['method']}{' (ckpt)' if r['checkpointing'] else ''} | {r['segments'] or '-'} | {r['batch']} | "
-                f"{r['calls']} ({r['grad_calls']}) | {r['flops'] / 1e12:.3g} | {r['memory_estimate_mb']:.0f} |")
+                f"{r['calls']} ({r['grad_calls']}) | {r['flops'] / 1e12:.3g} | {r.get('ops', '-')} | "
+                f"{r['memory_estimate_mb']:.0f} |")
         if timed:
             share = f"{r['peak_share']:.0%}" if r["peak_share"] else "-"
             line += (f" {r['seconds_per_step']:.3f} ({r['seconds_min']:.3f}-{r['seconds_max']:.3f}) | "
@@ -48,7 +49,7 @@ def log_to_mlflow(result: dict, tracking_uri: str, json_path: Path | None, exper
     client = tracking.client(tracking_uri)
     for r in result["rows"]:
         label = f"{r['method']}_k{r['segments'] or 0}_b{r['batch']}" + ("_ckpt" if r["checkpointing"] else "")
-        for key in ("seconds_per_step", "peak_memory_mb", "flops", "achieved_tflops", "calls", "grad_calls",
+        for key in ("seconds_per_step", "peak_memory_mb", "flops", "ops", "achieved_tflops", "calls", "grad_calls",
                     "gpu_busy_share", "kernels_per_step"):
             if r.get(key) is not None:
                 client.log_metric(run_id, f"{label}/{key}", float(r[key]))

@@ -27,6 +27,11 @@ class SavedBytes:
     def __init__(self, parameters):
         self.params = {p.untyped_storage()._cdata for p in parameters}
         self.saved: dict[int, int] = {}
+        self.marked = 0  # the total at the first `mark()`
+
+    def mark(self) -> None:
+        """Remember what was saved up to now (the chain's share of a step: `marked`)."""
+        self.marked = self.marked or self.total
 
     def pack(self, t: torch.Tensor) -> torch.Tensor:
         storage = t.untyped_storage()
