@@ -28,12 +28,20 @@ class AdapterSwitch:
 
     peft's `set_adapter` also flips `requires_grad` on adapters (active = trainable), which would
     unfreeze earlier LoRAs in progressive training and freeze trainable ones during the shortcut
-    call; we only need the forward switch, so the active list is set directly."""
+    call; we only need the forward switch, so the active list is set directly.
 
-    def __init__(self, model: torch.nn.Module):
+    `stack=True` also makes the layers sum several active adapters in two matmuls instead of peft's
+    loop (`shortft.stacked_lora`): the model's own layers change class, so a user's pipeline
+    (`enable_timestep_aware`) is left with peft's."""
+
+    def __init__(self, model: torch.nn.Module, stack: bool = True):
         from peft.tuners.tuners_utils import BaseTunerLayer
 
         self.layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+        if stack:
+            from shortft.stacked_lora import stack_adapters
+
+            stack_adapters(self.layers)
         self.active: tuple[str, ...] | None = None
 
     def activate(self, names: Sequence[str]) -> None:
@@ -158,7 +166,7 @@ class TimestepAwareLora:
             load_unet_lora(self.unet, lora_dir / name, name)
         self.timesteps = plan["timesteps"]
         self.step_adapters = [tuple(a) for a in plan["step_adapters"]]
-        self.switch = AdapterSwitch(self.unet)
+        self.switch = AdapterSwitch(self.unet, stack=False)
         self.handle = self.unet.register_forward_pre_hook(self._hook, with_kwargs=True)
 
     def adapters_at(self, t: float) -> tuple[str, ...]:

@@ -154,13 +154,19 @@ def test_saved_lora_loads_into_a_stock_pipeline_and_changes_its_output(make_cfg,
 
     from shortft.lora import enable_timestep_aware
 
+    from shortft.chain import original_sampler
+    from shortft.sample import load_trained
+    from shortft.stacked_lora import StackedLinear
+
     cfg = make_cfg("train.steps=4", "train.lr=0.05", "chain.steps=8", "chain.segments=2", "train.checkpoint_every=0")
     result = shortft.train(cfg)
     pipe = StableDiffusionPipeline.from_pretrained(tiny_dir, safety_checker=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
+    side = pipe.unet.config.sample_size
+    noise = torch.randn(1, 4, side, side, generator=torch.Generator().manual_seed(0))
 
     def run():
-        return pipe("a red circle", num_inference_steps=8, generator=torch.Generator().manual_seed(0),
+        return pipe("a red circle", num_inference_steps=8, guidance_scale=7.5, latents=noise.clone(),
                     output_type="latent").images
 
     base = run()
@@ -178,6 +184,14 @@ def test_saved_lora_loads_into_a_stock_pipeline_and_changes_its_output(make_cfg,
     tuned = run()
     assert (tuned - base).abs().max() > 1e-4
     assert seen[0] == ("segment_1",) and seen[-1] == ("segment_1", "segment_2")
+    # Our original sampler with the same LoRAs, summed in one product (`shortft.stacked_lora`) where the
+    # pipeline's layers are peft's own loop: the same samples.
+    models = load_trained(cfg, str(result.lora_dir))
+    layers = models.denoiser.switch.layers
+    assert any(type(m) is StackedLinear for m in layers) and not any(type(m) is StackedLinear for m in switch.switch.layers)
+    calls = models.plan.inference_calls(models.denoiser.timesteps(8))
+    ours = original_sampler(models.denoiser, noise.clone(), models.condition(["a red circle"], 7.5, 7.5), calls)
+    assert (ours - tuned).abs().max().item() <= 1e-4, (ours - tuned).abs().max().item()
 
 
 def test_cli_train_runs_and_reports(tmp_path, tiny_dir):
