@@ -3,11 +3,11 @@
 The step runs on random weights of the same architecture: on the GPU itself, on a CPU for small
 models, and on meta tensors for SD 1.5 and SDXL on a CPU (no memory), where attention and autocast are
 made to behave as they do on a GPU (`shortft.counting`). The estimate is the peak of what backward keeps
-alive: the weights, the LoRAs with gradient and AdamW state, plus the largest of (a) every tensor saved
-for backward, as the forward ends, and (b) the chain's own saved tensors plus what is recomputed while
-backward passes it: one network call under `chain.checkpointing`, one image's decoder under
-`model.vae_checkpointing` (the reward's and the decoder's saved tensors are freed by then). Checked
-against the H200's measured peaks in BENCHMARKS.md.
+alive: every parameter (frozen models, LoRAs, reward models), the LoRAs' gradients and AdamW state,
+plus the larger of (a) every tensor saved for backward, as the forward ends, and (b) the chain's own
+saved tensors plus what is recomputed while backward passes it: one network call under
+`chain.checkpointing`, one image's decoder under `model.vae_checkpointing` (the reward's and the
+decoder's saved tensors are freed by then). Checked against the H200's measured peaks in BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -76,7 +76,11 @@ def count(cfg: Config, target: torch.device, rewards: Rewards | None = None) -> 
             stack.enter_context(context)
         return stack
 
-    saved = _saved_bytes(models, blocks=cfg.model.gradient_checkpointing and not cfg.chain.checkpointing)
+    # Every parameter (frozen, LoRA, the reward models') is counted once, apart from what backward keeps.
+    modules = [*frozen_parts(models.pipe), models.denoiser.shortcut_unet,
+               *(m for m in rewards.fns.values() if isinstance(m, torch.nn.Module))]
+    params = list({id(p): p for m in modules if m is not None for p in m.parameters()}.values())
+    saved = _saved_bytes(models, params, blocks=cfg.model.gradient_checkpointing and not cfg.chain.checkpointing)
     decode = models.decode
     models.decode = lambda latents: (saved.mark(), decode(latents))[1]  # what the chain alone saved
     # (micro_batch_loss enters the real autocast itself)
@@ -88,7 +92,7 @@ def count(cfg: Config, target: torch.device, rewards: Rewards | None = None) -> 
     calls, grad_calls = models.denoiser.count.calls, models.denoiser.count.grad_calls
     recomputed = 0
     if cfg.chain.checkpointing:  # one call's activations exist again while its backward runs
-        one_call = _saved_bytes(models, blocks=cfg.model.gradient_checkpointing)
+        one_call = _saved_bytes(models, params, blocks=cfg.model.gradient_checkpointing)
         first = models.plan.calls(models.denoiser.timesteps(cfg.chain.steps))[0]
         condition = models.condition(prompts, cfg.chain.guidance_scale, cfg.model.shortcut_guidance_scale)
         models.denoiser.checkpointing = False
@@ -96,22 +100,22 @@ def count(cfg: Config, target: torch.device, rewards: Rewards | None = None) -> 
             models.denoiser.predict(noise, first, condition)
         recomputed = one_call.total
     if cfg.model.vae_checkpointing:  # one image's decoder, recomputed while backward passes it
-        one_image = SavedBytes(models.pipe.vae.parameters())
+        one_image = SavedBytes(params)
         with gpu_like(), one_image.hooks():
             decode_latents(models.pipe.vae, noise[:1].detach().requires_grad_(True))
         recomputed = max(recomputed, one_image.total)
-    weights = sum(p.numel() * p.element_size() for part in frozen_parts(models.pipe) for p in part.parameters())
-    lora = sum(p.numel() for p in trainable) * 4 * 4  # fp32 param, grad, AdamW's two moments
+    weights = sum(p.numel() * p.element_size() for p in params)  # the LoRAs' fp32 values among them
+    lora = sum(p.numel() for p in trainable) * 4 * 3  # fp32 grad and AdamW's two moments
     kept = max(saved.total, saved.marked + recomputed)
     return {"flops": counter.get_total_flops(), "ops": ops.ops, "calls": calls, "grad_calls": grad_calls,
             "memory_estimate_mb": (weights + lora + kept) / 2**20}
 
 
-def _saved_bytes(models, blocks: bool) -> SavedBytes:
-    """A counter of what backward keeps; with `blocks` (UNet gradient checkpointing), each checkpointed
-    block's inputs too: they never pass the saved-tensor hooks (the checkpoint's own hooks take the
-    block's tensors). Inside a checkpointed call (`chain.checkpointing`) not even those are kept."""
-    saved = SavedBytes(models.pipe.unet.parameters())
+def _saved_bytes(models, params: list[torch.nn.Parameter], blocks: bool) -> SavedBytes:
+    """A counter of what backward keeps, `params` aside; with `blocks` (UNet gradient checkpointing),
+    each checkpointed block's inputs too: they never pass the saved-tensor hooks (the checkpoint's own
+    hooks take the block's tensors). Inside a checkpointed call (`chain.checkpointing`) not even those."""
+    saved = SavedBytes(params)
     if blocks:
         models.unet.enable_gradient_checkpointing(saved.counting(checkpoint_with_adapters(models.denoiser.switch)))
     return saved

@@ -1,14 +1,16 @@
-"""Counting a step as a GPU would run it, on a CPU: attention kernels, FLOP formulas, aten ops.
+"""Counting a step on a CPU as a GPU would run it: attention kernels, autocast, FLOP formulas, aten ops.
 
-`torch.nn.functional.scaled_dot_product_attention` picks its kernel by device. On a recent NVIDIA GPU
-with bf16/fp16 inputs and no mask it runs FlashAttention, otherwise the memory-efficient kernel; both
-keep only q, k, v, the output and a log-sum-exp for backward. On meta tensors (how `shortft bench`
-counts SD 1.5 and SDXL on a CPU) it runs the math path instead: fp32 copies of q, k, v, the [L, S]
-attention matrix kept for backward and some 20 aten ops per attention call. Counted that way, one
-ShortFT step of SD 1.5 at 512² was estimated at 136 GB against the 48.8 GB the H200 measured.
-`gpu_attention()` sends meta tensors to the GPU kernels' own ops (which have meta implementations), so
-the count keeps what the GPU keeps; on a real CPU the CPU's flash kernel already does, and
-`FLOP_FORMULAS` gives FlopCounterMode its FLOPs (it has none for that kernel and counted them as 0).
+`shortft bench --count-only` runs SD 1.5 and SDXL steps on meta tensors (no memory). There,
+`scaled_dot_product_attention` runs its math path (fp32 copies of q, k, v, the [L, S] attention matrix
+kept for backward, some 20 aten ops a call) where a recent NVIDIA GPU runs FlashAttention (bf16/fp16,
+no mask) or the memory-efficient kernel, which keep q, k, v, the output and a log-sum-exp; and there
+is no autocast, so bf16 is kept where the GPU keeps fp32 (after every norm) and the other way round.
+Counted so, one ShortFT step of SD 1.5 at 512² was estimated at 136 GB where the H200 measured 48.8 GB.
+
+- `gpu_attention()`: SDPA on meta tensors calls the GPU kernels' own ops (they have meta kernels);
+- `gpu_autocast(dtype)`: functions on meta tensors cast their inputs as CUDA autocast would;
+- `FLOP_FORMULAS`: FlopCounterMode's missing formula for PyTorch's CPU flash kernel (counted as 0);
+- `OpCount`: the aten ops that reach a kernel, the host's share of a GPU step.
 """
 
 from __future__ import annotations

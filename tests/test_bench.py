@@ -64,3 +64,18 @@ def test_bench_bad_flags_one_line_exit_2(tiny_dir):
                            capture_output=True, text=True, timeout=120)
         lines = [line for line in p.stderr.splitlines() if line.strip()]
         assert p.returncode == 2 and len(lines) == 1 and word in lines[0] and "Traceback" not in p.stderr, p.stderr
+
+
+def test_checkpointing_trades_memory_for_compute_in_the_count(tiny_dir):
+    """Per-call checkpointing keeps a call's inputs only and recomputes it in backward: the count keeps
+    less (the chain's inputs plus one recomputed call) and computes more (one more forward per call)."""
+    import torch
+
+    from shortft import load_config
+    from shortft.bench import Arm, arm_config, count
+
+    cfg = load_config("tiny", [f"model.pretrained={tiny_dir}", "chain.steps=10", "chain.segments=2"])
+    plain, ckpt = (count(arm_config(cfg, Arm("shortft", 2, 2, c)), torch.device("cpu")) for c in (False, True))
+    assert ckpt["memory_estimate_mb"] < plain["memory_estimate_mb"]
+    assert 1.2 * plain["flops"] < ckpt["flops"] < 2 * plain["flops"]
+    assert (ckpt["calls"], ckpt["grad_calls"]) == (plain["calls"], plain["grad_calls"])

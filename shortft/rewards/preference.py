@@ -55,9 +55,10 @@ class ClipReward(nn.Module):
         self._text: dict[str, torch.Tensor] = {}
 
     def place(self, device: torch.device | str) -> ClipReward:
-        """Move to `device`; the CLIP in bf16 on a GPU with `dtype: auto`, else as asked (head in fp32)."""
+        """Move to `device`; the CLIP in bf16 on a GPU with `dtype: auto`, else as asked (head in fp32).
+        Meta tensors stand in for a GPU (`shortft bench --count-only`): bf16 there too."""
         device = torch.device(device)
-        auto = torch.bfloat16 if device.type == "cuda" else torch.float32
+        auto = torch.bfloat16 if device.type in ("cuda", "meta") else torch.float32
         self.to(device)
         self.model.to(DTYPES.get(self.dtype_option, auto))
         self._text.clear()
