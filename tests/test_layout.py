@@ -85,3 +85,12 @@ def test_modules_stay_short_or_say_why():
         lines = len(path.read_text().splitlines())
         doc = ast.get_docstring(ast.parse(path.read_text())) or ""
         assert lines <= MAX_LINES or "Over 300 lines:" in doc, f"{name}: {lines} lines and no reason in its docstring"
+
+
+def test_the_layout_page_names_every_module():
+    """docs/layout.md is where a reader finds a module: each one is named there, by file or by folder."""
+    page = (PACKAGE.parent / "docs" / "layout.md").read_text()
+    missing = [str(p.relative_to(PACKAGE)) for p in sorted(PACKAGE.rglob("*.py"))
+               if p.name != "__init__.py" and not p.relative_to(PACKAGE).parts[0] == "toy"
+               and f"`{p.name}`" not in page and f"`{p.relative_to(PACKAGE)}`" not in page]
+    assert not missing, f"docs/layout.md does not name {missing}"
