@@ -246,8 +246,8 @@ def train(cfg: Config, callbacks: list[Callback] = (), resume: bool | str | Path
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
 
-        # 6. Checkpoint, evaluate, then report the step (with what was written) in one call. The last
-        # step is train.steps or the one that used up a budget (ranks agree: they spend the mean time).
+        # 6. Evaluate, write the row, checkpoint, then report the step (with what was written) in one call. The
+        # last step is train.steps or the one that used up a budget (ranks agree: they spend the mean time).
         seconds = time.perf_counter() - t0
         budget.spend(_all_reduce_mean([seconds], models.device, world_size)[0] if budget.seconds else seconds,
                      models.denoiser.count.calls)
@@ -262,13 +262,6 @@ def train(cfg: Config, callbacks: list[Callback] = (), resume: bool | str | Path
             say(f"step {step + 1}/{total}  stage {stage}/{plan.stages}  loss {sums['loss']:+.4f}  "
                 f"grad {grad_norm:.3g}  {seconds:.2f} s/step" + ("  SKIPPED (non-finite)" if not finite else ""))
         artifacts: dict[str, Path] = {}
-        every = cfg.train.checkpoint_every
-        if is_main and ((every and (step + 1) % every == 0) or last):
-            artifacts["checkpoint"] = checkpoint.save(out / "checkpoints", step + 1, unet, adapters, optimizer,
-                                                      {"bad_in_row": bad_in_row, "world_size": world_size,
-                                                       **budget.state()}, lora_json,
-                                                      cfg.train.keep_checkpoints,
-                                                      scaler)
         if is_main and ((cfg.eval.every and (step + 1) % cfg.eval.every == 0) or last):
             artifacts["grid"] = out / "samples" / f"step_{step + 1:06d}.png"
             t_eval = time.perf_counter()
@@ -279,6 +272,13 @@ def train(cfg: Config, callbacks: list[Callback] = (), resume: bool | str | Path
         if is_main:
             with metrics_file.open("a") as f:
                 f.write(json.dumps(metrics) + "\n")
+        # The row first: a run resumed from this checkpoint finds the step's evaluation (a trial resumed at its
+        # last step has nothing else to give Tune); one that died in between redoes the step.
+        every = cfg.train.checkpoint_every
+        if is_main and ((every and (step + 1) % every == 0) or last):
+            state = {"bad_in_row": bad_in_row, "world_size": world_size, **budget.state()}
+            artifacts["checkpoint"] = checkpoint.save(out / "checkpoints", step + 1, unet, adapters, optimizer, state,
+                                                      lora_json, cfg.train.keep_checkpoints, scaler)
         for cb in callbacks:
             cb.on_step(step + 1, metrics, artifacts)
         if bad_in_row >= cfg.train.max_bad_steps:

@@ -368,6 +368,43 @@ def test_a_trials_last_report_waits_for_the_end_and_a_trial_resumed_at_its_end_s
     assert reports[0]["mean_seconds_per_step"] == 2.5 and reports[0]["node_id"] == "node"
 
 
+class _Killed(BaseException):
+    """Stands for SIGKILL: nothing after the point it is raised at runs, no `except Exception` catches it."""
+
+
+def test_a_trial_killed_while_evaluating_its_last_step_reports_that_step_when_resumed(tmp_path, monkeypatch):
+    """The smoke sweep's trials checkpoint only their last step and evaluate it. A driver killed during
+    that evaluation (seen in CI: `test_resume_after_the_driver_is_killed_in_the_second_trial`) left the
+    last checkpoint without the row of its step; the resumed trial had no step left to run and nothing
+    with the objective to send, so it returned without a report and Tune failed the sweep ('did not
+    include the specified metric(s) eval/objective'). The row is written before the checkpoint: a trial
+    with the last checkpoint also has its evaluated row, and one killed before that redoes the step."""
+    from types import SimpleNamespace
+
+    from ray import tune
+
+    import shortft.loop
+    from shortft.sweep.in_trial import TuneReport
+
+    reports = []
+    monkeypatch.setattr(ray, "get_runtime_context", lambda: SimpleNamespace(get_node_id=lambda: "node"))
+    monkeypatch.setattr(tune, "report", lambda metrics, checkpoint=None: reports.append(metrics))
+    cfg = trial_config("toy", {**sweep.SMOKE_TEST, "train.output_dir": str(tmp_path / "run")}, {})
+    metrics_file = cfg.output_dir / "metrics.jsonl"
+    real_evaluate = shortft.loop.evaluate
+
+    def killed(*args, **kwargs):
+        raise _Killed
+
+    monkeypatch.setattr(shortft.loop, "evaluate", killed)
+    with pytest.raises(_Killed):
+        shortft.loop.train(cfg, [TuneReport(cfg.train, metrics_file)])
+    assert reports == []
+    monkeypatch.setattr(shortft.loop, "evaluate", real_evaluate)
+    shortft.loop.train(cfg, [TuneReport(cfg.train, metrics_file)], resume=True)
+    assert [r["step"] for r in reports] == [2] and "eval/objective" in reports[0]
+
+
 def test_steps_written_but_not_logged_before_a_crash_are_logged_on_resume(tmp_path):
     """The loop writes a step to metrics.jsonl, then calls the MLflow logger: a process that dies between
     the two, just after a checkpoint, resumes after that step; the logger logs it from the file."""
