@@ -18,15 +18,15 @@ _handles: dict = {}  # a named actor lives while a handle to it does: keep one p
 
 class _Relay:
     def __init__(self, uri: str):
-        from mlflow.tracking import MlflowClient
-
         import os
+
+        from shortft.mlflow_client import open_client
 
         # A dead server fails a call in seconds, not after MLflow's minutes of retries (see MlflowLogger).
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
-        self.uri, self.client = uri, MlflowClient(tracking_uri=uri)
+        self.uri, self.client = uri, open_client(uri)
 
     def call(self, method: str, *args, **kwargs):
         return getattr(self.client, method)(*args, **kwargs)

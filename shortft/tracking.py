@@ -103,9 +103,9 @@ def check_tracking_uri(uri: str) -> None:
 
 
 def client(uri: str):
-    from mlflow.tracking import MlflowClient
+    from shortft.mlflow_client import open_client
 
-    return MlflowClient(tracking_uri=uri)
+    return open_client(uri)
 
 
 # MLflow 3's UI opens an experiment by its kind: without this tag it may land on the GenAI overview

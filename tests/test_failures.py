@@ -3,6 +3,7 @@
 import errno
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -274,3 +275,35 @@ def test_a_slow_tracking_server_is_waited_for_and_a_refusing_one_fails_at_once(m
     with pytest.raises(ConfigError, match="MLflow server unreachable") as e:
         tracking.check_tracking_uri(f"http://127.0.0.1:{_free_port()}")
     assert time.time() - t0 < 2 and "\n" not in str(e.value)
+
+
+OPEN_STORE_AT_ONCE = '''
+import sys, time
+from pathlib import Path
+from mlflow.tracking import MlflowClient  # imported before the wait: both open the store at once
+from shortft.tracking import client
+Path(sys.argv[2]).touch()
+while not Path(sys.argv[3]).exists():
+    time.sleep(0.001)
+print(len(client(sys.argv[1]).search_experiments()))
+'''
+
+
+def test_two_processes_opening_a_new_sqlite_store_at_once_both_succeed(tmp_path):
+    """Two `shortft train` started together in one folder open the default sqlite:///mlflow.db at once.
+    MLflow builds a new store's tables by running its migrations; with plain MlflowClients one of the
+    two failed with a traceback ('table _alembic_tmp_model_versions already exists'; seen in CI between
+    two CLI tests, and 4 times in 4 tries of this race). Each round starts both, lets them import
+    MLflow, then releases them together."""
+    for round_ in range(2):
+        db, go = tmp_path / f"r{round_}" / "mlflow.db", tmp_path / f"go{round_}"
+        db.parent.mkdir()
+        ready = [tmp_path / f"ready{round_}-{i}" for i in range(2)]
+        procs = [subprocess.Popen([sys.executable, "-c", OPEN_STORE_AT_ONCE, f"sqlite:///{db}", str(r), str(go)],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in ready]
+        while not all(r.exists() for r in ready) and all(p.poll() is None for p in procs):
+            time.sleep(0.01)
+        go.touch()
+        for p in procs:
+            out, err = p.communicate(timeout=120)
+            assert p.returncode == 0 and out.strip() == "1", err[-2000:]

@@ -1,8 +1,10 @@
 """The loop: what changes and what must not, learning, resume, the non-finite guard, saved LoRAs."""
 
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -198,7 +200,7 @@ def test_cli_train_runs_and_reports(tmp_path, tiny_dir):
     p = subprocess.run([sys.executable, "-m", "shortft.cli", "train", "--config", "tiny", "train.steps=2",
                         "chain.steps=4", "chain.segments=2", f"model.pretrained={tiny_dir}",
                         f"train.output_dir={tmp_path}/cli", "train.log_every=1"],
-                       capture_output=True, text=True, timeout=300)
+                       capture_output=True, text=True, timeout=300, cwd=tmp_path)  # its sqlite:///mlflow.db there
     assert p.returncode == 0, p.stderr
     assert "step 2/2" in p.stdout and "done: LoRA in" in p.stdout
     assert "memory before activations: " in p.stdout  # printed before the first step
@@ -226,6 +228,7 @@ def test_cli_non_finite_exits_1_with_one_line(tmp_path, tiny_dir):
     code = ("import sys, tests.test_train; from shortft.cli import main; sys.exit(main(sys.argv[1:]))")
     p = subprocess.run([sys.executable, "-c", code, "train", "reward.weights.test_nan=1", "train.max_bad_steps=1",
                         "chain.steps=4", "chain.segments=2", f"model.pretrained={tiny_dir}",
-                        f"train.output_dir={tmp_path}/nan"], capture_output=True, text=True, timeout=300)
+                        f"train.output_dir={tmp_path}/nan"], capture_output=True, text=True, timeout=300,
+                       cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
     assert p.returncode == 1
     assert "Traceback" not in p.stderr and "non-finite" in p.stderr.strip().splitlines()[-1]
