@@ -14,16 +14,25 @@ import os
 from pathlib import Path
 
 
+SQLITE = "sqlite:///"
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a sqlite:/// URI (relative to the working directory unless absolute), else None."""
+    return Path(uri[len(SQLITE):]).expanduser() if uri.startswith(SQLITE) else None
+
+
 def open_client(uri: str):
     from mlflow.tracking import MlflowClient
 
-    if not uri.startswith("sqlite:///"):
-        return MlflowClient(tracking_uri=uri)
+    path = sqlite_path(uri)
     try:
         import fcntl
 
-        fd = os.open(Path(uri[len("sqlite:///"):]).expanduser().parent, os.O_RDONLY)
+        fd = os.open(path.parent, os.O_RDONLY) if path is not None else None
     except (ImportError, OSError):  # no flock here, or a folder that cannot be opened: MLflow says why
+        fd = None
+    if fd is None:
         return MlflowClient(tracking_uri=uri)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from shortft.config import Config, ConfigError, flatten, to_dict
 from shortft.loop import Callback, TrainResult, read_metrics
+from shortft.mlflow_client import SQLITE, open_client, sqlite_path
 from shortft.progress import warn
 
 RUN_KEY = "shortft.run_key"
@@ -28,9 +29,8 @@ def default_tracking_uri() -> str:
 def absolute_uri(uri: str) -> str:
     """sqlite:///mlflow.db names a file relative to the working directory, which differs in Ray's
     workers and trials: pin it to an absolute path before handing it to them."""
-    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        return "sqlite:///" + str(Path(uri[len("sqlite:///"):]).expanduser().resolve())
-    return uri
+    path = sqlite_path(uri)
+    return SQLITE + str(path.resolve()) if path is not None and not uri.startswith(SQLITE + "/") else uri
 
 
 # MLflow reads these itself; credentials given in a URI move here, so that no URI that Ray, Tune or
@@ -77,8 +77,7 @@ def resolve_uri(uri: str) -> str:
 
 def check_tracking_uri(uri: str) -> None:
     """Fail fast, with one line, when runs could not be logged."""
-    if uri.startswith("sqlite:///"):
-        path = Path(uri[len("sqlite:///"):]).expanduser()
+    if (path := sqlite_path(uri)) is not None:
         parent = path.parent if str(path.parent) else Path(".")
         if not parent.is_dir() or not os.access(parent, os.W_OK):
             raise ConfigError(f"tracking URI {uri}: directory {parent} does not exist or is not writable; "
@@ -103,8 +102,6 @@ def check_tracking_uri(uri: str) -> None:
 
 
 def client(uri: str):
-    from shortft.mlflow_client import open_client
-
     return open_client(uri)
 
 

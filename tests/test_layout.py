@@ -91,6 +91,6 @@ def test_the_layout_page_names_every_module():
     """docs/layout.md is where a reader finds a module: each one is named there, by file or by folder."""
     page = (PACKAGE.parent / "docs" / "layout.md").read_text()
     missing = [str(p.relative_to(PACKAGE)) for p in sorted(PACKAGE.rglob("*.py"))
-               if p.name != "__init__.py" and not p.relative_to(PACKAGE).parts[0] == "toy"
+               if p.name != "__init__.py" and p.relative_to(PACKAGE).parts[0] != "toy"
                and f"`{p.name}`" not in page and f"`{p.relative_to(PACKAGE)}`" not in page]
     assert not missing, f"docs/layout.md does not name {missing}"
