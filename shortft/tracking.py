@@ -8,6 +8,7 @@ restarted job logs into the run it started, and steps already logged are not log
 from __future__ import annotations
 
 import os
+import re
 import time
 import urllib.parse
 import urllib.request
@@ -110,6 +111,18 @@ def client(uri: str):
 EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
 
 
+def artifact_location(uri: str, name: str) -> str | None:
+    """Where a new experiment's artifacts go: for a SQLite store, mlruns/<name> next to the store file.
+    MLflow's own default is ./mlruns of the working directory of whichever process creates the
+    experiment (a run started from the checkout against sqlite:////data/mlflow.db wrote its LoRA and
+    samples into the checkout; a Ray worker's working directory is a temporary folder). A server
+    decides for itself (None)."""
+    path = sqlite_path(uri)
+    if path is None:
+        return None
+    return str(path.resolve().parent / "mlruns" / (re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip(".") or "_"))
+
+
 def experiment_id(uri: str, name: str) -> str:
     """The experiment's id (created if new), marked as a model-training experiment."""
     mlflow_client = client(uri)
@@ -118,7 +131,8 @@ def experiment_id(uri: str, name: str) -> str:
         from mlflow.exceptions import MlflowException
 
         try:
-            return mlflow_client.create_experiment(name, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
+            return mlflow_client.create_experiment(name, artifact_location=artifact_location(uri, name),
+                                                   tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
         except MlflowException as e:  # another run or sweep created it since (two started at once)
             if e.error_code != "RESOURCE_ALREADY_EXISTS":
                 raise

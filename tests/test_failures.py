@@ -307,3 +307,24 @@ def test_two_processes_opening_a_new_sqlite_store_at_once_both_succeed(tmp_path)
         for p in procs:
             out, err = p.communicate(timeout=120)
             assert p.returncode == 0 and out.strip() == "1", err[-2000:]
+
+
+def test_a_runs_artifacts_go_next_to_its_sqlite_store_whatever_the_working_directory(tmp_path, monkeypatch):
+    """MLflow puts a SQLite store's artifacts under ./mlruns of the working directory of whichever process
+    first creates the experiment: a run against sqlite:////data/mlflow.db started from the checkout wrote
+    its LoRA, samples and config into the checkout (seen: a test left mlruns/1/ there). The project's
+    experiments keep them in mlruns/<experiment> next to the store."""
+    from pathlib import Path
+
+    from shortft import tracking
+
+    store, elsewhere = tmp_path / "store", tmp_path / "elsewhere"
+    store.mkdir(), elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    uri = f"sqlite:///{store}/mlflow.db"
+    run_id = tracking.ensure_run(uri, "a/b experiment", "key", "name")
+    c = tracking.client(uri)
+    (tmp_path / "x.txt").write_text("x")
+    c.log_artifact(run_id, str(tmp_path / "x.txt"))
+    assert not any(elsewhere.iterdir())
+    assert [p.relative_to(store) for p in store.rglob("x.txt")] == [Path("mlruns/a_b_experiment") / run_id / "artifacts/x.txt"]
