@@ -92,5 +92,10 @@ def test_sample_compare_grid_and_its_tuned_half_equals_eval(trained, tiny_dir, t
                         "eval.seed=5", "eval.samples_per_prompt=1", "--lora", str(trained),
                         "--grid", str(tmp_path / "eval.png")], capture_output=True, text=True, timeout=300)
     assert e.returncode == 0, e.stderr
-    assert np.array_equal(grid[:128, 128:], np.asarray(Image.open(tmp_path / "eval.png")))
-    assert not np.array_equal(grid[:128, :128], grid[:128, 128:])  # the base half is the base model
+    # Equal up to one level of 255: `sample` draws the 4 images as one batch, `eval` this one alone, and
+    # CPU kernels round a batch of 4 differently from a batch of 1 (the float images differ by up to
+    # 7e-7, measured), which moves a value at a rounding boundary by one level (seen in a CI run: 1
+    # pixel of 1,024). Another seed, prompt or LoRA differs by far more.
+    tuned, base = grid[:128, 128:].astype(int), grid[:128, :128].astype(int)
+    assert np.abs(tuned - np.asarray(Image.open(tmp_path / "eval.png")).astype(int)).max() <= 1
+    assert np.abs(base - tuned).max() > 1  # the base half is the base model
