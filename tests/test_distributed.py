@@ -26,7 +26,11 @@ ray = pytest.importorskip("ray")
 def ray_cluster():
     from shortft import resources
 
-    resources.connect(num_cpus=4, include_dashboard=False, log_to_driver=False)  # as the library starts one
+    # As the library starts one: with its dashboard. Ray Train's cleaner asks the state API it serves, at
+    # the address this cluster advertises; a Ray without one advertises 127.0.0.1:8265 all the same, and
+    # another Ray's dashboard there answered "no such actor" (the cleaner then killed a running job's
+    # workers: test_worker_death... failed so in a CI run beside the sweep tests' local Rays).
+    resources.connect(num_cpus=4, log_to_driver=False)
     yield
     ray.shutdown()
 
@@ -36,12 +40,23 @@ def test_a_ray_started_later_on_the_machine_is_not_asked_about_this_clusters_act
     whether its controller lives, at the address it finds on the machine. Once another Ray was started
     there (`ray start`), that was the other cluster, which has no such actor: the cleaner removed a
     running job's placement group and its workers died (a two-worker run failed so beside the cluster
-    tests; reproduced by starting a Ray mid-run). The cleaner's own question, from a detached actor."""
-    from ray._common.utils import get_ray_address_file
+    tests; reproduced by starting a Ray mid-run). The state API it asks is the dashboard this cluster
+    advertises; a cluster without one advertises 127.0.0.1:8265 all the same, and another Ray's dashboard
+    there answered for it. The other Ray here takes that port where it is free. The cleaner's own
+    question, from a detached actor."""
+    import socket
 
+    import ray.experimental.internal_kv as kv
+    from ray._common.utils import get_ray_address_file
+    from ray._private import ray_constants
+
+    advertised = kv._internal_kv_get(ray_constants.DASHBOARD_ADDRESS, namespace=ray_constants.KV_NAMESPACE_DASHBOARD)
+    host, port = advertised.decode().rsplit(":", 1)
+    with socket.socket() as s:
+        free = s.connect_ex((host, int(port))) != 0
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_TMPDIR", "RAY_GCS_SERVER_PORT")}
     subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--port=0", "--num-cpus=0",
-                    "--include-dashboard=true", "--dashboard-port=0", "--disable-usage-stats"],
+                    "--include-dashboard=true", f"--dashboard-port={port if free else 0}", "--disable-usage-stats"],
                    env={**env, "SHORTFT_TEST_OTHER_RAY": "1"}, check=True, capture_output=True, timeout=120)
     other = open(get_ray_address_file(None)).read()
 
@@ -50,11 +65,8 @@ def test_a_ray_started_later_on_the_machine_is_not_asked_about_this_clusters_act
         def ask(self):
             from ray.train.v2._internal.state.util import is_actor_alive
 
-            try:
-                alive = is_actor_alive(actor_id=ray.get_runtime_context().get_actor_id(), timeout=10)
-            except Exception as e:  # this cluster has no dashboard: no answer, and no verdict
-                alive = type(e).__name__
-            return os.environ.get("RAY_ADDRESS"), alive
+            return os.environ.get("RAY_ADDRESS"), is_actor_alive(actor_id=ray.get_runtime_context().get_actor_id(),
+                                                                 timeout=10)
 
     try:
         cleaner = Cleaner.options(lifetime="detached").remote()
@@ -64,7 +76,7 @@ def test_a_ray_started_later_on_the_machine_is_not_asked_about_this_clusters_act
         kill_with_env("SHORTFT_TEST_OTHER_RAY", "1")
         if os.path.exists(get_ray_address_file(None)) and open(get_ray_address_file(None)).read() == other:
             os.remove(get_ray_address_file(None))
-    assert alive not in (None, False), alive  # None: "no such actor", the other cluster's answer
+    assert alive is True, alive  # None: "no such actor", the other cluster's answer
     assert address == ray.get_runtime_context().gcs_address != other
 
 
