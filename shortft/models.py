@@ -7,6 +7,7 @@ from a hub id, a local diffusers dir or `builtin:<name>`.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 
 import torch
@@ -216,10 +217,42 @@ def prepare_models(cfg: Config, pipe, with_loras: bool = True, plan: TrainingPla
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.model.tf32
     if cfg.model.compile:
-        pipe.unet.compile()  # in place: the module keeps its class, config and LoRA layers
+        compile_unet(pipe.unet, plan)
     denoiser = Denoiser(pipe.unet, pipe.scheduler, switch, shortcut_unet, shortcut_adapter,
                         checkpointing=cfg.chain.checkpointing)
     return Models(pipe, denoiser, plan, device, resolution, cfg.model.vae_batch_size, cfg.model.vae_checkpointing)
+
+
+def compile_graphs(plan: TrainingPlan) -> int:
+    """How many graphs of the UNet a run may compile: torch.compile guards on Python state and compiles
+    again for each new one, and the chain changes three kinds of it from call to call.
+
+    - the active LoRAs: `segment_1..j` in segment j of timestep-aware ShortFT, else the one LoRA; none
+      (the base model's own jump, the untuned half of `shortft sample`); the LoRA shortcut's;
+    - grad mode and the input's `requires_grad`: without grad (sampling, the forward of a checkpointed
+      call, gradient-free calls), with grad on an input that needs it, and on one that does not (the
+      first call, on the noise);
+    - the batch: a new batch size (guided and unguided calls, training and evaluation) compiles once
+      more before dynamo makes that dimension dynamic.
+    """
+    return (len(plan.adapters) + 2) * 3 * 2
+
+
+def compile_unet(unet: torch.nn.Module, plan: TrainingPlan) -> None:
+    """torch.compile of `unet`, in place (the module keeps its class, config and LoRA layers), with room
+    for all its graphs: past torch's default of 8 per function, dynamo runs the rest eagerly and says so
+    only in a log line. A timestep-aware ShortFT step with per-call checkpointing needs more than 8 on
+    its own (`tests/test_model_classes.py`)."""
+    limit = compile_graphs(plan)
+    options = inspect.signature(torch.compile).parameters
+    # torch 2.13+: a limit of this compile alone, whose graphs other compiled modules do not share
+    kwargs = {k: v for k, v in (("recompile_limit", limit), ("isolate_recompiles", True)) if k in options}
+    if "recompile_limit" not in kwargs:
+        from torch._dynamo import config
+
+        name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+        setattr(config, name, max(getattr(config, name), limit))
+    unet.compile(**kwargs)
 
 
 def model_resolution(cfg: Config, pipe) -> int:

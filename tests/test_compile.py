@@ -1,0 +1,70 @@
+"""`model.compile`: every call of the chain runs a compiled graph of the UNet, and the same numbers."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+# Runs in its own process: dynamo's caches and counters are per process. Dynamo's guards and
+# recompiles are the same whatever the backend; "eager" runs the traced graphs without inductor's
+# code generation (minutes on this CPU).
+SCRIPT = """
+import json, sys, torch
+from torch._dynamo.utils import counters
+import shortft
+from shortft.bench_count import draws, make_trainable, step_inputs
+from shortft.chain import original_sampler
+from shortft.loop import micro_batch_loss
+from shortft.models import compile_graphs, load_models
+from shortft.rewards import Rewards
+
+compile_ = torch.nn.Module.compile
+torch.nn.Module.compile = lambda self, *a, **k: compile_(self, *a, backend="eager", **k)
+out = {}
+for compiled in (False, True):
+    cfg = shortft.load_config("tiny", [f"model.compile={compiled}", *sys.argv[1:]])
+    models, rewards = load_models(cfg), Rewards(cfg.reward.weights, cfg.reward.options)
+    lora = make_trainable(models)
+    prompts, noise = step_inputs(models, cfg.train.batch_size)
+    losses, graphs = [], []
+    for _ in range(2):
+        for p in lora:
+            p.grad = None
+        loss, _, _ = micro_batch_loss(models, rewards, cfg, prompts, noise, 1, draws())
+        loss.backward()
+        losses.append(loss.item())
+        graphs.append(counters["stats"]["unique_graphs"])
+    calls = models.plan.inference_calls(models.denoiser.timesteps(cfg.chain.steps))
+    with torch.no_grad():  # evaluation: the original sampler, without gradient, at another batch size
+        one = models.condition(prompts[:1], cfg.chain.guidance_scale, cfg.chain.guidance_scale)
+        image = original_sampler(models.denoiser, noise[:1], one, calls)
+    out[str(compiled)] = {"losses": losses, "graphs": graphs, "sampled_graphs": counters["stats"]["unique_graphs"],
+                          "grad": torch.cat([p.grad.flatten() for p in lora]).norm().item(),
+                          "image": image.double().sum().item(), "limit": compile_graphs(models.plan)}
+out["frames"] = dict(counters["frames"])
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.slow
+def test_a_compiled_unet_runs_every_call_of_a_checkpointed_timestep_aware_step_compiled(tiny_dir):
+    # Timestep-aware ShortFT, k=4, per-call and UNet block checkpointing: 12 graphs for one training
+    # step (5 LoRA sets without grad in the checkpointed forwards, 6 with grad), more than torch's
+    # default limit of 8; past it dynamo ran 4 kinds of call eagerly in every step.
+    p = subprocess.run([sys.executable, "-c", SCRIPT, f"model.pretrained={tiny_dir}", "chain.segments=4",
+                        "lora.timestep_aware=true", "chain.checkpointing=true", "model.gradient_checkpointing=true"],
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "recompile_limit" not in p.stderr, p.stderr[-3000:]  # dynamo's line when it gives up compiling
+    out = json.loads(p.stdout.splitlines()[-1])
+    eager, compiled = out["False"], out["True"]
+    assert eager["graphs"] == [0, 0]
+    assert out["frames"]["ok"] == out["frames"]["total"]  # no frame fell back to running eagerly
+    first, second = compiled["graphs"]
+    assert first > 8 and second == first  # the second step compiles nothing new
+    assert compiled["sampled_graphs"] <= compiled["limit"]
+    # A compiled graph reused for the wrong LoRAs would change the numbers.
+    assert compiled["losses"] == pytest.approx(eager["losses"], rel=1e-5)
+    assert compiled["grad"] == pytest.approx(eager["grad"], rel=1e-4)
+    assert compiled["image"] == pytest.approx(eager["image"], rel=1e-5)
