@@ -242,7 +242,7 @@ def compile_unet(unet: torch.nn.Module, plan: TrainingPlan) -> None:
     """torch.compile of `unet`, in place (the module keeps its class, config and LoRA layers), with room
     for all its graphs: past torch's default of 8 per function, dynamo runs the rest eagerly and says so
     only in a log line. A timestep-aware ShortFT step with per-call checkpointing needs more than 8 on
-    its own (`tests/test_model_classes.py`)."""
+    its own (`tests/test_compile.py`)."""
     limit = compile_graphs(plan)
     options = inspect.signature(torch.compile).parameters
     # torch 2.13+: a limit of this compile alone, whose graphs other compiled modules do not share
