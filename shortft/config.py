@@ -61,7 +61,7 @@ class ModelConfig:
     vae_checkpointing: bool = setting(False, "recompute the VAE decode in backward (less memory)")
     vae_batch_size: int = setting(0, "images per VAE decode (0 = the whole batch at once)")
     tf32: bool = setting(True, "TF32 matmuls and convolutions on CUDA (Ampere and later)")
-    compile: bool = setting(False, "torch.compile the UNet (first steps slower, later ones faster)")
+    compile: bool = setting(False, "torch.compile the UNet and a unet: shortcut (first steps slower, later ones faster)")
 
 
 @dataclass

@@ -217,7 +217,9 @@ def prepare_models(cfg: Config, pipe, with_loras: bool = True, plan: TrainingPla
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.model.tf32
     if cfg.model.compile:
-        compile_unet(pipe.unet, plan)
+        for unet in (pipe.unet, shortcut_unet):
+            if unet is not None:
+                compile_unet(unet, plan)
     denoiser = Denoiser(pipe.unet, pipe.scheduler, switch, shortcut_unet, shortcut_adapter,
                         checkpointing=cfg.chain.checkpointing)
     return Models(pipe, denoiser, plan, device, resolution, cfg.model.vae_batch_size, cfg.model.vae_checkpointing)
@@ -239,19 +241,19 @@ def compile_graphs(plan: TrainingPlan) -> int:
 
 
 def compile_unet(unet: torch.nn.Module, plan: TrainingPlan) -> None:
-    """torch.compile of `unet`, in place (the module keeps its class, config and LoRA layers), with room
-    for all its graphs: past torch's default of 8 per function, dynamo runs the rest eagerly and says so
-    only in a log line. A timestep-aware ShortFT step with per-call checkpointing needs more than 8 on
-    its own (`tests/test_compile.py`)."""
+    """torch.compile of `unet` (the training UNet or a `unet:` shortcut), in place (the module keeps its
+    class, config and LoRA layers), with room for all its graphs: past torch's default of 8 per
+    function, dynamo runs the rest eagerly and says so only in a log line. A timestep-aware ShortFT step
+    with per-call checkpointing needs more than 8 on its own (`tests/test_compile.py`)."""
     limit = compile_graphs(plan)
     options = inspect.signature(torch.compile).parameters
     # torch 2.13+: a limit of this compile alone, whose graphs other compiled modules do not share
     kwargs = {k: v for k, v in (("recompile_limit", limit), ("isolate_recompiles", True)) if k in options}
-    if "recompile_limit" not in kwargs:
-        from torch._dynamo import config
+    if "recompile_limit" not in kwargs:  # one limit for the process: every compiled module's graphs
+        from torch._dynamo import config  # count against it (they are all graphs of Module._call_impl)
 
         name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
-        setattr(config, name, max(getattr(config, name), limit))
+        setattr(config, name, getattr(config, name) + limit)
     unet.compile(**kwargs)
 
 
