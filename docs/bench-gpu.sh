@@ -10,6 +10,7 @@
 # Each part writes OUT/<part>.json and OUT/<part>.log and the script goes on when one fails.
 # SD15, SDXL, DEVICE and EXTRA (overrides) exist to try the script on a CPU with the tiny models:
 #   SD15=tiny SDXL=tiny-xl DEVICE=cpu EXTRA=chain.steps=10 bash docs/bench-gpu.sh /tmp/out
+# (the compile part there: EXTRA="chain.steps=10 model.compile_backend=aot_eager"; inductor is refused on a CPU)
 set -uo pipefail
 out=${1:?usage: bash docs/bench-gpu.sh OUT [sd15-b1] [sd15-b2] [sdxl] [compile]}
 shift
@@ -38,6 +39,27 @@ for part in $parts; do
         compile)
             echo "== compile" >&2
             t0=$SECONDS
+            # First whether inductor's gradients are right on this device: on a CPU, torch 2.13's are not
+            # (tests/test_compile.py, the same two-level UNet); the library refuses inductor there.
+            python3 - "$device" <<'EOF' 2>&1 | tee "$out/compile-grad.log" || echo "== compile-grad failed" >&2
+import json, sys, torch
+from diffusers import UNet2DConditionModel
+device = sys.argv[1]
+torch.backends.cudnn.allow_tf32 = False  # fp32 convolutions in both runs: only the compiler differs
+torch.manual_seed(0)
+unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16, 16), layers_per_block=1,
+                            down_block_types=("DownBlock2D",) * 2, up_block_types=("UpBlock2D",) * 2, mid_block_type=None,
+                            cross_attention_dim=16, norm_num_groups=8).to(device)
+x, states = torch.randn(2, 4, 8, 8).to(device), torch.randn(2, 77, 16).to(device)
+def input_grad(net):
+    x_in = x.clone().requires_grad_(True)
+    out = net(x_in, torch.tensor(500, device=device), encoder_hidden_states=states).sample
+    (out * torch.linspace(-1, 1, out.numel(), device=device).view_as(out)).sum().backward()
+    return out.detach(), x_in.grad
+(out, grad), (out_c, grad_c) = input_grad(unet), input_grad(torch.compile(unet, backend="inductor"))
+print(json.dumps({"device": device, "forward_rel_error": ((out_c - out).norm() / out.norm()).item(),
+                  "input_grad_rel_error": ((grad_c - grad).norm() / grad.norm()).item()}))
+EOF
             python3 - "$sd15" "$device" $extra <<'EOF' 2>&1 | tee "$out/compile.log" || echo "== compile failed" >&2
 import json, sys, time
 import shortft

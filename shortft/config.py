@@ -62,6 +62,7 @@ class ModelConfig:
     vae_batch_size: int = setting(0, "images per VAE decode (0 = the whole batch at once)")
     tf32: bool = setting(True, "TF32 matmuls and convolutions on CUDA (Ampere and later)")
     compile: bool = setting(False, "torch.compile the UNet and a unet: shortcut (first steps slower, later ones faster)")
+    compile_backend: str = setting("inductor", "torch.compile backend; inductor needs a GPU here (docs/models.md)")
 
 
 @dataclass

@@ -18,7 +18,7 @@ from shortft.config import Config, ConfigError, check_device_name
 from shortft.denoiser import Condition, Denoiser
 from shortft.lora import AdapterSwitch, add_loras, unet_has_target
 from shortft.plan import TrainingPlan, training_plan
-from shortft.progress import warn
+from shortft.progress import say, warn
 from shortft.shortcut import load_lora_shortcut, load_unet_shortcut, steps_warning
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -217,9 +217,12 @@ def prepare_models(cfg: Config, pipe, with_loras: bool = True, plan: TrainingPla
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.model.tf32
     if cfg.model.compile:
+        check_compile(cfg.model.compile_backend, device)
         for unet in (pipe.unet, shortcut_unet):
             if unet is not None:
-                compile_unet(unet, plan)
+                compile_unet(unet, plan, cfg.model.compile_backend)
+        say(f"model.compile: the UNet compiles during the first steps and the first evaluation, up to "
+            f"{compile_graphs(plan)} graphs (one per set of LoRAs, grad mode and batch size)")
     denoiser = Denoiser(pipe.unet, pipe.scheduler, switch, shortcut_unet, shortcut_adapter,
                         checkpointing=cfg.chain.checkpointing)
     return Models(pipe, denoiser, plan, device, resolution, cfg.model.vae_batch_size, cfg.model.vae_checkpointing)
@@ -240,7 +243,23 @@ def compile_graphs(plan: TrainingPlan) -> int:
     return (len(plan.adapters) + 2) * 3 * 2
 
 
-def compile_unet(unet: torch.nn.Module, plan: TrainingPlan) -> None:
+def check_compile(backend: str, device: torch.device) -> None:
+    """A ConfigError for a torch.compile backend torch does not have, and for inductor on a CPU: there
+    torch 2.13's inductor computes the UNet's gradients wrong (a relative error of 0.5 in the input gradient of
+    a diffusers UNet of two levels, with or without LoRAs; the forward is right, and aot_eager, which
+    runs the same graphs without inductor's code, is exact). Reproduced in `tests/test_compile.py`."""
+    from torch._dynamo import list_backends
+
+    known = sorted({"inductor", *list_backends(exclude_tags=())})
+    if backend not in known:
+        raise ConfigError(f"model.compile_backend={backend!r}: not a torch.compile backend; one of {', '.join(known)}")
+    if backend == "inductor" and device.type == "cpu":
+        raise ConfigError("model.compile=true on a CPU: torch's inductor computes wrong UNet gradients there "
+                          "(docs/models.md); use model.compile=false, a GPU, or model.compile_backend=aot_eager "
+                          "(exact, not faster)")
+
+
+def compile_unet(unet: torch.nn.Module, plan: TrainingPlan, backend: str = "inductor") -> None:
     """torch.compile of `unet` (the training UNet or a `unet:` shortcut), in place (the module keeps its
     class, config and LoRA layers), with room for all its graphs: past torch's default of 8 per
     function, dynamo runs the rest eagerly and says so only in a log line. A timestep-aware ShortFT step
@@ -254,7 +273,7 @@ def compile_unet(unet: torch.nn.Module, plan: TrainingPlan) -> None:
 
         name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
         setattr(config, name, getattr(config, name) + limit)
-    unet.compile(**kwargs)
+    unet.compile(backend=backend, **kwargs)
 
 
 def model_resolution(cfg: Config, pipe) -> int:

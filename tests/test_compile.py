@@ -8,7 +8,7 @@ import pytest
 
 # Runs in its own process: dynamo's caches and counters are per process. Dynamo's guards and
 # recompiles are the same whatever the backend; "eager" runs the traced graphs without inductor's
-# code generation (minutes on this CPU).
+# code generation (minutes on this CPU, and wrong gradients: see the last test).
 SCRIPT = """
 import json, sys, torch
 from torch._dynamo.utils import counters
@@ -19,11 +19,9 @@ from shortft.loop import micro_batch_loss
 from shortft.models import compile_graphs, load_models
 from shortft.rewards import Rewards
 
-compile_ = torch.nn.Module.compile
-torch.nn.Module.compile = lambda self, *a, **k: compile_(self, *a, backend="eager", **k)
 out = {}
 for compiled in (False, True):
-    cfg = shortft.load_config("tiny", [f"model.compile={compiled}", *sys.argv[1:]])
+    cfg = shortft.load_config("tiny", [f"model.compile={compiled}", "model.compile_backend=eager", *sys.argv[1:]])
     models, rewards = load_models(cfg), Rewards(cfg.reward.weights, cfg.reward.options)
     lora = make_trainable(models)
     prompts, noise = step_inputs(models, cfg.train.batch_size)
@@ -74,3 +72,41 @@ def test_a_compiled_unet_runs_every_call_of_a_checkpointed_timestep_aware_step_c
     assert compiled["losses"] == pytest.approx(eager["losses"], rel=1e-5)
     assert compiled["grad"] == pytest.approx(eager["grad"], rel=1e-4)
     assert compiled["image"] == pytest.approx(eager["image"], rel=1e-5)
+
+
+def test_inductor_on_a_cpu_is_refused_in_one_line(tiny_dir):
+    p = subprocess.run([sys.executable, "-m", "shortft.cli", "train", "--config", "tiny", "--no-mlflow",
+                        f"model.pretrained={tiny_dir}", "model.compile=true", "model.device=cpu"],
+                       capture_output=True, text=True, timeout=120)
+    lines = [line for line in p.stderr.splitlines() if line.strip()]
+    assert p.returncode == 2 and len(lines) == 1 and "model.compile=true on a CPU" in lines[0], p.stderr[-2000:]
+    p = subprocess.run([sys.executable, "-m", "shortft.cli", "train", "--config", "tiny", "--no-mlflow",
+                        f"model.pretrained={tiny_dir}", "model.compile=true", "model.compile_backend=nope"],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and "model.compile_backend='nope'" in p.stderr and "aot_eager" in p.stderr
+    assert "Traceback" not in p.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="torch 2.13's inductor on a CPU: wrong UNet gradients (why the library "
+                                        "refuses it); passing means torch fixed it: drop the refusal")
+def test_inductor_on_a_cpu_gives_a_diffusers_unet_the_eager_gradients():
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)  # two levels of plain ResNet blocks: one level alone is right
+    unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16, 16),
+                                layers_per_block=1, down_block_types=("DownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "UpBlock2D"), mid_block_type=None,
+                                cross_attention_dim=16, norm_num_groups=8)
+    x, states = torch.randn(2, 4, 8, 8), torch.randn(2, 77, 16)
+
+    def input_grad(net):
+        x_in = x.clone().requires_grad_(True)
+        out = net(x_in, torch.tensor(500), encoder_hidden_states=states).sample
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        return out.detach(), x_in.grad
+
+    (out, grad), (out_c, grad_c) = input_grad(unet), input_grad(torch.compile(unet, backend="inductor"))
+    assert (out_c - out).norm() / out.norm() < 1e-5  # the forward is right
+    assert (grad_c - grad).norm() / grad.norm() < 1e-4  # measured: 0.48 (torch 2.13.0, this CPU)
