@@ -7,13 +7,13 @@ from a hub id, a local diffusers dir or `builtin:<name>`.
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass, field
 
 import torch
 from torch.utils.checkpoint import checkpoint
 
 from shortft import builtin
+from shortft.compiling import check_compile, compile_graphs, compile_unet
 from shortft.config import Config, ConfigError, check_device_name
 from shortft.denoiser import Condition, Denoiser
 from shortft.lora import AdapterSwitch, add_loras, unet_has_target
@@ -226,54 +226,6 @@ def prepare_models(cfg: Config, pipe, with_loras: bool = True, plan: TrainingPla
     denoiser = Denoiser(pipe.unet, pipe.scheduler, switch, shortcut_unet, shortcut_adapter,
                         checkpointing=cfg.chain.checkpointing)
     return Models(pipe, denoiser, plan, device, resolution, cfg.model.vae_batch_size, cfg.model.vae_checkpointing)
-
-
-def compile_graphs(plan: TrainingPlan) -> int:
-    """How many graphs of the UNet a run may compile: torch.compile guards on Python state and compiles
-    again for each new one, and the chain changes three kinds of it from call to call.
-
-    - the active LoRAs: `segment_1..j` in segment j of timestep-aware ShortFT, else the one LoRA; none
-      (the base model's own jump, the untuned half of `shortft sample`); the LoRA shortcut's;
-    - grad mode and the input's `requires_grad`: without grad (sampling, the forward of a checkpointed
-      call, gradient-free calls), with grad on an input that needs it, and on one that does not (the
-      first call, on the noise);
-    - the batch: a new batch size (guided and unguided calls, training and evaluation) compiles once
-      more before dynamo makes that dimension dynamic.
-    """
-    return (len(plan.adapters) + 2) * 3 * 2
-
-
-def check_compile(backend: str, device: torch.device) -> None:
-    """A ConfigError for a torch.compile backend torch does not have, and for inductor on a CPU: there
-    torch 2.13's inductor computes the UNet's gradients wrong (a relative error of 0.5 in the input gradient of
-    a diffusers UNet of two levels, with or without LoRAs; the forward is right, and aot_eager, which
-    runs the same graphs without inductor's code, is exact). Reproduced in `tests/test_compile.py`."""
-    from torch._dynamo import list_backends
-
-    known = sorted({"inductor", *list_backends(exclude_tags=())})
-    if backend not in known:
-        raise ConfigError(f"model.compile_backend={backend!r}: not a torch.compile backend; one of {', '.join(known)}")
-    if backend == "inductor" and device.type == "cpu":
-        raise ConfigError("model.compile=true on a CPU: torch's inductor computes wrong UNet gradients there "
-                          "(docs/models.md); use model.compile=false, a GPU, or model.compile_backend=aot_eager "
-                          "(exact, not faster)")
-
-
-def compile_unet(unet: torch.nn.Module, plan: TrainingPlan, backend: str = "inductor") -> None:
-    """torch.compile of `unet` (the training UNet or a `unet:` shortcut), in place (the module keeps its
-    class, config and LoRA layers), with room for all its graphs: past torch's default of 8 per
-    function, dynamo runs the rest eagerly and says so only in a log line. A timestep-aware ShortFT step
-    with per-call checkpointing needs more than 8 on its own (`tests/test_compile.py`)."""
-    limit = compile_graphs(plan)
-    options = inspect.signature(torch.compile).parameters
-    # torch 2.13+: a limit of this compile alone, whose graphs other compiled modules do not share
-    kwargs = {k: v for k, v in (("recompile_limit", limit), ("isolate_recompiles", True)) if k in options}
-    if "recompile_limit" not in kwargs:  # one limit for the process: every compiled module's graphs
-        from torch._dynamo import config  # count against it (they are all graphs of Module._call_impl)
-
-        name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
-        setattr(config, name, getattr(config, name) + limit)
-    unet.compile(backend=backend, **kwargs)
 
 
 def model_resolution(cfg: Config, pipe) -> int:

@@ -16,7 +16,8 @@ import shortft
 from shortft.bench_count import draws, make_trainable, step_inputs
 from shortft.chain import original_sampler
 from shortft.loop import micro_batch_loss
-from shortft.models import compile_graphs, load_models
+from shortft.compiling import compile_graphs
+from shortft.models import load_models
 from shortft.rewards import Rewards
 
 out = {}
