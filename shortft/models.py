@@ -171,6 +171,7 @@ def frozen_parts(pipe) -> list[torch.nn.Module]:
 def load_models(cfg: Config, with_loras: bool = True, plan: TrainingPlan | None = None) -> Models:
     """Load the pipeline, freeze everything, add the shortcut and the trainable LoRAs of `plan`
     (default: the config's own training plan)."""
+    check_compile(cfg.model, pick_device(cfg.model.device))  # before the weights load
     pipe = load_pipeline(cfg.model.pretrained, DTYPES[cfg.model.dtype], cfg.model.revision, cfg.model.variant)
     return prepare_models(cfg, pipe, with_loras, plan)
 
@@ -180,6 +181,7 @@ def prepare_models(cfg: Config, pipe, with_loras: bool = True, plan: TrainingPla
     """Freeze a loaded (or random-weight) pipeline, add the shortcut and the trainable LoRAs."""
     plan = plan or training_plan(cfg)
     device = device or pick_device(cfg.model.device)
+    check_compile(cfg.model, device)
     dtype = DTYPES[cfg.model.dtype]
     for part in frozen_parts(pipe):
         part.requires_grad_(False).eval()
@@ -217,11 +219,10 @@ def prepare_models(cfg: Config, pipe, with_loras: bool = True, plan: TrainingPla
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.model.tf32
     if cfg.model.compile:
-        check_compile(cfg.model.compile_backend, device)
         for unet in (pipe.unet, shortcut_unet):
             if unet is not None:
                 compile_unet(unet, plan, cfg.model.compile_backend)
-        say(f"model.compile: the UNet compiles during the first steps and the first evaluation, up to "
+        say(f"model.compile: the UNets compile during the first steps and the first evaluation, up to "
             f"{compile_graphs(plan)} graphs (one per set of LoRAs, grad mode and batch size)")
     denoiser = Denoiser(pipe.unet, pipe.scheduler, switch, shortcut_unet, shortcut_adapter,
                         checkpointing=cfg.chain.checkpointing)
