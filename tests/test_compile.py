@@ -49,22 +49,23 @@ print(json.dumps(out))
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("shortcut", ["none", "unet"])
-def test_a_compiled_unet_runs_every_call_of_a_checkpointed_timestep_aware_step_compiled(tiny_dir, shortcut):
+def test_a_compiled_unet_runs_every_call_of_a_checkpointed_timestep_aware_step_compiled(tiny_dir):
     # Timestep-aware ShortFT, k=4, per-call and UNet block checkpointing: with the base model's own jump,
     # 12 graphs for one training step (5 LoRA sets without grad in the checkpointed forwards, 6 with
     # grad), more than torch's default limit of 8; past it dynamo ran 4 kinds of call eagerly in every
-    # step. A `unet:` shortcut is a second compiled UNet (the same model here, for the test).
-    shortcut = f"unet:{tiny_dir}" if shortcut == "unet" else shortcut
+    # step. Here the jump is a `unet:` shortcut, a second compiled UNet (the same model, for the test): the
+    # training UNet still needs more than 8 graphs (with the limit at 8: dynamo's recompile_limit line,
+    # 1 frame of 11 eager), and the shortcut left uncompiled fails too. The base model's own jump as well
+    # took 2 more minutes of CI and failed on nothing this does not.
     p = subprocess.run([sys.executable, "-c", SCRIPT, f"model.pretrained={tiny_dir}", "chain.segments=4",
                         "lora.timestep_aware=true", "chain.checkpointing=true", "model.gradient_checkpointing=true",
-                        f"model.shortcut={shortcut}"], capture_output=True, text=True, timeout=600)
+                        f"model.shortcut=unet:{tiny_dir}"], capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     assert "recompile_limit" not in p.stderr, p.stderr[-3000:]  # dynamo's line when it gives up compiling
     out = json.loads(p.stdout.splitlines()[-1])
     eager, compiled = out["False"], out["True"]
     assert eager["graphs"] == [0, 0] and not any(eager["unets_compiled"])
-    assert compiled["unets_compiled"] == [True] * (2 if shortcut.startswith("unet:") else 1)
+    assert compiled["unets_compiled"] == [True, True]
     assert out["frames"]["ok"] == out["frames"]["total"]  # no frame fell back to running eagerly
     first, second = compiled["graphs"]
     assert first > 8 and second == first  # the second step compiles nothing new
