@@ -31,7 +31,8 @@ def check_compile(model: ModelConfig, device: torch.device) -> None:
     inductor on a CPU: there torch 2.13's inductor computes the UNet's gradients wrong (a relative error
     of 0.48 in the input gradient of a diffusers UNet of two levels, with or without LoRAs; the forward
     is right, and aot_eager, which runs the same graphs without inductor's code, is exact): a fused
-    kernel reads the upsampling gradient before the scatter-add that makes it. Both in `tests/test_compile.py`."""
+    kernel reads the upsampling gradient before the scatter-add that makes it, a mutation rename the CPU
+    backend's loop fusion drops (a path CUDA does not take). Both in `tests/test_compile.py`."""
     if not model.compile:
         return
     from torch._dynamo import list_backends

@@ -135,6 +135,12 @@ def test_inductor_on_a_cpu_reads_the_upsampling_gradient_after_its_scatter_add()
     # the reduction, with a contiguous conv input, or with max_fusion_size=1 (as the UNet). The UNet's own
     # backward code (TORCH_LOGS=output_code) runs its one scatter-add last, after the kernel that fills
     # that buffer with zeros and copies it on to the backward of the two convs it feeds.
+    # The cause, in torch/_inductor/scheduler.py: SchedulerNode.recompute_size_and_body, which only the
+    # CPU backend calls (to fuse nodes of different loop sizes), recomputes a node's reads from its loop
+    # body and applies the scheduler's mutation renames only when the node has WeakDep/StarDep reads, so
+    # the div's read of the scatter's result (buf2) becomes a read of the zeros (buf1), with no order
+    # after the scatter. Renaming always (one line) makes this graph right and the UNet's input gradient
+    # too (9.2e-7, caches off); CUDA does not take that path.
     aten = torch.ops.aten
     idx = torch.arange(8) // 2  # nearest 4 -> 8
 
