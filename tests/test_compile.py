@@ -127,36 +127,35 @@ def test_inductor_on_a_cpu_reads_the_upsampling_gradient_after_its_scatter_add()
     from torch._inductor.compile_fx import compile_fx_inner
 
     # The UNet's error above, minified: torch's accuracy minifier (TORCHDYNAMO_REPRO_AFTER=aot,
-    # TORCHDYNAMO_REPRO_LEVEL=4) took the backward graph from 1242 nodes to 41 with one wrong output,
-    # the weight gradient of the up block's 1x1 shortcut conv; by hand, to these. The gradient of a 2x
-    # nearest upsampling is a scatter-add into zeros (index_put, accumulate); inductor fuses the zero
-    # fill, the channels-last copy the conv's backward asks for, and an unrelated reduction into one
-    # kernel that runs before the scatter, so the conv gets zeros (relative error 1.0). Right without
-    # the reduction, with a contiguous conv input, or with max_fusion_size=1 (as the UNet). The UNet's own
-    # backward code (TORCH_LOGS=output_code) runs its one scatter-add last, after the kernel that fills
-    # that buffer with zeros and copies it on to the backward of the two convs it feeds.
-    # The cause, in torch/_inductor/scheduler.py: SchedulerNode.recompute_size_and_body, which only the
-    # CPU backend calls (to fuse nodes of different loop sizes), recomputes a node's reads from its loop
-    # body and applies the scheduler's mutation renames only when the node has WeakDep/StarDep reads, so
-    # the div's read of the scatter's result (buf2) becomes a read of the zeros (buf1), with no order
-    # after the scatter. Renaming always (one line) makes this graph right and the UNet's input gradient
-    # too (9.2e-7, caches off); CUDA does not take that path.
+    # TORCHDYNAMO_REPRO_LEVEL=4) took the backward graph from 1242 nodes to 41 (where a time limit stopped
+    # it) with one wrong output, the weight gradient of the up block's 1x1 shortcut conv; by hand, to
+    # these 6 ops. The gradient of a 2x nearest upsampling is a scatter-add into zeros (index_put,
+    # accumulate); inductor fuses the div that reads its result with the channels-last copy the conv's
+    # backward asks for, and that kernel runs before the mm and the scatter, so the conv gets zeros
+    # (relative error 1.0). Right with a contiguous conv input or with max_fusion_size=1 (as the UNet).
+    # The UNet's own backward code (TORCH_LOGS=output_code) runs its one scatter-add last, after the
+    # kernel that reads that buffer and copies it on to the backward of the two convs it feeds.
+    # The cause, in torch/_inductor/scheduler.py: to fuse nodes of different loop shapes (here the div's
+    # 512 and the copy's 2x16x16) the CPU backend, alone, calls SchedulerNode.recompute_size_and_body,
+    # which recomputes the node's reads from its loop body and applies the scheduler's mutation renames
+    # only when the node has WeakDep/StarDep reads. So the div's read of the scatter's result (buf2,
+    # ir_pre_fusion.txt with config.trace.enabled) becomes a read of the zero fill (buf1,
+    # ir_post_fusion.txt), with nothing ordering it after the scatter. Renaming always (one line) makes
+    # this graph right and the UNet's input gradient too (9.2e-7, caches off); CUDA does not take that path.
     aten = torch.ops.aten
     idx = torch.arange(8) // 2  # nearest 4 -> 8
 
-    def graph(a, b, rows, cols, x, w, v):
+    def graph(a, b, rows, cols, x, w):
         up_grad = aten.view.default(aten.mm.default(a, b), [2, 16, 8, 8])
         zeros = aten.full.default([2, 16, 4, 4], 0.0, dtype=torch.float32, layout=torch.strided,
                                   device=torch.device("cpu"), pin_memory=False)
         grad = aten.div.Tensor(aten.index_put.default(zeros, [None, None, rows, cols], up_grad, True), 1.0)
-        w_grad = aten.convolution_backward.default(grad, x, w, [16], [1, 1], [0, 0], [1, 1], False, [0, 0], 1,
-                                                   [True, True, True])[1]
-        return [w_grad, aten.sum.dim_IntList(v, [2])]
+        return [aten.convolution_backward.default(grad, x, w, [16], [1, 1], [0, 0], [1, 1], False, [0, 0], 1,
+                                                  [True, True, True])[1]]
 
     torch.manual_seed(0)
     args = [torch.randn(32, 16), torch.randn(16, 64), idx[:, None], idx,
-            torch.randn(2, 32, 4, 4).contiguous(memory_format=torch.channels_last), torch.randn(16, 32, 1, 1),
-            torch.randn(2, 16, 16)]
+            torch.randn(2, 32, 4, 4).contiguous(memory_format=torch.channels_last), torch.randn(16, 32, 1, 1)]
     with torch.no_grad():
-        (ref, _), (out, _) = graph(*args), compile_fx_inner(torch.fx.symbolic_trace(graph), args)(list(args))
+        (ref,), (out,) = graph(*args), compile_fx_inner(torch.fx.symbolic_trace(graph), args)(list(args))
     assert (out - ref).norm() / ref.norm() < 1e-5  # measured: 1.0 (torch 2.13.0, this CPU)
