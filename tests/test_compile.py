@@ -145,7 +145,8 @@ def test_inductor_on_a_cpu_reads_the_upsampling_gradient_after_its_scatter_add()
     # this graph right and the UNet's input gradient too (9.2e-7, caches off); CUDA does not take that path.
     # make_fx keeps the zero fill an op of the graph (symbolic_trace would fold it into a constant). The
     # same ops through torch.compile are right: there the scatter fuses with the zero fill, the div and
-    # the copy into one kernel after the mm (a user-level repro is open; the UNet above is one).
+    # the copy into one kernel after the mm. The UNet above is the user-level repro; a plain-PyTorch
+    # one is still open.
     aten = torch.ops.aten
     idx = torch.arange(8) // 2  # nearest 4 -> 8
 
