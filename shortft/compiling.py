@@ -47,12 +47,11 @@ def check_compile(model: ModelConfig, device: torch.device) -> None:
                           "(exact, not faster)")
 
 
-def compile_unet(unet: torch.nn.Module, plan: TrainingPlan, backend: str = "inductor") -> None:
+def compile_unet(unet: torch.nn.Module, limit: int, backend: str = "inductor") -> None:
     """torch.compile of `unet` (the training UNet or a `unet:` shortcut), in place (the module keeps its
-    class, config and LoRA layers), with room for all its graphs: past torch's default of 8 per
-    function, dynamo runs the rest eagerly and says so only in a log line. A timestep-aware ShortFT step
-    with per-call checkpointing needs more than 8 on its own (`tests/test_compile.py`)."""
-    limit = compile_graphs(plan)
+    class, config and LoRA layers), with room for `limit` graphs (`compile_graphs`): past torch's default
+    of 8 per function, dynamo runs the rest eagerly and says so only in a log line. A timestep-aware
+    ShortFT step with per-call checkpointing needs more than 8 on its own (`tests/test_compile.py`)."""
     options = inspect.signature(torch.compile).parameters
     # torch 2.13+: a limit of this compile alone, whose graphs other compiled modules do not share
     kwargs = {k: v for k, v in (("recompile_limit", limit), ("isolate_recompiles", True)) if k in options}

@@ -219,11 +219,12 @@ def prepare_models(cfg: Config, pipe, with_loras: bool = True, plan: TrainingPla
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.model.tf32
     if cfg.model.compile:
+        limit = compile_graphs(plan)
         for unet in (pipe.unet, shortcut_unet):
             if unet is not None:
-                compile_unet(unet, plan, cfg.model.compile_backend)
+                compile_unet(unet, limit, cfg.model.compile_backend)
         say(f"model.compile: the UNets compile during the first steps and the first evaluation, up to "
-            f"{compile_graphs(plan)} graphs (one per set of LoRAs, grad mode and batch size)")
+            f"{limit} graphs (one per set of LoRAs, grad mode and batch size)")
     denoiser = Denoiser(pipe.unet, pipe.scheduler, switch, shortcut_unet, shortcut_adapter,
                         checkpointing=cfg.chain.checkpointing)
     return Models(pipe, denoiser, plan, device, resolution, cfg.model.vae_batch_size, cfg.model.vae_checkpointing)
