@@ -93,6 +93,37 @@ def test_results_markdown_gives_each_objective_its_standard_error_and_the_spread
     assert lines[-1] == "best - worst: 0.1000 = 5.0 x the larger standard error (0.0200)"
 
 
+def test_results_markdown_puts_the_untrained_model_first_and_the_best_trials_gain_over_it_in_standard_errors():
+    from shortft.sweep.results import markdown
+
+    space = load_space(_space_file(Path(os.environ["SHORTFT_CACHE"]), "  lora.rank: {randint: [4, 8]}"))
+    rows = [{"trial": "t001", "status": "DONE", "lora.rank": 4, "objective_best": 0.9, "objective_se": 0.02,
+             "steps": 60, "seconds_per_step": 1.234, "peak_memory_mb": 900.4}]
+    base = {"eval/objective": 0.86, "eval/objective_se": 0.025, "eval/toy_judge_accuracy": 0.7}
+    lines = markdown(rows, space, base).splitlines()
+    assert lines[2] == "| untrained | BASE | - | 0.8600 ± 0.0250 | 0 | - | - |"
+    assert lines[3].startswith("| t001 | DONE | 4 | 0.9000 ± 0.0200 |")
+    assert lines[-1] == "best - untrained: +0.0400 = 1.6 x the larger standard error (0.0250)"
+    # a sweep whose trials all fall below the model they started from says so with the sign
+    below = markdown([{**rows[0], "objective_best": 0.85}, {**rows[0], "trial": "t002", "objective_best": 0.8}],
+                     space, {**base, "eval/objective_se": float("nan")}).splitlines()
+    assert "| untrained | BASE | - | 0.8600 | 0 | - | - |" in below
+    assert below[-3] == "best - worst: 0.0500 = 2.5 x the larger standard error (0.0200)"
+    assert below[-1] == "best - untrained: -0.0100 = -0.5 x the larger standard error (0.0200)"
+
+
+def test_the_untrained_row_is_left_out_when_the_space_searches_what_the_evaluation_reads(tmp_path, capsys):
+    from shortft.sweep import baseline
+
+    space = load_space(_space_file(tmp_path, "  eval.samples_per_prompt: {choice: [1, 2]}\n"
+                                             "  chain.steps: {choice: [10, 20]}\n  lora.rank: {randint: [4, 8]}"))
+    assert baseline.searched_evaluation_keys(space) == ["eval.samples_per_prompt", "chain.steps"]
+    pending = baseline.start(space, tmp_path / "out", {"use_gpu": False, "resource_wait_s": 10})
+    assert pending.result() is None and not (tmp_path / "out" / baseline.BASE_FILE).exists()
+    err = capsys.readouterr().err
+    assert "untrained model: no row in the results (the space searches eval.samples_per_prompt, chain.steps" in err
+
+
 # -- MLflow / Parquet checks shared by the sweeps below ------------------------------------------------
 def _runs(db: Path, experiment: str = "shortft-sweeps"):
     c = tracking.client(f"sqlite:///{db}")
@@ -115,8 +146,8 @@ def _check_sweep_outputs(db: Path, table: Path, trials: int = 3):
         assert "loss" in child.data.metrics and "eval/objective" in child.data.metrics
         assert child.info.status == "FINISHED"
     assert len({ch.data.tags[tracking.RUN_KEY] for ch in children}) == trials  # no duplicates
-    artifacts = {a.path for a in c.list_artifacts(parents[0].info.run_id)}
-    assert {"results.parquet", "results.csv", "results.md", "best_config.yaml"} <= artifacts
+    parent_artifacts = {a.path for a in c.list_artifacts(parents[0].info.run_id)}
+    assert {"results.parquet", "results.csv", "results.md", "best_config.yaml", "base.json", "grids"} <= parent_artifacts
     t = pq.read_table(table)
     assert t.num_rows == trials
     assert set(COLUMNS) <= set(t.column_names), set(COLUMNS) - set(t.column_names)
@@ -133,6 +164,12 @@ def _check_sweep_outputs(db: Path, table: Path, trials: int = 3):
     assert all(0 < r["objective_se"] < 0.5 for r in rows)  # the judge's score over the samples, in [0, 1]
     text = Path(table).with_name("results.md").read_text()
     assert text.count("\n| t0") == trials and "objective (best) ± se" in text
+    # the untrained model: evaluated once, its row first, its gain below, on the parent run
+    base = json.loads(Path(table).with_name("base.json").read_text())
+    assert 0 < base["eval/objective"] < 1 and base["eval/objective_se"] > 0
+    assert text.splitlines()[2].startswith(f"| untrained | BASE | {'- | ' * len(SEARCHED)}{base['eval/objective']:.4f}")
+    assert "\nbest - untrained: " in text
+    assert parents[0].data.metrics["base/objective"] == pytest.approx(base["eval/objective"])
     return parents[0], children, rows
 
 
@@ -185,6 +222,7 @@ def test_resume_after_the_driver_is_killed_in_the_second_trial(tmp_path):
     out, _ = again.communicate(timeout=900)
     assert again.returncode == 0, out[-3000:]
     assert "best trial t00" in out and "mlflow ui --backend-store-uri sqlite:///" in out
+    assert "base.json)" in out and "untrained model: evaluating" not in out  # the killed driver's, read back
     _check_sweep_outputs(db, work / "runs" / "sweeps" / "crash" / "results.parquet", trials=2)
 
 

@@ -16,9 +16,9 @@ raising the weights. MLflow: one parent run per sweep; one nested child run per 
 driver as the searcher suggests the trial (SQLite has one writer), logged to by the trial's rank 0.
 
 Modules: `trials` (a trial's settings, config and trainable), `eval_report` (what its Ray Train job
-hands to Tune), `trial_runs` (its MLflow run),
-`search` (Optuna and ASHA), `results` (table, best trial, plots), `ray_compat` (every private Ray,
-Tune or Optuna attribute reached), `runner` (`run_sweep`), `cli` (`main`).
+hands to Tune), `trial_runs` (its MLflow run), `search` (Optuna and ASHA), `baseline` (the untrained
+model's evaluation), `results` (table, best trial, plots), `ray_compat` (every private Ray, Tune or
+Optuna attribute reached), `runner` (`run_sweep`), `cli` (`main`).
 """
 
 import importlib

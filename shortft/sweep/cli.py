@@ -35,6 +35,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--resource-wait-s", type=float, default=None,
                    help="a trial whose workers the cluster cannot place within this many seconds ends as ERROR "
                         "and the sweep goes on (default 1800; an autoscaler may need minutes to add a node)")
+    p.add_argument("--no-baseline", action="store_true",
+                   help="do not evaluate the untrained model (the results' first row, one evaluation per sweep)")
     return p
 
 
@@ -46,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         result = run_sweep(args.space, args.num_samples, args.config, args.name, args.storage_path,
                            None if args.no_mlflow else args.tracking_uri, args.experiment, args.workers_per_trial,
                            args.gpus_per_worker, args.max_concurrent, args.address, args.resume, args.smoke_test,
-                           args.seed, resource_wait_s=args.resource_wait_s)
+                           args.seed, resource_wait_s=args.resource_wait_s, baseline=not args.no_baseline)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -17,6 +17,7 @@ import json
 from pathlib import Path
 
 from shortft.config import ConfigError
+from shortft.sweep.baseline import evaluate_base
 from shortft.sweep.compare_report import write_report
 from shortft.sweep.trials import OBJECTIVE, SMOKE_TEST, cpu_threads, trainable_for
 
@@ -99,18 +100,6 @@ def run_comparison(base: str, out: str | Path, arms: list[str] = tuple(ARMS), se
     if parent:
         tracking.client(tracking_uri).set_terminated(parent)
     return rows_path
-
-
-def evaluate_base(base: str, fixed: dict, out: Path) -> dict:
-    """The evaluation of the untrained model (no LoRA; the same prompts, sampler, seeds and judge as
-    every trial's), written to `out/base.json` and its sample grid to `out/grids/base.png`."""
-    from shortft.sample import evaluate_trained
-    from shortft.space import trial_config
-
-    (out / "grids").mkdir(parents=True, exist_ok=True)
-    metrics = evaluate_trained(trial_config(base, fixed, {}), None, out / "grids" / "base.png")
-    (out / "base.json").write_text(json.dumps(metrics, indent=1))
-    return metrics
 
 
 def _fit(trainable, param_space: dict, name: str, storage_path: str, runs: Path) -> list[dict]:

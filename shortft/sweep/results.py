@@ -44,26 +44,42 @@ def results_table(results, space: Space, sweep: dict) -> list[dict]:
     return sorted(rows, key=lambda row: str(row["trial"]))
 
 
-def markdown(rows: list[dict], space: Space) -> str:
-    """The results table as Markdown: a row per trial (searched values, best objective ± its standard
-    error, steps, seconds per step, peak memory), then the spread: best - worst in standard errors."""
+def markdown(rows: list[dict], space: Space, base: dict | None = None) -> str:
+    """The results table as Markdown: with `base` (the untrained model's evaluation) a first row for it,
+    then a row per trial (searched values, best objective ± its standard error, steps, seconds per step,
+    peak memory), then the spreads in standard errors: best - worst, and best - untrained."""
     keys = list(space.search)
     head = ["trial", "status", *(k.split(".")[-1] for k in keys), "objective (best) ± se", "steps", "s/step", "peak MB"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for row in rows:
-        best, se = row.get("objective_best"), row.get("objective_se")
+    untrained = None
+    if base is not None:
+        untrained = {"trial": "untrained", "status": "BASE", "objective_best": base.get(OBJECTIVE),
+                     "objective_se": base.get(OBJECTIVE_SE), "steps": 0}
+    for row in ([untrained] if untrained else []) + rows:
+        best, se = row.get("objective_best"), _finite(row.get("objective_se"))
         cells = [str(row["trial"]), row["status"], *(_cell(row.get(k)) for k in keys),
                  "-" if best is None else f"{best:.4f}" + (f" ± {se:.4f}" if se is not None else ""),
                  _cell(row.get("steps")), _cell(row.get("seconds_per_step")), _cell(row.get("peak_memory_mb"), ".0f")]
         lines.append("| " + " | ".join(cells) + " |")
     done = [r for r in rows if r.get("objective_best") is not None]
+    best = max(done, key=lambda r: r["objective_best"]) if done else None
     if len(done) >= 2:
-        hi, lo = max(done, key=lambda r: r["objective_best"]), min(done, key=lambda r: r["objective_best"])
-        ses = [r["objective_se"] for r in (hi, lo) if r.get("objective_se")]
-        gap = hi["objective_best"] - lo["objective_best"]
-        lines += ["", f"best - worst: {gap:.4f}" + (f" = {gap / max(ses):.1f} x the larger standard error "
-                                                    f"({max(ses):.4f})" if ses else "")]
+        lines += ["", _spread("best - worst", best, min(done, key=lambda r: r["objective_best"]), "")]
+    if best and untrained and untrained["objective_best"] is not None:
+        lines += ["", _spread("best - untrained", best, untrained, "+")]  # negative: no trial beat the base
     return "\n".join(lines) + "\n"
+
+
+def _spread(label: str, hi: dict, lo: dict, sign: str) -> str:
+    """'label: gap = n x the larger standard error (se)' of two rows' best objectives."""
+    ses = [se for se in (_finite(r.get("objective_se")) for r in (hi, lo)) if se]
+    gap = hi["objective_best"] - lo["objective_best"]
+    return f"{label}: {gap:{sign}.4f}" + (f" = {gap / max(ses):.1f} x the larger standard error ({max(ses):.4f})"
+                                          if ses else "")
+
+
+def _finite(value) -> float | None:
+    return value if isinstance(value, (int, float)) and value == value else None
 
 
 def _cell(value, spec: str = ".3g") -> str:
@@ -84,8 +100,9 @@ def write_table(rows: list[dict], path: Path) -> Path:
 
 
 def finish_parent(uri: str, run_id: str, rows: list[dict], best: dict | None, study, table_path: Path,
-                   out_dir: Path, seconds: float) -> None:
-    """Best trial's config and objective, Optuna's plots and the results table, on the parent run."""
+                   out_dir: Path, seconds: float, base: dict | None = None) -> None:
+    """Best trial's config and objective, the untrained model's evaluation (`base/...` metrics,
+    base.json and its grid), Optuna's plots and the results table, on the parent run."""
     import pyarrow.csv as pacsv
     import pyarrow.parquet as pq
     import yaml
@@ -97,6 +114,12 @@ def finish_parent(uri: str, run_id: str, rows: list[dict], best: dict | None, st
     client.log_artifact(run_id, str(csv))
     if (out_dir / "results.md").is_file():
         client.log_artifact(run_id, str(out_dir / "results.md"))
+    if base is not None:
+        for key, value in base.items():  # eval/objective -> base/objective
+            client.log_metric(run_id, "base/" + key.split("/", 1)[-1], value)
+        for path, folder in ((out_dir / "base.json", None), (out_dir / "grids" / "base.png", "grids")):
+            if path.is_file():
+                client.log_artifact(run_id, str(path), folder)
     client.log_metric(run_id, "sweep_seconds", seconds)
     client.log_metric(run_id, "trials", len(rows))
     if best:

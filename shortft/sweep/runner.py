@@ -15,6 +15,7 @@ from shortft import resources, tracking
 from shortft.config import ConfigError, to_dict
 from shortft.mlflow_relay import start_relay
 from shortft.space import Space, load_space, trial_config
+from shortft.sweep import baseline as baseline_eval
 from shortft.sweep import saved
 from shortft.sweep.ray_compat import canonical_address, start_autoscaling_coordinator, study_of
 from shortft.sweep.results import finish_parent, markdown, results_table, write_table
@@ -33,6 +34,7 @@ class SweepResult:
     tracking_uri: str | None
     seconds: float
     storage_path: str
+    base: dict | None = None  # the untrained model's evaluation (`baseline`), None when not made
 
 
 def check_storage_for_cluster(storage_path: str) -> None:
@@ -68,10 +70,12 @@ def run_sweep(space: str | Space | None = None, num_samples: int | None = None, 
               experiment: str | None = None, workers_per_trial: int | None = None,
               gpus_per_worker: float | None = None, max_concurrent: int | None = None, address: str | None = None,
               resume: bool = False, smoke_test: bool | None = None, seed: int | None = None,
-              output_root: str | None = None, resource_wait_s: float | None = None) -> SweepResult:
+              output_root: str | None = None, resource_wait_s: float | None = None,
+              baseline: bool = True) -> SweepResult:
     """Run (or resume) a sweep and return its results table; see `main` for what each argument means.
     None means "not given": a new sweep takes the defaults (`saved.DEFAULTS`), a resumed one the values
-    it started with (a given value that differs is refused)."""
+    it started with (a given value that differs is refused). `baseline`: evaluate the untrained model
+    once (a first row of the results; `sweep.baseline`)."""
     import ray
 
     from shortft.distributed import check_storage_path
@@ -174,14 +178,16 @@ def run_sweep(space: str | Space | None = None, num_samples: int | None = None, 
                            tune_config=tune.TuneConfig(search_alg=search, scheduler=scheduler(space),
                                                        num_samples=num_samples, reuse_actors=False),
                            run_config=run_config)
+    out_dir = Path(output_root)
+    untrained = baseline_eval.start(space, out_dir, sweep_settings) if baseline else None
     grid = tuner.fit()
 
-    # 5. Results table, best trial, parent run.
+    # 5. Results table (after the untrained model's row), best trial, parent run.
+    base = untrained.result() if untrained else None
     rows = results_table(grid, space, sweep_settings)
-    out_dir = Path(output_root)
     out_dir.mkdir(parents=True, exist_ok=True)
     table_path = write_table(rows, out_dir / "results.parquet")
-    (out_dir / "results.md").write_text(markdown(rows, space))
+    (out_dir / "results.md").write_text(markdown(rows, space, base))
     done = [r for r in rows if r["objective_best"] is not None]
     best = None
     if done:
@@ -192,5 +198,5 @@ def run_sweep(space: str | Space | None = None, num_samples: int | None = None, 
                 "config": to_dict(best_cfg), "mlflow_run_id": top["mlflow_run_id"]}
     seconds = time.time() - t_start
     if parent:
-        finish_parent(tracking_uri, parent, rows, best, study_of(tuner), table_path, out_dir, seconds)
-    return SweepResult(name, rows, best, table_path, parent, tracking_uri, seconds, storage_path)
+        finish_parent(tracking_uri, parent, rows, best, study_of(tuner), table_path, out_dir, seconds, base)
+    return SweepResult(name, rows, best, table_path, parent, tracking_uri, seconds, storage_path, base)

@@ -1,0 +1,125 @@
+"""The untrained model on a sweep's evaluation: the row every trial's gain is read from.
+
+A short sweep can leave its trials level with the model it started from (the default toy sweep's best
+trial is 1.4 standard errors above it); without that row a table of trials reads as a table of gains.
+The base model is evaluated once per sweep, on the same prompts, sampler, seeds and judge as every
+trial's (the space's base config and fixed keys, no LoRA), and kept in `<output>/base.json` with its
+sample grid in `<output>/grids/base.png`; a resumed sweep reads it back.
+
+It runs as a Ray task with one trial worker's resources, so on a cluster whose head has no GPU it runs
+on a GPU node (an autoscaler adds one as it would for a trial). On CPUs it runs before the first trial
+(trials and it would share the cores); on GPUs beside the trials. A base that fails or is not placed
+within the sweep's resource wait costs the row, never the sweep.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from shortft.space import Space, trial_config
+from shortft.sweep.eval_report import OBJECTIVE, OBJECTIVE_SE
+
+BASE_FILE = "base.json"
+# Keys the evaluation reads (the model, its prompts, sampler, judge): a space that searches one has no
+# single untrained score. The trial's chain, LoRA, learning rate and reward weights do not change it.
+EVALUATION_KEYS = ("model.", "eval.", "data.", "reward.options.", "chain.steps", "chain.guidance_scale")
+
+
+def searched_evaluation_keys(space: Space) -> list[str]:
+    return [k for k in space.search if k.startswith(EVALUATION_KEYS)]
+
+
+def evaluate_base(base: str, fixed: dict, out: Path) -> dict:
+    """The evaluation of the untrained model (no LoRA; the same prompts, sampler, seeds and judge as
+    every trial's), in this process: written to `out/base.json`, its sample grid to `out/grids/base.png`."""
+    from shortft.sample import evaluate_trained
+
+    (out / "grids").mkdir(parents=True, exist_ok=True)
+    metrics = evaluate_trained(trial_config(base, fixed, {}), None, out / "grids" / "base.png")
+    (out / BASE_FILE).write_text(json.dumps(metrics, indent=1))
+    return metrics
+
+
+def _evaluate_in_task(base: str, fixed: dict, use_gpu: bool, threads: int | None) -> tuple[dict, bytes]:
+    """`evaluate_base` in a Ray task, which may be on another node: the metrics and the grid's PNG
+    come back to the driver, which writes them."""
+    import torch
+
+    if use_gpu:
+        fixed = {**fixed, "model.device": "cuda"}  # Ray made the task's GPU the only one it sees
+    elif threads:
+        torch.set_num_threads(threads)
+    with tempfile.TemporaryDirectory(prefix="shortft-base-") as tmp:
+        metrics = evaluate_base(base, fixed, Path(tmp))
+        return metrics, (Path(tmp) / "grids" / "base.png").read_bytes()
+
+
+@dataclass
+class BaseEvaluation:
+    """The untrained model's evaluation of one sweep, started by `start` and collected by `result`."""
+    out_dir: Path
+    metrics: dict | None = None
+    task: object = None  # the Ray ObjectRef while it runs
+    wait_s: float | None = None
+
+    def result(self) -> dict | None:
+        """The metrics (also in `out_dir/base.json`), or None with a one-line reason on stderr."""
+        if self.task is None:
+            return self.metrics
+        import ray
+
+        ref, self.task = self.task, None
+        try:
+            metrics, png = ray.get(ref, timeout=self.wait_s)
+        except ray.exceptions.GetTimeoutError:
+            ray.cancel(ref, force=True)
+            return _skip(f"its evaluation was not placed within --resource-wait-s {self.wait_s:.0f}")
+        except ray.exceptions.RayError as e:
+            lines = [line for line in str(e).splitlines() if line.strip()]
+            return _skip(f"its evaluation failed: {lines[-1].strip() if lines else type(e).__name__}")
+        (self.out_dir / "grids").mkdir(parents=True, exist_ok=True)
+        (self.out_dir / "grids" / "base.png").write_bytes(png)
+        (self.out_dir / BASE_FILE).write_text(json.dumps(metrics, indent=1))
+        self.metrics = metrics
+        print(f"untrained model: {describe(metrics)} ({self.out_dir / BASE_FILE})", flush=True)
+        return metrics
+
+
+def start(space: Space, out_dir: Path, sweep: dict) -> BaseEvaluation:
+    """Read the sweep's base evaluation back, or start it as a Ray task with one worker's resources
+    (`sweep`: the trials' settings); on CPUs, wait for it here, before any trial takes the cores."""
+    import ray
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    pending = BaseEvaluation(out_dir, wait_s=sweep.get("resource_wait_s"))
+    if (out_dir / BASE_FILE).is_file():
+        pending.metrics = json.loads((out_dir / BASE_FILE).read_text())
+        print(f"untrained model: {describe(pending.metrics)} (kept in {out_dir / BASE_FILE})", flush=True)
+        return pending
+    searched = searched_evaluation_keys(space)
+    if searched:
+        _skip(f"the space searches {', '.join(searched)}, which the evaluation reads (one base score per value)")
+        return pending
+    use_gpu = sweep["use_gpu"]
+    task = ray.remote(_evaluate_in_task).options(
+        num_cpus=sweep["cpus_per_worker"] or 1.0, num_gpus=sweep["gpus_per_worker"] if use_gpu else 0, max_retries=0)
+    print("untrained model: evaluating it on the trials' held-out prompts"
+          + (" beside the trials" if use_gpu else " before the first trial"), flush=True)
+    pending.task = task.remote(space.base, space.fixed, use_gpu, sweep["threads"])
+    if not use_gpu:
+        pending.result()
+    return pending
+
+
+def describe(metrics: dict) -> str:
+    se = metrics.get(OBJECTIVE_SE)
+    return f"{OBJECTIVE} {metrics[OBJECTIVE]:.4f}" + (f" ± {se:.4f}" if se == se and se is not None else "")
+
+
+def _skip(reason: str) -> None:
+    print(f"untrained model: no row in the results ({reason})", file=sys.stderr, flush=True)
+    return None
