@@ -170,6 +170,7 @@ def _check_sweep_outputs(db: Path, table: Path, trials: int = 3):
     assert text.splitlines()[2].startswith(f"| untrained | BASE | {'- | ' * len(SEARCHED)}{base['eval/objective']:.4f}")
     assert "\nbest - untrained: " in text
     assert parents[0].data.metrics["base/objective"] == pytest.approx(base["eval/objective"])
+    assert 0 < parents[0].data.metrics["base/seconds"] == pytest.approx(base["seconds"])
     return parents[0], children, rows
 
 

@@ -1,5 +1,6 @@
-"""Where a finished sweep's wall time went: training steps, evaluations, and everything else (Ray,
-Tune, Train and MLflow start-up and hand-over), from what MLflow recorded.
+"""Where a finished sweep's wall time went: training steps, evaluations, the untrained model's
+evaluation, and everything else (Ray, Tune, Train and MLflow start-up and hand-over), from what MLflow
+recorded.
 
     python tune/overhead.py [--tracking-uri sqlite:///mlflow.db] [--name <sweep>]   # default: latest sweep
 """
@@ -29,10 +30,14 @@ def main() -> None:
     evals = sum(m.value for ch in children for m in c.get_metric_history(ch.info.run_id, "eval_seconds"))
     steps = sum(len(c.get_metric_history(ch.info.run_id, "seconds_per_step")) for ch in children)
     wall = parent.data.metrics["sweep_seconds"]
-    rest = wall - train - evals
+    base = parent.data.metrics.get("base/seconds", 0.0)
+    # on CPUs it runs before the first trial; on GPUs beside the trials, so it is not part of the wall's sum
+    beside = float(parent.data.params.get("gpus_per_worker", 0)) > 0
+    rest = wall - train - evals - (0.0 if beside else base)
     print(f"sweep {parent.info.run_name}: {len(children)} trials, {steps} steps, wall {wall:.0f} s")
     print(f"  training steps {train:.0f} s ({train / wall:.0%}), evaluations {evals:.0f} s ({evals / wall:.0%}), "
-          f"outside both {rest:.0f} s ({rest / wall:.0%}, {rest / max(1, len(children)):.0f} s per trial)")
+          f"the untrained model {base:.0f} s ({'beside the trials' if beside else f'{base / wall:.0%}'}), "
+          f"the rest {rest:.0f} s ({rest / wall:.0%}, {rest / max(1, len(children)):.0f} s per trial)")
 
 
 if __name__ == "__main__":

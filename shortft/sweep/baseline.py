@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,9 +45,13 @@ def evaluate_base(base: str, fixed: dict, out: Path) -> dict:
     return metrics
 
 
-def _evaluate_in_task(base: str, fixed: dict, use_gpu: bool, threads: int | None) -> tuple[dict, bytes]:
-    """`evaluate_base` in a Ray task, which may be on another node: the metrics and the grid's PNG
+def _evaluate_in_task(base: str, fixed: dict, use_gpu: bool, threads: int | None,
+                      submitted: float) -> tuple[dict, bytes]:
+    """`evaluate_base` in a Ray task, which may be on another node: the metrics, with `seconds` since
+    the task was submitted (its placement, process start, model load and sampling), and the grid's PNG
     come back to the driver, which writes them."""
+    import time
+
     import torch
 
     if use_gpu:
@@ -55,7 +60,7 @@ def _evaluate_in_task(base: str, fixed: dict, use_gpu: bool, threads: int | None
         torch.set_num_threads(threads)
     with tempfile.TemporaryDirectory(prefix="shortft-base-") as tmp:
         metrics = evaluate_base(base, fixed, Path(tmp))
-        return metrics, (Path(tmp) / "grids" / "base.png").read_bytes()
+        return {**metrics, "seconds": time.time() - submitted}, (Path(tmp) / "grids" / "base.png").read_bytes()
 
 
 @dataclass
@@ -85,7 +90,8 @@ class BaseEvaluation:
         (self.out_dir / "grids" / "base.png").write_bytes(png)
         (self.out_dir / BASE_FILE).write_text(json.dumps(metrics, indent=1))
         self.metrics = metrics
-        print(f"untrained model: {describe(metrics)} ({self.out_dir / BASE_FILE})", flush=True)
+        print(f"untrained model: {describe(metrics)} in {metrics['seconds']:.0f} s ({self.out_dir / BASE_FILE})",
+              flush=True)
         return metrics
 
 
@@ -109,7 +115,7 @@ def start(space: Space, out_dir: Path, sweep: dict) -> BaseEvaluation:
         num_cpus=sweep["cpus_per_worker"] or 1.0, num_gpus=sweep["gpus_per_worker"] if use_gpu else 0, max_retries=0)
     print("untrained model: evaluating it on the trials' held-out prompts"
           + (" beside the trials" if use_gpu else " before the first trial"), flush=True)
-    pending.task = task.remote(space.base, space.fixed, use_gpu, sweep["threads"])
+    pending.task = task.remote(space.base, space.fixed, use_gpu, sweep["threads"], time.time())
     if not use_gpu:
         pending.result()
     return pending

@@ -115,7 +115,7 @@ def finish_parent(uri: str, run_id: str, rows: list[dict], best: dict | None, st
     if (out_dir / "results.md").is_file():
         client.log_artifact(run_id, str(out_dir / "results.md"))
     if base is not None:
-        for key, value in base.items():  # eval/objective -> base/objective
+        for key, value in base.items():  # eval/objective -> base/objective; seconds -> base/seconds
             client.log_metric(run_id, "base/" + key.split("/", 1)[-1], value)
         for path, folder in ((out_dir / "base.json", None), (out_dir / "grids" / "base.png", "grids")):
             if path.is_file():
