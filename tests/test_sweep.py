@@ -124,6 +124,28 @@ def test_the_untrained_row_is_left_out_when_the_space_searches_what_the_evaluati
     assert "untrained model: no row in the results (the space searches eval.samples_per_prompt, chain.steps" in err
 
 
+def test_an_untrained_evaluation_that_fails_or_is_never_placed_costs_its_row_and_not_the_sweep(tmp_path, capsys):
+    """On GPUs it runs beside the trials (`start` does not wait); on this CPU a task that asks for a GPU
+    either fails (a GPU Ray only pretends to have) or waits for one that never comes."""
+    from shortft.sweep import baseline
+
+    space = load_space("toy", overrides=sweep.SMOKE_TEST)
+    gpu = {"use_gpu": True, "cpus_per_worker": None, "gpus_per_worker": 1.0, "threads": None}
+    ray.init(address="local", num_cpus=2, num_gpus=1, include_dashboard=False, log_to_driver=False)
+    try:
+        pending = baseline.start(space, tmp_path / "a", {**gpu, "resource_wait_s": 300})
+        assert pending.task is not None  # not waited for: the trials would start now
+        assert pending.result() is None
+        never = baseline.start(space, tmp_path / "b", {**gpu, "gpus_per_worker": 2.0, "resource_wait_s": 3})
+        assert never.result() is None
+    finally:
+        ray.shutdown()
+    err = capsys.readouterr().err
+    assert "untrained model: no row in the results (its evaluation failed: " in err, err
+    assert "untrained model: no row in the results (its evaluation was not placed within --resource-wait-s 3)" in err
+    assert not list(tmp_path.rglob(baseline.BASE_FILE))
+
+
 # -- MLflow / Parquet checks shared by the sweeps below ------------------------------------------------
 def _runs(db: Path, experiment: str = "shortft-sweeps"):
     c = tracking.client(f"sqlite:///{db}")
