@@ -18,6 +18,8 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import gc
+import os
+import platform
 import statistics
 import time
 
@@ -124,6 +126,18 @@ def gpu_busy(step) -> dict:
             "profiled_step_seconds": wall}
 
 
+def host_cpu() -> str:
+    """The host's CPU model and count: a step that is host-bound (as on GPUs, tens of microseconds per
+    op) or CPU-bound runs at that CPU's speed, so a figure without it cannot be told from a code change."""
+    model = None
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), None)
+    except OSError:
+        pass
+    return f"{model or platform.processor() or platform.machine()}, {os.cpu_count()} CPUs"
+
+
 def device_peak_tflops(device: torch.device) -> float | None:
     if device.type != "cuda":
         return None
@@ -190,7 +204,7 @@ def run_bench(cfg: Config, methods: list[str], segments: list[int], batches: lis
     return {"config": cfg.name, "pretrained": cfg.model.pretrained, "random_weights": random_weights,
             "steps": cfg.chain.steps, "dtype": cfg.model.dtype, "mixed_precision": autocast_for(cfg, device)[1],
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-            "threads": torch.get_num_threads(), "peak_bf16_tflops": peak,
+            "host_cpu": host_cpu(), "threads": torch.get_num_threads(), "peak_bf16_tflops": peak,
             "date": datetime.date.today().isoformat(), "rows": rows}
 
 

@@ -259,8 +259,9 @@ def run_bench(cfg, args) -> dict:
                    args.steps, args.warmup, args.random_weights, time_it=not args.count_only,
                    counts_from=json.loads(Path(args.counts_from).read_text()) if args.counts_from else None,
                    checkpointing=bool_list("--checkpointing", args.checkpointing), profile=args.profile)
-    print(f"\n{result['device']}, {result['mixed_precision']} autocast, frozen weights {result['dtype']}, "
-          f"{result['date']}\n" + format_table(result))
+    print(f"\n{result['device']} (host: {result['host_cpu']}, {result['threads']} torch threads), "
+          f"{result['mixed_precision']} autocast, frozen weights {result['dtype']}, {result['date']}\n"
+          + format_table(result))
     path = Path(args.json) if args.json else None
     if path:
         path.parent.mkdir(parents=True, exist_ok=True)

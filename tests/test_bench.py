@@ -35,6 +35,9 @@ def test_bench_counts_and_times_every_method_as_its_plan_says(tmp_path, tiny_dir
     assert all(r["flops"] > 0 and r["memory_estimate_mb"] > 0 for r in rows.values())
     assert rows["shortft", 4]["flops"] < rows["full", None]["flops"]
     assert "| shortft | 4 | 1 | 11 (11) |" in stdout
+    # the host's CPU goes with every figure (a CPU step, or a host-bound GPU step, runs at its speed)
+    host = json.loads((tmp_path / "bench.json").read_text())["host_cpu"]
+    assert host.endswith(" CPUs") and len(host) > len(" CPUs") + 2 and f"(host: {host}, " in stdout
     for r in rows.values():
         assert math.isfinite(r["seconds_per_step"]) and r["seconds_per_step"] > 0
         assert r["seconds_min"] <= r["seconds_per_step"] <= r["seconds_max"] and r["peak_memory_mb"] > 0
