@@ -178,6 +178,11 @@ def test_ray_up_submit_down_on_an_onprem_cluster(machine):
         assert {x.data.tags["mlflow.parentRunId"] for x in children} == {x.info.run_id for x in runs} - {
             x.info.run_id for x in children}
         assert all("loss" in x.data.metrics and "eval/objective" in x.data.metrics for x in children)
+        # the untrained model, evaluated by a Ray task on a node that runs trials, its row and metrics home
+        assert "| untrained | BASE |" in (remote / "runs" / "sweeps" / "onprem" / "results.md").read_text()
+        parent = next(x for x in runs if "mlflow.parentRunId" not in x.data.tags)
+        assert 0 < parent.data.metrics["base/objective"] < 1 and parent.data.metrics["base/seconds"] > 0
+        assert "grids/base.png" in {a.path for a in c.list_artifacts(parent.info.run_id, "grids")}
         assert (remote / "mlflow" / "mlflow.db").is_file()  # the head's disk, not the driver's cwd
         # the token stays in its two files: not in the output, the runs, the tables or Ray's storage
         assert all(token not in o.stdout + o.stderr for o in outputs)
