@@ -156,6 +156,10 @@ def test_smoke_sweep_on_a_two_node_cluster_places_trials_on_the_worker(two_nodes
     assert len(rows) == 1
     assert {row["node_id"] for row in rows} == {worker_id} != {head_id}
     assert (shared / "multi" / "tuner.pkl").is_file()
+    # the untrained model's evaluation ran on the worker too (the head has no CPUs for it); what it
+    # returned was written on the driver's side
+    assert "| untrained | BASE |" in (work / "runs" / "sweeps" / "multi" / "results.md").read_text()
+    assert (work / "runs" / "sweeps" / "multi" / "grids" / "base.png").stat().st_size > 0
     # a one-worker trial trains in its Tune trial: its checkpoints go to the shared storage through Tune
     assert list((shared / "multi").glob("*/checkpoint_*/state.json"))
     c = MlflowClient(f"sqlite:///{work / 'mlflow.db'}")
