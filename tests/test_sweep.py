@@ -124,6 +124,17 @@ def test_the_untrained_row_is_left_out_when_the_space_searches_what_the_evaluati
     assert "untrained model: no row in the results (the space searches eval.samples_per_prompt, chain.steps" in err
 
 
+def test_the_untrained_model_is_evaluated_as_shortft_eval_evaluates_the_trials_config(tmp_path):
+    from shortft import load_config
+    from shortft.cli import run_eval
+
+    fixed = {**sweep.SMOKE_TEST, "eval.objective": "toy_judge"}
+    base = sweep.evaluate_base("toy", fixed, tmp_path)
+    assert json.loads((tmp_path / "base.json").read_text()) == base and (tmp_path / "grids" / "base.png").is_file()
+    by_cli = run_eval(load_config("toy", [f"{k}={v}" for k, v in fixed.items()]), None, None)
+    assert base == by_cli and base["eval/objective"] == base["eval/toy_judge"]
+
+
 def test_an_untrained_evaluation_that_fails_or_is_never_placed_costs_its_row_and_not_the_sweep(tmp_path, capsys):
     """On GPUs it runs beside the trials (`start` does not wait); on this CPU a task that asks for a GPU
     either fails (a GPU Ray only pretends to have) or waits for one that never comes."""

@@ -9,6 +9,8 @@ For `ray.tune.run` / `Tuner` directly (README, docs/sweeps.md):
   Tune distributions; the sweep's constants are bound to it (`tune.with_parameters`).
 - `param_space(space)`, `searcher(space, settings)`, `scheduler(space)`, `RunCloser`: the pieces
   `run_sweep` wires together, for a search space file.
+- `evaluate_base("toy", fixed, out_dir)`: the untrained model on the evaluation trials of `fixed` get
+  (`out_dir/base.json`): what `run_sweep` puts first in its results.
 
 The objective is the fixed evaluation metric on held-out prompts (`eval/objective`), reported to Tune
 at every `eval.every` steps; never the weighted training reward, which a searcher could inflate by
@@ -26,6 +28,7 @@ import importlib
 # Each name from its module on first use: a process that needs one module (a trial, or Ray Train's
 # controller unpickling the sweep's callback) does not import the others (Optuna, the runner).
 _WHERE = {"main": "cli", "SweepResult": "runner", "run_sweep": "runner", "scheduler": "search",
+          "evaluate_base": "baseline",
           "searcher": "search", "RunCloser": "trial_runs", "TrialRuns": "trial_runs",
           **{name: "trials" for name in ("EXPERIMENT", "MODE", "OBJECTIVE", "RUN_ID_KEY", "SMOKE_TEST", "TRIAL_CPUS",
                                          "TRIAL_KEY", "param_space", "run_trial", "settings", "trainable",
@@ -39,5 +42,5 @@ def __getattr__(name: str):
 
 
 __all__ = ["EXPERIMENT", "MODE", "OBJECTIVE", "RUN_ID_KEY", "SMOKE_TEST", "TRIAL_CPUS", "TRIAL_KEY",
-           "RunCloser", "SweepResult", "TrialRuns", "main", "param_space", "run_sweep", "run_trial",
-           "scheduler", "searcher", "settings", "trainable", "trainable_for"]
+           "RunCloser", "SweepResult", "TrialRuns", "evaluate_base", "main", "param_space", "run_sweep",
+           "run_trial", "scheduler", "searcher", "settings", "trainable", "trainable_for"]

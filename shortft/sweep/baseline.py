@@ -34,11 +34,13 @@ def searched_evaluation_keys(space: Space) -> list[str]:
     return [k for k in space.search if k.startswith(EVALUATION_KEYS)]
 
 
-def evaluate_base(base: str, fixed: dict, out: Path) -> dict:
+def evaluate_base(base: str, fixed: dict, out: str | Path) -> dict:
     """The evaluation of the untrained model (no LoRA; the same prompts, sampler, seeds and judge as
-    every trial's), in this process: written to `out/base.json`, its sample grid to `out/grids/base.png`."""
+    every trial of config `base` with the keys `fixed` gets), in this process: written to
+    `out/base.json`, its sample grid to `out/grids/base.png`."""
     from shortft.sample import evaluate_trained
 
+    out = Path(out)
     (out / "grids").mkdir(parents=True, exist_ok=True)
     metrics = evaluate_trained(trial_config(base, fixed, {}), None, out / "grids" / "base.png")
     (out / BASE_FILE).write_text(json.dumps(metrics, indent=1))
