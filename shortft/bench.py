@@ -18,8 +18,6 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import gc
-import os
-import platform
 import statistics
 import time
 
@@ -30,6 +28,7 @@ from shortft.bench_report import describe
 from shortft.config import Config, ConfigError, METHODS
 from shortft.denoiser import CallCount
 from shortft.loop import autocast_for, micro_batch_loss, peak_memory_mb
+from shortft.machine import device_name, host_cpu, library_versions
 from shortft.models import DTYPES, pick_device, prepare_models
 from shortft.rewards import Rewards
 
@@ -126,22 +125,10 @@ def gpu_busy(step) -> dict:
             "profiled_step_seconds": wall}
 
 
-def host_cpu() -> str:
-    """The host's CPU model and count: a step that is host-bound (as on GPUs, tens of microseconds per
-    op) or CPU-bound runs at that CPU's speed, so a figure without it cannot be told from a code change."""
-    model = None
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), None)
-    except OSError:
-        pass
-    return f"{model or platform.processor() or platform.machine()}, {os.cpu_count()} CPUs"
-
-
 def device_peak_tflops(device: torch.device) -> float | None:
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
+    name = device_name(device)
     return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
 
 
@@ -203,8 +190,9 @@ def run_bench(cfg: Config, methods: list[str], segments: list[int], batches: lis
                 row[f"{key}_vs_full"] = row[key] / ref[key] if ref[key] else None
     return {"config": cfg.name, "pretrained": cfg.model.pretrained, "random_weights": random_weights,
             "steps": cfg.chain.steps, "dtype": cfg.model.dtype, "mixed_precision": autocast_for(cfg, device)[1],
-            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-            "host_cpu": host_cpu(), "threads": torch.get_num_threads(), "peak_bf16_tflops": peak,
+            "device": device_name(device),
+            "host_cpu": host_cpu(), "libraries": library_versions(), "threads": torch.get_num_threads(),
+            "peak_bf16_tflops": peak,
             "date": datetime.date.today().isoformat(), "rows": rows}
 
 

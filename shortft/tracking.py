@@ -230,6 +230,12 @@ class MlflowLogger(Callback):
         except Exception as e:
             self._failed(e)
         self._log("update_run", self.run_id, status="RUNNING")
+        from mlflow.entities import RunTag
+
+        from shortft.machine import run_tags
+
+        # what this part of the run ran on (a resumed run's tags are its last part's)
+        self._log("log_batch", self.run_id, tags=[RunTag(k, v) for k, v in run_tags(getattr(models, 'device', None)).items()])
         if self.metrics_file is not None and start_step > self.logged_up_to:
             # A process that died after writing a step to metrics.jsonl but before logging it: the
             # resumed run starts after that step and would never log it.

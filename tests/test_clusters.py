@@ -167,6 +167,7 @@ def test_smoke_sweep_on_a_two_node_cluster_places_trials_on_the_worker(two_nodes
     children = [x for x in runs if "mlflow.parentRunId" in x.data.tags]
     assert len(runs) - len(children) == 1 and len(children) == 1
     assert all("loss" in x.data.metrics for x in children)  # logged from the worker node, through the relay
+    assert all(x.data.tags["shortft.host_cpu"].endswith(" CPUs") for x in children)
     # The cluster's token never leaves the environment: not in the output, the runs, Ray's storage or the table.
     assert TOKEN not in r.stdout + r.stderr
     assert [str(p) for p in tmp_path.rglob("*") if p.is_file() and TOKEN.encode() in p.read_bytes()] == []

@@ -206,6 +206,13 @@ def test_cli_train_runs_and_reports(tmp_path, tiny_dir):
     assert "memory before activations: " in p.stdout  # printed before the first step
     assert "%|" not in p.stderr  # no progress bar where nobody watches (a pipe, a log)
     assert (tmp_path / "cli/samples/step_000002.png").is_file()
+    from mlflow.tracking import MlflowClient
+
+    from shortft.machine import TAGS
+    (run,) = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").search_runs(["1"])  # what it ran on, with it
+    tags = {k: run.data.tags.get(k, "") for k in TAGS}
+    assert tags["shortft.device"] == "cpu" and tags["shortft.host_cpu"].endswith(" CPUs"), tags
+    assert tags["shortft.libraries"].startswith("torch 2.") and "diffusers " in tags["shortft.libraries"], tags
     rows = [json.loads(line) for line in (tmp_path / "cli/metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 2
     # N=4, k=2: head 2 steps + jump + step; progressive stage 2 runs the head without gradient
