@@ -24,6 +24,7 @@ import yaml
 
 from shortft.checks import load_config
 from shortft.config import ConfigError, builtin_configs, describe, parse_overrides, to_dict
+from shortft.progress import quiet_libraries
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -120,9 +121,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    # Import-time chatter of transformers/diffusers (optional backends) is noise on a command line.
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    quiet_libraries()
     parser = _parser()
     args, extra = parser.parse_known_args(argv)
     # `key=value` overrides may come after flags too (`train --no-mlflow chain.steps=20`); argparse

@@ -42,7 +42,10 @@ def generate(models: Models, cfg: Config, prompts: list[str], seeds: list[int], 
     return torch.cat(out)
 
 
-def evaluate(models: Models, cfg: Config, rewards: Rewards, grid_path: Path | None = None) -> dict[str, float]:
+def sample_terms(models: Models, cfg: Config, rewards: Rewards) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Every reward term of every held-out sample ([S] each: prompt by prompt, `eval.samples_per_prompt`
+    fixed seeds each) and the images: the same samples for every model of one config, so two models'
+    terms can be compared sample by sample."""
     prompts = read_prompts(cfg.data.eval_prompts, cfg.data.prompt_column, "data.eval_prompts")
     items = [(p, n) for p in prompts for n in range(cfg.eval.samples_per_prompt)]
     all_prompts = [p for p, _ in items]
@@ -50,9 +53,15 @@ def evaluate(models: Models, cfg: Config, rewards: Rewards, grid_path: Path | No
     images = generate(models, cfg, all_prompts, seeds)
     with torch.no_grad():
         terms = rewards.terms(images.to(models.device), all_prompts)
+    return terms, images
+
+
+def evaluate(models: Models, cfg: Config, rewards: Rewards, grid_path: Path | None = None) -> dict[str, float]:
+    terms, images = sample_terms(models, cfg, rewards)
     metrics = {f"eval/{n}": float(v.mean()) for n, v in terms.items()}
     metrics["eval/objective"] = metrics[f"eval/{cfg.eval.objective}"]
-    # the objective's standard error over the samples: the resolution at which two trials differ
+    # the objective's standard error over the samples; two models evaluated on these same samples are
+    # told apart more finely, sample by sample (`shortft.sweep.paired`)
     values = terms[cfg.eval.objective].double()
     metrics["eval/objective_se"] = float(values.std() / math.sqrt(len(values))) if len(values) > 1 else float("nan")
     if grid_path is not None:

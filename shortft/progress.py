@@ -9,6 +9,12 @@ import sys
 QUIET_ENV = "SHORTFT_QUIET"
 
 
+def quiet_libraries() -> None:
+    """Import-time chatter of transformers/diffusers (optional backends) is noise on a command line."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+
+
 def quiet() -> bool:
     return os.environ.get(QUIET_ENV, "") not in ("", "0")
 

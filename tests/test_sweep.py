@@ -257,7 +257,20 @@ def test_resume_after_the_driver_is_killed_in_the_second_trial(tmp_path):
     assert again.returncode == 0, out[-3000:]
     assert "best trial t00" in out and "mlflow ui --backend-store-uri sqlite:///" in out
     assert "base.json)" in out and "untrained model: evaluating" not in out  # the killed driver's, read back
-    _check_sweep_outputs(db, work / "runs" / "sweeps" / "crash" / "results.parquet", trials=2)
+    _, _, rows = _check_sweep_outputs(db, work / "runs" / "sweeps" / "crash" / "results.parquet", trials=2)
+
+    # tune/paired.py: the final LoRAs and the untrained model evaluated again here give the sweep's figures
+    from shortft.sweep import paired
+
+    out_dir = work / "runs" / "sweeps" / "crash"
+    gains = {g["trial"]: g for g in paired.paired_gains(out_dir)}
+    base = json.loads((out_dir / "base.json").read_text())
+    assert set(gains) == {r["trial"] for r in rows if r["status"] == "DONE"} and gains
+    for row in rows:
+        g = gains[row["trial"]]
+        assert g["untrained"] == pytest.approx(base["eval/objective"], abs=1e-5)
+        assert g["objective"] == pytest.approx(row["objective_final"], abs=1e-5)
+        assert g["gain"] == pytest.approx(g["objective"] - g["untrained"]) and g["paired_se"] > 0
 
 
 def test_a_resume_with_a_conflicting_flag_is_refused_in_one_line(tmp_path, capsys):

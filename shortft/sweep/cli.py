@@ -7,6 +7,7 @@ import os
 import sys
 
 from shortft.config import ConfigError
+from shortft.progress import quiet_libraries
 from shortft.sweep.runner import run_sweep
 from shortft.sweep.trials import EXPERIMENT, OBJECTIVE
 
@@ -42,8 +43,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    quiet_libraries()
     try:
         result = run_sweep(args.space, args.num_samples, args.config, args.name, args.storage_path,
                            None if args.no_mlflow else args.tracking_uri, args.experiment, args.workers_per_trial,

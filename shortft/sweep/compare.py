@@ -17,6 +17,7 @@ import json
 from pathlib import Path
 
 from shortft.config import ConfigError
+from shortft.progress import quiet_libraries
 from shortft.sweep.baseline import evaluate_base
 from shortft.sweep.compare_report import write_report
 from shortft.sweep.trials import OBJECTIVE, SMOKE_TEST, cpu_threads, trainable_for
@@ -146,13 +147,11 @@ def parser():
 
 def main(argv: list[str] | None = None) -> int:
     """`python tune/compare.py`: the comparison, then its report (docs/evidence.md)."""
-    import os
     import sys
 
     p = parser()
     args = p.parse_args(argv)
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    quiet_libraries()
     out = Path(args.out or f"runs/compare/{args.name}")
     try:
         if args.report_only:
