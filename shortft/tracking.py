@@ -16,6 +16,7 @@ from pathlib import Path
 
 from shortft.config import Config, ConfigError, flatten, to_dict
 from shortft.loop import Callback, TrainResult, read_metrics
+from shortft.machine import run_tags
 from shortft.mlflow_client import SQLITE, open_client, sqlite_path
 from shortft.progress import warn
 
@@ -232,10 +233,9 @@ class MlflowLogger(Callback):
         self._log("update_run", self.run_id, status="RUNNING")
         from mlflow.entities import RunTag
 
-        from shortft.machine import run_tags
-
         # what this part of the run ran on (a resumed run's tags are its last part's)
-        self._log("log_batch", self.run_id, tags=[RunTag(k, v) for k, v in run_tags(getattr(models, 'device', None)).items()])
+        tags = run_tags(getattr(models, "device", None))
+        self._log("log_batch", self.run_id, tags=[RunTag(k, v) for k, v in tags.items()])
         if self.metrics_file is not None and start_step > self.logged_up_to:
             # A process that died after writing a step to metrics.jsonl but before logging it: the
             # resumed run starts after that step and would never log it.

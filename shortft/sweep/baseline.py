@@ -21,6 +21,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from shortft.config import Config, flatten, to_dict
 from shortft.space import Space, trial_config
 from shortft.sweep.eval_report import OBJECTIVE, OBJECTIVE_SE
 
@@ -32,6 +33,12 @@ EVALUATION_KEYS = ("model.", "eval.", "data.", "reward.options.", "chain.steps",
 
 def searched_evaluation_keys(space: Space) -> list[str]:
     return [k for k in space.search if k.startswith(EVALUATION_KEYS)]
+
+
+def evaluation_of(cfg: Config) -> dict:
+    """The values of `cfg` the evaluation reads: two configs with the same ones evaluate the untrained
+    model alike."""
+    return {k: v for k, v in flatten(to_dict(cfg)).items() if k.startswith(EVALUATION_KEYS)}
 
 
 def evaluate_base(base: str, fixed: dict, out: str | Path) -> dict:
@@ -52,8 +59,6 @@ def _evaluate_in_task(base: str, fixed: dict, use_gpu: bool, threads: int | None
     """`evaluate_base` in a Ray task, which may be on another node: the metrics, with `seconds` since
     the task was submitted (its placement, process start, model load and sampling), and the grid's PNG
     come back to the driver, which writes them."""
-    import time
-
     import torch
 
     if use_gpu:
@@ -125,7 +130,7 @@ def start(space: Space, out_dir: Path, sweep: dict) -> BaseEvaluation:
 
 def describe(metrics: dict) -> str:
     se = metrics.get(OBJECTIVE_SE)
-    return f"{OBJECTIVE} {metrics[OBJECTIVE]:.4f}" + (f" ± {se:.4f}" if se == se and se is not None else "")
+    return f"{OBJECTIVE} {metrics[OBJECTIVE]:.4f}" + (f" ± {se:.4f}" if se is not None and se == se else "")
 
 
 def _skip(reason: str) -> None:

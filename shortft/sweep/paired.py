@@ -21,15 +21,9 @@ import math
 import sys
 from pathlib import Path
 
-from shortft.config import Config, ConfigError, to_dict
+from shortft.config import Config, ConfigError
 from shortft.progress import quiet_libraries
-
-def _evaluation_of(cfg: Config) -> str:
-    """The parts of a config the evaluation reads (sweep.baseline.EVALUATION_KEYS): one untrained
-    evaluation serves every trial that shares them."""
-    d = to_dict(cfg)
-    return json.dumps({"model": d["model"], "eval": d["eval"], "data": d["data"], "options": d["reward"]["options"],
-                       "steps": d["chain"]["steps"], "guidance": d["chain"]["guidance_scale"]}, sort_keys=True)
+from shortft.sweep.baseline import evaluation_of
 
 
 def sample_objective(cfg: Config, lora: str | None):
@@ -59,7 +53,7 @@ def paired_gains(sweep_dir: str | Path, progress=print) -> list[dict]:
     rows = []
     for d in trials:
         cfg = load_config(str(d / "config.yaml"))
-        key = _evaluation_of(cfg)
+        key = json.dumps(evaluation_of(cfg), sort_keys=True)  # one untrained evaluation per distinct one
         if key not in untrained:
             untrained[key] = sample_objective(cfg, None)
         base, tuned = untrained[key], sample_objective(cfg, str(d / "lora"))
