@@ -197,6 +197,7 @@ def run_rewards(cfg, args) -> None:
 def run_train(cfg, args) -> int:
     from shortft import tracking
     from shortft.checkpoint import CheckpointWriteError
+    from shortft.evaluate import scalars
     from shortft.loop import NonFiniteError, train
 
     uri = None if args.no_mlflow else (args.tracking_uri or tracking.default_tracking_uri())
@@ -221,7 +222,7 @@ def run_train(cfg, args) -> int:
                                              reuse=bool(args.resume))
                 callbacks.append(tracking.MlflowLogger(uri, run_id, metrics_file=cfg.output_dir / "metrics.jsonl"))
             result = train(cfg, callbacks, resume=args.resume)
-            print(f"done: LoRA in {result.lora_dir}; eval " + json.dumps(result.eval))
+            print(f"done: LoRA in {result.lora_dir}; eval " + json.dumps(scalars(result.eval)))
     except (NonFiniteError, CheckpointWriteError) as e:
         print(f"shortft: error: {e}", file=sys.stderr)
         return 1
@@ -271,10 +272,11 @@ def run_bench(cfg, args) -> dict:
 
 
 def run_eval(cfg, lora: str | None, grid: str | None) -> dict:
+    from shortft.evaluate import scalars
     from shortft.sample import evaluate_trained
 
     metrics = evaluate_trained(cfg, lora, Path(grid) if grid else None)
-    print(json.dumps(metrics, indent=1))
+    print(json.dumps(scalars(metrics), indent=1))
     return metrics
 
 

@@ -1,8 +1,9 @@
 """Evaluation: held-out prompts, fixed seeds, the ORIGINAL N-step sampler with the learned LoRAs.
 
 Reports the mean of every reward term, `objective`, the fixed evaluation objective (the term named by
-`eval.objective`, never the weighted training reward), and `objective_se`, its standard error over the
-samples; writes a grid of the samples.
+`eval.objective`, never the weighted training reward), `objective_se`, its standard error over the
+samples, and `objective_samples`, its value on each sample (a list, in the order of `sample_terms`);
+writes a grid of the samples.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from shortft.models import Models
 from shortft.plan import TrainingPlan
 from shortft.progress import bar
 from shortft.rewards import Rewards
+
+SAMPLES = "eval/objective_samples"  # the one metric that is a list, not a number: kept out of scalar logs
 
 
 def seeded_noise(models: Models, seeds: list[int]) -> torch.Tensor:
@@ -56,14 +59,15 @@ def sample_terms(models: Models, cfg: Config, rewards: Rewards) -> tuple[dict[st
     return terms, images
 
 
-def evaluate(models: Models, cfg: Config, rewards: Rewards, grid_path: Path | None = None) -> dict[str, float]:
+def evaluate(models: Models, cfg: Config, rewards: Rewards, grid_path: Path | None = None) -> dict:
     terms, images = sample_terms(models, cfg, rewards)
     metrics = {f"eval/{n}": float(v.mean()) for n, v in terms.items()}
     metrics["eval/objective"] = metrics[f"eval/{cfg.eval.objective}"]
-    # the objective's standard error over the samples; two models evaluated on these same samples are
-    # told apart more finely, sample by sample (`shortft.sweep.paired`)
+    # the objective's standard error over the samples, and the samples themselves: two models evaluated on
+    # these same samples are told apart more finely sample by sample (`shortft.sweep.results.paired`)
     values = terms[cfg.eval.objective].double()
     metrics["eval/objective_se"] = float(values.std() / math.sqrt(len(values))) if len(values) > 1 else float("nan")
+    metrics[SAMPLES] = values.tolist()
     if grid_path is not None:
         save_grid(images, grid_path)
     return metrics
@@ -90,3 +94,8 @@ def save_grid(images: torch.Tensor, path: Path, min_tile: int = 128, cols: int |
     path.parent.mkdir(parents=True, exist_ok=True)
     img.save(path)
     return path
+
+
+def scalars(metrics: dict) -> dict[str, float]:
+    """`metrics` without the per-sample list: what MLflow, a log line or a table of numbers takes."""
+    return {k: v for k, v in metrics.items() if k != SAMPLES}

@@ -25,7 +25,7 @@ from shortft.checks import check
 from shortft.config import Config, ConfigError, to_dict
 from shortft.data import read_prompts
 from shortft.denoiser import CallCount
-from shortft.evaluate import evaluate
+from shortft.evaluate import evaluate, scalars
 from shortft.lora import lora_params, save_loras
 from shortft.models import Models, load_models
 from shortft.preflight import memory_of
@@ -267,7 +267,7 @@ def train(cfg: Config, callbacks: list[Callback] = (), resume: bool | str | Path
             t_eval = time.perf_counter()
             eval_metrics = evaluate(models, cfg, rewards, artifacts["grid"])
             metrics.update(eval_metrics, eval_seconds=time.perf_counter() - t_eval)
-            say("eval  " + "  ".join(f"{k[5:]} {v:+.4f}" for k, v in eval_metrics.items()))
+            say("eval  " + "  ".join(f"{k[5:]} {v:+.4f}" for k, v in scalars(eval_metrics).items()))
         history.append(metrics)
         if is_main:
             with metrics_file.open("a") as f:

@@ -55,7 +55,7 @@ def run_sample(cfg: Config, lora: str, prompt: list[str], prompts_file: str | No
     return out
 
 
-def evaluate_trained(cfg: Config, lora: str | None, grid: Path | None = None) -> dict[str, float]:
+def evaluate_trained(cfg: Config, lora: str | None, grid: Path | None = None) -> dict:
     """`evaluate` of the model with the LoRAs in `lora` (None: the untrained model) on `cfg`'s
     held-out prompts, seeds and judge; the sample grid to `grid` if given."""
     from shortft.evaluate import evaluate

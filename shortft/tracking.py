@@ -15,6 +15,7 @@ import urllib.request
 from pathlib import Path
 
 from shortft.config import Config, ConfigError, flatten, to_dict
+from shortft.evaluate import scalars
 from shortft.loop import Callback, TrainResult, read_metrics
 from shortft.machine import run_tags
 from shortft.mlflow_client import SQLITE, open_client, sqlite_path
@@ -249,8 +250,8 @@ class MlflowLogger(Callback):
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        self._log("log_batch", self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()
-                                                      if k != "step"])
+        self._log("log_batch", self.run_id, metrics=[Metric(k, float(v), now, step)
+                                                      for k, v in scalars(metrics).items() if k != "step"])
         if "grid" in artifacts:
             self._log("log_artifact", self.run_id, str(artifacts["grid"]), "samples")
 

@@ -67,10 +67,8 @@ def test_every_quoted_command_parses():
     overhead = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(overhead)
     from shortft.sweep.compare import parser as compare_parser
-    from shortft.sweep.paired import parser as paired_parser
 
-    scripts = {"tune/sweep.py": sweep_parser(), "tune/overhead.py": overhead.parser(), "tune/compare.py": compare_parser(),
-               "tune/paired.py": paired_parser()}
+    scripts = {"tune/sweep.py": sweep_parser(), "tune/overhead.py": overhead.parser(), "tune/compare.py": compare_parser()}
     seen = 0
     for where, argv in _quoted_commands():
         program, *args = argv

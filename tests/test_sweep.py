@@ -31,8 +31,9 @@ ray = pytest.importorskip("ray")
 ROOT = Path(__file__).resolve().parents[1]
 SEARCHED = ["chain.segments", "chain.truncate_at", "lora.rank", "lora.alpha", "train.lr",
             "reward.weights.toy_alignment", "reward.weights.saturation"]
-COLUMNS = ["trial", "status", *SEARCHED, "objective_final", "objective_best", "objective_se", "eval/toy_judge_accuracy",
-           "eval/toy_alignment", "eval/saturation", "seconds_per_step", "peak_memory_mb", "node_id"]
+COLUMNS = ["trial", "status", *SEARCHED, "objective_final", "objective_best", "objective_se", "gain", "gain_se",
+           "objective_samples", "eval/toy_judge_accuracy", "eval/toy_alignment", "eval/saturation", "seconds_per_step",
+           "peak_memory_mb", "node_id"]
 
 
 def _space_file(tmp_path, search: str, extra: str = "") -> str:
@@ -110,6 +111,64 @@ def test_results_markdown_puts_the_untrained_model_first_and_the_best_trials_gai
     assert "| untrained | BASE | - | 0.8600 | 0 | - | - |" in below
     assert below[-3] == "best - worst: 0.0500 = 2.5 x the larger standard error (0.0200)"
     assert below[-1] == "best - untrained: -0.0100 = -0.5 x the larger standard error (0.0200)"
+
+
+def test_gains_over_the_untrained_model_are_measured_sample_by_sample():
+    """The trials and the untrained model are evaluated on the same samples: a gain's standard error is
+    that of the per-sample differences, here 10x below either model's own (the samples share the
+    prompt's difficulty), and the table says which it used."""
+    from shortft.sweep.results import markdown, paired
+
+    space = load_space(_space_file(Path(os.environ["SHORTFT_CACHE"]), "  lora.rank: {randint: [4, 8]}"))
+    hard = [0.2, 0.9, 0.5, 0.7, 0.4, 0.8]  # the untrained model's samples: some prompts are harder
+    base = {"eval/objective": sum(hard) / 6, "eval/objective_se": 0.11, "eval/objective_samples": hard}
+    up = [v + d for v, d in zip(hard, [0.03, 0.01, 0.02, 0.03, 0.02, 0.01])]
+    gain, se = paired(up, hard)
+    assert gain == pytest.approx(0.02) and se == pytest.approx(0.00365, abs=1e-5)
+    assert paired(up, hard[:5]) is None and paired(up, None) is None and paired([0.5], [0.4]) is None
+    rows = [{"trial": "t001", "status": "DONE", "lora.rank": 4, "objective_best": sum(up) / 6, "objective_se": 0.11,
+             "gain": gain, "gain_se": se, "objective_samples": up, "steps": 60},
+            {"trial": "t002", "status": "ERROR", "lora.rank": 8, "objective_best": None}]
+    lines = markdown(rows, space, base).splitlines()
+    assert lines[0] == "| trial | status | rank | objective (best) ± se | gain ± paired se | steps | s/step | peak MB |"
+    assert lines[2] == "| untrained | BASE | - | 0.5833 ± 0.1100 | - | 0 | - | - |"
+    assert lines[3] == "| t001 | DONE | 4 | 0.6033 ± 0.1100 | +0.0200 ± 0.0037 | 60 | - | - |"
+    assert lines[4] == "| t002 | ERROR | 8 | - | - | - | - | - |"
+    assert lines[-1] == ("best - untrained: +0.0200 = 5.5 x the paired standard error (0.0037, over the same 6 "
+                         "samples)")  # 0.2 x the larger standard error, unpaired
+    # without the samples (a base.json of an older sweep) the unpaired reading, as before
+    old = markdown([{k: v for k, v in rows[0].items() if k not in ("gain", "objective_samples")}], space,
+                   {k: v for k, v in base.items() if k != "eval/objective_samples"}).splitlines()
+    assert "gain ± paired se" not in old[0] and old[-1] == "best - untrained: +0.0200 = 0.2 x the larger standard error (0.1100)"
+
+
+def test_the_results_table_pairs_a_trials_best_evaluation_with_the_untrained_models(tmp_path, monkeypatch):
+    """The samples of the evaluation that gave the best objective (not the last); none where the space
+    searches what the evaluation reads (two trials' samples then are not the same samples)."""
+    import pandas as pd
+
+    from shortft.sweep import results
+    from shortft.sweep.results import results_table
+
+    monkeypatch.setattr(results, "stopped_early", lambda config, sweep, last: False)
+
+    class Result:  # what Tune's ResultGrid gives per trial
+        def __init__(self, history):
+            self.config, self.error = {"trial_key": "t001", "lora.rank": 4}, None
+            self.metrics, self.metrics_dataframe = history[-1], pd.json_normalize(history, sep="/")
+
+    history = [{"step": 30, "eval/objective": 0.7, "eval/objective_se": 0.1, "eval/objective_samples": [0.6, 0.8]},
+               {"step": 60, "eval/objective": 0.6, "eval/objective_se": 0.1, "eval/objective_samples": [0.5, 0.7]}]
+    base = {"eval/objective": 0.55, "eval/objective_samples": [0.5, 0.6]}
+    sweep_settings = {}
+    space = load_space(_space_file(tmp_path, "  lora.rank: {randint: [4, 8]}"))
+    [row] = results_table([Result(history)], space, sweep_settings, base)
+    assert row["objective_best"] == 0.7 and row["objective_samples"] == [0.6, 0.8]
+    assert row["gain"] == pytest.approx(0.15) and row["gain_se"] == pytest.approx(0.05)
+    assert "eval/objective_samples" not in row and row["objective_final"] == 0.6
+    searching = load_space(_space_file(tmp_path, "  eval.seed: {randint: [0, 9]}\n  lora.rank: {randint: [4, 8]}"))
+    [row] = results_table([Result(history)], searching, sweep_settings, base)
+    assert row["objective_best"] == 0.7 and row["objective_samples"] is None and row["gain"] is None
 
 
 def test_the_untrained_row_is_left_out_when_the_space_searches_what_the_evaluation_reads(tmp_path, capsys):
@@ -196,12 +255,17 @@ def _check_sweep_outputs(db: Path, table: Path, trials: int = 3):
     assert all(r["seconds_per_step"] > 0 and r["peak_memory_mb"] > 0 for r in rows)
     assert all(0 < r["objective_se"] < 0.5 for r in rows)  # the judge's score over the samples, in [0, 1]
     text = Path(table).with_name("results.md").read_text()
-    assert text.count("\n| t0") == trials and "objective (best) ± se" in text
+    assert text.count("\n| t0") == trials and "objective (best) ± se | gain ± paired se |" in text
     # the untrained model: evaluated once, its row first, its gain below, on the parent run
     base = json.loads(Path(table).with_name("base.json").read_text())
     assert 0 < base["eval/objective"] < 1 and base["eval/objective_se"] > 0
     assert text.splitlines()[2].startswith(f"| untrained | BASE | {'- | ' * len(SEARCHED)}{base['eval/objective']:.4f}")
-    assert "\nbest - untrained: " in text
+    # every trial's samples are the untrained model's samples: its gain carries their paired standard error
+    n = len(base["eval/objective_samples"])
+    assert n > 1 and all(len(r["objective_samples"]) == n and r["gain_se"] > 0 for r in rows)
+    assert "x the paired standard error" in text.split("\nbest - untrained: ")[1]
+    assert "objective_samples" not in Path(table).with_name("results.csv").read_text()  # lists: Parquet only
+    assert not any("objective_samples" in key for run in [*children, *parents] for key in run.data.metrics)
     assert parents[0].data.metrics["base/objective"] == pytest.approx(base["eval/objective"])
     assert 0 < parents[0].data.metrics["base/seconds"] == pytest.approx(base["seconds"])
     return parents[0], children, rows
@@ -259,18 +323,25 @@ def test_resume_after_the_driver_is_killed_in_the_second_trial(tmp_path):
     assert "base.json)" in out and "untrained model: evaluating" not in out  # the killed driver's, read back
     _, _, rows = _check_sweep_outputs(db, work / "runs" / "sweeps" / "crash" / "results.parquet", trials=2)
 
-    # tune/paired.py: the final LoRAs and the untrained model evaluated again here give the sweep's figures
-    from shortft.sweep import paired
+    # the gains: the final LoRAs and the untrained model evaluated again here, sample by sample, give the
+    # table's samples, and from them its gains and their paired standard errors (smoke trials: best = final)
+    from shortft import load_config
+    from shortft.sample import evaluate_trained
 
     out_dir = work / "runs" / "sweeps" / "crash"
-    gains = {g["trial"]: g for g in paired.paired_gains(out_dir)}
     base = json.loads((out_dir / "base.json").read_text())
-    assert set(gains) == {r["trial"] for r in rows if r["status"] == "DONE"} and gains
     for row in rows:
-        g = gains[row["trial"]]
-        assert g["untrained"] == pytest.approx(base["eval/objective"], abs=1e-5)
-        assert g["objective"] == pytest.approx(row["objective_final"], abs=1e-5)
-        assert g["gain"] == pytest.approx(g["objective"] - g["untrained"]) and g["paired_se"] > 0
+        trial = out_dir / f"crash-{row['trial']}"
+        cfg = load_config(str(trial / "config.yaml"))
+        untrained = evaluate_trained(cfg, None)["eval/objective_samples"]
+        tuned = evaluate_trained(cfg, str(trial / "lora"))["eval/objective_samples"]
+        assert untrained == pytest.approx(base["eval/objective_samples"], abs=1e-5)
+        assert tuned == pytest.approx(row["objective_samples"], abs=1e-5)
+        diff = [a - b for a, b in zip(row["objective_samples"], base["eval/objective_samples"])]
+        mean = sum(diff) / len(diff)
+        se = (sum((d - mean) ** 2 for d in diff) / (len(diff) - 1) / len(diff)) ** 0.5
+        assert row["gain"] == pytest.approx(mean, rel=1e-9) and row["gain_se"] == pytest.approx(se, rel=1e-9)
+        assert f"| {row['gain']:+.4f} ± {row['gain_se']:.4f} |" in (out_dir / "results.md").read_text()
 
 
 def test_a_resume_with_a_conflicting_flag_is_refused_in_one_line(tmp_path, capsys):

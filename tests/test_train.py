@@ -215,6 +215,9 @@ def test_cli_train_runs_and_reports(tmp_path, tiny_dir):
     assert tags["shortft.libraries"].startswith("torch 2.") and "diffusers " in tags["shortft.libraries"], tags
     rows = [json.loads(line) for line in (tmp_path / "cli/metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 2
+    # the last step's evaluation: every sample's objective in the file, only numbers in MLflow and stdout
+    assert len(rows[-1]["eval/objective_samples"]) > 1 and "eval/objective_samples" not in run.data.metrics
+    assert "eval/objective" in run.data.metrics and "objective_samples" not in p.stdout
     # N=4, k=2: head 2 steps + jump + step; progressive stage 2 runs the head without gradient
     assert [(r["network_calls"], r["grad_calls"]) for r in rows] == [(4, 4), (4, 2)]
     from shortft.loop import STEP_METRICS  # the names a sweep's metric= is checked against

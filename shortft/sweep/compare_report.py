@@ -10,7 +10,7 @@ import shutil
 import statistics
 from pathlib import Path
 
-from shortft.sweep.trials import OBJECTIVE, OBJECTIVE_SE
+from shortft.sweep.eval_report import NOT_TERMS, OBJECTIVE
 
 
 def read_rows(path: Path) -> dict[str, list[dict]]:
@@ -38,7 +38,7 @@ def table(arms: dict[str, list[dict]], base: dict | None = None) -> str:
     """A row per arm; with `base` (the untrained model's evaluation) a first row for it and a column of
     each arm's objective gain over it, with the seeds' standard deviation of the objective in brackets."""
     finals = [t["final"] for trials in arms.values() for t in trials]
-    terms = sorted({k for f in finals for k in f if k.startswith("eval/") and k not in (OBJECTIVE, OBJECTIVE_SE)
+    terms = sorted({k for f in finals for k in f if k.startswith("eval/") and k not in NOT_TERMS
                     and any(f.get(k) != f.get(OBJECTIVE) for f in finals)})  # not the objective's own term again
     head = ["arm", "seeds", "lr (of trials)", f"{OBJECTIVE}", *terms, "training reward", "steps", "s/step", "calls/step"]
     if base is not None:

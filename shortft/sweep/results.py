@@ -3,12 +3,18 @@ Optuna's plots, all logged to the sweep's parent MLflow run."""
 
 from __future__ import annotations
 
+import math
+import statistics
 import sys
 from pathlib import Path
 
 from shortft import tracking
 from shortft.space import Space
+from shortft.sweep.baseline import searched_evaluation_keys
+from shortft.sweep.eval_report import NOT_TERMS, OBJECTIVE_SAMPLES
 from shortft.sweep.trials import OBJECTIVE, OBJECTIVE_SE, RUN_ID_KEY, TRIAL_KEY, stopped_early
+
+SAMPLES = "objective_samples"  # a row's objective on each sample of its best evaluation (Parquet, not CSV)
 
 
 def error_line(error) -> str | None:
@@ -21,44 +27,66 @@ def error_line(error) -> str | None:
     return ours or (lines[-1][:300] if lines else type(error).__name__)
 
 
-def results_table(results, space: Space, sweep: dict) -> list[dict]:
-    """One row per trial: searched values, final and best objective, reward terms, speed, memory, status."""
+def paired(hi: list[float] | None, lo: list[float] | None) -> tuple[float, float] | None:
+    """The mean of `hi - lo` sample by sample and its standard error, for two evaluations of the same
+    samples (same prompts, noise seeds, sampler and judge); None where they cannot be paired."""
+    if not hi or not lo or len(hi) != len(lo) or len(hi) < 2:
+        return None
+    diff = [a - b for a, b in zip(hi, lo)]
+    return statistics.fmean(diff), statistics.stdev(diff) / math.sqrt(len(diff))
+
+
+def results_table(results, space: Space, sweep: dict, base: dict | None = None) -> list[dict]:
+    """One row per trial: searched values, final and best objective, reward terms, speed, memory, status;
+    with `base` (the untrained model's evaluation) the best evaluation's gain over it and that gain's
+    standard error sample by sample (`gain`, `gain_se`)."""
+    pairs = not searched_evaluation_keys(space)  # else trials differ in what their samples are
     rows = []
     for r in results:
         cfg = r.config or {}
         m = r.metrics or {}
         history = r.metrics_dataframe
-        best = float(history[OBJECTIVE].max()) if history is not None and OBJECTIVE in history else None
-        se = None  # the standard error of that best evaluation (over its samples)
-        if best is not None and OBJECTIVE_SE in history:
-            se = float(history[OBJECTIVE_SE][history[OBJECTIVE].idxmax()])
+        best, se, samples = None, None, None  # the best evaluation: objective, its standard error, its samples
+        if history is not None and OBJECTIVE in history and history[OBJECTIVE].notna().any():
+            at = history[OBJECTIVE].idxmax()
+            best = float(history[OBJECTIVE][at])
+            se = float(history[OBJECTIVE_SE][at]) if OBJECTIVE_SE in history else None
+            value = history[OBJECTIVE_SAMPLES][at] if OBJECTIVE_SAMPLES in history else None
+            samples = [float(v) for v in value] if pairs and isinstance(value, list) else None
+        gain = paired(samples, (base or {}).get(OBJECTIVE_SAMPLES))
         row = {"trial": cfg.get(TRIAL_KEY) or m.get("trial_id"), "trial_id": m.get("trial_id"),
                "status": "ERROR" if r.error else ("STOPPED_EARLY" if stopped_early(cfg, sweep, m) else "DONE"),
                **{k: cfg.get(k) for k in space.search},
-               "objective_final": m.get(OBJECTIVE), "objective_best": best, "objective_se": se, "steps": m.get("step"),
-               **{k: v for k, v in m.items() if k.startswith("eval/") and k not in (OBJECTIVE, OBJECTIVE_SE)},
+               "objective_final": m.get(OBJECTIVE), "objective_best": best, "objective_se": se,
+               "gain": gain[0] if gain else None, "gain_se": gain[1] if gain else None, "steps": m.get("step"),
+               **{k: v for k, v in m.items() if k.startswith("eval/") and k not in NOT_TERMS},
                **{f"train/{k}": v for k, v in m.items() if k.startswith("reward")},
                "seconds_per_step": m.get("mean_seconds_per_step"), "peak_memory_mb": m.get("peak_memory_mb"),
-               "node_id": m.get("node_id"), "mlflow_run_id": cfg.get(RUN_ID_KEY), "error": error_line(r.error)}
+               "node_id": m.get("node_id"), "mlflow_run_id": cfg.get(RUN_ID_KEY), "error": error_line(r.error),
+               SAMPLES: samples}
         rows.append(row)
     return sorted(rows, key=lambda row: str(row["trial"]))
 
 
 def markdown(rows: list[dict], space: Space, base: dict | None = None) -> str:
     """The results table as Markdown: with `base` (the untrained model's evaluation) a first row for it,
-    then a row per trial (searched values, best objective ± its standard error, steps, seconds per step,
-    peak memory), then the spreads in standard errors: best - worst, and best - untrained."""
+    then a row per trial (searched values, best objective ± its standard error, with `base` its gain ±
+    the gain's paired standard error, steps, seconds per step, peak memory), then the spreads in
+    standard errors: best - worst, and best - untrained."""
     keys = list(space.search)
-    head = ["trial", "status", *(k.split(".")[-1] for k in keys), "objective (best) ± se", "steps", "s/step", "peak MB"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     untrained = None
     if base is not None:
         untrained = {"trial": "untrained", "status": "BASE", "objective_best": base.get(OBJECTIVE),
-                     "objective_se": base.get(OBJECTIVE_SE), "steps": 0}
+                     "objective_se": base.get(OBJECTIVE_SE), "steps": 0, SAMPLES: base.get(OBJECTIVE_SAMPLES)}
+    gains = any(row.get("gain") is not None for row in rows)
+    head = ["trial", "status", *(k.split(".")[-1] for k in keys), "objective (best) ± se",
+            *(["gain ± paired se"] if gains else []), "steps", "s/step", "peak MB"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in ([untrained] if untrained else []) + rows:
-        best, se = row.get("objective_best"), _finite(row.get("objective_se"))
+        best, se, gain = row.get("objective_best"), _finite(row.get("objective_se")), row.get("gain")
         cells = [str(row["trial"]), row["status"], *(_cell(row.get(k)) for k in keys),
                  "-" if best is None else f"{best:.4f}" + (f" ± {se:.4f}" if se is not None else ""),
+                 *([f"{gain:+.4f} ± {row['gain_se']:.4f}" if gain is not None else "-"] if gains else []),
                  _cell(row.get("steps")), _cell(row.get("seconds_per_step")), _cell(row.get("peak_memory_mb"), ".0f")]
         lines.append("| " + " | ".join(cells) + " |")
     done = [r for r in rows if r.get("objective_best") is not None]
@@ -71,9 +99,14 @@ def markdown(rows: list[dict], space: Space, base: dict | None = None) -> str:
 
 
 def _spread(label: str, hi: dict, lo: dict, sign: str) -> str:
-    """'label: gap = n x the larger standard error (se)' of two rows' best objectives."""
-    ses = [se for se in (_finite(r.get("objective_se")) for r in (hi, lo)) if se]
+    """'label: gap = n x the paired standard error (se, ...)' of two rows' best objectives, where both
+    evaluations' samples are at hand; else 'n x the larger standard error (se)', as if independent."""
     gap = hi["objective_best"] - lo["objective_best"]
+    both = paired(hi.get(SAMPLES), lo.get(SAMPLES))
+    if both and both[1] > 0:
+        return (f"{label}: {gap:{sign}.4f} = {gap / both[1]:.1f} x the paired standard error ({both[1]:.4f}, "
+                f"over the same {len(hi[SAMPLES])} samples)")
+    ses = [se for se in (_finite(r.get("objective_se")) for r in (hi, lo)) if se]
     return f"{label}: {gap:{sign}.4f}" + (f" = {gap / max(ses):.1f} x the larger standard error ({max(ses):.4f})"
                                           if ses else "")
 
@@ -110,13 +143,15 @@ def finish_parent(uri: str, run_id: str, rows: list[dict], best: dict | None, st
     client = tracking.client(uri)
     client.log_artifact(run_id, str(table_path))
     csv = out_dir / "results.csv"
-    pacsv.write_csv(pq.read_table(table_path), csv)
+    table = pq.read_table(table_path)
+    pacsv.write_csv(table.drop_columns([SAMPLES]) if SAMPLES in table.column_names else table, csv)  # lists: no CSV
     client.log_artifact(run_id, str(csv))
     if (out_dir / "results.md").is_file():
         client.log_artifact(run_id, str(out_dir / "results.md"))
     if base is not None:
         for key, value in base.items():  # eval/objective -> base/objective; seconds -> base/seconds
-            client.log_metric(run_id, "base/" + key.split("/", 1)[-1], value)
+            if key != OBJECTIVE_SAMPLES:  # a list (in base.json, logged below)
+                client.log_metric(run_id, "base/" + key.split("/", 1)[-1], value)
         for path, folder in ((out_dir / "base.json", None), (out_dir / "grids" / "base.png", "grids")):
             if path.is_file():
                 client.log_artifact(run_id, str(path), folder)

@@ -184,7 +184,7 @@ def run_sweep(space: str | Space | None = None, num_samples: int | None = None, 
 
     # 5. Results table (after the untrained model's row), best trial, parent run.
     base = untrained.result() if untrained else None
-    rows = results_table(grid, space, sweep_settings)
+    rows = results_table(grid, space, sweep_settings, base)
     out_dir.mkdir(parents=True, exist_ok=True)
     table_path = write_table(rows, out_dir / "results.parquet")
     (out_dir / "results.md").write_text(markdown(rows, space, base))
