@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -34,6 +35,21 @@ TIMESTEP_SPACINGS = ("leading", "linspace", "trailing")
 
 class ConfigError(ValueError):
     """A user mistake in the configuration; the message is one line that names the key and the fix."""
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML as PyYAML reads it, except that `1e-3` is a number, as in YAML 1.2 and JSON: PyYAML's YAML 1.1
+    floats need a dot (`1.0e-3`), so `train.lr=1e-3` was the string '1e-3'."""
+
+
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float",  # tried after PyYAML's own: only what they leave
+                              re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+                              list("-+.0123456789"))
+
+
+def load_yaml(text: str) -> Any:
+    """Parse YAML text (a config, a space, an override's value) as every reader of the package does."""
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader: plain data, no Python objects
 
 
 def setting(default: Any, help: str) -> Any:
@@ -182,7 +198,7 @@ def read_mapping(name_or_path: str, package: str = "shortft.configs", flag: str 
     else:
         raise ConfigError(f"{flag} {name_or_path!r}: no such file or built-in (built-in: {', '.join(builtin_names(package))})")
     try:
-        data = yaml.safe_load(text) or {}
+        data = load_yaml(text) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{flag} {name_or_path!r}: not valid YAML ({str(e).splitlines()[0]})") from None
     if not isinstance(data, dict):
@@ -204,7 +220,7 @@ def parse_overrides(items: list[str]) -> dict:
         if not sep or not key:
             raise ConfigError(f"override {item!r}: expected key=value, e.g. chain.steps=20")
         try:
-            parsed = yaml.safe_load(value) if value != "" else ""
+            parsed = load_yaml(value) if value != "" else ""
         except yaml.YAMLError:
             parsed = value
         node = out

@@ -15,6 +15,29 @@ def test_overrides_nest_and_parse_yaml_values():
         "chain": {"steps": 20}, "reward": {"weights": {"symmetry": 0.5}}, "lora": {"targets": ["to_q", "to_v"]}}
 
 
+def test_numbers_in_exponent_notation_are_numbers(tmp_path):
+    """PyYAML reads YAML 1.1, where a float needs a dot: `1e-3` was the string '1e-3', so
+    `train.lr=1e-3` (and `lr: 1e-4` in a config file, `loguniform: [1e-4, 1e-2]` in a space) stopped
+    with "train.lr='1e-3': expected a number". YAML 1.2 and JSON read it as a number, and so do we."""
+    from shortft.space import load_space
+
+    assert load_config("tiny", ["train.lr=1e-3"]).train.lr == 1e-3
+    assert parse_overrides(["a=3E-4", "b=+2.5e3", "c=.5e-1", "d=1e", "e=1_000", "f=e5"]) == {
+        "a": 3e-4, "b": 2500.0, "c": 0.05, "d": "1e", "e": 1000, "f": "e5"}
+    from importlib import resources
+
+    tiny = resources.files("shortft.configs").joinpath("tiny.yaml").read_text()
+    assert "  lr: 0.003\n" in tiny and "    symmetry: 1.0\n" in tiny
+    (tmp_path / "c.yaml").write_text(tiny.replace("  lr: 0.003\n", "  lr: 1e-4\n").replace("symmetry: 1.0", "symmetry: 5e-1"))
+    cfg = load_config(str(tmp_path / "c.yaml"))
+    assert cfg.train.lr == 1e-4 and cfg.reward.weights["symmetry"] == 0.5
+    (tmp_path / "s.yaml").write_text("base: tiny\nsearch:\n  train.lr: {loguniform: [1e-4, 1e-2]}\n")
+    assert load_space(str(tmp_path / "s.yaml")).search["train.lr"].args == [1e-4, 1e-2]
+    p = subprocess.run([sys.executable, "-m", "shortft.cli", "train", "--config", "tiny", "train.lr=1e-3", "--dry-run"],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+
+
 @pytest.mark.parametrize("name", builtin_configs())
 def test_every_builtin_config_loads_and_validates(name):
     cfg = load_config(name)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from shortft.config import ConfigError
+from shortft.config import ConfigError, load_yaml
 from shortft.progress import quiet_libraries
 from shortft.sweep.baseline import evaluate_base
 from shortft.sweep.compare_report import write_report
@@ -184,9 +184,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _key_value(text: str) -> tuple[str, object]:
-    import yaml
-
     key, sep, value = text.partition("=")
     if not sep:
         raise ConfigError(f"--set {text!r}: expected KEY=VALUE, e.g. --set train.batch_size=2")
-    return key, yaml.safe_load(value)
+    return key, load_yaml(value)
