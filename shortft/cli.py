@@ -152,6 +152,10 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{key:32s} {json.dumps(default):28s} {help}")
             return 0
         cfg = load_config(args.config, args.overrides)
+        if args.command in ("eval", "sample") or (args.command == "train" and not args.dry_run and not args.workers):
+            from shortft.hub import check_sources
+
+            check_sources([cfg])  # this process loads them: one line now, not half a minute of retries first
         if args.command == "config":
             print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
         elif args.command == "plan" or (args.command == "train" and args.dry_run):

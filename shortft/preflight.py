@@ -1,7 +1,7 @@
 """What a run needs before it starts, told without downloading or loading anything (`train --dry-run`).
 
-- `downloads(cfg)`: every hub repo or file the run would fetch (base model, shortcut, reward models)
-  and whether the local hub cache already has it.
+- `downloads(cfg)`: every hub repo or file the run would fetch (base model, shortcut, reward models;
+  `shortft.hub.sources`) and whether the local hub cache already has it.
 - `SavedBytes`: the bytes autograd keeps for backward, counted while a step runs (`shortft bench`).
 - `print_plan(cfg)`: the timestep plan of every stage (`shortft plan`), from the scheduler config alone.
 - `memory(cfg)`: the weights' and the LoRAs' share of device memory, from parameter counts of the real
@@ -14,11 +14,8 @@ from __future__ import annotations
 import torch
 
 from shortft.config import Config, ConfigError
+from shortft.hub import cached, is_hub, sources
 from shortft.models import DTYPES
-from shortft.plan import resolve_shortcut
-
-COMPONENTS = {"StableDiffusionPipeline": "unet, vae, text_encoder, tokenizer, scheduler",
-              "StableDiffusionXLPipeline": "unet, vae, text_encoder(_2), tokenizer(_2), scheduler"}
 
 
 class SavedBytes:
@@ -58,65 +55,16 @@ class SavedBytes:
         return sum(self.saved.values())
 
 
-def _cached(repo: str, filename: str, revision: str | None = None) -> bool:
-    from huggingface_hub import try_to_load_from_cache
-
-    found = try_to_load_from_cache(repo, filename, revision=revision)
-    return isinstance(found, str)
-
-
-def _is_hub(path: str) -> bool:
-    from shortft.rewards.sources import is_local
-
-    return not path.startswith("builtin:") and not is_local(path)
-
-
-def _reward_sources(cfg: Config) -> list[tuple[str, str, str]]:
-    """(what, repo, file) of each hub source the config's rewards name (their defaults, or its options)."""
-    from shortft.rewards.registry import PATH_OPTIONS, defaults
-    from shortft.rewards.sources import hub_repo_and_file
-
-    out = []
-    for name in dict.fromkeys([*cfg.reward.weights, cfg.eval.objective, *cfg.eval.terms]):
-        params = defaults(name)
-        params.update(cfg.reward.options.get(name) or {})
-        for key in sorted(PATH_OPTIONS & set(params)):
-            value = params[key]
-            if isinstance(value, str) and _is_hub(value):
-                filename = None
-                if key == "path" and "version" in params:  # hps_v2: the file of its version
-                    from shortft.rewards.preference import HPS_FILES
-
-                    filename = params.get("file") or HPS_FILES[str(params["version"])]
-                repo, file = hub_repo_and_file(value, filename)
-                out.append((f"reward {name} ({key})", repo, file or "config.json"))
-    return out
-
-
 def downloads(cfg: Config) -> list[str]:
     """One line per hub source: what it is, repo (and file), and whether the hub cache has it."""
-    rows = []
-    model = cfg.model
-    if _is_hub(model.pretrained):
-        from shortft.architectures import ARCHITECTURES, HUB_IDS
-
-        kind = ARCHITECTURES[HUB_IDS[model.pretrained]]["pipeline"] if model.pretrained in HUB_IDS else None
-        what = f"model ({COMPONENTS.get(kind, 'every component in model_index.json')}"
-        what += f"; variant {model.variant})" if model.variant else ")"
-        rows.append((what, model.pretrained, "model_index.json", model.revision))
-    shortcut = resolve_shortcut(model, cfg.chain.segments)
-    if shortcut.kind != "none" and _is_hub(shortcut.path):
-        rows.append((f"shortcut ({shortcut.kind})", shortcut.path,
-                     shortcut.weight_name or ("config.json" if shortcut.kind == "unet" else "*.safetensors"), None))
-    rows += [(what, repo, file, None) for what, repo, file in _reward_sources(cfg)]
-    merged: dict[tuple, list[str]] = {}
-    for what, repo, file, revision in rows:  # one line per source, whoever needs it
-        merged.setdefault((repo, file, revision), []).append(what)
+    merged: dict[tuple, list] = {}
+    for src in sources(cfg):  # one line per source, whoever needs it
+        merged.setdefault((src.repo, src.file, src.revision), []).append(src)
     lines = []
-    for (repo, file, revision), whats in merged.items():
-        state = "in the hub cache" if "*" not in file and _cached(repo, file, revision) else "to download"
+    for (repo, file, revision), same in merged.items():
+        state = "in the hub cache" if cached(repo, file, revision) else "to download"
         shown = repo if file in ("model_index.json", "config.json") else f"{repo}/{file}"
-        lines.append(f"  [{state}] {shown}{'@' + revision if revision else ''}  {'; '.join(whats)}")
+        lines.append(f"  [{state}] {shown}{'@' + revision if revision else ''}  {'; '.join(s.what for s in same)}")
     return lines or ["  nothing: every model is local"]
 
 
@@ -145,7 +93,7 @@ def memory(cfg: Config) -> str:
     from shortft.models import frozen_parts
     from shortft.plan import training_plan
 
-    if cfg.model.pretrained not in HUB_IDS and _is_hub(cfg.model.pretrained):
+    if cfg.model.pretrained not in HUB_IDS and is_hub(cfg.model.pretrained):
         return "memory: unknown architecture (not a local dir or one of the published ones in shortft/architectures.py)"
     pipe = random_pipeline(cfg.model.pretrained, device="meta")
     frozen = sum(p.numel() for part in frozen_parts(pipe) for p in part.parameters())

@@ -156,7 +156,7 @@ def load_space(name_or_path: str, base: str | None = None, overrides: dict | Non
                                   f"{dims[key].args}")
         points.append({k: v for k, v in point.items() if k not in overrides})
     space = Space(name, base, fixed, dims, points)
-    _check_configs(space)
+    configs(space)
     return space
 
 
@@ -171,24 +171,26 @@ def trial_config(base: str | dict, fixed: dict, values: dict, name: str | None =
     return check(cfg)
 
 
-def _check_configs(space: Space) -> None:
-    """Every end of every range must give a valid config, so no trial fails on a value the space allows."""
+def configs(space: Space) -> list[Config]:
+    """The configs at every end of every range (and of each point to evaluate); each must be valid, so
+    that no trial fails on a value the space allows. Raises a ConfigError naming the key otherwise."""
     try:
-        trial_config(space.base, space.fixed, {})
+        out = [trial_config(space.base, space.fixed, {})]
     except ConfigError as e:
         raise ConfigError(f"base {space.base!r} with the fixed keys: {e}") from None
     first = {k: d.corners()[0] for k, d in space.search.items()}
     for key, dim in space.search.items():
         for value in dim.corners():
             try:
-                trial_config(space.base, space.fixed, {**first, key: value})
+                out.append(trial_config(space.base, space.fixed, {**first, key: value}))
             except ConfigError as e:
                 raise ConfigError(f"search.{key}={value!r} gives an invalid config: {e}") from None
     for i, point in enumerate(space.points_to_evaluate):
         try:
-            trial_config(space.base, space.fixed, {**first, **point})
+            out.append(trial_config(space.base, space.fixed, {**first, **point}))
         except ConfigError as e:
             raise ConfigError(f"points_to_evaluate[{i}] gives an invalid config: {e}") from None
+    return out
 
 
 def to_tune(space: Space) -> dict:

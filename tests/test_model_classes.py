@@ -117,9 +117,12 @@ def test_bad_models_and_shortcuts_fail_in_one_line(class_dirs, hub, tmp_path, ca
     base = ["train", "--config", "tiny", f"model.pretrained={class_dirs['tiny']}", "chain.steps=8", "chain.segments=4",
             "train.steps=1", f"train.output_dir={tmp_path}/run"]
     extra, expect = {
+        # a file the hub cache does not have, the hub not asked (HF_HUB_OFFLINE): told before anything loads
         "missing file": (["model.shortcut=lora:ByteDance/Hyper-SD/Hyper-SD15-8steps-lora.safetensors"],
-                         "model.shortcut='lora:ByteDance/Hyper-SD/Hyper-SD15-8steps-lora.safetensors': ByteDance/Hyper-SD "
-                         "has no file Hyper-SD15-8steps-lora.safetensors; check the repo/folder and the file name"),
+                         "model.shortcut='lora:ByteDance/Hyper-SD/Hyper-SD15-8steps-lora.safetensors': ByteDance/Hyper-SD/"
+                         "Hyper-SD15-8steps-lora.safetensors is not in this machine's hub cache, and the hub cannot be "
+                         "asked (HF_HUB_OFFLINE is set); download it first (hf download ByteDance/Hyper-SD "
+                         "Hyper-SD15-8steps-lora.safetensors), or set model.shortcut to a local folder"),
         "keys match nothing": ([f"model.shortcut=lora:{_bogus_lora(tmp_path / 'bogus.safetensors')}"],
                                "the LoRA's keys do not match this UNet"),
         "another model's lora": ([f"model.shortcut=lora:ByteDance/Hyper-SD/{LORA_FILE['tiny-xl']}"],

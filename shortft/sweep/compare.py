@@ -17,7 +17,9 @@ import json
 from pathlib import Path
 
 from shortft.config import ConfigError, load_yaml
+from shortft.hub import check_sources
 from shortft.progress import quiet_libraries
+from shortft.space import trial_config
 from shortft.sweep.baseline import evaluate_base
 from shortft.sweep.compare_report import write_report
 from shortft.sweep.trials import OBJECTIVE, SMOKE_TEST, cpu_threads, trainable_for
@@ -71,8 +73,11 @@ def run_comparison(base: str, out: str | Path, arms: list[str] = tuple(ARMS), se
         "base": base, "arms": list(arms), "seeds": seeds, "ablation_seeds": ablation_seeds, "lrs": list(lrs),
         "budget": budget, "fixed": fixed or {}, "smoke_test": smoke_test, "tracking_uri": tracking_uri,
         "parent_run_id": parent}, indent=1))
-    # The untrained model on the same evaluation: what every arm's gain is measured from.
-    base_eval = evaluate_base(base, {**(fixed or {}), **(SMOKE_TEST if smoke_test else {})}, out)
+    # The untrained model on the same evaluation: what every arm's gain is measured from (loaded here,
+    # as every arm's trials are: each hub source in this machine's cache or on the hub, else one line now).
+    base_fixed = {**(fixed or {}), **(SMOKE_TEST if smoke_test else {})}
+    check_sources([trial_config(base, base_fixed, {})])
+    base_eval = evaluate_base(base, base_fixed, out)
     progress(f"untrained base model: {OBJECTIVE} {base_eval[OBJECTIVE]:.3f}")
     # The checks of every arm before the first trial: a bad base, key or value fails in one line here.
     trainables = {arm: {} for arm in arms}

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,8 +14,9 @@ from ray import tune
 
 from shortft import resources, tracking
 from shortft.config import ConfigError, to_dict
+from shortft.hub import check_sources
 from shortft.mlflow_relay import start_relay
-from shortft.space import Space, load_space, trial_config
+from shortft.space import Space, configs, load_space, trial_config
 from shortft.sweep import baseline as baseline_eval
 from shortft.sweep import saved
 from shortft.sweep.ray_compat import canonical_address, start_autoscaling_coordinator, study_of
@@ -116,11 +118,16 @@ def run_sweep(space: str | Space | None = None, num_samples: int | None = None, 
     if exists and not resume:
         raise ConfigError(f"sweep {name!r} already exists under {storage_path}; pass --resume, or another --name")
     output_root = str(Path(output_root or "runs/sweeps").resolve() / name)
+    address = None if ray.is_initialized() else canonical_address(address)
+    # Every hub source of every trial, in this machine's hub cache or on the hub: else one line now, not a
+    # half-minute of retries in the untrained model's evaluation and then in every trial, twice. Where the
+    # trials load them on other machines (a cluster), a hub that cannot be asked from here is only told.
+    check_sources(configs(space), here=not (address or ray.is_initialized()),
+                  warn=lambda line: print(line, file=sys.stderr, flush=True))
 
     # 2. Ray: the given cluster, the one this machine is part of (`ray start`, e.g. a head node
     #    that `ray submit` runs this on), or else a local one.
     if not ray.is_initialized():
-        address = canonical_address(address)
         if address:  # MLflow credentials reach the trials through the job's environment, never its configs
             resources.connect(address=address, runtime_env={"env_vars": tracking.credentials_env()})
         else:

@@ -1,0 +1,146 @@
+"""The hub sources a config needs (base model, shortcut, reward models): listed for `train --dry-run`,
+and checked before anything loads them.
+
+    for source in sources(cfg): ...   # key, value, what, repo, file, revision
+    check_sources([cfg], here=True)   # one-line ConfigError if a source can be neither read nor fetched
+
+Without the check, a model that is neither in the hub cache nor reachable costs every process that
+loads it half a minute of huggingface_hub's retries before the error; a sweep paid it for the untrained
+model's evaluation and for every trial twice (Tune retries a failed trial), minutes of doomed trials
+before its table of errors. The check asks the hub once per source, without retries.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+from shortft.config import Config, ConfigError
+from shortft.plan import resolve_shortcut
+
+TIMEOUT_S = 10.0  # one request per source not in the cache
+COMPONENTS = {"StableDiffusionPipeline": "unet, vae, text_encoder, tokenizer, scheduler",
+              "StableDiffusionXLPipeline": "unet, vae, text_encoder(_2), tokenizer(_2), scheduler"}
+
+
+def is_hub(path: str) -> bool:
+    from shortft.rewards.sources import is_local
+
+    return not path.startswith("builtin:") and not is_local(path)
+
+
+def cached(repo: str, filename: str, revision: str | None = None) -> bool:
+    """The file is in this machine's hub cache (where `from_pretrained` looks first)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    return "*" not in filename and isinstance(try_to_load_from_cache(repo, filename, revision=revision), str)
+
+
+class Source(NamedTuple):
+    key: str  # the config key that names it
+    value: str  # as the config has it
+    what: str  # what the run loads from it
+    repo: str
+    file: str  # the file that tells the source is there (a pattern where the loader picks the file)
+    revision: str | None = None
+
+
+def _reward_sources(cfg: Config) -> list[Source]:
+    """Each hub source the config's rewards name (their defaults, or its options)."""
+    from shortft.rewards.registry import PATH_OPTIONS, defaults
+    from shortft.rewards.sources import hub_repo_and_file
+
+    out = []
+    for name in dict.fromkeys([*cfg.reward.weights, cfg.eval.objective, *cfg.eval.terms]):
+        params = defaults(name)
+        params.update(cfg.reward.options.get(name) or {})
+        for key in sorted(PATH_OPTIONS & set(params)):
+            value = params[key]
+            if isinstance(value, str) and is_hub(value):
+                filename = None
+                if key == "path" and "version" in params:  # hps_v2: the file of its version
+                    from shortft.rewards.preference import HPS_FILES
+
+                    filename = params.get("file") or HPS_FILES[str(params["version"])]
+                repo, file = hub_repo_and_file(value, filename)
+                out.append(Source(f"reward.options.{name}.{key}", value, f"reward {name} ({key})", repo,
+                                  file or "config.json"))
+    return out
+
+
+def sources(cfg: Config) -> list[Source]:
+    """Every hub source the run would fetch: base model, shortcut, reward models."""
+    from shortft.architectures import ARCHITECTURES, HUB_IDS
+
+    rows = []
+    model = cfg.model
+    if is_hub(model.pretrained):
+        kind = ARCHITECTURES[HUB_IDS[model.pretrained]]["pipeline"] if model.pretrained in HUB_IDS else None
+        what = f"model ({COMPONENTS.get(kind, 'every component in model_index.json')}"
+        what += f"; variant {model.variant})" if model.variant else ")"
+        rows.append(Source("model.pretrained", model.pretrained, what, model.pretrained, "model_index.json",
+                           model.revision))
+    shortcut = resolve_shortcut(model, cfg.chain.segments)
+    if shortcut.kind != "none" and is_hub(shortcut.path):
+        file = shortcut.weight_name or ("config.json" if shortcut.kind == "unet" else "*.safetensors")
+        rows.append(Source("model.shortcut", model.shortcut.replace("{segments}", str(cfg.chain.segments)),
+                           f"shortcut ({shortcut.kind})", shortcut.path, file))
+    return rows + _reward_sources(cfg)
+
+
+def weight_file(source: Source) -> str | None:
+    """The one file of the source to name (a weight file), or None where the repo as a whole is meant."""
+    return None if "*" in source.file or source.file in ("model_index.json", "config.json") else source.file
+
+
+def _on_hub(repo: str, filename: str, revision: str | None) -> tuple[str, str] | None:
+    """None where the hub has the file; else ('missing' or 'unreachable', why)."""
+    from huggingface_hub import HfApi, get_hf_file_metadata, hf_hub_url
+    from huggingface_hub.errors import (EntryNotFoundError, GatedRepoError, OfflineModeIsEnabled,
+                                        RepositoryNotFoundError, RevisionNotFoundError)
+
+    try:
+        if "*" in filename:
+            HfApi().repo_info(repo, revision=revision, timeout=TIMEOUT_S)
+        else:
+            get_hf_file_metadata(hf_hub_url(repo, filename, revision=revision), timeout=TIMEOUT_S)
+        return None
+    except GatedRepoError:
+        return "missing", "a gated repo: accept its terms on its hub page, then log in with `hf auth login`"
+    except RepositoryNotFoundError:
+        return "missing", "no such repo on the hub (or a private one: log in with `hf auth login`)"
+    except RevisionNotFoundError:
+        return "missing", f"the repo has no revision {revision!r}"
+    except EntryNotFoundError:
+        return "missing", f"the repo has no file {filename}"
+    except OfflineModeIsEnabled:
+        return "unreachable", "HF_HUB_OFFLINE is set"
+    except Exception as e:  # no network, no DNS, a proxy, a timeout: the hub cannot be asked from here
+        return "unreachable", f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'no answer'}"
+
+
+def check_sources(cfgs: list[Config], here: bool = True, warn=None) -> None:
+    """Raise a one-line ConfigError naming the key of the first hub source of `cfgs` that is not in this
+    machine's hub cache and that the hub says it does not have, or, with `here` (the processes that load
+    it run on this machine), that the hub cannot be asked for. Without `here` an unreachable hub gets one
+    `warn` line: the machines that load the sources may have them, or the network."""
+    seen, unreachable = set(), []
+    for cfg in cfgs:
+        for src in sources(cfg):
+            if (src.repo, src.file, src.revision) in seen or cached(src.repo, src.file, src.revision):
+                continue
+            seen.add((src.repo, src.file, src.revision))
+            problem = _on_hub(src.repo, src.file, src.revision)
+            if problem is None:
+                continue
+            kind, why = problem
+            if kind == "missing":
+                raise ConfigError(f"{src.key}={src.value!r}: {why}")
+            if here and "*" not in src.file:  # a pattern's files may be cached: the loader picks one, we cannot tell
+                file = weight_file(src)
+                raise ConfigError(f"{src.key}={src.value!r}: {src.repo + '/' + file + ' is ' if file else ''}not in this "
+                                  f"machine's hub cache, and the hub cannot be asked ({why}); download it first (hf "
+                                  f"download {src.repo}{' ' + file if file else ''}), or set {src.key} to a local folder")
+            unreachable.append((src.key, why))
+    if unreachable and warn is not None:
+        warn(f"note: {', '.join(dict.fromkeys(k for k, _ in unreachable))}: not in this machine's hub cache, and the "
+             f"hub cannot be asked from here ({unreachable[0][1]}); the machines that load them must have them")

@@ -1,0 +1,130 @@
+"""Hub sources are checked before anything loads them: in this machine's hub cache, or on the hub (asked
+once, no retries), else one line naming the key. Before, a model neither cached nor reachable cost every
+loading process half a minute of retries; a sweep paid that for its untrained model and for every
+trial twice (Tune retries a failed trial), minutes of doomed trials, then a table of errors."""
+
+import http.server
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.hub_layout import hub_cache
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL = "someone/sd-model"
+LORA = "lora:ByteDance/Hyper-SD/Hyper-SD15-4steps-lora.safetensors"
+
+CHECK = """
+import json, sys
+from shortft import load_config
+from shortft.config import ConfigError
+from shortft.hub import check_sources
+for case, overrides, here in json.loads(sys.argv[1]):
+    told = []
+    try:
+        check_sources([load_config("tiny", overrides)], here=here, warn=told.append)
+        print(json.dumps([case, None, told]))
+    except ConfigError as e:
+        print(json.dumps([case, str(e), told]))
+"""
+
+
+class FakeHub(http.server.BaseHTTPRequestHandler):
+    """Answers as the hub does: 200 for what it has, 404 with the hub's X-Error-Code for the rest."""
+
+    def do_HEAD(self):  # noqa: N802 - http.server's name
+        path = self.path.split("?")[0]
+        code = ("GatedRepo" if "/gated/" in path else "RepoNotFound" if "/nobody/" in path
+                else "EntryNotFound" if path.endswith("/missing.safetensors") else None)
+        self.send_response(404 if code else 200)
+        if code:
+            self.send_header("X-Error-Code", code)
+        else:
+            self.send_header("X-Repo-Commit", "0" * 40)
+            self.send_header("ETag", '"abc"')
+            self.send_header("Content-Length", "10")
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+def _check(cases, cache: Path, **env) -> dict:
+    env = {**os.environ, "HF_HUB_CACHE": str(cache), **env}
+    p = subprocess.run([sys.executable, "-c", CHECK, json.dumps(cases)], capture_output=True, text=True, env=env,
+                       timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return {case: (error, told) for case, error, told in map(json.loads, p.stdout.splitlines())}
+
+
+@pytest.fixture
+def cache(tmp_path):
+    """A hub cache with the model's model_index.json and the 4-step shortcut LoRA (contents do not matter)."""
+    (tmp_path / "f").write_text("{}")
+    hub_cache(tmp_path / "cache", MODEL, {"model_index.json": tmp_path / "f"})
+    hub_cache(tmp_path / "cache", "ByteDance/Hyper-SD", {"Hyper-SD15-4steps-lora.safetensors": tmp_path / "f"})
+    return tmp_path / "cache"
+
+
+def test_what_is_cached_passes_and_what_is_neither_cached_nor_reachable_stops_in_one_line(cache):
+    out = _check([["cached", [f"model.pretrained={MODEL}", f"model.shortcut={LORA}"], True],
+                  ["not cached", [f"model.pretrained={MODEL}", "model.shortcut=" + LORA.replace("4steps", "8steps")], True],
+                  ["model", ["model.pretrained=someone/other"], True],
+                  ["on other machines", ["model.pretrained=someone/other", "model.shortcut=" + LORA.replace("4", "2")],
+                   False]], cache, HF_HUB_OFFLINE="1")
+    assert out["cached"] == (None, [])
+    assert out["not cached"][0] == (
+        f"model.shortcut='{LORA.replace('4steps', '8steps')}': ByteDance/Hyper-SD/Hyper-SD15-8steps-lora.safetensors is "
+        "not in this machine's hub cache, and the hub cannot be asked (HF_HUB_OFFLINE is set); download it first (hf "
+        "download ByteDance/Hyper-SD Hyper-SD15-8steps-lora.safetensors), or set model.shortcut to a local folder")
+    assert out["model"][0] == ("model.pretrained='someone/other': not in this machine's hub cache, and the hub cannot "
+                               "be asked (HF_HUB_OFFLINE is set); download it first (hf download someone/other), or set "
+                               "model.pretrained to a local folder")
+    # a cluster's trials load them on their own nodes: one line on what this machine could not tell
+    assert out["on other machines"] == (None, [
+        "note: model.pretrained, model.shortcut: not in this machine's hub cache, and the hub cannot be asked from "
+        "here (HF_HUB_OFFLINE is set); the machines that load them must have them"])
+
+
+def test_what_the_hub_says_it_does_not_have_stops_in_one_line_wherever_the_trials_run(cache):
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), FakeHub)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        out = _check([["on the hub", ["model.pretrained=someone/not-cached"], True],
+                      ["no repo", ["model.pretrained=nobody/model"], False],
+                      ["gated", ["model.pretrained=gated/model"], True],
+                      ["no file", ["model.shortcut=lora:ByteDance/Hyper-SD/missing.safetensors"], False]],
+                     cache, HF_ENDPOINT=f"http://127.0.0.1:{server.server_port}")
+    finally:
+        server.shutdown()
+    assert out["on the hub"] == (None, [])
+    assert out["no repo"][0] == ("model.pretrained='nobody/model': no such repo on the hub (or a private one: log in "
+                                 "with `hf auth login`)")
+    assert out["gated"][0].startswith("model.pretrained='gated/model': a gated repo: accept its terms")
+    assert out["no file"][0] == ("model.shortcut='lora:ByteDance/Hyper-SD/missing.safetensors': the repo has no file "
+                                 "missing.safetensors")
+
+
+@pytest.mark.parametrize("command", [[sys.executable, "tune/sweep.py", "--space", "sd15", "--no-mlflow"],
+                                     [sys.executable, "-m", "shortft.cli", "train", "--config", "sd15", "--no-mlflow"]])
+def test_a_sweep_or_a_run_on_a_model_it_cannot_get_stops_before_ray_in_one_line(tmp_path, command):
+    """The user-level repro: `python tune/sweep.py --space sd15` offline with an empty hub cache ran the
+    untrained model's evaluation and then every trial twice, each after half a minute of retries."""
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "empty"), "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    env.pop("RAY_ADDRESS", None)
+    t0 = time.time()
+    p = subprocess.run([*command, *(["--storage-path", str(tmp_path / "s")] if "tune/sweep.py" in command else [])],
+                       cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
+    lines = (p.stdout + p.stderr).strip().splitlines()
+    assert p.returncode == 2 and len(lines) == 1, p.stdout[-2000:] + p.stderr[-2000:]
+    assert lines[0].endswith("error: model.pretrained='stable-diffusion-v1-5/stable-diffusion-v1-5': not in this "
+                             "machine's hub cache, and the hub cannot be asked (HF_HUB_OFFLINE is set); download it "
+                             "first (hf download stable-diffusion-v1-5/stable-diffusion-v1-5), or set model.pretrained "
+                             "to a local folder"), lines[0]
+    assert time.time() - t0 < 60 and not list(tmp_path.glob("s/*"))  # no Ray started, no sweep state written
