@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from shortft.config import Config, ConfigError
-from shortft.hub import cached, is_hub, sources
+from shortft.hub import cached, is_hub, sources, weight_file
 from shortft.models import DTYPES
 
 
@@ -63,7 +63,7 @@ def downloads(cfg: Config) -> list[str]:
     lines = []
     for (repo, file, revision), same in merged.items():
         state = "in the hub cache" if cached(repo, file, revision) else "to download"
-        shown = repo if file in ("model_index.json", "config.json") else f"{repo}/{file}"
+        shown = f"{repo}/{weight_file(same[0])}" if weight_file(same[0]) else repo
         lines.append(f"  [{state}] {shown}{'@' + revision if revision else ''}  {'; '.join(s.what for s in same)}")
     return lines or ["  nothing: every model is local"]
 
