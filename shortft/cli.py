@@ -152,7 +152,9 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{key:32s} {json.dumps(default):28s} {help}")
             return 0
         cfg = load_config(args.config, args.overrides)
-        if args.command in ("eval", "sample") or (args.command == "train" and not args.dry_run and not args.workers):
+        loads_here = (args.command in ("eval", "sample") or (args.command == "bench" and not args.random_weights)
+                      or (args.command == "train" and not args.dry_run and not args.workers))
+        if loads_here:
             from shortft.hub import check_sources
 
             check_sources([cfg])  # this process loads them: one line now, not half a minute of retries first
