@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from shortft import tracking
+from shortft.evaluate import scalars
 from shortft.space import Space
 from shortft.sweep.baseline import searched_evaluation_keys
 from shortft.sweep.eval_report import NOT_TERMS, OBJECTIVE_SAMPLES
@@ -149,9 +150,8 @@ def finish_parent(uri: str, run_id: str, rows: list[dict], best: dict | None, st
     if (out_dir / "results.md").is_file():
         client.log_artifact(run_id, str(out_dir / "results.md"))
     if base is not None:
-        for key, value in base.items():  # eval/objective -> base/objective; seconds -> base/seconds
-            if key != OBJECTIVE_SAMPLES:  # a list (in base.json, logged below)
-                client.log_metric(run_id, "base/" + key.split("/", 1)[-1], value)
+        for key, value in scalars(base).items():  # eval/objective -> base/objective; seconds -> base/seconds
+            client.log_metric(run_id, "base/" + key.split("/", 1)[-1], value)
         for path, folder in ((out_dir / "base.json", None), (out_dir / "grids" / "base.png", "grids")):
             if path.is_file():
                 client.log_artifact(run_id, str(path), folder)
