@@ -63,7 +63,7 @@ def downloads(cfg: Config) -> list[str]:
     lines = []
     for (repo, file, revision), same in merged.items():
         state = "in the hub cache" if cached(repo, file, revision) else "to download"
-        shown = f"{repo}/{weight_file(same[0])}" if weight_file(same[0]) else repo
+        shown = f"{repo}/{file}" if (file := weight_file(same[0])) else repo
         lines.append(f"  [{state}] {shown}{'@' + revision if revision else ''}  {'; '.join(s.what for s in same)}")
     return lines or ["  nothing: every model is local"]
 
