@@ -1,7 +1,7 @@
 """The hub sources a config needs (base model, shortcut, reward models): listed for `train --dry-run`,
 and checked before anything loads them.
 
-    for source in sources(cfg): ...   # key, value, what, repo, file, revision
+    for source in sources(cfg): ...   # key, value, what, repo, file, revision, variant
     check_sources([cfg], here=True)   # one-line ConfigError if a source can be neither read nor fetched
 
 Without the check, a model that is neither in the hub cache nor reachable costs every process that
@@ -12,6 +12,8 @@ before its table of errors. The check asks the hub once per source, without retr
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import NamedTuple
 
 from shortft.config import Config, ConfigError
@@ -28,11 +30,12 @@ def is_hub(path: str) -> bool:
     return not path.startswith("builtin:") and not is_local(path)
 
 
-def cached(repo: str, filename: str, revision: str | None = None) -> bool:
-    """The file is in this machine's hub cache (where `from_pretrained` looks first)."""
+def _cached_path(repo: str, filename: str, revision: str | None) -> Path | None:
+    """The file in this machine's hub cache (where `from_pretrained` looks first), or None."""
     from huggingface_hub import try_to_load_from_cache
 
-    return "*" not in filename and isinstance(try_to_load_from_cache(repo, filename, revision=revision), str)
+    found = None if "*" in filename else try_to_load_from_cache(repo, filename, revision=revision)
+    return Path(found) if isinstance(found, str) else None
 
 
 class Source(NamedTuple):
@@ -42,6 +45,7 @@ class Source(NamedTuple):
     repo: str
     file: str  # the file that tells the source is there (a pattern where the loader picks the file)
     revision: str | None = None
+    variant: str | None = None  # a model's weight files (fp16: unet/diffusion_pytorch_model.fp16.safetensors)
 
 
 def _reward_sources(cfg: Config) -> list[Source]:
@@ -63,7 +67,7 @@ def _reward_sources(cfg: Config) -> list[Source]:
                     filename = params.get("file") or HPS_FILES[str(params["version"])]
                 repo, file = hub_repo_and_file(value, filename)
                 out.append(Source(f"reward.options.{name}.{key}", value, f"reward {name} ({key})", repo,
-                                  file or "config.json"))
+                                  file or "config.json", params.get("revision") if key == "path" else None))
     return out
 
 
@@ -78,13 +82,51 @@ def sources(cfg: Config) -> list[Source]:
         what = f"model ({COMPONENTS.get(kind, 'every component in model_index.json')}"
         what += f"; variant {model.variant})" if model.variant else ")"
         rows.append(Source("model.pretrained", model.pretrained, what, model.pretrained, "model_index.json",
-                           model.revision))
+                           model.revision, model.variant))
     shortcut = resolve_shortcut(model, cfg.chain.segments)
     if shortcut.kind != "none" and is_hub(shortcut.path):
         file = shortcut.weight_name or ("config.json" if shortcut.kind == "unet" else "*.safetensors")
         rows.append(Source("model.shortcut", model.shortcut.replace("{segments}", str(cfg.chain.segments)),
                            f"shortcut ({shortcut.kind})", shortcut.path, file))
     return rows + _reward_sources(cfg)
+
+
+# Pipeline components that hold no weights, or that the run does not load (load_pipeline passes None).
+_NO_WEIGHTS = ("Tokenizer", "TokenizerFast", "Scheduler")
+_NOT_LOADED = ("safety_checker", "feature_extractor")
+_WEIGHTS = ("*.safetensors", "*.bin")  # single files or shards, the variant or not: from_pretrained takes either
+
+
+def weightless(src: Source) -> list[str] | None:
+    """None where the source's marker file is not in the hub cache; else the folders of its cached snapshot
+    that the loader reads weights from and that hold none ("" for the repo's top level): what an
+    interrupted or too narrow `hf download` leaves, which fails at load where the hub cannot be asked."""
+    marker = _cached_path(src.repo, src.file, src.revision)
+    if marker is None or src.file not in ("model_index.json", "config.json") or src.key.endswith(".processor"):
+        return None if marker is None else []  # a weight file itself, or a processor (no weights)
+    snapshot = marker.parent
+    if src.file == "config.json":  # a transformers model (a reward's CLIP)
+        folders = [""]
+    else:
+        index = json.loads(marker.read_text() or "{}")
+        folders = [name for name, value in index.items() if isinstance(value, list) and len(value) == 2 and value[1]
+                   and name not in _NOT_LOADED and not str(value[1]).endswith(_NO_WEIGHTS)]
+    # a snapshot's files are links to blobs; an interrupted download leaves none, or a dangling one
+    return [f for f in folders if not any(w.exists() for pattern in _WEIGHTS for w in (snapshot / f).glob(pattern))]
+
+
+def in_folders(folders: list[str]) -> str:
+    return "in " + ", ".join(f"{f}/" if f else "the top folder" for f in folders)
+
+
+def download_command(src: Source, folders: list[str] | None = None) -> str:
+    """The `hf download` that fetches the source (only the weights of `folders`, where given)."""
+    file = weight_file(src)
+    command = f"hf download {src.repo}{' ' + file if file else ''}"
+    if src.revision:
+        command += f" --revision {src.revision}"
+    variant = f".{src.variant}" if src.variant else ""
+    return command + "".join(f' --include "{f}/*{variant}.safetensors"' for f in folders or [] if f)
 
 
 def weight_file(source: Source) -> str | None:
@@ -119,27 +161,35 @@ def _on_hub(repo: str, filename: str, revision: str | None) -> tuple[str, str] |
 
 
 def check_sources(cfgs: list[Config], here: bool = True, warn=None) -> None:
-    """Raise a one-line ConfigError naming the key of the first hub source of `cfgs` that is not in this
-    machine's hub cache and that the hub says it does not have, or, with `here` (the processes that load
+    """Raise a one-line ConfigError naming the key of the first hub source of `cfgs` that is not (wholly) in
+    this machine's hub cache and that the hub says it does not have, or, with `here` (the processes that load
     it run on this machine), that the hub cannot be asked for. Without `here` an unreachable hub gets one
     `warn` line: the machines that load the sources may have them, or the network."""
     seen, unreachable = set(), []
     for cfg in cfgs:
         for src in sources(cfg):
-            if (src.repo, src.file, src.revision) in seen or cached(src.repo, src.file, src.revision):
+            if (src.repo, src.file, src.revision) in seen:
                 continue
             seen.add((src.repo, src.file, src.revision))
+            empty = weightless(src)
+            if empty == []:
+                continue
             problem = _on_hub(src.repo, src.file, src.revision)
             if problem is None:
-                continue
+                continue  # the loader fetches what the cache lacks
             kind, why = problem
             if kind == "missing":
                 raise ConfigError(f"{src.key}={src.value!r}: {why}")
             if here and "*" not in src.file:  # a pattern's files may be cached: the loader picks one, we cannot tell
                 file = weight_file(src)
-                raise ConfigError(f"{src.key}={src.value!r}: {src.repo + '/' + file + ' is ' if file else ''}not in this "
-                                  f"machine's hub cache, and the hub cannot be asked ({why}); download it first (hf "
-                                  f"download {src.repo}{' ' + file if file else ''}), or set {src.key} to a local folder")
+                if empty:
+                    held = f"the hub cache holds {src.repo}'s {src.file} but no weights {in_folders(empty)}"
+                    fix = download_command(src, empty)
+                else:
+                    held = f"{src.repo + '/' + file + ' is ' if file else ''}not in this machine's hub cache"
+                    fix = download_command(src)
+                raise ConfigError(f"{src.key}={src.value!r}: {held}, and the hub cannot be asked ({why}); download it "
+                                  f"first ({fix}), or set {src.key} to a local folder")
             unreachable.append((src.key, why))
     if unreachable and warn is not None:
         warn(f"note: {', '.join(dict.fromkeys(k for k, _ in unreachable))}: not in this machine's hub cache, and the "

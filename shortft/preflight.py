@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from shortft.config import Config, ConfigError
-from shortft.hub import cached, is_hub, sources, weight_file
+from shortft.hub import in_folders, is_hub, sources, weight_file, weightless
 from shortft.models import DTYPES
 
 
@@ -62,7 +62,10 @@ def downloads(cfg: Config) -> list[str]:
         merged.setdefault((src.repo, src.file, src.revision), []).append(src)
     lines = []
     for (repo, file, revision), same in merged.items():
-        state = "in the hub cache" if cached(repo, file, revision) else "to download"
+        found = [weightless(src) for src in same]  # a repo may be one reward's processor, another's model
+        empty = None if None in found else sorted({f for e in found for f in e})
+        state = ("to download" if empty is None else f"to download: no weights {in_folders(empty)}" if empty
+                 else "in the hub cache")
         shown = f"{repo}/{file}" if (file := weight_file(same[0])) else repo
         lines.append(f"  [{state}] {shown}{'@' + revision if revision else ''}  {'; '.join(s.what for s in same)}")
     return lines or ["  nothing: every model is local"]

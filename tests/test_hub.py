@@ -129,3 +129,60 @@ def test_a_sweep_or_a_run_on_a_model_it_cannot_get_stops_before_ray_in_one_line(
                              "first (hf download stable-diffusion-v1-5/stable-diffusion-v1-5), or set model.pretrained "
                              "to a local folder"), lines[0]
     assert time.time() - t0 < 60 and not list(tmp_path.glob("s/*"))  # no Ray started, no sweep state written
+
+
+@pytest.fixture(scope="module")
+def fp16_repo(tmp_path_factory):
+    """The files of a tiny SD pipeline as the hub serves SD 1.5 with its fp16 variant."""
+    from diffusers import DiffusionPipeline
+
+    from shortft import builtin
+
+    root = tmp_path_factory.mktemp("fp16")
+    DiffusionPipeline.from_pretrained(builtin.resolve("builtin:tiny")).save_pretrained(root / "repo", variant="fp16")
+    return {str(p.relative_to(root / "repo")): p for p in sorted((root / "repo").rglob("*")) if p.is_file()}
+
+
+def test_a_model_cached_without_its_weights_stops_in_one_line_naming_them(fp16_repo, tmp_path):
+    """The repro: an interrupted `hf download` (or one with too narrow an --include) left model_index.json and
+    the configs but not the UNet's weights. The check passed, and `shortft eval` offline died in the load with
+    diffusers' `no file named diffusion_pytorch_model.bin found in directory .../unet`, a file the repo never
+    had; a sweep would have paid that in every trial."""
+    weights = "unet/diffusion_pytorch_model.fp16.safetensors"
+    assert weights in fp16_repo and "text_encoder/model.fp16.safetensors" in fp16_repo
+    hub_cache(tmp_path / "partial", MODEL, {k: v for k, v in fp16_repo.items() if k != weights})
+    # diffusers takes a component's plain weights where the variant's are missing: that is whole too
+    hub_cache(tmp_path / "plain", MODEL, {(weights.replace(".fp16", "") if k == weights else k): v for k, v in fp16_repo.items()})
+    hub_cache(tmp_path / "whole", MODEL, fp16_repo)
+    cases = [["model", [f"model.pretrained={MODEL}", "model.variant=fp16"], True]]
+    assert _check(cases, tmp_path / "whole", HF_HUB_OFFLINE="1")["model"] == (None, [])
+    assert _check(cases, tmp_path / "plain", HF_HUB_OFFLINE="1")["model"] == (None, [])
+    assert _check(cases, tmp_path / "partial", HF_HUB_OFFLINE="1")["model"][0] == (
+        f"model.pretrained='{MODEL}': the hub cache holds {MODEL}'s model_index.json but no weights in unet/, and the "
+        f"hub cannot be asked (HF_HUB_OFFLINE is set); download it first (hf download {MODEL} --include "
+        f"\"unet/*.fp16.safetensors\"), or set model.pretrained to a local folder")
+    # a reward's CLIP likewise; its processor's repo holds no weights and needs none
+    hub_cache(tmp_path / "partial", "yuvalkirstain/PickScore_v1", {"config.json": fp16_repo["unet/config.json"]})
+    hub_cache(tmp_path / "partial", "laion/CLIP-ViT-H-14-laion2B-s32B-b79K", {"config.json": fp16_repo["unet/config.json"]})
+    assert _check([["clip", ["reward.weights={pickscore: 1}"], True]], tmp_path / "partial", HF_HUB_OFFLINE="1")["clip"][0] == (
+        "reward.options.pickscore.path='yuvalkirstain/PickScore_v1': the hub cache holds yuvalkirstain/PickScore_v1's "
+        "config.json but no weights in the top folder, and the hub cannot be asked (HF_HUB_OFFLINE is set); download it "
+        "first (hf download yuvalkirstain/PickScore_v1), or set reward.options.pickscore.path to a local folder")
+    hub_cache(tmp_path / "whole", "yuvalkirstain/PickScore_v1", {"config.json": fp16_repo["unet/config.json"],
+                                                                 "model.safetensors": fp16_repo[weights]})
+    hub_cache(tmp_path / "whole", "laion/CLIP-ViT-H-14-laion2B-s32B-b79K", {"config.json": fp16_repo["unet/config.json"]})
+    assert _check([["clip", ["reward.weights={pickscore: 1}"], True]], tmp_path / "whole", HF_HUB_OFFLINE="1")["clip"] == (None, [])
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), FakeHub)  # a hub that has them: the loader fetches them
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        assert _check(cases, tmp_path / "partial", HF_ENDPOINT=f"http://127.0.0.1:{server.server_port}")["model"] == (None, [])
+    finally:
+        server.shutdown()
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "partial"), "HF_HUB_OFFLINE": "1"}
+    p = subprocess.run([sys.executable, "-m", "shortft.cli", "eval", "--config", "tiny", f"model.pretrained={MODEL}",
+                        "model.variant=fp16"], cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
+    lines = (p.stdout + p.stderr).strip().splitlines()
+    assert p.returncode == 2 and len(lines) == 1 and "no weights in unet/" in lines[0], p.stderr[-2000:]
+    p = subprocess.run([sys.executable, "-m", "shortft.cli", "train", "--config", "tiny", f"model.pretrained={MODEL}",
+                        "model.variant=fp16", "--dry-run"], cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
+    assert f"[to download: no weights in unet/] {MODEL}  model" in p.stdout, p.stdout[-2000:] + p.stderr[-2000:]
