@@ -152,12 +152,15 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{key:32s} {json.dumps(default):28s} {help}")
             return 0
         cfg = load_config(args.config, args.overrides)
-        loads_here = (args.command in ("eval", "sample") or (args.command == "bench" and not args.random_weights)
-                      or (args.command == "train" and not args.dry_run and not args.workers))
-        if loads_here:
+        loads = (args.command in ("eval", "sample") or (args.command == "bench" and not args.random_weights)
+                 or (args.command == "train" and not args.dry_run))
+        if loads:  # one line now, not half a minute of retries in each loading process first
             from shortft.hub import check_sources
+            from shortft.resources import starts_local_ray
 
-            check_sources([cfg])  # this process loads them: one line now, not half a minute of retries first
+            # Ray Train workers on a cluster load them on their own nodes: an unreachable hub is only told
+            here = not getattr(args, "workers", 0) or starts_local_ray()
+            check_sources([cfg], here=here, warn=lambda line: print(f"shortft: {line}", file=sys.stderr))
         if args.command == "config":
             print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
         elif args.command == "plan" or (args.command == "train" and args.dry_run):

@@ -113,6 +113,8 @@ def test_what_the_hub_says_it_does_not_have_stops_in_one_line_wherever_the_trial
 
 @pytest.mark.parametrize("command", [[sys.executable, "tune/sweep.py", "--space", "sd15", "--no-mlflow"],
                                      [sys.executable, "-m", "shortft.cli", "train", "--config", "sd15", "--no-mlflow"],
+                                     [sys.executable, "-m", "shortft.cli", "train", "--config", "sd15", "--no-mlflow",
+                                      "--workers", "2"],
                                      [sys.executable, "-m", "shortft.cli", "bench", "--config", "sd15", "--count-only"]])
 def test_a_sweep_or_a_run_on_a_model_it_cannot_get_stops_before_ray_in_one_line(tmp_path, command):
     """The user-level repro: `python tune/sweep.py --space sd15` offline with an empty hub cache ran the
