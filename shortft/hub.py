@@ -48,13 +48,13 @@ class Source(NamedTuple):
     variant: str | None = None  # a model's weight files (fp16: unet/diffusion_pytorch_model.fp16.safetensors)
 
 
-def _reward_sources(cfg: Config) -> list[Source]:
-    """Each hub source the config's rewards name (their defaults, or its options)."""
+def reward_sources(cfg: Config, names: list[str] | None = None) -> list[Source]:
+    """Each hub source the config's rewards (or those `names`) name: their defaults, or its options."""
     from shortft.rewards.registry import PATH_OPTIONS, defaults
     from shortft.rewards.sources import hub_repo_and_file
 
     out = []
-    for name in dict.fromkeys([*cfg.reward.weights, cfg.eval.objective, *cfg.eval.terms]):
+    for name in names or dict.fromkeys([*cfg.reward.weights, cfg.eval.objective, *cfg.eval.terms]):
         params = defaults(name)
         params.update(cfg.reward.options.get(name) or {})
         for key in sorted(PATH_OPTIONS & set(params)):
@@ -88,7 +88,7 @@ def sources(cfg: Config) -> list[Source]:
         file = shortcut.weight_name or ("config.json" if shortcut.kind == "unet" else "*.safetensors")
         rows.append(Source("model.shortcut", model.shortcut.replace("{segments}", str(cfg.chain.segments)),
                            f"shortcut ({shortcut.kind})", shortcut.path, file))
-    return rows + _reward_sources(cfg)
+    return rows + reward_sources(cfg)
 
 
 # Pipeline components that hold no weights, or that the run does not load (load_pipeline passes None).
@@ -165,32 +165,36 @@ def check_sources(cfgs: list[Config], here: bool = True, warn=None) -> None:
     this machine's hub cache and that the hub says it does not have, or, with `here` (the processes that load
     it run on this machine), that the hub cannot be asked for. Without `here` an unreachable hub gets one
     `warn` line: the machines that load the sources may have them, or the network."""
+    check([src for cfg in cfgs for src in sources(cfg)], here, warn)
+
+
+def check(srcs: list[Source], here: bool = True, warn=None) -> None:
+    """`check_sources` of these sources."""
     seen, unreachable = set(), []
-    for cfg in cfgs:
-        for src in sources(cfg):
-            if (src.repo, src.file, src.revision) in seen:
-                continue
-            seen.add((src.repo, src.file, src.revision))
-            empty = weightless(src)
-            if empty == []:
-                continue
-            problem = _on_hub(src.repo, src.file, src.revision)
-            if problem is None:
-                continue  # the loader fetches what the cache lacks
-            kind, why = problem
-            if kind == "missing":
-                raise ConfigError(f"{src.key}={src.value!r}: {why}")
-            if here and "*" not in src.file:  # a pattern's files may be cached: the loader picks one, we cannot tell
-                file = weight_file(src)
-                if empty:
-                    held = f"the hub cache holds {src.repo}'s {src.file} but no weights {in_folders(empty)}"
-                    fix = download_command(src, empty)
-                else:
-                    held = f"{src.repo + '/' + file + ' is ' if file else ''}not in this machine's hub cache"
-                    fix = download_command(src)
-                raise ConfigError(f"{src.key}={src.value!r}: {held}, and the hub cannot be asked ({why}); download it "
-                                  f"first ({fix}), or set {src.key} to a local folder")
-            unreachable.append((src.key, why))
+    for src in srcs:
+        if (src.repo, src.file, src.revision) in seen:
+            continue
+        seen.add((src.repo, src.file, src.revision))
+        empty = weightless(src)
+        if empty == []:
+            continue
+        problem = _on_hub(src.repo, src.file, src.revision)
+        if problem is None:
+            continue  # the loader fetches what the cache lacks
+        kind, why = problem
+        if kind == "missing":
+            raise ConfigError(f"{src.key}={src.value!r}: {why}")
+        if here and "*" not in src.file:  # a pattern's files may be cached: the loader picks one, we cannot tell
+            file = weight_file(src)
+            if empty:
+                held = f"the hub cache holds {src.repo}'s {src.file} but no weights {in_folders(empty)}"
+                fix = download_command(src, empty)
+            else:
+                held = f"{src.repo + '/' + file + ' is ' if file else ''}not in this machine's hub cache"
+                fix = download_command(src)
+            raise ConfigError(f"{src.key}={src.value!r}: {held}, and the hub cannot be asked ({why}); download it "
+                              f"first ({fix}), or set {src.key} to a local folder")
+        unreachable.append((src.key, why))
     if unreachable and warn is not None:
         warn(f"note: {', '.join(dict.fromkeys(k for k, _ in unreachable))}: not in this machine's hub cache, and the "
              f"hub cannot be asked from here ({unreachable[0][1]}); the machines that load them must have them")

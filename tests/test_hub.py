@@ -188,3 +188,16 @@ def test_a_model_cached_without_its_weights_stops_in_one_line_naming_them(fp16_r
     p = subprocess.run([sys.executable, "-m", "shortft.cli", "train", "--config", "tiny", f"model.pretrained={MODEL}",
                         "model.variant=fp16", "--dry-run"], cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
     assert f"[to download: no weights in unet/] {MODEL}  model" in p.stdout, p.stdout[-2000:] + p.stderr[-2000:]
+
+
+def test_timing_the_rewards_checks_their_sources_only(tmp_path):
+    """`shortft rewards --cost` loads the reward models (not the base model) and did not check them: with an
+    empty cache it failed in the first load (with HF_HUB_OFFLINE, huggingface_hub's LocalEntryNotFoundError;
+    without it and without a network, after the retries). Now the same line as every other command."""
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "empty"), "HF_HUB_OFFLINE": "1"}
+    p = subprocess.run([sys.executable, "-m", "shortft.cli", "rewards", "--cost", "--config", "sd15", "--names", "hps_v2"],
+                       cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
+    assert p.returncode == 2 and p.stderr.strip() == (
+        "shortft: error: reward.options.hps_v2.path='xswu/HPSv2': xswu/HPSv2/HPS_v2_compressed.pt is not in this "
+        "machine's hub cache, and the hub cannot be asked (HF_HUB_OFFLINE is set); download it first (hf download "
+        "xswu/HPSv2 HPS_v2_compressed.pt), or set reward.options.hps_v2.path to a local folder"), p.stderr[-2000:]

@@ -71,6 +71,10 @@ def run(cfg, names: list[str] | None, random_weights: bool, batch: int = 2, repe
     wanted = names or list(dict.fromkeys([*cfg.reward.weights, cfg.eval.objective, *cfg.eval.terms]))
     for name in wanted:
         check_name("--names", name)
+    if not random_weights:  # one line now, not half a minute of retries in the first load
+        from shortft.hub import check, reward_sources
+
+        check(reward_sources(cfg, wanted))
     device = pick_device(cfg.model.device)
     rows = [measure(n, cfg.reward.options.get(n), random_weights, batch, repeats=repeats, device=device)
             for n in bar(wanted, desc="rewards", unit="reward")]
