@@ -27,8 +27,9 @@ from shortft.bench_count import build_pipeline, count, count_device, draws, make
 from shortft.bench_report import describe
 from shortft.config import Config, ConfigError, METHODS
 from shortft.denoiser import CallCount
-from shortft.loop import autocast_for, micro_batch_loss, peak_memory_mb
+from shortft.loop import autocast_for, micro_batch_loss
 from shortft.machine import device_name, host_cpu, library_versions
+from shortft.memory import peak_memory_mb
 from shortft.models import DTYPES, pick_device, prepare_models
 from shortft.rewards import Rewards
 

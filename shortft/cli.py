@@ -24,6 +24,7 @@ import yaml
 
 from shortft.checks import load_config
 from shortft.config import ConfigError, builtin_configs, describe, parse_overrides, to_dict
+from shortft.memory import OutOfMemory, explained
 from shortft.progress import quiet_libraries
 
 
@@ -152,9 +153,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{key:32s} {json.dumps(default):28s} {help}")
             return 0
         cfg = load_config(args.config, args.overrides)
-        loads = (args.command in ("eval", "sample") or (args.command == "bench" and not args.random_weights)
-                 or (args.command == "train" and not args.dry_run))
-        if loads:  # one line now, not half a minute of retries in each loading process first
+        if (args.command in ("eval", "sample") or (args.command == "bench" and not args.random_weights)
+                or (args.command == "train" and not args.dry_run)):  # one line now, not retries in each loader
             from shortft.hub import check_sources
             from shortft.resources import starts_local_ray
 
@@ -174,19 +174,21 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "train":
             return run_train(cfg, args)
         elif args.command == "eval":
-            run_eval(cfg, args.lora, args.grid)
+            with explained(cfg, "in the evaluation", "sampling"):
+                run_eval(cfg, args.lora, args.grid)
         elif args.command == "bench":
             run_bench(cfg, args)
         elif args.command == "sample":
             from shortft.sample import run_sample
 
-            run_sample(cfg, args.lora, args.prompt, args.prompts, int_list("--seeds", args.seeds), args.steps,
-                       args.guidance, Path(args.out), args.compare)
+            with explained(cfg, "while sampling", "sampling"):
+                run_sample(cfg, args.lora, args.prompt, args.prompts, int_list("--seeds", args.seeds), args.steps,
+                           args.guidance, Path(args.out), args.compare)
         elif args.command == "rewards":
             run_rewards(cfg, args)
-    except ConfigError as e:
+    except (ConfigError, OutOfMemory) as e:  # a user's mistake: 2; out of GPU memory in `eval`, `sample`: 1
         print(f"shortft: error: {e}", file=sys.stderr)
-        return 2
+        return 2 if isinstance(e, ConfigError) else 1
     except KeyboardInterrupt:
         print("shortft: interrupted; resume with --resume", file=sys.stderr)
         return 130
@@ -232,7 +234,11 @@ def run_train(cfg, args) -> int:
                 callbacks.append(tracking.MlflowLogger(uri, run_id, metrics_file=cfg.output_dir / "metrics.jsonl"))
             result = train(cfg, callbacks, resume=args.resume)
             print(f"done: LoRA in {result.lora_dir}; eval " + json.dumps(scalars(result.eval)))
-    except (NonFiniteError, CheckpointWriteError) as e:
+    except (NonFiniteError, CheckpointWriteError, OutOfMemory) as e:
+        if args.workers > 0:
+            import ray
+
+            ray.shutdown()  # Ray's echo of the workers' tracebacks first: the reason is the last line
         print(f"shortft: error: {e}", file=sys.stderr)
         return 1
     if uri:

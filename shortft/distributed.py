@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 import uuid
@@ -23,8 +24,9 @@ from pathlib import Path
 
 from shortft import checkpoint, resources, tracking
 from shortft.config import Config, ConfigError, from_dict, to_dict
-from shortft.loop import Callback
+from shortft.loop import Callback, NonFiniteError
 from shortft.mlflow_relay import start_relay
+from shortft.memory import OutOfMemory
 from shortft.ray_reports import FAULT_MARKER, FaultInjector, RayReport, fault_request
 
 
@@ -133,6 +135,18 @@ WORKER_GROUP_START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
 POLL_INTERVAL_ENV, POLL_INTERVAL_S = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2"
 
 
+def _one_line_error(error: Exception) -> Exception | None:
+    """The one-line error a worker raised (ConfigError, NonFiniteError, CheckpointWriteError, OutOfMemory),
+    found in the error Ray Train raises around it (the worker's traceback, ending in `module.Type: line`),
+    as itself; the CLI prints it as one line. None for anything else."""
+    known = {cls.__name__: cls for cls in (ConfigError, NonFiniteError, checkpoint.CheckpointWriteError, OutOfMemory)}
+    for line in reversed(str(error).splitlines()):
+        raised = re.match(r"shortft(?:\.\w+)*\.(\w+): (.+)", line.strip())
+        if raised and raised.group(1) in known:
+            return known[raised.group(1)](raised.group(2))
+    return None
+
+
 class ResourceWaitError(RuntimeError):
     """A Ray Train job whose workers were not placed within `--resource-wait-s`."""
 
@@ -222,9 +236,9 @@ def train_with_ray(cfg: Config, workers: int, use_gpu: bool = False, storage_pat
     try:
         result = trainer.fit()
     except Exception as e:
-        refusal = next((line.strip() for line in str(e).splitlines() if "resume: the checkpoint" in line), None)
-        if refusal:  # a worker refused the checkpoint (another worker count): the user's mistake, one line
-            raise ConfigError(refusal[refusal.index("resume: the checkpoint"):]) from None
+        told = _one_line_error(e)
+        if told is not None:  # a worker's own one-line error (a refused checkpoint, out of GPU memory, ...)
+            raise told from None
         if resource_wait_s and _placement_timed_out(e):
             raise ResourceWaitError(
                 f"--resource-wait-s {resource_wait_s:g}: the {workers} worker(s) of {cpus:g} CPU"

@@ -28,6 +28,7 @@ from shortft.denoiser import CallCount
 from shortft.evaluate import evaluate, scalars
 from shortft.lora import lora_params, save_loras
 from shortft.models import Models, load_models
+from shortft.memory import explained, peak_memory_mb
 from shortft.preflight import memory_of
 from shortft.progress import bar, say, warn
 from shortft.rewards import Rewards
@@ -45,15 +46,6 @@ class Callback:
 
     def on_end(self, result: "TrainResult") -> None:
         """After the final LoRA is saved."""
-
-
-def peak_memory_mb(device: torch.device) -> float:
-    """Peak accelerator memory of this process, or its peak resident memory on CPU."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
 class NonFiniteError(RuntimeError):
@@ -162,9 +154,10 @@ def train(cfg: Config, callbacks: list[Callback] = (), resume: bool | str | Path
         (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
     # 1. Load and freeze; add the LoRAs (zero-initialised) and the rewards.
-    models = load_models(cfg)
+    with explained(cfg, "loading the models", "loading"):
+        models = load_models(cfg)
+        rewards = Rewards(cfg.reward.weights, cfg.reward.options, [cfg.eval.objective, *cfg.eval.terms], models.device)
     unet, plan, adapters = models.unet, models.plan, models.adapters
-    rewards = Rewards(cfg.reward.weights, cfg.reward.options, [cfg.eval.objective, *cfg.eval.terms], models.device)
     prompts = read_prompts(cfg.data.prompts, cfg.data.prompt_column)
 
     # 2. One optimizer over every LoRA; frozen stages simply get no gradient.
@@ -214,36 +207,37 @@ def train(cfg: Config, callbacks: list[Callback] = (), resume: bool | str | Path
                 p.requires_grad_(name in training)
 
         # 4. Micro-batches: chain -> decode -> reward -> loss -> backward.
-        sums: dict[str, float] = {}
-        for micro in range(cfg.train.grad_accum):
-            batch, noise = draw_batch(models, prompts, cfg.train.seed, step, micro, rank * cfg.train.batch_size,
-                                      cfg.train.batch_size)
-            generator = seeded(cfg.train.seed, step, micro, CHAIN_STREAM)
-            loss, reward, terms = micro_batch_loss(models, rewards, cfg, batch, noise, stage, generator, autocast)
-            scaler.scale(loss).backward()
-            sums["loss"] = sums.get("loss", 0.0) + float(loss.detach())
-            sums["reward"] = sums.get("reward", 0.0) + float(reward.detach().mean()) / cfg.train.grad_accum
-            for n, v in terms.items():
-                sums[f"reward/{n}"] = sums.get(f"reward/{n}", 0.0) + float(v.detach().mean()) / cfg.train.grad_accum
-            del terms, reward, loss  # free the graph before the next micro-batch
+        with explained(cfg, f"in step {step + 1}", "step"):  # AdamW's state is made in the first step's update
+            sums: dict[str, float] = {}
+            for micro in range(cfg.train.grad_accum):
+                batch, noise = draw_batch(models, prompts, cfg.train.seed, step, micro, rank * cfg.train.batch_size,
+                                          cfg.train.batch_size)
+                generator = seeded(cfg.train.seed, step, micro, CHAIN_STREAM)
+                loss, reward, terms = micro_batch_loss(models, rewards, cfg, batch, noise, stage, generator, autocast)
+                scaler.scale(loss).backward()
+                sums["loss"] = sums.get("loss", 0.0) + float(loss.detach())
+                sums["reward"] = sums.get("reward", 0.0) + float(reward.detach().mean()) / cfg.train.grad_accum
+                for n, v in terms.items():
+                    sums[f"reward/{n}"] = sums.get(f"reward/{n}", 0.0) + float(v.detach().mean()) / cfg.train.grad_accum
+                del terms, reward, loss  # free the graph before the next micro-batch
 
-        # 5. Average over ranks, clip, guard against non-finite values, step.
-        scaler.unscale_(optimizer)
-        trainable = [p for name in adapters if name in training for p in params[name]]  # same order on every rank
-        _all_reduce_grads(trainable, world_size)
-        keys = sorted(sums)
-        sums = dict(zip(keys, _all_reduce_mean([sums[k] for k in keys], models.device, world_size)))
-        grads = [p.grad for p in trainable if p.grad is not None]
-        grad_norm = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
-        if cfg.train.grad_clip > 0 and grads:
-            torch.nn.utils.clip_grads_with_norm_(trainable, cfg.train.grad_clip, torch.tensor(grad_norm))
-        finite = math.isfinite(sums["loss"]) and math.isfinite(grad_norm)
-        if finite:
-            scaler.step(optimizer)
-            bad_in_row = 0
-        else:
-            bad_in_row += 1
-        scaler.update()
+            # 5. Average over ranks, clip, guard against non-finite values, step.
+            scaler.unscale_(optimizer)
+            trainable = [p for name in adapters if name in training for p in params[name]]  # same order on every rank
+            _all_reduce_grads(trainable, world_size)
+            keys = sorted(sums)
+            sums = dict(zip(keys, _all_reduce_mean([sums[k] for k in keys], models.device, world_size)))
+            grads = [p.grad for p in trainable if p.grad is not None]
+            grad_norm = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+            if cfg.train.grad_clip > 0 and grads:
+                torch.nn.utils.clip_grads_with_norm_(trainable, cfg.train.grad_clip, torch.tensor(grad_norm))
+            finite = math.isfinite(sums["loss"]) and math.isfinite(grad_norm)
+            if finite:
+                scaler.step(optimizer)
+                bad_in_row = 0
+            else:
+                bad_in_row += 1
+            scaler.update()
         optimizer.zero_grad(set_to_none=True)
 
         # 6. Evaluate, write the row, checkpoint, then report the step (with what was written) in one call. The
@@ -265,7 +259,8 @@ def train(cfg: Config, callbacks: list[Callback] = (), resume: bool | str | Path
         if is_main and ((cfg.eval.every and (step + 1) % cfg.eval.every == 0) or last):
             artifacts["grid"] = out / "samples" / f"step_{step + 1:06d}.png"
             t_eval = time.perf_counter()
-            eval_metrics = evaluate(models, cfg, rewards, artifacts["grid"])
+            with explained(cfg, f"in the evaluation at step {step + 1}", "evaluation"):
+                eval_metrics = evaluate(models, cfg, rewards, artifacts["grid"])
             metrics.update(eval_metrics, eval_seconds=time.perf_counter() - t_eval)
             say("eval  " + "  ".join(f"{k[5:]} {v:+.4f}" for k, v in scalars(eval_metrics).items()))
         history.append(metrics)

@@ -46,6 +46,88 @@ def test_cli_reports_a_failed_checkpoint_write_in_one_line(tmp_path, tiny_dir):
     assert p.returncode == 1 and len(lines) == 1 and "No space left" in lines[0] and "Traceback" not in p.stderr, p.stderr
 
 
+# PyTorch's allocator report, in the form torch.OutOfMemoryError carries it on a CUDA card
+CUDA_OOM = ("CUDA out of memory. Tried to allocate 1.25 GiB. GPU 0 has a total capacity of 23.52 GiB of which 1.18 GiB "
+            "is free. Process 2752205 has 3.10 GiB memory in use. Including non-PyTorch memory, this process has 19.22 "
+            "GiB memory in use. Of the allocated memory 16.63 GiB is allocated by PyTorch, and 2.12 GiB is reserved by "
+            "PyTorch but unallocated. If reserved but unallocated memory is large try setting PYTORCH_CUDA_ALLOC_CONF="
+            "expandable_segments:True to avoid fragmentation.  See documentation for Memory Management  "
+            "(https://pytorch.org/docs/stable/notes/cuda.html#environment-variables)")
+
+
+@pytest.mark.parametrize("where", ["step", "evaluation"])
+def test_out_of_gpu_memory_is_one_line_naming_the_settings_that_lower_the_peak(tmp_path, tiny_dir, where):
+    """A card too small for the config ended the run in a page of traceback whose last line was PyTorch's
+    allocator report, naming no setting of this project. The error is raised where the GPU raises it: inside
+    the second step's chain (or its evaluation), after the first step's checkpoint."""
+    target = "micro_batch_loss" if where == "step" else "evaluate"
+    code = (f"import sys, torch, shortft.loop as loop; real = loop.{target}; calls = []\n"
+            "def oom(*a, **k):\n"
+            "    calls.append(1)\n"
+            f"    if len(calls) == 2: raise torch.OutOfMemoryError({CUDA_OOM!r})\n"
+            "    return real(*a, **k)\n"
+            f"loop.{target} = oom\n"
+            "from shortft.cli import main; sys.exit(main(sys.argv[1:]))")
+    p = subprocess.run([sys.executable, "-c", code, "train", "train.steps=3", "train.checkpoint_every=1", "eval.every=1",
+                        "chain.steps=4", "chain.segments=2", "train.batch_size=4", f"model.pretrained={tiny_dir}",
+                        f"train.output_dir={tmp_path}/run", "--no-mlflow"], capture_output=True, text=True, timeout=300)
+    lines = [line for line in p.stderr.splitlines() if line.strip()]
+    assert p.returncode == 1 and len(lines) == 1 and "Traceback" not in p.stderr, p.stderr[-3000:]
+    at = "in step 2" if where == "step" else "in the evaluation at step 2"
+    fixes = ("model.dtype=bfloat16 (the frozen weights in half the memory), chain.checkpointing=true (each call "
+             "recomputed in backward), model.gradient_checkpointing=true, model.vae_checkpointing=true, "
+             "train.batch_size=2 train.grad_accum=2 (the same images per step), model.vae_batch_size=1 (one image per "
+             "decode)") if where == "step" else ("model.dtype=bfloat16 (the frozen weights in half the memory), "
+                                                 "eval.batch_size=4, model.vae_batch_size=1 (one image per decode)")
+    assert lines[0] == (f"shortft: error: out of GPU memory {at} (asked for 1.25 GiB with 1.18 GiB of 23.52 GiB free; "
+                        f"another process holds 3.10 GiB); to lower the peak: {fixes}; PyTorch held memory it could "
+                        "not hand out: PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True; the checkpoints written so far "
+                        "are kept")
+    assert [c.name for c in checkpoint.list_checkpoints(tmp_path / "run/checkpoints")] == ["step_000001"]
+
+
+def test_out_of_gpu_memory_in_shortft_eval_is_one_line(tiny_dir):
+    code = ("import sys, torch, shortft.sample as sample\n"
+            f"def oom(*a, **k): raise torch.OutOfMemoryError({CUDA_OOM!r})\n"
+            "sample.evaluate_trained = oom\n"
+            "from shortft.cli import main; sys.exit(main(sys.argv[1:]))")
+    p = subprocess.run([sys.executable, "-c", code, "eval", f"model.pretrained={tiny_dir}", "chain.steps=4"],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 1 and p.stderr.strip().splitlines() == [
+        "shortft: error: out of GPU memory in the evaluation (asked for 1.25 GiB with 1.18 GiB of 23.52 GiB free; "
+        "another process holds 3.10 GiB); to lower the peak: model.dtype=bfloat16 (the frozen weights in half the "
+        "memory), eval.batch_size=4, model.vae_batch_size=1 (one image per decode); PyTorch held memory it could not "
+        "hand out: PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True"], p.stderr[-3000:]
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("ray")  # a Ray Train run: with the other tests that start Ray (see test_sweep.py)
+def test_a_workers_one_line_error_reaches_the_user_as_that_line(tmp_path, tiny_dir):
+    """`--workers N`: a worker's one-line error (here the loop's non-finite stop; out of GPU memory, a
+    refused checkpoint and a failed checkpoint write take the same way) ended the command in the driver's
+    traceback around Ray Train's WorkerGroupError, after Ray's echo of the worker's own."""
+    p = subprocess.run([sys.executable, "-m", "shortft.cli", "train", "--config", "tiny", f"model.pretrained={tiny_dir}",
+                        "train.steps=4", "chain.steps=4", "chain.segments=2", "train.lr=1e30", "train.grad_clip=0",
+                        "train.max_bad_steps=1", f"train.output_dir={tmp_path}/run", "--no-mlflow", "--workers", "1",
+                        "--max-failures", "0", "--storage-path", str(tmp_path / "ray")],
+                       capture_output=True, text=True, timeout=300)
+    lines = p.stderr.strip().splitlines()
+    assert p.returncode == 1 and lines[-1] == (
+        "shortft: error: 1 steps in a row had a non-finite loss or gradient (last at step 2); lower train.lr, set "
+        "train.grad_clip, or use train.mixed_precision=bf16/no"), p.stderr[-3000:]
+    assert "shortft/cli.py" not in p.stderr and "<frozen runpy>" not in p.stderr, p.stderr[-3000:]  # no driver traceback
+
+
+def test_out_of_gpu_memory_offers_only_the_settings_not_already_made():
+    from shortft.memory import settings
+
+    cfg = shortft.load_config("sd15")  # checkpointed UNet blocks and decoder, bf16, one image per decode
+    assert settings(cfg, "step") == ["chain.checkpointing=true (each call recomputed in backward)"]
+    assert settings(shortft.load_config("sd15", ["chain.checkpointing=true"]), "step") == []
+    assert settings(cfg, "loading") == [] and settings(cfg, "sampling") == ["eval.batch_size=2"]
+    assert settings(shortft.load_config("toy", ["train.batch_size=3"]), "step")[-2] == "train.batch_size=1 train.grad_accum=3 (the same images per step)"
+
+
 def test_the_fp16_loss_scale_survives_a_checkpoint(make_cfg, tmp_path):
     from shortft.models import load_models
 

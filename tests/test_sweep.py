@@ -142,6 +142,26 @@ def test_gains_over_the_untrained_model_are_measured_sample_by_sample():
     assert "gain ± paired se" not in old[0] and old[-1] == "best - untrained: +0.0200 = 0.2 x the larger standard error (0.1100)"
 
 
+def test_a_trial_that_ran_out_of_gpu_memory_has_the_whole_line_in_the_table():
+    """Tune keeps a trial's error as Ray's exception, the remote traceback above its last line: that line
+    was cut at 300 characters, type included, which cut the settings that would make the trial fit."""
+    import traceback
+
+    from ray.exceptions import RayTaskError
+
+    from shortft.memory import OutOfMemory
+    from shortft.sweep.results import error_line
+
+    line = "out of GPU memory in step 2 (asked for 1.25 GiB with 1.18 GiB of 23.52 GiB free); to lower the peak: " + \
+        "model.gradient_checkpointing=true, " * 10 + "the checkpoints written so far are kept"
+    try:
+        raise OutOfMemory(line)
+    except OutOfMemory as e:
+        error = RayTaskError("_Inner.train", traceback.format_exc(), e, pid=1, ip="10.0.0.2")
+    assert len(line) > 300 and error_line(error) == line
+    assert error_line(RuntimeError("a\nValueError: " + "x" * 400)) == "ValueError: " + "x" * 288  # others: cut as before
+
+
 def test_the_results_table_pairs_a_trials_best_evaluation_with_the_untrained_models(tmp_path, monkeypatch):
     """The samples of the evaluation that gave the best objective (not the last); none where the space
     searches what the evaluation reads (two trials' samples then are not the same samples)."""

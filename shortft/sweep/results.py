@@ -4,6 +4,7 @@ Optuna's plots, all logged to the sweep's parent MLflow run."""
 from __future__ import annotations
 
 import math
+import re
 import statistics
 import sys
 from pathlib import Path
@@ -19,12 +20,15 @@ SAMPLES = "objective_samples"  # a row's objective on each sample of its best ev
 
 
 def error_line(error) -> str | None:
-    """A failed trial's reason in one line: ours where we raised one (e.g. `--resource-wait-s`), else the
+    """A failed trial's reason in one line: ours where we raised one (`--resource-wait-s`; the one-line
+    errors of this package, such as running out of GPU memory, whole and without their type), else the
     last line of the error Tune kept (the whole traceback is in the trial's error.txt)."""
     if error is None:
         return None
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     ours = next((line[line.index("--resource-wait-s"):] for line in lines if "--resource-wait-s" in line), None)
+    if not ours and lines and (raised := re.match(r"shortft(?:\.\w+)+: (.+)", lines[-1])):
+        ours = raised.group(1)
     return ours or (lines[-1][:300] if lines else type(error).__name__)
 
 
