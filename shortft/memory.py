@@ -102,6 +102,4 @@ def explained(cfg: Config, where: str, what: str):
     try:
         yield
     except torch.OutOfMemoryError as e:
-        line = message(cfg, where, what, e)
-        del e  # its traceback holds the step's tensors: let them go before anything else runs
-        raise OutOfMemory(line) from None
+        raise OutOfMemory(message(cfg, where, what, e)) from None
