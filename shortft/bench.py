@@ -20,6 +20,7 @@ import datetime
 import gc
 import statistics
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -29,7 +30,7 @@ from shortft.config import Config, ConfigError, METHODS
 from shortft.denoiser import CallCount
 from shortft.loop import autocast_for, micro_batch_loss
 from shortft.machine import device_name, host_cpu, library_versions
-from shortft.memory import peak_memory_mb
+from shortft.memory import peak_memory_mb, report
 from shortft.models import DTYPES, pick_device, prepare_models
 from shortft.rewards import Rewards
 
@@ -136,10 +137,13 @@ def device_peak_tflops(device: torch.device) -> float | None:
 def run_bench(cfg: Config, methods: list[str], segments: list[int], batches: list[int], steps: int = 3,
               warmup: int = 1, random_weights: bool = False, time_it: bool = True, progress=print,
               counts_from: dict | None = None, checkpointing: list[bool | None] = (None,),
-              profile: bool = False) -> dict:
+              profile: bool = False, on_arm: Callable[[dict], None] | None = None) -> dict:
     """Bench every arm; returns {"rows": [...], "device": ..., ...} (see the module docstring).
     `counts_from`: an earlier result (e.g. a `--count-only` run on a CPU) whose FLOP counts and memory
-    estimates are reused for the same arms, since they do not depend on the machine."""
+    estimates are reused for the same arms, since they do not depend on the machine. `on_arm(result)`
+    after each arm, with the rows so far (the CLI writes its JSON there: a run stopped by a time limit
+    keeps the arms it finished). An arm that runs out of GPU memory gets an `error` and no timings; the
+    others go on."""
     bad = [m for m in methods if m not in METHODS]
     if bad:
         raise ConfigError(f"--methods {','.join(bad)}: unknown; choose from {','.join(METHODS)}")
@@ -166,6 +170,11 @@ def run_bench(cfg: Config, methods: list[str], segments: list[int], batches: lis
         return shared[key]
 
     rows = []
+    result = {"config": cfg.name, "pretrained": cfg.model.pretrained, "random_weights": random_weights,
+              "steps": cfg.chain.steps, "dtype": cfg.model.dtype, "mixed_precision": autocast_for(cfg, device)[1],
+              "device": device_name(device), "host_cpu": host_cpu(), "libraries": library_versions(),
+              "threads": torch.get_num_threads(), "peak_bf16_tflops": peak, "date": datetime.date.today().isoformat(),
+              "rows": rows}
     for arm in arms(methods, segments, batches, checkpointing):
         arm_cfg = arm_config(cfg, arm)
         t0 = time.perf_counter()
@@ -176,25 +185,31 @@ def run_bench(cfg: Config, methods: list[str], segments: list[int], batches: lis
                "checkpointing": arm_cfg.chain.checkpointing, **counted}
         gc.collect()  # the counting step's models before the timed ones load
         if time_it:
-            row.update(time_steps(arm_cfg, random_weights, steps, warmup, rewards_on(device, random_weights), profile))
-            row["achieved_tflops"] = row["flops"] / row["seconds_per_step"] / 1e12
-            row["peak_share"] = row["achieved_tflops"] / peak if peak else None
+            try:
+                row.update(time_steps(arm_cfg, random_weights, steps, warmup, rewards_on(device, random_weights),
+                                      profile))
+                row["achieved_tflops"] = row["flops"] / row["seconds_per_step"] / 1e12
+                row["peak_share"] = row["achieved_tflops"] / peak if peak else None
+            except torch.OutOfMemoryError as e:  # this arm does not fit the card; the next may
+                row["error"] = f"out of GPU memory ({report(e)})"
         rows.append(row)
         gc.collect()  # the arm's models (peft and diffusers hold reference cycles) before the next arm's
         if device.type == "cuda":
             torch.cuda.empty_cache()
         progress(f"  {arm.label:22s} {describe(row)}  ({time.perf_counter() - t0:.0f} s)")
+        _ratios(rows)
+        if on_arm:
+            on_arm(result)
+    return result
+
+
+def _ratios(rows: list[dict]) -> None:
+    """Each row's figures over those of `full` at its batch, where both have them."""
     for row in rows:
-        ref = next(r for r in rows if r["method"] == "full" and r["batch"] == row["batch"])
+        ref = next((r for r in rows if r["method"] == "full" and r["batch"] == row["batch"]), {})
         for key in ("seconds_per_step", "peak_memory_mb", "flops", "ops", "memory_estimate_mb"):
             if key in row:
-                row[f"{key}_vs_full"] = row[key] / ref[key] if ref[key] else None
-    return {"config": cfg.name, "pretrained": cfg.model.pretrained, "random_weights": random_weights,
-            "steps": cfg.chain.steps, "dtype": cfg.model.dtype, "mixed_precision": autocast_for(cfg, device)[1],
-            "device": device_name(device),
-            "host_cpu": host_cpu(), "libraries": library_versions(), "threads": torch.get_num_threads(),
-            "peak_bf16_tflops": peak,
-            "date": datetime.date.today().isoformat(), "rows": rows}
+                row[f"{key}_vs_full"] = row[key] / ref[key] if ref.get(key) else None
 
 
 def _earlier_count(result: dict, arm: Arm) -> dict | None:

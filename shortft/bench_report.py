@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
 
 def describe(row: dict) -> str:
     text = f"calls {row['calls']}/{row['grad_calls']}  {row['flops'] / 1e12:8.3g} TFLOP  {row.get('ops', 0):7d} ops"
+    if "error" in row:
+        return f"{text}  {row['error']}"
     if "seconds_per_step" in row:
         text += f"  {row['seconds_per_step']:.3f} s/step  peak {row['peak_memory_mb']:.0f} MB"
     if "gpu_busy_share" in row:
@@ -15,9 +18,13 @@ def describe(row: dict) -> str:
     return text
 
 
+def _cell(value, fmt: str) -> str:
+    return "-" if value is None else format(value, fmt)
+
+
 def format_table(result: dict) -> str:
-    timed = "seconds_per_step" in result["rows"][0]
-    profiled = "gpu_busy_share" in result["rows"][0]
+    timed = any("seconds_per_step" in r or "error" in r for r in result["rows"])
+    profiled = any("gpu_busy_share" in r for r in result["rows"])
     head = "| method | k | batch | calls (grad) | TFLOP/step | aten ops/step | est. memory MB |"
     if timed:
         head += " s/step (min-max) | peak MB | TFLOP/s | share of peak | s/step vs full | memory vs full |"
@@ -28,15 +35,24 @@ def format_table(result: dict) -> str:
         line = (f"| {r['method']}{' (ckpt)' if r['checkpointing'] else ''} | {r['segments'] or '-'} | {r['batch']} | "
                 f"{r['calls']} ({r['grad_calls']}) | {r['flops'] / 1e12:.3g} | {r.get('ops', '-')} | "
                 f"{r['memory_estimate_mb']:.0f} |")
-        if timed:
+        if timed and "error" in r:  # this arm did not fit the card
+            line += f" {r['error']} |" + " - |" * (5 + 2 * profiled)
+        elif timed:
             share = f"{r['peak_share']:.0%}" if r["peak_share"] else "-"
             line += (f" {r['seconds_per_step']:.3f} ({r['seconds_min']:.3f}-{r['seconds_max']:.3f}) | "
                      f"{r['peak_memory_mb']:.0f} | {r['achieved_tflops']:.3g} | {share} | "
-                     f"{r['seconds_per_step_vs_full']:.2f} | {r['peak_memory_mb_vs_full']:.2f} |")
-        if profiled:
-            line += f" {r['gpu_busy_share']:.0%} | {r['kernels_per_step']} |"
+                     f"{_cell(r['seconds_per_step_vs_full'], '.2f')} | {_cell(r['peak_memory_mb_vs_full'], '.2f')} |")
+            if profiled:
+                line += f" {_cell(r.get('gpu_busy_share'), '.0%')} | {r.get('kernels_per_step', '-')} |"
         lines.append(line)
     return "\n".join(lines)
+
+
+def save_json(path: Path, result: dict) -> None:
+    """Written whole or not at all (a temp file renamed): a bench stopped mid-write keeps the previous arms."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(result, indent=1))
+    tmp.replace(path)
 
 
 def log_to_mlflow(result: dict, tracking_uri: str, json_path: Path | None, experiment: str = "shortft-bench") -> str:

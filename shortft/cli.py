@@ -265,22 +265,22 @@ def bool_list(flag: str, text: str | None) -> list[bool | None]:
 
 def run_bench(cfg, args) -> dict:
     from shortft.bench import run_bench as bench
-    from shortft.bench_report import format_table, log_to_mlflow
+    from shortft.bench_report import format_table, log_to_mlflow, save_json
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     print(f"bench {cfg.name}: {cfg.model.pretrained}{' (random weights)' if args.random_weights else ''}, "
           f"N={cfg.chain.steps}", flush=True)
-    result = bench(cfg, methods, int_list("--segments", args.segments), int_list("--batch", args.batch),
-                   args.steps, args.warmup, args.random_weights, time_it=not args.count_only,
-                   counts_from=json.loads(Path(args.counts_from).read_text()) if args.counts_from else None,
-                   checkpointing=bool_list("--checkpointing", args.checkpointing), profile=args.profile)
-    print(f"\n{result['device']} (host: {result['host_cpu']}, {result['threads']} torch threads), "
-          f"{result['mixed_precision']} autocast, frozen weights {result['dtype']}, {result['date']}\n"
-          + format_table(result))
     path = Path(args.json) if args.json else None
     if path:
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(result, indent=1))
+    result = bench(cfg, methods, int_list("--segments", args.segments), int_list("--batch", args.batch),
+                   args.steps, args.warmup, args.random_weights, time_it=not args.count_only,
+                   counts_from=json.loads(Path(args.counts_from).read_text()) if args.counts_from else None,
+                   checkpointing=bool_list("--checkpointing", args.checkpointing), profile=args.profile,
+                   on_arm=(lambda so_far: save_json(path, so_far)) if path else None)
+    print(f"\n{result['device']} (host: {result['host_cpu']}, {result['threads']} torch threads), "
+          f"{result['mixed_precision']} autocast, frozen weights {result['dtype']}, {result['date']}\n"
+          + format_table(result))
     if args.tracking_uri:
         print(f"mlflow run {log_to_mlflow(result, args.tracking_uri, path)}")
     return result

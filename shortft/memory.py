@@ -37,7 +37,7 @@ class OutOfMemory(RuntimeError):
 _SIZE = r"([\d.]+ (?:bytes|[KMGTP]iB))"  # c10's format_size
 
 
-def _report(error: BaseException) -> str:
+def report(error: BaseException) -> str:
     """PyTorch's allocator report in a few words: asked for, free of total, and what other processes hold."""
     text = str(error)
     asked, total, free = (re.search(pattern, text) for pattern in (
@@ -85,7 +85,7 @@ def settings(cfg: Config, what: str) -> list[str]:
 
 def message(cfg: Config, where: str, what: str, error: BaseException) -> str:
     fixes = settings(cfg, what)
-    line = f"out of GPU memory {where} ({_report(error)})"
+    line = f"out of GPU memory {where} ({report(error)})"
     line += f"; to lower the peak: {', '.join(fixes)}" if fixes else "; this config needs a card with more memory"
     if _fragmented(error):
         line += "; PyTorch held memory it could not hand out: PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True"

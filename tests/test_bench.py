@@ -82,3 +82,37 @@ def test_checkpointing_trades_memory_for_compute_in_the_count(tiny_dir):
     assert ckpt["memory_estimate_mb"] < plain["memory_estimate_mb"]
     assert 1.2 * plain["flops"] < ckpt["flops"] < 2 * plain["flops"]
     assert (ckpt["calls"], ckpt["grad_calls"]) == (plain["calls"], plain["grad_calls"])
+
+
+def test_an_arm_that_runs_out_of_gpu_memory_is_a_row_and_the_json_keeps_every_finished_arm(tmp_path, tiny_dir):
+    """On the H200 (2026-11-26) the first batch-2 arm ran out of memory and the bench stopped there with a
+    traceback, its other arms and the JSON lost; a device time limit that stops a part loses its JSON too.
+    Here alignprop runs out of memory (raised where the GPU raises it, in the arm's timing), then in a
+    second run the process dies in the third arm."""
+    from tests.test_failures import CUDA_OOM
+
+    code = ("import sys, torch, shortft.bench as bench; real = bench.time_steps\n"
+            "def timed(cfg, *a, **k):\n"
+            f"    if cfg.chain.method == 'alignprop': raise torch.OutOfMemoryError({CUDA_OOM!r})\n"
+            "    if cfg.chain.method == sys.argv[1]: raise SystemExit('killed')\n"
+            "    return real(cfg, *a, **k)\n"
+            "bench.time_steps = timed\n"
+            "from shortft.cli import main; sys.exit(main(sys.argv[2:]))")
+    out = tmp_path / "b.json"
+    args = ["bench", "--config", "tiny", "--random-weights", "--methods", "shortft,draft,alignprop", "--steps", "1",
+            "--warmup", "0", "--json", str(out), "chain.steps=8", "chain.segments=4"]
+    p = subprocess.run([sys.executable, "-c", code, "none", *args], capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    rows = {r["method"]: r for r in json.loads(out.read_text())["rows"]}
+    assert list(rows) == ["full", "shortft", "draft", "alignprop"]
+    assert rows["alignprop"]["error"] == "out of GPU memory (asked for 1.25 GiB with 1.18 GiB of 23.52 GiB free; " \
+                                         "another process holds 3.10 GiB)"
+    assert "seconds_per_step" not in rows["alignprop"] and rows["alignprop"]["flops"] > 0  # still counted
+    assert rows["shortft"]["seconds_per_step_vs_full"] > 0 and rows["draft"]["seconds_per_step"] > 0
+    head, line = (next(x for x in p.stdout.splitlines() if x.startswith(s)) for s in ("| method", "| alignprop"))
+    assert "| out of GPU memory (asked for 1.25 GiB" in line and line.count("|") == head.count("|")  # the same columns
+
+    p = subprocess.run([sys.executable, "-c", code, "draft", *args], capture_output=True, text=True, timeout=600)
+    assert p.returncode == 1 and "killed" in p.stderr
+    assert [r["method"] for r in json.loads(out.read_text())["rows"]] == ["full", "shortft"]  # the finished arms
+    assert not list(tmp_path.glob("*.tmp"))
