@@ -15,14 +15,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import shutil
 import tempfile
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from shortft import checkpoint, resources, tracking
+from shortft import checkpoint, raised, resources, tracking
 from shortft.config import Config, ConfigError, from_dict, to_dict
 from shortft.loop import Callback, NonFiniteError
 from shortft.mlflow_relay import start_relay
@@ -140,11 +139,8 @@ def _one_line_error(error: Exception) -> Exception | None:
     found in the error Ray Train raises around it (the worker's traceback, ending in `module.Type: line`),
     as itself; the CLI prints it as one line. None for anything else."""
     known = {cls.__name__: cls for cls in (ConfigError, NonFiniteError, checkpoint.CheckpointWriteError, OutOfMemory)}
-    for line in reversed(str(error).splitlines()):
-        raised = re.match(r"shortft(?:\.\w+)*\.(\w+): (.+)", line.strip())
-        if raised and raised.group(1) in known:
-            return known[raised.group(1)](raised.group(2))
-    return None
+    kind, line = raised.found(error) or (None, None)
+    return known[kind](line) if kind in known else None
 
 
 class ResourceWaitError(RuntimeError):

@@ -162,6 +162,41 @@ def test_a_trial_that_ran_out_of_gpu_memory_has_the_whole_line_in_the_table():
     assert error_line(RuntimeError("a\nValueError: " + "x" * 400)) == "ValueError: " + "x" * 288  # others: cut as before
 
 
+def test_the_untrained_models_evaluation_out_of_gpu_memory_costs_its_row_in_one_line(tmp_path, monkeypatch, capsys):
+    """It runs as a Ray task beside the trials; its row's reason was the last line of PyTorch's report."""
+    import traceback
+
+    import ray
+    import torch
+    from ray.exceptions import RayTaskError
+
+    import shortft.sample
+    from shortft.memory import OutOfMemory
+    from shortft.sweep import baseline
+    from tests.test_failures import CUDA_OOM
+
+    def oom(*args, **kwargs):
+        raise torch.OutOfMemoryError(CUDA_OOM)
+
+    monkeypatch.setattr(shortft.sample, "evaluate_trained", oom)
+    try:
+        baseline.evaluate_base("tiny", {"eval.batch_size": 4}, tmp_path)
+    except OutOfMemory as e:
+        error = RayTaskError("_evaluate_in_task", traceback.format_exc(), e)
+
+    def get(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(ray, "get", get)
+    assert baseline.BaseEvaluation(tmp_path, task=object()).result() is None
+    assert capsys.readouterr().err.strip() == (
+        "untrained model: no row in the results (its evaluation failed: out of GPU memory in the untrained model's "
+        "evaluation (asked for 1.25 GiB with 1.18 GiB of 23.52 GiB free; another process holds 3.10 GiB); to lower "
+        "the peak: model.dtype=bfloat16 (the frozen weights in half the memory), eval.batch_size=2, "
+        "model.vae_batch_size=1 (one image per decode); PyTorch held memory it could not hand out: "
+        "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True)")
+
+
 def test_the_results_table_pairs_a_trials_best_evaluation_with_the_untrained_models(tmp_path, monkeypatch):
     """The samples of the evaluation that gave the best objective (not the last); none where the space
     searches what the evaluation reads (two trials' samples then are not the same samples)."""

@@ -21,7 +21,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from shortft import raised
 from shortft.config import Config, flatten, to_dict
+from shortft.memory import explained
 from shortft.space import Space, trial_config
 from shortft.sweep.eval_report import OBJECTIVE, OBJECTIVE_SE
 
@@ -49,7 +51,9 @@ def evaluate_base(base: str, fixed: dict, out: str | Path) -> dict:
 
     out = Path(out)
     (out / "grids").mkdir(parents=True, exist_ok=True)
-    metrics = evaluate_trained(trial_config(base, fixed, {}), None, out / "grids" / "base.png")
+    cfg = trial_config(base, fixed, {})
+    with explained(cfg, "in the untrained model's evaluation", "sampling"):
+        metrics = evaluate_trained(cfg, None, out / "grids" / "base.png")
     (out / BASE_FILE).write_text(json.dumps(metrics, indent=1))
     return metrics
 
@@ -92,7 +96,8 @@ class BaseEvaluation:
             return _skip(f"its evaluation was not placed within --resource-wait-s {self.wait_s:.0f}")
         except ray.exceptions.RayError as e:
             lines = [line for line in str(e).splitlines() if line.strip()]
-            return _skip(f"its evaluation failed: {lines[-1].strip() if lines else type(e).__name__}")
+            ours = raised.found(e)  # out of GPU memory, say: the package's line, whole
+            return _skip(f"its evaluation failed: {ours[1] if ours else lines[-1].strip() if lines else type(e).__name__}")
         (self.out_dir / "grids").mkdir(parents=True, exist_ok=True)
         (self.out_dir / "grids" / "base.png").write_bytes(png)
         (self.out_dir / BASE_FILE).write_text(json.dumps(metrics, indent=1))

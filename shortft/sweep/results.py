@@ -4,12 +4,11 @@ Optuna's plots, all logged to the sweep's parent MLflow run."""
 from __future__ import annotations
 
 import math
-import re
 import statistics
 import sys
 from pathlib import Path
 
-from shortft import tracking
+from shortft import raised, tracking
 from shortft.evaluate import scalars
 from shortft.space import Space
 from shortft.sweep.baseline import searched_evaluation_keys
@@ -27,8 +26,8 @@ def error_line(error) -> str | None:
         return None
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     ours = next((line[line.index("--resource-wait-s"):] for line in lines if "--resource-wait-s" in line), None)
-    if not ours and lines and (raised := re.match(r"shortft(?:\.\w+)+: (.+)", lines[-1])):
-        ours = raised.group(1)
+    if not ours and lines:
+        ours = (raised.found(lines[-1]) or (None, None))[1]
     return ours or (lines[-1][:300] if lines else type(error).__name__)
 
 
