@@ -109,6 +109,7 @@ def test_a_trial_that_can_only_fit_later_waits_then_ends_as_error(tmp_path):
     out = p.stdout + p.stderr
     assert out.count("its autoscaler can add them: waiting") == 1, out[-3000:]
     assert p.returncode == 1 and "1 trial(s) failed: t001" in out, out[-3000:]  # no best trial, but it ended
+    assert "\n  t001: --resource-wait-s 5: the 1 worker(s) of 1 CPU + 1 GPU were not placed" in p.stderr  # its reason
     (row,) = pq.read_table(work / "runs" / "sweeps" / "wait" / "results.parquet").to_pylist()
     assert row["status"] == "ERROR"
     assert row["error"].startswith("--resource-wait-s 5: the 1 worker(s) of 1 CPU + 1 GPU were not placed within 5 s")

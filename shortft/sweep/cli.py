@@ -60,8 +60,10 @@ def main(argv: list[str] | None = None) -> int:
               + ", ".join(f"{k}={v}" for k, v in result.best["values"].items()))
     if result.tracking_uri:
         print(f"compare the runs: mlflow ui --backend-store-uri {result.tracking_uri}")
-    failed = [r["trial"] for r in result.rows if r["status"] == "ERROR"]
+    failed = [r for r in result.rows if r["status"] == "ERROR"]
     if failed:
-        print(f"{len(failed)} trial(s) failed: {', '.join(map(str, failed))}; their error.txt is under "
+        print(f"{len(failed)} trial(s) failed: {', '.join(str(r['trial']) for r in failed)}; their error.txt is under "
               f"{result.storage_path}/{result.name}", file=sys.stderr)
+        for r in failed:  # the reason of each (out of GPU memory, say, with the settings that fit)
+            print(f"  {r['trial']}: {r.get('error') or 'no reason kept'}", file=sys.stderr)
     return 0 if result.best else 1

@@ -26,8 +26,8 @@ def error_line(error) -> str | None:
         return None
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     ours = next((line[line.index("--resource-wait-s"):] for line in lines if "--resource-wait-s" in line), None)
-    if not ours and lines:
-        ours = (raised.found(lines[-1]) or (None, None))[1]
+    if not ours:
+        ours = (raised.found(error) or (None, None))[1]
     return ours or (lines[-1][:300] if lines else type(error).__name__)
 
 
