@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from shortft.lora import AdapterSwitch
+from shortft.lora import AdapterSwitch, lora_params
 from shortft.plan import FINAL, Call, Schedule, schedule
 
 
@@ -57,6 +57,7 @@ class Denoiser:
         self.scheduler = scheduler
         self.count = CallCount()
         self._timesteps: dict[int, Schedule] = {}
+        self._probe: dict[str, torch.nn.Parameter] = {}  # one LoRA parameter per adapter (see `_trains`)
 
     def timesteps(self, steps: int) -> Schedule:
         if steps not in self._timesteps:
@@ -67,14 +68,32 @@ class Denoiser:
         return self.final_alpha_cumprod if t == FINAL else float(self.alphas_cumprod[t])
 
     # -- the network call -----------------------------------------------------------------------
+    def _adapters(self, call: Call) -> tuple[str, ...] | None:
+        """The LoRAs of the training UNet that the call runs with; None where it runs the shortcut UNet."""
+        if call.shortcut and self.shortcut_unet is not None:
+            return None
+        return (self.shortcut_adapter,) if call.shortcut and self.shortcut_adapter else tuple(call.adapters)
+
+    def _trains(self, call: Call) -> bool:
+        """Whether a LoRA the call runs has trainable parameters. The loop sets requires_grad adapter by
+        adapter (per progressive stage), so one parameter of each tells."""
+        names = self._adapters(call)
+        for name in names or ():
+            if name not in self._probe:
+                self._probe[name] = next(iter(lora_params(self.unet, name).values()))
+            if self._probe[name].requires_grad:
+                return True
+        return False
+
     def _forward(self, x: torch.Tensor, call: Call, states: torch.Tensor, added: dict | None) -> torch.Tensor:
         # Adapters are switched inside the (possibly checkpointed) function so that the recompute in
         # backward runs with the same LoRAs as the forward did.
-        if call.shortcut and self.shortcut_unet is not None:
+        adapters = self._adapters(call)
+        if adapters is None:
             net = self.shortcut_unet
         else:
             net = self.unet
-            self.switch.activate((self.shortcut_adapter,) if call.shortcut and self.shortcut_adapter else call.adapters)
+            self.switch.activate(adapters)
         t = torch.tensor(call.t, device=x.device)
         extra = {"added_cond_kwargs": added} if added is not None else {}
         return net(x, t, encoder_hidden_states=states, **extra).sample
@@ -92,7 +111,10 @@ class Denoiser:
         added = condition.added
         if guided and added is not None:
             added = {k: torch.cat([condition.uncond_added[k], v]) for k, v in added.items()}
-        if self.checkpointing and torch.is_grad_enabled():
+        # A call whose output needs no gradient (a frozen jump from a latent made without gradient, as a
+        # progressive stage's first jump is) is not checkpointed: nothing would flow back through it, and
+        # the reentrant recompute in backward fails on an output that needs none.
+        if self.checkpointing and torch.is_grad_enabled() and (x.requires_grad or self._trains(call)):
             # Reentrant: the forward keeps nothing, backward recomputes the call and backpropagates it in
             # one go. The non-reentrant kind runs a Python hook for every tensor the call saves (about
             # 650 per toy UNet call) in the forward, again in the recompute and once more in backward:
