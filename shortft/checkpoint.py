@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from shortft import safe_load
+from shortft.config import ConfigError
 from shortft.lora import load_lora_state, save_loras
 
 
@@ -85,6 +86,34 @@ def list_checkpoints(root: Path) -> list[Path]:
 def latest(root: Path) -> Path | None:
     found = list_checkpoints(root)
     return found[-1] if found else None
+
+
+# Settings whose change makes a checkpoint's LoRAs not fit, or mean something else: a resume refuses them.
+FIXED = ("model.pretrained", "lora.rank", "lora.alpha", "lora.targets", "lora.timestep_aware")
+ADAPTER_KEYS = ("chain.method", "chain.segments", "chain.interior_adapters")  # which LoRAs a run has
+# Settings a resumed run may change without note: its length, bookkeeping, where it runs.
+BOOKKEEPING = ("name", "train.steps", "train.output_dir", "train.log_every", "train.checkpoint_every",
+               "train.keep_checkpoints", "train.time_budget_s", "train.call_budget", "model.device", "model.compile",
+               "model.compile_backend")
+
+
+def changed_settings(path: Path, settings: dict, adapters: list[str]) -> list[str]:
+    """`key old -> new` for each setting of this run (`settings`: flat config) that differs from the one the
+    checkpoint at `path` was written with, bookkeeping left out; a ConfigError where the checkpoint's LoRAs
+    would not fit (FIXED keys, or another set of adapters). A checkpoint without its settings: []."""
+    saved = json.loads((Path(path) / "state.json").read_text()).get("config")
+    if saved is None:  # written before checkpoints kept their settings
+        return []
+    differ = [k for k in dict.fromkeys([*saved, *settings]) if saved.get(k) != settings.get(k) and k not in BOOKKEEPING]
+    held = sorted(p.name for p in (Path(path) / "lora").iterdir() if p.is_dir())
+    blocking = [k for k in differ if k in FIXED or (k in ADAPTER_KEYS and held != sorted(adapters))]
+    if blocking:
+        was = ", ".join(f"{k}={json.dumps(saved.get(k))}" for k in blocking)
+        now = ", ".join(f"{k}={json.dumps(settings.get(k))}" for k in blocking)
+        raise ConfigError(f"resume: the checkpoint {path} was written with {was}; this run has {now}, which its LoRAs "
+                          f"do not fit; resume with the checkpoint's values, or start a new run (another "
+                          f"train.output_dir)")
+    return [f"{k} {json.dumps(saved.get(k))} -> {json.dumps(settings.get(k))}" for k in differ]
 
 
 def load(path: Path, unet, adapters: list[str], optimizer, scaler: torch.amp.GradScaler | None = None) -> dict:

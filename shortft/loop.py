@@ -22,7 +22,7 @@ from shortft import checkpoint
 from shortft.budget import Budget
 from shortft.chain import ChainInput, sample
 from shortft.checks import check
-from shortft.config import Config, ConfigError, to_dict
+from shortft.config import Config, ConfigError, flatten, to_dict
 from shortft.data import read_prompts
 from shortft.denoiser import CallCount
 from shortft.evaluate import evaluate, scalars
@@ -151,7 +151,6 @@ def train(cfg: Config, callbacks: list[Callback] = (), resume: bool | str | Path
     out, is_main = cfg.output_dir, rank == 0
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
     # 1. Load and freeze; add the LoRAs (zero-initialised) and the rewards.
     with explained(cfg, "loading the models", "loading"):
@@ -178,6 +177,9 @@ def train(cfg: Config, callbacks: list[Callback] = (), resume: bool | str | Path
         if path is None:
             warn(f"no checkpoint under {out / 'checkpoints'}; starting from step 0")
         else:
+            changed = checkpoint.changed_settings(path, flatten(to_dict(cfg)), adapters)
+            if changed and is_main:
+                warn("resume: settings changed since the checkpoint: " + ", ".join(changed))
             state = checkpoint.load(path, unet, adapters, optimizer, scaler)
             written_by = state.get("world_size", 1)
             if written_by != world_size:  # the global batch and each rank's draws depend on it
@@ -188,6 +190,8 @@ def train(cfg: Config, callbacks: list[Callback] = (), resume: bool | str | Path
             warn(f"resumed from {path} at step {start}")
     budget = Budget.of(cfg.train, state)
     if is_main:
+        # written once a resume is accepted: a refused one leaves the run's own settings
+        (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
         # keep the rows up to the resumed step, so no step is logged twice
         history = [r for r in read_metrics(metrics_file) if r.get("step", 0) <= start]
         metrics_file.write_text("".join(json.dumps(r) + "\n" for r in history))
@@ -271,7 +275,8 @@ def train(cfg: Config, callbacks: list[Callback] = (), resume: bool | str | Path
         # last step has nothing else to give Tune); one that died in between redoes the step.
         every = cfg.train.checkpoint_every
         if is_main and ((every and (step + 1) % every == 0) or last):
-            state = {"bad_in_row": bad_in_row, "world_size": world_size, **budget.state()}
+            state = {"bad_in_row": bad_in_row, "world_size": world_size, **budget.state(),
+                     "config": flatten(to_dict(cfg))}  # what a resume compares its settings with
             artifacts["checkpoint"] = checkpoint.save(out / "checkpoints", step + 1, unet, adapters, optimizer, state,
                                                       lora_json, cfg.train.keep_checkpoints, scaler)
         for cb in callbacks:

@@ -231,6 +231,32 @@ def test_resuming_with_another_worker_count_is_refused_in_one_line(make_cfg, tmp
     assert not ray.is_initialized() and (latest / "state.json").is_file()
 
 
+def test_a_resume_names_the_settings_changed_since_its_checkpoint_and_refuses_those_its_loras_do_not_fit(
+        make_cfg, tmp_path, capsys):
+    """Out of GPU memory, a run is told which settings lower the peak and that its checkpoints are kept: a
+    resume with them went on without a word, and one with another lora.rank or chain.segments died in the
+    LoRA load ('does not fit this UNet's adapters (Error(s) in loading state_dict ...)', or 'no
+    pytorch_lora_weights.safetensors there') after overwriting the run's config.yaml with the refused one."""
+    import yaml
+
+    from shortft.config import ConfigError
+
+    base = ("chain.steps=4", "chain.segments=2", "train.checkpoint_every=1")
+    shortft.train(make_cfg(*base, "train.steps=2"))
+    capsys.readouterr()
+    assert shortft.train(make_cfg(*base, "train.steps=3", "chain.checkpointing=true", "train.lr=2e-3"),
+                         resume=True).steps == 3
+    assert "resume: settings changed since the checkpoint: chain.checkpointing false -> true, train.lr 0.003 -> 0.002" \
+        in capsys.readouterr().err  # train.steps, a run's length, is not named
+    for change, was in (("lora.rank=8", "lora.rank=4"), ("chain.segments=4", "chain.segments=2")):
+        with pytest.raises(ConfigError) as e:
+            shortft.train(make_cfg(*base, "train.steps=4", "chain.checkpointing=true", change), resume=True)
+        assert str(e.value) == (f"resume: the checkpoint {tmp_path}/run/checkpoints/step_000003 was written with "
+                                f"{was}; this run has {change}, which its LoRAs do not fit; resume with the "
+                                "checkpoint's values, or start a new run (another train.output_dir)")
+        assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["lora"]["rank"] == 4
+
+
 @pytest.mark.slow
 @pytest.mark.xdist_group("ray")  # Ray Train runs: with the other tests that start Ray (see test_sweep.py)
 def test_a_two_worker_run_outlives_the_tracking_server_and_resumes_with_two_workers_only(mlflow_server, tmp_path,

@@ -97,7 +97,8 @@ class BaseEvaluation:
         except ray.exceptions.RayError as e:
             lines = [line for line in str(e).splitlines() if line.strip()]
             ours = raised.found(e)  # out of GPU memory, say: the package's line, whole
-            return _skip(f"its evaluation failed: {ours[1] if ours else lines[-1].strip() if lines else type(e).__name__}")
+            why = ours[1] if ours else lines[-1].strip() if lines else type(e).__name__
+            return _skip(f"its evaluation failed: {why}")
         (self.out_dir / "grids").mkdir(parents=True, exist_ok=True)
         (self.out_dir / "grids" / "base.png").write_bytes(png)
         (self.out_dir / BASE_FILE).write_text(json.dumps(metrics, indent=1))
