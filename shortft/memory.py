@@ -65,7 +65,7 @@ def settings(cfg: Config, what: str) -> list[str]:
     if cfg.model.dtype == "float32":
         out.append("model.dtype=bfloat16 (the frozen weights in half the memory)")
     if what == "step":
-        if not cfg.chain.checkpointing and cfg.chain.method != "full":
+        if not cfg.chain.checkpointing:
             out.append("chain.checkpointing=true (each call recomputed in backward)")
         if not cfg.model.gradient_checkpointing:
             out.append("model.gradient_checkpointing=true")
