@@ -14,6 +14,7 @@ and `run_calls` is the one loop that executes them (see `denoiser.py` for the ca
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -31,21 +32,16 @@ def run_calls(denoiser: Denoiser, x: torch.Tensor, calls: Sequence[Call], modes:
     """The chain loop. x: [B, 4, h, w] latents at calls[0].t. Returns (latents after the last call, its x0)."""
     x0 = x
     for n, (call, mode) in enumerate(zip(calls, modes)):
-        if mode == "none":
-            with torch.no_grad():
-                x, x0 = denoiser.ddim(x, denoiser.predict(x, call, condition), call.t, call.t_next)
-        elif mode == "grad":
-            x, x0 = denoiser.ddim(x, denoiser.predict(x, call, condition), call.t, call.t_next)
-        elif mode == "detach_output":
-            with torch.no_grad():
-                out = denoiser.predict(x, call, condition)
-            x, x0 = denoiser.ddim(x, out, call.t, call.t_next)
-        elif mode == "detach_input":
-            x, x0 = denoiser.ddim(x, denoiser.predict(x.detach(), call, condition), call.t, call.t_next)
-        else:
+        if mode not in ("none", "detach_output", *GRAD_MODES):
             raise ValueError(f"unknown gradient mode {mode!r}")
+        with torch.no_grad() if mode in ("none", "detach_output") else nullcontext():
+            out = denoiser.predict(x.detach() if mode == "detach_input" else x, call, condition)
+        with torch.no_grad() if mode == "none" else nullcontext():
+            x, x0 = denoiser.ddim(x, out, call.t, call.t_next)
         denoiser.count.calls += 1
-        denoiser.count.grad_calls += int(mode in GRAD_MODES and torch.is_grad_enabled())
+        # backward passes through this call: not a frozen call on a latent made without gradient (the
+        # jump that opens a later progressive stage), which its mode alone would count
+        denoiser.count.grad_calls += int(out.requires_grad)
         if on_call is not None:
             on_call(n, call, x)
     return x, x0

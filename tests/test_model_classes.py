@@ -210,6 +210,10 @@ def test_per_call_checkpointing_trains_every_progressive_stage_as_without_it(mak
                        f"train.output_dir={make_cfg().train.output_dir}-{ckpt}")
         result = shortft.train(cfg)
         assert result.steps == 2 * segments and {r["stage"] for r in result.history} == set(range(1, segments + 1))
+        # calls backward passes through, per stage: not the frozen jump that opens a later stage from a latent
+        # made without gradient (it was counted, as its mode alone says)
+        assert {r["stage"]: r["grad_calls"] for r in result.history} == ({1: 6, 2: 1} if segments == 2 else
+                                                                         {1: 8, 2: 5, 3: 3, 4: 1})
         runs[ckpt] = {f: load_file(f) for f in sorted(result.lora_dir.glob("*/*.safetensors"))}
     plain, checkpointed = ({f.relative_to(f.parents[1]): t for f, t in run.items()} for run in runs.values())
     assert plain.keys() == checkpointed.keys() and len(plain) == segments
