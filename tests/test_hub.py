@@ -174,6 +174,12 @@ def test_a_model_cached_without_its_weights_stops_in_one_line_naming_them(fp16_r
                                                                  "model.safetensors": fp16_repo[weights]})
     hub_cache(tmp_path / "whole", "laion/CLIP-ViT-H-14-laion2B-s32B-b79K", {"config.json": fp16_repo["unet/config.json"]})
     assert _check([["clip", ["reward.weights={pickscore: 1}"], True]], tmp_path / "whole", HF_HUB_OFFLINE="1")["clip"] == (None, [])
+    # the same repo as one reward's processor and another's model: the model still needs its weights
+    both = ["reward.weights={pickscore: 1, clip_score: 1}",
+            "reward.options={clip_score: {path: laion/CLIP-ViT-H-14-laion2B-s32B-b79K}}"]
+    assert _check([["both", both, True]], tmp_path / "whole", HF_HUB_OFFLINE="1")["both"][0].startswith(
+        "reward.options.clip_score.path='laion/CLIP-ViT-H-14-laion2B-s32B-b79K': the hub cache holds "
+        "laion/CLIP-ViT-H-14-laion2B-s32B-b79K's config.json but no weights in the top folder")
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), FakeHub)  # a hub that has them: the loader fetches them
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:

@@ -19,16 +19,14 @@ SAMPLES = "objective_samples"  # a row's objective on each sample of its best ev
 
 
 def error_line(error) -> str | None:
-    """A failed trial's reason in one line: ours where we raised one (`--resource-wait-s`; the one-line
-    errors of this package, such as running out of GPU memory, whole and without their type), else the
+    """A failed trial's reason in one line: the package's own one-line error where it raised one (a
+    `--resource-wait-s` wait, running out of GPU memory: whole, without its type), else the
     last line of the error Tune kept (the whole traceback is in the trial's error.txt)."""
     if error is None:
         return None
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    ours = next((line[line.index("--resource-wait-s"):] for line in lines if "--resource-wait-s" in line), None)
-    if not ours:
-        ours = (raised.found(error) or (None, None))[1]
-    return ours or (lines[-1][:300] if lines else type(error).__name__)
+    ours = raised.found(error)
+    return ours[1] if ours else (lines[-1][:300] if lines else type(error).__name__)
 
 
 def paired(hi: list[float] | None, lo: list[float] | None) -> tuple[float, float] | None:
