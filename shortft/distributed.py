@@ -21,7 +21,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from shortft import checkpoint, raised, resources, tracking
+from shortft import attempts, checkpoint, raised, resources, tracking
 from shortft.config import Config, ConfigError, from_dict, to_dict
 from shortft.loop import Callback, NonFiniteError
 from shortft.mlflow_relay import start_relay
@@ -97,7 +97,8 @@ def _worker(config: dict) -> None:
     callbacks.append(RayReport(rank, cfg.eval.every, cfg.train.checkpoint_every, cfg.train))
     if config.get("fail_at"):
         callbacks.append(FaultInjector(rank, config["fail_at"], config["fail_rank"], Path(config["fail_marker"])))
-    train(cfg, callbacks, resume=resume, rank=rank, world_size=world)
+    with attempts.once(cfg.output_dir, config.get("attempt")):  # Ray Train's restart of a final failure: at once
+        train(cfg, callbacks, resume=resume, rank=rank, world_size=world)
     if resume:
         shutil.rmtree(local, ignore_errors=True)
 
@@ -214,7 +215,7 @@ def train_with_ray(cfg: Config, workers: int, use_gpu: bool = False, storage_pat
     loop_config = {
         "cfg": to_dict(cfg), "use_gpu": use_gpu, "threads": threads or max(1, int(cpus)), "tracking_uri": tracking_uri,
         "run_id": run_id, "relay": relay, "fail_at": fail_at, "fail_rank": fail_rank,
-        "fail_marker": str(Path(cfg.train.output_dir) / FAULT_MARKER),
+        "fail_marker": str(Path(cfg.train.output_dir) / FAULT_MARKER), "attempt": attempts.new_attempt(),
     }
     trainer = lean_trainer(TorchTrainer)(
         _worker,

@@ -31,7 +31,10 @@ def peak_memory_mb(device: torch.device) -> float:
 
 
 class OutOfMemory(RuntimeError):
-    """A one-line account of a torch.OutOfMemoryError (the CLI prints it; status 1)."""
+    """A one-line account of a torch.OutOfMemoryError (the CLI prints it; status 1). `beside_others`:
+    other processes held memory on the card then (a retry may fit once they leave)."""
+
+    beside_others = False
 
 
 _SIZE = r"([\d.]+ (?:bytes|[KMGTP]iB))"  # c10's format_size
@@ -44,10 +47,15 @@ def report(error: BaseException) -> str:
         r"Tried to allocate " + _SIZE, r"total capac\w* of " + _SIZE, r"of which " + _SIZE + " is free"))
     if not (asked and total and free):
         return text.strip().splitlines()[0][:200] if text.strip() else type(error).__name__
-    others = re.findall(r"Process \d+ has " + _SIZE + " memory in use", text)
+    others = _others(error)
     return (f"asked for {asked.group(1)} with {free.group(1)} of {total.group(1)} free"
             + (f"; {'another process holds' if len(others) == 1 else 'other processes hold'} {' + '.join(others)}"
                if others else ""))
+
+
+def _others(error: BaseException) -> list[str]:
+    """What each other process on the card held, as PyTorch's report lists them."""
+    return re.findall(r"Process \d+ has " + _SIZE + " memory in use", str(error))
 
 
 def _fragmented(error: BaseException) -> bool:
@@ -102,4 +110,6 @@ def explained(cfg: Config, where: str, what: str):
     try:
         yield
     except torch.OutOfMemoryError as e:
-        raise OutOfMemory(message(cfg, where, what, e)) from None
+        told = OutOfMemory(message(cfg, where, what, e))
+        told.beside_others = bool(_others(e))
+        raise told from None

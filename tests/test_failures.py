@@ -10,6 +10,9 @@ import torch
 
 import shortft
 from shortft import checkpoint
+from shortft.config import ConfigError
+from shortft.loop import NonFiniteError
+from shortft.memory import OutOfMemory
 
 
 def test_a_full_disk_during_a_checkpoint_stops_the_run_and_keeps_the_previous(make_cfg, tmp_path, monkeypatch):
@@ -105,17 +108,51 @@ def test_out_of_gpu_memory_in_shortft_eval_is_one_line(tiny_dir):
 def test_a_workers_one_line_error_reaches_the_user_as_that_line(tmp_path, tiny_dir):
     """`--workers N`: a worker's one-line error (here the loop's non-finite stop; out of GPU memory, a
     refused checkpoint and a failed checkpoint write take the same way) ended the command in the driver's
-    traceback around Ray Train's WorkerGroupError, after Ray's echo of the worker's own."""
+    traceback around Ray Train's WorkerGroupError, after Ray's echo of the worker's own. Ray Train's
+    restart (--max-failures 1, the default) trained to the same stop again; it now ends at once."""
     p = subprocess.run([sys.executable, "-m", "shortft.cli", "train", "--config", "tiny", f"model.pretrained={tiny_dir}",
                         "train.steps=4", "chain.steps=4", "chain.segments=2", "train.lr=1e30", "train.grad_clip=0",
                         "train.max_bad_steps=1", f"train.output_dir={tmp_path}/run", "--no-mlflow", "--workers", "1",
-                        "--max-failures", "0", "--storage-path", str(tmp_path / "ray")],
+                        "--storage-path", str(tmp_path / "ray")],
                        capture_output=True, text=True, timeout=300)
     lines = p.stderr.strip().splitlines()
     assert p.returncode == 1 and lines[-1] == (
         "shortft: error: 1 steps in a row had a non-finite loss or gradient (last at step 2); lower train.lr, set "
         "train.grad_clip, or use train.mixed_precision=bf16/no"), p.stderr[-3000:]
     assert "shortft/cli.py" not in p.stderr and "<frozen runpy>" not in p.stderr, p.stderr[-3000:]  # no driver traceback
+    assert "shortft: not retried (a retry of the same config fails the same way" in p.stderr, p.stderr[-3000:]
+    assert "non-finite loss or gradient (last at step 2)" in (tmp_path / "run" / "failed.json").read_text()
+
+
+def test_a_failure_a_retry_cannot_change_is_raised_again_at_once_within_its_attempt(tmp_path, capsys):
+    from shortft import attempts
+    from shortft.memory import explained
+
+    ran = []
+
+    def attempt(name, error):
+        with attempts.once(tmp_path, name):
+            ran.append(name)
+            raise error
+
+    with pytest.raises(NonFiniteError):
+        attempt("a1", NonFiniteError("3 steps in a row had a non-finite loss"))
+    with pytest.raises(NonFiniteError, match="^3 steps in a row had a non-finite loss$"):
+        attempt("a1", RuntimeError("not reached"))
+    assert ran == ["a1"] and "shortft: not retried" in capsys.readouterr().err
+    with pytest.raises(RuntimeError, match="killed"):  # another attempt (a resume) runs; a crash is not final
+        attempt("a2", RuntimeError("killed"))
+    assert ran == ["a1", "a2"] and attempts.recorded(tmp_path, "a2") is None
+    cfg = shortft.load_config("tiny")
+    report = ("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 79.19 GiB of which "
+              "1.06 GiB is free. {}Including non-PyTorch memory, this process has 60.05 GiB memory in use.")
+    for others, retried in (("", False), ("Process 4242 has 18.00 GiB memory in use. ", True)):
+        with pytest.raises(OutOfMemory) as e, explained(cfg, "in step 3", "step"):
+            raise torch.OutOfMemoryError(report.format(others))
+        assert attempts.final(e.value) is not retried  # beside another process, a retry may fit once it leaves
+    with pytest.raises(ConfigError), attempts.once(tmp_path, None):  # no attempt: nothing recorded
+        raise ConfigError("bad")
+    assert attempts.recorded(tmp_path, "a1") is not None
 
 
 def test_out_of_gpu_memory_offers_only_the_settings_not_already_made():

@@ -536,6 +536,37 @@ def test_a_one_worker_trial_whose_process_dies_is_restarted_by_tune_from_its_che
         assert sorted(m.step for m in c.get_metric_history(run.info.run_id, key)) == [1, 2, 3, 4], key
 
 
+TRIAL_DIVERGES = '''
+from ray import tune
+from shortft import sweep
+trainable = sweep.trainable_for("toy", smoke_test=True, tracking_uri=None,
+                                fixed={"train.steps": 4, "train.lr": 1e30, "train.max_bad_steps": 1})
+analysis = tune.run(trainable, config={"chain.segments": 2}, num_samples=1, max_failures=1, verbose=0,
+                    metric="eval/objective", mode="max", raise_on_failed_trial=False)
+(trial,) = analysis.trials
+print("STATUS", trial.status, trial.num_failures)
+'''
+
+
+@pytest.mark.slow
+def test_tune_retries_a_trial_that_failed_for_good_without_training_it_again(tmp_path):
+    """A trial stopped for non-finite steps was retried by Tune (max_failures=1): models loaded and steps
+    trained again to the same stop. The retry now raises the recorded line at once; the run folder
+    keeps it (failed.json)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
+    env.update(HOME=str(tmp_path), PYTHONUNBUFFERED="1")
+    p = subprocess.run([sys.executable, "-c", TRIAL_DIVERGES], cwd=tmp_path, capture_output=True, text=True, env=env,
+                       timeout=600)
+    out = p.stdout + p.stderr
+    line = ("1 steps in a row had a non-finite loss or gradient (last at step 2); lower train.lr, set "
+            "train.grad_clip, or use train.mixed_precision=bf16/no")
+    assert p.returncode == 0 and "STATUS ERROR 2" in out, out[-3000:]
+    assert f"shortft: not retried (a retry of the same config fails the same way; a resume tries again): {line}" in out
+    assert out.count("Trial task failed") == 2, out[-3000:]
+    (record,) = (tmp_path / "runs" / "sweeps").rglob("failed.json")
+    assert json.loads(record.read_text())["line"] == line
+
+
 def test_a_trials_last_report_waits_for_the_end_and_a_trial_resumed_at_its_end_still_reports(tmp_path, monkeypatch):
     """Tune may stop a trial at any report (ASHA stops every trial reaching max_t), killing its process:
     the last step is reported only after the run ended (LoRA saved, MLflow told). A trial whose process

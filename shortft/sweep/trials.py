@@ -20,7 +20,7 @@ from pathlib import Path
 
 from ray import tune
 
-from shortft import resources, tracking
+from shortft import attempts, resources, tracking
 from shortft.config import Config, ConfigError, from_dict, to_dict
 from shortft.mlflow_relay import RELAY, relay_call, start_relay
 from shortft.space import Space, to_tune, trial_config
@@ -55,7 +55,8 @@ def settings(space: Space, name: str, storage_path: str, output_root: str, worke
     return {"name": name, "base": space.base, "fixed": space.fixed, "storage_path": storage_path,
             "output_root": output_root, "workers": workers, "use_gpu": use_gpu, "gpus_per_worker": gpus_per_worker,
             "cpus_per_worker": cpus_per_worker, "threads": threads, "tracking_uri": tracking_uri,
-            "experiment": experiment, "parent_run_id": parent_run_id, "resource_wait_s": resource_wait_s}
+            "experiment": experiment, "parent_run_id": parent_run_id, "resource_wait_s": resource_wait_s,
+            "attempt": attempts.new_attempt()}  # a resumed sweep is a new attempt: its errored trials try again
 
 
 def param_space(space: Space) -> dict:
@@ -98,11 +99,16 @@ def run_trial(config: dict, sweep: dict) -> None:
     if sweep["tracking_uri"] and not run_id:  # plain tune.run / Tuner: its own child run, made by the
         # relay the driver started (trials that start together would otherwise race on SQLite)
         run_id = relay_call(RELAY, tracking.ensure_trial_run, sweep["experiment"], name, cfg, sweep["parent_run_id"])
-    if tune.get_context().get_trial_resources().required_resources != {"CPU": TRIAL_CPUS}:  # its worker's
-        from shortft.sweep.in_trial import train_in_trial
+    with attempts.once(cfg.output_dir, sweep.get("attempt")):  # Tune's retry of a final failure ends at once
+        if tune.get_context().get_trial_resources().required_resources != {"CPU": TRIAL_CPUS}:  # its worker's
+            from shortft.sweep.in_trial import train_in_trial
 
-        train_in_trial(cfg, sweep, run_id)
-        return
+            train_in_trial(cfg, sweep, run_id)
+            return
+        _train_job(cfg, sweep, run_id, name)
+
+
+def _train_job(cfg: Config, sweep: dict, run_id: str | None, name: str) -> None:
     from shortft.distributed import ResourceWaitError, train_with_ray
 
     try:
