@@ -48,7 +48,9 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--workers", type=int, default=0, help="Ray Train workers (0 = in this process, no Ray)")
     t.add_argument("--gpu", action="store_true", help="one GPU per Ray worker (NCCL)")
     t.add_argument("--storage-path", help="Ray checkpoints: a local dir, s3://... or an NFS path (default ./ray_results)")
-    t.add_argument("--max-failures", type=int, default=1, help="worker-group restarts from the last checkpoint (a config mistake, non-finite stop or out of GPU memory alone on the card ends the restart at once)")
+    t.add_argument("--max-failures", type=int, default=1,
+                   help="worker-group restarts from the last checkpoint (a config mistake, a non-finite stop, or "
+                        "out of GPU memory alone on the card ends the restart at once)")
     t.add_argument("--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
     t.add_argument("--experiment", default="shortft", help="MLflow experiment name")
     t.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
