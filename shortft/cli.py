@@ -236,11 +236,13 @@ def run_train(cfg, args) -> int:
                 callbacks.append(tracking.MlflowLogger(uri, run_id, metrics_file=cfg.output_dir / "metrics.jsonl"))
             result = train(cfg, callbacks, resume=args.resume)
             print(f"done: LoRA in {result.lora_dir}; eval " + json.dumps(scalars(result.eval)))
-    except (NonFiniteError, CheckpointWriteError, OutOfMemory) as e:
+    except (ConfigError, NonFiniteError, CheckpointWriteError, OutOfMemory) as e:
         if args.workers > 0:
             import ray
 
             ray.shutdown()  # Ray's echo of the workers' tracebacks first: the reason is the last line
+        if isinstance(e, ConfigError):  # status 2, printed by main
+            raise
         print(f"shortft: error: {e}", file=sys.stderr)
         return 1
     if uri:

@@ -26,13 +26,27 @@ from shortft.config import Config, ConfigError, from_dict, to_dict
 from shortft.loop import Callback, NonFiniteError
 from shortft.mlflow_relay import start_relay
 from shortft.memory import OutOfMemory
-from shortft.ray_reports import FAULT_MARKER, FaultInjector, RayReport, fault_request
+from shortft.ray_reports import FAULT_MARKER, FaultInjector, RayReport, fault_request, readable
 
 
 def run_name(cfg: Config) -> str:
-    """Deterministic: the same config gives the same name, so a restarted job finds its checkpoints."""
-    digest = hashlib.sha1(json.dumps(to_dict(cfg), sort_keys=True, default=str).encode()).hexdigest()[:8]
+    """The Ray run of `cfg`'s run folder: `--resume` finds it whatever settings changed since (a longer
+    `train.steps`, the settings an out-of-memory line offers), as a run in one process is its folder.
+    The name was a digest of the whole config: any changed setting named another run, and the resume
+    was refused."""
+    digest = hashlib.sha1(str(cfg.output_dir.resolve()).encode()).hexdigest()[:8]
     return f"{cfg.name}-{digest}"
+
+
+def name_in_storage(cfg: Config, storage_path: str, resume: bool) -> str:
+    """`run_name(cfg)`; on `resume`, a run that an earlier version named by its config digest (the
+    same config) where only that one is in the storage path."""
+    name = run_name(cfg)
+    if resume and not _run_exists(storage_path, name):
+        digest = hashlib.sha1(json.dumps(to_dict(cfg), sort_keys=True, default=str).encode()).hexdigest()[:8]
+        if _run_exists(storage_path, f"{cfg.name}-{digest}"):
+            return f"{cfg.name}-{digest}"
+    return name
 
 
 def default_storage_path() -> str:
@@ -89,7 +103,7 @@ def _worker(config: dict) -> None:
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:
         local = Path(tempfile.mkdtemp(prefix=f"shortft-resume-{rank}-"))
-        resume = str(ckpt.to_directory(str(local)))
+        resume = str(readable(ckpt, local))
     callbacks: list[Callback] = []
     if config["tracking_uri"] and rank == 0:  # before the report: it may be the trial's last act in a sweep
         callbacks.append(tracking.MlflowLogger(config["tracking_uri"], config["run_id"], rank, config["relay"],
@@ -182,7 +196,7 @@ def train_with_ray(cfg: Config, workers: int, use_gpu: bool = False, storage_pat
         tracking_uri = tracking.resolve_uri(tracking_uri)
     storage_path = storage_path or default_storage_path()
     check_storage_path(storage_path)
-    name = name or run_name(cfg)
+    name = name or name_in_storage(cfg, storage_path, resume)
     exists = _run_exists(storage_path, name)
     if exists and not resume:
         raise ConfigError(f"run {name} already exists in {storage_path}; pass --resume to continue it, or set "
@@ -190,8 +204,8 @@ def train_with_ray(cfg: Config, workers: int, use_gpu: bool = False, storage_pat
     local = checkpoint.latest(cfg.output_dir / "checkpoints") if resume and not exists else None
     if local is not None:  # Ray would start from step 0 and write over that run: say so instead
         written_by = json.loads((local / "state.json").read_text()).get("world_size", 1)
-        how = ("in one process (no --workers)" if written_by == 1 else
-               f"with --workers {written_by} and the --storage-path it was written to")
+        how = (f"with --workers {written_by} and the --storage-path it was written to" if written_by > 1 else
+               "in one process (no --workers), or, if --workers 1 wrote it, with the --storage-path it was written to")
         raise ConfigError(f"resume: {storage_path} holds no run {name} for Ray to resume, and {local} is a checkpoint "
                           f"of {written_by} worker(s); resume it {how}")
     # Files written by rank 0 go to an absolute path, whatever the worker's working directory.

@@ -16,6 +16,17 @@ FAIL_RANK_ENV = "SHORTFT_FAIL_RANK"
 FAULT_MARKER = ".fault-injected"  # under the run's folder: the worker died there once
 
 
+def readable(ckpt, scratch: Path) -> Path:
+    """The folder of a Ray checkpoint to resume from: the checkpoint itself where this machine's
+    filesystem holds it (a local or NFS storage path: the resume line and a refused resume name
+    `<storage>/<run>/step_NNNNNN`, not a temporary copy), else a copy in `scratch` (s3://, gs://)."""
+    import pyarrow.fs
+
+    if isinstance(ckpt.filesystem, pyarrow.fs.LocalFileSystem) and Path(ckpt.path).is_dir():
+        return Path(ckpt.path)
+    return Path(ckpt.to_directory(str(scratch)))
+
+
 def fault_request() -> tuple[int, int]:
     """(step, rank) at which a worker should die once, from this process's environment; step 0 = never."""
     return int(os.environ.get(FAIL_AT_STEP_ENV, "0") or 0), int(os.environ.get(FAIL_RANK_ENV, "1"))

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -133,6 +134,47 @@ def test_worker_death_restarts_from_checkpoint_and_logs_each_step_once(ray_clust
     for key in ("loss", "grad_norm", "reward/symmetry"):
         steps = [m.step for m in client.get_metric_history(runs[0].info.run_id, key)]
         assert sorted(steps) == list(range(1, 6)), key
+
+
+@pytest.mark.slow
+def test_a_ray_run_resumes_with_changed_settings_as_a_run_in_one_process_does(ray_cluster, make_cfg, tmp_path):
+    """A Ray run was named by a digest of its whole config: `--resume` with a longer `train.steps` (or a
+    setting an out-of-memory line offers) named another run, found none, and was refused with the advice
+    to resume in one process. The name is the run folder's now: the resume goes on (the worker names
+    what changed), and one whose LoRAs would not fit is refused as in one process."""
+    import yaml
+
+    from shortft.config import ConfigError
+
+    common = [*SMALL, "train.batch_size=1", "train.checkpoint_every=1", f"train.output_dir={tmp_path}/run"]
+    kw = dict(workers=1, storage_path=str(tmp_path / "ray"), tracking_uri=None, cpus_per_worker=1)
+    first = train_with_ray(make_cfg(*common, "train.steps=2"), **kw)
+    # the checkpoint named is the one in the storage path, not a temporary copy of it
+    with pytest.raises(ConfigError, match=re.escape(f"resume: the checkpoint {tmp_path / 'ray' / first.run_name}/step_"
+                                                    "000002 was written with lora.rank=4; this run has lora.rank=8")):
+        train_with_ray(make_cfg(*common, "train.steps=3", "lora.rank=8"), resume=True, **kw)
+    more = train_with_ray(make_cfg(*common, "train.steps=3", "chain.checkpointing=true"), resume=True, **kw)
+    assert more.run_name == first.run_name and more.metrics["step"] == 3
+    assert [row["step"] for row in _rows(more.output_dir)] == [1, 2, 3]
+    written = yaml.safe_load((more.output_dir / "config.yaml").read_text())
+    assert written["train"]["steps"] == 3 and written["chain"]["checkpointing"] is True
+
+
+def test_a_ray_run_is_named_by_its_run_folder_and_a_run_named_by_its_config_still_resumes(make_cfg, tmp_path):
+    import hashlib
+
+    from shortft.distributed import name_in_storage, run_name
+    from shortft.config import to_dict
+
+    cfg = make_cfg("train.steps=2")
+    assert run_name(cfg) == run_name(make_cfg("train.steps=3", "chain.checkpointing=true"))
+    assert run_name(cfg) != run_name(make_cfg(f"train.output_dir={tmp_path}/other"))
+    storage = tmp_path / "ray"
+    assert name_in_storage(cfg, str(storage), resume=True) == run_name(cfg)  # nothing there: the new name
+    legacy = f"{cfg.name}-" + hashlib.sha1(json.dumps(to_dict(cfg), sort_keys=True, default=str).encode()).hexdigest()[:8]
+    (storage / legacy / "step_000002").mkdir(parents=True)
+    assert name_in_storage(cfg, str(storage), resume=True) == legacy
+    assert name_in_storage(cfg, str(storage), resume=False) == run_name(cfg)
 
 
 @pytest.mark.parametrize("rank", [0, 1])

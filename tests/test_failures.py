@@ -264,7 +264,8 @@ def test_resuming_with_another_worker_count_is_refused_in_one_line(make_cfg, tmp
     with pytest.raises(ConfigError) as e:
         train_with_ray(cfg, 2, resume=True, storage_path=str(tmp_path / "ray"), tracking_uri=None)
     assert str(e.value).startswith(f"resume: {tmp_path / 'ray'} holds no run ") and str(e.value).endswith(
-        f"and {latest} is a checkpoint of 1 worker(s); resume it in one process (no --workers)")
+        f"and {latest} is a checkpoint of 1 worker(s); resume it in one process (no --workers), or, if --workers 1 "
+        "wrote it, with the --storage-path it was written to")
     assert not ray.is_initialized() and (latest / "state.json").is_file()
 
 

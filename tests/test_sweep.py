@@ -493,9 +493,23 @@ def test_a_restarted_trial_resumes_from_the_newer_of_tunes_checkpoint_and_its_ow
     if expected is None:
         assert got is None
     else:
-        assert (got == scratch or scratch in got.parents) if expected == "tune" else (
-            got.parent == cfg.output_dir / "checkpoints")
+        # Tune's checkpoint is read where it is (local storage): the resume line names it, not a copy
+        assert got == (reported if expected == "tune" else cfg.output_dir / "checkpoints" / f"step_{local_step:06d}")
         assert json.loads((got / "state.json").read_text())["step"] == (tune_step if expected == "tune" else local_step)
+
+
+def test_a_checkpoint_on_remote_storage_is_copied_before_it_is_read(tmp_path):
+    import pyarrow.fs
+    from ray import tune
+
+    from shortft.ray_reports import readable
+
+    _checkpoint(tmp_path / "bucket", 4)
+    remote = tune.Checkpoint("step_000004", pyarrow.fs.SubTreeFileSystem(str(tmp_path / "bucket"),
+                                                                         pyarrow.fs.LocalFileSystem()))
+    (tmp_path / "scratch").mkdir()
+    got = readable(remote, tmp_path / "scratch")
+    assert got == tmp_path / "scratch" and json.loads((got / "state.json").read_text())["step"] == 4
 
 
 TRIAL_DIES = '''

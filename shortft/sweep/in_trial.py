@@ -22,7 +22,7 @@ from shortft import checkpoint, tracking
 from shortft.config import Config, TrainConfig
 from shortft.loop import read_metrics, train
 from shortft.mlflow_relay import start_relay
-from shortft.ray_reports import FAULT_MARKER, FaultInjector, RayReport, fault_request
+from shortft.ray_reports import FAULT_MARKER, FaultInjector, RayReport, fault_request, readable
 from shortft.sweep.eval_report import OBJECTIVE
 
 REPORTED = "reported.json"  # in a checkpoint handed to Tune: the metrics it was reported with
@@ -76,16 +76,16 @@ def _step_of(path: Path | None) -> int:
 
 
 def resume_point(cfg: Config, scratch: Path) -> Path | None:
-    """The newer of Tune's latest checkpoint of this trial (copied into `scratch`) and the latest one
-    under the run's folder; None for a trial that starts afresh."""
+    """The newer of Tune's latest checkpoint of this trial (copied into `scratch` from remote storage) and
+    the latest one under the run's folder; None for a trial that starts afresh."""
     from ray import tune
 
     local = checkpoint.latest(cfg.output_dir / "checkpoints")
     reported = tune.get_checkpoint()
     if reported is not None:
-        copied = Path(reported.to_directory(str(scratch)))
-        if _step_of(copied) > _step_of(local):
-            return copied
+        tunes = readable(reported, scratch)
+        if _step_of(tunes) > _step_of(local):
+            return tunes
     return local
 
 
