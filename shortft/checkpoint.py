@@ -88,6 +88,20 @@ def latest(root: Path) -> Path | None:
     return found[-1] if found else None
 
 
+def check_resume_path(path: Path) -> None:
+    """A checkpoint folder given to resume from (`--resume PATH`) is one: a ConfigError naming the latest
+    checkpoint under it where it is a run folder (or its `checkpoints/`). Checked before the models load;
+    it was a FileNotFoundError for state.json after."""
+    path = Path(path)
+    if (path / "state.json").is_file():
+        return
+    found = latest(path / "checkpoints") or latest(path) if path.is_dir() else None
+    hint = (f"; the latest checkpoint under it is {found}" if found else
+            "; give a checkpoints/step_NNNNNN folder, or --resume alone for the latest under train.output_dir")
+    raise ConfigError(f"--resume {path}: {'not a checkpoint (no state.json)' if path.exists() else 'no such folder'}"
+                      + hint)
+
+
 # Settings whose change makes a checkpoint's LoRAs not fit, or mean something else: a resume refuses them.
 FIXED = ("model.pretrained", "lora.rank", "lora.alpha", "lora.targets", "lora.timestep_aware")
 ADAPTER_KEYS = ("chain.method", "chain.segments", "chain.interior_adapters")  # which LoRAs a run has

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+from functools import lru_cache
 from pathlib import Path
 
 from shortft import builtin
@@ -34,12 +35,17 @@ def _local(value: str, key: str) -> Path:
 
 
 def _column(path: Path, column: str, key: str) -> list[str]:
+    import pyarrow
     import pyarrow.csv
     import pyarrow.json
     import pyarrow.parquet
 
     read = {".jsonl": pyarrow.json.read_json, ".csv": pyarrow.csv.read_csv, ".parquet": pyarrow.parquet.read_table}
-    table = read[path.suffix](path)
+    try:
+        table = read[path.suffix](path)
+    except (pyarrow.ArrowInvalid, OSError) as e:  # not the file its suffix says: one line, not pyarrow's traceback
+        reason = (str(e).splitlines() or [type(e).__name__])[0]
+        raise ConfigError(f"{key}={str(path)!r}: not a readable {path.suffix} file ({reason})") from None
     if column not in table.column_names:
         raise ConfigError(f"{key}={str(path)!r}: no column {column!r} (it has {', '.join(table.column_names)}); "
                           "set data.prompt_column")
@@ -51,19 +57,38 @@ def read_prompts(value: list | str, column: str = "prompt", key: str = "data.pro
     if not isinstance(value, str):
         return list(value)
     path = _local(value, key)
+    if not path.is_file():
+        raise ConfigError(f"{key}={value!r}: no such file")
+    stat = path.stat()
+    return list(_read_file(str(path), (stat.st_mtime_ns, stat.st_size), column, key, value))
+
+
+@lru_cache(maxsize=16)
+def _read_file(path: str, version: tuple, column: str, key: str, value: str) -> tuple[str, ...]:
+    # cached by the file's mtime and size: a sweep's driver checks the same file for every trial's config
+    path = Path(path)
     if path.suffix in TABLES:
         prompts = _column(path, column, key)
     else:
-        prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        try:
+            prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{key}={value!r}: not a readable text file, one prompt a line ({e})") from None
     if not prompts:
         raise ConfigError(f"{key}={value!r}: the file holds no prompts")
-    return prompts
+    return tuple(prompts)
 
 
 def check_prompts(cfg: Config) -> None:
-    """`data.prompts` / `data.eval_prompts` given as local files must exist (hub files are fetched when read)."""
+    """`data.prompts` / `data.eval_prompts` given as local files must exist and hold prompts in
+    `data.prompt_column` (hub files are fetched, and so checked, before the run loads its models). The
+    evaluation file was first read by the first evaluation, which in configs that evaluate only at the
+    end came after the last step and before the LoRA was saved."""
     for key in ("prompts", "eval_prompts"):
         value = getattr(cfg.data, key)
-        if isinstance(value, str) and not value.startswith(HUB_DATASET) and not _local(value, key).is_file():
-            raise ConfigError(f"data.{key}={value!r}: no such file; give a list, a .txt (one prompt a line), "
-                              f"{', '.join(TABLES)} (column data.prompt_column) or hf://datasets/<org>/<name>/<file>")
+        if isinstance(value, str) and not value.startswith(HUB_DATASET):
+            if not _local(value, key).is_file():
+                raise ConfigError(f"data.{key}={value!r}: no such file; give a list, a .txt (one prompt a line), "
+                                  f"{', '.join(TABLES)} (column data.prompt_column) or "
+                                  "hf://datasets/<org>/<name>/<file>")
+            read_prompts(value, cfg.data.prompt_column, f"data.{key}")

@@ -148,16 +148,20 @@ def train(cfg: Config, callbacks: list[Callback] = (), resume: bool | str | Path
     share of every batch, LoRA gradients and metrics are averaged over ranks, and only rank 0 writes
     files."""
     check(cfg)
+    if resume not in (True, False):
+        checkpoint.check_resume_path(Path(resume))
     out, is_main = cfg.output_dir, rank == 0
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
 
-    # 1. Load and freeze; add the LoRAs (zero-initialised) and the rewards.
+    # 1. Prompts (a hub dataset's file is fetched now: a bad one fails before the models load, not at
+    #    the first evaluation); load and freeze; add the LoRAs (zero-initialised) and the rewards.
+    prompts = read_prompts(cfg.data.prompts, cfg.data.prompt_column)
+    read_prompts(cfg.data.eval_prompts, cfg.data.prompt_column, "data.eval_prompts")
     with explained(cfg, "loading the models", "loading"):
         models = load_models(cfg)
         rewards = Rewards(cfg.reward.weights, cfg.reward.options, [cfg.eval.objective, *cfg.eval.terms], models.device)
     unet, plan, adapters = models.unet, models.plan, models.adapters
-    prompts = read_prompts(cfg.data.prompts, cfg.data.prompt_column)
 
     # 2. One optimizer over every LoRA; frozen stages simply get no gradient.
     params = {name: list(lora_params(unet, name).values()) for name in adapters}

@@ -165,6 +165,23 @@ def test_out_of_gpu_memory_offers_only_the_settings_not_already_made():
     assert settings(shortft.load_config("toy", ["train.batch_size=3"]), "step")[-2] == "train.batch_size=1 train.grad_accum=3 (the same images per step)"
 
 
+def test_resuming_from_a_path_that_is_no_checkpoint_is_one_line_before_the_models_load(make_cfg, tmp_path, monkeypatch):
+    """`--resume PATH` with a wrong path, or the run folder instead of its checkpoint, was a FileNotFoundError
+    for state.json after the models had loaded."""
+    from shortft import loop
+
+    shortft.train(make_cfg("train.steps=2", "train.checkpoint_every=1"))
+    monkeypatch.setattr(loop, "load_models", lambda cfg: pytest.fail("the models loaded first"))
+    run = tmp_path / "run"
+    for given, told in [(tmp_path / "nope", "no such folder; give a checkpoints/step_NNNNNN folder, or --resume "
+                                            "alone for the latest under train.output_dir"),
+                        (run, f"not a checkpoint (no state.json); the latest checkpoint under it is "
+                              f"{run / 'checkpoints' / 'step_000002'}")]:
+        with pytest.raises(ConfigError) as e:
+            loop.train(make_cfg("train.steps=4"), resume=str(given))
+        assert str(e.value) == f"--resume {given}: {told}"
+
+
 def test_the_fp16_loss_scale_survives_a_checkpoint(make_cfg, tmp_path):
     from shortft.models import load_models
 

@@ -12,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
+import shortft
 from shortft import rewards
 from shortft.rewards.clip_prep import ClipPreprocess
 from tests import reward_models
@@ -212,6 +213,24 @@ def test_bad_paths_and_files_fail_in_one_line(options, dirs, tmp_path):
         torch.save({"layers.0.weight": torch.zeros(1), "extra": _Payload(marker)}, hostile / file)
         assert "refused" in _bad(options, name, path=str(hostile))
         assert not marker.exists()
+
+
+@pytest.mark.parametrize("option,message", [
+    ("pickscore.foo=1", "reward.options.pickscore.foo: pickscore has no option 'foo'; it takes path, processor, "
+                        "revision, batch_size, dtype"),
+    ("pickscore.dtype=int8", "reward.options.pickscore.dtype='int8': use auto, float32, bfloat16, float16"),
+    ("aesthetic.batch_size=0", "reward.options.aesthetic.batch_size=0: an integer >= 1"),
+    ("hps_v2.version=3", "reward.options.hps_v2.version=3: use 2 or 2.1"),
+    ("hps_v2.arch=ViT-Z", "reward.options.hps_v2.arch='ViT-Z': unknown architecture; use one of ViT-H-14, "
+                          "ViT-L-14-quickgelu or the path of an open_clip model-config JSON"),
+    ("symmetry.scale=2", "reward.options.symmetry.scale: symmetry has no option 'scale'; it takes none"),
+])
+def test_a_bad_reward_option_is_refused_with_the_config(option, message):
+    """Options were first seen when the reward was built, after the diffusion model had loaded (`shortft
+    config` said nothing); `hps_v2.version=3` ended in a KeyError from the hub check."""
+    with pytest.raises(rewards.ConfigError) as e:
+        shortft.load_config("sd15", [f"reward.options.{option}"])
+    assert str(e.value) == message
 
 
 def _png() -> bytes:

@@ -47,6 +47,36 @@ def test_a_missing_column_or_an_empty_file_is_one_line(tmp_path):
         shortft.load_config("tiny", ["data.eval_prompts=nope.csv"])
 
 
+def test_a_bad_evaluation_file_is_refused_with_the_config_not_after_the_last_step(tmp_path, make_cfg, monkeypatch):
+    """The evaluation file was first read by the first evaluation: in the sd15/sdxl configs (evaluation
+    at the end only) after the last step, before the LoRA was saved, and a malformed one gave pyarrow's
+    traceback."""
+    (tmp_path / "bad.jsonl").write_text('{"prompt": "a cat"}\n{not json\n')
+    (tmp_path / "cols.csv").write_text("a,b\n1,2\n")
+    (tmp_path / "empty.txt").write_text("\n")
+    (tmp_path / "text.parquet").write_text("a cat\n")
+    for name, reason in [("bad.jsonl", "not a readable .jsonl file (JSON parse error"),
+                         ("cols.csv", "no column 'prompt' (it has a, b); set data.prompt_column"),
+                         ("empty.txt", "the file holds no prompts"),
+                         ("text.parquet", "not a readable .parquet file (")]:
+        with pytest.raises(ConfigError) as e:
+            shortft.load_config("tiny", [f"data.eval_prompts={tmp_path / name}"])
+        assert str(e.value).startswith(f"data.eval_prompts='{tmp_path / name}': {reason}"), str(e.value)
+    # a hub dataset's file is fetched before the models load
+    import huggingface_hub
+
+    from shortft import loop
+
+    def offline(*args, **kwargs):
+        raise OSError("We couldn't connect to 'https://huggingface.co'\nmore")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", offline)
+    monkeypatch.setattr(loop, "load_models", lambda cfg: pytest.fail("the models loaded first"))
+    with pytest.raises(ConfigError, match=r"data.eval_prompts='hf://datasets/org/p/eval.csv': could not get the file "
+                                          r"\(We couldn't connect to 'https://huggingface.co'\)"):
+        loop.train(make_cfg("data.eval_prompts=hf://datasets/org/p/eval.csv"))
+
+
 def test_a_hub_dataset_file_is_read_through_the_hub_cache(tmp_path):
     hub_cache(tmp_path / "cache", "someone/prompts", {"data/train.parquet": _write(tmp_path / "train.parquet")},
               repo_type="dataset")

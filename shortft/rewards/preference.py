@@ -39,6 +39,21 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 _CACHE_LIMIT = 10_000  # prompt embeddings kept (a prompt set larger than this is re-encoded as it cycles)
 
 
+def check_clip_options(batch_size: int = 8, dtype: str = "auto", **_) -> None:
+    """The options every CLIP-based reward takes (`ClipReward`)."""
+    if dtype != "auto" and dtype not in DTYPES:
+        raise ConfigError(f"dtype={dtype!r}: use auto, {', '.join(DTYPES)}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError(f"batch_size={batch_size!r}: an integer >= 1")
+
+
+def check_hps_options(version: str = "2", arch: str | dict = "ViT-H-14", **options) -> None:
+    if str(version) not in HPS_FILES:
+        raise ConfigError(f"version={version!r}: use 2 or 2.1")
+    arch_config(arch, "arch")
+    check_clip_options(**options)
+
+
 class ClipReward(nn.Module):
     """A CLIP-based reward: `score` is "logit_cos" (PickScore), "cos" (HPS v2, CLIPScore) or "head"
     (an MLP on the normalised image embedding: the aesthetic predictor)."""
@@ -46,10 +61,7 @@ class ClipReward(nn.Module):
     def __init__(self, model: nn.Module, tokenizer, prep: ClipPreprocess, score: str,
                  head: nn.Module | None = None, batch_size: int = 8, dtype: str = "auto"):
         super().__init__()
-        if dtype != "auto" and dtype not in DTYPES:
-            raise ConfigError(f"dtype={dtype!r}: use auto, {', '.join(DTYPES)}")
-        if int(batch_size) < 1:
-            raise ConfigError(f"batch_size={batch_size}: must be >= 1")
+        check_clip_options(batch_size=batch_size, dtype=dtype)
         self.model, self.tokenizer, self.prep, self.score, self.head = model, tokenizer, prep, score, head
         self.batch_size, self.dtype_option = int(batch_size), dtype
         self._text: dict[str, torch.Tensor] = {}
@@ -191,7 +203,7 @@ def _clip_model_reward(name: str, path: str, processor: str | None, revision: st
     return ClipReward(model, *_processor(key, path, processor, revision), score, batch_size=batch_size, dtype=dtype)
 
 
-@register("pickscore")
+@register("pickscore", check=check_clip_options)
 def pickscore(path: str = "yuvalkirstain/PickScore_v1", processor: str = LAION_VIT_H, revision: str | None = None,
               batch_size: int = 8, dtype: str = "auto", random_weights: bool = False) -> ClipReward:
     """PickScore (Kirstain et al. 2023), human preference: logit_scale * cos(image, prompt), as its card computes it."""
@@ -199,7 +211,7 @@ def pickscore(path: str = "yuvalkirstain/PickScore_v1", processor: str = LAION_V
                               batch_size, dtype)
 
 
-@register("clip_score")
+@register("clip_score", check=check_clip_options)
 def clip_score(path: str = OPENAI_VIT_L, processor: str | None = None, revision: str | None = None,
                batch_size: int = 8, dtype: str = "auto", random_weights: bool = False) -> ClipReward:
     """CLIP image-text cosine similarity (any transformers CLIP checkpoint)."""
@@ -207,7 +219,7 @@ def clip_score(path: str = OPENAI_VIT_L, processor: str | None = None, revision:
                               batch_size, dtype)
 
 
-@register("hps_v2")
+@register("hps_v2", check=check_hps_options)
 def hps_v2(path: str = "xswu/HPSv2", version: str = "2", file: str | None = None, arch: str | dict = "ViT-H-14",
            processor: str = LAION_VIT_H, revision: str | None = None, batch_size: int = 8, dtype: str = "auto",
            random_weights: bool = False) -> ClipReward:
@@ -246,7 +258,7 @@ class AestheticMLP(nn.Module):
         return self.layers(x)
 
 
-@register("aesthetic")
+@register("aesthetic", check=check_clip_options)
 def aesthetic(path: str = AESTHETIC_FILE, clip: str = OPENAI_VIT_L, revision: str | None = None,
               batch_size: int = 8, dtype: str = "auto", random_weights: bool = False) -> ClipReward:
     """LAION aesthetic predictor v2, about 1-10, no prompt (the one DDPO, AlignProp and TRL use).

@@ -35,15 +35,20 @@ class RewardFn(Protocol):
 
 
 _REGISTRY: dict[str, Callable[..., RewardFn]] = {}
+_CHECKS: dict[str, Callable[..., None]] = {}
 EVAL_ONLY: set[str] = set()
 PATH_OPTIONS = {"path", "processor", "clip"}  # options naming a model: a local path must exist
 
 
-def register(name: str, eval_only: bool = False) -> Callable:
+def register(name: str, eval_only: bool = False, check: Callable[..., None] | None = None) -> Callable:
+    """`check(**options)`: the options' values, checked with the config (before any model loads); it
+    raises a ConfigError that starts with `option=value`."""
     def wrap(factory: Callable[..., RewardFn]) -> Callable[..., RewardFn]:
         _REGISTRY[name] = factory
         if eval_only:
             EVAL_ONLY.add(name)
+        if check is not None:
+            _CHECKS[name] = check
         return factory
 
     return wrap
@@ -74,6 +79,24 @@ def defaults(name: str) -> dict:
 def check_name(key: str, name: str) -> None:
     if name not in _registry():
         raise ConfigError(f"{key}: unknown reward {name!r}; registered: {', '.join(names())}")
+
+
+def check_options(name: str, options: dict) -> None:
+    """Each option is one the reward takes, with a value its check accepts: one line naming
+    `reward.options.<name>.<option>`. They were first seen when the reward was built, after the
+    diffusion model had loaded."""
+    params = inspect.signature(_registry()[name]).parameters
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        takes = [k for k in params if k != "random_weights"]
+        for key in options:
+            if key not in takes:
+                raise ConfigError(f"reward.options.{name}.{key}: {name} has no option {key!r}; it takes "
+                                  f"{', '.join(takes) or 'none'}")
+    if name in _CHECKS:
+        try:
+            _CHECKS[name](**options)
+        except ConfigError as e:
+            raise ConfigError(f"reward.options.{name}.{e}") from None
 
 
 def build(name: str, options: dict | None = None, device: torch.device | str = "cpu",
@@ -125,6 +148,7 @@ def check_config(cfg: Config) -> None:
                               "train on a differentiable term (e.g. compressibility) and list it in eval.terms")
     for name, opts in cfg.reward.options.items():
         check_name(f"reward.options.{name}", name)
+        check_options(name, opts or {})
         for key in PATH_OPTIONS & set(opts or {}):
             sources.check_exists(f"reward.options.{name}.{key}", str(opts[key]))
     check_name("eval.objective", cfg.eval.objective)
