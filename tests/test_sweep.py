@@ -3,6 +3,7 @@ MLflow parent/children, the Parquet table, and resuming a sweep whose driver was
 
 import json
 import os
+import re
 import shutil
 import signal
 import sqlite3
@@ -345,7 +346,8 @@ def _run_script(work: Path, *args: str, samples: int = 3, env: dict | None = Non
 @pytest.mark.slow
 def test_resume_after_the_driver_is_killed_in_the_second_trial(tmp_path):
     """Also the smoke sweep through the script alone: copied into an empty directory, as `ray submit`
-    runs it, it starts a local Ray, and the resumed sweep leaves 1 parent, 2 children, 2 table rows."""
+    runs it, it starts a local Ray, and the resumed sweep (run from another folder) leaves 1 parent, 2
+    children, 2 table rows in the sweep's own store and folder."""
     work = _script(tmp_path)
     ray_tmp = tempfile.mkdtemp(prefix="rcr", dir="/tmp")  # marks every process of the Ray the driver starts
     proc = _run_script(work, "--name", "crash", samples=2, env={**os.environ, "PYTHONUNBUFFERED": "1",
@@ -370,10 +372,15 @@ def test_resume_after_the_driver_is_killed_in_the_second_trial(tmp_path):
 
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env.pop("RAY_ADDRESS", None)
-    again = subprocess.Popen([sys.executable, "sweep.py", "--name", "crash", "--resume"], cwd=work, env=env,
+    # resumed from another folder: it logs to the sweep's store and writes under its output folder
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    again = subprocess.Popen([sys.executable, str(work / "sweep.py"), "--name", "crash", "--resume", "--storage-path",
+                              str(work / "ray_results")], cwd=elsewhere, env=env,
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     out, _ = again.communicate(timeout=900)
     assert again.returncode == 0, out[-3000:]
+    assert not list(elsewhere.iterdir()), list(elsewhere.iterdir())
     assert "best trial t00" in out and "mlflow ui --backend-store-uri sqlite:///" in out
     assert "base.json)" in out and "untrained model: evaluating" not in out  # the killed driver's, read back
     _, _, rows = _check_sweep_outputs(db, work / "runs" / "sweeps" / "crash" / "results.parquet", trials=2)
@@ -409,6 +416,31 @@ def test_a_resume_with_a_conflicting_flag_is_refused_in_one_line(tmp_path, capsy
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and not ray.is_initialized()
     assert "--space other.yaml (the sweep has toy)" in err and "--num-samples 9 (the sweep has 6)" in err
+
+
+def test_a_resume_logs_to_the_sweeps_mlflow_store_and_writes_its_folder_from_any_working_directory(tmp_path):
+    """The store and the output folder were not kept: `--name X --resume` run from another folder (or with
+    another $MLFLOW_TRACKING_URI) made a new parent run and new trial runs in another store (or logged a
+    sweep started with --no-mlflow), and wrote the table and run folders under that folder."""
+    from shortft.sweep import saved
+
+    storage = str(tmp_path / "s")
+    store = f"sqlite:///{tmp_path}/mlflow.db"
+    given = {"tracking_uri": store, "output_root": str(tmp_path / "out")}
+    saved.write(storage, "x", saved.settle(given, storage, "x", resume=False))
+    kept = saved.settle({"tracking_uri": None, "output_root": None}, storage, "x", resume=True)
+    assert (kept["tracking_uri"], kept["output_root"]) == (store, str(tmp_path / "out"))
+    with pytest.raises(ConfigError, match=re.escape(f"--no-mlflow (the sweep has {store})")):
+        saved.settle({"tracking_uri": False}, storage, "x", resume=True)
+    saved.write(storage, "off", saved.settle({"tracking_uri": False}, storage, "off", resume=False))
+    with pytest.raises(ConfigError, match=re.escape(f"--tracking-uri {store} (the sweep has no MLflow)")):
+        saved.settle({"tracking_uri": store}, storage, "off", resume=True)
+    assert saved.settle({}, storage, "off", resume=True)["tracking_uri"] is False
+    # a sweep stored before these were kept: as given (or the default), as before
+    saved.write(storage, "old", {k: v for k, v in saved.settle({}, storage, "old", resume=False).items()
+                                 if k not in ("tracking_uri", "output_root")})
+    assert saved.settle({"tracking_uri": store}, storage, "old", resume=True)["tracking_uri"] == store
+    assert saved.settle({}, storage, "old", resume=True)["tracking_uri"] == ""
 
 
 def test_private_ray_tune_optuna_attributes_are_still_there():

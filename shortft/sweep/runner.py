@@ -89,8 +89,6 @@ def run_sweep(space: str | Space | None = None, num_samples: int | None = None, 
                              ("--resource-wait-s", resource_wait_s, 1)):
         if value is not None and value < low:
             raise ConfigError(f"{flag} {value}: must be >= {low}")
-    if tracking_uri == "":
-        tracking_uri = tracking.default_tracking_uri()
     if tracking_uri:
         tracking_uri = tracking.resolve_uri(tracking_uri)  # credentials move to the environment here
     storage_path = storage_path or str(Path("ray_results").resolve())
@@ -102,8 +100,17 @@ def run_sweep(space: str | Space | None = None, num_samples: int | None = None, 
     given = {"space": space if isinstance(space, (str, type(None))) else space.name, "config": config,
              "num_samples": num_samples, "workers_per_trial": workers_per_trial, "gpus_per_worker": gpus_per_worker,
              "max_concurrent": max_concurrent, "experiment": experiment, "smoke_test": smoke_test, "seed": seed,
-             "resource_wait_s": resource_wait_s}
+             "resource_wait_s": resource_wait_s,
+             # "" = not given; False = --no-mlflow. A resume logs where the sweep started, from any folder.
+             "tracking_uri": None if tracking_uri == "" else (tracking_uri or False),
+             "output_root": str(Path(output_root).resolve()) if output_root else None}
     values = saved.settle(given, storage_path, name, resume)
+    if values["tracking_uri"] == "":  # a new sweep (or one stored before the URI was) takes the default
+        values["tracking_uri"] = tracking.resolve_uri(tracking.default_tracking_uri())
+    elif values["tracking_uri"] and tracking_uri == "":  # the stored one, checked again
+        values["tracking_uri"] = tracking.resolve_uri(values["tracking_uri"])
+    tracking_uri = values["tracking_uri"] or None
+    values["output_root"] = values["output_root"] or str(Path("runs/sweeps").resolve())
     num_samples, workers_per_trial, gpus_per_worker = (values["num_samples"], values["workers_per_trial"],
                                                        values["gpus_per_worker"])
     max_concurrent, experiment, seed = values["max_concurrent"], values["experiment"], values["seed"]
@@ -117,7 +124,7 @@ def run_sweep(space: str | Space | None = None, num_samples: int | None = None, 
         raise ConfigError(f"--resume: no sweep {name!r} under {storage_path}")
     if exists and not resume:
         raise ConfigError(f"sweep {name!r} already exists under {storage_path}; pass --resume, or another --name")
-    output_root = str(Path(output_root or "runs/sweeps").resolve() / name)
+    output_root = str(Path(values["output_root"]) / name)
     address = None if ray.is_initialized() else canonical_address(address)
     # Every hub source of every trial, in this machine's hub cache or on the hub: else one line now, not a
     # half-minute of retries in the untrained model's evaluation and then in every trial, twice. Where the

@@ -1,6 +1,6 @@
 """A sweep's own settings, stored next to its Tune state, so that `--resume --name X` runs the same sweep
-(same space, base config, trial count, sizes) whatever flags the resume is given, and refuses, in one
-line, a flag that would make it another sweep."""
+(same space, base config, trial count, sizes, MLflow store, output folder) whatever flags the resume is
+given, and from whatever folder, and refuses, in one line, a flag that would make it another sweep."""
 
 from __future__ import annotations
 
@@ -13,11 +13,19 @@ from shortft.sweep.trials import EXPERIMENT, RESOURCE_WAIT_S
 FILE = "shortft_sweep.json"
 DEFAULTS = {"space": "toy", "config": None, "num_samples": 6, "workers_per_trial": 1, "gpus_per_worker": 0.0,
             "max_concurrent": None, "experiment": EXPERIMENT, "smoke_test": False, "seed": 0,
-            "resource_wait_s": RESOURCE_WAIT_S}
+            "resource_wait_s": RESOURCE_WAIT_S, "tracking_uri": "", "output_root": None}
 
 
 def _flag(key: str) -> str:
     return "--" + key.replace("_", "-")
+
+
+def _given(key: str, value) -> str:
+    return "--no-mlflow" if key == "tracking_uri" and value is False else f"{_flag(key)} {value}"
+
+
+def _had(key: str, value) -> str:
+    return "no MLflow" if key == "tracking_uri" and value is False else str(value)
 
 
 def _path_for(value):
@@ -71,9 +79,10 @@ def settle(given: dict, storage_path: str, name: str | None, resume: bool) -> di
     stored = _read(storage_path, name) if name else None
     if stored is None:  # a sweep started before its settings were stored: the flags as given
         return settle(given, storage_path, name, resume=False)
-    conflicts = [f"{_flag(k)} {given[k]} (the sweep has {stored.get(k)})" for k in DEFAULTS
-                 if given.get(k) is not None and _path_for(given[k]) != stored.get(k)]
+    conflicts = [f"{_given(k, given[k])} (the sweep has {_had(k, stored[k])})" for k in DEFAULTS
+                 if k in stored and given.get(k) is not None and _path_for(given[k]) != stored[k]]
     if conflicts:
         raise ConfigError(f"--resume --name {name}: {'; '.join(conflicts)}; drop the flag to continue the sweep as "
                           "it started, or give another --name for a new sweep")
-    return {k: stored.get(k, v) for k, v in DEFAULTS.items()}
+    fresh = settle(given, storage_path, name, resume=False)  # for settings stored before they were kept
+    return {k: stored[k] if k in stored else fresh[k] for k in DEFAULTS}
