@@ -26,6 +26,7 @@ import torch
 
 from shortft.bench_count import build_pipeline, count, count_device, draws, make_trainable, step_inputs
 from shortft.bench_report import describe
+from shortft.checks import check
 from shortft.config import Config, ConfigError, METHODS
 from shortft.denoiser import CallCount
 from shortft.loop import autocast_for, micro_batch_loss
@@ -157,6 +158,8 @@ def run_bench(cfg: Config, methods: list[str], segments: list[int], batches: lis
     if random_weights and cfg.model.shortcut != "none":
         # A shortcut LoRA cannot be random-initialised meaningfully; the base model's own jump costs the same calls.
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, shortcut="none"))
+    for arm in arms(methods, segments, batches, checkpointing):  # e.g. a k with no shortcut: now, not arms later
+        check(arm_config(cfg, arm))
     device = pick_device(cfg.model.device)
     peak = device_peak_tflops(device)
     # The reward models are frozen and the same in every arm: built once per device they are counted

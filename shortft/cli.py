@@ -28,6 +28,20 @@ from shortft.memory import OutOfMemory, explained
 from shortft.progress import quiet_libraries
 
 
+def at_least(low: int):
+    """An argparse type: an integer >= `low` (argparse prints `argument --flag: ...`, status 2)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r}: expected an integer") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{value}: must be >= {low}")
+        return value
+
+    return parse
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="shortft", description="Shortcut-based reward fine-tuning of diffusion models.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -45,10 +59,10 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--dry-run", action="store_true",
                    help="print the resolved config, the timestep plan, a memory estimate and what would be downloaded; "
                         "download and load nothing")
-    t.add_argument("--workers", type=int, default=0, help="Ray Train workers (0 = in this process, no Ray)")
+    t.add_argument("--workers", type=at_least(0), default=0, help="Ray Train workers (0 = in this process, no Ray)")
     t.add_argument("--gpu", action="store_true", help="one GPU per Ray worker (NCCL)")
     t.add_argument("--storage-path", help="Ray checkpoints: a local dir, s3://... or an NFS path (default ./ray_results)")
-    t.add_argument("--max-failures", type=int, default=1,
+    t.add_argument("--max-failures", type=at_least(0), default=1,
                    help="worker-group restarts from the last checkpoint (a config mistake, a non-finite stop, or "
                         "out of GPU memory alone on the card ends the restart at once)")
     t.add_argument("--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
@@ -66,7 +80,7 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--prompt", action="append", default=[], help="a prompt (repeat for more)")
     sp.add_argument("--prompts", help="a text file, one prompt per line")
     sp.add_argument("--seeds", default="0", help="comma-separated seeds; every prompt is drawn with each (default 0)")
-    sp.add_argument("--steps", type=int, help="sampler steps N (default: the config's chain.steps)")
+    sp.add_argument("--steps", type=at_least(1), help="sampler steps N (default: the config's chain.steps)")
     sp.add_argument("--guidance", type=float, help="guidance scale (default: the config's chain.guidance_scale)")
     sp.add_argument("--out", default="samples", help="output dir (default ./samples)")
     sp.add_argument("--compare", action="store_true", help="also the base model, side by side, as one grid PNG")
@@ -85,7 +99,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="where the shortcut stage runs: cpu (default), cuda, cuda:N or auto; the rest runs on cpu")
     ck = toy.add_parser("check", help="recompute the toy build's figures from its files")
     ck.add_argument("--dir", help="assets dir (default: the package's)")
-    ck.add_argument("--samples", type=int, default=256)
+    ck.add_argument("--samples", type=at_least(1), default=256)
 
     bn = sub.add_parser("bench", help="seconds/step, memory, FLOPs and utilisation of each method")
     common(bn)
@@ -93,8 +107,8 @@ def _parser() -> argparse.ArgumentParser:
                     help="comma-separated methods (full, checkpointed, always runs as the reference)")
     bn.add_argument("--segments", default="4", help="ShortFT segment counts k, e.g. 2,4,8 (default 4)")
     bn.add_argument("--batch", default="1", help="batch sizes, e.g. 1,2 (default 1)")
-    bn.add_argument("--steps", type=int, default=3, help="timed training steps per arm (default 3)")
-    bn.add_argument("--warmup", type=int, default=1, help="untimed steps first (default 1)")
+    bn.add_argument("--steps", type=at_least(1), default=3, help="timed training steps per arm (default 3)")
+    bn.add_argument("--warmup", type=at_least(0), default=1, help="untimed steps first (default 1)")
     bn.add_argument("--random-weights", action="store_true",
                     help="random weights of the config's real architecture (SD 1.5, SDXL, tiny, toy): nothing downloaded")
     bn.add_argument("--count-only", action="store_true", help="FLOPs, calls and memory estimate only (no timing)")
@@ -114,8 +128,8 @@ def _parser() -> argparse.ArgumentParser:
     rw.add_argument("--names", help="comma-separated rewards to time (default: the config's weights and eval terms)")
     rw.add_argument("--random-weights", action="store_true",
                     help="preference models as their real architectures with random weights: nothing downloaded")
-    rw.add_argument("--batch", type=int, default=2, help="images per call (default 2)")
-    rw.add_argument("--repeats", type=int, default=3, help="timed calls; the median is reported (default 3)")
+    rw.add_argument("--batch", type=at_least(1), default=2, help="images per call (default 2)")
+    rw.add_argument("--repeats", type=at_least(1), default=3, help="timed calls; the median is reported (default 3)")
 
     config_parser = sub.add_parser("config", help="print the resolved config, or every key with --keys")
     common(config_parser)
@@ -279,7 +293,7 @@ def run_bench(cfg, args) -> dict:
         path.parent.mkdir(parents=True, exist_ok=True)
     result = bench(cfg, methods, int_list("--segments", args.segments), int_list("--batch", args.batch),
                    args.steps, args.warmup, args.random_weights, time_it=not args.count_only,
-                   counts_from=json.loads(Path(args.counts_from).read_text()) if args.counts_from else None,
+                   counts_from=read_json("--counts-from", args.counts_from) if args.counts_from else None,
                    checkpointing=bool_list("--checkpointing", args.checkpointing), profile=args.profile,
                    on_arm=(lambda so_far: save_json(path, so_far)) if path else None)
     print(f"\n{result['device']} (host: {result['host_cpu']}, {result['threads']} torch threads), "
@@ -288,6 +302,18 @@ def run_bench(cfg, args) -> dict:
     if args.tracking_uri:
         print(f"mlflow run {log_to_mlflow(result, args.tracking_uri, path)}")
     return result
+
+
+def read_json(flag: str, path: str) -> dict:
+    try:
+        data = json.loads(Path(path).read_text())
+    except OSError as e:
+        raise ConfigError(f"{flag} {path}: {e.strerror or e}") from None
+    except ValueError as e:
+        raise ConfigError(f"{flag} {path}: not JSON ({e}); give the file an earlier `shortft bench --json` wrote") from None
+    if not isinstance(data, dict) or not isinstance(data.get("rows"), list):
+        raise ConfigError(f"{flag} {path}: not a `shortft bench --json` result (no rows)")
+    return data
 
 
 def run_eval(cfg, lora: str | None, grid: str | None) -> dict:

@@ -196,7 +196,12 @@ def read_mapping(name_or_path: str, package: str = "shortft.configs", flag: str 
     elif path.is_file():
         text = path.read_text()
     else:
-        raise ConfigError(f"{flag} {name_or_path!r}: no such file or built-in (built-in: {', '.join(builtin_names(package))})")
+        # `ray submit` runs the script in the head's home folder, where the cluster files put the project
+        there = Path.home() / "shortft" / name_or_path
+        hint = f"; did you mean {Path('shortft') / name_or_path} (the project's copy)?" if (
+            not path.is_absolute() and there.is_file()) else ""
+        raise ConfigError(f"{flag} {name_or_path!r}: no such file or built-in (built-in: "
+                          f"{', '.join(builtin_names(package))}){hint}")
     try:
         data = load_yaml(text) or {}
     except yaml.YAMLError as e:
@@ -240,13 +245,48 @@ def merge(base: dict, update: dict) -> dict:
     return out
 
 
+# Keys whose value may be a local path (`reward.options.<name>.<option>` for the options below).
+PATH_KEYS = ("model.pretrained", "model.shortcut", "data.prompts", "data.eval_prompts")
+REWARD_PATH_OPTIONS = ("path", "processor", "clip", "arch")
+
+
+def _path_key(key: str) -> bool:
+    return key in PATH_KEYS or (key.startswith("reward.options.") and key.count(".") == 3
+                                and key.rsplit(".", 1)[1] in REWARD_PATH_OPTIONS)
+
+
+def _pinned(value: Any) -> Any:
+    if not isinstance(value, str):
+        return value
+    kind, sep, rest = value.partition(":") if value.startswith(("lora:", "unet:")) else ("", "", value)
+    if not rest or rest.startswith(("builtin:", "hf://", "/", "~")) or "://" in rest:
+        return value
+    probe = Path(rest).parent if "{" in Path(rest).name else Path(rest)  # a template: lora:dir/k{segments}
+    if str(probe) in ("", ".") or not probe.exists():
+        return value  # a hub id, or nothing here: the checks say so
+    return f"{kind}{sep}{Path(rest).resolve()}"
+
+
+def pin_paths(data: dict, prefix: str = "") -> dict:
+    """`data` (a config mapping, nested or with dotted keys) with every local path that is relative and
+    exists from the working directory made absolute. Ray runs trials and workers in other folders (a
+    trial's own, a worker's session folder): a relative `data.prompts: prompts.txt` that the driver found
+    failed in every trial."""
+    out = {}
+    for k, v in data.items():
+        key = f"{prefix}{k}"
+        out[k] = pin_paths(v, f"{key}.") if isinstance(v, dict) else (_pinned(v) if _path_key(key) else v)
+    return out
+
+
 def read_config(config: str | None = None, overrides: list[str] | dict | None = None) -> Config:
     """Built-in name or YAML path, then overrides (`a.b=c` strings or a nested dict); type and range
-    checked (`shortft.load_config` also runs the registry and disk checks)."""
+    checked (`shortft.load_config` also runs the registry and disk checks). Relative local paths that
+    exist from here are made absolute (`pin_paths`)."""
     data = read_mapping(config) if config else {}
     if overrides:
         data = merge(data, overrides if isinstance(overrides, dict) else parse_overrides(list(overrides)))
-    cfg = from_dict(Config, data)
+    cfg = from_dict(Config, pin_paths(data))
     validate(cfg)
     return cfg
 

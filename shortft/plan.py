@@ -176,6 +176,10 @@ def check_shortcut(cfg: Config) -> None:
     if (given.startswith("builtin:") or builtin.looks_like_path(shortcut.path)) and not Path(shortcut.path).expanduser().exists():
         hint = " (no shortcut for this chain.segments?)" if "{segments}" in given else ""
         raise ConfigError(f"model.shortcut={cfg.model.shortcut!r}: {shortcut.path} does not exist{hint}")
+    folder = Path(shortcut.path).expanduser()
+    if shortcut.kind == "lora" and folder.is_dir() and not any(folder.glob("*.safetensors")):
+        raise ConfigError(f"model.shortcut={cfg.model.shortcut!r}: {shortcut.path} holds no .safetensors file; give "
+                          "the folder of a LoRA, or lora:<folder>/<file>")
 
 
 def adapter_names(method: str, timestep_aware: bool, segments: int) -> list[str]:

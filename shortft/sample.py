@@ -36,6 +36,8 @@ def run_sample(cfg: Config, lora: str, prompt: list[str], prompts_file: str | No
     prompts = list(prompt) + (read_prompts(prompts_file, key="--prompts") if prompts_file else [])
     if not prompts:
         raise ConfigError("give --prompt \"...\" (repeatable) or --prompts <file>")
+    if out.exists() and not out.is_dir():  # before sampling, not after
+        raise ConfigError(f"--out {out}: a file; give a folder (made if missing)")
     chain = dataclasses.replace(cfg.chain, steps=steps or cfg.chain.steps,
                                 guidance_scale=cfg.chain.guidance_scale if guidance is None else guidance)
     cfg = dataclasses.replace(cfg, chain=chain)

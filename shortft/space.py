@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from shortft.checks import check
-from shortft.config import Config, ConfigError, builtin_names, describe, from_dict, merge, read_mapping, validate
+from shortft.config import Config, ConfigError, builtin_names, describe, from_dict, merge, pin_paths, read_mapping, validate
 
 KINDS = ("choice", "uniform", "loguniform", "randint", "lograndint")
 DYNAMIC = ("reward.weights.", "reward.options.")  # keys under these name a reward term
@@ -163,7 +163,7 @@ def load_space(name_or_path: str, base: str | None = None, overrides: dict | Non
 def trial_config(base: str | dict, fixed: dict, values: dict, name: str | None = None) -> Config:
     """The run config of one trial: base config, then the fixed keys, then the trial's values."""
     data = read_mapping(base) if isinstance(base, str) else base
-    data = merge(merge(data, nested(fixed)), nested(values))
+    data = pin_paths(merge(merge(data, nested(fixed)), nested(values)))
     if name:
         data = merge(data, {"name": name})
     cfg = from_dict(Config, data)

@@ -80,6 +80,10 @@ def test_rayjob_has_the_kuberay_shape():
     assert cluster["authOptions"] == {"mode": "token"}  # the operator sets the mode and token in every pod
     head = cluster["headGroupSpec"]
     assert head["rayStartParams"]["num-cpus"] == "0"
+    # the head pod's name has random parts (the RayJob's cluster, then the pod): port-forward finds it by label
+    (label,) = [f"{k}={v}" for k, v in head["template"]["metadata"]["labels"].items()]
+    for text in ((ROOT / "clusters" / "kuberay.yaml").read_text(), (ROOT / "docs" / "clusters.md").read_text()):
+        assert f"kubectl port-forward $(kubectl get pod -l {label} -o name) 5000:5000" in text
     assert head["template"]["spec"]["containers"][0]["image"]
     workers = cluster["workerGroupSpecs"]
     assert workers and all(w["groupName"] and w["template"]["spec"]["containers"] for w in workers)

@@ -99,3 +99,60 @@ def test_config_command_prints_resolved_yaml():
                        capture_output=True, text=True, timeout=60)
     assert p.returncode == 0
     assert yaml.safe_load(p.stdout)["chain"]["steps"] == 7
+
+
+def test_relative_local_paths_are_made_absolute_and_hub_ids_and_built_ins_are_not(tmp_path, monkeypatch):
+    """Ray runs trials and workers in other folders: a relative path the driver found must travel absolute."""
+    from shortft.config import pin_paths
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "p.txt").write_text("a cat\n")
+    (tmp_path / "shortcuts").mkdir()
+    (tmp_path / "pick").mkdir()
+    given = {"data": {"prompts": "p.txt", "eval_prompts": "builtin:toy/eval_prompts.txt"},
+             "model": {"pretrained": "org/name", "shortcut": "lora:shortcuts/k{segments}"},
+             "reward": {"options": {"pickscore": {"path": "pick", "processor": "laion/clip"}}},
+             "train": {"output_dir": "runs/x"}, "chain.method": "p.txt"}
+    assert pin_paths(given) == {
+        "data": {"prompts": str(tmp_path / "p.txt"), "eval_prompts": "builtin:toy/eval_prompts.txt"},
+        "model": {"pretrained": "org/name", "shortcut": f"lora:{tmp_path}/shortcuts/k{{segments}}"},
+        "reward": {"options": {"pickscore": {"path": str(tmp_path / "pick"), "processor": "laion/clip"}}},
+        "train": {"output_dir": "runs/x"}, "chain.method": "p.txt"}
+    assert pin_paths({"data.prompts": "p.txt"}) == {"data.prompts": str(tmp_path / "p.txt")}  # a space's fixed keys
+    assert load_config("toy", ["data.prompts=p.txt"]).data.prompts == str(tmp_path / "p.txt")
+
+
+def test_a_config_named_from_the_project_instead_of_the_heads_home_folder_is_pointed_there(tmp_path, monkeypatch):
+    """`ray submit` runs the sweep in the head's home folder; the cluster files copy the project to ~/shortft."""
+    (tmp_path / "shortft").mkdir()
+    (tmp_path / "shortft" / "my_sd15.yaml").write_text("base: sd15\n")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match=r"no such file or built-in \(built-in: .*\); did you mean "
+                                          r"shortft/my_sd15.yaml \(the project's copy\)\?$"):
+        load_config("my_sd15.yaml")
+
+
+@pytest.mark.parametrize("args,line", [
+    (["train", "--workers", "-1"], "argument --workers: -1: must be >= 0"),  # trained in this process
+    (["rewards", "--cost", "--batch", "0"], "argument --batch: 0: must be >= 1"),  # ZeroDivisionError
+    (["rewards", "--cost", "--repeats", "0"], "argument --repeats: 0: must be >= 1"),  # StatisticsError
+    (["sample", "--lora", "x", "--steps", "-5"], "argument --steps: -5: must be >= 1"),  # sampled noise, status 0
+    (["bench", "--counts-from", "{tmp}/none.json"], "--counts-from {tmp}/none.json: No such file or directory"),
+    (["bench", "--counts-from", "{tmp}/bad.json"], "--counts-from {tmp}/bad.json: not JSON (Expecting value"),
+    (["bench", "--config", "toy", "--segments", "2,3", "--count-only"],
+     "model.shortcut='lora:builtin:toy/shortcut-k{{segments}}': "),  # found after the first arms had run
+    (["sample", "--config", "toy", "--lora", "x", "--prompt", "a", "--out", "{tmp}/bad.json"],
+     "--out {tmp}/bad.json: a file; give a folder"),  # FileExistsError after sampling
+])
+def test_bad_flag_values_are_one_line_with_status_2(tmp_path, capsys, args, line):
+    from shortft.cli import main
+
+    (tmp_path / "bad.json").write_text("")
+    args = [a.format(tmp=tmp_path) for a in args]
+    try:
+        code = main(args)
+    except SystemExit as e:  # argparse's own errors
+        code = e.code
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and line.format(tmp=tmp_path) in err[-1] and "Traceback" not in "\n".join(err), err

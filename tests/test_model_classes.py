@@ -103,6 +103,11 @@ def test_a_shortcut_for_another_segment_count_is_a_warning_with_the_reason(class
                    "chain.segments=4 or pick the matching file"]
 
 
+def _made(folder):
+    folder.mkdir()
+    return folder
+
+
 def _bogus_lora(path):
     from safetensors.torch import save_file
 
@@ -112,7 +117,7 @@ def _bogus_lora(path):
 
 
 @pytest.mark.parametrize("case", ["missing file", "keys match nothing", "another model's lora", "several files",
-                                  "unsupported class", "resolution"])
+                                  "no file", "unsupported class", "resolution"])
 def test_bad_models_and_shortcuts_fail_in_one_line(class_dirs, hub, tmp_path, capsys, case):
     base = ["train", "--config", "tiny", f"model.pretrained={class_dirs['tiny']}", "chain.steps=8", "chain.segments=4",
             "train.steps=1", f"train.output_dir={tmp_path}/run"]
@@ -130,6 +135,9 @@ def test_bad_models_and_shortcuts_fail_in_one_line(class_dirs, hub, tmp_path, ca
         "several files": ([f"model.shortcut=lora:{hub / 'src'}"],
                           "holds 3 LoRA files (Hyper-SD15-4steps-lora.safetensors, Hyper-SD21-4steps-lora.safetensors, "
                           "Hyper-SDXL-4steps-lora.safetensors, ...); pick one with model.shortcut_weight_name=<file>"),
+        "no file": ([f"model.shortcut=lora:{_made(tmp_path / 'empty')}"],  # was "... has no file None", after loading
+                    f"model.shortcut='lora:{tmp_path / 'empty'}': {tmp_path / 'empty'} holds no .safetensors file; "
+                    "give the folder of a LoRA, or lora:<folder>/<file>"),
         "unsupported class": ([f"model.pretrained={_unsupported(tmp_path)}"], "a KandinskyPipeline; supported: "),
         "resolution": (["model.resolution=33"], "model.resolution=33: not a multiple of this model's VAE factor 2; use 32 or 34"),
     }[case]

@@ -109,11 +109,12 @@ def test_every_server_the_project_starts_listens_on_loopback():
             assert "--dashboard-host=127.0.0.1" in command, (path.name, command)
             servers += 1
         for doc in yaml.safe_load_all(text) if path.suffix == ".yaml" else []:
-            for key, value in _walk(doc):
-                if key == "dashboard-host":
-                    assert value == "127.0.0.1", (path.name, key, value)
-                    servers += 1
-    assert servers >= 6  # gpu.yaml 2, kuberay.yaml 2, onprem.yaml 1, mlflow-server.sh 1
+            # KubeRay: the operator and the job submitter reach the dashboard at the head's Service, so it
+            # keeps KubeRay's default (the pod's IP); token authentication guards it instead
+            assert "dashboard-host" not in dict(_walk(doc)), path.name
+            if doc.get("kind") == "RayJob":
+                assert doc["spec"]["rayClusterSpec"]["authOptions"] == {"mode": "token"}
+    assert servers >= 5  # gpu.yaml 2, kuberay.yaml 1, onprem.yaml 1, mlflow-server.sh 1
     for path in (root / "shortft").rglob("*.py"):
         assert "0.0.0.0" not in path.read_text(), path  # nothing in the code binds to every interface
 

@@ -256,7 +256,8 @@ def test_an_untrained_evaluation_that_fails_or_is_never_placed_costs_its_row_and
     from shortft.sweep import baseline
 
     space = load_space("toy", overrides=sweep.SMOKE_TEST)
-    gpu = {"use_gpu": True, "cpus_per_worker": None, "gpus_per_worker": 1.0, "threads": None}
+    gpu = {"use_gpu": True, "cpus_per_worker": None, "gpus_per_worker": 1.0, "threads": None, "base": space.base,
+           "fixed": space.fixed}
     ray.init(address="local", num_cpus=2, num_gpus=1, include_dashboard=False, log_to_driver=False)
     try:
         pending = baseline.start(space, tmp_path / "a", {**gpu, "resource_wait_s": 300})
@@ -443,6 +444,15 @@ def test_a_resume_logs_to_the_sweeps_mlflow_store_and_writes_its_folder_from_any
     assert saved.settle({}, storage, "old", resume=True)["tracking_uri"] == ""
 
 
+def test_the_overhead_report_of_a_store_with_no_sweep_is_one_line_and_makes_no_store(tmp_path):
+    """It was an AttributeError on the missing experiment, after MLflow had made an empty mlflow.db."""
+    p = subprocess.run([sys.executable, str(ROOT / "tune" / "overhead.py")], cwd=tmp_path, capture_output=True,
+                       text=True, timeout=120)
+    assert p.returncode == 2 and p.stderr.strip().splitlines() == [
+        "error: --tracking-uri sqlite:///mlflow.db: no such store; give the sweep's"]
+    assert not list(tmp_path.iterdir())
+
+
 def test_private_ray_tune_optuna_attributes_are_still_there():
     from shortft.sweep import ray_compat
 
@@ -580,6 +590,33 @@ def test_a_one_worker_trial_whose_process_dies_is_restarted_by_tune_from_its_che
     assert {"lora", "config.yaml"} <= {a.path for a in c.list_artifacts(run.info.run_id)}
     for key in ("loss", "grad_norm"):
         assert sorted(m.step for m in c.get_metric_history(run.info.run_id, key)) == [1, 2, 3, 4], key
+
+
+RELATIVE_PROMPTS = '''
+from ray import tune
+from shortft import sweep
+trainable = sweep.trainable_for("toy", smoke_test=True, tracking_uri=None, fixed={"data.prompts": "mine.txt"})
+analysis = tune.run(trainable, config={"chain.segments": 2}, num_samples=1, verbose=0,
+                    metric="eval/objective", mode="max", raise_on_failed_trial=False)
+(trial,) = analysis.trials
+print("STATUS", trial.status, trial.error_file and open(trial.error_file).read()[-300:])
+'''
+
+
+@pytest.mark.slow
+def test_a_relative_prompt_file_reaches_the_trial_that_runs_in_its_own_folder(tmp_path):
+    """The driver found `mine.txt` in its working directory; the trial, which Tune runs in its own
+    folder, did not (`data.prompts='mine.txt': no such file`)."""
+    from shortft.builtin import toy_dir
+
+    (tmp_path / "mine.txt").write_text("".join((toy_dir() / "train_prompts.txt").read_text().splitlines(True)[:3]))
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
+    env.update(HOME=str(tmp_path), PYTHONUNBUFFERED="1")
+    p = subprocess.run([sys.executable, "-c", RELATIVE_PROMPTS], cwd=tmp_path, capture_output=True, text=True,
+                       env=env, timeout=600)
+    assert p.returncode == 0 and "STATUS TERMINATED" in p.stdout, (p.stdout + p.stderr)[-3000:]
+    (written,) = (tmp_path / "runs" / "sweeps").rglob("config.yaml")
+    assert f"prompts: {tmp_path / 'mine.txt'}" in written.read_text()
 
 
 TRIAL_DIVERGES = '''

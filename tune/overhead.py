@@ -6,8 +6,11 @@ recorded.
 """
 
 import argparse
+import sys
 
 from mlflow.tracking import MlflowClient
+
+from shortft.tracking import sqlite_path
 
 
 def parser() -> argparse.ArgumentParser:
@@ -18,13 +21,22 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def main() -> None:
+def main() -> int:
     args = parser().parse_args()
+    store = sqlite_path(args.tracking_uri)
+    if store is not None and not store.is_file():  # MLflow would make an empty store there
+        print(f"error: --tracking-uri {args.tracking_uri}: no such store; give the sweep's", file=sys.stderr)
+        return 2
     c = MlflowClient(args.tracking_uri)
     exp = c.get_experiment_by_name(args.experiment)
-    runs = c.search_runs([exp.experiment_id], order_by=["attributes.start_time DESC"])
+    runs = c.search_runs([exp.experiment_id], order_by=["attributes.start_time DESC"]) if exp else []
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags and "sweep_seconds" in r.data.metrics]
-    parent = next(r for r in parents if args.name in (None, r.info.run_name))
+    parent = next((r for r in parents if args.name in (None, r.info.run_name)), None)
+    if parent is None:
+        which = f"sweep {args.name!r}" if args.name else "finished sweep"
+        print(f"error: no {which} in experiment {args.experiment!r} of {args.tracking_uri} (a sweep's parent run "
+              "gets its sweep_seconds when the sweep ends)", file=sys.stderr)
+        return 2
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     train = sum(m.value for ch in children for m in c.get_metric_history(ch.info.run_id, "seconds_per_step"))
     evals = sum(m.value for ch in children for m in c.get_metric_history(ch.info.run_id, "eval_seconds"))
@@ -38,7 +50,8 @@ def main() -> None:
     print(f"  training steps {train:.0f} s ({train / wall:.0%}), evaluations {evals:.0f} s ({evals / wall:.0%}), "
           f"the untrained model {base:.0f} s ({'beside the trials' if beside else f'{base / wall:.0%}'}), "
           f"the rest {rest:.0f} s ({rest / wall:.0%}, {rest / max(1, len(children)):.0f} s per trial)")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

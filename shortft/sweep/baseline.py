@@ -43,7 +43,7 @@ def evaluation_of(cfg: Config) -> dict:
     return {k: v for k, v in flatten(to_dict(cfg)).items() if k.startswith(EVALUATION_KEYS)}
 
 
-def evaluate_base(base: str, fixed: dict, out: str | Path) -> dict:
+def evaluate_base(base: str | dict, fixed: dict, out: str | Path) -> dict:
     """The evaluation of the untrained model (no LoRA; the same prompts, sampler, seeds and judge as
     every trial of config `base` with the keys `fixed` gets), in this process: written to
     `out/base.json`, its sample grid to `out/grids/base.png`."""
@@ -58,7 +58,7 @@ def evaluate_base(base: str, fixed: dict, out: str | Path) -> dict:
     return metrics
 
 
-def _evaluate_in_task(base: str, fixed: dict, use_gpu: bool, threads: int | None,
+def _evaluate_in_task(base: str | dict, fixed: dict, use_gpu: bool, threads: int | None,
                       submitted: float) -> tuple[dict, bytes]:
     """`evaluate_base` in a Ray task, which may be on another node: the metrics, with `seconds` since
     the task was submitted (its placement, process start, model load and sampling), and the grid's PNG
@@ -128,7 +128,7 @@ def start(space: Space, out_dir: Path, sweep: dict) -> BaseEvaluation:
         num_cpus=sweep["cpus_per_worker"] or 1.0, num_gpus=sweep["gpus_per_worker"] if use_gpu else 0, max_retries=0)
     print("untrained model: evaluating it on the trials' held-out prompts"
           + (" beside the trials" if use_gpu else " before the first trial"), flush=True)
-    pending.task = task.remote(space.base, space.fixed, use_gpu, sweep["threads"], time.time())
+    pending.task = task.remote(sweep["base"], sweep["fixed"], use_gpu, sweep["threads"], time.time())
     if not use_gpu:
         pending.result()
     return pending

@@ -21,7 +21,7 @@ from pathlib import Path
 from ray import tune
 
 from shortft import attempts, resources, tracking
-from shortft.config import Config, ConfigError, from_dict, to_dict
+from shortft.config import Config, ConfigError, from_dict, pin_paths, read_mapping, to_dict
 from shortft.mlflow_relay import RELAY, relay_call, start_relay
 from shortft.space import Space, to_tune, trial_config
 from shortft.sweep.eval_report import OBJECTIVE, OBJECTIVE_SE, EvalReport
@@ -51,8 +51,11 @@ def settings(space: Space, name: str, storage_path: str, output_root: str, worke
              gpus_per_worker: float = 1.0, cpus_per_worker: float | None = None, threads: int | None = None,
              tracking_uri: str | None = None, experiment: str = EXPERIMENT,
              parent_run_id: str | None = None, resource_wait_s: float | None = RESOURCE_WAIT_S) -> dict:
-    """The constants every trial needs (plain values, bound to the trainable)."""
-    return {"name": name, "base": space.base, "fixed": space.fixed, "storage_path": storage_path,
+    """The constants every trial needs (plain values, bound to the trainable). The base config travels as
+    its mapping, and relative local paths in it and in the fixed keys as absolute ones (`pin_paths`): a
+    trial runs in its own folder, perhaps on another node."""
+    base = pin_paths(read_mapping(space.base) if isinstance(space.base, str) else space.base)
+    return {"name": name, "base": base, "fixed": pin_paths(space.fixed), "storage_path": storage_path,
             "output_root": output_root, "workers": workers, "use_gpu": use_gpu, "gpus_per_worker": gpus_per_worker,
             "cpus_per_worker": cpus_per_worker, "threads": threads, "tracking_uri": tracking_uri,
             "experiment": experiment, "parent_run_id": parent_run_id, "resource_wait_s": resource_wait_s,

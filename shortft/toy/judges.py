@@ -67,7 +67,8 @@ class AttributeNet(nn.Module):
 
             raise ConfigError(f"toy reward/judge: no model at {path} (build the toy assets: shortft toy build)")
         net = cls(**json.loads((path / "config.json").read_text()))
-        net.load_state_dict(load_file(str(path / "model.safetensors")))
+        if not next(net.parameters()).is_meta:  # built on the meta device, it is only counted (the dry run)
+            net.load_state_dict(load_file(str(path / "model.safetensors")))
         return net.eval()
 
 
