@@ -53,15 +53,34 @@ def default_storage_path() -> str:
     return str(Path("ray_results").resolve())
 
 
+STORAGE_CHECK_S = 30.0  # a remote storage path that has not answered by then is not usable from here
+
+
 def check_storage_path(path: str) -> None:
     """Fail before any worker starts if checkpoints could not be written there."""
     if "://" in path:
+        import threading
+
         import pyarrow.fs
 
-        try:
-            fs, root = pyarrow.fs.FileSystem.from_uri(path)
-            fs.create_dir(root, recursive=True)
-        except Exception as e:  # any failure means: not usable from here
+        failed: list[BaseException] = []
+
+        def probe() -> None:
+            try:
+                fs, root = pyarrow.fs.FileSystem.from_uri(path)
+                fs.create_dir(root, recursive=True)
+            except Exception as e:  # any failure means: not usable from here
+                failed.append(e)
+
+        # pyarrow's GCS client retries an unreachable endpoint for minutes (seen: over 60 s offline)
+        asking = threading.Thread(target=probe, daemon=True)
+        asking.start()
+        asking.join(STORAGE_CHECK_S)
+        if asking.is_alive():
+            raise ConfigError(f"storage path {path}: no answer within {STORAGE_CHECK_S:g} s; check the network, the "
+                              "URI and credentials, or pass another --storage-path")
+        if failed:
+            e = failed[0]
             raise ConfigError(f"storage path {path}: not writable ({type(e).__name__}: {e}); check the URI and "
                               "credentials or pass another --storage-path") from None
         return

@@ -126,6 +126,10 @@ def download_command(src: Source, folders: list[str] | None = None) -> str:
     if src.revision:
         command += f" --revision {src.revision}"
     variant = f".{src.variant}" if src.variant else ""
+    if src.file == "model_index.json" and not folders:
+        # a pipeline's configs, tokenizer files and its components' weights of this variant: not the whole
+        # repo, whose single-file checkpoints and other variants are several times the size
+        return command + f' --include "*.json" --include "*.txt" --include "*/*{variant}.safetensors"'
     return command + "".join(f' --include "{f}/*{variant}.safetensors"' for f in folders or [] if f)
 
 

@@ -142,6 +142,8 @@ def test_a_config_named_from_the_project_instead_of_the_heads_home_folder_is_poi
     (["bench", "--counts-from", "{tmp}/bad.json"], "--counts-from {tmp}/bad.json: not JSON (Expecting value"),
     (["bench", "--config", "toy", "--segments", "2,3", "--count-only"],
      "model.shortcut='lora:builtin:toy/shortcut-k{{segments}}': "),  # found after the first arms had run
+    (["toy", "check", "--dir", "{tmp}/none"], "--dir {tmp}/none: no such folder"),  # said as model.pretrained
+    (["toy", "build", "--from-base", "{tmp}/none"], "--from-base {tmp}/none: no such folder"),
     (["sample", "--config", "toy", "--lora", "x", "--prompt", "a", "--out", "{tmp}/bad.json"],
      "--out {tmp}/bad.json: a file; give a folder"),  # FileExistsError after sampling
 ])

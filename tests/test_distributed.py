@@ -232,6 +232,28 @@ def test_bad_storage_or_tracking_fails_before_workers_start(tmp_path, flag, valu
     assert not (tmp_path / "ray_results").exists()
 
 
+def test_a_remote_storage_path_that_does_not_answer_is_one_line_in_bounded_time(monkeypatch):
+    """pyarrow's GCS client retried an unreachable gs:// path for more than a minute before any error."""
+    import time
+
+    import pyarrow.fs
+
+    from shortft import distributed
+    from shortft.config import ConfigError
+
+    monkeypatch.setattr(distributed, "STORAGE_CHECK_S", 0.5)
+    class Unanswered:  # pyarrow's own FileSystem is an immutable type
+        @staticmethod
+        def from_uri(uri):
+            time.sleep(30)
+
+    monkeypatch.setattr(pyarrow.fs, "FileSystem", Unanswered)
+    t0 = time.time()
+    with pytest.raises(ConfigError, match=r"^storage path gs://b/sweeps: no answer within 0.5 s; check the network"):
+        distributed.check_storage_path("gs://b/sweeps")
+    assert time.time() - t0 < 5
+
+
 @pytest.mark.slow
 def test_cli_two_workers_on_toy_config_logs_everything_to_mlflow(tmp_path):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
