@@ -18,8 +18,33 @@ from shortft.models import Models, load_models
 from shortft.plan import training_plan
 
 
+def check_trained_with(cfg: Config, lora: str | Path) -> None:
+    """The LoRAs of a run folder (`<run>/lora`, next to the run's `config.yaml`) fit `cfg`: the same base
+    model and LoRA shape. Else one line naming both values and the run's config, before anything loads;
+    it was PyTorch's state-dict error after the model had loaded."""
+    import yaml
+
+    from shortft.checkpoint import FIXED
+    from shortft.config import flatten, to_dict
+
+    saved_file = Path(lora).parent / "config.yaml"
+    try:
+        saved = flatten(yaml.safe_load(saved_file.read_text()) or {})
+    except (OSError, yaml.YAMLError, AttributeError):  # a LoRA folder outside a run folder: nothing to compare
+        return
+    now = flatten(to_dict(cfg))
+    differ = [k for k in FIXED if k in saved and saved[k] != now.get(k)
+              and not (k == "model.pretrained" and Path(str(saved[k])).resolve() == Path(str(now.get(k))).resolve())]
+    if differ:
+        was = ", ".join(f"{k}={saved[k]!r}" for k in differ)
+        has = ", ".join(f"{k}={now.get(k)!r}" for k in differ)
+        raise ConfigError(f"--lora {lora}: trained with {was}; this config has {has}; pass --config {saved_file}")
+
+
 def load_trained(cfg: Config, lora: str | None) -> Models:
     """The config's models with the LoRAs of a run (its own adapters and chain), or without any."""
+    if lora:
+        check_trained_with(cfg, lora)
     plan = training_plan(cfg, saved=read_lora_plan(lora)) if lora else None
     models = load_models(cfg, with_loras=bool(lora), plan=plan)
     if lora:

@@ -79,6 +79,22 @@ def test_a_lora_for_another_unet_is_refused_with_one_line(trained, tiny_dir, tmp
     assert p.returncode == 2 and len(lines) == 1 and "trained for another" in lines[0], p.stderr
 
 
+def test_a_runs_lora_with_another_base_model_or_rank_names_the_runs_config_before_loading(trained, make_cfg,
+                                                                                          monkeypatch):
+    """`shortft eval/sample --lora runs/x/lora` with a config the LoRA was not trained with ended in PyTorch's
+    state-dict error ('does not fit this UNet's adapters (Error(s) in loading state_dict ...)') after the
+    model had loaded."""
+    from shortft import sample
+
+    monkeypatch.setattr(sample, "load_models", lambda *a, **k: pytest.fail("the models loaded first"))
+    with pytest.raises(ConfigError) as e:
+        sample.load_trained(make_cfg("lora.rank=8", "model.pretrained=builtin:toy"), str(trained))
+    run = trained.parent
+    assert str(e.value) == (f"--lora {trained}: trained with model.pretrained={make_cfg().model.pretrained!r}, "
+                            f"lora.rank=4; this config has model.pretrained='builtin:toy', lora.rank=8; pass "
+                            f"--config {run / 'config.yaml'}")
+
+
 def test_sample_compare_grid_and_its_tuned_half_equals_eval(trained, tiny_dir, tmp_path):
     common = ["--config", "tiny", f"model.pretrained={tiny_dir}", "chain.steps=8", "chain.segments=2"]
     p = subprocess.run([sys.executable, "-m", "shortft.cli", "sample", *common, "--lora", str(trained),
