@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 
 QUIET_ENV = "SHORTFT_QUIET"
 
@@ -13,6 +14,8 @@ def quiet_libraries() -> None:
     """Import-time chatter of transformers/diffusers (optional backends) is noise on a command line."""
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    # diffusers (0.42) still passes this argument to huggingface_hub, which says it is ignored, on every load
+    warnings.filterwarnings("ignore", message="The `local_dir_use_symlinks` argument is deprecated")
 
 
 def quiet() -> bool:
