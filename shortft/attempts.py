@@ -82,3 +82,4 @@ def once(output_dir: Path, attempt: str | None):
         if final(e):
             record(output_dir, attempt, e)
         raise
+    (output_dir / FILE).unlink(missing_ok=True)  # an earlier attempt's failure, now past

@@ -153,6 +153,9 @@ def test_a_failure_a_retry_cannot_change_is_raised_again_at_once_within_its_atte
     with pytest.raises(ConfigError), attempts.once(tmp_path, None):  # no attempt: nothing recorded
         raise ConfigError("bad")
     assert attempts.recorded(tmp_path, "a1") is not None
+    with attempts.once(tmp_path, "a3"):  # a resume that succeeds leaves no record of the failure it got past
+        pass
+    assert not (tmp_path / attempts.FILE).exists()
 
 
 def test_out_of_gpu_memory_offers_only_the_settings_not_already_made():
