@@ -88,11 +88,13 @@ def latest(root: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def check_resume_path(path: Path) -> None:
-    """A checkpoint folder given to resume from (`--resume PATH`) is one: a ConfigError naming the latest
-    checkpoint under it where it is a run folder (or its `checkpoints/`). Checked before the models load;
-    it was a FileNotFoundError for state.json after."""
-    path = Path(path)
+def check_resume_path(resume: bool | str | Path) -> None:
+    """A checkpoint folder given to resume from (`--resume PATH`; True/False name none) is one: a
+    ConfigError naming the latest checkpoint under it where it is a run folder (or its `checkpoints/`).
+    Checked before the models load; it was a FileNotFoundError for state.json after."""
+    if isinstance(resume, bool):
+        return
+    path = Path(resume)
     if (path / "state.json").is_file():
         return
     found = latest(path / "checkpoints") or latest(path) if path.is_dir() else None

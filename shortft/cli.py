@@ -14,7 +14,6 @@ User mistakes (bad keys, values, paths) print one line and exit 2, with no trace
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -23,118 +22,10 @@ from pathlib import Path
 import yaml
 
 from shortft.checks import load_config
-from shortft.config import ConfigError, builtin_configs, describe, parse_overrides, to_dict
+from shortft.cli_parser import parser as _parser
+from shortft.config import ConfigError, describe, parse_overrides, to_dict
 from shortft.memory import OutOfMemory, explained
 from shortft.progress import quiet_libraries
-
-
-def at_least(low: int):
-    """An argparse type: an integer >= `low` (argparse prints `argument --flag: ...`, status 2)."""
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r}: expected an integer") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"{value}: must be >= {low}")
-        return value
-
-    return parse
-
-
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="shortft", description="Shortcut-based reward fine-tuning of diffusion models.")
-    sub = p.add_subparsers(dest="command", required=True)
-
-    def common(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument("--config", default="tiny",
-                        help=f"built-in config ({', '.join(builtin_configs())}) or a YAML path (default: tiny)")
-        sp.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. chain.steps=20")
-        sp.add_argument("--quiet", action="store_true", help="no progress bars or per-step lines")
-
-    t = sub.add_parser("train", help="fine-tune with the configured method")
-    common(t)
-    t.add_argument("--resume", nargs="?", const=True, default=False, metavar="CHECKPOINT",
-                   help="continue from the latest checkpoint in the output dir (or the one given)")
-    t.add_argument("--dry-run", action="store_true",
-                   help="print the resolved config, the timestep plan, a memory estimate and what would be downloaded; "
-                        "download and load nothing")
-    t.add_argument("--workers", type=at_least(0), default=0, help="Ray Train workers (0 = in this process, no Ray)")
-    t.add_argument("--gpu", action="store_true", help="one GPU per Ray worker (NCCL)")
-    t.add_argument("--storage-path", help="Ray checkpoints: a local dir, s3://... or an NFS path (default ./ray_results)")
-    t.add_argument("--max-failures", type=at_least(0), default=1,
-                   help="worker-group restarts from the last checkpoint (a config mistake, a non-finite stop, or "
-                        "out of GPU memory alone on the card ends the restart at once)")
-    t.add_argument("--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
-    t.add_argument("--experiment", default="shortft", help="MLflow experiment name")
-    t.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
-
-    e = sub.add_parser("eval", help="evaluate with the original N-step sampler")
-    common(e)
-    e.add_argument("--lora", help="a LoRA dir written by train (omit for the base model)")
-    e.add_argument("--grid", help="write the sample grid PNG here")
-
-    sp = sub.add_parser("sample", help="images from the original sampler with a run's LoRAs (and the base model)")
-    common(sp)
-    sp.add_argument("--lora", required=True, help="the lora/ dir a train run wrote")
-    sp.add_argument("--prompt", action="append", default=[], help="a prompt (repeat for more)")
-    sp.add_argument("--prompts", help="a text file, one prompt per line")
-    sp.add_argument("--seeds", default="0", help="comma-separated seeds; every prompt is drawn with each (default 0)")
-    sp.add_argument("--steps", type=at_least(1), help="sampler steps N (default: the config's chain.steps)")
-    sp.add_argument("--guidance", type=float, help="guidance scale (default: the config's chain.guidance_scale)")
-    sp.add_argument("--out", default="samples", help="output dir (default ./samples)")
-    sp.add_argument("--compare", action="store_true", help="also the base model, side by side, as one grid PNG")
-
-    pl = sub.add_parser("plan", help="print the timestep plan of every stage (same as train --dry-run)")
-    common(pl)
-
-    toy = sub.add_parser("toy", help="the toy world").add_subparsers(dest="toy_command", required=True)
-    b = toy.add_parser("build", help="train the toy model, shortcuts, reward and judge from seeds")
-    b.add_argument("--quick", action="store_true", help="a miniature build in about a minute (tests)")
-    b.add_argument("--out", help="output dir (default: the package's shortft/toy/assets)")
-    b.add_argument("--seed", type=int, default=0)
-    b.add_argument("--from-base", metavar="DIR", help="reuse this build's VAE/text encoder/UNet; redo the rest")
-    b.add_argument("--set", nargs="*", default=[], metavar="key=value", help="build sizes, e.g. shortcut_steps=1500")
-    b.add_argument("--device", default="cpu",
-                   help="where the shortcut stage runs: cpu (default), cuda, cuda:N or auto; the rest runs on cpu")
-    ck = toy.add_parser("check", help="recompute the toy build's figures from its files")
-    ck.add_argument("--dir", help="assets dir (default: the package's)")
-    ck.add_argument("--samples", type=at_least(1), default=256)
-
-    bn = sub.add_parser("bench", help="seconds/step, memory, FLOPs and utilisation of each method")
-    common(bn)
-    bn.add_argument("--methods", default=",".join(("shortft", "full", "draft", "draft_lv", "alignprop", "drtune", "refl")),
-                    help="comma-separated methods (full, checkpointed, always runs as the reference)")
-    bn.add_argument("--segments", default="4", help="ShortFT segment counts k, e.g. 2,4,8 (default 4)")
-    bn.add_argument("--batch", default="1", help="batch sizes, e.g. 1,2 (default 1)")
-    bn.add_argument("--steps", type=at_least(1), default=3, help="timed training steps per arm (default 3)")
-    bn.add_argument("--warmup", type=at_least(0), default=1, help="untimed steps first (default 1)")
-    bn.add_argument("--random-weights", action="store_true",
-                    help="random weights of the config's real architecture (SD 1.5, SDXL, tiny, toy): nothing downloaded")
-    bn.add_argument("--count-only", action="store_true", help="FLOPs, calls and memory estimate only (no timing)")
-    bn.add_argument("--json", help="write the results as JSON here")
-    bn.add_argument("--counts-from", metavar="JSON", help="reuse FLOP counts and memory estimates of an earlier "
-                    "--json (e.g. a --count-only run on a CPU) for the same arms")
-    bn.add_argument("--checkpointing", default=None, metavar="false,true",
-                    help="per-call checkpointing of each method but full (always on): one arm per value "
-                         "(default: the config's chain.checkpointing)")
-    bn.add_argument("--profile", action="store_true",
-                    help="on a GPU, one more step under the profiler: kernels per step and the GPU's busy share")
-    bn.add_argument("--tracking-uri", help="also log an MLflow run (experiment shortft-bench)")
-
-    rw = sub.add_parser("rewards", help="the registered rewards; with --cost, seconds per image of each")
-    common(rw)
-    rw.add_argument("--cost", action="store_true", help="time each reward on random 224x224 images")
-    rw.add_argument("--names", help="comma-separated rewards to time (default: the config's weights and eval terms)")
-    rw.add_argument("--random-weights", action="store_true",
-                    help="preference models as their real architectures with random weights: nothing downloaded")
-    rw.add_argument("--batch", type=at_least(1), default=2, help="images per call (default 2)")
-    rw.add_argument("--repeats", type=at_least(1), default=3, help="timed calls; the median is reported (default 3)")
-
-    config_parser = sub.add_parser("config", help="print the resolved config, or every key with --keys")
-    common(config_parser)
-    config_parser.add_argument("--keys", action="store_true", help="list every key with its default and help")
-    return p
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -92,3 +92,10 @@ def check_prompts(cfg: Config) -> None:
                                   f"{', '.join(TABLES)} (column data.prompt_column) or "
                                   "hf://datasets/<org>/<name>/<file>")
             read_prompts(value, cfg.data.prompt_column, f"data.{key}")
+
+
+def run_prompts(cfg: Config) -> list[str]:
+    """A run's training prompts, its evaluation prompts read too: a hub dataset's file is fetched (and a
+    bad one refused) before the models load, not at the first evaluation, after the last step."""
+    read_prompts(cfg.data.eval_prompts, cfg.data.prompt_column, "data.eval_prompts")
+    return read_prompts(cfg.data.prompts, cfg.data.prompt_column)

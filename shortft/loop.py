@@ -23,7 +23,7 @@ from shortft.budget import Budget
 from shortft.chain import ChainInput, sample
 from shortft.checks import check
 from shortft.config import Config, ConfigError, flatten, to_dict
-from shortft.data import read_prompts
+from shortft.data import run_prompts
 from shortft.denoiser import CallCount
 from shortft.evaluate import evaluate, scalars
 from shortft.lora import lora_params, save_loras
@@ -144,20 +144,16 @@ def _all_reduce_grads(params: list[torch.nn.Parameter], world_size: int) -> None
 
 def train(cfg: Config, callbacks: list[Callback] = (), resume: bool | str | Path = False, rank: int = 0,
           world_size: int = 1) -> TrainResult:
-    """One fine-tuning run. Under torch.distributed (rank/world_size > 1): each rank draws its own
-    share of every batch, LoRA gradients and metrics are averaged over ranks, and only rank 0 writes
-    files."""
+    """One fine-tuning run. Under torch.distributed (rank/world_size > 1): each rank draws its own share of
+    every batch, LoRA gradients and metrics are averaged over ranks, and only rank 0 writes files."""
     check(cfg)
-    if resume not in (True, False):
-        checkpoint.check_resume_path(Path(resume))
+    checkpoint.check_resume_path(resume)
     out, is_main = cfg.output_dir, rank == 0
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
 
-    # 1. Prompts (a hub dataset's file is fetched now: a bad one fails before the models load, not at
-    #    the first evaluation); load and freeze; add the LoRAs (zero-initialised) and the rewards.
-    prompts = read_prompts(cfg.data.prompts, cfg.data.prompt_column)
-    read_prompts(cfg.data.eval_prompts, cfg.data.prompt_column, "data.eval_prompts")
+    # 1. The prompts (both sets read now); load and freeze; add the LoRAs (zero-initialised) and the rewards.
+    prompts = run_prompts(cfg)
     with explained(cfg, "loading the models", "loading"):
         models = load_models(cfg)
         rewards = Rewards(cfg.reward.weights, cfg.reward.options, [cfg.eval.objective, *cfg.eval.terms], models.device)

@@ -60,7 +60,7 @@ def test_every_quoted_command_parses():
     from mlflow.cli import cli as mlflow_cli
     from ray.scripts.scripts import cli as ray_cli
 
-    from shortft.cli import _parser
+    from shortft.cli_parser import parser as _parser
     from shortft.sweep.cli import parser as sweep_parser
 
     spec = importlib.util.spec_from_file_location("overhead", ROOT / "tune" / "overhead.py")
