@@ -58,10 +58,7 @@ def recorded(output_dir: Path, attempt: str) -> BaseException | None:
         return None
     if not isinstance(saved, dict) or saved.get("attempt") != attempt or saved.get("type") not in _FINAL:
         return None
-    error = _FINAL[saved["type"]](str(saved.get("line", "")))
-    if isinstance(error, OutOfMemory):
-        error.beside_others = False
-    return error
+    return _FINAL[saved["type"]](str(saved.get("line", "")))
 
 
 @contextmanager

@@ -97,7 +97,7 @@ def check_resume_path(resume: bool | str | Path) -> None:
     path = Path(resume)
     if (path / "state.json").is_file():
         return
-    found = latest(path / "checkpoints") or latest(path) if path.is_dir() else None
+    found = (latest(path / "checkpoints") or latest(path)) if path.is_dir() else None
     hint = (f"; the latest checkpoint under it is {found}" if found else
             "; give a checkpoints/step_NNNNNN folder, or --resume alone for the latest under train.output_dir")
     raise ConfigError(f"--resume {path}: {'not a checkpoint (no state.json)' if path.exists() else 'no such folder'}"

@@ -259,7 +259,7 @@ def _pinned(value: Any) -> Any:
     if not isinstance(value, str):
         return value
     kind, sep, rest = value.partition(":") if value.startswith(("lora:", "unet:")) else ("", "", value)
-    if not rest or rest.startswith(("builtin:", "hf://", "/", "~")) or "://" in rest:
+    if not rest or rest.startswith(("builtin:", "/", "~")) or "://" in rest:
         return value
     probe = Path(rest).parent if "{" in Path(rest).name else Path(rest)  # a template: lora:dir/k{segments}
     if str(probe) in ("", ".") or not probe.exists():

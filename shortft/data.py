@@ -58,7 +58,9 @@ def read_prompts(value: list | str, column: str = "prompt", key: str = "data.pro
         return list(value)
     path = _local(value, key)
     if not path.is_file():
-        raise ConfigError(f"{key}={value!r}: no such file")
+        kinds = f"a .txt (one prompt a line), {', '.join(TABLES)} (column data.prompt_column)"
+        raise ConfigError(f"{key}={value!r}: no such file; give {'a list, ' if key.startswith('data.') else ''}{kinds} "
+                          "or hf://datasets/<org>/<name>/<file>")
     stat = path.stat()
     return list(_read_file(str(path), (stat.st_mtime_ns, stat.st_size), column, key, value))
 
@@ -87,10 +89,6 @@ def check_prompts(cfg: Config) -> None:
     for key in ("prompts", "eval_prompts"):
         value = getattr(cfg.data, key)
         if isinstance(value, str) and not value.startswith(HUB_DATASET):
-            if not _local(value, key).is_file():
-                raise ConfigError(f"data.{key}={value!r}: no such file; give a list, a .txt (one prompt a line), "
-                                  f"{', '.join(TABLES)} (column data.prompt_column) or "
-                                  "hf://datasets/<org>/<name>/<file>")
             read_prompts(value, cfg.data.prompt_column, f"data.{key}")
 
 

@@ -56,8 +56,6 @@ def run_sample(cfg: Config, lora: str, prompt: list[str], prompts_file: str | No
                steps: int | None, guidance: float | None, out: Path, compare: bool) -> Path:
     """Every prompt with every seed through the original sampler with the run's LoRAs (and, with
     `compare`, the base model beside them in one grid). Images go to `out`."""
-    if prompts_file and not Path(prompts_file).is_file():
-        raise ConfigError(f"--prompts {prompts_file}: no such file")
     prompts = list(prompt) + (read_prompts(prompts_file, key="--prompts") if prompts_file else [])
     if not prompts:
         raise ConfigError("give --prompt \"...\" (repeatable) or --prompts <file>")
