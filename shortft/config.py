@@ -138,7 +138,7 @@ class TrainConfig:
 
 @dataclass
 class RewardConfig:
-    weights: dict = setting({"symmetry": 1.0}, "training reward = sum of weight * term")
+    weights: dict = setting({"symmetry": 1.0}, "training reward = sum of weight * term (a weight of 0 leaves the term out)")
     options: dict = setting({}, "per-term settings, e.g. {toy_alignment: {path: ...}}")
 
 
@@ -463,7 +463,14 @@ def validate(cfg: Config) -> None:
         raise ConfigError("reward.weights: empty; name at least one term, e.g. reward.weights.symmetry=1.0")
     for name, weight in cfg.reward.weights.items():
         if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
-            raise ConfigError(f"reward.weights.{name}={weight!r}: must be a finite number")
+            raise ConfigError(f"reward.weights.{name}={weight!r}: must be a finite number (0 leaves the term out)")
+    # Overrides merge into the config's own weights, so a 0 is how a term is taken out (sd15 on PickScore
+    # alone: reward.weights.hps_v2=0 reward.weights.aesthetic=0); a term with no weight is neither loaded nor
+    # computed, which for a reward model is memory and time on every step.
+    cfg.reward.weights = {name: weight for name, weight in cfg.reward.weights.items() if weight != 0}
+    if not cfg.reward.weights:
+        raise ConfigError("reward.weights: every weight is 0; give at least one term a weight, e.g. "
+                          "reward.weights.symmetry=1.0")
     for name, opts in cfg.reward.options.items():
         if not isinstance(opts, dict):
             raise ConfigError(f"reward.options.{name}={opts!r}: expected a mapping, e.g. {{path: ...}}")

@@ -55,6 +55,18 @@ def test_override_changes_value_and_weights_merge():
     assert cfg.chain.truncate_at == 0.25
 
 
+def test_a_zero_weight_takes_a_term_out_so_its_model_is_never_built():
+    """Overrides merge into a config's weights, so 0 is how a term comes out (sd15 on PickScore alone)."""
+    from shortft.rewards import Rewards
+
+    cfg = load_config("sd15", ["reward.weights.hps_v2=0", "reward.weights.aesthetic=0"])
+    assert cfg.reward.weights == {"pickscore": 10.0}
+    cfg = load_config("tiny", ["reward.weights.brightness=0.5", "reward.weights.symmetry=0", "eval.objective=saturation"])
+    assert list(Rewards(cfg.reward.weights, {}, [cfg.eval.objective]).fns) == ["brightness", "saturation"]
+    with pytest.raises(ConfigError, match=r"reward\.weights: every weight is 0"):
+        load_config("tiny", ["reward.weights.symmetry=0"])
+
+
 BAD = [
     (["chain.stepz=3"], "chain.stepz"),
     (["chain.method=dpo"], "chain.method"),
