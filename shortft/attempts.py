@@ -22,7 +22,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from shortft.config import ConfigError
-from shortft.loop import NonFiniteError
+from shortft.guard import NonFiniteError
 from shortft.memory import OutOfMemory
 
 FILE = "failed.json"  # in the run folder: {"attempt", "type", "line"} of the failure a retry cannot change

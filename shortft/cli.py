@@ -121,7 +121,8 @@ def run_train(cfg, args) -> int:
     from shortft import tracking
     from shortft.checkpoint import CheckpointWriteError
     from shortft.evaluate import scalars
-    from shortft.loop import NonFiniteError, train
+    from shortft.guard import NonFiniteError
+    from shortft.loop import train
 
     uri = None if args.no_mlflow else (args.tracking_uri or tracking.default_tracking_uri())
     if uri:

@@ -23,7 +23,8 @@ from pathlib import Path
 
 from shortft import attempts, checkpoint, raised, resources, tracking
 from shortft.config import Config, ConfigError, from_dict, to_dict
-from shortft.loop import Callback, NonFiniteError
+from shortft.guard import NonFiniteError
+from shortft.loop import Callback
 from shortft.mlflow_relay import start_relay
 from shortft.memory import OutOfMemory
 from shortft.ray_reports import FAULT_MARKER, FaultInjector, RayReport, fault_request, readable

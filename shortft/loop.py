@@ -7,7 +7,6 @@ seam where the Ray and MLflow layers plug in; the loop itself imports neither.
 from __future__ import annotations
 
 import json
-import math
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -26,6 +25,7 @@ from shortft.config import Config, ConfigError, flatten, to_dict
 from shortft.data import run_prompts
 from shortft.denoiser import CallCount
 from shortft.evaluate import evaluate, scalars
+from shortft.guard import Guard
 from shortft.lora import lora_params, save_loras
 from shortft.models import Models, load_models
 from shortft.memory import explained, peak_memory_mb
@@ -46,10 +46,6 @@ class Callback:
 
     def on_end(self, result: "TrainResult") -> None:
         """After the final LoRA is saved."""
-
-
-class NonFiniteError(RuntimeError):
-    """Too many non-finite losses or gradients in a row."""
 
 
 @dataclass
@@ -170,7 +166,7 @@ def train(cfg: Config, callbacks: list[Callback] = (), resume: bool | str | Path
         say(memory_of(models, rewards))
 
     # 3. Resume: LoRA, optimizer, RNG, step and the budget spent from the latest (or given) checkpoint.
-    start, bad_in_row, history, state = 0, 0, [], {}
+    start, history, state = 0, [], {}
     metrics_file = out / "metrics.jsonl"
     if resume:
         path = checkpoint.latest(out / "checkpoints") if resume is True else Path(resume)
@@ -186,9 +182,9 @@ def train(cfg: Config, callbacks: list[Callback] = (), resume: bool | str | Path
                 raise ConfigError(f"resume: the checkpoint {path} was written by {written_by} worker(s), this run has "
                                   f"{world_size}; resume with --workers {written_by} (the global batch and every "
                                   "rank's data order depend on the worker count)")
-            start, bad_in_row = state["step"], state.get("bad_in_row", 0)
+            start = state["step"]
             warn(f"resumed from {path} at step {start}")
-    budget = Budget.of(cfg.train, state)
+    budget, guard = Budget.of(cfg.train, state), Guard(cfg, scaler, amp, state.get("bad_in_row", 0))
     if is_main:
         # written once a resume is accepted: a refused one leaves the run's own settings
         (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
@@ -235,12 +231,9 @@ def train(cfg: Config, callbacks: list[Callback] = (), resume: bool | str | Path
             grad_norm = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
             if cfg.train.grad_clip > 0 and grads:
                 torch.nn.utils.clip_grads_with_norm_(trainable, cfg.train.grad_clip, torch.tensor(grad_norm))
-            finite = math.isfinite(sums["loss"]) and math.isfinite(grad_norm)
-            if finite:
+            skipped = guard.check(sums["loss"], grad_norm)
+            if skipped is None:
                 scaler.step(optimizer)
-                bad_in_row = 0
-            else:
-                bad_in_row += 1
             scaler.update()
         optimizer.zero_grad(set_to_none=True)
 
@@ -251,14 +244,14 @@ def train(cfg: Config, callbacks: list[Callback] = (), resume: bool | str | Path
                      models.denoiser.count.calls)
         done, last = step + 1, budget.done(step + 1)
         images_seen = cfg.train.batch_size * cfg.train.grad_accum * world_size
-        metrics = {"step": step + 1, "stage": stage, **sums, "grad_norm": grad_norm, "skipped": int(not finite),
+        metrics = {"step": step + 1, "stage": stage, **sums, "grad_norm": grad_norm, "skipped": int(skipped is not None),
                    "network_calls": models.denoiser.count.calls, "grad_calls": models.denoiser.count.grad_calls,
                    "lr": optimizer.param_groups[0]["lr"], "seconds_per_step": seconds,
                    "images_per_second": images_seen / seconds, "peak_memory_mb": peak_memory_mb(models.device),
                    "train_seconds": budget.spent_seconds, "calls_total": budget.spent_calls}
         if is_main and ((step + 1) % cfg.train.log_every == 0 or last):
             say(f"step {step + 1}/{total}  stage {stage}/{plan.stages}  loss {sums['loss']:+.4f}  "
-                f"grad {grad_norm:.3g}  {seconds:.2f} s/step" + ("  SKIPPED (non-finite)" if not finite else ""))
+                f"grad {grad_norm:.3g}  {seconds:.2f} s/step" + (f"  SKIPPED ({skipped})" if skipped else ""))
         artifacts: dict[str, Path] = {}
         if is_main and ((cfg.eval.every and (step + 1) % cfg.eval.every == 0) or last):
             artifacts["grid"] = out / "samples" / f"step_{step + 1:06d}.png"
@@ -275,17 +268,13 @@ def train(cfg: Config, callbacks: list[Callback] = (), resume: bool | str | Path
         # last step has nothing else to give Tune); one that died in between redoes the step.
         every = cfg.train.checkpoint_every
         if is_main and ((every and (step + 1) % every == 0) or last):
-            state = {"bad_in_row": bad_in_row, "world_size": world_size, **budget.state(),
+            state = {"bad_in_row": guard.bad_in_row, "world_size": world_size, **budget.state(),
                      "config": flatten(to_dict(cfg))}  # what a resume compares its settings with
             artifacts["checkpoint"] = checkpoint.save(out / "checkpoints", step + 1, unet, adapters, optimizer, state,
                                                       lora_json, cfg.train.keep_checkpoints, scaler)
         for cb in callbacks:
             cb.on_step(step + 1, metrics, artifacts)
-        if bad_in_row >= cfg.train.max_bad_steps:
-            raise NonFiniteError(
-                f"{bad_in_row} steps in a row had a non-finite loss or gradient (last at step {step + 1}); "
-                "lower train.lr, set train.grad_clip, or use train.mixed_precision=bf16/no"
-            )
+        guard.stop_if_diverged(step + 1)
         if last:
             break
 

@@ -11,7 +11,7 @@ import torch
 import shortft
 from shortft import checkpoint
 from shortft.config import ConfigError
-from shortft.loop import NonFiniteError
+from shortft.guard import NonFiniteError
 from shortft.memory import OutOfMemory
 
 
@@ -117,11 +117,11 @@ def test_a_workers_one_line_error_reaches_the_user_as_that_line(tmp_path, tiny_d
                        capture_output=True, text=True, timeout=300)
     lines = p.stderr.strip().splitlines()
     assert p.returncode == 1 and lines[-1] == (
-        "shortft: error: 1 steps in a row had a non-finite loss or gradient (last at step 2); lower train.lr, set "
-        "train.grad_clip, or use train.mixed_precision=bf16/no"), p.stderr[-3000:]
+        "shortft: error: step 2 had a non-finite loss or gradient; lower train.lr (now 1e+30) or set "
+        "train.grad_clip (0: no clipping)"), p.stderr[-3000:]
     assert "shortft/cli.py" not in p.stderr and "<frozen runpy>" not in p.stderr, p.stderr[-3000:]  # no driver traceback
     assert "shortft: not retried (a retry of the same config fails the same way" in p.stderr, p.stderr[-3000:]
-    assert "non-finite loss or gradient (last at step 2)" in (tmp_path / "run" / "failed.json").read_text()
+    assert "step 2 had a non-finite loss or gradient" in (tmp_path / "run" / "failed.json").read_text()
 
 
 def test_a_failure_a_retry_cannot_change_is_raised_again_at_once_within_its_attempt(tmp_path, capsys):

@@ -641,8 +641,7 @@ def test_tune_retries_a_trial_that_failed_for_good_without_training_it_again(tmp
     p = subprocess.run([sys.executable, "-c", TRIAL_DIVERGES], cwd=tmp_path, capture_output=True, text=True, env=env,
                        timeout=600)
     out = p.stdout + p.stderr
-    line = ("1 steps in a row had a non-finite loss or gradient (last at step 2); lower train.lr, set "
-            "train.grad_clip, or use train.mixed_precision=bf16/no")
+    line = "step 2 had a non-finite loss or gradient; lower train.lr (now 1e+30)"
     assert p.returncode == 0 and "STATUS ERROR 2" in out, out[-3000:]
     assert f"shortft: not retried (a retry of the same config fails the same way; a resume tries again): {line}" in out
     assert out.count("Trial task failed") == 2, out[-3000:]

@@ -1,6 +1,7 @@
 """The loop: what changes and what must not, learning, resume, the non-finite guard, saved LoRAs."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -12,7 +13,8 @@ import torch
 import shortft
 from shortft import rewards
 from shortft.cli import run_eval
-from shortft.loop import Callback, NonFiniteError
+from shortft.guard import NonFiniteError
+from shortft.loop import Callback
 from tests.conftest import frozen_state, lora_state
 
 
@@ -149,6 +151,37 @@ def test_non_finite_guard_stops_with_clear_error(make_cfg):
         shortft.train(cfg, [cap])
     assert cap.steps == [1, 2]
     assert _changed(cap.lora0, lora_state(cap.models.unet)) == set()  # skipped steps change nothing
+
+
+def test_fp16_loss_scale_overflows_are_skipped_without_stopping_the_run(make_cfg):
+    """GradScaler starts at 2**16 and halves on each overflow, skipping that update: the first steps of an fp16
+    run often overflow several times in a row. Counted as non-finite steps, they stopped this run at step 2
+    ("2 steps in a row had a non-finite loss or gradient") before the scale came down."""
+    cfg = make_cfg("train.mixed_precision=fp16", "reward.weights.symmetry=1e5", "train.steps=9", "chain.steps=4",
+                   "chain.segments=2", "train.max_bad_steps=2", "train.checkpoint_every=0")
+    result = shortft.train(cfg)
+    skipped = [r["step"] for r in result.history if r["skipped"]]
+    assert skipped and skipped == list(range(1, len(skipped) + 1)) and len(skipped) < 9, skipped
+    assert all(math.isfinite(r["grad_norm"]) for r in result.history if not r["skipped"])
+
+
+@pytest.mark.parametrize("loss, grad, scale, counted, line", [
+    (1.0, float("inf"), 4.0, 0, "fp16 overflow, loss scale 4 -> 2"),
+    (1.0, float("nan"), 0.5, 1, "non-finite"),  # overflows with the scale below 1: the gradient itself is huge
+    (float("nan"), 1.0, 4.0, 1, "non-finite"),
+])
+def test_the_guard_tells_an_overflow_from_a_non_finite_step(make_cfg, loss, grad, scale, counted, line):
+    from shortft.guard import Guard
+
+    cfg = make_cfg("train.max_bad_steps=1", "train.lr=0.5", "train.grad_clip=0")
+    guard = Guard(cfg, torch.amp.GradScaler("cpu", init_scale=scale), "fp16")
+    assert guard.check(1.0, 2.0) is None and guard.check(loss, grad) == line and guard.bad_in_row == counted
+    if counted:
+        with pytest.raises(NonFiniteError, match=r"^step 7 had a non-finite loss or gradient; lower train\.lr \(now "
+                           r"0\.5\) or set train\.grad_clip \(0: no clipping\) or use train\.mixed_precision=bf16 or no"):
+            guard.stop_if_diverged(7)
+    else:
+        guard.stop_if_diverged(7)
 
 
 def test_saved_lora_loads_into_a_stock_pipeline_and_changes_its_output(make_cfg, tiny_dir):
