@@ -118,6 +118,21 @@ def _dimension(key: str, spec: Any) -> Dimension:
     return Dimension(key, kind, [int(lo), int(hi)] if integer else [float(lo), float(hi)])
 
 
+def check_default_space(name: str, config: str) -> None:
+    """A space is written for its base config's model (the default one, toy, searches the toy's reward weights
+    and fixes eval.objective=toy_judge): a --config of another model with no --space is refused in one line.
+    It used to sweep the toy space on that model, GPU hours on weights of rewards the user never meant."""
+    from shortft.config import read_config
+
+    _, data = _read(name)
+    base, model = data.get("base"), read_config(config).model.pretrained
+    if base and read_config(base).model.pretrained != model:
+        raise ConfigError(f"--config {config}: its model ({model}) is not the one the default space ({name}, for the "
+                          f"{base} config) was written for; name the space to search: --space "
+                          f"{' or '.join(builtin_names('shortft.spaces'))} (built in), or a YAML of your own "
+                          "(docs/sweeps.md)")
+
+
 def load_space(name_or_path: str, base: str | None = None, overrides: dict | None = None) -> Space:
     """Read and check a space. `base` replaces its base config; `overrides` (flat keys) win over
     `fixed` and remove those keys from the search (the smoke test uses this)."""

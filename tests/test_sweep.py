@@ -63,13 +63,24 @@ def test_bad_input_fails_before_ray_with_one_line(tmp_path, capsys, search, args
     assert not ray.is_initialized()
 
 
+@pytest.mark.parametrize("config", ["sd15", "tiny"])
+def test_a_config_of_another_model_without_a_space_is_refused_not_swept_on_the_toy_space(tmp_path, capsys, config):
+    """`ray submit clusters/onprem.yaml tune/sweep.py -- --config shortft/my_sd15.yaml ...` (as docs/clusters.md
+    printed it) swept the default space, the toy's: toy reward weights and eval.objective=toy_judge on SD 1.5."""
+    code = sweep.main(["--config", config, "--storage-path", str(tmp_path / "s"), "--no-mlflow"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert err.startswith(f"error: --config {config}: its model (") and "--space sd15 or toy (built in)" in err, err
+    assert not ray.is_initialized()
+
+
 def test_builtin_space_and_trial_config():
     space = load_space("toy")
     assert set(space.search) == set(SEARCHED)
     assert space.search["lora.rank"].kind == "lograndint" and space.search["lora.rank"].args == [4, 128]
     cfg = trial_config(space.base, space.fixed, space.points_to_evaluate[0], name="x")
     assert (cfg.chain.segments, cfg.chain.truncate_at, cfg.lora.rank, cfg.train.steps) == (4, 0.0, 8, 60)
-    assert cfg.reward.weights == {"toy_alignment": 1.0, "saturation": 0.0}
+    assert cfg.reward.weights == {"toy_alignment": 1.0}  # saturation: 0.0 takes the term out
     # fixed evaluation objective, not the training reward: the judge's mean score, with its accuracy
     assert cfg.eval.objective == "toy_judge" and cfg.eval.terms == ["toy_judge_accuracy"]
     smoke = load_space("toy", overrides=sweep.SMOKE_TEST)

@@ -1,5 +1,6 @@
 """ShortFT sweep: Ray Tune + Optuna over chain length, truncation point, LoRA rank and reward weights;
-every trial a Ray Train job; one MLflow parent run per sweep, one nested run per trial.
+each trial trains in its Tune process (one worker) or as a Ray Train job (several); one MLflow parent
+run per sweep, one nested run per trial.
 
     python tune/sweep.py                                  # small sweep, built-in toy model, local CPU
     python tune/sweep.py --smoke-test --num-samples 3     # plumbing check in a few minutes

@@ -1,4 +1,5 @@
-"""The sweep: Ray Tune + Optuna over a search space; every trial is a Ray Train job; MLflow tracks it all.
+"""The sweep: Ray Tune + Optuna over a search space; each trial trains in its Tune process (one worker) or
+as a Ray Train job; MLflow tracks it all.
 
     from shortft.sweep import run_sweep
     result = run_sweep("toy", num_samples=6)          # what `python tune/sweep.py` runs

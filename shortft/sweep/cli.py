@@ -14,7 +14,8 @@ from shortft.sweep.trials import EXPERIMENT, OBJECTIVE
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tune/sweep.py", description="ShortFT sweep: Ray Tune + Optuna + MLflow.")
-    p.add_argument("--space", default=None, help="built-in space name or YAML path (default: toy)")
+    p.add_argument("--space", default=None, help="built-in space name (sd15, toy) or YAML path (default: toy, for the toy config: a --config of "
+                        "another model needs its own)")
     p.add_argument("--config", default=None, help="base config (name or YAML path); default: the space's base")
     p.add_argument("--num-samples", type=int, default=None, help="trials in all (default 6)")
     p.add_argument("--workers-per-trial", type=int, default=None, help="Ray Train workers per trial (default 1)")
@@ -24,8 +25,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
     p.add_argument("--experiment", default=None, help=f"MLflow experiment (default {EXPERIMENT})")
     p.add_argument("--storage-path", default=os.environ.get("SHORTFT_STORAGE_PATH"),
-                   help="where Tune and Train keep state: a local dir, s3://..., or NFS (default: ./ray_results)")
-    p.add_argument("--address", default=os.environ.get("RAY_ADDRESS"), help="Ray cluster address (auto on a head node)")
+                   help="where Tune and Train keep state: a local dir, s3://..., or NFS (default: "
+                        "$SHORTFT_STORAGE_PATH, else ./ray_results)")
+    p.add_argument("--address", default=os.environ.get("RAY_ADDRESS"), help="Ray cluster address (default: $RAY_ADDRESS; "
+                   "auto on a head node)")
     p.add_argument("--name", default=None, help="sweep name (default: <space>-<date>-<time>)")
     p.add_argument("--resume", action="store_true",
                    help="continue the sweep --name (default: the latest) as it started: its space, config and sizes "

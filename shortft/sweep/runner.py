@@ -16,7 +16,7 @@ from shortft import resources, tracking
 from shortft.config import ConfigError, to_dict
 from shortft.hub import check_sources
 from shortft.mlflow_relay import start_relay
-from shortft.space import Space, configs, load_space, trial_config
+from shortft.space import Space, check_default_space, configs, load_space, trial_config
 from shortft.sweep import baseline as baseline_eval
 from shortft.sweep import saved
 from shortft.sweep.ray_compat import canonical_address, start_autoscaling_coordinator, study_of
@@ -115,6 +115,8 @@ def run_sweep(space: str | Space | None = None, num_samples: int | None = None, 
                                                        values["gpus_per_worker"])
     max_concurrent, experiment, seed = values["max_concurrent"], values["experiment"], values["seed"]
     resource_wait_s = values["resource_wait_s"]
+    if space is None and values["config"] and not resume:
+        check_default_space(values["space"], values["config"])
     if not isinstance(space, Space):
         space = load_space(values["space"], base=values["config"],
                            overrides=SMOKE_TEST if values["smoke_test"] else None)

@@ -1,5 +1,5 @@
-"""One trial of a sweep: its settings, its run config (built once), and the Tune trainable that fits a
-Ray Train job and reports its evaluations to Tune.
+"""One trial of a sweep: its settings, its run config (built once), and the Tune trainable that trains in
+its own process (one worker that fits now) or fits a Ray Train job, and reports its evaluations to Tune.
 
     trainable = trainable_for("toy", tracking_uri="sqlite:///mlflow.db")    # settings travel with it
     tune.run(trainable, config={"chain.segments": tune.choice([2, 4, 8])}, num_samples=4,
