@@ -54,6 +54,34 @@ def test_no_import_cycles():
             visit(node, [node])
 
 
+def _drawn_layers() -> dict[str, int]:
+    """docs/layout.md's drawing: module (or package) name -> its layer, counted from the left."""
+    block = (PACKAGE.parent / "docs" / "layout.md").read_text().split("```")[1]
+    layers = " ".join(block.split()).split("<-")
+    return {f"shortft.{name}": i for i, layer in enumerate(layers) for name in layer.replace(",", " ").split()
+            if not name.endswith("/")}
+
+
+def _layer_of(module: str, layers: dict[str, int]) -> int | None:
+    """The layer of the most specific name drawn for `module`: itself, else the package it is in."""
+    parts = module.split(".")
+    return next((layers[".".join(parts[:n])] for n in range(len(parts), 1, -1) if ".".join(parts[:n]) in layers), None)
+
+
+def test_every_module_imports_only_its_layer_or_those_to_its_left_as_the_layout_page_draws_them():
+    layers, unplaced, upward = _drawn_layers(), [], []
+    for module, imported in _graph().items():
+        if module == "shortft" or module.split(".")[1] in ("toy", "configs", "prompts", "spaces"):
+            continue  # the package's own __init__ (the public API), the toy plug-in, data folders
+        layer = _layer_of(module, layers)
+        if layer is None:
+            unplaced.append(module)
+            continue
+        upward += [f"{module} -> {m}" for m in sorted(imported) if (_layer_of(m, layers) or 0) > layer]
+    assert not unplaced, f"docs/layout.md's drawing leaves out {unplaced}"
+    assert not upward, f"imports against the layers docs/layout.md draws: {upward}"
+
+
 def test_config_imports_no_other_shortft_module():
     assert _graph()["shortft.config"] == set()
 
