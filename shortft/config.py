@@ -421,6 +421,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"chain.last_k={chain.last_k}: must be <= chain.steps={chain.steps}")
     if not (math.isfinite(chain.truncate_at) and 0 <= chain.truncate_at < 1):
         raise ConfigError(f"chain.truncate_at={chain.truncate_at}: must be in [0, 1) (0 = gradient end to end)")
+    if chain.method == "refl" and chain.truncate_at > 0:  # it trains one drawn step; a cut would only drop draws
+        raise ConfigError(f"chain.truncate_at={chain.truncate_at}: refl has no truncation (its one trained step is drawn "
+                          f"from chain.refl_window={chain.refl_window}); move the window instead")
     _fraction_range("chain.drtune_stop_range", chain.drtune_stop_range, low_open=True)
     _fraction_range("chain.alignprop_range", chain.alignprop_range)
     _one_of("chain.alignprop_cut", chain.alignprop_cut, ALIGNPROP_CUTS)

@@ -79,6 +79,7 @@ BAD = [
     (["reward.weights.symmetry=.nan"], "reward.weights.symmetry"),
     (["reward.weights.symmetry=.inf"], "reward.weights.symmetry"),
     (["train.steps=ten"], "train.steps"),
+    (["chain.method=refl", "chain.truncate_at=0.9"], "chain.truncate_at"),  # was ignored: refl trained before the cut
 ]
 
 
