@@ -9,7 +9,7 @@
 #
 # Each part writes OUT/<part>.json and OUT/<part>.log and the script goes on when one fails.
 # SD15, SDXL, DEVICE and EXTRA (overrides) exist to try the script on a CPU with the tiny models:
-#   SD15=tiny SDXL=tiny-xl DEVICE=cpu EXTRA=chain.steps=10 bash docs/bench-gpu.sh /tmp/out
+#   SD15=tiny SDXL=tiny DEVICE=cpu EXTRA=chain.steps=10 bash docs/bench-gpu.sh /tmp/out
 # (the compile part there: EXTRA="chain.steps=10 model.compile_backend=aot_eager"; inductor is refused on a CPU)
 set -uo pipefail
 out=${1:?usage: bash docs/bench-gpu.sh OUT [sd15-b1] [sd15-b2] [sdxl] [compile]}

@@ -102,7 +102,8 @@ class ChainConfig:
     drtune_train_steps: int = setting(5, "drtune: K, the most evenly spaced steps that carry gradient")
     drtune_stop_range: list = setting([0.6, 1.0], "drtune: the early stop, drawn per iteration from this range "
                                       "(fractions of the chain); that step's predicted x0 is scored; [1, 1] = off")
-    interior_adapters: str = setting("none", "shortft inference: LoRAs on the steps the short chain skips: none or segment")
+    interior_adapters: str = setting("none", "LoRAs on the steps the short chain skips (the N-step sampler, and a "
+                                      "progressive stage's run-up): none or segment")
 
 
 @dataclass
