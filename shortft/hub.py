@@ -46,6 +46,7 @@ class Source(NamedTuple):
     file: str  # the file that tells the source is there (a pattern where the loader picks the file)
     revision: str | None = None
     variant: str | None = None  # a model's weight files (fp16: unet/diffusion_pytorch_model.fp16.safetensors)
+    alt: str | None = None  # where `file` is not, this tells the source is there too (a pipeline's unet/config.json)
 
 
 def reward_sources(cfg: Config, names: list[str] | None = None) -> list[Source]:
@@ -86,8 +87,9 @@ def sources(cfg: Config) -> list[Source]:
     shortcut = resolve_shortcut(model, cfg.chain.segments)
     if shortcut.kind != "none" and is_hub(shortcut.path):
         file = shortcut.weight_name or ("config.json" if shortcut.kind == "unet" else "*.safetensors")
+        alt = "unet/config.json" if file == "config.json" else None  # a UNet repo, or a pipeline repo's unet/
         rows.append(Source("model.shortcut", model.shortcut.replace("{segments}", str(cfg.chain.segments)),
-                           f"shortcut ({shortcut.kind})", shortcut.path, file))
+                           f"shortcut ({shortcut.kind})", shortcut.path, file, alt=alt))
     return rows + reward_sources(cfg)
 
 
@@ -102,10 +104,12 @@ def weightless(src: Source) -> list[str] | None:
     that the loader reads weights from and that hold none ("" for the repo's top level): what an
     interrupted or too narrow `hf download` leaves, which fails at load where the hub cannot be asked."""
     marker = _cached_path(src.repo, src.file, src.revision)
-    if marker is None or src.file not in ("model_index.json", "config.json") or src.key.endswith(".processor"):
+    if marker is None and src.alt:
+        marker = _cached_path(src.repo, src.alt, src.revision)
+    if marker is None or marker.name not in ("model_index.json", "config.json") or src.key.endswith(".processor"):
         return None if marker is None else []  # a weight file itself, or a processor (no weights)
     snapshot = marker.parent
-    if src.file == "config.json":  # a transformers model (a reward's CLIP)
+    if marker.name == "config.json":  # one model's folder (a reward's CLIP, a shortcut UNet)
         folders = [""]
     else:
         index = json.loads(marker.read_text() or "{}")
@@ -187,6 +191,8 @@ def check(srcs: list[Source], here: bool = True, warn=None) -> None:
         if problem is None:
             continue  # the loader fetches what the cache lacks
         kind, why = problem
+        if kind == "missing" and src.alt and _on_hub(src.repo, src.alt, src.revision) is None:
+            continue
         if kind == "missing":
             raise ConfigError(f"{src.key}={src.value!r}: {why}")
         if here and "*" not in src.file:  # a pattern's files may be cached: the loader picks one, we cannot tell

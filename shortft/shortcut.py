@@ -3,6 +3,7 @@
     lora:ByteDance/Hyper-SD/Hyper-SD15-4steps-lora.safetensors   one file inside a hub repo
     lora:./loras + model.shortcut_weight_name=tcd.safetensors      one file inside a local folder
     unet:org/repo (a UNet repo, or a pipeline repo's unet/ subfolder)
+    unet:ByteDance/Hyper-SD/Hyper-SDXL-1step-Unet.safetensors    one state-dict file of the base UNet
 
 A LoRA whose keys match no UNet module, or only some of them, is an error, not a warning: it would
 otherwise train against the base model while the user believes a shortcut is in the chain. What
@@ -80,15 +81,71 @@ def _scale(unet, name: str, scale: float) -> None:
                 lora_b[name].weight.mul_(scale)
 
 
-def load_unet_shortcut(shortcut: Shortcut, dtype: torch.dtype, device: torch.device):
+def load_unet_shortcut(shortcut: Shortcut, base_unet, dtype: torch.dtype, device: torch.device):
+    """A few-step UNet: a diffusers UNet folder or repo (a pipeline's `unet/` subfolder is found, in a local
+    folder or a hub repo), or one state-dict file of the base model's UNet architecture
+    (`unet:ByteDance/Hyper-SD/Hyper-SDXL-1step-Unet.safetensors`), loaded into a UNet built from the base
+    model's config as Hyper-SD's own instructions do."""
+    flag = f"model.shortcut=unet:{shortcut.path}" + (f"/{shortcut.weight_name}" if shortcut.weight_name else "")
+    if shortcut.weight_name or shortcut.path.endswith(".safetensors"):
+        unet = _unet_from_file(_weight_file(shortcut, flag), base_unet.config, dtype, flag)
+    else:
+        unet = _unet_from_folder(shortcut.path, dtype, flag)
+    return unet.requires_grad_(False).eval().to(device)
+
+
+def _unet_from_folder(path: str, dtype: torch.dtype, flag: str):
     from diffusers import UNet2DConditionModel
 
-    sub = "unet" if (Path(shortcut.path) / "unet").is_dir() else None
+    local = Path(path).expanduser()
+    # a local folder says where its UNet is; a hub repo is tried as a UNet repo, then as a pipeline repo
+    subfolders = (["unet"] if (local / "unet").is_dir() else [None]) if local.exists() else [None, "unet"]
+    for sub in subfolders:
+        try:
+            return UNet2DConditionModel.from_pretrained(str(local) if local.exists() else path, subfolder=sub, dtype=dtype)
+        except (OSError, ValueError) as e:
+            error = e
+            if sub is not None or "config.json" not in str(e):
+                break
+    raise ConfigError(f"{flag}: could not load a UNet ({_first_line(error)})") from None
+
+
+def _weight_file(shortcut: Shortcut, flag: str) -> Path:
+    if not shortcut.weight_name:
+        return Path(shortcut.path).expanduser()
+    local = Path(shortcut.path).expanduser() / shortcut.weight_name
+    if local.is_file():
+        return local
+    from huggingface_hub import hf_hub_download
+
     try:
-        unet = UNet2DConditionModel.from_pretrained(shortcut.path, subfolder=sub, dtype=dtype)
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"model.shortcut=unet:{shortcut.path}: could not load a UNet ({_first_line(e)})") from None
-    return unet.requires_grad_(False).eval().to(device)
+        return Path(hf_hub_download(shortcut.path, shortcut.weight_name))
+    except Exception as e:  # the source check before loading names most of these; this is what it cannot know
+        raise ConfigError(f"{flag}: could not fetch the file ({_first_line(e)})") from None
+
+
+def _unet_from_file(file: Path, config, dtype: torch.dtype, flag: str):
+    from diffusers import UNet2DConditionModel
+    from safetensors.torch import load_file
+
+    with torch.device("meta"):  # the architecture only: every tensor comes from the file
+        unet = UNet2DConditionModel.from_config(config)
+    try:
+        state = load_file(str(file))
+    except Exception as e:
+        raise ConfigError(f"{flag}: not a safetensors file ({_first_line(e)})") from None
+    ours = unet.state_dict()
+    missing, unexpected = sorted(set(ours) - set(state)), sorted(set(state) - set(ours))
+    wrong = [k for k in ours if k in state and state[k].shape != ours[k].shape]
+    if missing or unexpected or wrong:
+        found = [f"{len(missing)} of the UNet's keys missing (e.g. {missing[0]})" if missing else "",
+                 f"{len(unexpected)} unexpected (e.g. {unexpected[0]})" if unexpected else "",
+                 f"{len(wrong)} of another shape (e.g. {wrong[0]})" if wrong else ""]
+        raise ConfigError(f"{flag}: {file.name} is not a state dict of this base model's UNet "
+                          f"({'; '.join(f for f in found if f)}): a UNet of another base model, or a file in ComfyUI's "
+                          "or the original format (use the diffusers-format file)")
+    unet.load_state_dict({k: v.to(dtype) for k, v in state.items()}, assign=True)
+    return unet
 
 
 def distilled_steps(shortcut: Shortcut) -> int | None:

@@ -5,6 +5,7 @@ picked by file name out of a hub repo (an offline hub cache); bad shortcuts and 
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -229,3 +230,60 @@ def test_per_call_checkpointing_trains_every_progressive_stage_as_without_it(mak
         assert any(t.abs().max() > 0 for t in tensors.values())  # every stage's LoRA moved
         for key, t in tensors.items():
             assert torch.allclose(t, checkpointed[name][key], rtol=1e-4, atol=1e-6), (name, key)
+
+
+def _unet_state_file(pipeline_dir, out, seed=0, comfy=False):
+    """The pipeline's UNet, perturbed (so it is not the base model), as one state-dict file; `comfy`: the keys
+    renamed as a ComfyUI / original-format file has them."""
+    from diffusers import UNet2DConditionModel
+    from safetensors.torch import save_file
+
+    torch.manual_seed(seed)
+    state = {k: v + 0.01 * torch.randn_like(v) for k, v in
+             UNet2DConditionModel.from_pretrained(pipeline_dir, subfolder="unet").state_dict().items()}
+    if comfy:
+        state = {f"model.diffusion_model.{k}": v for k, v in state.items()}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(out))
+    return out, state
+
+
+def test_a_unet_shortcut_from_one_state_dict_file_is_that_file_on_the_base_models_architecture(class_dirs, tmp_path,
+                                                                                                capsys):
+    """`unet:ByteDance/Hyper-SD/Hyper-SDXL-1step-Unet.safetensors` (one file of the base UNet's weights, as Hyper-SD
+    ships its 1-step SDXL UNet) was read as the repo `ByteDance/Hyper-SD` and failed for want of its config.json."""
+    from shortft.cli import main
+
+    file, state = _unet_state_file(class_dirs["tiny-xl"], tmp_path / "unets" / "Hyper-SDXL-1step-Unet.safetensors")
+    models = _load(class_dirs, "tiny-xl", tmp_path, f"model.shortcut=unet:{file}", "model.dtype=bfloat16")
+    loaded = models.denoiser.shortcut_unet.state_dict()
+    assert loaded.keys() == state.keys() and all(loaded[k].dtype == torch.bfloat16 for k in loaded)
+    assert all(torch.equal(loaded[k], state[k].to(torch.bfloat16)) for k in state)
+    assert not any(p.is_meta for p in models.denoiser.shortcut_unet.parameters())
+    capsys.readouterr()  # the step-count warning of a 1-step file at chain.segments=4
+
+    comfy, _ = _unet_state_file(class_dirs["tiny-xl"], tmp_path / "unets" / "comfy.safetensors", comfy=True)
+    other, _ = _unet_state_file(class_dirs["tiny"], tmp_path / "unets" / "sd15.safetensors")
+    for bad, why in ((comfy, "unexpected (e.g. model.diffusion_model."), (other, "of another shape")):
+        code = main(["train", "--config", "tiny", f"model.pretrained={class_dirs['tiny-xl']}",
+                     f"model.shortcut=unet:{bad}", "train.steps=1", f"train.output_dir={tmp_path}/run", "--no-mlflow"])
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and len(err.splitlines()) == 1, err
+        assert f"{bad.name} is not a state dict of this base model's UNet (" in err and why in err, err
+
+
+def test_unet_shortcuts_from_the_hub_one_file_in_a_repo_or_a_pipeline_repos_unet_folder(class_dirs, tmp_path):
+    """A pipeline repo on the hub (`unet:stabilityai/sdxl-turbo`) keeps its UNet in unet/: the source check stopped
+    it ("the repo has no file config.json") and the loader looked only at the top level."""
+    src = Path(class_dirs["tiny"])
+    file, _ = _unet_state_file(src, tmp_path / "src" / "tiny-Unet.safetensors")
+    hub_cache(tmp_path / "cache", "someone/unets", {"tiny-Unet.safetensors": file})
+    hub_cache(tmp_path / "cache", "someone/turbo", {"model_index.json": src / "model_index.json",
+                                                   "unet/config.json": src / "unet" / "config.json",
+                                                   "unet/diffusion_pytorch_model.safetensors":
+                                                       src / "unet" / "diffusion_pytorch_model.safetensors"})
+    for shortcut in ("unet:someone/unets/tiny-Unet.safetensors", "unet:someone/turbo"):
+        r = _cli(["train", "--config", "tiny", f"model.pretrained={src}", f"model.shortcut={shortcut}", "chain.steps=8",
+                  "chain.segments=4", "train.steps=1", f"train.output_dir={tmp_path}/{shortcut[-5:]}", "--no-mlflow"],
+                 tmp_path)
+        assert r.returncode == 0 and "step 1/1" in r.stdout, (shortcut, r.stderr[-3000:])
