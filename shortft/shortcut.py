@@ -63,8 +63,26 @@ def load_lora_shortcut(pipe, cfg: Config, shortcut: Shortcut) -> str:
     for message in said:
         if "safe to ignore" not in message:
             warn(f"shortft: {flag}: {_first_line(message)}")
+    dropped = _drop_text_encoder_part(pipe)
+    if dropped:
+        warn(f"shortft: {flag}: its text-encoder LoRA ({dropped} layers) is left out: the chain encodes each prompt once, "
+             "for the base model and the shortcut alike, and the base model must see its own text encoder")
     _scale(pipe.unet, SHORTCUT_ADAPTER, cfg.model.shortcut_scale)
     return SHORTCUT_ADAPTER
+
+
+def _drop_text_encoder_part(pipe) -> int:
+    """Remove what a shortcut LoRA file loaded into the text encoders (`load_lora_weights` loads every part it
+    holds); left there it would stay on for every prompt, the base model's and the evaluation's."""
+    from diffusers.utils.peft_utils import delete_adapter_layers
+
+    dropped = 0
+    for encoder in (getattr(pipe, name, None) for name in ("text_encoder", "text_encoder_2")):
+        layers = sum(SHORTCUT_ADAPTER in getattr(m, "lora_A", {}) for m in encoder.modules()) if encoder else 0
+        if layers:
+            delete_adapter_layers(encoder, SHORTCUT_ADAPTER)
+            dropped += layers
+    return dropped
 
 
 def _has_adapter(unet, name: str) -> bool:

@@ -25,18 +25,27 @@ def hub_cache(root: Path, repo_id: str, files: dict[str, Path], repo_type: str =
     return snapshot
 
 
-def write_unet_lora(pipeline_dir: str, out: Path, seed: int = 0, targets=("to_q", "to_k", "to_v", "to_out.0")) -> Path:
-    """A LoRA file (diffusers format, random non-zero B) for the UNet of the pipeline in `pipeline_dir`."""
+def write_unet_lora(pipeline_dir: str, out: Path, seed: int = 0, targets=("to_q", "to_k", "to_v", "to_out.0"),
+                    text_encoder: bool = False) -> Path:
+    """A LoRA file (diffusers format, random non-zero B) for the UNet of the pipeline in `pipeline_dir`; with
+    `text_encoder`, one for its (first) text encoder in the same file, as some LoRA files hold."""
     import torch
     from diffusers import DiffusionPipeline, UNet2DConditionModel
-    from peft import LoraConfig
+    from peft import LoraConfig, inject_adapter_in_model
     from peft.utils import get_peft_model_state_dict
+    from transformers import CLIPTextModel
 
     torch.manual_seed(seed)
     unet = UNet2DConditionModel.from_pretrained(pipeline_dir, subfolder="unet")
     unet.add_adapter(LoraConfig(r=2, lora_alpha=2, target_modules=list(targets), init_lora_weights=False))
+    layers = {"unet_lora_layers": get_peft_model_state_dict(unet)}
+    if text_encoder:
+        encoder = inject_adapter_in_model(LoraConfig(r=2, lora_alpha=2, target_modules=["q_proj", "v_proj"],
+                                                     init_lora_weights=False),
+                                          CLIPTextModel.from_pretrained(pipeline_dir, subfolder="text_encoder"))
+        layers["text_encoder_lora_layers"] = get_peft_model_state_dict(encoder)
     kind = DiffusionPipeline.load_config(pipeline_dir)["_class_name"]
     pipeline_class = getattr(__import__("diffusers"), kind)
     out.parent.mkdir(parents=True, exist_ok=True)
-    pipeline_class.save_lora_weights(out.parent, unet_lora_layers=get_peft_model_state_dict(unet), weight_name=out.name)
+    pipeline_class.save_lora_weights(out.parent, weight_name=out.name, **layers)
     return out

@@ -287,3 +287,16 @@ def test_unet_shortcuts_from_the_hub_one_file_in_a_repo_or_a_pipeline_repos_unet
                   "chain.segments=4", "train.steps=1", f"train.output_dir={tmp_path}/{shortcut[-5:]}", "--no-mlflow"],
                  tmp_path)
         assert r.returncode == 0 and "step 1/1" in r.stdout, (shortcut, r.stderr[-3000:])
+
+
+def test_a_shortcut_loras_text_encoder_part_is_left_out_with_a_warning(class_dirs, tmp_path, capsys):
+    """`load_lora_weights` loads every part of a file: a shortcut LoRA holding text-encoder layers left them on in
+    the shared text encoder, for the base model's calls and the evaluation's too."""
+    lora = write_unet_lora(class_dirs["tiny"], tmp_path / "te" / "with-te.safetensors", text_encoder=True)
+    models = _load(class_dirs, "tiny", tmp_path, f"model.shortcut=lora:{lora}")
+    err = capsys.readouterr().err
+    assert "its text-encoder LoRA (4 layers) is left out" in err, err
+    assert not any("shortcut" in n for n, _ in models.pipe.text_encoder.named_modules())
+    assert any("lora_A.shortcut" in n for n, _ in models.unet.named_parameters())
+    plain = _load(class_dirs, "tiny", tmp_path)
+    assert torch.equal(models.condition(["a red circle"], 1.0, None).cond, plain.condition(["a red circle"], 1.0, None).cond)
