@@ -65,6 +65,10 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{key:32s} {json.dumps(default):28s} {help}")
             return 0
         cfg = load_config(args.config, args.overrides)
+        if args.command in ("eval", "sample"):
+            from shortft.sample import for_sampling
+
+            cfg = for_sampling(cfg)  # the N-step sampler: no shortcut to check or load
         if (args.command in ("eval", "sample") or (args.command == "bench" and not args.random_weights)
                 or (args.command == "train" and not args.dry_run)):  # one line now, not retries in each loader
             from shortft.hub import check_sources

@@ -41,8 +41,15 @@ def check_trained_with(cfg: Config, lora: str | Path) -> None:
         raise ConfigError(f"--lora {lora}: trained with {was}; this config has {has}; pass --config {saved_file}")
 
 
+def for_sampling(cfg: Config) -> Config:
+    """`cfg` for the original N-step sampler, which never calls the shortcut: it is neither fetched nor loaded
+    (an SDXL `unet:` shortcut is another 5 GB on the card, and a download on a machine that only samples)."""
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, shortcut="none"))
+
+
 def load_trained(cfg: Config, lora: str | None) -> Models:
-    """The config's models with the LoRAs of a run (its own adapters and chain), or without any."""
+    """The config's models with the LoRAs of a run (its own adapters and chain), or without any; no shortcut."""
+    cfg = for_sampling(cfg)
     if lora:
         check_trained_with(cfg, lora)
     plan = training_plan(cfg, saved=read_lora_plan(lora)) if lora else None

@@ -115,3 +115,23 @@ def test_sample_compare_grid_and_its_tuned_half_equals_eval(trained, tiny_dir, t
     tuned, base = grid[:128, 128:].astype(int), grid[:128, :128].astype(int)
     assert np.abs(tuned - np.asarray(Image.open(tmp_path / "eval.png")).astype(int)).max() <= 1
     assert np.abs(base - tuned).max() > 1  # the base half is the base model
+
+
+def test_eval_and_sample_neither_fetch_nor_load_the_shortcut(tiny_dir, tmp_path, make_cfg):
+    """The original N-step sampler never calls the shortcut. `eval` and `sample` loaded it anyway (an SDXL `unet:`
+    shortcut is 5 GB more on the card) and, not in the hub cache and offline, stopped for want of it."""
+    import os
+
+    from shortft.sample import load_trained
+    from tests.hub_layout import write_unet_lora
+
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "empty-cache"), "HF_HUB_OFFLINE": "1"}
+    e = subprocess.run([sys.executable, "-m", "shortft.cli", "eval", "--config", "tiny", f"model.pretrained={tiny_dir}",
+                        "chain.steps=4", "model.shortcut=lora:ByteDance/Hyper-SD/Hyper-SD15-4steps-lora.safetensors",
+                        "data.eval_prompts=[a red circle]", "eval.samples_per_prompt=1"],
+                       capture_output=True, text=True, timeout=300, env=env)
+    assert e.returncode == 0 and '"eval/objective"' in e.stdout, e.stderr[-3000:]
+    lora = write_unet_lora(str(tiny_dir), tmp_path / "shortcut" / "s.safetensors")
+    models = load_trained(make_cfg(f"model.shortcut=lora:{lora}"), None)
+    assert models.denoiser.shortcut_adapter is None and models.denoiser.shortcut_unet is None
+    assert not any(".shortcut" in n for n, _ in models.unet.named_parameters())  # (conv_shortcut is a resnet's own)
