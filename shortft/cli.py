@@ -105,9 +105,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, OutOfMemory) as e:  # a user's mistake: 2; out of GPU memory in `eval`, `sample`: 1
         print(f"shortft: error: {e}", file=sys.stderr)
         return 2 if isinstance(e, ConfigError) else 1
-    except KeyboardInterrupt:
-        print("shortft: interrupted; resume with --resume", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:  # `Interrupted`: after a step and its checkpoint; else wherever it came
+        print(f"shortft: interrupted{': ' + str(e) if str(e) else '; resume with --resume'}", file=sys.stderr)
+        return getattr(e, "code", 130)
     return 0
 
 

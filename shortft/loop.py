@@ -26,6 +26,7 @@ from shortft.data import run_prompts
 from shortft.denoiser import CallCount
 from shortft.evaluate import evaluate, scalars
 from shortft.guard import Guard
+from shortft.interrupt import StopRequest, stop_requests
 from shortft.lora import lora_params, save_loras
 from shortft.models import Models, load_models
 from shortft.memory import explained, peak_memory_mb
@@ -141,7 +142,13 @@ def _all_reduce_grads(params: list[torch.nn.Parameter], world_size: int) -> None
 def train(cfg: Config, callbacks: list[Callback] = (), resume: bool | str | Path = False, rank: int = 0,
           world_size: int = 1) -> TrainResult:
     """One fine-tuning run. Under torch.distributed (rank/world_size > 1): each rank draws its own share of
-    every batch, LoRA gradients and metrics are averaged over ranks, and only rank 0 writes files."""
+    every batch, LoRA gradients and metrics are averaged over ranks, and only rank 0 writes files. Ctrl-C
+    or SIGTERM (in the main thread) ends the step in progress with a checkpoint and raises `Interrupted`."""
+    with stop_requests() as stop:
+        return _train(cfg, callbacks, resume, rank, world_size, stop)
+
+
+def _train(cfg: Config, callbacks, resume, rank: int, world_size: int, stop: StopRequest) -> TrainResult:
     check(cfg)
     checkpoint.check_resume_path(resume)
     out, is_main = cfg.output_dir, rank == 0
@@ -267,7 +274,7 @@ def train(cfg: Config, callbacks: list[Callback] = (), resume: bool | str | Path
         # The row first: a run resumed from this checkpoint finds the step's evaluation (a trial resumed at its
         # last step has nothing else to give Tune); one that died in between redoes the step.
         every = cfg.train.checkpoint_every
-        if is_main and ((every and (step + 1) % every == 0) or last):
+        if is_main and ((every and (step + 1) % every == 0) or last or stop.signal):
             state = {"bad_in_row": guard.bad_in_row, "world_size": world_size, **budget.state(),
                      "config": flatten(to_dict(cfg))}  # what a resume compares its settings with
             artifacts["checkpoint"] = checkpoint.save(out / "checkpoints", step + 1, unet, adapters, optimizer, state,
@@ -277,6 +284,7 @@ def train(cfg: Config, callbacks: list[Callback] = (), resume: bool | str | Path
         guard.stop_if_diverged(step + 1)
         if last:
             break
+        stop.stop(step + 1, artifacts.get("checkpoint"))
 
     lora_dir = out / "lora"
     if is_main:

@@ -1,6 +1,8 @@
 """Failures that must lose nothing: a checkpoint write that fails, the fp16 loss scale across a resume."""
 
 import errno
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -494,3 +496,31 @@ def test_a_runs_artifacts_go_next_to_its_sqlite_store_whatever_the_working_direc
     c.log_artifact(run_id, str(tmp_path / "x.txt"))
     assert not any(elsewhere.iterdir())
     assert [p.relative_to(store) for p in store.rglob("x.txt")] == [Path("mlruns/a_b_experiment") / run_id / "artifacts/x.txt"]
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_ctrl_c_or_sigterm_ends_the_step_in_progress_with_a_checkpoint_that_resumes(tiny_dir, tmp_path, sig, code):
+    """Before, the signal ended the process wherever it was: every step since the last periodic checkpoint
+    (train.checkpoint_every, here none) was lost, and SIGTERM (a scheduler's, a spot node's) printed nothing."""
+    args = [sys.executable, "-m", "shortft.cli", "train", "--config", "tiny", f"model.pretrained={tiny_dir}",
+            "chain.steps=4", "chain.segments=2", "train.steps=400", "train.checkpoint_every=0", "train.log_every=1",
+            "eval.every=0", f"train.output_dir={tmp_path}/run", "--no-mlflow"]
+    p = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    for line in p.stdout:
+        if line.startswith("step 3/400"):
+            break
+    p.send_signal(sig)
+    out, err = p.communicate(timeout=300)
+    last = err.strip().splitlines()[-1]
+    step = int(last.split(" after step ")[1].split(";")[0])
+    checkpoint = tmp_path / "run" / "checkpoints" / f"step_{step:06d}"
+    assert p.returncode == code and step >= 3, err[-3000:]
+    assert last == (f"shortft: interrupted: {sig.name} after step {step}; checkpoint {checkpoint}; continue with "
+                    "--resume"), last
+    assert f"shortft: {sig.name}: stopping after this step, with a checkpoint" in err
+    assert checkpoint.is_dir() and not (tmp_path / "run" / "lora").exists()
+    r = subprocess.run(args[:-1] + ["train.steps=" + str(step + 2), "--no-mlflow", "--resume"], capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0 and f"resumed from {checkpoint} at step {step}" in r.stderr, r.stderr[-3000:]
+    assert f"step {step + 2}/{step + 2}" in r.stdout and (tmp_path / "run" / "lora").is_dir()

@@ -105,8 +105,16 @@ def test_progressive_stage_freezes_earlier_loras(make_cfg):
     assert any(not torch.equal(seg2_at2[k], seg2_at4[k]) for k in seg2_at2)
 
 
-def test_zero_weight_reward_leaves_lora_at_init(make_cfg):
-    cfg = make_cfg("train.steps=3", "reward.weights.symmetry=0.0", "train.checkpoint_every=0")
+@rewards.register("test_constant")
+def _test_constant():
+    return lambda images, prompts: (images * 0).flatten(1).sum(1)  # a reward whose gradient is exactly 0
+
+
+def test_a_reward_with_no_gradient_leaves_lora_at_init(make_cfg):
+    # (a weight of 0 takes a term out: every weight 0 is a config error, in test_config.py)
+    cfg = make_cfg("train.steps=3", "reward.weights.symmetry=0.0", "reward.weights.test_constant=1.0",
+                   "train.checkpoint_every=0")
+    assert cfg.reward.weights == {"test_constant": 1.0}
     cap = Capture()
     shortft.train(cfg, [cap])
     assert _changed(cap.lora0, lora_state(cap.models.unet)) == set()
