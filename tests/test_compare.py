@@ -78,3 +78,19 @@ def test_a_miniature_comparison_and_its_report(tmp_path):
     (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     assert len([r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]) == 2
     assert {"report.md", "objective_vs_seconds.png", "grids"} <= {a.path for a in client.list_artifacts(parent.info.run_id)}
+
+
+def test_a_learning_rate_that_diverged_is_no_candidate_and_none_left_is_one_line():
+    """A failed seed-0 trial ended the whole comparison; a NaN objective first in the list was chosen (`max`
+    keeps the first element when nothing compares greater than NaN)."""
+    from shortft.sweep.compare import TrialFailed, choose_lr
+
+    def row(lr, objective):
+        return {"lr": lr, "seed": 0, "final": {"eval/objective": objective}}
+
+    failed = {"lr": 3e-3, "seed": 0, "error": "step 2 had a non-finite loss or gradient; lower train.lr (now 0.003)"}
+    assert choose_lr([row(1e-4, float("nan")), row(3e-4, 0.7), failed, row(1e-3, 0.6)], "full")["lr"] == 3e-4
+    assert choose_lr([row(1e-4, 0.7), row(3e-4, 0.7)], "full")["lr"] == 1e-4  # a tie: the smaller rate
+    with pytest.raises(TrialFailed, match=r"^full: no learning rate gave a finite objective: 0\.0001 -> not finite; "
+                                          r"0\.003 -> failed \(step 2 had a non-finite loss"):
+        choose_lr([row(1e-4, float("nan")), failed], "full")

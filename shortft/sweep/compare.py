@@ -14,6 +14,7 @@ that into the table, the plot and the grids.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from shortft.config import ConfigError, load_yaml
@@ -22,6 +23,7 @@ from shortft.progress import quiet_libraries
 from shortft.space import trial_config
 from shortft.sweep.baseline import evaluate_base
 from shortft.sweep.compare_report import write_report
+from shortft.sweep.results import error_line
 from shortft.sweep.trials import OBJECTIVE, SMOKE_TEST, cpu_threads, trainable_for
 
 ARMS: dict[str, dict] = {
@@ -90,15 +92,15 @@ def run_comparison(base: str, out: str | Path, arms: list[str] = tuple(ARMS), se
     for arm in arms:
         n_seeds = seeds if arm in MAIN else ablation_seeds
         lr_rows = _fit(trainables[arm]["lr"], {"train.lr": tune.grid_search(list(lrs)), "train.seed": 0},
-                       f"{name}-{arm}-lr", storage_path, runs)
-        best = max(lr_rows, key=lambda r: (r["final"][OBJECTIVE], -r["lr"]))
+                       f"{name}-{arm}-lr", storage_path, runs, failed_ok=True)
+        best = choose_lr(lr_rows, arm)
         progress(f"{arm}: lr {best['lr']:g} (best of {len(lrs)}: "
-                 + ", ".join(f"{r['lr']:g} -> {r['final'][OBJECTIVE]:.3f}" for r in lr_rows) + ")")
+                 + ", ".join(f"{r['lr']:g} -> {_said(r)}" for r in lr_rows) + ")")
         seed_rows = _fit(trainables[arm]["seeds"], {"train.lr": best["lr"],
                                                     "train.seed": tune.grid_search(list(range(1, n_seeds)))},
                          f"{name}-{arm}-seeds", storage_path, runs) if n_seeds > 1 else []
         with rows_path.open("a") as f:
-            for r in lr_rows + seed_rows:
+            for r in [r for r in lr_rows if "error" not in r] + seed_rows:
                 chosen = r["lr"] == best["lr"]
                 f.write(json.dumps({"arm": arm, "lr_trials": len(lrs), "chosen": chosen, **r}) + "\n")
     report = write_report(rows_path, out, tracking_uri, parent)
@@ -108,8 +110,29 @@ def run_comparison(base: str, out: str | Path, arms: list[str] = tuple(ARMS), se
     return rows_path
 
 
-def _fit(trainable, param_space: dict, name: str, storage_path: str, runs: Path) -> list[dict]:
-    """One Tuner, one trial at a time; per trial: its lr, seed, run folder, evaluations and final one."""
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def _said(row: dict) -> str:
+    value = row["final"].get(OBJECTIVE) if "final" in row else None
+    return f"{value:.3f}" if _finite(value) else f"failed ({row['error']})" if "error" in row else "not finite"
+
+
+def choose_lr(rows: list[dict], arm: str) -> dict:
+    """The seed-0 trial with the best final objective (the smaller rate on a tie). A rate that diverged (its
+    trial failed, or its objective is not finite) is no candidate; before, a failed one ended the comparison,
+    and a NaN objective first in the list won (`max` never replaces it)."""
+    finite = [r for r in rows if "error" not in r and _finite(r["final"].get(OBJECTIVE))]
+    if not finite:
+        raise TrialFailed(f"{arm}: no learning rate gave a finite objective: "
+                          + "; ".join(f"{r['lr']:g} -> {_said(r)}" for r in rows))
+    return max(finite, key=lambda r: (r["final"][OBJECTIVE], -r["lr"]))
+
+
+def _fit(trainable, param_space: dict, name: str, storage_path: str, runs: Path, failed_ok: bool = False) -> list[dict]:
+    """One Tuner, one trial at a time; per trial: its lr, seed, run folder, evaluations and final one. A failed
+    trial raises TrialFailed, or with `failed_ok` is a row with its `error` line."""
     from ray import tune
 
     tuner = tune.Tuner(trainable, param_space=param_space,
@@ -117,6 +140,10 @@ def _fit(trainable, param_space: dict, name: str, storage_path: str, runs: Path)
                        run_config=tune.RunConfig(name=name, storage_path=storage_path, verbose=0))
     rows = []
     for result in tuner.fit():
+        if result.error and failed_ok:
+            rows.append({"lr": float(result.config["train.lr"]), "seed": int(result.config["train.seed"]),
+                         "error": error_line(result.error)})
+            continue
         if result.error:
             raise TrialFailed(f"trial {result.metrics.get('trial_id', '?')} of {name} ({result.config}) failed: "
                               f"{str(result.error).strip().splitlines()[-1]}; its error.txt is under {storage_path}/{name}")
