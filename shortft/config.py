@@ -142,6 +142,11 @@ class RewardConfig:
     weights: dict = setting({"symmetry": 1.0}, "training reward = sum of weight * term (a weight of 0 leaves the term out)")
     options: dict = setting({}, "per-term settings, e.g. {toy_alignment: {path: ...}}")
 
+    def trained(self) -> dict:
+        """The terms the run trains on: those of non-zero weight. A 0 stays in the config (a sweep's trial that
+        drew it logs it as searched) but its term is neither loaded nor computed."""
+        return {name: weight for name, weight in self.weights.items() if weight != 0}
+
 
 @dataclass
 class EvalConfig:
@@ -469,10 +474,8 @@ def validate(cfg: Config) -> None:
         if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
             raise ConfigError(f"reward.weights.{name}={weight!r}: must be a finite number (0 leaves the term out)")
     # Overrides merge into the config's own weights, so a 0 is how a term is taken out (sd15 on PickScore
-    # alone: reward.weights.hps_v2=0 reward.weights.aesthetic=0); a term with no weight is neither loaded nor
-    # computed, which for a reward model is memory and time on every step.
-    cfg.reward.weights = {name: weight for name, weight in cfg.reward.weights.items() if weight != 0}
-    if not cfg.reward.weights:
+    # alone: reward.weights.hps_v2=0 reward.weights.aesthetic=0): `RewardConfig.trained`.
+    if not cfg.reward.trained():
         raise ConfigError("reward.weights: every weight is 0; give at least one term a weight, e.g. "
                           "reward.weights.symmetry=1.0")
     for name, opts in cfg.reward.options.items():

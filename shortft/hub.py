@@ -55,7 +55,7 @@ def reward_sources(cfg: Config, names: list[str] | None = None) -> list[Source]:
     from shortft.rewards.sources import hub_repo_and_file
 
     out = []
-    for name in names or dict.fromkeys([*cfg.reward.weights, cfg.eval.objective, *cfg.eval.terms]):
+    for name in names or dict.fromkeys([*cfg.reward.trained(), cfg.eval.objective, *cfg.eval.terms]):
         params = defaults(name)
         params.update(cfg.reward.options.get(name) or {})
         for key in sorted(PATH_OPTIONS & set(params)):

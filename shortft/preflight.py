@@ -80,7 +80,7 @@ def _reward_params(cfg: Config) -> int:
     from shortft.rewards.registry import build
 
     total = 0
-    for name in dict.fromkeys([*cfg.reward.weights, cfg.eval.objective, *cfg.eval.terms]):
+    for name in dict.fromkeys([*cfg.reward.trained(), cfg.eval.objective, *cfg.eval.terms]):
         with torch.device("meta"):
             fn = build(name, cfg.reward.options.get(name), device="meta", random_weights=True)
         if isinstance(fn, torch.nn.Module):

@@ -60,7 +60,8 @@ def test_a_zero_weight_takes_a_term_out_so_its_model_is_never_built():
     from shortft.rewards import Rewards
 
     cfg = load_config("sd15", ["reward.weights.hps_v2=0", "reward.weights.aesthetic=0"])
-    assert cfg.reward.weights == {"pickscore": 10.0}
+    assert cfg.reward.trained() == {"pickscore": 10.0}  # the 0s stay in the config (a sweep logs them as drawn)
+    assert cfg.reward.weights == {"pickscore": 10.0, "hps_v2": 0, "aesthetic": 0}
     cfg = load_config("tiny", ["reward.weights.brightness=0.5", "reward.weights.symmetry=0", "eval.objective=saturation"])
     assert list(Rewards(cfg.reward.weights, {}, [cfg.eval.objective]).fns) == ["brightness", "saturation"]
     with pytest.raises(ConfigError, match=r"reward\.weights: every weight is 0"):

@@ -80,9 +80,10 @@ def test_builtin_space_and_trial_config():
     assert space.search["lora.rank"].kind == "lograndint" and space.search["lora.rank"].args == [4, 128]
     cfg = trial_config(space.base, space.fixed, space.points_to_evaluate[0], name="x")
     assert (cfg.chain.segments, cfg.chain.truncate_at, cfg.lora.rank, cfg.train.steps) == (4, 0.0, 8, 60)
-    assert cfg.reward.weights == {"toy_alignment": 1.0}  # saturation: 0.0 takes the term out
+    assert cfg.reward.weights == {"toy_alignment": 1.0, "saturation": 0.0}  # logged as drawn
+    assert cfg.reward.trained() == {"toy_alignment": 1.0}  # a 0 takes the term out
     # fixed evaluation objective, not the training reward: the judge's mean score, with its accuracy
-    assert cfg.eval.objective == "toy_judge" and cfg.eval.terms == ["toy_judge_accuracy"]
+    assert cfg.eval.objective == "toy_judge" and cfg.eval.terms == ["toy_judge_accuracy", "saturation"]
     smoke = load_space("toy", overrides=sweep.SMOKE_TEST)
     assert smoke.fixed["train.steps"] == 2 and "chain.steps" not in smoke.search
     with pytest.raises(ConfigError, match="outside"):

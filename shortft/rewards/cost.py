@@ -68,7 +68,7 @@ def run(cfg, names: list[str] | None, random_weights: bool, batch: int = 2, repe
     from shortft.progress import bar
     from shortft.rewards.registry import check_name
 
-    wanted = names or list(dict.fromkeys([*cfg.reward.weights, cfg.eval.objective, *cfg.eval.terms]))
+    wanted = names or list(dict.fromkeys([*cfg.reward.trained(), cfg.eval.objective, *cfg.eval.terms]))
     for name in wanted:
         check_name("--names", name)
     if not random_weights:  # one line now, not half a minute of retries in the first load

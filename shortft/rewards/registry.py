@@ -128,7 +128,7 @@ class Rewards:
 
     def __init__(self, weights: dict[str, float], options: dict, extra: list[str] = (), device="cpu",
                  random_weights: bool = False):
-        self.weights = {k: float(v) for k, v in weights.items()}
+        self.weights = {k: float(v) for k, v in weights.items() if v != 0}  # a 0 takes a term out
         wanted = list(dict.fromkeys([*self.weights, *extra]))
         self.fns = {n: build(n, options.get(n), device, random_weights) for n in wanted}
 

@@ -141,7 +141,7 @@ def reported_metrics(cfg: Config) -> set[str]:
     from shortft.loop import STEP_METRICS
 
     evals = {OBJECTIVE, OBJECTIVE_SE, *(f"eval/{n}" for n in [cfg.eval.objective, *cfg.eval.terms])}
-    return evals | {"reward", *(f"reward/{n}" for n in cfg.reward.weights)} | set(STEP_METRICS) | {
+    return evals | {"reward", *(f"reward/{n}" for n in cfg.reward.trained())} | set(STEP_METRICS) | {
         "mean_seconds_per_step", "node_id"}
 
 
