@@ -125,7 +125,7 @@ class TrainConfig:
     stage_segment_grad: bool = setting(True, "progressive: stage s runs segment s itself with gradient")
     grad_clip: float = setting(1.0, "max gradient norm (0 = no clipping)")
     seed: int = setting(0, "seed of prompts, noise and random cuts")
-    max_bad_steps: int = setting(5, "stop after this many non-finite losses/grads in a row")
+    max_bad_steps: int = setting(5, "stop after this many non-finite losses/grads in a row (an fp16 loss-scale overflow is not one)")
     time_budget_s: float | None = setting(None, "stop once the training steps took this many seconds in all "
                                           "(evaluation excluded); train.steps stays the cap")
     call_budget: int | None = setting(None, "stop once the steps made this many network calls in all (with "
