@@ -357,6 +357,38 @@ def _run_script(work: Path, *args: str, samples: int = 3, env: dict | None = Non
 
 
 @pytest.mark.slow
+def test_ctrl_c_stops_the_sweep_says_so_and_how_to_continue_it_and_the_resume_finishes_it(tmp_path):
+    """Tune stops a sweep gracefully on Ctrl-C and returns its trials. The driver then wrote the table as if the
+    sweep had ended (the trial not yet run listed as STOPPED_EARLY, ASHA's stop), printed its best trial and
+    exited 0: nothing said it was cut short or how to continue it."""
+    import pyarrow.parquet as pq
+
+    work = _script(tmp_path)
+    ray_tmp = tempfile.mkdtemp(prefix="rcc", dir="/tmp")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "RAY_TMPDIR": ray_tmp}
+    proc = _run_script(work, "--name", "cut", "--no-mlflow", "--no-baseline", samples=3, env=env)
+    for line in proc.stdout:
+        if line.startswith("Trial run_trial_") and " started with configuration" in line:
+            break
+    time.sleep(3)
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=300)
+    kill_with_env("RAY_TMPDIR", ray_tmp)
+    shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert proc.returncode == 130, out[-3000:]
+    line = next(x for x in out.splitlines() if x.startswith("sweep cut stopped before its end (Tune kept its state)"))
+    assert line.endswith(f"continue it with: python tune/sweep.py --name cut --resume --storage-path {work / 'ray_results'}")
+    rows = pq.read_table(work / "runs" / "sweeps" / "cut" / "results.parquet").to_pylist()
+    assert all(r["status"] != "STOPPED_EARLY" for r in rows), [(r["trial"], r["status"]) for r in rows]
+    assert any(r["status"] == "UNFINISHED" for r in rows) or len(rows) < 3, rows
+    again = _run_script(work, "--name", "cut", "--resume", "--no-mlflow", "--no-baseline")
+    out, _ = again.communicate(timeout=600)
+    assert again.returncode == 0 and "stopped before its end" not in out, out[-3000:]
+    rows = pq.read_table(work / "runs" / "sweeps" / "cut" / "results.parquet").to_pylist()
+    assert len(rows) == 3 and all(r["status"] in ("DONE", "STOPPED_EARLY") for r in rows), rows
+
+
+@pytest.mark.slow
 def test_resume_after_the_driver_is_killed_in_the_second_trial(tmp_path):
     """Also the smoke sweep through the script alone: copied into an empty directory, as `ray submit`
     runs it, it starts a local Ray, and the resumed sweep (run from another folder) leaves 1 parent, 2

@@ -63,6 +63,11 @@ def main(argv: list[str] | None = None) -> int:
               + ", ".join(f"{k}={v}" for k, v in result.best["values"].items()))
     if result.tracking_uri:
         print(f"compare the runs: mlflow ui --backend-store-uri {result.tracking_uri}")
+    if result.unfinished:  # Ctrl-C: Tune stopped the sweep and kept its state
+        print(f"sweep {result.name} stopped before its end (Tune kept its state): the table holds the trials so far; "
+              f"continue it with: python tune/sweep.py --name {result.name} --resume --storage-path "
+              f"{result.storage_path}", file=sys.stderr)
+        return 130
     failed = [r for r in result.rows if r["status"] == "ERROR"]
     if failed:
         print(f"{len(failed)} trial(s) failed: {', '.join(str(r['trial']) for r in failed)}; their error.txt is under "

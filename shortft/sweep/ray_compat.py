@@ -20,6 +20,7 @@ PRIVATE = (
     ("ray.tune.tuner", "Tuner._local_tuner"),
     ("ray.tune.execution.tune_controller", "TuneController._metric"),
     ("ray.tune.search.optuna", "OptunaSearch._ot_study"),
+    ("ray.tune.result_grid", "ResultGrid._experiment_analysis"),
 )
 
 
@@ -37,6 +38,8 @@ def missing() -> list[str]:
             ok = "_local_tuner" in _init_names(target.Tuner)
         elif attribute == "OptunaSearch._ot_study":
             ok = "_ot_study" in _init_names(target.OptunaSearch)
+        elif attribute == "ResultGrid._experiment_analysis":
+            ok = "self._experiment_analysis = " in _init_names(target.ResultGrid)
         elif attribute == "TuneController._metric":
             ok = "self._metric = metric" in _init_names(target.TuneController)
         elif "." in attribute:
@@ -47,6 +50,13 @@ def missing() -> list[str]:
         if not ok:
             gone.append(f"{module_name}.{attribute}")
     return gone
+
+
+def trial_statuses(grid) -> dict[str, str]:
+    """trial id -> Tune's status of it (TERMINATED, ERROR, PENDING, RUNNING, PAUSED) in a ResultGrid; {} where
+    that moved. A sweep stopped by Ctrl-C returns its unfinished trials beside the finished ones."""
+    trials = getattr(getattr(grid, "_experiment_analysis", None), "trials", None) or []
+    return {t.trial_id: t.status for t in trials}
 
 
 def _init_names(cls) -> str:

@@ -16,6 +16,7 @@ from shortft.sweep.eval_report import NOT_TERMS, OBJECTIVE_SAMPLES
 from shortft.sweep.trials import OBJECTIVE, OBJECTIVE_SE, RUN_ID_KEY, TRIAL_KEY, stopped_early
 
 SAMPLES = "objective_samples"  # a row's objective on each sample of its best evaluation (Parquet, not CSV)
+UNFINISHED = ("PENDING", "RUNNING", "PAUSED")  # Tune's statuses of the trials a stopped sweep had not finished
 
 
 def error_line(error) -> str | None:
@@ -38,10 +39,19 @@ def paired(hi: list[float] | None, lo: list[float] | None) -> tuple[float, float
     return statistics.fmean(diff), statistics.stdev(diff) / math.sqrt(len(diff))
 
 
-def results_table(results, space: Space, sweep: dict, base: dict | None = None) -> list[dict]:
+def unfinished(metrics: dict, statuses: dict[str, str] | None) -> bool:
+    """A trial Tune had not finished when the sweep stopped (Ctrl-C): pending or running by its status, or
+    without one reported step (ASHA stops a trial at a reported evaluation; Tune's graceful stop marks the
+    trial it interrupts TERMINATED, and a resume runs it again)."""
+    return (statuses or {}).get(metrics.get("trial_id")) in UNFINISHED or "step" not in metrics
+
+
+def results_table(results, space: Space, sweep: dict, base: dict | None = None,
+                  statuses: dict[str, str] | None = None) -> list[dict]:
     """One row per trial: searched values, final and best objective, reward terms, speed, memory, status;
     with `base` (the untrained model's evaluation) the best evaluation's gain over it and that gain's
-    standard error sample by sample (`gain`, `gain_se`)."""
+    standard error sample by sample (`gain`, `gain_se`). `statuses` (trial id -> Tune's status): a trial the
+    sweep had not finished when it was stopped is UNFINISHED (it read as STOPPED_EARLY, ASHA's stop)."""
     pairs = not searched_evaluation_keys(space)  # else trials differ in what their samples are
     rows = []
     for r in results:
@@ -57,7 +67,8 @@ def results_table(results, space: Space, sweep: dict, base: dict | None = None) 
             samples = [float(v) for v in value] if pairs and isinstance(value, list) else None
         gain = paired(samples, (base or {}).get(OBJECTIVE_SAMPLES))
         row = {"trial": cfg.get(TRIAL_KEY) or m.get("trial_id"), "trial_id": m.get("trial_id"),
-               "status": "ERROR" if r.error else ("STOPPED_EARLY" if stopped_early(cfg, sweep, m) else "DONE"),
+               "status": "ERROR" if r.error else "UNFINISHED" if unfinished(m, statuses)
+               else ("STOPPED_EARLY" if stopped_early(cfg, sweep, m) else "DONE"),
                **{k: cfg.get(k) for k in space.search},
                "objective_final": m.get(OBJECTIVE), "objective_best": best, "objective_se": se,
                "gain": gain[0] if gain else None, "gain_se": gain[1] if gain else None, "steps": m.get("step"),
@@ -135,7 +146,7 @@ def write_table(rows: list[dict], path: Path) -> Path:
 
 
 def finish_parent(uri: str, run_id: str, rows: list[dict], best: dict | None, study, table_path: Path,
-                   out_dir: Path, seconds: float, base: dict | None = None) -> None:
+                   out_dir: Path, seconds: float, base: dict | None = None, status: str = "FINISHED") -> None:
     """Best trial's config and objective, the untrained model's evaluation (`base/...` metrics,
     base.json and its grid), Optuna's plots and the results table, on the parent run."""
     import pyarrow.csv as pacsv
@@ -165,7 +176,7 @@ def finish_parent(uri: str, run_id: str, rows: list[dict], best: dict | None, st
         client.log_artifact(run_id, str(out_dir / "best_config.yaml"))
     for name, path in optuna_plots(study, out_dir).items():
         client.log_artifact(run_id, str(path), "optuna")
-    client.set_terminated(run_id, "FINISHED")
+    client.set_terminated(run_id, status)  # KILLED: stopped before its end (a resume finishes it)
 
 
 def optuna_plots(study, out_dir: Path) -> dict:

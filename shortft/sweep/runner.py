@@ -19,7 +19,7 @@ from shortft.mlflow_relay import start_relay
 from shortft.space import Space, check_default_space, configs, load_space, trial_config
 from shortft.sweep import baseline as baseline_eval
 from shortft.sweep import saved
-from shortft.sweep.ray_compat import canonical_address, start_autoscaling_coordinator, study_of
+from shortft.sweep.ray_compat import canonical_address, start_autoscaling_coordinator, study_of, trial_statuses
 from shortft.sweep.results import finish_parent, markdown, results_table, write_table
 from shortft.sweep.search import scheduler, searcher
 from shortft.sweep.trial_runs import RunCloser
@@ -37,6 +37,7 @@ class SweepResult:
     seconds: float
     storage_path: str
     base: dict | None = None  # the untrained model's evaluation (`baseline`), None when not made
+    unfinished: int = 0  # trials known unfinished (begun or not) when the sweep stopped (Ctrl-C); 0: it ended
 
 
 def check_storage_for_cluster(storage_path: str) -> None:
@@ -200,7 +201,8 @@ def run_sweep(space: str | Space | None = None, num_samples: int | None = None, 
 
     # 5. Results table (after the untrained model's row), best trial, parent run.
     base = untrained.result() if untrained else None
-    rows = results_table(grid, space, sweep_settings, base)
+    rows = results_table(grid, space, sweep_settings, base, trial_statuses(grid))
+    unfinished = sum(r["status"] == "UNFINISHED" for r in rows) + max(0, num_samples - len(rows))
     out_dir.mkdir(parents=True, exist_ok=True)
     table_path = write_table(rows, out_dir / "results.parquet")
     (out_dir / "results.md").write_text(markdown(rows, space, base))
@@ -214,5 +216,6 @@ def run_sweep(space: str | Space | None = None, num_samples: int | None = None, 
                 "config": to_dict(best_cfg), "mlflow_run_id": top["mlflow_run_id"]}
     seconds = time.time() - t_start
     if parent:
-        finish_parent(tracking_uri, parent, rows, best, study_of(tuner), table_path, out_dir, seconds, base)
-    return SweepResult(name, rows, best, table_path, parent, tracking_uri, seconds, storage_path, base)
+        finish_parent(tracking_uri, parent, rows, best, study_of(tuner), table_path, out_dir, seconds, base,
+                      "KILLED" if unfinished else "FINISHED")
+    return SweepResult(name, rows, best, table_path, parent, tracking_uri, seconds, storage_path, base, unfinished)
