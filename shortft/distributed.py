@@ -24,6 +24,7 @@ from pathlib import Path
 from shortft import attempts, checkpoint, raised, resources, tracking
 from shortft.config import Config, ConfigError, from_dict, to_dict
 from shortft.guard import NonFiniteError
+from shortft.interrupt import Interrupted
 from shortft.loop import Callback
 from shortft.mlflow_relay import start_relay
 from shortft.memory import OutOfMemory
@@ -266,6 +267,9 @@ def train_with_ray(cfg: Config, workers: int, use_gpu: bool = False, storage_pat
     )
     try:
         result = trainer.fit()
+    except SystemExit:  # Ray Train's own Ctrl-C handler aborted the run; fit then ends in Ray's SystemExit(1)
+        raise Interrupted(f"SIGINT: Ray Train run {name} aborted; continue it with --resume --workers {workers} (from "
+                          "the latest checkpoint Ray Train recorded)", 130) from None
     except Exception as e:
         told = _one_line_error(e)
         if told is not None:  # a worker's own one-line error (a refused checkpoint, out of GPU memory, ...)

@@ -524,3 +524,23 @@ def test_ctrl_c_or_sigterm_ends_the_step_in_progress_with_a_checkpoint_that_resu
                        text=True, timeout=300)
     assert r.returncode == 0 and f"resumed from {checkpoint} at step {step}" in r.stderr, r.stderr[-3000:]
     assert f"step {step + 2}/{step + 2}" in r.stdout and (tmp_path / "run" / "lora").is_dir()
+
+
+def test_ctrl_c_of_a_workers_run_says_it_was_aborted_and_how_to_continue(tiny_dir, tmp_path):
+    """Ray Train's own SIGINT handler aborts the run, and `fit` then ends in Ray's SystemExit(1): the command
+    stopped with status 1 and not a word."""
+    args = [sys.executable, "-m", "shortft.cli", "train", "--config", "tiny", f"model.pretrained={tiny_dir}",
+            "chain.steps=4", "chain.segments=2", "train.steps=400", "train.checkpoint_every=0", "train.log_every=1",
+            "eval.every=0", f"train.output_dir={tmp_path}/run", "--no-mlflow", "--workers", "1",
+            "--storage-path", str(tmp_path / "ray")]
+    p = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    for line in p.stdout:
+        if "step 2/400" in line:
+            break
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=300)
+    last = err.strip().splitlines()[-1]
+    assert p.returncode == 130, err[-3000:]
+    assert last.startswith("shortft: interrupted: SIGINT: Ray Train run ") and last.endswith(
+        "aborted; continue it with --resume --workers 1 (from the latest checkpoint Ray Train recorded)"), last
