@@ -14,7 +14,6 @@ that into the table, the plot and the grids.
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 from shortft.config import ConfigError, load_yaml
@@ -23,7 +22,7 @@ from shortft.progress import quiet_libraries
 from shortft.space import trial_config
 from shortft.sweep.baseline import evaluate_base
 from shortft.sweep.compare_report import write_report
-from shortft.sweep.results import error_line
+from shortft.sweep.results import error_line, finite
 from shortft.sweep.trials import OBJECTIVE, SMOKE_TEST, cpu_threads, trainable_for
 
 ARMS: dict[str, dict] = {
@@ -110,24 +109,20 @@ def run_comparison(base: str, out: str | Path, arms: list[str] = tuple(ARMS), se
     return rows_path
 
 
-def _finite(value) -> bool:
-    return isinstance(value, (int, float)) and math.isfinite(value)
-
-
 def _said(row: dict) -> str:
     value = row["final"].get(OBJECTIVE) if "final" in row else None
-    return f"{value:.3f}" if _finite(value) else f"failed ({row['error']})" if "error" in row else "not finite"
+    return f"{value:.3f}" if finite(value) is not None else f"failed ({row['error']})" if "error" in row else "not finite"
 
 
 def choose_lr(rows: list[dict], arm: str) -> dict:
     """The seed-0 trial with the best final objective (the smaller rate on a tie). A rate that diverged (its
     trial failed, or its objective is not finite) is no candidate; before, a failed one ended the comparison,
     and a NaN objective first in the list won (`max` never replaces it)."""
-    finite = [r for r in rows if "error" not in r and _finite(r["final"].get(OBJECTIVE))]
-    if not finite:
+    candidates = [r for r in rows if "error" not in r and finite(r["final"].get(OBJECTIVE)) is not None]
+    if not candidates:
         raise TrialFailed(f"{arm}: no learning rate gave a finite objective: "
                           + "; ".join(f"{r['lr']:g} -> {_said(r)}" for r in rows))
-    return max(finite, key=lambda r: (r["final"][OBJECTIVE], -r["lr"]))
+    return max(candidates, key=lambda r: (r["final"][OBJECTIVE], -r["lr"]))
 
 
 def _fit(trainable, param_space: dict, name: str, storage_path: str, runs: Path, failed_ok: bool = False) -> list[dict]:

@@ -96,7 +96,7 @@ def markdown(rows: list[dict], space: Space, base: dict | None = None) -> str:
             *(["gain ± paired se"] if gains else []), "steps", "s/step", "peak MB"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in ([untrained] if untrained else []) + rows:
-        best, se, gain = row.get("objective_best"), _finite(row.get("objective_se")), row.get("gain")
+        best, se, gain = row.get("objective_best"), finite(row.get("objective_se")), row.get("gain")
         cells = [str(row["trial"]), row["status"], *(_cell(row.get(k)) for k in keys),
                  "-" if best is None else f"{best:.4f}" + (f" ± {se:.4f}" if se is not None else ""),
                  *([f"{gain:+.4f} ± {row['gain_se']:.4f}" if gain is not None else "-"] if gains else []),
@@ -119,13 +119,14 @@ def _spread(label: str, hi: dict, lo: dict, sign: str) -> str:
     if both and both[1] > 0:
         return (f"{label}: {gap:{sign}.4f} = {gap / both[1]:.1f} x the paired standard error ({both[1]:.4f}, "
                 f"over the same {len(hi[SAMPLES])} samples)")
-    ses = [se for se in (_finite(r.get("objective_se")) for r in (hi, lo)) if se]
+    ses = [se for se in (finite(r.get("objective_se")) for r in (hi, lo)) if se]
     return f"{label}: {gap:{sign}.4f}" + (f" = {gap / max(ses):.1f} x the larger standard error ({max(ses):.4f})"
                                           if ses else "")
 
 
-def _finite(value) -> float | None:
-    return value if isinstance(value, (int, float)) and value == value else None
+def finite(value) -> float | None:
+    """`value` where it is a finite number, else None."""
+    return value if isinstance(value, (int, float)) and math.isfinite(value) else None
 
 
 def _cell(value, spec: str = ".3g") -> str:
