@@ -141,6 +141,8 @@ class TrainConfig:
 class RewardConfig:
     weights: dict = setting({"symmetry": 1.0}, "training reward = sum of weight * term (a weight of 0 leaves the term out)")
     options: dict = setting({}, "per-term settings, e.g. {toy_alignment: {path: ...}}")
+    modules: list = setting([], "your modules that register reward terms (@register): .py files or importable "
+                                "names, imported in every process (Ray workers, sweep trials) (docs/rewards.md)")
 
     def trained(self) -> dict:
         """The terms the run trains on: those of non-zero weight. A 0 stays in the config (a sweep's trial that
@@ -281,6 +283,9 @@ def pin_paths(data: dict, prefix: str = "") -> dict:
     out = {}
     for k, v in data.items():
         key = f"{prefix}{k}"
+        if key == "reward.modules" and isinstance(v, list):  # its .py files; a name is imported as it is
+            out[k] = [_pinned(m) if isinstance(m, str) and m.endswith(".py") else m for m in v]
+            continue
         out[k] = pin_paths(v, f"{key}.") if isinstance(v, dict) else (_pinned(v) if _path_key(key) else v)
     return out
 

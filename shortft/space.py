@@ -133,6 +133,17 @@ def check_default_space(name: str, config: str) -> None:
                           "(docs/sweeps.md)")
 
 
+def _reward_modules(base: str, fixed: dict) -> list:
+    """`reward.modules` of the base config with the fixed keys ([] where the base cannot be read: the
+    checks of every config say why)."""
+    try:
+        data = pin_paths(merge(read_mapping(base), nested(fixed) if isinstance(fixed, dict) else {}))
+    except ConfigError:
+        return []
+    modules = (data.get("reward") or {}).get("modules") if isinstance(data.get("reward"), dict) else None
+    return modules if isinstance(modules, list) else []
+
+
 def load_space(name_or_path: str, base: str | None = None, overrides: dict | None = None) -> Space:
     """Read and check a space. `base` replaces its base config; `overrides` (flat keys) win over
     `fixed` and remove those keys from the search (the smoke test uses this)."""
@@ -145,6 +156,9 @@ def load_space(name_or_path: str, base: str | None = None, overrides: dict | Non
     for section, value in (("fixed", fixed), ("search", search)):
         if not isinstance(value, dict):
             raise ConfigError(f"--space {name_or_path!r}: {section} must be a mapping of config keys")
+    from shortft.rewards.modules import import_all
+
+    import_all(_reward_modules(base, fixed))  # before the keys: they may name the terms these modules register
     for key in fixed:
         check_key(key, "fixed")
     dims = {}

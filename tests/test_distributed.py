@@ -1,6 +1,7 @@
 """Ray Train layer: equivalence with one process, fault tolerance, MLflow logging, bad input."""
 
 import json
+import math
 import os
 import re
 import subprocess
@@ -299,3 +300,27 @@ def test_the_trainer_starts_no_dataset_manager_without_datasets():
     lean = lean_trainer(TorchTrainer)(lambda: None)
     assert "DatasetsCallback" in names(plain)
     assert names(lean) == [n for n in names(plain) if n != "DatasetsCallback"]
+
+
+REWARD_MODULE = '''
+from shortft.rewards import register
+
+
+@register("{name}")
+def mean_pixel(scale: float = 1.0):
+    return lambda images, prompts: scale * images.mean(dim=(1, 2, 3))
+'''
+
+
+@pytest.mark.slow
+def test_a_reward_term_of_the_users_own_trains_in_ray_workers(ray_cluster, make_cfg, tmp_path, monkeypatch):
+    """A term registered by `import my_rewards` in the driver was unknown in the workers ("unknown reward",
+    the run failed): they import only shortft. Named in `reward.modules` (a file, relative to where the
+    config is read), every process imports it."""
+    (tmp_path / "my_rewards.py").write_text(REWARD_MODULE.format(name="users_mean_pixel"))
+    monkeypatch.chdir(tmp_path)
+    cfg = make_cfg(*SMALL, "train.steps=1", "reward.modules=[my_rewards.py]", "reward.weights.users_mean_pixel=1",
+                   "reward.options.users_mean_pixel.scale=2")
+    assert cfg.reward.modules == [str(tmp_path / "my_rewards.py")]  # made absolute: workers run elsewhere
+    result = train_with_ray(cfg, workers=1, storage_path=str(tmp_path / "ray"), tracking_uri=None, cpus_per_worker=1)
+    assert result.metrics["step"] == 1 and math.isfinite(result.metrics["reward/users_mean_pixel"])

@@ -50,3 +50,55 @@ def test_registry_plugs_in_a_model_reward_by_name_with_options():
     assert fn(torch.ones(1, 3, 4, 4), ["p"]).item() == pytest.approx(3.0)
     with pytest.raises(rewards.ConfigError, match="reward.options.test_scaled_brightness"):
         rewards.build("test_scaled_brightness", {"nope": 1})
+
+
+def _module(tmp_path, name: str, body: str | None = None):
+    path = tmp_path / f"{name}.py"
+    path.write_text(body if body is not None else (
+        "from shortft.rewards import register\n\n\n"
+        f"@register({name!r})\n"
+        "def factory(scale: float = 1.0):\n"
+        "    return lambda images, prompts: scale * images.mean(dim=(1, 2, 3))\n"))
+    return path
+
+
+def test_reward_modules_register_the_users_terms_for_configs_and_spaces(tmp_path, monkeypatch):
+    """A term of one's own could be used only from Python after `import my_rewards` (and then not in Ray's
+    processes): the CLI and a sweep space that searched its weight stopped at "unknown reward"."""
+    from shortft import load_config
+    from shortft.space import load_space
+
+    _module(tmp_path, "own_term_cfg")
+    _module(tmp_path, "own_term_space")
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config("tiny", ["reward.modules=[own_term_cfg.py]", "reward.weights.own_term_cfg=1"])
+    assert cfg.reward.modules == [str(tmp_path / "own_term_cfg.py")] and "own_term_cfg" in rewards.names()
+    (tmp_path / "space.yaml").write_text("base: tiny\nfixed: {reward.modules: [own_term_space.py]}\n"
+                                         "search: {reward.weights.own_term_space: {uniform: [0.5, 1.0]}}\n")
+    space = load_space(str(tmp_path / "space.yaml"))
+    assert list(space.search) == ["reward.weights.own_term_space"]
+    with pytest.raises(rewards.ConfigError, match=r"unknown reward 'not_there'; .*name the module that registers it "
+                                                  r"in reward.modules"):
+        load_config("tiny", ["reward.weights.not_there=1"])
+
+
+@pytest.mark.parametrize("entry, body, line", [
+    ("absent.py", None, "reward.modules: {tmp}/absent.py: no such file"),
+    ("absent_module", None, "reward.modules: no module 'absent_module' in this process's Python path; name its file "
+                            "instead (reward.modules=[path/to/absent_module.py])"),
+    ("syntax.py", "x = (\n", "reward.modules: importing {tmp}/syntax.py failed: SyntaxError: '(' was never closed "
+                             "({tmp}/syntax.py:1)"),
+    ("raises.py", "import os\n\n\ndef f():\n    raise RuntimeError('no key')\n\n\nf()\n",
+     "reward.modules: importing {tmp}/raises.py failed: RuntimeError: no key ({tmp}/raises.py:5)"),
+    ("needs.py", "import not_installed_anywhere\n", "reward.modules: importing {tmp}/needs.py failed: "
+                                                    "ModuleNotFoundError: No module named 'not_installed_anywhere'"),
+])
+def test_a_reward_module_that_cannot_be_imported_is_one_line_naming_it(tmp_path, monkeypatch, entry, body, line):
+    from shortft import load_config
+
+    if body is not None:
+        _module(tmp_path, entry[:-3], body)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(rewards.ConfigError) as e:
+        load_config("tiny", [f"reward.modules=[{entry}]"])
+    assert str(e.value).startswith(line.format(tmp=tmp_path)), str(e.value)

@@ -27,7 +27,7 @@ from torch import nn
 
 from shortft import builtin
 from shortft.config import Config, ConfigError
-from shortft.rewards import sources
+from shortft.rewards import modules, sources
 
 
 class RewardFn(Protocol):
@@ -78,7 +78,8 @@ def defaults(name: str) -> dict:
 
 def check_name(key: str, name: str) -> None:
     if name not in _registry():
-        raise ConfigError(f"{key}: unknown reward {name!r}; registered: {', '.join(names())}")
+        raise ConfigError(f"{key}: unknown reward {name!r}; registered: {', '.join(names())} (a term of your own: "
+                          "name the module that registers it in reward.modules)")
 
 
 def check_options(name: str, options: dict) -> None:
@@ -140,7 +141,9 @@ class Rewards:
 
 
 def check_config(cfg: Config) -> None:
-    """Every reward term a config names (training weights, options, evaluation) is registered."""
+    """Every reward term a config names (training weights, options, evaluation) is registered, once the
+    modules of `reward.modules` have registered theirs."""
+    modules.import_all(cfg.reward.modules)
     for name in cfg.reward.weights:
         check_name(f"reward.weights.{name}", name)
         if name in EVAL_ONLY:
