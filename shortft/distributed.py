@@ -12,99 +12,26 @@ A restarted worker group resumes from the latest reported checkpoint (`FailureCo
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
+import signal
 import tempfile
-import uuid
+import threading
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 from shortft import attempts, checkpoint, raised, resources, tracking
 from shortft.config import Config, ConfigError, from_dict, to_dict
 from shortft.guard import NonFiniteError
-from shortft.interrupt import Interrupted
+from shortft.interrupt import SIGNALS, Interrupted
 from shortft.loop import Callback
 from shortft.mlflow_relay import start_relay
 from shortft.memory import OutOfMemory
 from shortft.ray_reports import FAULT_MARKER, FaultInjector, RayReport, fault_request, readable
-
-
-def run_name(cfg: Config) -> str:
-    """The Ray run of `cfg`'s run folder: `--resume` finds it whatever settings changed since (a longer
-    `train.steps`, the settings an out-of-memory line offers), as a run in one process is its folder.
-    The name was a digest of the whole config: any changed setting named another run, and the resume
-    was refused."""
-    digest = hashlib.sha1(str(cfg.output_dir.resolve()).encode()).hexdigest()[:8]
-    return f"{cfg.name}-{digest}"
-
-
-def name_in_storage(cfg: Config, storage_path: str, resume: bool) -> str:
-    """`run_name(cfg)`; on `resume`, a run that an earlier version named by its config digest (the
-    same config) where only that one is in the storage path."""
-    name = run_name(cfg)
-    if resume and not _run_exists(storage_path, name):
-        digest = hashlib.sha1(json.dumps(to_dict(cfg), sort_keys=True, default=str).encode()).hexdigest()[:8]
-        if _run_exists(storage_path, f"{cfg.name}-{digest}"):
-            return f"{cfg.name}-{digest}"
-    return name
-
-
-def default_storage_path() -> str:
-    return str(Path("ray_results").resolve())
-
-
-STORAGE_CHECK_S = 30.0  # a remote storage path that has not answered by then is not usable from here
-
-
-def check_storage_path(path: str) -> None:
-    """Fail before any worker starts if checkpoints could not be written there."""
-    if "://" in path:
-        import threading
-
-        import pyarrow.fs
-
-        failed: list[BaseException] = []
-
-        def probe() -> None:
-            try:
-                fs, root = pyarrow.fs.FileSystem.from_uri(path)
-                fs.create_dir(root, recursive=True)
-            except Exception as e:  # any failure means: not usable from here
-                failed.append(e)
-
-        # pyarrow's GCS client retries an unreachable endpoint for minutes (seen: over 60 s offline)
-        asking = threading.Thread(target=probe, daemon=True)
-        asking.start()
-        asking.join(STORAGE_CHECK_S)
-        if asking.is_alive():
-            raise ConfigError(f"storage path {path}: no answer within {STORAGE_CHECK_S:g} s; check the network, the "
-                              "URI and credentials, or pass another --storage-path")
-        if failed:
-            e = failed[0]
-            raise ConfigError(f"storage path {path}: not writable ({type(e).__name__}: {e}); check the URI and "
-                              "credentials or pass another --storage-path") from None
-        return
-    p = Path(path).expanduser()
-    try:
-        p.mkdir(parents=True, exist_ok=True)
-        probe = p / f".write-test-{uuid.uuid4().hex[:8]}"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as e:
-        raise ConfigError(f"storage path {path}: not writable ({e.strerror or e}); pass --storage-path to a "
-                          "writable directory (or s3://..., an NFS mount on clusters)") from None
-
-
-def _run_exists(storage_path: str, name: str) -> bool:
-    if "://" in storage_path:
-        import pyarrow.fs
-
-        fs, root = pyarrow.fs.FileSystem.from_uri(storage_path)
-        return fs.get_file_info(f"{root}/{name}").type != pyarrow.fs.FileType.NotFound
-    d = Path(storage_path).expanduser() / name
-    return d.is_dir() and any(d.iterdir())
+from shortft.ray_stop import StopChannel, polled
+from shortft.ray_storage import check_storage_path, default_storage_path, name_in_storage, run_exists
 
 
 def _worker(config: dict) -> None:
@@ -132,16 +59,23 @@ def _worker(config: dict) -> None:
     callbacks.append(RayReport(rank, cfg.eval.every, cfg.train.checkpoint_every, cfg.train))
     if config.get("fail_at"):
         callbacks.append(FaultInjector(rank, config["fail_at"], config["fail_rank"], Path(config["fail_marker"])))
-    with attempts.once(cfg.output_dir, config.get("attempt")):  # Ray Train's restart of a final failure: at once
-        train(cfg, callbacks, resume=resume, rank=rank, world_size=world)
+    stop_file = config.get("stop_file") if rank == 0 else None  # rank 0 reads it; the step's all-reduce tells the rest
+    try:
+        with polled(stop_file) if stop_file else nullcontext(None) as asked:
+            with attempts.once(cfg.output_dir, config.get("attempt")):  # Ray Train's restart of a final failure: at once
+                train(cfg, callbacks, resume=resume, rank=rank, world_size=world, asked=asked)
+    except Interrupted:  # the driver asked; the step's checkpoint is reported. Ending normally: no restart
+        pass
     if resume:
         shutil.rmtree(local, ignore_errors=True)
 
 
-def lean_trainer(base: type) -> type:
+def lean_trainer(base: type, stop: StopChannel | None = None) -> type:
     """`base` (TorchTrainer) without Ray Train's dataset callback when the job has no datasets (ours
     never has): that callback starts a DatasetManager actor, one more process start per job (seconds on
-    a small machine, per sweep trial). If a later Ray renames the hook, this is the plain trainer."""
+    a small machine, per sweep trial). If a later Ray renames the hook, this is the plain trainer.
+    With `stop`, Ctrl-C or SIGTERM while `fit` waits (main thread) asks the workers to stop after the
+    step in progress (`ray_stop`) in place of Ray Train's abort."""
 
     class LeanTrainer(base):
         def _create_default_callbacks(self):
@@ -149,6 +83,11 @@ def lean_trainer(base: type) -> type:
             if getattr(self, "datasets", None):
                 return callbacks
             return [c for c in callbacks if type(c).__name__ != "DatasetsCallback"]
+
+        def _register_sigint_handler(self, controller):
+            if stop is None:
+                return super()._register_sigint_handler(controller)
+            stop.handle(controller)
 
     return LeanTrainer
 
@@ -218,7 +157,7 @@ def train_with_ray(cfg: Config, workers: int, use_gpu: bool = False, storage_pat
     storage_path = storage_path or default_storage_path()
     check_storage_path(storage_path)
     name = name or name_in_storage(cfg, storage_path, resume)
-    exists = _run_exists(storage_path, name)
+    exists = run_exists(storage_path, name)
     if exists and not resume:
         raise ConfigError(f"run {name} already exists in {storage_path}; pass --resume to continue it, or set "
                           "name=<new name> to start another")
@@ -247,12 +186,15 @@ def train_with_ray(cfg: Config, workers: int, use_gpu: bool = False, storage_pat
         os.environ[WORKER_GROUP_START_TIMEOUT_ENV] = str(resource_wait_s)
     os.environ.setdefault(POLL_INTERVAL_ENV, POLL_INTERVAL_S)
     fail_at, fail_rank = fault_request()  # read here: workers on other nodes lack this environment
+    stop = StopChannel(storage_path, name)
+    stop.clear()
     loop_config = {
         "cfg": to_dict(cfg), "use_gpu": use_gpu, "threads": threads or max(1, int(cpus)), "tracking_uri": tracking_uri,
         "run_id": run_id, "relay": relay, "fail_at": fail_at, "fail_rank": fail_rank,
         "fail_marker": str(Path(cfg.train.output_dir) / FAULT_MARKER), "attempt": attempts.new_attempt(),
+        "stop_file": stop.uri,
     }
-    trainer = lean_trainer(TorchTrainer)(
+    trainer = lean_trainer(TorchTrainer, stop)(
         _worker,
         train_loop_config=loop_config,
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
@@ -265,11 +207,14 @@ def train_with_ray(cfg: Config, workers: int, use_gpu: bool = False, storage_pat
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
                              callbacks=callbacks or []),
     )
+    # fit replaces SIGINT's handler (StopChannel.handle) in the main thread only (not in a sweep's trial)
+    handlers = {s: signal.getsignal(s) for s in SIGNALS} if threading.current_thread() is threading.main_thread() else {}
     try:
         result = trainer.fit()
-    except SystemExit:  # Ray Train's own Ctrl-C handler aborted the run; fit then ends in Ray's SystemExit(1)
-        raise Interrupted(f"SIGINT: Ray Train run {name} aborted; continue it with --resume --workers {workers} (from "
-                          "the latest checkpoint Ray Train recorded)", 130) from None
+    except SystemExit:  # a second Ctrl-C aborted the run; fit then ends in Ray's SystemExit(1)
+        raise Interrupted(f"{(stop.signal or signal.SIGINT).name}: Ray Train run {name} aborted; continue it with "
+                          f"--resume --workers {workers} (from the latest checkpoint Ray Train recorded)",
+                          128 + int(stop.signal or signal.SIGINT)) from None
     except Exception as e:
         told = _one_line_error(e)
         if told is not None:  # a worker's own one-line error (a refused checkpoint, out of GPU memory, ...)
@@ -280,5 +225,12 @@ def train_with_ray(cfg: Config, workers: int, use_gpu: bool = False, storage_pat
                 + (f" + {gpus_per_worker:g} GPU" if use_gpu else "") + f" were not placed within {resource_wait_s:g} s "
                 "(the cluster never had them free)") from None
         raise
+    finally:
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
+    if stop.signal is not None and (result.metrics or {}).get("interrupted"):  # the workers stopped as asked
+        raise Interrupted(f"{stop.signal.name}: Ray Train run {name} stopped after step {result.metrics['step']}; "
+                          f"checkpoint {result.checkpoint.path if result.checkpoint else None}; continue with "
+                          f"--resume --workers {workers}", 128 + int(stop.signal))
     return RayTrainResult(name, storage_path, Path(cfg.train.output_dir), run_id, dict(result.metrics or {}),
                           result.checkpoint.path if result.checkpoint else None)

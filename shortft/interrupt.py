@@ -15,7 +15,7 @@ from __future__ import annotations
 import signal
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -33,6 +33,18 @@ class Interrupted(KeyboardInterrupt):
 @dataclass
 class StopRequest:
     signal: signal.Signals | None = None  # the signal received, once one was
+    asked: Callable[[], int] | None = None  # a stop asked from outside (a Ray run's driver): its signal, 0 for none
+
+    def pending(self) -> int:
+        """The signal number of a stop wanted now (this process's own, or one asked from outside), 0 for none."""
+        if self.signal is None and self.asked is not None:
+            return self.asked()
+        return int(self.signal or 0)
+
+    def agree(self, signum: int) -> None:
+        """Under torch.distributed every rank stops after the step whose all-reduce carried a request."""
+        if signum and self.signal is None:
+            self.signal = signal.Signals(signum)
 
     def stop(self, step: int, checkpoint) -> None:
         """Raise Interrupted, naming the step and its checkpoint, if a signal came."""
@@ -42,8 +54,8 @@ class StopRequest:
 
 
 @contextmanager
-def stop_requests() -> Iterator[StopRequest]:
-    request = StopRequest()
+def stop_requests(asked: Callable[[], int] | None = None) -> Iterator[StopRequest]:
+    request = StopRequest(asked=asked)
     if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
         yield request
         return

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import yaml
 
 from shortft import checkpoint
@@ -32,6 +32,7 @@ from shortft.models import Models, load_models
 from shortft.memory import explained, peak_memory_mb
 from shortft.preflight import memory_of
 from shortft.progress import bar, say, warn
+from shortft.ranks import all_reduce_grads, all_reduce_mean
 from shortft.rewards import Rewards
 
 
@@ -114,37 +115,13 @@ def autocast_for(cfg: Config, device: torch.device):
     return torch.autocast(device.type, dtype=torch.bfloat16 if mode == "bf16" else torch.float16), mode
 
 
-def _all_reduce_mean(values: list[float], device: torch.device, world_size: int) -> list[float]:
-    if world_size == 1:
-        return values
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return (t / world_size).tolist()
-
-
-def _all_reduce_grads(params: list[torch.nn.Parameter], world_size: int) -> None:
-    """Average LoRA gradients over ranks in one flat bucket. The chain calls the UNet many times per
-    step (and recomputes under checkpointing), which DDP's per-forward hooks do not expect; the
-    gradient of the sum is the same, so one explicit all-reduce after backward does the job."""
-    if world_size == 1 or not params:
-        return
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat)
-    flat /= world_size
-    offset = 0
-    for p in params:
-        n = p.numel()
-        p.grad = flat[offset:offset + n].view_as(p).clone()
-        offset += n
-
-
 def train(cfg: Config, callbacks: list[Callback] = (), resume: bool | str | Path = False, rank: int = 0,
-          world_size: int = 1) -> TrainResult:
+          world_size: int = 1, asked: Callable[[], int] | None = None) -> TrainResult:
     """One fine-tuning run. Under torch.distributed (rank/world_size > 1): each rank draws its own share of
     every batch, LoRA gradients and metrics are averaged over ranks, and only rank 0 writes files. Ctrl-C
-    or SIGTERM (in the main thread) ends the step in progress with a checkpoint and raises `Interrupted`."""
-    with stop_requests() as stop:
+    or SIGTERM (in the main thread), or a stop `asked` from outside (its signal number, 0 for none; rank 0's
+    reaches every rank), ends the step in progress with a checkpoint and raises `Interrupted`."""
+    with stop_requests(asked) as stop:
         return _train(cfg, callbacks, resume, rank, world_size, stop)
 
 
@@ -231,9 +208,11 @@ def _train(cfg: Config, callbacks, resume, rank: int, world_size: int, stop: Sto
             # 5. Average over ranks, clip, guard against non-finite values, step.
             scaler.unscale_(optimizer)
             trainable = [p for name in adapters if name in training for p in params[name]]  # same order on every rank
-            _all_reduce_grads(trainable, world_size)
-            keys = sorted(sums)
-            sums = dict(zip(keys, _all_reduce_mean([sums[k] for k in keys], models.device, world_size)))
+            all_reduce_grads(trainable, world_size)
+            keys = sorted(sums)  # and a stop request, so that every rank stops after the same step
+            *values, asked_by = all_reduce_mean([*(sums[k] for k in keys), stop.pending()], models.device, world_size)
+            sums = dict(zip(keys, values))
+            stop.agree(round(asked_by * world_size))
             grads = [p.grad for p in trainable if p.grad is not None]
             grad_norm = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
             if cfg.train.grad_clip > 0 and grads:
@@ -247,15 +226,17 @@ def _train(cfg: Config, callbacks, resume, rank: int, world_size: int, stop: Sto
         # 6. Evaluate, write the row, checkpoint, then report the step (with what was written) in one call. The
         # last step is train.steps or the one that used up a budget (ranks agree: they spend the mean time).
         seconds = time.perf_counter() - t0
-        budget.spend(_all_reduce_mean([seconds], models.device, world_size)[0] if budget.seconds else seconds,
+        budget.spend(all_reduce_mean([seconds], models.device, world_size)[0] if budget.seconds else seconds,
                      models.denoiser.count.calls)
         done, last = step + 1, budget.done(step + 1)
+        stopping = stop.signal is not None  # read once: a signal from here on stops the run after the next step
         images_seen = cfg.train.batch_size * cfg.train.grad_accum * world_size
         metrics = {"step": step + 1, "stage": stage, **sums, "grad_norm": grad_norm, "skipped": int(skipped is not None),
                    "network_calls": models.denoiser.count.calls, "grad_calls": models.denoiser.count.grad_calls,
                    "lr": optimizer.param_groups[0]["lr"], "seconds_per_step": seconds,
                    "images_per_second": images_seen / seconds, "peak_memory_mb": peak_memory_mb(models.device),
-                   "train_seconds": budget.spent_seconds, "calls_total": budget.spent_calls}
+                   "train_seconds": budget.spent_seconds, "calls_total": budget.spent_calls,
+                   **({"interrupted": 1} if stopping and not last else {})}
         if is_main and ((step + 1) % cfg.train.log_every == 0 or last):
             say(f"step {step + 1}/{total}  stage {stage}/{plan.stages}  loss {sums['loss']:+.4f}  "
                 f"grad {grad_norm:.3g}  {seconds:.2f} s/step" + (f"  SKIPPED ({skipped})" if skipped else ""))
@@ -274,7 +255,7 @@ def _train(cfg: Config, callbacks, resume, rank: int, world_size: int, stop: Sto
         # The row first: a run resumed from this checkpoint finds the step's evaluation (a trial resumed at its
         # last step has nothing else to give Tune); one that died in between redoes the step.
         every = cfg.train.checkpoint_every
-        if is_main and ((every and (step + 1) % every == 0) or last or stop.signal):
+        if is_main and ((every and (step + 1) % every == 0) or last or stopping):
             state = {"bad_in_row": guard.bad_in_row, "world_size": world_size, **budget.state(),
                      "config": flatten(to_dict(cfg))}  # what a resume compares its settings with
             artifacts["checkpoint"] = checkpoint.save(out / "checkpoints", step + 1, unet, adapters, optimizer, state,
@@ -284,7 +265,8 @@ def _train(cfg: Config, callbacks, resume, rank: int, world_size: int, stop: Sto
         guard.stop_if_diverged(step + 1)
         if last:
             break
-        stop.stop(step + 1, artifacts.get("checkpoint"))
+        if stopping:
+            stop.stop(step + 1, artifacts.get("checkpoint"))
 
     lora_dir = out / "lora"
     if is_main:

@@ -35,13 +35,14 @@ def fault_request() -> tuple[int, int]:
 class RayReport(Callback):
     """Reports to Ray Train the steps something needs: every checkpoint step (rank 0 attaches its
     checkpoint, so a restarted group resumes from it), every evaluation step (the sweep forwards those to
-    Tune) and the last step. Not the others: each report waits for the controller's next poll (0.2 s),
-    a toll on every step that bought nothing (the metrics go to MLflow from rank 0 directly). Each report
-    carries the mean seconds per step and the peak memory over every step since this worker started.
-    Every rank reports the same steps (Ray Train needs that): the schedule depends on the step alone.
-    With `train` (the run's settings), the run's last step is reported only once the run has ended
-    (`on_end`: LoRA saved, and MLflow told by a logger placed before this callback): a sweep may stop
-    the trial at that report (ASHA stops every trial that reaches `max_t`), which kills its processes.
+    Tune), the step a stop request ends the run at, and the last step. Not the others: each report waits
+    for the controller's next poll (0.2 s), a toll on every step that bought nothing (the metrics go to
+    MLflow from rank 0 directly). Each report carries the mean seconds per step and the peak memory over
+    every step since this worker started. Every rank reports the same steps (Ray Train needs that): the
+    schedule depends on the step alone, and the ranks agree on a stop. With `train` (the run's settings),
+    the run's last step is reported only once the run has ended (`on_end`: LoRA saved, and MLflow told
+    by a logger placed before this callback): a sweep may stop the trial at that report (ASHA stops every
+    trial that reaches `max_t`), which kills its processes.
     Subclasses change where reports go (`_send`) and which steps are due (`_due`)."""
 
     def __init__(self, rank: int, eval_every: int = 0, checkpoint_every: int = 0, train: TrainConfig | None = None):
@@ -55,7 +56,7 @@ class RayReport(Callback):
         self._count(metrics)
         ckpt = artifacts.get("checkpoint") if self.rank == 0 else None
         self.pending = (step, metrics, ckpt)
-        if self._due(step, metrics):
+        if self._due(step, metrics) or metrics.get("interrupted"):  # the step a stop ends at: with its checkpoint
             self._report()
 
     def on_end(self, result) -> None:

@@ -164,7 +164,7 @@ def test_a_ray_run_resumes_with_changed_settings_as_a_run_in_one_process_does(ra
 def test_a_ray_run_is_named_by_its_run_folder_and_a_run_named_by_its_config_still_resumes(make_cfg, tmp_path):
     import hashlib
 
-    from shortft.distributed import name_in_storage, run_name
+    from shortft.ray_storage import name_in_storage, run_name
     from shortft.config import to_dict
 
     cfg = make_cfg("train.steps=2")
@@ -239,10 +239,10 @@ def test_a_remote_storage_path_that_does_not_answer_is_one_line_in_bounded_time(
 
     import pyarrow.fs
 
-    from shortft import distributed
+    from shortft import ray_storage
     from shortft.config import ConfigError
 
-    monkeypatch.setattr(distributed, "STORAGE_CHECK_S", 0.5)
+    monkeypatch.setattr(ray_storage, "STORAGE_CHECK_S", 0.5)
     class Unanswered:  # pyarrow's own FileSystem is an immutable type
         @staticmethod
         def from_uri(uri):
@@ -251,7 +251,7 @@ def test_a_remote_storage_path_that_does_not_answer_is_one_line_in_bounded_time(
     monkeypatch.setattr(pyarrow.fs, "FileSystem", Unanswered)
     t0 = time.time()
     with pytest.raises(ConfigError, match=r"^storage path gs://b/sweeps: no answer within 0.5 s; check the network"):
-        distributed.check_storage_path("gs://b/sweeps")
+        ray_storage.check_storage_path("gs://b/sweeps")
     assert time.time() - t0 < 5
 
 

@@ -81,7 +81,7 @@ def run_sweep(space: str | Space | None = None, num_samples: int | None = None, 
     once (a first row of the results; `sweep.baseline`)."""
     import ray
 
-    from shortft.distributed import check_storage_path
+    from shortft.ray_storage import check_storage_path
 
     t_start = time.time()
     # 1. Everything a user can get wrong, before Ray starts.

@@ -190,7 +190,7 @@ def trainable_for(base: str = "toy", *, smoke_test: bool = False, fixed: dict | 
     naming the key) for a bad base, fixed key or value."""
     import ray
 
-    from shortft.distributed import check_storage_path, default_storage_path
+    from shortft.ray_storage import check_storage_path, default_storage_path
 
     if not ray.is_initialized() and not os.environ.get("RAY_ADDRESS"):
         # tune.run will start a local Ray, whose processes inherit this environment: a laptop is not

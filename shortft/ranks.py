@@ -1,0 +1,33 @@
+"""Averaging over the ranks of a run under torch.distributed (Ray Train's workers): the LoRA gradients and
+the step's metrics. With one rank, nothing is sent."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+def all_reduce_mean(values: list[float], device: torch.device, world_size: int) -> list[float]:
+    """The mean of each value over ranks, in one all-reduce (float64: sums of metrics stay exact)."""
+    if world_size == 1:
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return (t / world_size).tolist()
+
+
+def all_reduce_grads(params: list[torch.nn.Parameter], world_size: int) -> None:
+    """Average LoRA gradients over ranks in one flat bucket. The chain calls the UNet many times per
+    step (and recomputes under checkpointing), which DDP's per-forward hooks do not expect; the
+    gradient of the sum is the same, so one explicit all-reduce after backward does the job."""
+    if world_size == 1 or not params:
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= world_size
+    offset = 0
+    for p in params:
+        n = p.numel()
+        p.grad = flat[offset:offset + n].view_as(p).clone()
+        offset += n

@@ -1,0 +1,91 @@
+"""Where a Ray Train run keeps its state: the storage path (checked before any worker starts), the
+run's name in it (found again by `--resume`), and whether a run of that name is there.
+
+    check_storage_path("s3://bucket/shortft")   # one ConfigError line, within 30 s, if not writable
+    name = name_in_storage(cfg, storage_path, resume=True)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import uuid
+from pathlib import Path
+
+from shortft.config import Config, ConfigError, to_dict
+
+
+def run_name(cfg: Config) -> str:
+    """The Ray run of `cfg`'s run folder: `--resume` finds it whatever settings changed since (a longer
+    `train.steps`, the settings an out-of-memory line offers), as a run in one process is its folder.
+    The name was a digest of the whole config: any changed setting named another run, and the resume
+    was refused."""
+    digest = hashlib.sha1(str(cfg.output_dir.resolve()).encode()).hexdigest()[:8]
+    return f"{cfg.name}-{digest}"
+
+
+def name_in_storage(cfg: Config, storage_path: str, resume: bool) -> str:
+    """`run_name(cfg)`; on `resume`, a run that an earlier version named by its config digest (the
+    same config) where only that one is in the storage path."""
+    name = run_name(cfg)
+    if resume and not run_exists(storage_path, name):
+        digest = hashlib.sha1(json.dumps(to_dict(cfg), sort_keys=True, default=str).encode()).hexdigest()[:8]
+        if run_exists(storage_path, f"{cfg.name}-{digest}"):
+            return f"{cfg.name}-{digest}"
+    return name
+
+
+def default_storage_path() -> str:
+    return str(Path("ray_results").resolve())
+
+
+STORAGE_CHECK_S = 30.0  # a remote storage path that has not answered by then is not usable from here
+
+
+def check_storage_path(path: str) -> None:
+    """Fail before any worker starts if checkpoints could not be written there."""
+    if "://" in path:
+        import threading
+
+        import pyarrow.fs
+
+        failed: list[BaseException] = []
+
+        def probe() -> None:
+            try:
+                fs, root = pyarrow.fs.FileSystem.from_uri(path)
+                fs.create_dir(root, recursive=True)
+            except Exception as e:  # any failure means: not usable from here
+                failed.append(e)
+
+        # pyarrow's GCS client retries an unreachable endpoint for minutes (seen: over 60 s offline)
+        asking = threading.Thread(target=probe, daemon=True)
+        asking.start()
+        asking.join(STORAGE_CHECK_S)
+        if asking.is_alive():
+            raise ConfigError(f"storage path {path}: no answer within {STORAGE_CHECK_S:g} s; check the network, the "
+                              "URI and credentials, or pass another --storage-path")
+        if failed:
+            e = failed[0]
+            raise ConfigError(f"storage path {path}: not writable ({type(e).__name__}: {e}); check the URI and "
+                              "credentials or pass another --storage-path") from None
+        return
+    p = Path(path).expanduser()
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+        probe = p / f".write-test-{uuid.uuid4().hex[:8]}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"storage path {path}: not writable ({e.strerror or e}); pass --storage-path to a "
+                          "writable directory (or s3://..., an NFS mount on clusters)") from None
+
+
+def run_exists(storage_path: str, name: str) -> bool:
+    if "://" in storage_path:
+        import pyarrow.fs
+
+        fs, root = pyarrow.fs.FileSystem.from_uri(storage_path)
+        return fs.get_file_info(f"{root}/{name}").type != pyarrow.fs.FileType.NotFound
+    d = Path(storage_path).expanduser() / name
+    return d.is_dir() and any(d.iterdir())
