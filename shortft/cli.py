@@ -122,7 +122,7 @@ def run_rewards(cfg, args) -> None:
 
 
 def run_train(cfg, args) -> int:
-    from shortft import tracking
+    from shortft import run_status, tracking
     from shortft.checkpoint import CheckpointWriteError
     from shortft.evaluate import scalars
     from shortft.guard import NonFiniteError
@@ -144,12 +144,13 @@ def run_train(cfg, args) -> int:
         else:
             if args.storage_path or args.gpu:
                 print("shortft: note: --storage-path and --gpu apply with --workers N only", file=sys.stderr)
-            callbacks = []
+            callbacks, run_id = [], None
             if uri:
                 run_id = tracking.ensure_run(uri, args.experiment, str(cfg.output_dir.resolve()), cfg.name, cfg,
                                              reuse=bool(args.resume))
                 callbacks.append(tracking.MlflowLogger(uri, run_id, metrics_file=cfg.output_dir / "metrics.jsonl"))
-            result = train(cfg, callbacks, resume=args.resume)
+            with run_status.kept(uri, run_id):
+                result = train(cfg, callbacks, resume=args.resume)
             print(f"done: LoRA in {result.lora_dir}; eval " + json.dumps(scalars(result.eval)))
     except (ConfigError, NonFiniteError, CheckpointWriteError, OutOfMemory) as e:
         if args.workers > 0:

@@ -22,7 +22,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
-from shortft import attempts, checkpoint, raised, resources, tracking
+from shortft import attempts, checkpoint, raised, resources, run_status, tracking
 from shortft.config import Config, ConfigError, from_dict, to_dict
 from shortft.guard import NonFiniteError
 from shortft.interrupt import SIGNALS, Interrupted
@@ -179,58 +179,61 @@ def train_with_ray(cfg: Config, workers: int, use_gpu: bool = False, storage_pat
     if check_resources:  # before anything is made (an MLflow run, the relay) and before the group waits
         resources.check(resources.Request(workers, cpus, gpus_per_worker if use_gpu else 0.0, workers_flag="--workers",
                                           gpu_flag="--gpu", gpu_fix="drop --gpu"))
-    if tracking_uri and not run_id:
+    own_run = bool(tracking_uri and not run_id)  # a sweep's trial run is the sweep's to close
+    if own_run:
         run_id = tracking.ensure_run(tracking_uri, experiment, name, name, cfg)
-    relay = start_relay(tracking_uri) if tracking_uri else None  # found again if the sweep started it
-    if resource_wait_s:  # Ray Train reads it in its controller, which gets it from this process's environment
-        os.environ[WORKER_GROUP_START_TIMEOUT_ENV] = str(resource_wait_s)
-    os.environ.setdefault(POLL_INTERVAL_ENV, POLL_INTERVAL_S)
-    fail_at, fail_rank = fault_request()  # read here: workers on other nodes lack this environment
-    stop = StopChannel(storage_path, name)
-    stop.clear()
-    loop_config = {
-        "cfg": to_dict(cfg), "use_gpu": use_gpu, "threads": threads or max(1, int(cpus)), "tracking_uri": tracking_uri,
-        "run_id": run_id, "relay": relay, "fail_at": fail_at, "fail_rank": fail_rank,
-        "fail_marker": str(Path(cfg.train.output_dir) / FAULT_MARKER), "attempt": attempts.new_attempt(),
-        "stop_file": stop.uri,
-    }
-    trainer = lean_trainer(TorchTrainer, stop)(
-        _worker,
-        train_loop_config=loop_config,
-        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu,
-                                     resources_per_worker={"CPU": cpus, **({"GPU": gpus_per_worker} if use_gpu else {})}),
-        run_config=RunConfig(name=name, storage_path=storage_path,
-                             # a worker group that was not placed in time is retried forever unless this is 0
-                             failure_config=FailureConfig(max_failures=max_failures,
-                                                          controller_failure_limit=0 if resource_wait_s else -1),
-                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
-                             callbacks=callbacks or []),
-    )
-    # fit replaces SIGINT's handler (StopChannel.handle) in the main thread only (not in a sweep's trial)
-    handlers = {s: signal.getsignal(s) for s in SIGNALS} if threading.current_thread() is threading.main_thread() else {}
-    try:
-        result = trainer.fit()
-    except SystemExit:  # a second Ctrl-C aborted the run; fit then ends in Ray's SystemExit(1)
-        raise Interrupted(f"{(stop.signal or signal.SIGINT).name}: Ray Train run {name} aborted; continue it with "
-                          f"--resume --workers {workers} (from the latest checkpoint Ray Train recorded)",
-                          128 + int(stop.signal or signal.SIGINT)) from None
-    except Exception as e:
-        told = _one_line_error(e)
-        if told is not None:  # a worker's own one-line error (a refused checkpoint, out of GPU memory, ...)
-            raise told from None
-        if resource_wait_s and _placement_timed_out(e):
-            raise ResourceWaitError(
-                f"--resource-wait-s {resource_wait_s:g}: the {workers} worker(s) of {cpus:g} CPU"
-                + (f" + {gpus_per_worker:g} GPU" if use_gpu else "") + f" were not placed within {resource_wait_s:g} s "
-                "(the cluster never had them free)") from None
-        raise
-    finally:
-        for s, handler in handlers.items():
-            signal.signal(s, handler)
-    if stop.signal is not None and (result.metrics or {}).get("interrupted"):  # the workers stopped as asked
-        raise Interrupted(f"{stop.signal.name}: Ray Train run {name} stopped after step {result.metrics['step']}; "
-                          f"checkpoint {result.checkpoint.path if result.checkpoint else None}; continue with "
-                          f"--resume --workers {workers}", 128 + int(stop.signal))
-    return RayTrainResult(name, storage_path, Path(cfg.train.output_dir), run_id, dict(result.metrics or {}),
-                          result.checkpoint.path if result.checkpoint else None)
+    with run_status.kept(tracking_uri if own_run else None, run_id):  # KILLED or FAILED if it raises
+        relay = start_relay(tracking_uri) if tracking_uri else None  # found again if the sweep started it
+        if resource_wait_s:  # Ray Train reads it in its controller, which gets it from this process's environment
+            os.environ[WORKER_GROUP_START_TIMEOUT_ENV] = str(resource_wait_s)
+        os.environ.setdefault(POLL_INTERVAL_ENV, POLL_INTERVAL_S)
+        fail_at, fail_rank = fault_request()  # read here: workers on other nodes lack this environment
+        stop = StopChannel(storage_path, name)
+        stop.clear()
+        loop_config = {
+            "cfg": to_dict(cfg), "use_gpu": use_gpu, "threads": threads or max(1, int(cpus)),
+            "tracking_uri": tracking_uri, "run_id": run_id, "relay": relay, "fail_at": fail_at, "fail_rank": fail_rank,
+            "fail_marker": str(Path(cfg.train.output_dir) / FAULT_MARKER), "attempt": attempts.new_attempt(),
+            "stop_file": stop.uri,
+        }
+        trainer = lean_trainer(TorchTrainer, stop)(
+            _worker,
+            train_loop_config=loop_config,
+            torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+            scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker={
+                "CPU": cpus, **({"GPU": gpus_per_worker} if use_gpu else {})}),
+            run_config=RunConfig(name=name, storage_path=storage_path,
+                                 # a worker group that was not placed in time is retried forever unless this is 0
+                                 failure_config=FailureConfig(max_failures=max_failures,
+                                                              controller_failure_limit=0 if resource_wait_s else -1),
+                                 checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
+                                 callbacks=callbacks or []),
+        )
+        # fit replaces SIGINT's handler (StopChannel.handle) in the main thread only (not in a sweep's trial)
+        main = threading.current_thread() is threading.main_thread()
+        handlers = {s: signal.getsignal(s) for s in SIGNALS} if main else {}
+        try:
+            result = trainer.fit()
+        except SystemExit:  # a second Ctrl-C aborted the run; fit then ends in Ray's SystemExit(1)
+            raise Interrupted(f"{(stop.signal or signal.SIGINT).name}: Ray Train run {name} aborted; continue it with "
+                              f"--resume --workers {workers} (from the latest checkpoint Ray Train recorded)",
+                              128 + int(stop.signal or signal.SIGINT)) from None
+        except Exception as e:
+            told = _one_line_error(e)
+            if told is not None:  # a worker's own one-line error (a refused checkpoint, out of GPU memory, ...)
+                raise told from None
+            if resource_wait_s and _placement_timed_out(e):
+                raise ResourceWaitError(
+                    f"--resource-wait-s {resource_wait_s:g}: the {workers} worker(s) of {cpus:g} CPU"
+                    + (f" + {gpus_per_worker:g} GPU" if use_gpu else "")
+                    + f" were not placed within {resource_wait_s:g} s (the cluster never had them free)") from None
+            raise
+        finally:
+            for s, handler in handlers.items():
+                signal.signal(s, handler)
+        if stop.signal is not None and (result.metrics or {}).get("interrupted"):  # the workers stopped as asked
+            raise Interrupted(f"{stop.signal.name}: Ray Train run {name} stopped after step {result.metrics['step']}; "
+                              f"checkpoint {result.checkpoint.path if result.checkpoint else None}; continue with "
+                              f"--resume --workers {workers}", 128 + int(stop.signal))
+        return RayTrainResult(name, storage_path, Path(cfg.train.output_dir), run_id, dict(result.metrics or {}),
+                              result.checkpoint.path if result.checkpoint else None)

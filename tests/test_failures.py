@@ -506,7 +506,7 @@ def test_ctrl_c_or_sigterm_ends_the_step_in_progress_with_a_checkpoint_that_resu
     (train.checkpoint_every, here none) was lost, and SIGTERM (a scheduler's, a spot node's) printed nothing."""
     args = [sys.executable, "-m", "shortft.cli", "train", "--config", "tiny", f"model.pretrained={tiny_dir}",
             "chain.steps=4", "chain.segments=2", "train.steps=400", "train.checkpoint_every=0", "train.log_every=1",
-            "eval.every=0", f"train.output_dir={tmp_path}/run", "--no-mlflow"]
+            "eval.every=0", f"train.output_dir={tmp_path}/run", "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db"]
     p = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                          env={**os.environ, "PYTHONUNBUFFERED": "1"})
     for line in p.stdout:
@@ -522,10 +522,33 @@ def test_ctrl_c_or_sigterm_ends_the_step_in_progress_with_a_checkpoint_that_resu
                     "--resume"), last
     assert f"shortft: {sig.name}: stopping after this step, with a checkpoint" in err
     assert checkpoint.is_dir() and not (tmp_path / "run" / "lora").exists()
-    r = subprocess.run(args[:-1] + ["train.steps=" + str(step + 2), "--no-mlflow", "--resume"], capture_output=True,
+    assert _status(tmp_path) == ("KILLED", last.removeprefix("shortft: interrupted: "))  # it showed as RUNNING
+    r = subprocess.run(args[:-2] + ["train.steps=" + str(step + 2), *args[-2:], "--resume"], capture_output=True,
                        text=True, timeout=300)
     assert r.returncode == 0 and f"resumed from {checkpoint} at step {step}" in r.stderr, r.stderr[-3000:]
     assert f"step {step + 2}/{step + 2}" in r.stdout and (tmp_path / "run" / "lora").is_dir()
+    assert _status(tmp_path) == ("FINISHED", None)
+
+
+def _status(tmp_path) -> tuple[str, str | None]:
+    """The status and error line of the one MLflow run in tmp_path/mlflow.db."""
+    from shortft import tracking
+
+    client = tracking.client(f"sqlite:///{tmp_path}/mlflow.db")
+    [run] = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    return run.info.status, run.data.tags.get("shortft.error")
+
+
+def test_a_run_that_fails_is_marked_failed_in_mlflow_with_its_line(tiny_dir, tmp_path, capsys):
+    """A run that stopped on an error showed as RUNNING in the MLflow UI for ever."""
+    from shortft.cli import main
+
+    code = main(["train", "--config", "tiny", f"model.pretrained={tiny_dir}", "train.steps=4", "chain.steps=4",
+                 "chain.segments=2", "train.lr=1e30", "train.grad_clip=0", "train.max_bad_steps=1",
+                 f"train.output_dir={tmp_path}/run", "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db"])
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 1 and line.startswith("shortft: error: step 2 had a non-finite loss"), line
+    assert _status(tmp_path) == ("FAILED", line.removeprefix("shortft: error: "))
 
 
 @pytest.mark.parametrize("sig, code, workers", [(signal.SIGINT, 130, 2), (signal.SIGTERM, 143, 1)])
@@ -537,8 +560,8 @@ def test_ctrl_c_of_a_workers_run_stops_every_worker_after_the_same_step_with_a_c
     rank 0's checkpoint of it is reported, and the resume starts there."""
     args = [sys.executable, "-m", "shortft.cli", "train", "--config", "tiny", f"model.pretrained={tiny_dir}",
             "chain.steps=4", "chain.segments=2", "train.steps=400", "train.checkpoint_every=0", "train.log_every=1",
-            "eval.every=0", f"train.output_dir={tmp_path}/run", "--no-mlflow", "--workers", str(workers),
-            "--storage-path", str(tmp_path / "ray")]
+            "eval.every=0", f"train.output_dir={tmp_path}/run", "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db",
+            "--workers", str(workers), "--storage-path", str(tmp_path / "ray")]
     p = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                          env={**os.environ, "PYTHONUNBUFFERED": "1"})
     for line in p.stdout:
@@ -555,7 +578,9 @@ def test_ctrl_c_of_a_workers_run_stops_every_worker_after_the_same_step_with_a_c
     assert ckpt == tmp_path / "ray" / name / f"step_{step:06d}" and ckpt.is_dir()
     assert f"shortft: {sig.name}: the workers stop after this step, with a checkpoint (again to abort now)" in err
     assert not (tmp_path / "run" / "lora").exists()
-    r = subprocess.run(args[:-5] + [f"train.steps={step + 2}", *args[-5:], "--resume"], capture_output=True,
+    assert _status(tmp_path) == ("KILLED", last.removeprefix("shortft: interrupted: "))
+    r = subprocess.run(args[:-6] + [f"train.steps={step + 2}", *args[-6:], "--resume"], capture_output=True,
                        text=True, timeout=300)
     assert r.returncode == 0 and f"resumed from {ckpt} at step {step}" in r.stderr, r.stderr[-3000:]
     assert f"step {step + 2}/{step + 2}" in r.stdout and (tmp_path / "run" / "lora").is_dir()
+    assert _status(tmp_path) == ("FINISHED", None)
