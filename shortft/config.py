@@ -195,6 +195,14 @@ def builtin_configs() -> list[str]:
     return builtin_names("shortft.configs")
 
 
+def project_copy_hint(path: str) -> str:
+    """`; did you mean shortft/<path> ...?` where a relative path is missing here but is in the project's
+    copy: `ray submit` runs the script in the head's home folder, where the cluster files put the project."""
+    if Path(path).is_absolute() or not (Path.home() / "shortft" / path).is_file():
+        return ""
+    return f"; did you mean {Path('shortft') / path} (the project's copy)?"
+
+
 def read_mapping(name_or_path: str, package: str = "shortft.configs", flag: str = "--config",
                  shape: str = "a mapping of sections") -> dict:
     """A built-in YAML of `package` by name, or a YAML file; its top level must be a mapping."""
@@ -204,12 +212,8 @@ def read_mapping(name_or_path: str, package: str = "shortft.configs", flag: str 
     elif path.is_file():
         text = path.read_text()
     else:
-        # `ray submit` runs the script in the head's home folder, where the cluster files put the project
-        there = Path.home() / "shortft" / name_or_path
-        hint = f"; did you mean {Path('shortft') / name_or_path} (the project's copy)?" if (
-            not path.is_absolute() and there.is_file()) else ""
         raise ConfigError(f"{flag} {name_or_path!r}: no such file or built-in (built-in: "
-                          f"{', '.join(builtin_names(package))}){hint}")
+                          f"{', '.join(builtin_names(package))}){project_copy_hint(name_or_path)}")
     try:
         data = load_yaml(text) or {}
     except yaml.YAMLError as e:

@@ -70,6 +70,12 @@ def _worker(config: dict) -> None:
         shutil.rmtree(local, ignore_errors=True)
 
 
+def aborted(sig: signal.Signals | None, name: str, workers: int) -> Interrupted:
+    sig = sig or signal.SIGINT
+    return Interrupted(f"{sig.name}: Ray Train run {name} aborted; continue it with --resume --workers {workers} (from "
+                       "the latest checkpoint Ray Train recorded)", 128 + int(sig))
+
+
 def lean_trainer(base: type, stop: StopChannel | None = None) -> type:
     """`base` (TorchTrainer) without Ray Train's dataset callback when the job has no datasets (ours
     never has): that callback starts a DatasetManager actor, one more process start per job (seconds on
@@ -189,14 +195,16 @@ def train_with_ray(cfg: Config, workers: int, use_gpu: bool = False, storage_pat
         os.environ.setdefault(POLL_INTERVAL_ENV, POLL_INTERVAL_S)
         fail_at, fail_rank = fault_request()  # read here: workers on other nodes lack this environment
         stop = StopChannel(storage_path, name)
-        stop.clear()
+        asks = threading.current_thread() is threading.main_thread()  # signals reach it; not a sweep's trial
+        if asks:
+            stop.clear()
         loop_config = {
             "cfg": to_dict(cfg), "use_gpu": use_gpu, "threads": threads or max(1, int(cpus)),
             "tracking_uri": tracking_uri, "run_id": run_id, "relay": relay, "fail_at": fail_at, "fail_rank": fail_rank,
             "fail_marker": str(Path(cfg.train.output_dir) / FAULT_MARKER), "attempt": attempts.new_attempt(),
-            "stop_file": stop.uri,
+            "stop_file": stop.where if asks else None,
         }
-        trainer = lean_trainer(TorchTrainer, stop)(
+        trainer = lean_trainer(TorchTrainer, stop if asks else None)(
             _worker,
             train_loop_config=loop_config,
             torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
@@ -209,19 +217,17 @@ def train_with_ray(cfg: Config, workers: int, use_gpu: bool = False, storage_pat
                                  checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
                                  callbacks=callbacks or []),
         )
-        # fit replaces SIGINT's handler (StopChannel.handle) in the main thread only (not in a sweep's trial)
-        main = threading.current_thread() is threading.main_thread()
-        handlers = {s: signal.getsignal(s) for s in SIGNALS} if main else {}
+        handlers = {s: signal.getsignal(s) for s in SIGNALS} if asks else {}  # fit replaces SIGINT's (StopChannel)
         try:
             result = trainer.fit()
         except SystemExit:  # a second Ctrl-C aborted the run; fit then ends in Ray's SystemExit(1)
-            raise Interrupted(f"{(stop.signal or signal.SIGINT).name}: Ray Train run {name} aborted; continue it with "
-                              f"--resume --workers {workers} (from the latest checkpoint Ray Train recorded)",
-                              128 + int(stop.signal or signal.SIGINT)) from None
+            raise aborted(stop.signal, name, workers) from None
         except Exception as e:
             told = _one_line_error(e)
             if told is not None:  # a worker's own one-line error (a refused checkpoint, out of GPU memory, ...)
                 raise told from None
+            if stop.signal is not None:  # aborted after a stop was asked: the controller died under fit
+                raise aborted(stop.signal, name, workers) from None
             if resource_wait_s and _placement_timed_out(e):
                 raise ResourceWaitError(
                     f"--resource-wait-s {resource_wait_s:g}: the {workers} worker(s) of {cpus:g} CPU"

@@ -229,14 +229,12 @@ def _train(cfg: Config, callbacks, resume, rank: int, world_size: int, stop: Sto
         budget.spend(all_reduce_mean([seconds], models.device, world_size)[0] if budget.seconds else seconds,
                      models.denoiser.count.calls)
         done, last = step + 1, budget.done(step + 1)
-        stopping = stop.signal is not None  # read once: a signal from here on stops the run after the next step
         images_seen = cfg.train.batch_size * cfg.train.grad_accum * world_size
         metrics = {"step": step + 1, "stage": stage, **sums, "grad_norm": grad_norm, "skipped": int(skipped is not None),
                    "network_calls": models.denoiser.count.calls, "grad_calls": models.denoiser.count.grad_calls,
                    "lr": optimizer.param_groups[0]["lr"], "seconds_per_step": seconds,
                    "images_per_second": images_seen / seconds, "peak_memory_mb": peak_memory_mb(models.device),
-                   "train_seconds": budget.spent_seconds, "calls_total": budget.spent_calls,
-                   **({"interrupted": 1} if stopping and not last else {})}
+                   "train_seconds": budget.spent_seconds, "calls_total": budget.spent_calls}
         if is_main and ((step + 1) % cfg.train.log_every == 0 or last):
             say(f"step {step + 1}/{total}  stage {stage}/{plan.stages}  loss {sums['loss']:+.4f}  "
                 f"grad {grad_norm:.3g}  {seconds:.2f} s/step" + (f"  SKIPPED ({skipped})" if skipped else ""))
@@ -248,6 +246,9 @@ def _train(cfg: Config, callbacks, resume, rank: int, world_size: int, stop: Sto
                 eval_metrics = evaluate(models, cfg, rewards, artifacts["grid"])
             metrics.update(eval_metrics, eval_seconds=time.perf_counter() - t_eval)
             say("eval  " + "  ".join(f"{k[5:]} {v:+.4f}" for k, v in scalars(eval_metrics).items()))
+        stopping = stop.signal is not None and not last  # read once; under Ray, ranks agreed in the all-reduce
+        if stopping:
+            metrics["interrupted"] = 1  # the step a stop request ended the run at (Ray Train is told it)
         history.append(metrics)
         if is_main:
             with metrics_file.open("a") as f:

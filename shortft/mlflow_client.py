@@ -17,6 +17,15 @@ from pathlib import Path
 SQLITE = "sqlite:///"
 
 
+def fail_fast() -> None:
+    """MLflow's HTTP client retries a refused connection for minutes by default (7 tries, 120 s each); a
+    few seconds in this process instead, so that a dead server stalls neither training (its logger's queue
+    retries later) nor a run's last line. Settings the user made are kept."""
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+
+
 def sqlite_path(uri: str) -> Path | None:
     """The database file of a sqlite:/// URI (relative to the working directory unless absolute), else None."""
     return Path(uri[len(SQLITE):]).expanduser() if uri.startswith(SQLITE) else None

@@ -18,14 +18,9 @@ _handles: dict = {}  # a named actor lives while a handle to it does: keep one p
 
 class _Relay:
     def __init__(self, uri: str):
-        import os
+        from shortft.mlflow_client import fail_fast, open_client
 
-        from shortft.mlflow_client import open_client
-
-        # A dead server fails a call in seconds, not after MLflow's minutes of retries (see MlflowLogger).
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+        fail_fast()  # a dead server fails a call in seconds, not after MLflow's minutes of retries
         self.uri, self.client = uri, open_client(uri)
 
     def call(self, method: str, *args, **kwargs):

@@ -18,7 +18,7 @@ from shortft.config import Config, ConfigError, flatten, to_dict
 from shortft.evaluate import scalars
 from shortft.loop import Callback, TrainResult, read_metrics
 from shortft.machine import run_tags
-from shortft.mlflow_client import SQLITE, open_client, sqlite_path
+from shortft.mlflow_client import SQLITE, fail_fast, open_client, sqlite_path
 from shortft.progress import warn
 
 RUN_KEY = "shortft.run_key"
@@ -213,11 +213,7 @@ class MlflowLogger(Callback):
     def on_start(self, models, start_step: int) -> None:
         if self.rank:
             return
-        # MLflow's HTTP client retries a refused connection for minutes by default; a few seconds here
-        # (the queue retries later), so a dead server does not stall training.
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+        fail_fast()  # a dead server costs seconds per call; the queue retries later
         if self.relay:  # under Ray: the calls go through the actor next to the driver (see mlflow_relay)
             from shortft.mlflow_relay import RelayClient
 

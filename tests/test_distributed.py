@@ -324,3 +324,27 @@ def test_a_reward_term_of_the_users_own_trains_in_ray_workers(ray_cluster, make_
     assert cfg.reward.modules == [str(tmp_path / "my_rewards.py")]  # made absolute: workers run elsewhere
     result = train_with_ray(cfg, workers=1, storage_path=str(tmp_path / "ray"), tracking_uri=None, cpus_per_worker=1)
     assert result.metrics["step"] == 1 and math.isfinite(result.metrics["reward/users_mean_pixel"])
+
+
+def test_the_stop_request_of_a_workers_run_goes_through_the_storage_path(tmp_path):
+    """The driver's Ctrl-C writes the request; rank 0's poller sees it within a second; a resume clears it.
+    A storage URI with a query (MinIO's endpoint_override) once had the file's path appended to the query."""
+    import time
+
+    from shortft.ray_stop import StopChannel, _opened, polled
+
+    assert _opened(StopChannel("s3://b/p?endpoint_override=localhost:9000&scheme=http", "run").where)[1] == (
+        "b/p/run/.shortft-stop")
+    channel = StopChannel(str(tmp_path / "ray"), "run")
+    with polled(channel.where, every=0.05) as asked:
+        time.sleep(0.2)
+        assert asked() == 0
+        channel.ask(15)
+        t0 = time.time()
+        while not asked() and time.time() - t0 < 5:
+            time.sleep(0.05)
+        assert asked() == 15
+    channel.clear()
+    with polled(channel.where, every=0.05) as asked:
+        time.sleep(0.2)
+        assert asked() == 0

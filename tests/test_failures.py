@@ -584,3 +584,35 @@ def test_ctrl_c_of_a_workers_run_stops_every_worker_after_the_same_step_with_a_c
     assert r.returncode == 0 and f"resumed from {ckpt} at step {step}" in r.stderr, r.stderr[-3000:]
     assert f"step {step + 2}/{step + 2}" in r.stdout and (tmp_path / "run" / "lora").is_dir()
     assert _status(tmp_path) == ("FINISHED", None)
+
+def test_the_mlflow_status_of_a_run_that_ends_badly_and_of_a_refused_resume(tmp_path, capsys):
+    """A fresh run that fails is FAILED; an interrupted one KILLED; a resume refused with a ConfigError (another
+    worker count) leaves the run as it was (it was marked FAILED, though nothing of it had failed); a dead
+    tracking server costs seconds (MLflow's own retries: minutes) and never hides the run's own error."""
+    import time
+
+    from shortft import run_status, tracking
+    from shortft.interrupt import Interrupted
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = tracking.client(uri)
+
+    def state(run_id):
+        run = client.get_run(run_id)
+        return run.info.status, run.data.tags.get(run_status.ERROR_TAG)
+
+    fresh, resumed = tracking.ensure_run(uri, "e", "fresh", "fresh"), tracking.ensure_run(uri, "e", "resumed", "resumed")
+    with pytest.raises(ConfigError), run_status.kept(uri, fresh):
+        raise ConfigError("reward.weights.x: unknown reward 'x'")
+    assert state(fresh) == ("FAILED", "reward.weights.x: unknown reward 'x'")
+    with pytest.raises(Interrupted), run_status.kept(uri, resumed):
+        raise Interrupted("SIGINT after step 3; checkpoint c; continue with --resume", 130)
+    assert state(resumed) == ("KILLED", "SIGINT after step 3; checkpoint c; continue with --resume")
+    with pytest.raises(ConfigError), run_status.kept(uri, resumed):
+        assert state(resumed) == ("RUNNING", None)
+        raise ConfigError("resume: the checkpoint c was written by 1 worker(s), this run has 2")
+    assert state(resumed) == ("KILLED", "SIGINT after step 3; checkpoint c; continue with --resume")
+    t0 = time.time()
+    with pytest.raises(NonFiniteError), run_status.kept("http://127.0.0.1:9", "r1"):
+        raise NonFiniteError("step 2 had a non-finite loss")
+    assert time.time() - t0 < 30 and "shortft: mlflow: run r1 not marked FAILED" in capsys.readouterr().err

@@ -102,3 +102,22 @@ def test_a_reward_module_that_cannot_be_imported_is_one_line_naming_it(tmp_path,
     with pytest.raises(rewards.ConfigError) as e:
         load_config("tiny", [f"reward.modules=[{entry}]"])
     assert str(e.value).startswith(line.format(tmp=tmp_path)), str(e.value)
+
+
+def test_a_reward_file_gets_a_module_name_of_its_own(tmp_path, monkeypatch):
+    """Registered under its bare stem, a file named like a package imported later (rewards.py, utils.py)
+    took that package's place in sys.modules."""
+    import sys
+
+    from shortft import load_config
+
+    _module(tmp_path, "utils", _module(tmp_path, "own_term_utils").read_text())
+    (tmp_path / "my-rewards.py").write_text(_module(tmp_path, "own_term_dash").read_text())
+    monkeypatch.chdir(tmp_path)
+    load_config("tiny", ["reward.modules=[utils.py, my-rewards.py]"])
+    assert {"own_term_utils", "own_term_dash"} <= set(rewards.names())
+    assert "utils" not in sys.modules and "my-rewards" not in sys.modules
+    assert [n for n in sys.modules if n.startswith("shortft_reward_module_utils_")]
+    with pytest.raises(rewards.ConfigError, match=r"^reward.modules: /nowhere/r.py: no such file on this machine "
+                                                  r"\(on a cluster every node needs it at that path"):
+        load_config("tiny", ["reward.modules=[/nowhere/r.py]"])

@@ -12,13 +12,15 @@ samples does before it builds a reward.
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import importlib.util
+import re
 import sys
 import traceback
 from pathlib import Path
 
-from shortft.config import ConfigError
+from shortft.config import ConfigError, project_copy_hint
 
 KEY = "reward.modules"
 _IMPORTED: set[str] = set()  # entries imported in this process: each module runs once
@@ -54,15 +56,19 @@ def import_all(entries: list) -> None:
 
 def _import_file(path: Path) -> None:
     if not path.is_file():
-        raise ConfigError(f"{KEY}: {path.absolute()}: no such file (a relative path is read from the working "
-                          "directory where the config is loaded)")
+        where = ("on this machine (on a cluster every node needs it at that path: keep it in the project folder, "
+                 "which the cluster files copy to every node)" if path.is_absolute() else
+                 "(a relative path is read from the working directory where the config is loaded)"
+                 + project_copy_hint(str(path)))
+        raise ConfigError(f"{KEY}: {path.absolute()}: no such file {where}")
     path = path.resolve()
-    name = path.stem
-    known = sys.modules.get(name)
+    known = sys.modules.get(path.stem)
     if known is not None and Path(getattr(known, "__file__", "") or "").resolve() == path:
         return  # imported by its name already (e.g. `import my_rewards` next to it)
-    if known is not None or not name.isidentifier():  # never shadow another module
-        name = f"shortft_rewards_{abs(hash(str(path))):x}"
+    # A name of its own (prefix, stem, digest of the path): a file named like a package (rewards.py, utils.py)
+    # must not take that package's place in sys.modules; the same on every node (no per-process hash).
+    stem, digest = re.sub(r"\W", "_", path.stem), hashlib.sha1(str(path).encode()).hexdigest()[:8]
+    name = f"shortft_reward_module_{stem}_{digest}"
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module  # dataclasses and pickling look the module up by name while it runs

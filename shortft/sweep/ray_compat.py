@@ -17,6 +17,8 @@ PRIVATE = (
     ("ray._private.services", "canonicalize_bootstrap_address"),  # here and in shortft/resources.py
     ("ray._private.state", "state.get_cluster_config"),  # used by shortft/resources.py (no import: layers)
     ("ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator", "get_or_create_autoscaling_coordinator"),
+    # used by shortft/distributed.py (no import: layers): Ctrl-C asks the workers to stop (ray_stop.py)
+    ("ray.train.v2.api.data_parallel_trainer", "DataParallelTrainer._register_sigint_handler"),
     ("ray.tune.tuner", "Tuner._local_tuner"),
     ("ray.tune.execution.tune_controller", "TuneController._metric"),
     ("ray.tune.search.optuna", "OptunaSearch._ot_study"),
