@@ -34,12 +34,26 @@ from shortft.ray_stop import StopChannel, polled
 from shortft.ray_storage import check_storage_path, default_storage_path, name_in_storage, run_exists
 
 
+def _quiet_report_lines() -> None:
+    """Ray Train logs every report at INFO with its whole metrics dict (an evaluation's per-sample scores
+    included), once per rank: hundreds of long lines in a run. Its logger is named by its file, so
+    `ray.train`'s log level misses it; our step lines say the same."""
+    import logging
+
+    try:
+        from ray.train.v2._internal.execution import context  # listed in sweep/ray_compat.py
+    except ImportError:
+        return
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+
+
 def _worker(config: dict) -> None:
     import ray.train
     import torch
 
     from shortft.loop import train
 
+    _quiet_report_lines()
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     cfg = from_dict(Config, config["cfg"])

@@ -19,6 +19,7 @@ PRIVATE = (
     ("ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator", "get_or_create_autoscaling_coordinator"),
     # used by shortft/distributed.py (no import: layers): Ctrl-C asks the workers to stop (ray_stop.py)
     ("ray.train.v2.api.data_parallel_trainer", "DataParallelTrainer._register_sigint_handler"),
+    ("ray.train.v2._internal.execution.context", "logger"),  # distributed.py quiets its report lines
     ("ray.tune.tuner", "Tuner._local_tuner"),
     ("ray.tune.execution.tune_controller", "TuneController._metric"),
     ("ray.tune.search.optuna", "OptunaSearch._ot_study"),
