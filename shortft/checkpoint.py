@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import random
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,8 @@ import torch
 from shortft import safe_load
 from shortft.config import ConfigError
 from shortft.lora import load_lora_state, save_loras
+from shortft.progress import warn
+from shortft.safe_load import Unreadable
 
 
 def _rng_state() -> dict:
@@ -92,7 +95,7 @@ def check_resume_path(resume: bool | str | Path) -> None:
     """A checkpoint folder given to resume from (`--resume PATH`; True/False name none) is one: a
     ConfigError naming the latest checkpoint under it where it is a run folder (or its `checkpoints/`).
     Checked before the models load; it was a FileNotFoundError for state.json after."""
-    if isinstance(resume, bool):
+    if isinstance(resume, (bool, Fallback)):  # Fallback: Ray Train's own, not the user's
         return
     path = Path(resume)
     if (path / "state.json").is_file():
@@ -113,11 +116,22 @@ BOOKKEEPING = ("name", "train.steps", "train.output_dir", "train.log_every", "tr
                "model.compile_backend")
 
 
+def read_state(path: Path) -> dict:
+    """A checkpoint's state.json; `Unreadable` (one line) where it is cut short or no JSON."""
+    try:
+        state = json.loads((Path(path) / "state.json").read_text())
+    except (OSError, ValueError) as e:
+        raise Unreadable(f"checkpoint {path}: state.json unreadable ({type(e).__name__}: {str(e)[:120]})") from None
+    if not isinstance(state, dict) or "step" not in state:
+        raise Unreadable(f"checkpoint {path}: state.json holds no step")
+    return state
+
+
 def changed_settings(path: Path, settings: dict, adapters: list[str]) -> list[str]:
     """`key old -> new` for each setting of this run (`settings`: flat config) that differs from the one the
     checkpoint at `path` was written with, bookkeeping left out; a ConfigError where the checkpoint's LoRAs
     would not fit (FIXED keys, or another set of adapters). A checkpoint without its settings: []."""
-    saved = json.loads((Path(path) / "state.json").read_text()).get("config")
+    saved = read_state(path).get("config")
     if saved is None:  # written before checkpoints kept their settings
         return []
     differ = [k for k in dict.fromkeys([*saved, *settings]) if saved.get(k) != settings.get(k) and k not in BOOKKEEPING]
@@ -133,12 +147,50 @@ def changed_settings(path: Path, settings: dict, adapters: list[str]) -> list[st
 
 
 def load(path: Path, unet, adapters: list[str], optimizer, scaler: torch.amp.GradScaler | None = None) -> dict:
-    """Restores LoRA weights, optimizer, GradScaler and RNG state in place; returns state.json (with `step`)."""
+    """Restores LoRA weights, optimizer, GradScaler and RNG state in place; returns state.json (with `step`).
+    An `Unreadable` file leaves the optimizer and RNG as they were (state.json and optimizer.pt are read
+    before either is set), and the checkpoint loaded next overwrites every LoRA."""
     path = Path(path)
+    state = read_state(path)
     load_lora_state(unet, path / "lora", adapters)
     blob = safe_load.load(path / "optimizer.pt", "checkpoint")
     optimizer.load_state_dict(blob["optimizer"])
     if scaler is not None and scaler.is_enabled() and "scaler" in blob:
         scaler.load_state_dict(blob["scaler"])
     _set_rng_state(blob["rng"])
-    return json.loads((path / "state.json").read_text())
+    return state
+
+
+@dataclass(frozen=True)
+class Fallback:
+    """A checkpoint to resume from that, if unreadable, gives way to the newest readable one before it in
+    its folder: Ray Train's latest (a --workers run cannot name another)."""
+    path: Path
+
+
+def candidates(resume: bool | str | Path | Fallback, root: Path) -> list[Path]:
+    """The checkpoints a resume tries, in order: True, every one under `root`, newest first (`--resume`);
+    a path, that one only (`--resume PATH`: no other); `Fallback(path)`, it and those before it."""
+    if resume is True:
+        return list_checkpoints(root)[::-1]
+    if isinstance(resume, Fallback):
+        path = Path(resume.path)
+        return [path, *[p for p in list_checkpoints(path.parent)[::-1] if p.name < path.name]]
+    return [Path(resume)]
+
+
+def restore(resume: bool | str | Path | Fallback, root: Path, unet, adapters: list[str], optimizer, scaler,
+            settings: dict) -> tuple[Path | None, dict, list[str]]:
+    """(path, state.json, changed settings) of the checkpoint restored (`load`); (None, {}, []) where there
+    is none. An unreadable checkpoint (cut short on the way to shared storage, a disk error) gives way to
+    the one before it where `candidates` allows, with a warning; else it is one line naming the file."""
+    tries = candidates(resume, root)
+    for i, path in enumerate(tries):
+        try:
+            changed = changed_settings(path, settings, adapters)
+            return path, load(path, unet, adapters, optimizer, scaler), changed
+        except Unreadable as e:
+            if i + 1 == len(tries):
+                raise
+            warn(f"resume: {e}; resuming from {tries[i + 1]}, the checkpoint before it")
+    return None, {}, []

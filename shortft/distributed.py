@@ -61,11 +61,11 @@ def _worker(config: dict) -> None:
         cfg.model.device = str(ray.train.torch.get_device())
     else:
         torch.set_num_threads(max(1, config["threads"]))
-    resume: bool | str = False
+    resume: bool | checkpoint.Fallback = False
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:
         local = Path(tempfile.mkdtemp(prefix=f"shortft-resume-{rank}-"))
-        resume = str(readable(ckpt, local))
+        resume = checkpoint.Fallback(readable(ckpt, local))  # Ray's latest, or the one before if it is unreadable
     callbacks: list[Callback] = []
     if config["tracking_uri"] and rank == 0:  # before the report: it may be the trial's last act in a sweep
         callbacks.append(tracking.MlflowLogger(config["tracking_uri"], config["run_id"], rank, config["relay"],

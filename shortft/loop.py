@@ -115,8 +115,8 @@ def autocast_for(cfg: Config, device: torch.device):
     return torch.autocast(device.type, dtype=torch.bfloat16 if mode == "bf16" else torch.float16), mode
 
 
-def train(cfg: Config, callbacks: list[Callback] = (), resume: bool | str | Path = False, rank: int = 0,
-          world_size: int = 1, asked: Callable[[], int] | None = None) -> TrainResult:
+def train(cfg: Config, callbacks: list[Callback] = (), resume: bool | str | Path | checkpoint.Fallback = False,
+          rank: int = 0, world_size: int = 1, asked: Callable[[], int] | None = None) -> TrainResult:
     """One fine-tuning run. Under torch.distributed (rank/world_size > 1): each rank draws its own share of
     every batch, LoRA gradients and metrics are averaged over ranks, and only rank 0 writes files. Ctrl-C
     or SIGTERM (in the main thread), or a stop `asked` from outside (its signal number, 0 for none; rank 0's
@@ -153,14 +153,13 @@ def _train(cfg: Config, callbacks, resume, rank: int, world_size: int, stop: Sto
     start, history, state = 0, [], {}
     metrics_file = out / "metrics.jsonl"
     if resume:
-        path = checkpoint.latest(out / "checkpoints") if resume is True else Path(resume)
+        path, state, changed = checkpoint.restore(resume, out / "checkpoints", unet, adapters, optimizer, scaler,
+                                                  flatten(to_dict(cfg)))
         if path is None:
             warn(f"no checkpoint under {out / 'checkpoints'}; starting from step 0")
         else:
-            changed = checkpoint.changed_settings(path, flatten(to_dict(cfg)), adapters)
             if changed and is_main:
                 warn("resume: settings changed since the checkpoint: " + ", ".join(changed))
-            state = checkpoint.load(path, unet, adapters, optimizer, scaler)
             written_by = state.get("world_size", 1)
             if written_by != world_size:  # the global batch and each rank's draws depend on it
                 raise ConfigError(f"resume: the checkpoint {path} was written by {written_by} worker(s), this run has "

@@ -19,6 +19,7 @@ from typing import Sequence
 import torch
 
 from shortft.config import ConfigError
+from shortft.safe_load import Unreadable
 
 PLAN_FILE = "shortft_lora.json"
 
@@ -98,10 +99,17 @@ def read_lora_file(folder: str | Path) -> dict[str, torch.Tensor]:
     """A saved adapter's weights (`<folder>/pytorch_lora_weights.safetensors`), keyed by UNet module path."""
     from safetensors.torch import load_file
 
+    from safetensors import SafetensorError
+
     path = Path(folder) / "pytorch_lora_weights.safetensors"
     if not path.is_file():
         raise ConfigError(f"LoRA {folder}: no pytorch_lora_weights.safetensors there")
-    return {k.removeprefix("unet."): v for k, v in load_file(str(path)).items()}
+    try:
+        weights = load_file(str(path))
+    except (SafetensorError, OSError) as e:  # a file cut short (a copy that stopped), or another kind
+        raise Unreadable(f"LoRA {path}: unreadable ({str(e).splitlines()[0][:120]}); the file is cut short or of "
+                         "another kind") from None
+    return {k.removeprefix("unet."): v for k, v in weights.items()}
 
 
 def load_lora_state(unet, lora_dir: Path, names: Sequence[str]) -> None:

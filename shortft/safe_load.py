@@ -22,6 +22,11 @@ _numpy_core = getattr(np, "_core", None) or np.core
 NUMPY_ARRAY_GLOBALS = [_numpy_core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
 
 
+class Unreadable(ConfigError):
+    """A file that is empty, cut short or of another kind: its state, not a setting. A resume may go back
+    to the checkpoint before the one holding it (`checkpoint.restore`)."""
+
+
 def load(path: str | Path, what: str) -> object:
     """`torch.load(..., weights_only=True)` onto the CPU; refuses, in one line, a file that needs more,
     and says so, in one line, of a file that is no torch checkpoint at all (empty, cut short, text, an
@@ -40,9 +45,9 @@ def load(path: str | Path, what: str) -> object:
         raise _not_a_checkpoint(path, what, e) from None
 
 
-def _not_a_checkpoint(path, what: str, e: Exception) -> ConfigError:
+def _not_a_checkpoint(path, what: str, e: Exception) -> Unreadable:
     lines = [line.strip() for line in str(e).splitlines() if line.strip()]
     first = next((line for line in lines if "Unsupported" in line or "load key" in line), lines[0] if lines else "")
     detail = f"{type(e).__name__}: {first}"[:120] if first else type(e).__name__
-    return ConfigError(f"{what} {path}: not a torch checkpoint ({detail}); the file is empty, cut short, or "
-                       "of another kind: give the file itself, downloaded whole")
+    return Unreadable(f"{what} {path}: not a torch checkpoint ({detail}); the file is empty, cut short, or "
+                      "of another kind: give the file itself, downloaded whole")

@@ -617,3 +617,28 @@ def test_the_mlflow_status_of_a_run_that_ends_badly_and_of_a_refused_resume(tmp_
     with pytest.raises(NonFiniteError), run_status.kept("http://127.0.0.1:9", "r1"):
         raise NonFiniteError("step 2 had a non-finite loss")
     assert time.time() - t0 < 30 and "shortft: mlflow: run r1 not marked FAILED" in capsys.readouterr().err
+
+
+def test_an_unreadable_checkpoint_gives_way_to_the_one_before_it_on_resume(make_cfg, tmp_path, capfd):
+    """A latest checkpoint cut short (a copy to shared storage that stopped, a disk error) ended `--resume`
+    in safetensors' traceback ("invalid header length"), and Ray Train, which always resumes from its
+    latest, could not resume the run at all."""
+    from shortft.checkpoint import Fallback
+
+    small = ["chain.steps=4", "chain.segments=2", "train.checkpoint_every=2", "eval.every=0"]
+    shortft.train(make_cfg(*small, "train.steps=4"))
+    ckpts = tmp_path / "run" / "checkpoints"
+    cut = sorted((ckpts / "step_000004" / "lora").rglob("*.safetensors"))[0]
+    cut.write_bytes(cut.read_bytes()[:100])
+    capfd.readouterr()
+    with pytest.raises(ConfigError, match=rf"^LoRA {cut}: unreadable \(.*\); the file is cut short or of another kind$"):
+        shortft.train(make_cfg(*small, "train.steps=6"), resume=ckpts / "step_000004")  # a path: that one only
+    result = shortft.train(make_cfg(*small, "train.steps=6"), resume=True)
+    err = capfd.readouterr().err
+    assert f"; resuming from {ckpts / 'step_000002'}, the checkpoint before it" in err, err
+    assert f"resumed from {ckpts / 'step_000002'} at step 2" in err and result.steps == 6
+    (ckpts / "step_000006" / "state.json").write_text('{"step": 6')  # cut short
+    result = shortft.train(make_cfg(*small, "train.steps=8"), resume=Fallback(ckpts / "step_000006"))  # Ray's way
+    err = capfd.readouterr().err
+    assert f"resume: checkpoint {ckpts / 'step_000006'}: state.json unreadable (JSONDecodeError" in err, err
+    assert f"resumed from {ckpts / 'step_000004'} at step 4" in err and result.steps == 8

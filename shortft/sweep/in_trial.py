@@ -72,7 +72,11 @@ class TuneReport(RayReport):
 
 
 def _step_of(path: Path | None) -> int:
-    return json.loads((path / "state.json").read_text())["step"] if path is not None else -1
+    """A checkpoint's step; -1 for none or one whose state.json is unreadable (the other one wins)."""
+    try:
+        return checkpoint.read_state(path)["step"] if path is not None else -1
+    except checkpoint.Unreadable:
+        return -1
 
 
 def resume_point(cfg: Config, scratch: Path) -> Path | None:
@@ -109,6 +113,6 @@ def train_in_trial(cfg: Config, sweep: dict, run_id: str | None) -> None:
         fail_at, fail_rank = fault_request()  # tests: the trial's process dies once at that step
         if fail_at:
             callbacks.append(FaultInjector(0, fail_at, fail_rank, cfg.output_dir / FAULT_MARKER))
-        train(cfg, callbacks, resume=start if start is not None else False)
+        train(cfg, callbacks, resume=checkpoint.Fallback(start) if start is not None else False)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
