@@ -24,9 +24,10 @@ from pathlib import Path
 from shortft.config import ConfigError
 from shortft.guard import NonFiniteError
 from shortft.memory import OutOfMemory
+from shortft.safe_load import Unreadable
 
 FILE = "failed.json"  # in the run folder: {"attempt", "type", "line"} of the failure a retry cannot change
-_FINAL = {cls.__name__: cls for cls in (ConfigError, NonFiniteError, OutOfMemory)}
+_FINAL = {cls.__name__: cls for cls in (ConfigError, Unreadable, NonFiniteError, OutOfMemory)}
 
 
 def new_attempt() -> str:

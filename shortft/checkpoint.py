@@ -80,10 +80,11 @@ def save(root: Path, step: int, unet, adapters: list[str], optimizer, state: dic
 
 
 def list_checkpoints(root: Path) -> list[Path]:
+    """The checkpoints under `root`, by step (a number: step_1000000 comes after step_999999)."""
     root = Path(root)
     if not root.is_dir():
         return []
-    return sorted(p for p in root.glob("step_*") if (p / "state.json").is_file())
+    return sorted((p for p in root.glob("step_*") if step_of(p) >= 0 and (p / "state.json").is_file()), key=step_of)
 
 
 def latest(root: Path) -> Path | None:
@@ -132,6 +133,8 @@ def changed_settings(path: Path, settings: dict, adapters: list[str]) -> list[st
     checkpoint at `path` was written with, bookkeeping left out; a ConfigError where the checkpoint's LoRAs
     would not fit (FIXED keys, or another set of adapters). A checkpoint without its settings: []."""
     saved = read_state(path).get("config")
+    if not (Path(path) / "lora").is_dir():
+        raise Unreadable(f"checkpoint {path}: its lora/ folder is missing")
     if saved is None:  # written before checkpoints kept their settings
         return []
     differ = [k for k in dict.fromkeys([*saved, *settings]) if saved.get(k) != settings.get(k) and k not in BOOKKEEPING]
@@ -163,9 +166,16 @@ def load(path: Path, unet, adapters: list[str], optimizer, scaler: torch.amp.Gra
 
 @dataclass(frozen=True)
 class Fallback:
-    """A checkpoint to resume from that, if unreadable, gives way to the newest readable one before it in
-    its folder: Ray Train's latest (a --workers run cannot name another)."""
+    """A checkpoint to resume from that, if unreadable, gives way to the newest readable one before it:
+    among `older` where given (a sweep trial's run folder, for Tune's copy of its checkpoint), else in its
+    own folder (Ray Train's storage path; a copy from s3:// has none). Ray Train's latest and Tune's are
+    not the user's choice: a --workers run or a trial cannot name another."""
     path: Path
+    older: tuple[Path, ...] | None = None
+
+
+def step_of(path: Path) -> int:
+    return int(Path(path).name[5:]) if Path(path).name[5:].isdigit() else -1
 
 
 def candidates(resume: bool | str | Path | Fallback, root: Path) -> list[Path]:
@@ -175,7 +185,9 @@ def candidates(resume: bool | str | Path | Fallback, root: Path) -> list[Path]:
         return list_checkpoints(root)[::-1]
     if isinstance(resume, Fallback):
         path = Path(resume.path)
-        return [path, *[p for p in list_checkpoints(path.parent)[::-1] if p.name < path.name]]
+        if resume.older is not None:
+            return [path, *sorted(resume.older, key=step_of, reverse=True)]
+        return [path, *[p for p in list_checkpoints(path.parent)[::-1] if step_of(p) < step_of(path)]]
     return [Path(resume)]
 
 

@@ -133,7 +133,8 @@ def _one_line_error(error: Exception) -> Exception | None:
     """The one-line error a worker raised (ConfigError, NonFiniteError, CheckpointWriteError, OutOfMemory),
     found in the error Ray Train raises around it (the worker's traceback, ending in `module.Type: line`),
     as itself; the CLI prints it as one line. None for anything else."""
-    known = {cls.__name__: cls for cls in (ConfigError, NonFiniteError, checkpoint.CheckpointWriteError, OutOfMemory)}
+    known = {cls.__name__: cls for cls in (ConfigError, checkpoint.Unreadable, NonFiniteError,
+                                           checkpoint.CheckpointWriteError, OutOfMemory)}
     kind, line = raised.found(error) or (None, None)
     return known[kind](line) if kind in known else None
 

@@ -32,7 +32,7 @@ from shortft.models import Models, load_models
 from shortft.memory import explained, peak_memory_mb
 from shortft.preflight import memory_of
 from shortft.progress import bar, say, warn
-from shortft.ranks import all_reduce_grads, all_reduce_mean
+from shortft.ranks import all_reduce_grads, all_reduce_mean, same_on_all
 from shortft.rewards import Rewards
 
 
@@ -150,7 +150,7 @@ def _train(cfg: Config, callbacks, resume, rank: int, world_size: int, stop: Sto
         say(memory_of(models, rewards))
 
     # 3. Resume: LoRA, optimizer, RNG, step and the budget spent from the latest (or given) checkpoint.
-    start, history, state = 0, [], {}
+    start, history, state, path = 0, [], {}, None
     metrics_file = out / "metrics.jsonl"
     if resume:
         path, state, changed = checkpoint.restore(resume, out / "checkpoints", unet, adapters, optimizer, scaler,
@@ -167,6 +167,9 @@ def _train(cfg: Config, callbacks, resume, rank: int, world_size: int, stop: Sto
                                   "rank's data order depend on the worker count)")
             start = state["step"]
             warn(f"resumed from {path} at step {start}")
+    if not same_on_all(start, models.device, world_size):  # a worker went back a checkpoint the others did not
+        raise ConfigError(f"resume: the workers found different checkpoints (this one {path} at step {start}); "
+                          "check the storage path every worker reads, then --resume again")
     budget, guard = Budget.of(cfg.train, state), Guard(cfg, scaler, amp, state.get("bad_in_row", 0))
     if is_main:
         # written once a resume is accepted: a refused one leaves the run's own settings

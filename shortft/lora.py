@@ -103,9 +103,11 @@ def read_lora_file(folder: str | Path) -> dict[str, torch.Tensor]:
 
     path = Path(folder) / "pytorch_lora_weights.safetensors"
     if not path.is_file():
-        raise ConfigError(f"LoRA {folder}: no pytorch_lora_weights.safetensors there")
+        raise Unreadable(f"LoRA {folder}: no pytorch_lora_weights.safetensors there")
     try:
         weights = load_file(str(path))
+    except PermissionError as e:  # the file may be whole: not damage
+        raise ConfigError(f"LoRA {path}: not readable here ({e.strerror or e})") from None
     except (SafetensorError, OSError) as e:  # a file cut short (a copy that stopped), or another kind
         raise Unreadable(f"LoRA {path}: unreadable ({str(e).splitlines()[0][:120]}); the file is cut short or of "
                          "another kind") from None

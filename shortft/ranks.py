@@ -31,3 +31,12 @@ def all_reduce_grads(params: list[torch.nn.Parameter], world_size: int) -> None:
         n = p.numel()
         p.grad = flat[offset:offset + n].view_as(p).clone()
         offset += n
+
+
+def same_on_all(value: int, device: torch.device, world_size: int) -> bool:
+    """Whether every rank holds `value` (one all-reduce of its largest and smallest)."""
+    if world_size == 1:
+        return True
+    t = torch.tensor([value, -value], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t[0] == -t[1])

@@ -41,8 +41,12 @@ def load(path: str | Path, what: str) -> object:
             raise _not_a_checkpoint(path, what, e) from None
         raise ConfigError(f"{what} {path}: refused: loading it would run code from whoever can write that file "
                           f"({reason.split('. ')[0][:160]}); only tensors and plain values are loaded") from None
-    except (EOFError, RuntimeError, KeyError, ValueError, IndexError, zipfile.BadZipFile) as e:
-        raise _not_a_checkpoint(path, what, e) from None
+    except PermissionError as e:  # the file may be whole: not damage
+        raise ConfigError(f"{what} {path}: not readable here ({e.strerror or e})") from None
+    except FileNotFoundError:
+        raise Unreadable(f"{what} {path}: missing") from None
+    except (EOFError, RuntimeError, KeyError, ValueError, IndexError, zipfile.BadZipFile, OSError) as e:
+        raise _not_a_checkpoint(path, what, e) from None  # OSError: torch's reader on a file cut short (EINVAL)
 
 
 def _not_a_checkpoint(path, what: str, e: Exception) -> Unreadable:

@@ -623,22 +623,49 @@ def test_an_unreadable_checkpoint_gives_way_to_the_one_before_it_on_resume(make_
     """A latest checkpoint cut short (a copy to shared storage that stopped, a disk error) ended `--resume`
     in safetensors' traceback ("invalid header length"), and Ray Train, which always resumes from its
     latest, could not resume the run at all."""
+    import shutil
+
     from shortft.checkpoint import Fallback
 
-    small = ["chain.steps=4", "chain.segments=2", "train.checkpoint_every=2", "eval.every=0"]
-    shortft.train(make_cfg(*small, "train.steps=4"))
+    small = ["chain.steps=4", "chain.segments=2", "train.checkpoint_every=2", "eval.every=0", "train.keep_checkpoints=3",
+             "train.steps=6"]
+    straight = {r["step"]: r["loss"] for r in shortft.train(make_cfg(*small)).history}
     ckpts = tmp_path / "run" / "checkpoints"
-    cut = sorted((ckpts / "step_000004" / "lora").rglob("*.safetensors"))[0]
+    shutil.rmtree(ckpts / "step_000006")  # as if it had stopped after step 4
+    cut = sorted((ckpts / "step_000004" / "lora").rglob("*.safetensors"))[-1]  # the first adapter loads before it
     cut.write_bytes(cut.read_bytes()[:100])
     capfd.readouterr()
     with pytest.raises(ConfigError, match=rf"^LoRA {cut}: unreadable \(.*\); the file is cut short or of another kind$"):
-        shortft.train(make_cfg(*small, "train.steps=6"), resume=ckpts / "step_000004")  # a path: that one only
-    result = shortft.train(make_cfg(*small, "train.steps=6"), resume=True)
+        shortft.train(make_cfg(*small), resume=ckpts / "step_000004")  # a path: that one only
+    result = shortft.train(make_cfg(*small), resume=True)
     err = capfd.readouterr().err
     assert f"; resuming from {ckpts / 'step_000002'}, the checkpoint before it" in err, err
     assert f"resumed from {ckpts / 'step_000002'} at step 2" in err and result.steps == 6
+    assert {r["step"]: r["loss"] for r in result.history} == straight  # exact: as if nothing had been cut
     (ckpts / "step_000006" / "state.json").write_text('{"step": 6')  # cut short
-    result = shortft.train(make_cfg(*small, "train.steps=8"), resume=Fallback(ckpts / "step_000006"))  # Ray's way
+    result = shortft.train(make_cfg(*small[:-1], "train.steps=8"), resume=Fallback(ckpts / "step_000006"))  # Ray's
     err = capfd.readouterr().err
     assert f"resume: checkpoint {ckpts / 'step_000006'}: state.json unreadable (JSONDecodeError" in err, err
     assert f"resumed from {ckpts / 'step_000004'} at step 4" in err and result.steps == 8
+    optimizer = ckpts / "step_000008" / "optimizer.pt"
+    optimizer.write_bytes(optimizer.read_bytes()[:8000])
+    with pytest.raises(ConfigError, match=r"^checkpoint .*step_000008/optimizer.pt: not a torch checkpoint \(OSError"):
+        shortft.train(make_cfg(*small[:-1], "train.steps=10"), resume=ckpts / "step_000008")  # was torch's traceback
+
+def test_the_checkpoints_a_resume_tries_in_order(tmp_path):
+    """By step as a number (step_1000000 sorted before step_999999 by name); Tune's copy of a trial's
+    checkpoint (checkpoint_NNNNNN, in a scratch folder) gives way to the run folder's older ones."""
+    from shortft.checkpoint import Fallback, candidates
+
+    root = tmp_path / "checkpoints"
+    for step in (999999, 1000000, 2):
+        (root / f"step_{step:06d}").mkdir(parents=True)
+        (root / f"step_{step:06d}" / "state.json").write_text(f'{{"step": {step}}}')
+    (root / "checkpoint_manager_snapshot.json").write_text("{}")  # Ray's, beside its checkpoints
+    newest = root / "step_1000000"
+    assert candidates(True, root) == [newest, root / "step_999999", root / "step_000002"]
+    assert candidates(Fallback(root / "step_999999"), root) == [root / "step_999999", root / "step_000002"]
+    assert candidates(newest, root) == [newest]
+    tune_copy = tmp_path / "scratch" / "checkpoint_000003"
+    assert candidates(Fallback(tune_copy, (root / "step_000002", root / "step_999999")), root) == [
+        tune_copy, root / "step_999999", root / "step_000002"]

@@ -71,6 +71,13 @@ class TuneReport(RayReport):
         tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(str(ckpt)) if ckpt else None)
 
 
+def _fallback(cfg: Config, start: Path) -> checkpoint.Fallback:
+    """`start`, or if unreadable the newest readable checkpoint before it: in the run folder (Tune's copy,
+    named checkpoint_NNNNNN, has no step_NNNNNN beside it)."""
+    own = checkpoint.list_checkpoints(cfg.output_dir / "checkpoints")
+    return checkpoint.Fallback(start, tuple(p for p in own if p != start and _step_of(p) < _step_of(start)))
+
+
 def _step_of(path: Path | None) -> int:
     """A checkpoint's step; -1 for none or one whose state.json is unreadable (the other one wins)."""
     try:
@@ -113,6 +120,6 @@ def train_in_trial(cfg: Config, sweep: dict, run_id: str | None) -> None:
         fail_at, fail_rank = fault_request()  # tests: the trial's process dies once at that step
         if fail_at:
             callbacks.append(FaultInjector(0, fail_at, fail_rank, cfg.output_dir / FAULT_MARKER))
-        train(cfg, callbacks, resume=checkpoint.Fallback(start) if start is not None else False)
+        train(cfg, callbacks, resume=_fallback(cfg, start) if start is not None else False)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
