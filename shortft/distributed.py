@@ -37,9 +37,12 @@ from shortft.ray_storage import check_storage_path, default_storage_path, name_i
 def _quiet_report_lines() -> None:
     """Ray Train logs every report at INFO with its whole metrics dict (an evaluation's per-sample scores
     included), once per rank: hundreds of long lines in a run. Its logger is named by its file, so
-    `ray.train`'s log level misses it; our step lines say the same."""
+    `ray.train`'s log level misses it; our step lines say the same. A failing worker also logs its
+    traceback (`Error in training function`), which the controller's failure report and the error the
+    driver gets repeat: that one goes too."""
     import logging
 
+    logging.getLogger("ray.train.v2._internal.util").setLevel(logging.CRITICAL)
     try:
         from ray.train.v2._internal.execution import context  # listed in sweep/ray_compat.py
     except ImportError:

@@ -125,6 +125,7 @@ def test_a_workers_one_line_error_reaches_the_user_as_that_line(tmp_path, tiny_d
         "train.grad_clip (0: no clipping)"), p.stderr[-3000:]
     assert "shortft/cli.py" not in p.stderr and "<frozen runpy>" not in p.stderr, p.stderr[-3000:]  # no driver traceback
     assert "shortft: not retried (a retry of the same config fails the same way" in p.stderr, p.stderr[-3000:]
+    assert "Error in training function" not in p.stderr  # the worker's own echo of what the controller reports
     assert "step 2 had a non-finite loss or gradient" in (tmp_path / "run" / "failed.json").read_text()
 
 
