@@ -87,7 +87,8 @@ def _worker(config: dict) -> None:
         shutil.rmtree(local, ignore_errors=True)
 
 
-def aborted(sig: signal.Signals | None, name: str, workers: int) -> Interrupted:
+def _aborted(sig: signal.Signals | None, name: str, workers: int) -> Interrupted:
+    """The line of a run Ray Train aborted (a second signal, or a stop request that could not be written)."""
     sig = sig or signal.SIGINT
     return Interrupted(f"{sig.name}: Ray Train run {name} aborted; continue it with --resume --workers {workers} (from "
                        "the latest checkpoint Ray Train recorded)", 128 + int(sig))
@@ -133,8 +134,8 @@ POLL_INTERVAL_ENV, POLL_INTERVAL_S = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2"
 
 
 def _one_line_error(error: Exception) -> Exception | None:
-    """The one-line error a worker raised (ConfigError, NonFiniteError, CheckpointWriteError, OutOfMemory),
-    found in the error Ray Train raises around it (the worker's traceback, ending in `module.Type: line`),
+    """The one-line error a worker raised (ConfigError, Unreadable, NonFiniteError, CheckpointWriteError,
+    OutOfMemory), found in the error Ray Train raises around it (the worker's traceback, ending in `module.Type: line`),
     as itself; the CLI prints it as one line. None for anything else."""
     known = {cls.__name__: cls for cls in (ConfigError, checkpoint.Unreadable, NonFiniteError,
                                            checkpoint.CheckpointWriteError, OutOfMemory)}
@@ -239,13 +240,13 @@ def train_with_ray(cfg: Config, workers: int, use_gpu: bool = False, storage_pat
         try:
             result = trainer.fit()
         except SystemExit:  # a second Ctrl-C aborted the run; fit then ends in Ray's SystemExit(1)
-            raise aborted(stop.signal, name, workers) from None
+            raise _aborted(stop.signal, name, workers) from None
         except Exception as e:
             told = _one_line_error(e)
             if told is not None:  # a worker's own one-line error (a refused checkpoint, out of GPU memory, ...)
                 raise told from None
             if stop.signal is not None:  # aborted after a stop was asked: the controller died under fit
-                raise aborted(stop.signal, name, workers) from None
+                raise _aborted(stop.signal, name, workers) from None
             if resource_wait_s and _placement_timed_out(e):
                 raise ResourceWaitError(
                     f"--resource-wait-s {resource_wait_s:g}: the {workers} worker(s) of {cpus:g} CPU"
