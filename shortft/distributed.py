@@ -99,7 +99,8 @@ def lean_trainer(base: type, stop: StopChannel | None = None) -> type:
     never has): that callback starts a DatasetManager actor, one more process start per job (seconds on
     a small machine, per sweep trial). If a later Ray renames the hook, this is the plain trainer.
     With `stop`, Ctrl-C or SIGTERM while `fit` waits (main thread) asks the workers to stop after the
-    step in progress (`ray_stop`) in place of Ray Train's abort."""
+    step in progress (`ray_stop`) in place of Ray Train's abort. A failure that a retry cannot change is
+    raised at once, without Ray's restart and its logged tracebacks (`ray_policy`)."""
 
     class LeanTrainer(base):
         def _create_default_callbacks(self):
@@ -112,6 +113,14 @@ def lean_trainer(base: type, stop: StopChannel | None = None) -> type:
             if stop is None:
                 return super()._register_sigint_handler(controller)
             stop.handle(controller)
+
+        def _initialize_and_run_controller(self, **kwargs):
+            try:
+                from shortft.ray_policy import FinalRaises  # Ray's private names: listed in sweep/ray_compat.py
+            except ImportError:  # moved in a later Ray: its own policy (restart, then attempts.once)
+                return super()._initialize_and_run_controller(**kwargs)
+            kwargs["failure_policy"] = FinalRaises(self.run_config.failure_config)
+            return super()._initialize_and_run_controller(**kwargs)
 
     return LeanTrainer
 

@@ -113,7 +113,8 @@ def test_a_workers_one_line_error_reaches_the_user_as_that_line(tmp_path, tiny_d
     """`--workers N`: a worker's one-line error (here the loop's non-finite stop; out of GPU memory, a
     refused checkpoint and a failed checkpoint write take the same way) ended the command in the driver's
     traceback around Ray Train's WorkerGroupError, after Ray's echo of the worker's own. Ray Train's
-    restart (--max-failures 1, the default) trained to the same stop again; it now ends at once."""
+    restart (--max-failures 1, the default) trained to the same stop again, and its failure policy logged
+    the worker's traceback twice per decision (69 lines before the line); the group is now not restarted."""
     p = subprocess.run([sys.executable, "-m", "shortft.cli", "train", "--config", "tiny", f"model.pretrained={tiny_dir}",
                         "train.steps=4", "chain.steps=4", "chain.segments=2", "train.lr=1e30", "train.grad_clip=0",
                         "train.max_bad_steps=1", f"train.output_dir={tmp_path}/run", "--no-mlflow", "--workers", "1",
@@ -124,9 +125,35 @@ def test_a_workers_one_line_error_reaches_the_user_as_that_line(tmp_path, tiny_d
         "shortft: error: step 2 had a non-finite loss or gradient; lower train.lr (now 1e+30) or set "
         "train.grad_clip (0: no clipping)"), p.stderr[-3000:]
     assert "shortft/cli.py" not in p.stderr and "<frozen runpy>" not in p.stderr, p.stderr[-3000:]  # no driver traceback
-    assert "shortft: not retried (a retry of the same config fails the same way" in p.stderr, p.stderr[-3000:]
     assert "Error in training function" not in p.stderr  # the worker's own echo of what the controller reports
+    assert "Traceback" not in p.stderr and "[FailurePolicy]" not in p.stderr, p.stderr[-3000:]
+    assert p.stderr.count("Attempting to start training worker group") == 1, p.stderr[-3000:]  # no restart
+    assert len(lines) < 15, p.stderr[-3000:]
     assert "step 2 had a non-finite loss or gradient" in (tmp_path / "run" / "failed.json").read_text()
+
+
+def test_ray_trains_failure_policy_raises_a_final_failure_at_once_and_retries_the_rest():
+    import pickle
+
+    from ray.train import FailureConfig
+    from ray.train.v2._internal.exceptions import UserExceptionWithTraceback
+    from ray.train.v2._internal.execution.failure_handling import FailureDecision
+    from ray.train.v2.api.exceptions import WorkerGroupError
+
+    from shortft.ray_policy import FinalRaises
+
+    shared = OutOfMemory("out of GPU memory beside another process")
+    shared.beside_others = True
+
+    def decision(*errors):
+        failures = {rank: pickle.loads(pickle.dumps(UserExceptionWithTraceback(e, f"Traceback ...\n{e}")))
+                    for rank, e in enumerate(errors)}  # as the controller gets them
+        return FinalRaises(FailureConfig(max_failures=1)).make_decision(WorkerGroupError("...", failures))
+
+    assert decision(NonFiniteError("step 2 had a non-finite loss")) is FailureDecision.RAISE
+    assert decision(RuntimeError("gloo: connection reset"), ConfigError("x: bad")) is FailureDecision.RAISE
+    assert decision(RuntimeError("killed")) is FailureDecision.RETRY  # a crash: Ray's own policy, restarts
+    assert decision(shared) is FailureDecision.RETRY  # the other process may have left by then
 
 
 def test_a_failure_a_retry_cannot_change_is_raised_again_at_once_within_its_attempt(tmp_path, capsys):

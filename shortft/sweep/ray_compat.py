@@ -20,6 +20,10 @@ PRIVATE = (
     # used by shortft/distributed.py (no import: layers): Ctrl-C asks the workers to stop (ray_stop.py)
     ("ray.train.v2.api.data_parallel_trainer", "DataParallelTrainer._register_sigint_handler"),
     ("ray.train.v2._internal.execution.context", "logger"),  # distributed.py quiets its report lines
+    # shortft/ray_policy.py: a final failure is raised at once (no restart, no logged tracebacks)
+    ("ray.train.v2.api.data_parallel_trainer", "DataParallelTrainer._initialize_and_run_controller"),
+    ("ray.train.v2._internal.execution.failure_handling.default", "DefaultFailurePolicy"),
+    ("ray.train.v2._internal.exceptions", "UserExceptionWithTraceback._base_exc"),
     ("ray.tune.tuner", "Tuner._local_tuner"),
     ("ray.tune.execution.tune_controller", "TuneController._metric"),
     ("ray.tune.search.optuna", "OptunaSearch._ot_study"),
@@ -43,6 +47,8 @@ def missing() -> list[str]:
             ok = "_ot_study" in _init_names(target.OptunaSearch)
         elif attribute == "ResultGrid._experiment_analysis":
             ok = "self._experiment_analysis = " in _init_names(target.ResultGrid)
+        elif attribute == "UserExceptionWithTraceback._base_exc":
+            ok = "self._base_exc = exc" in _init_names(target.UserExceptionWithTraceback)
         elif attribute == "TuneController._metric":
             ok = "self._metric = metric" in _init_names(target.TuneController)
         elif "." in attribute:
