@@ -348,3 +348,43 @@ def test_the_stop_request_of_a_workers_run_goes_through_the_storage_path(tmp_pat
     with polled(channel.where, every=0.05) as asked:
         time.sleep(0.2)
         assert asked() == 0
+
+
+def test_a_stop_request_that_cannot_be_written_aborts_the_run_with_the_reason(tmp_path, monkeypatch, capsys):
+    """The workers cannot be asked (the storage unreachable, credentials expired): the first Ctrl-C aborts
+    the run as Ray Train's own handler would, and says why, in place of waiting for a stop that never comes."""
+    import signal
+    import time
+
+    import ray
+
+    from shortft.interrupt import SIGNALS
+    from shortft.ray_stop import StopChannel
+
+    (tmp_path / "file").write_text("")  # the storage path's parent is a file: no folder can be made there
+    aborted = []
+
+    class Controller:
+        class abort:
+            @staticmethod
+            def remote():
+                aborted.append(time.time())
+                return "ref"
+
+    monkeypatch.setattr(ray, "get", lambda ref: ref)
+    handlers = {s: signal.getsignal(s) for s in SIGNALS}
+    channel = StopChannel(str(tmp_path / "file" / "ray"), "run")
+    try:
+        channel.handle(Controller())
+        signal.getsignal(signal.SIGTERM)(signal.SIGTERM, None)
+        t0 = time.time()
+        while not aborted and time.time() - t0 < 10:
+            time.sleep(0.05)
+    finally:
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
+    err = capsys.readouterr().err
+    assert aborted and channel.signal == signal.SIGTERM, err
+    assert "shortft: SIGTERM: the workers stop after this step" in err
+    assert f"shortft: the stop request could not be written to {tmp_path / 'file' / 'ray'} (" in err
+    assert err.rstrip().endswith(": aborting the run now"), err

@@ -680,6 +680,37 @@ def test_an_unreadable_checkpoint_gives_way_to_the_one_before_it_on_resume(make_
     with pytest.raises(ConfigError, match=r"^checkpoint .*step_000008/optimizer.pt: not a torch checkpoint \(OSError"):
         shortft.train(make_cfg(*small[:-1], "train.steps=10"), resume=ckpts / "step_000008")  # was torch's traceback
 
+def test_a_sweep_trials_unreadable_tune_copy_gives_way_to_its_run_folder_and_ranks_that_disagree_stop(
+        make_cfg, tmp_path, capfd, monkeypatch):
+    """A trial resumes from Tune's copy of its checkpoint (checkpoint_NNNNNN, in a scratch folder) where it is
+    newer than the run folder's; cut short, the copy gives way to the run folder's checkpoint before it.
+    Ranks that resumed from different steps (one went back, the others did not) stop in one line."""
+    import shutil
+
+    from shortft import loop
+    from shortft.sweep.in_trial import _fallback
+
+    small = ["chain.steps=4", "chain.segments=2", "train.checkpoint_every=2", "eval.every=0", "train.keep_checkpoints=3",
+             "train.steps=6"]
+    straight = {r["step"]: r["loss"] for r in shortft.train(make_cfg(*small)).history}
+    ckpts = tmp_path / "run" / "checkpoints"
+    tune_copy = tmp_path / "scratch" / "checkpoint_000002"
+    shutil.copytree(ckpts / "step_000006", tune_copy)
+    shutil.rmtree(ckpts / "step_000006")  # the node that wrote it is gone; Tune's copy is the newest
+    cut = sorted((tune_copy / "lora").rglob("*.safetensors"))[-1]
+    cut.write_bytes(cut.read_bytes()[:100])
+    capfd.readouterr()
+    cfg = make_cfg(*small)
+    result = shortft.train(cfg, resume=_fallback(cfg, tune_copy))
+    err = capfd.readouterr().err
+    assert f"resume: LoRA {cut}: unreadable" in err and f"resuming from {ckpts / 'step_000004'}, the checkpoint" in err
+    assert {r["step"]: r["loss"] for r in result.history} == straight and result.steps == 6
+    monkeypatch.setattr(loop, "same_on_all", lambda value, device, world_size: False)
+    with pytest.raises(ConfigError, match=rf"^resume: the workers found different checkpoints \(this one "
+                                          rf"{re.escape(str(ckpts / 'step_000006'))} at step 6\); check the storage"):
+        shortft.train(make_cfg(*small[:-1], "train.steps=8"), resume=True)
+
+
 def test_the_checkpoints_a_resume_tries_in_order(tmp_path):
     """By step as a number (step_1000000 sorted before step_999999 by name); Tune's copy of a trial's
     checkpoint (checkpoint_NNNNNN, in a scratch folder) gives way to the run folder's older ones."""
@@ -697,3 +728,27 @@ def test_the_checkpoints_a_resume_tries_in_order(tmp_path):
     tune_copy = tmp_path / "scratch" / "checkpoint_000003"
     assert candidates(Fallback(tune_copy, (root / "step_000002", root / "step_999999")), root) == [
         tune_copy, root / "step_999999", root / "step_000002"]
+
+
+def test_a_checkpoint_file_that_is_not_readable_here_is_no_damage_and_no_fallback(tmp_path, monkeypatch):
+    """A file the process may not read (another user's, a mount's permissions) may well be whole: it stops
+    the resume in one line naming the file, where damage (Unreadable) would send it a checkpoint back."""
+    import safetensors.torch
+    import torch
+
+    from shortft import lora, safe_load
+
+    def denied(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    (tmp_path / "optimizer.pt").write_bytes(b"whole")
+    (tmp_path / "pytorch_lora_weights.safetensors").write_bytes(b"whole")
+    monkeypatch.setattr(torch, "load", denied)
+    monkeypatch.setattr(safetensors.torch, "load_file", denied)
+    for read, line in ((lambda: safe_load.load(tmp_path / "optimizer.pt", "checkpoint"),
+                        f"checkpoint {tmp_path / 'optimizer.pt'}: not readable here (Permission denied)"),
+                       (lambda: lora.read_lora_file(tmp_path),
+                        f"LoRA {tmp_path / 'pytorch_lora_weights.safetensors'}: not readable here (Permission denied)")):
+        with pytest.raises(ConfigError) as told:
+            read()
+        assert str(told.value) == line and not isinstance(told.value, checkpoint.Unreadable)
