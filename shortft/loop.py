@@ -156,7 +156,8 @@ def _train(cfg: Config, callbacks, resume, rank: int, world_size: int, stop: Sto
         path, state, changed = checkpoint.restore(resume, out / "checkpoints", unet, adapters, optimizer, scaler,
                                                   flatten(to_dict(cfg)))
         if path is None:
-            warn(f"no checkpoint under {out / 'checkpoints'}; starting from step 0")
+            if is_main:
+                warn(f"no checkpoint under {out / 'checkpoints'}; starting from step 0")
         else:
             if changed and is_main:
                 warn("resume: settings changed since the checkpoint: " + ", ".join(changed))
@@ -166,7 +167,8 @@ def _train(cfg: Config, callbacks, resume, rank: int, world_size: int, stop: Sto
                                   f"{world_size}; resume with --workers {written_by} (the global batch and every "
                                   "rank's data order depend on the worker count)")
             start = state["step"]
-            warn(f"resumed from {path} at step {start}")
+            if is_main:  # ranks that resumed elsewhere stop below, each naming its own
+                warn(f"resumed from {path} at step {start}")
     if not same_on_all(start, models.device, world_size):  # a worker went back a checkpoint the others did not
         raise ConfigError(f"resume: the workers found different checkpoints (this one {path} at step {start}); "
                           "check the storage path every worker reads, then --resume again")
