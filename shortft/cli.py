@@ -25,6 +25,7 @@ from shortft.checks import load_config
 from shortft.cli_parser import parser as _parser
 from shortft.config import ConfigError, describe, parse_overrides, to_dict
 from shortft.memory import OutOfMemory, explained
+from shortft.out_paths import IMAGE_SUFFIXES, output_file
 from shortft.progress import quiet_libraries
 
 
@@ -97,9 +98,10 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "sample":
             from shortft.sample import run_sample
 
+            seeds = int_list("--seeds", args.seeds, 0, 2**63)  # torch's generator takes 64-bit seeds
             with explained(cfg, "while sampling", "sampling"):
-                run_sample(cfg, args.lora, args.prompt, args.prompts, int_list("--seeds", args.seeds), args.steps,
-                           args.guidance, Path(args.out), args.compare)
+                run_sample(cfg, args.lora, args.prompt, args.prompts, seeds, args.steps, args.guidance, Path(args.out),
+                           args.compare)
         elif args.command == "rewards":
             run_rewards(cfg, args)
     except (ConfigError, OutOfMemory) as e:  # a user's mistake: 2; out of GPU memory in `eval`, `sample`: 1
@@ -166,11 +168,18 @@ def run_train(cfg, args) -> int:
     return 0
 
 
-def int_list(flag: str, text: str) -> list[int]:
+def int_list(flag: str, text: str, low: int = 1, high: int | None = None) -> list[int]:
+    """Comma-separated integers in [low, high), at least one."""
     try:
-        return [int(v) for v in text.split(",") if v.strip()]
+        values = [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
         raise ConfigError(f"{flag} {text!r}: expected comma-separated integers, e.g. 1,2") from None
+    if not values:
+        raise ConfigError(f"{flag} {text!r}: give at least one integer, e.g. {flag} {max(low, 1)},{max(low, 1) + 1}")
+    for v in values:
+        if v < low or (high is not None and v >= high):
+            raise ConfigError(f"{flag} {v}: must be >= {low}" + (f" and < {high}" if high is not None else ""))
+    return values
 
 
 def bool_list(flag: str, text: str | None) -> list[bool | None]:
@@ -184,13 +193,18 @@ def bool_list(flag: str, text: str | None) -> list[bool | None]:
 
 
 def run_bench(cfg, args) -> dict:
+    from shortft import tracking
     from shortft.bench import run_bench as bench
     from shortft.bench_report import format_table, log_to_mlflow, save_json
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if not methods:
+        raise ConfigError(f"--methods {args.methods!r}: name at least one, e.g. --methods shortft,draft")
+    path = output_file("--json", args.json) if args.json else None  # before the arms run, not after
+    if args.tracking_uri:
+        tracking.resolve_uri(args.tracking_uri)
     print(f"bench {cfg.name}: {cfg.model.pretrained}{' (random weights)' if args.random_weights else ''}, "
           f"N={cfg.chain.steps}", flush=True)
-    path = Path(args.json) if args.json else None
     if path:
         path.parent.mkdir(parents=True, exist_ok=True)
     result = bench(cfg, methods, int_list("--segments", args.segments), int_list("--batch", args.batch),
@@ -222,7 +236,8 @@ def run_eval(cfg, lora: str | None, grid: str | None) -> dict:
     from shortft.evaluate import scalars
     from shortft.sample import evaluate_trained
 
-    metrics = evaluate_trained(cfg, lora, Path(grid) if grid else None)
+    grid_path = output_file("--grid", grid, IMAGE_SUFFIXES) if grid else None  # before sampling, not after
+    metrics = evaluate_trained(cfg, lora, grid_path)
     print(json.dumps(scalars(metrics), indent=1))
     return metrics
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 
 from shortft.config import builtin_configs
 
@@ -19,6 +20,17 @@ def at_least(low: int):
         return value
 
     return parse
+
+
+def finite(text: str) -> float:
+    """An argparse type: a finite number (nan or inf drew images of nothing, status 0)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text}: must be a finite number")
+    return value
 
 
 def parser() -> argparse.ArgumentParser:
@@ -44,9 +56,10 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--max-failures", type=at_least(0), default=1,
                    help="worker-group restarts from the last checkpoint (a config mistake, a non-finite stop, or "
                         "out of GPU memory alone on the card ends the restart at once)")
-    t.add_argument("--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
+    mlflow = t.add_mutually_exclusive_group()  # both given: one was ignored without a word
+    mlflow.add_argument("--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
+    mlflow.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
     t.add_argument("--experiment", default="shortft", help="MLflow experiment name")
-    t.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
 
     e = sub.add_parser("eval", help="evaluate with the original N-step sampler")
     common(e)
@@ -60,7 +73,7 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("--prompts", help="a text file, one prompt per line")
     sp.add_argument("--seeds", default="0", help="comma-separated seeds; every prompt is drawn with each (default 0)")
     sp.add_argument("--steps", type=at_least(1), help="sampler steps N (default: the config's chain.steps)")
-    sp.add_argument("--guidance", type=float, help="guidance scale (default: the config's chain.guidance_scale)")
+    sp.add_argument("--guidance", type=finite, help="guidance scale (default: the config's chain.guidance_scale)")
     sp.add_argument("--out", default="samples", help="output dir (default ./samples)")
     sp.add_argument("--compare", action="store_true", help="also the base model, side by side, as one grid PNG")
 

@@ -210,7 +210,13 @@ def read_mapping(name_or_path: str, package: str = "shortft.configs", flag: str 
     if not path.suffix and name_or_path in builtin_names(package):
         text = resources.files(package).joinpath(f"{name_or_path}.yaml").read_text()
     elif path.is_file():
-        text = path.read_text()
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{flag} {name_or_path!r}: not a UTF-8 text file (byte {e.start + 1}); give a YAML "
+                              "file saved as UTF-8") from None
+        except OSError as e:
+            raise ConfigError(f"{flag} {name_or_path!r}: not readable ({e.strerror or e})") from None
     else:
         raise ConfigError(f"{flag} {name_or_path!r}: no such file or built-in (built-in: "
                           f"{', '.join(builtin_names(package))}){project_copy_hint(name_or_path)}")
@@ -417,9 +423,17 @@ def _fraction_range(key: str, value: list, low_open: bool = False) -> None:
         raise ConfigError(f"{key}={value!r}: expected [low, high] with 0 <= low < high <= 1")
 
 
+def check_name(flag: str, name: str) -> None:
+    """A run or sweep name is one folder (`runs/{name}`, the storage path's `<name>/`): `../x` wrote elsewhere."""
+    if not name.strip() or name in (".", "..") or any(c in name for c in "/\\\0"):
+        raise ConfigError(f"{flag}={name!r}: a name is one folder's name: not empty, no / or \\, not . or .. "
+                          "(e.g. sd15-pickscore)")
+
+
 def validate(cfg: Config) -> None:
     """Types and ranges: everything that can be checked from the values alone."""
     chain, lora, train, model = cfg.chain, cfg.lora, cfg.train, cfg.model
+    check_name("name", cfg.name)
     _one_of("chain.method", chain.method, METHODS)
     for key, value in (("chain.steps", chain.steps), ("chain.segments", chain.segments), ("lora.rank", lora.rank),
                        ("train.steps", train.steps), ("train.batch_size", train.batch_size),
@@ -496,3 +510,5 @@ def validate(cfg: Config) -> None:
             continue  # a file: `shortft.data.check_prompts` looks for it
         if not isinstance(value, list) or not value or not all(isinstance(p, str) for p in value):
             raise ConfigError(f"data.{key}: expected a non-empty list of prompts or a text file path")
+        if not all(p.strip() for p in value):  # a file's blank lines are dropped; a list's would be trained on
+            raise ConfigError(f"data.{key}: prompt {[p.strip() for p in value].index('') + 1} is blank; give text")

@@ -31,6 +31,7 @@ from shortft.lora import lora_params, save_loras
 from shortft.models import Models, load_models
 from shortft.memory import explained, peak_memory_mb
 from shortft.preflight import memory_of
+from shortft.out_paths import output_folder
 from shortft.progress import bar, say, warn
 from shortft.ranks import all_reduce_grads, all_reduce_mean, same_on_all
 from shortft.rewards import Rewards
@@ -130,7 +131,7 @@ def _train(cfg: Config, callbacks, resume, rank: int, world_size: int, stop: Sto
     checkpoint.check_resume_path(resume)
     out, is_main = cfg.output_dir, rank == 0
     if is_main:
-        out.mkdir(parents=True, exist_ok=True)
+        output_folder("train.output_dir", out).mkdir(parents=True, exist_ok=True)
 
     # 1. The prompts (both sets read now); load and freeze; add the LoRAs (zero-initialised) and the rewards.
     prompts = run_prompts(cfg)

@@ -136,12 +136,28 @@ def load_lora_state(unet, lora_dir: Path, names: Sequence[str]) -> None:
                               "model or with other lora.targets")
 
 
+# What a `shortft_lora.json` must hold (`save_loras` writes it; sampling and `enable_timestep_aware` read it).
+_PLAN_KEYS = {"method": str, "segments": int, "adapters": list, "timesteps": list, "step_adapters": list}
+
+
 def read_lora_plan(lora_dir: str | Path) -> dict:
-    """The `shortft_lora.json` of a LoRA folder a run wrote; a ConfigError naming the folder if absent."""
+    """The `shortft_lora.json` of a LoRA folder a run wrote; a ConfigError naming the folder if absent, or
+    the file if it is not what a run writes."""
+    if not Path(lora_dir).is_dir():
+        raise ConfigError(f"--lora {lora_dir}: no such folder; give the lora/ dir a train run wrote")
     plan_file = Path(lora_dir) / PLAN_FILE
     if not plan_file.is_file():
         raise ConfigError(f"--lora {lora_dir}: no {PLAN_FILE} there; give the lora/ dir a train run wrote")
-    return json.loads(plan_file.read_text())
+    try:
+        plan = json.loads(plan_file.read_text())
+    except (OSError, ValueError) as e:
+        raise Unreadable(f"LoRA plan {plan_file}: unreadable ({type(e).__name__}: {str(e)[:100]}); give the "
+                         "lora/ dir a train run wrote, whole") from None
+    bad = [k for k, kind in _PLAN_KEYS.items() if not isinstance(plan, dict) or not isinstance(plan.get(k), kind)]
+    if bad:
+        raise Unreadable(f"LoRA plan {plan_file}: {bad[0]!r} missing or of another kind; give the lora/ dir a "
+                         "train run wrote, whole")
+    return plan
 
 
 def load_unet_lora(unet, folder: str | Path, adapter_name: str) -> None:

@@ -36,6 +36,8 @@ def connect(**kwargs) -> None:
     import ray
 
     local = not kwargs.get("address") and starts_local_ray()
+    if not local:
+        check_answers(kwargs.get("address"))
     # Connecting to a cluster, Ray (Python and C++) logs its guesses and a traceback before it raises:
     # held back, and shown only if the connection succeeds. A local start is not held (its processes
     # would inherit the capture).
@@ -59,6 +61,35 @@ def connect(**kwargs) -> None:
     raise ConfigError(f"the Ray cluster at {where} requires token authentication and refused this driver "
                       f"(RAY_AUTH_MODE={mode}{', with a token it does not accept' if mode == 'token' else ''}); "
                       + TOKEN_FIX)
+
+
+ANSWER_TIMEOUT_S = 10.0
+
+
+def check_answers(address: str | None, timeout: float = ANSWER_TIMEOUT_S) -> None:
+    """Something listens at the cluster address (given, or $RAY_ADDRESS): with nothing there, `ray.init`
+    waited silently for minutes (seen: over 3 min for 127.0.0.1:1, killed then). One TCP connect, seconds."""
+    import socket
+
+    from ray._private.services import canonicalize_bootstrap_address  # listed in shortft/sweep/ray_compat.py
+
+    given = address or os.environ.get("RAY_ADDRESS")
+    if given and given.startswith("ray://"):
+        target, port = given.removeprefix("ray://").split("/")[0], 10001  # Ray Client's default port
+    else:
+        try:
+            target, port = canonicalize_bootstrap_address(address), 6379  # the GCS's default port
+        except Exception:  # no cluster found for `auto`: ray.init says so at once
+            return
+    if not target:
+        return
+    host, sep, tail = target.rpartition(":")
+    host, port = (host, tail) if sep and tail.isdigit() else (target, port)
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as e:
+        raise ConfigError(f"Ray cluster address {given}: nothing answers at {host}:{port} ({e.strerror or type(e).__name__}); "
+                          "start Ray there (ray start --head), or give the head node's host:port") from None
 
 
 GCS_PORT_ENV = "RAY_GCS_SERVER_PORT"  # the port a head node's GCS listens on, read by Ray as it starts one

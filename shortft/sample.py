@@ -15,6 +15,7 @@ from shortft.data import read_prompts
 from shortft.evaluate import generate, save_grid
 from shortft.lora import load_lora_state, read_lora_plan
 from shortft.models import Models, load_models
+from shortft.out_paths import output_folder
 from shortft.plan import training_plan
 
 
@@ -66,8 +67,7 @@ def run_sample(cfg: Config, lora: str, prompt: list[str], prompts_file: str | No
     prompts = list(prompt) + (read_prompts(prompts_file, key="--prompts") if prompts_file else [])
     if not prompts:
         raise ConfigError("give --prompt \"...\" (repeatable) or --prompts <file>")
-    if out.exists() and not out.is_dir():  # before sampling, not after
-        raise ConfigError(f"--out {out}: a file; give a folder (made if missing)")
+    output_folder("--out", out)  # before sampling, not after
     chain = dataclasses.replace(cfg.chain, steps=steps or cfg.chain.steps,
                                 guidance_scale=cfg.chain.guidance_scale if guidance is None else guidance)
     cfg = dataclasses.replace(cfg, chain=chain)

@@ -160,11 +160,36 @@ def test_a_config_named_from_the_project_instead_of_the_heads_home_folder_is_poi
     (["toy", "build", "--from-base", "{tmp}/none"], "--from-base {tmp}/none: no such folder"),
     (["sample", "--config", "toy", "--lora", "x", "--prompt", "a", "--out", "{tmp}/bad.json"],
      "--out {tmp}/bad.json: a file; give a folder"),  # FileExistsError after sampling
+    # each of the rest was a traceback, or was found only after the work it would have saved
+    (["plan", "--config", "{tmp}/latin1.yaml"], "--config '{tmp}/latin1.yaml': not a UTF-8 text file (byte 10)"),
+    (["sample", "--config", "toy", "--lora", "x", "--prompt", "a", "--seeds", ","],
+     "--seeds ',': give at least one integer"),  # torch.cat(): expected a non-empty list
+    (["sample", "--config", "toy", "--lora", "x", "--prompt", "a", "--seeds", "99999999999999999999999"],
+     "--seeds 99999999999999999999999: must be >= 0 and < 9223372036854775808"),  # Overflow when unpacking long
+    (["sample", "--lora", "x", "--guidance", "nan"], "argument --guidance: nan: must be a finite number"),  # status 0
+    (["sample", "--config", "toy", "--lora", "{tmp}/lora", "--prompt", "a"],
+     "LoRA plan {tmp}/lora/shortft_lora.json: unreadable (JSONDecodeError"),
+    (["sample", "--config", "toy", "--lora", "{tmp}/none", "--prompt", "a"], "--lora {tmp}/none: no such folder"),
+    (["eval", "--config", "toy", "--grid", "{tmp}/grid"], "--grid {tmp}/grid: give a file ending in .png"),  # PIL, after
+    (["eval", "--config", "toy", "--grid", "{tmp}"], "--grid {tmp}: a folder; give a file path"),  # the evaluation
+    (["bench", "--config", "toy", "--count-only", "--json", "{tmp}"], "--json {tmp}: a folder; give a file path"),
+    (["bench", "--config", "toy", "--count-only", "--methods", ","], "--methods ',': name at least one"),  # only full
+    (["bench", "--config", "toy", "--count-only", "--tracking-uri", "bogus://x"], "tracking URI 'bogus://x': use"),
+    (["train", "--config", "toy", "--no-mlflow", "train.output_dir={tmp}/bad.json"],
+     "train.output_dir {tmp}/bad.json: a file; give a folder"),  # FileExistsError
+    (["train", "--tracking-uri", "sqlite:///x.db", "--no-mlflow"], "argument --no-mlflow: not allowed with"),
+    (["plan", "--config", "toy", "name=../x"], "name='../x': a name is one folder's name"),  # runs/../x
+    (["plan", "--config", "toy", "data.prompts=[a, ' ']"], "data.prompts: prompt 2 is blank"),  # trained on
+    (["plan", "--config", "toy", "eval.terms=[jpeg_size]", "reward.options={{jpeg_size: {{quality: x}}}}"],
+     "reward.options.jpeg_size.quality='x': an integer from 1 to 100"),  # PIL's error at the first evaluation
 ])
 def test_bad_flag_values_are_one_line_with_status_2(tmp_path, capsys, args, line):
     from shortft.cli import main
 
     (tmp_path / "bad.json").write_text("")
+    (tmp_path / "latin1.yaml").write_bytes(b"name: caf\xe9\n")
+    (tmp_path / "lora").mkdir()
+    (tmp_path / "lora" / "shortft_lora.json").write_text("{oops")
     args = [a.format(tmp=tmp_path) for a in args]
     try:
         code = main(args)

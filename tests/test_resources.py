@@ -117,3 +117,33 @@ def test_a_trial_that_can_only_fit_later_waits_then_ends_as_error(tmp_path):
     (run,) = [r for r in c.search_runs([c.get_experiment_by_name("shortft-sweeps").experiment_id])
               if "mlflow.parentRunId" in r.data.tags]
     assert run.info.status == "FAILED" and run.data.tags["shortft.trial_error"] == row["error"]
+
+
+def test_a_cluster_address_nothing_answers_at_is_one_line_in_seconds(monkeypatch):
+    """`tune/sweep.py --address 127.0.0.1:1` (or a stale RAY_ADDRESS) waited silently for over 3 minutes."""
+    import socket
+    import time
+
+    from shortft import resources
+    from shortft.config import ConfigError
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    t0 = time.time()
+    for address, env in ((f"127.0.0.1:{port}", None), (None, f"127.0.0.1:{port}"), (f"ray://127.0.0.1:{port}", None)):
+        if env:
+            monkeypatch.setenv("RAY_ADDRESS", env)
+        with pytest.raises(ConfigError, match=rf"^Ray cluster address \S+:{port}: nothing answers at \S+:{port} \("):
+            resources.connect(address=address)
+    assert time.time() - t0 < 30
+
+
+def test_a_sweep_name_that_is_no_folder_name_is_refused_before_anything_is_written(tmp_path):
+    from shortft.config import ConfigError
+    from shortft.sweep import run_sweep
+
+    for name in ("../x", "a/b", ".."):
+        with pytest.raises(ConfigError, match=r"^--name=.*: a name is one folder's name"):
+            run_sweep("toy", 1, name=name, storage_path=str(tmp_path / "ray"), tracking_uri=None)
+    assert not (tmp_path / "ray").exists()

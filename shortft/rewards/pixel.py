@@ -11,6 +11,7 @@ import math
 import torch
 from PIL import Image
 
+from shortft.config import ConfigError
 from shortft.rewards.registry import RewardFn, register
 
 
@@ -64,7 +65,13 @@ def compressibility(block: int = 8) -> RewardFn:
     return fn
 
 
-@register("jpeg_size", eval_only=True)
+def check_jpeg_options(quality: int = 95) -> None:
+    """Checked with the config: PIL's error came at the first evaluation, after the models had loaded."""
+    if isinstance(quality, bool) or not isinstance(quality, int) or not 1 <= quality <= 100:
+        raise ConfigError(f"quality={quality!r}: an integer from 1 to 100 (PIL's JPEG quality; 95 is its best)")
+
+
+@register("jpeg_size", eval_only=True, check=check_jpeg_options)
 def jpeg_size(quality: int = 95) -> RewardFn:
     """Minus the real JPEG size in kB (PIL, `quality` 95): what `compressibility` approximates.
 

@@ -21,8 +21,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--workers-per-trial", type=int, default=None, help="Ray Train workers per trial (default 1)")
     p.add_argument("--gpus-per-worker", type=float, default=None, help="GPUs per worker (default 0 = CPU)")
     p.add_argument("--max-concurrent", type=int, default=None, help="trials at once (default: cluster GPUs / GPUs per trial; 1 on CPU)")
-    p.add_argument("--tracking-uri", default="", help="MLflow URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
-    p.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
+    mlflow = p.add_mutually_exclusive_group()  # both given: one was ignored without a word
+    mlflow.add_argument("--tracking-uri", default="", help="MLflow URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
+    mlflow.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
     p.add_argument("--experiment", default=None, help=f"MLflow experiment (default {EXPERIMENT})")
     p.add_argument("--storage-path", default=os.environ.get("SHORTFT_STORAGE_PATH"),
                    help="where Tune and Train keep state: a local dir, s3://..., or NFS (default: "

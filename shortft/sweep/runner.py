@@ -13,7 +13,7 @@ from pathlib import Path
 from ray import tune
 
 from shortft import resources, tracking
-from shortft.config import ConfigError, to_dict
+from shortft.config import ConfigError, check_name, to_dict
 from shortft.hub import check_sources
 from shortft.mlflow_relay import start_relay
 from shortft.space import Space, check_default_space, configs, load_space, trial_config
@@ -93,6 +93,8 @@ def run_sweep(space: str | Space | None = None, num_samples: int | None = None, 
     if tracking_uri:
         tracking_uri = tracking.resolve_uri(tracking_uri)  # credentials move to the environment here
     storage_path = storage_path or str(Path("ray_results").resolve())
+    if name is not None:  # before it names a folder to read or write
+        check_name("--name", name)
     check_storage_path(storage_path)
     if resume and not name:
         name = latest_sweep(storage_path)

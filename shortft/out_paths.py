@@ -1,0 +1,51 @@
+"""Where a command will write, checked before the work: a grid, a JSON file or a run folder that cannot
+be written there once failed only at the end (PIL's "unknown file extension" after the evaluation, an
+IsADirectoryError after a whole bench, FileExistsError as a run started), its results unsaved."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from shortft.config import ConfigError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+
+
+def _existing_parent(path: Path) -> Path:
+    parent = path.absolute().parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    return parent
+
+
+def _check_parent(flag: str, path: Path) -> None:
+    parent = _existing_parent(path)
+    if not parent.is_dir():
+        raise ConfigError(f"{flag} {path}: {parent} is a file, not a folder; give a path under a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"{flag} {path}: {parent} is not writable here; give a path you can write")
+
+
+def output_file(flag: str, path: str | Path, suffixes: tuple[str, ...] = ()) -> Path:
+    """`path` as a file to be written (its folders made if missing), or a ConfigError naming `flag`."""
+    path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{flag} {path}: a folder; give a file path, e.g. {path / ('out' + (suffixes or ('',))[0])}")
+    if suffixes and path.suffix.lower() not in suffixes:
+        raise ConfigError(f"{flag} {path}: give a file ending in {', '.join(suffixes)}")
+    _check_parent(flag, path)
+    return path
+
+
+def output_folder(flag: str, path: str | Path) -> Path:
+    """`path` as a folder to be written in (made if missing), or a ConfigError naming `flag`."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{flag} {path}: a file; give a folder (made if missing)")
+    if path.is_dir():
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise ConfigError(f"{flag} {path}: not writable here; give a folder you can write")
+        return path
+    _check_parent(flag, path)
+    return path
