@@ -90,6 +90,8 @@ def check_prompts(cfg: Config) -> None:
         value = getattr(cfg.data, key)
         if isinstance(value, str) and not value.startswith(HUB_DATASET):
             read_prompts(value, cfg.data.prompt_column, f"data.{key}")
+        elif isinstance(value, str) and len(value[len(HUB_DATASET):].split("/")) < 3:
+            raise ConfigError(f"data.{key}={value!r}: expected hf://datasets/<org>/<name>/<file>")
 
 
 def run_prompts(cfg: Config) -> list[str]:

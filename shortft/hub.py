@@ -1,4 +1,4 @@
-"""The hub sources a config needs (base model, shortcut, reward models): listed for `train --dry-run`,
+"""The hub sources a config needs (base model, shortcut, reward models, prompt files): listed for `train --dry-run`,
 and checked before anything loads them.
 
     for source in sources(cfg): ...   # key, value, what, repo, file, revision, variant
@@ -30,11 +30,11 @@ def is_hub(path: str) -> bool:
     return not path.startswith("builtin:") and not is_local(path)
 
 
-def _cached_path(repo: str, filename: str, revision: str | None) -> Path | None:
+def _cached_path(repo: str, filename: str, revision: str | None, repo_type: str = "model") -> Path | None:
     """The file in this machine's hub cache (where `from_pretrained` looks first), or None."""
     from huggingface_hub import try_to_load_from_cache
 
-    found = None if "*" in filename else try_to_load_from_cache(repo, filename, revision=revision)
+    found = None if "*" in filename else try_to_load_from_cache(repo, filename, revision=revision, repo_type=repo_type)
     return Path(found) if isinstance(found, str) else None
 
 
@@ -47,6 +47,7 @@ class Source(NamedTuple):
     revision: str | None = None
     variant: str | None = None  # a model's weight files (fp16: unet/diffusion_pytorch_model.fp16.safetensors)
     alt: str | None = None  # where `file` is not, this tells the source is there too (a pipeline's unet/config.json)
+    repo_type: str = "model"  # "dataset": a prompt file (data.prompts=hf://datasets/<org>/<name>/<file>)
 
 
 def reward_sources(cfg: Config, names: list[str] | None = None) -> list[Source]:
@@ -90,7 +91,21 @@ def sources(cfg: Config) -> list[Source]:
         alt = "unet/config.json" if file == "config.json" else None  # a UNet repo, or a pipeline repo's unet/
         rows.append(Source("model.shortcut", model.shortcut.replace("{segments}", str(cfg.chain.segments)),
                            f"shortcut ({shortcut.kind})", shortcut.path, file, alt=alt))
-    return rows + reward_sources(cfg)
+    return rows + reward_sources(cfg) + prompt_sources(cfg)
+
+
+def prompt_sources(cfg: Config) -> list[Source]:
+    """The prompt files of `data.prompts` / `data.eval_prompts` on the hub (hf://datasets/<org>/<name>/<file>)."""
+    from shortft.data import HUB_DATASET
+
+    rows = []
+    for key in ("prompts", "eval_prompts"):
+        value = getattr(cfg.data, key)
+        parts = value[len(HUB_DATASET):].split("/") if isinstance(value, str) and value.startswith(HUB_DATASET) else []
+        if len(parts) >= 3:  # a shorter one is refused where it is read
+            rows.append(Source(f"data.{key}", value, f"{key.replace('_', ' ')} (dataset file)", "/".join(parts[:2]),
+                               "/".join(parts[2:]), repo_type="dataset"))
+    return rows
 
 
 # Pipeline components that hold no weights, or that the run does not load (load_pipeline passes None).
@@ -103,7 +118,7 @@ def weightless(src: Source) -> list[str] | None:
     """None where the source's marker file is not in the hub cache; else the folders of its cached snapshot
     that the loader reads weights from and that hold none ("" for the repo's top level): what an
     interrupted or too narrow `hf download` leaves, which fails at load where the hub cannot be asked."""
-    marker = _cached_path(src.repo, src.file, src.revision)
+    marker = _cached_path(src.repo, src.file, src.revision, src.repo_type)
     if marker is None and src.alt:
         marker = _cached_path(src.repo, src.alt, src.revision)
     if marker is None or marker.name not in ("model_index.json", "config.json") or src.key.endswith(".processor"):
@@ -127,6 +142,8 @@ def download_command(src: Source, folders: list[str] | None = None) -> str:
     """The `hf download` that fetches the source (only the weights of `folders`, where given)."""
     file = weight_file(src)
     command = f"hf download {src.repo}{' ' + file if file else ''}"
+    if src.repo_type != "model":
+        command += f" --repo-type {src.repo_type}"
     if src.revision:
         command += f" --revision {src.revision}"
     variant = f".{src.variant}" if src.variant else ""
@@ -142,7 +159,7 @@ def weight_file(source: Source) -> str | None:
     return None if "*" in source.file or source.file in ("model_index.json", "config.json") else source.file
 
 
-def _on_hub(repo: str, filename: str, revision: str | None) -> tuple[str, str] | None:
+def _on_hub(repo: str, filename: str, revision: str | None, repo_type: str = "model") -> tuple[str, str] | None:
     """None where the hub has the file; else ('missing' or 'unreachable', why)."""
     from huggingface_hub import HfApi, get_hf_file_metadata, hf_hub_url
     from huggingface_hub.errors import (EntryNotFoundError, GatedRepoError, OfflineModeIsEnabled,
@@ -150,9 +167,9 @@ def _on_hub(repo: str, filename: str, revision: str | None) -> tuple[str, str] |
 
     try:
         if "*" in filename:
-            HfApi().repo_info(repo, revision=revision, timeout=TIMEOUT_S)
+            HfApi().repo_info(repo, revision=revision, repo_type=repo_type, timeout=TIMEOUT_S)
         else:
-            get_hf_file_metadata(hf_hub_url(repo, filename, revision=revision), timeout=TIMEOUT_S)
+            get_hf_file_metadata(hf_hub_url(repo, filename, revision=revision, repo_type=repo_type), timeout=TIMEOUT_S)
         return None
     except GatedRepoError:
         return "missing", "a gated repo: accept its terms on its hub page, then log in with `hf auth login`"
@@ -187,7 +204,7 @@ def check(srcs: list[Source], here: bool = True, warn=None) -> None:
         empty = weightless(src)
         if empty == []:
             continue
-        problem = _on_hub(src.repo, src.file, src.revision)
+        problem = _on_hub(src.repo, src.file, src.revision, src.repo_type)
         if problem is None:
             continue  # the loader fetches what the cache lacks
         kind, why = problem
@@ -204,7 +221,7 @@ def check(srcs: list[Source], here: bool = True, warn=None) -> None:
                 held = f"{src.repo + '/' + file + ' is ' if file else ''}not in this machine's hub cache"
                 fix = download_command(src)
             raise ConfigError(f"{src.key}={src.value!r}: {held}, and the hub cannot be asked ({why}); download it "
-                              f"first ({fix}), or set {src.key} to a local folder")
+                              f"first ({fix}), or set {src.key} to a local {'file' if src.repo_type == 'dataset' else 'folder'}")
         unreachable.append((src.key, why))
     if unreachable and warn is not None:
         warn(f"note: {', '.join(dict.fromkeys(k for k, _ in unreachable))}: not in this machine's hub cache, and the "

@@ -209,3 +209,25 @@ def test_timing_the_rewards_checks_their_sources_only(tmp_path):
         "shortft: error: reward.options.hps_v2.path='xswu/HPSv2': xswu/HPSv2/HPS_v2_compressed.pt is not in this "
         "machine's hub cache, and the hub cannot be asked (HF_HUB_OFFLINE is set); download it first (hf download "
         "xswu/HPSv2 HPS_v2_compressed.pt), or set reward.options.hps_v2.path to a local folder"), p.stderr[-2000:]
+
+
+def test_a_prompt_file_on_the_hub_is_a_source_listed_by_the_dry_run_and_checked_like_the_models(cache, tmp_path):
+    """`train --dry-run data.prompts=hf://datasets/...` said "nothing: every model is local"."""
+    (tmp_path / "p.txt").write_text("a red circle\n")
+    hub_cache(cache, "someone/prompts", {"train.txt": tmp_path / "p.txt"}, repo_type="dataset")
+    dataset = "data.prompts=hf://datasets/someone/prompts/{}"
+    out = _check([["cached", [dataset.format("train.txt")], True], ["not cached", [dataset.format("other.txt")], True]],
+                 cache, HF_HUB_OFFLINE="1")
+    assert out["cached"] == (None, [])
+    assert out["not cached"][0] == (
+        "data.prompts='hf://datasets/someone/prompts/other.txt': someone/prompts/other.txt is not in this machine's hub "
+        "cache, and the hub cannot be asked (HF_HUB_OFFLINE is set); download it first (hf download someone/prompts "
+        "other.txt --repo-type dataset), or set data.prompts to a local file")
+    p = subprocess.run([sys.executable, "-m", "shortft.cli", "train", "--dry-run", "--config", "tiny",
+                        dataset.format("other.txt")], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"})
+    assert p.returncode == 0 and "[to download] someone/prompts/other.txt  prompts (dataset file)" in p.stdout, p.stdout
+    p = subprocess.run([sys.executable, "-m", "shortft.cli", "plan", "--config", "tiny",
+                        "data.prompts=hf://datasets/someone/prompts"], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 2 and p.stderr.strip().endswith(
+        "data.prompts='hf://datasets/someone/prompts': expected hf://datasets/<org>/<name>/<file>"), p.stderr
