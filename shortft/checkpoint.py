@@ -100,6 +100,7 @@ def check_resume_path(resume: bool | str | Path) -> None:
         return
     path = Path(resume)
     if (path / "state.json").is_file():
+        read_state(path)  # cut short or no JSON: now, not after the models load
         return
     found = (latest(path / "checkpoints") or latest(path)) if path.is_dir() else None
     hint = (f"; the latest checkpoint under it is {found}" if found else

@@ -334,6 +334,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"{key}={value!r}: expected a number")
         return float(value)
     if tp is str:
+        if isinstance(value, dict) and len(value) == 1 and None in value.values():  # `lora:` read as YAML
+            fix = "e.g. model.shortcut=lora:<path or hub id>" if key == "model.shortcut" else "or quote the value"
+            raise ConfigError(f"{key}='{next(iter(value))}:': nothing after the colon; give the whole value, {fix}")
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):
             raise ConfigError(f"{key}={value!r}: expected a string")
         return str(value)

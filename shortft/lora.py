@@ -157,6 +157,10 @@ def read_lora_plan(lora_dir: str | Path) -> dict:
     if bad:
         raise Unreadable(f"LoRA plan {plan_file}: {bad[0]!r} missing or of another kind; give the lora/ dir a "
                          "train run wrote, whole")
+    for name in plan["adapters"]:  # now, not once the models have loaded
+        if not (Path(lora_dir) / str(name) / "pytorch_lora_weights.safetensors").is_file():
+            raise Unreadable(f"LoRA {Path(lora_dir) / str(name)}: no pytorch_lora_weights.safetensors there; give "
+                             "the lora/ dir a train run wrote, whole")
     return plan
 
 

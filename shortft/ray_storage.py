@@ -71,6 +71,9 @@ def check_storage_path(path: str) -> None:
                               "credentials or pass another --storage-path") from None
         return
     p = Path(path).expanduser()
+    if p.exists() and not p.is_dir():
+        raise ConfigError(f"storage path {path}: a file, not a folder; pass --storage-path to a folder (made if "
+                          "missing), or s3://..., an NFS mount on clusters")
     try:
         p.mkdir(parents=True, exist_ok=True)
         probe = p / f".write-test-{uuid.uuid4().hex[:8]}"

@@ -41,7 +41,14 @@ class Dimension:
         if self.kind == "choice":
             return value in self.args
         lo, hi = self.args
-        return isinstance(value, (int, float)) and not isinstance(value, bool) and lo <= value <= hi
+        return self.takes(value) and lo <= value <= hi
+
+    def takes(self, value: Any) -> bool:
+        """Of the range's kind: a number (an integer for randint, lograndint); any value for a choice."""
+        if self.kind == "choice":
+            return True
+        integer = self.kind.endswith("randint")
+        return isinstance(value, int if integer else (int, float)) and not isinstance(value, bool)
 
     def corners(self) -> list:
         """Values that show a config would accept the whole range: both ends, or every choice."""
@@ -181,7 +188,9 @@ def load_space(name_or_path: str, base: str | None = None, overrides: dict | Non
             if key not in dims:
                 raise ConfigError(f"points_to_evaluate[{i}]: {key!r} is not a searched key")
             if not dims[key].contains(value):
-                raise ConfigError(f"points_to_evaluate[{i}]: {key}={value!r} lies outside its {dims[key].kind} "
+                integer = dims[key].kind.endswith("randint")
+                how = "lies outside" if dims[key].takes(value) else f"is no {'integer' if integer else 'number'} for"
+                raise ConfigError(f"points_to_evaluate[{i}]: {key}={value!r} {how} its {dims[key].kind} "
                                   f"{dims[key].args}")
         points.append({k: v for k, v in point.items() if k not in overrides})
     space = Space(name, base, fixed, dims, points)

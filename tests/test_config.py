@@ -1,3 +1,4 @@
+import json
 import math
 import subprocess
 import sys
@@ -178,6 +179,9 @@ def test_a_config_named_from_the_project_instead_of_the_heads_home_folder_is_poi
     (["train", "--config", "toy", "--no-mlflow", "train.output_dir={tmp}/bad.json"],
      "train.output_dir {tmp}/bad.json: a file; give a folder"),  # FileExistsError
     (["train", "--tracking-uri", "sqlite:///x.db", "--no-mlflow"], "argument --no-mlflow: not allowed with"),
+    (["plan", "--config", "toy", "model.shortcut=lora:"], "model.shortcut='lora:': nothing after the colon"),  # a dict
+    (["sample", "--config", "toy", "--lora", "{tmp}/empty", "--prompt", "a"],
+     "LoRA {tmp}/empty/segment_1: no pytorch_lora_weights.safetensors there"),  # once the models had loaded
     (["plan", "--config", "toy", "name=../x"], "name='../x': a name is one folder's name"),  # runs/../x
     (["plan", "--config", "toy", "data.prompts=[a, ' ']"], "data.prompts: prompt 2 is blank"),  # trained on
     (["plan", "--config", "toy", "eval.terms=[jpeg_size]", "reward.options={{jpeg_size: {{quality: x}}}}"],
@@ -190,6 +194,9 @@ def test_bad_flag_values_are_one_line_with_status_2(tmp_path, capsys, args, line
     (tmp_path / "latin1.yaml").write_bytes(b"name: caf\xe9\n")
     (tmp_path / "lora").mkdir()
     (tmp_path / "lora" / "shortft_lora.json").write_text("{oops")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "shortft_lora.json").write_text(json.dumps(
+        {"method": "shortft", "segments": 2, "adapters": ["segment_1"], "timesteps": [1], "step_adapters": [[]]}))
     args = [a.format(tmp=tmp_path) for a in args]
     try:
         code = main(args)

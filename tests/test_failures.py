@@ -215,6 +215,11 @@ def test_resuming_from_a_path_that_is_no_checkpoint_is_one_line_before_the_model
         with pytest.raises(ConfigError) as e:
             loop.train(make_cfg("train.steps=4"), resume=str(given))
         assert str(e.value) == f"--resume {given}: {told}"
+    cut = tmp_path / "cut"
+    cut.mkdir()
+    (cut / "state.json").write_text('{"step": 2')  # was read after the models had loaded
+    with pytest.raises(ConfigError, match=rf"^checkpoint {cut}: state.json unreadable \(JSONDecodeError"):
+        loop.train(make_cfg("train.steps=4"), resume=str(cut))
 
 
 def test_the_fp16_loss_scale_survives_a_checkpoint(make_cfg, tmp_path):

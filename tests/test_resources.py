@@ -147,3 +147,12 @@ def test_a_sweep_name_that_is_no_folder_name_is_refused_before_anything_is_writt
         with pytest.raises(ConfigError, match=r"^--name=.*: a name is one folder's name"):
             run_sweep("toy", 1, name=name, storage_path=str(tmp_path / "ray"), tracking_uri=None)
     assert not (tmp_path / "ray").exists()
+
+
+def test_a_storage_path_that_is_a_file_is_named_as_one(tmp_path):
+    from shortft.config import ConfigError
+    from shortft.ray_storage import check_storage_path
+
+    (tmp_path / "f").write_text("")
+    with pytest.raises(ConfigError, match=r"^storage path .*/f: a file, not a folder; pass --storage-path"):
+        check_storage_path(str(tmp_path / "f"))  # was "not writable (File exists)"

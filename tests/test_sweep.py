@@ -89,6 +89,11 @@ def test_builtin_space_and_trial_config():
     with pytest.raises(ConfigError, match="outside"):
         load_space(_space_file(Path(os.environ["SHORTFT_CACHE"]), "  lora.rank: {randint: [4, 8]}",
                                "points_to_evaluate:\n  - {lora.rank: 16}\n"))
+    for value in ("abc", "4.5"):  # said to lie outside [4, 8]
+        with pytest.raises(ConfigError, match=rf"^points_to_evaluate\[0\]: lora.rank=.*{value}.* is no integer for its "
+                                              r"randint \[4, 8\]$"):
+            load_space(_space_file(Path(os.environ["SHORTFT_CACHE"]), "  lora.rank: {randint: [4, 8]}",
+                                   f"points_to_evaluate:\n  - {{lora.rank: {value}}}\n"))
 
 
 def test_results_markdown_gives_each_objective_its_standard_error_and_the_spread_in_them():
