@@ -93,12 +93,13 @@ def memory(cfg: Config) -> str:
     reward models (bf16 on a GPU), from parameter counts."""
     from shortft.architectures import HUB_IDS, random_pipeline
     from shortft.lora import add_loras
-    from shortft.models import frozen_parts
+    from shortft.models import frozen_parts, model_resolution
     from shortft.plan import training_plan
 
     if cfg.model.pretrained not in HUB_IDS and is_hub(cfg.model.pretrained):
         return "memory: unknown architecture (not a local dir or one of the published ones in shortft/architectures.py)"
     pipe = random_pipeline(cfg.model.pretrained, device="meta")
+    model_resolution(cfg, pipe)  # refused by the run once the model has loaded: said by the dry run too
     frozen = sum(p.numel() for part in frozen_parts(pipe) for p in part.parameters())
     with torch.device("meta"):
         add_loras(pipe.unet, training_plan(cfg).adapters, cfg.lora.rank, cfg.lora.alpha, cfg.lora.targets)

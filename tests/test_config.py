@@ -179,6 +179,8 @@ def test_a_config_named_from_the_project_instead_of_the_heads_home_folder_is_poi
     (["train", "--config", "toy", "--no-mlflow", "train.output_dir={tmp}/bad.json"],
      "train.output_dir {tmp}/bad.json: a file; give a folder"),  # FileExistsError
     (["train", "--tracking-uri", "sqlite:///x.db", "--no-mlflow"], "argument --no-mlflow: not allowed with"),
+    (["train", "--config", "toy", "--dry-run", "model.resolution=65"],
+     "model.resolution=65: not a multiple of this model's VAE factor 4; use 64 or 68"),  # status 0; the run refused it
     (["plan", "--config", "toy", "model.shortcut=lora:"], "model.shortcut='lora:': nothing after the colon"),  # a dict
     (["sample", "--config", "toy", "--lora", "{tmp}/empty", "--prompt", "a"],
      "LoRA {tmp}/empty/segment_1: no pytorch_lora_weights.safetensors there"),  # once the models had loaded
