@@ -82,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
             print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
         elif args.command == "plan" or (args.command == "train" and args.dry_run):
             if args.command == "train":
+                note_unused_flags(args)
                 print(yaml.safe_dump(to_dict(cfg), sort_keys=False))
             from shortft.preflight import print_plan, report
 
@@ -144,8 +145,7 @@ def run_train(cfg, args) -> int:
                                resume=bool(args.resume))
             print(f"done: run {r.run_name}; LoRA in {r.output_dir / 'lora'}; checkpoints in {r.storage_path}")
         else:
-            if args.storage_path or args.gpu:
-                print("shortft: note: --storage-path and --gpu apply with --workers N only", file=sys.stderr)
+            note_unused_flags(args)
             callbacks, run_id = [], None
             if uri:
                 run_id = tracking.ensure_run(uri, args.experiment, str(cfg.output_dir.resolve()), cfg.name, cfg,
@@ -166,6 +166,11 @@ def run_train(cfg, args) -> int:
     if uri:
         print(f"compare runs: mlflow ui --backend-store-uri {uri}")
     return 0
+
+
+def note_unused_flags(args) -> None:
+    if not args.workers and (args.storage_path or args.gpu):
+        print("shortft: note: --storage-path and --gpu apply with --workers N only", file=sys.stderr)
 
 
 def int_list(flag: str, text: str, low: int = 1, high: int | None = None) -> list[int]:

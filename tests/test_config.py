@@ -206,3 +206,10 @@ def test_bad_flag_values_are_one_line_with_status_2(tmp_path, capsys, args, line
         code = e.code
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and line.format(tmp=tmp_path) in err[-1] and "Traceback" not in "\n".join(err), err
+
+
+def test_the_dry_run_notes_flags_that_apply_with_workers_only_as_the_run_does(capsys):
+    from shortft.cli import main
+
+    assert main(["train", "--config", "toy", "--dry-run", "--gpu", "--storage-path", "s3://b/p"]) == 0
+    assert "shortft: note: --storage-path and --gpu apply with --workers N only" in capsys.readouterr().err
