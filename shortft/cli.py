@@ -25,7 +25,7 @@ from shortft.checks import load_config
 from shortft.cli_parser import parser as _parser
 from shortft.config import ConfigError, describe, parse_overrides, to_dict
 from shortft.memory import OutOfMemory, explained
-from shortft.out_paths import IMAGE_SUFFIXES, output_file
+from shortft.out_paths import image_suffixes, output_file
 from shortft.progress import quiet_libraries
 
 
@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "sample":
             from shortft.sample import run_sample
 
-            seeds = int_list("--seeds", args.seeds, 0, 2**63)  # torch's generator takes 64-bit seeds
+            seeds = int_list("--seeds", args.seeds, -2**63, 2**64)  # what torch's generator takes
             with explained(cfg, "while sampling", "sampling"):
                 run_sample(cfg, args.lora, args.prompt, args.prompts, seeds, args.steps, args.guidance, Path(args.out),
                            args.compare)
@@ -241,7 +241,7 @@ def run_eval(cfg, lora: str | None, grid: str | None) -> dict:
     from shortft.evaluate import scalars
     from shortft.sample import evaluate_trained
 
-    grid_path = output_file("--grid", grid, IMAGE_SUFFIXES) if grid else None  # before sampling, not after
+    grid_path = output_file("--grid", grid, image_suffixes()) if grid else None  # before sampling, not after
     metrics = evaluate_trained(cfg, lora, grid_path)
     print(json.dumps(scalars(metrics), indent=1))
     return metrics

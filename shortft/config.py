@@ -430,7 +430,7 @@ def check_name(flag: str, name: str) -> None:
     """A run or sweep name is one folder (`runs/{name}`, the storage path's `<name>/`): `../x` wrote elsewhere."""
     if not name.strip() or name in (".", "..") or any(c in name for c in "/\\\0"):
         raise ConfigError(f"{flag}={name!r}: a name is one folder's name: not empty, no / or \\, not . or .. "
-                          "(e.g. sd15-pickscore)")
+                          "(e.g. sd15-pickscore; to group runs, train.output_dir=runs/<group>/{name})")
 
 
 def validate(cfg: Config) -> None:

@@ -23,13 +23,11 @@ def _local(value: str, key: str) -> Path:
     """A local path for `value`; a hub dataset file is downloaded (or found in the hub cache)."""
     if not value.startswith(HUB_DATASET):
         return Path(builtin.resolve_path(value)).expanduser()
-    parts = value[len(HUB_DATASET):].split("/")
-    if len(parts) < 3:
-        raise ConfigError(f"{key}={value!r}: expected hf://datasets/<org>/<name>/<file>")
+    repo, file = hub_dataset_file(value, key)
     from huggingface_hub import hf_hub_download
 
     try:
-        return Path(hf_hub_download("/".join(parts[:2]), "/".join(parts[2:]), repo_type="dataset"))
+        return Path(hf_hub_download(repo, file, repo_type="dataset"))
     except Exception as e:  # offline, no such repo or file: one line either way
         raise ConfigError(f"{key}={value!r}: could not get the file ({(str(e).splitlines() or [type(e).__name__])[0]})") from None
 
@@ -90,8 +88,25 @@ def check_prompts(cfg: Config) -> None:
         value = getattr(cfg.data, key)
         if isinstance(value, str) and not value.startswith(HUB_DATASET):
             read_prompts(value, cfg.data.prompt_column, f"data.{key}")
-        elif isinstance(value, str) and len(value[len(HUB_DATASET):].split("/")) < 3:
-            raise ConfigError(f"data.{key}={value!r}: expected hf://datasets/<org>/<name>/<file>")
+        elif isinstance(value, str):
+            hub_dataset_file(value, f"data.{key}")
+
+
+def hub_dataset_file(value: str, key: str) -> tuple[str, str]:
+    """(repo id, file) of `hf://datasets/<org>/<name>/<file>`; a ConfigError naming `key` for anything else
+    (a revision, `@main`, is not taken: the hub's own check raised a traceback from the source listing)."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    parts = value[len(HUB_DATASET):].split("/")
+    if len(parts) < 3 or not all(parts):
+        raise ConfigError(f"{key}={value!r}: expected hf://datasets/<org>/<name>/<file>")
+    repo = "/".join(parts[:2])
+    try:
+        validate_repo_id(repo)
+    except HFValidationError:
+        raise ConfigError(f"{key}={value!r}: {repo!r} is no hub dataset id (letters, digits, - _ . only; no "
+                          "@revision); expected hf://datasets/<org>/<name>/<file>") from None
+    return repo, "/".join(parts[2:])
 
 
 def run_prompts(cfg: Config) -> list[str]:

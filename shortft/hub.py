@@ -96,15 +96,15 @@ def sources(cfg: Config) -> list[Source]:
 
 def prompt_sources(cfg: Config) -> list[Source]:
     """The prompt files of `data.prompts` / `data.eval_prompts` on the hub (hf://datasets/<org>/<name>/<file>)."""
-    from shortft.data import HUB_DATASET
+    from shortft.data import HUB_DATASET, hub_dataset_file
 
     rows = []
     for key in ("prompts", "eval_prompts"):
         value = getattr(cfg.data, key)
-        parts = value[len(HUB_DATASET):].split("/") if isinstance(value, str) and value.startswith(HUB_DATASET) else []
-        if len(parts) >= 3:  # a shorter one is refused where it is read
-            rows.append(Source(f"data.{key}", value, f"{key.replace('_', ' ')} (dataset file)", "/".join(parts[:2]),
-                               "/".join(parts[2:]), repo_type="dataset"))
+        if isinstance(value, str) and value.startswith(HUB_DATASET):
+            repo, file = hub_dataset_file(value, f"data.{key}")
+            rows.append(Source(f"data.{key}", value, f"{key.replace('_', ' ')} (dataset file)", repo, file,
+                               repo_type="dataset"))
     return rows
 
 

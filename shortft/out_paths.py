@@ -9,7 +9,15 @@ from pathlib import Path
 
 from shortft.config import ConfigError
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+
+def image_suffixes() -> tuple[str, ...]:
+    """The suffixes PIL writes an image as (`save_grid` saves by the path's suffix), common ones first."""
+    from PIL import Image
+
+    Image.init()
+    writes = {e for e, kind in Image.registered_extensions().items() if kind in Image.SAVE}
+    common = (".png", ".jpg", ".jpeg", ".webp")
+    return tuple(e for e in common if e in writes) + tuple(sorted(writes - set(common)))
 
 
 def _existing_parent(path: Path) -> Path:
@@ -33,7 +41,9 @@ def output_file(flag: str, path: str | Path, suffixes: tuple[str, ...] = ()) -> 
     if path.is_dir():
         raise ConfigError(f"{flag} {path}: a folder; give a file path, e.g. {path / ('out' + (suffixes or ('',))[0])}")
     if suffixes and path.suffix.lower() not in suffixes:
-        raise ConfigError(f"{flag} {path}: give a file ending in {', '.join(suffixes)}")
+        raise ConfigError(f"{flag} {path}: give a file ending in {', '.join(suffixes[:4])} (or another of the "
+                          f"{len(suffixes)} image suffixes PIL writes)" if len(suffixes) > 4 else
+                          f"{flag} {path}: give a file ending in {', '.join(suffixes)}")
     _check_parent(flag, path)
     return path
 

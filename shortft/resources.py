@@ -63,19 +63,24 @@ def connect(**kwargs) -> None:
                       + TOKEN_FIX)
 
 
-ANSWER_TIMEOUT_S = 10.0
+ANSWER_WAIT_S = 30.0  # a head that is still starting (`ray up`, a KubeRay service) answers within it
 
 
-def check_answers(address: str | None, timeout: float = ANSWER_TIMEOUT_S) -> None:
+def check_answers(address: str | None, wait_s: float | None = None) -> None:
     """Something listens at the cluster address (given, or $RAY_ADDRESS): with nothing there, `ray.init`
-    waited silently for minutes (seen: over 3 min for 127.0.0.1:1, killed then). One TCP connect, seconds."""
+    waited silently for minutes (seen: over 3 min for 127.0.0.1:1, killed then). TCP connects, one a
+    second, for up to `wait_s` (ANSWER_WAIT_S), with a line saying so after the first refusal."""
     import socket
+    import sys
+    import time
 
     from ray._private.services import canonicalize_bootstrap_address  # listed in shortft/sweep/ray_compat.py
 
     given = address or os.environ.get("RAY_ADDRESS")
     if given and given.startswith("ray://"):
         target, port = given.removeprefix("ray://").split("/")[0], 10001  # Ray Client's default port
+    elif given and "://" in given:  # another client scheme (anyscale://...): not a host:port to probe
+        return
     else:
         try:
             target, port = canonicalize_bootstrap_address(address), 6379  # the GCS's default port
@@ -85,11 +90,22 @@ def check_answers(address: str | None, timeout: float = ANSWER_TIMEOUT_S) -> Non
         return
     host, sep, tail = target.rpartition(":")
     host, port = (host, tail) if sep and tail.isdigit() else (target, port)
-    try:
-        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
-    except OSError as e:
-        raise ConfigError(f"Ray cluster address {given}: nothing answers at {host}:{port} ({e.strerror or type(e).__name__}); "
-                          "start Ray there (ray start --head), or give the head node's host:port") from None
+    wait_s = ANSWER_WAIT_S if wait_s is None else wait_s
+    deadline, told = time.monotonic() + wait_s, False
+    while True:
+        try:
+            socket.create_connection((host.strip("[]"), int(port)), timeout=min(10.0, wait_s or 10.0)).close()
+            return
+        except OSError as e:
+            if time.monotonic() >= deadline:
+                raise ConfigError(f"Ray cluster address {given}: nothing answers at {host}:{port} "
+                                  f"({e.strerror or type(e).__name__}) after {wait_s:g} s; start Ray there (ray start "
+                                  "--head), or give the head node's host:port") from None
+        if not told:
+            print(f"note: nothing answers at {host}:{port} yet; waiting up to {wait_s:g} s for the Ray cluster",
+                  file=sys.stderr, flush=True)
+            told = True
+        time.sleep(1.0)
 
 
 GCS_PORT_ENV = "RAY_GCS_SERVER_PORT"  # the port a head node's GCS listens on, read by Ray as it starts one
@@ -99,6 +115,8 @@ def starts_local_ray() -> bool:
     """Whether a bare `ray.init()` would start a Ray of its own (no RAY_ADDRESS, no `ray start` here)."""
     from ray._private.services import canonicalize_bootstrap_address  # listed in shortft/sweep/ray_compat.py
 
+    if "://" in os.environ.get("RAY_ADDRESS", ""):  # a Ray Client address: no local start (Ray's parser refuses it)
+        return False
     return canonicalize_bootstrap_address(None) is None
 
 

@@ -166,7 +166,7 @@ def test_a_config_named_from_the_project_instead_of_the_heads_home_folder_is_poi
     (["sample", "--config", "toy", "--lora", "x", "--prompt", "a", "--seeds", ","],
      "--seeds ',': give at least one integer"),  # torch.cat(): expected a non-empty list
     (["sample", "--config", "toy", "--lora", "x", "--prompt", "a", "--seeds", "99999999999999999999999"],
-     "--seeds 99999999999999999999999: must be >= 0 and < 9223372036854775808"),  # Overflow when unpacking long
+     "--seeds 99999999999999999999999: must be >= -9223372036854775808 and < 18446744073709551616"),  # Overflow when unpacking long
     (["sample", "--lora", "x", "--guidance", "nan"], "argument --guidance: nan: must be a finite number"),  # status 0
     (["sample", "--config", "toy", "--lora", "{tmp}/lora", "--prompt", "a"],
      "LoRA plan {tmp}/lora/shortft_lora.json: unreadable (JSONDecodeError"),
@@ -187,7 +187,7 @@ def test_a_config_named_from_the_project_instead_of_the_heads_home_folder_is_poi
     (["plan", "--config", "toy", "name=../x"], "name='../x': a name is one folder's name"),  # runs/../x
     (["plan", "--config", "toy", "data.prompts=[a, ' ']"], "data.prompts: prompt 2 is blank"),  # trained on
     (["plan", "--config", "toy", "eval.terms=[jpeg_size]", "reward.options={{jpeg_size: {{quality: x}}}}"],
-     "reward.options.jpeg_size.quality='x': an integer from 1 to 100"),  # PIL's error at the first evaluation
+     "reward.options.jpeg_size.quality='x': an integer from 0 to 100"),  # PIL's error at the first evaluation
 ])
 def test_bad_flag_values_are_one_line_with_status_2(tmp_path, capsys, args, line):
     from shortft.cli import main

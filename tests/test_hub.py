@@ -227,7 +227,8 @@ def test_a_prompt_file_on_the_hub_is_a_source_listed_by_the_dry_run_and_checked_
                         dataset.format("other.txt")], capture_output=True, text=True, timeout=300,
                        env={**os.environ, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"})
     assert p.returncode == 0 and "[to download] someone/prompts/other.txt  prompts (dataset file)" in p.stdout, p.stdout
-    p = subprocess.run([sys.executable, "-m", "shortft.cli", "plan", "--config", "tiny",
-                        "data.prompts=hf://datasets/someone/prompts"], capture_output=True, text=True, timeout=300)
-    assert p.returncode == 2 and p.stderr.strip().endswith(
-        "data.prompts='hf://datasets/someone/prompts': expected hf://datasets/<org>/<name>/<file>"), p.stderr
+    for value, told in (("someone/prompts", "expected hf://datasets/<org>/<name>/<file>"),
+                        ("someone/prompts@main/train.txt", "'someone/prompts@main' is no hub dataset id (letters")):
+        p = subprocess.run([sys.executable, "-m", "shortft.cli", "train", "--dry-run", "--config", "tiny",
+                            f"data.prompts=hf://datasets/{value}"], capture_output=True, text=True, timeout=300)
+        assert p.returncode == 2 and f"data.prompts='hf://datasets/{value}': {told}" in p.stderr, p.stderr

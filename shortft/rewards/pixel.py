@@ -67,8 +67,8 @@ def compressibility(block: int = 8) -> RewardFn:
 
 def check_jpeg_options(quality: int = 95) -> None:
     """Checked with the config: PIL's error came at the first evaluation, after the models had loaded."""
-    if isinstance(quality, bool) or not isinstance(quality, int) or not 1 <= quality <= 100:
-        raise ConfigError(f"quality={quality!r}: an integer from 1 to 100 (PIL's JPEG quality; 95 is its best)")
+    if isinstance(quality, bool) or not isinstance(quality, int) or not 0 <= quality <= 100:
+        raise ConfigError(f"quality={quality!r}: an integer from 0 to 100 (PIL's JPEG quality; 95 is its best)")
 
 
 @register("jpeg_size", eval_only=True, check=check_jpeg_options)

@@ -165,8 +165,9 @@ def parser():
     p.add_argument("--name", default="compare")
     p.add_argument("--out", default=None, help="results folder (default runs/compare/<name>)")
     p.add_argument("--storage-path", default=None, help="Ray Tune storage (default as the sweep's)")
-    p.add_argument("--tracking-uri", default="", help="MLflow (default $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
-    p.add_argument("--no-mlflow", action="store_true")
+    mlflow = p.add_mutually_exclusive_group()
+    mlflow.add_argument("--tracking-uri", default="", help="MLflow (default $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
+    mlflow.add_argument("--no-mlflow", action="store_true")
     p.add_argument("--smoke-test", action="store_true", help="the sweep's smoke sizes: a plumbing check")
     p.add_argument("--report-only", action="store_true", help="write the report of an earlier run in --out")
     return p
