@@ -33,6 +33,10 @@ def main(argv: list[str] | None = None) -> int:
     quiet_libraries()
     parser = _parser()
     args, extra = parser.parse_known_args(argv)
+    resume = getattr(args, "resume", None)
+    if isinstance(resume, str) and "=" in resume and not Path(resume).exists():
+        # `--resume train.steps=400`: argparse gave the override to --resume (it takes an optional path)
+        args.overrides, args.resume = [*args.overrides, resume], True
     # `key=value` overrides may come after flags too (`train --no-mlflow chain.steps=20`); argparse
     # takes positionals in one run only, so it hands the later ones back here.
     if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
@@ -89,6 +93,8 @@ def main(argv: list[str] | None = None) -> int:
             print_plan(cfg)
             if args.command == "train":
                 print("\n" + report(cfg))
+                if args.resume:
+                    print(resume_line(cfg, args))
         elif args.command == "train":
             return run_train(cfg, args)
         elif args.command == "eval":
@@ -166,6 +172,22 @@ def run_train(cfg, args) -> int:
     if uri:
         print(f"compare runs: mlflow ui --backend-store-uri {uri}")
     return 0
+
+
+def resume_line(cfg, args) -> str:
+    """Where `train --resume` would start (a dry run): the checkpoint and its step, or step 0."""
+    from shortft import checkpoint
+
+    if args.workers:
+        return "resume: from the latest checkpoint Ray Train recorded in the storage path"
+    if args.resume is not True:
+        checkpoint.check_resume_path(args.resume)
+        path = Path(args.resume)
+    else:
+        path = checkpoint.latest(cfg.output_dir / "checkpoints")
+        if path is None:
+            return f"resume: no checkpoint under {cfg.output_dir / 'checkpoints'}; the run would start from step 0"
+    return f"resume: from {path} at step {checkpoint.read_state(path)['step']}"
 
 
 def note_unused_flags(args) -> None:

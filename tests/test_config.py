@@ -213,3 +213,20 @@ def test_the_dry_run_notes_flags_that_apply_with_workers_only_as_the_run_does(ca
 
     assert main(["train", "--config", "toy", "--dry-run", "--gpu", "--storage-path", "s3://b/p"]) == 0
     assert "shortft: note: --storage-path and --gpu apply with --workers N only" in capsys.readouterr().err
+
+
+def test_an_override_after_resume_is_an_override_and_the_dry_run_says_where_the_resume_starts(tmp_path, capsys,
+                                                                                             tiny_dir):
+    """`train --resume train.steps=400` took `train.steps=400` for the checkpoint path to resume from."""
+    import shortft
+    from shortft.cli import main
+
+    run = [f"model.pretrained={tiny_dir}", f"train.output_dir={tmp_path}/run", "chain.steps=4", "chain.segments=2"]
+    assert main(["train", "--config", "tiny", "--dry-run", "--resume", *run]) == 0
+    assert capsys.readouterr().out.strip().endswith(f"resume: no checkpoint under {tmp_path}/run/checkpoints; the run "
+                                                    "would start from step 0")
+    shortft.train(shortft.load_config("tiny", [*run, "train.steps=2", "train.log_every=100"]))
+    assert main(["train", "--config", "tiny", "--dry-run", *run, "--resume", "train.steps=6"]) == 0
+    out = capsys.readouterr().out
+    assert "\n  steps: 6\n" in out and out.strip().endswith(
+        f"resume: from {tmp_path}/run/checkpoints/step_000002 at step 2"), out[-2000:]
