@@ -41,9 +41,8 @@ def output_file(flag: str, path: str | Path, suffixes: tuple[str, ...] = ()) -> 
     if path.is_dir():
         raise ConfigError(f"{flag} {path}: a folder; give a file path, e.g. {path / ('out' + (suffixes or ('',))[0])}")
     if suffixes and path.suffix.lower() not in suffixes:
-        raise ConfigError(f"{flag} {path}: give a file ending in {', '.join(suffixes[:4])} (or another of the "
-                          f"{len(suffixes)} image suffixes PIL writes)" if len(suffixes) > 4 else
-                          f"{flag} {path}: give a file ending in {', '.join(suffixes)}")
+        more = f" (or another of the {len(suffixes)} this accepts)" if len(suffixes) > 4 else ""
+        raise ConfigError(f"{flag} {path}: give a file ending in {', '.join(suffixes[:4])}{more}")
     _check_parent(flag, path)
     return path
 

@@ -43,12 +43,15 @@ class Dimension:
         lo, hi = self.args
         return self.takes(value) and lo <= value <= hi
 
+    @property
+    def integer(self) -> bool:
+        return self.kind.endswith("randint")
+
     def takes(self, value: Any) -> bool:
         """Of the range's kind: a number (an integer for randint, lograndint); any value for a choice."""
         if self.kind == "choice":
             return True
-        integer = self.kind.endswith("randint")
-        return isinstance(value, int if integer else (int, float)) and not isinstance(value, bool)
+        return isinstance(value, int if self.integer else (int, float)) and not isinstance(value, bool)
 
     def corners(self) -> list:
         """Values that show a config would accept the whole range: both ends, or every choice."""
@@ -188,8 +191,8 @@ def load_space(name_or_path: str, base: str | None = None, overrides: dict | Non
             if key not in dims:
                 raise ConfigError(f"points_to_evaluate[{i}]: {key!r} is not a searched key")
             if not dims[key].contains(value):
-                integer = dims[key].kind.endswith("randint")
-                how = "lies outside" if dims[key].takes(value) else f"is no {'integer' if integer else 'number'} for"
+                how = ("lies outside" if dims[key].takes(value) else
+                       f"is no {'integer' if dims[key].integer else 'number'} for")
                 raise ConfigError(f"points_to_evaluate[{i}]: {key}={value!r} {how} its {dims[key].kind} "
                                   f"{dims[key].args}")
         points.append({k: v for k, v in point.items() if k not in overrides})
