@@ -6,20 +6,26 @@ the sweep run before anything heavy: reward names (registry), model and shortcut
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
 from shortft import builtin, data, rewards
-from shortft.config import Config, read_config
+from shortft.config import PARTS, Config, read_config
 from shortft.plan import check_shortcut
 
 
-def check(cfg: Config) -> Config:
-    """Raises a one-line ConfigError naming the key; returns `cfg` unchanged."""
-    rewards.check_config(cfg)
+def check(cfg: Config, parts: Collection[str] = PARTS) -> Config:
+    """Raises a one-line ConfigError naming the key; returns `cfg` unchanged. The base model and those of
+    `parts` (`shortft.config.PARTS`) are checked."""
+    if "rewards" in parts:
+        rewards.check_config(cfg)
     builtin.check_pretrained(cfg.model.pretrained)
-    check_shortcut(cfg)
-    data.check_prompts(cfg)
+    if "shortcut" in parts:
+        check_shortcut(cfg)
+    data.check_prompts(cfg, [key for key in ("prompts", "eval_prompts") if key in parts])
     return cfg
 
 
-def load_config(config: str | None = None, overrides: list[str] | dict | None = None) -> Config:
-    """Built-in config name or YAML path, then `a.b=c` overrides (or a nested dict); fully checked."""
-    return check(read_config(config, overrides))
+def load_config(config: str | None = None, overrides: list[str] | dict | None = None,
+                parts: Collection[str] = PARTS) -> Config:
+    """Built-in config name or YAML path, then `a.b=c` overrides (or a nested dict); checked (`check`)."""
+    return check(read_config(config, overrides), parts)

@@ -23,7 +23,7 @@ import yaml
 
 from shortft.checks import load_config
 from shortft.cli_parser import parser as _parser
-from shortft.config import ConfigError, describe, parse_overrides, to_dict
+from shortft.config import PARTS, READS, ConfigError, describe, parse_overrides, to_dict
 from shortft.memory import OutOfMemory, explained
 from shortft.out_paths import image_suffixes, output_file
 from shortft.progress import quiet_libraries
@@ -69,7 +69,8 @@ def main(argv: list[str] | None = None) -> int:
             for key, default, help in describe():
                 print(f"{key:32s} {json.dumps(default):28s} {help}")
             return 0
-        cfg = load_config(args.config, args.overrides)
+        parts = READS.get(args.command, PARTS)
+        cfg = load_config(args.config, args.overrides, parts)
         if args.command in ("eval", "sample"):
             from shortft.sample import for_sampling
 
@@ -81,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
 
             # Ray Train workers on a cluster load them on their own nodes: an unreachable hub is only told
             here = not getattr(args, "workers", 0) or starts_local_ray()
-            check_sources([cfg], here=here, warn=lambda line: print(f"shortft: {line}", file=sys.stderr))
+            check_sources([cfg], here=here, warn=lambda line: print(f"shortft: {line}", file=sys.stderr), parts=parts)
         if args.command == "config":
             print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
         elif args.command == "plan" or (args.command == "train" and args.dry_run):

@@ -31,6 +31,12 @@ METHODS = ("shortft", "full", "draft", "draft_lv", "alignprop", "refl", "drtune"
 MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
 INTERIOR_ADAPTERS = ("none", "segment")
 TIMESTEP_SPACINGS = ("leading", "linspace", "trailing")
+# The parts of a config beyond the base model that a command may read, and so check and fetch first. A
+# run's config names the files of the machine it trained on; `eval` and `sample` read fewer of them (the
+# original sampler calls no shortcut, `sample` scores nothing), so a machine that only samples needs none
+# of the others: not the reward models, not the training prompts.
+PARTS = ("rewards", "shortcut", "prompts", "eval_prompts")
+READS = {"eval": ("rewards", "eval_prompts"), "sample": ()}
 
 
 class ConfigError(ValueError):

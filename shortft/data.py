@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from functools import lru_cache
 from pathlib import Path
 
@@ -79,12 +80,12 @@ def _read_file(path: str, version: tuple, column: str, key: str, value: str) -> 
     return tuple(prompts)
 
 
-def check_prompts(cfg: Config) -> None:
+def check_prompts(cfg: Config, keys: Collection[str] = ("prompts", "eval_prompts")) -> None:
     """`data.prompts` / `data.eval_prompts` given as local files must exist and hold prompts in
     `data.prompt_column` (hub files are fetched, and so checked, before the run loads its models). The
     evaluation file was first read by the first evaluation, which in configs that evaluate only at the
     end came after the last step and before the LoRA was saved."""
-    for key in ("prompts", "eval_prompts"):
+    for key in keys:
         value = getattr(cfg.data, key)
         if isinstance(value, str) and not value.startswith(HUB_DATASET):
             read_prompts(value, cfg.data.prompt_column, f"data.{key}")

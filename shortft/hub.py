@@ -13,10 +13,11 @@ before its table of errors. The check asks the hub once per source, without retr
 from __future__ import annotations
 
 import json
+from collections.abc import Collection
 from pathlib import Path
 from typing import NamedTuple
 
-from shortft.config import Config, ConfigError
+from shortft.config import PARTS, Config, ConfigError
 from shortft.plan import resolve_shortcut
 
 TIMEOUT_S = 10.0  # one request per source not in the cache
@@ -73,8 +74,9 @@ def reward_sources(cfg: Config, names: list[str] | None = None) -> list[Source]:
     return out
 
 
-def sources(cfg: Config) -> list[Source]:
-    """Every hub source the run would fetch: base model, shortcut, reward models."""
+def sources(cfg: Config, parts: Collection[str] = PARTS) -> list[Source]:
+    """Every hub source the run would fetch: base model, and of `parts` (`shortft.config.PARTS`) the
+    shortcut, reward models, prompt files."""
     from shortft.architectures import ARCHITECTURES, HUB_IDS
 
     rows = []
@@ -85,21 +87,21 @@ def sources(cfg: Config) -> list[Source]:
         what += f"; variant {model.variant})" if model.variant else ")"
         rows.append(Source("model.pretrained", model.pretrained, what, model.pretrained, "model_index.json",
                            model.revision, model.variant))
-    shortcut = resolve_shortcut(model, cfg.chain.segments)
-    if shortcut.kind != "none" and is_hub(shortcut.path):
+    shortcut = resolve_shortcut(model, cfg.chain.segments) if "shortcut" in parts else None
+    if shortcut and shortcut.kind != "none" and is_hub(shortcut.path):
         file = shortcut.weight_name or ("config.json" if shortcut.kind == "unet" else "*.safetensors")
         alt = "unet/config.json" if file == "config.json" else None  # a UNet repo, or a pipeline repo's unet/
         rows.append(Source("model.shortcut", model.shortcut.replace("{segments}", str(cfg.chain.segments)),
                            f"shortcut ({shortcut.kind})", shortcut.path, file, alt=alt))
-    return rows + reward_sources(cfg) + prompt_sources(cfg)
+    return rows + (reward_sources(cfg) if "rewards" in parts else []) + prompt_sources(cfg, parts)
 
 
-def prompt_sources(cfg: Config) -> list[Source]:
+def prompt_sources(cfg: Config, parts: Collection[str] = PARTS) -> list[Source]:
     """The prompt files of `data.prompts` / `data.eval_prompts` on the hub (hf://datasets/<org>/<name>/<file>)."""
     from shortft.data import HUB_DATASET, hub_dataset_file
 
     rows = []
-    for key in ("prompts", "eval_prompts"):
+    for key in [key for key in ("prompts", "eval_prompts") if key in parts]:
         value = getattr(cfg.data, key)
         if isinstance(value, str) and value.startswith(HUB_DATASET):
             repo, file = hub_dataset_file(value, f"data.{key}")
@@ -185,12 +187,13 @@ def _on_hub(repo: str, filename: str, revision: str | None, repo_type: str = "mo
         return "unreachable", f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'no answer'}"
 
 
-def check_sources(cfgs: list[Config], here: bool = True, warn=None) -> None:
+def check_sources(cfgs: list[Config], here: bool = True, warn=None, parts: Collection[str] = PARTS) -> None:
     """Raise a one-line ConfigError naming the key of the first hub source of `cfgs` that is not (wholly) in
     this machine's hub cache and that the hub says it does not have, or, with `here` (the processes that load
     it run on this machine), that the hub cannot be asked for. Without `here` an unreachable hub gets one
-    `warn` line: the machines that load the sources may have them, or the network."""
-    check([src for cfg in cfgs for src in sources(cfg)], here, warn)
+    `warn` line: the machines that load the sources may have them, or the network. Only the base models
+    and those of `parts` are checked."""
+    check([src for cfg in cfgs for src in sources(cfg, parts)], here, warn)
 
 
 def check(srcs: list[Source], here: bool = True, warn=None) -> None:

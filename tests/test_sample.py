@@ -135,3 +135,28 @@ def test_eval_and_sample_neither_fetch_nor_load_the_shortcut(tiny_dir, tmp_path,
     models = load_trained(make_cfg(f"model.shortcut=lora:{lora}"), None)
     assert models.denoiser.shortcut_adapter is None and models.denoiser.shortcut_unet is None
     assert not any(".shortcut" in n for n, _ in models.unet.named_parameters())  # (conv_shortcut is a resnet's own)
+
+
+def test_sample_and_eval_need_only_what_they_read_of_a_runs_config(trained, tiny_dir, tmp_path):
+    """A run's config names the files of the machine it trained on. `sample` on a machine with the base
+    model alone refused for the training prompts' file, a local shortcut file and (offline) a reward model
+    it never loads; `eval` for the first two. Reproduced first: each was one line and exit 2."""
+    import os
+
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "empty-cache"), "HF_HUB_OFFLINE": "1"}
+    elsewhere = ["--config", "tiny", f"model.pretrained={tiny_dir}", "chain.steps=8", "chain.segments=2",
+                 f"data.prompts={tmp_path / 'gone.txt'}", f"model.shortcut=lora:{tmp_path / 'gone.safetensors'}",
+                 "--lora", str(trained), "--quiet"]
+    s = subprocess.run([sys.executable, "-m", "shortft.cli", "sample", *elsewhere, "reward.weights.pickscore=1",
+                        f"data.eval_prompts={tmp_path / 'gone-too.txt'}", "--prompt", "a red circle",
+                        "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=300, env=env)
+    assert s.returncode == 0 and len(list((tmp_path / "out").glob("*.png"))) == 1, s.stderr[-3000:]
+    e = subprocess.run([sys.executable, "-m", "shortft.cli", "eval", *elsewhere, "data.eval_prompts=[a red circle]",
+                        "eval.samples_per_prompt=1"], capture_output=True, text=True, timeout=300, env=env)
+    assert e.returncode == 0 and '"eval/objective"' in e.stdout, e.stderr[-3000:]
+    # What eval does read is still checked first: its held-out prompts, and the reward models it scores with.
+    for bad, key in ((f"data.eval_prompts={tmp_path / 'gone-too.txt'}", "data.eval_prompts"),
+                     ("reward.weights.pickscore=1", "reward.options.pickscore.path")):
+        e = subprocess.run([sys.executable, "-m", "shortft.cli", "eval", *elsewhere, bad], capture_output=True,
+                           text=True, timeout=300, env=env)
+        assert e.returncode == 2 and e.stderr.startswith(f"shortft: error: {key}=") and "Traceback" not in e.stderr
