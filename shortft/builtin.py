@@ -148,10 +148,18 @@ PACKAGED = tuple(WORLDS)
 
 
 def toy_dir() -> Path:
-    """The toy world's assets: $SHORTFT_TOY_DIR if set (e.g. a `--quick` build), else the packaged ones."""
+    """The toy world's assets: $SHORTFT_TOY_DIR if set (e.g. a `--quick` build), else the packaged ones. A
+    relative $SHORTFT_TOY_DIR is made absolute in this process's environment at its first reading (the
+    config checks, before Ray starts): processes started later in other folders inherit it, and Tune runs
+    each trial in a folder of its own, where the relative one named nothing (every trial failed)."""
     from importlib import resources
 
-    return Path(os.environ.get("SHORTFT_TOY_DIR") or resources.files(WORLDS["toy"][0]) / "assets")
+    given = os.environ.get("SHORTFT_TOY_DIR")
+    if not given:
+        return Path(resources.files(WORLDS["toy"][0]) / "assets")
+    path = Path(given).expanduser().resolve()
+    os.environ["SHORTFT_TOY_DIR"] = str(path)
+    return path
 
 
 def world_module(world: str, module: str):

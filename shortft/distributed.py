@@ -31,7 +31,7 @@ from shortft.mlflow_relay import start_relay
 from shortft.memory import OutOfMemory
 from shortft.ray_reports import FAULT_MARKER, FaultInjector, RayReport, fault_request, readable
 from shortft.ray_stop import StopChannel, polled
-from shortft.ray_storage import check_storage_path, default_storage_path, name_in_storage, run_exists
+from shortft.ray_storage import check_storage_path, name_in_storage, resolve_storage_path, run_exists
 
 
 def _quiet_report_lines() -> None:
@@ -188,7 +188,7 @@ def train_with_ray(cfg: Config, workers: int, use_gpu: bool = False, storage_pat
         tracking_uri = tracking.default_tracking_uri()
     if tracking_uri:
         tracking_uri = tracking.resolve_uri(tracking_uri)
-    storage_path = storage_path or default_storage_path()
+    storage_path = resolve_storage_path(storage_path)
     check_storage_path(storage_path)
     name = name or name_in_storage(cfg, storage_path, resume)
     exists = run_exists(storage_path, name)

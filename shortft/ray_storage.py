@@ -35,8 +35,13 @@ def name_in_storage(cfg: Config, storage_path: str, resume: bool) -> str:
     return name
 
 
-def default_storage_path() -> str:
-    return str(Path("ray_results").resolve())
+def resolve_storage_path(given: str | None) -> str:
+    """The storage path to hand Ray: a URI as given; a local folder absolute (Ray's pyarrow filesystem took
+    `--storage-path rr` for a URI without a scheme: a traceback, after the sweep's record was written),
+    `./ray_results` if none is given."""
+    if given and "://" in given:
+        return given
+    return str(Path(given or "ray_results").expanduser().resolve())
 
 
 STORAGE_CHECK_S = 30.0  # a remote storage path that has not answered by then is not usable from here

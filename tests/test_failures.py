@@ -594,8 +594,8 @@ def test_ctrl_c_of_a_workers_run_stops_every_worker_after_the_same_step_with_a_c
     args = [sys.executable, "-m", "shortft.cli", "train", "--config", "tiny", f"model.pretrained={tiny_dir}",
             "chain.steps=4", "chain.segments=2", "train.steps=400", "train.checkpoint_every=0", "train.log_every=1",
             "eval.every=0", f"train.output_dir={tmp_path}/run", "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db",
-            "--workers", str(workers), "--storage-path", str(tmp_path / "ray")]
-    p = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            "--workers", str(workers), "--storage-path", "ray"]  # relative: was a pyarrow traceback
+    p = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
                          env={**os.environ, "PYTHONUNBUFFERED": "1"})
     for line in p.stdout:
         if "step 2/400" in line:
@@ -614,7 +614,7 @@ def test_ctrl_c_of_a_workers_run_stops_every_worker_after_the_same_step_with_a_c
     assert not (tmp_path / "run" / "lora").exists()
     assert _status(tmp_path) == ("KILLED", last.removeprefix("shortft: interrupted: "))
     r = subprocess.run(args[:-6] + [f"train.steps={step + 2}", *args[-6:], "--resume"], capture_output=True,
-                       text=True, timeout=300)
+                       text=True, timeout=300, cwd=tmp_path)
     assert r.returncode == 0 and r.stderr.count(f"resumed from {ckpt} at step {step}") == 1, r.stderr[-3000:]  # rank 0's
     assert f"step {step + 2}/{step + 2}" in r.stdout and (tmp_path / "run" / "lora").is_dir()
     assert _status(tmp_path) == ("FINISHED", None)

@@ -386,7 +386,8 @@ def test_ctrl_c_stops_the_sweep_says_so_and_how_to_continue_it_and_the_resume_fi
     rows = pq.read_table(work / "runs" / "sweeps" / "cut" / "results.parquet").to_pylist()
     assert all(r["status"] != "STOPPED_EARLY" for r in rows), [(r["trial"], r["status"]) for r in rows]
     assert any(r["status"] == "UNFINISHED" for r in rows) or len(rows) < 3, rows
-    again = _run_script(work, "--name", "cut", "--resume", "--no-mlflow", "--no-baseline")
+    # A relative --storage-path was a URI with no scheme to Ray's pyarrow filesystem: a traceback
+    again = _run_script(work, "--name", "cut", "--resume", "--no-mlflow", "--no-baseline", "--storage-path", "ray_results")
     out, _ = again.communicate(timeout=600)
     assert again.returncode == 0 and "stopped before its end" not in out, out[-3000:]
     rows = pq.read_table(work / "runs" / "sweeps" / "cut" / "results.parquet").to_pylist()
@@ -466,6 +467,18 @@ def test_a_resume_with_a_conflicting_flag_is_refused_in_one_line(tmp_path, capsy
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and not ray.is_initialized()
     assert "--space other.yaml (the sweep has toy)" in err and "--num-samples 9 (the sweep has 6)" in err
+
+
+def test_a_resume_from_another_folder_without_the_storage_path_says_which_to_pass(tmp_path, capsys, monkeypatch):
+    """`--resume` from a folder other than the sweep's found nothing under ./ray_results, said only that,
+    and left an empty ray_results folder there."""
+    monkeypatch.chdir(tmp_path)
+    code = sweep.main(["--name", "x", "--resume", "--no-mlflow"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and not ray.is_initialized(), err
+    assert err == (f"error: --resume: no folder {tmp_path / 'ray_results'}; pass --storage-path of the sweep: the one "
+                   "its first line printed (default: ray_results in the folder it was started from)")
+    assert not (tmp_path / "ray_results").exists()
 
 
 def test_a_resume_logs_to_the_sweeps_mlflow_store_and_writes_its_folder_from_any_working_directory(tmp_path):

@@ -72,9 +72,13 @@ def test_quick_build_loads_with_stock_diffusers_and_trains(tmp_path, monkeypatch
     assert img.shape == (1, 3, 32, 32)
     pipe.load_lora_weights(str(out / "shortcut-k4"), adapter_name="shortcut")
     # the toy config runs on it, shortcut LoRA per k and learned reward included
-    monkeypatch.setenv("SHORTFT_TOY_DIR", str(out))
+    # relative, as a user gives it: pinned absolute at the first reading, for the processes started later in
+    # other folders (every sweep trial failed: "no toy assets at toy")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("SHORTFT_TOY_DIR", "toy")
     cfg = shortft.load_config("toy", ["train.steps=2", "chain.steps=10", "chain.segments=2", "eval.samples_per_prompt=1",
                                       f"train.output_dir={tmp_path}/run", "eval.every=0"])
+    assert os.environ["SHORTFT_TOY_DIR"] == str(out)
     result = shortft.train(cfg)
     assert 0 <= result.eval["eval/objective"] <= 1 and "eval/toy_judge" in result.eval
 

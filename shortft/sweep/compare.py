@@ -60,11 +60,11 @@ def run_comparison(base: str, out: str | Path, arms: list[str] = tuple(ARMS), se
         raise ConfigError("a comparison needs a budget: --time-budget-s or --call-budget (equal compute)")
     budget = {"train.steps": 10**6, **({"train.time_budget_s": time_budget_s} if time_budget_s else {}),
               **({"train.call_budget": call_budget} if call_budget else {})}
-    from shortft.ray_storage import default_storage_path
+    from shortft.ray_storage import resolve_storage_path
 
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    storage_path, runs = storage_path or default_storage_path(), out / "runs"
+    storage_path, runs = resolve_storage_path(storage_path), out / "runs"
     rows_path = out / "rows.jsonl"
     rows_path.write_text("")
     if tracking_uri == "":

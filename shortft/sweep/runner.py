@@ -81,7 +81,7 @@ def run_sweep(space: str | Space | None = None, num_samples: int | None = None, 
     once (a first row of the results; `sweep.baseline`)."""
     import ray
 
-    from shortft.ray_storage import check_storage_path
+    from shortft.ray_storage import check_storage_path, resolve_storage_path
 
     t_start = time.time()
     # 1. Everything a user can get wrong, before Ray starts.
@@ -92,14 +92,18 @@ def run_sweep(space: str | Space | None = None, num_samples: int | None = None, 
             raise ConfigError(f"{flag} {value}: must be >= {low}")
     if tracking_uri:
         tracking_uri = tracking.resolve_uri(tracking_uri)  # credentials move to the environment here
-    storage_path = storage_path or str(Path("ray_results").resolve())
+    storage_path = resolve_storage_path(storage_path)
     if name is not None:  # before it names a folder to read or write
         check_name("--name", name)
+    where = ("pass --storage-path of the sweep: the one its first line printed (default: ray_results in the folder "
+             "it was started from)")
+    if resume and "://" not in storage_path and not Path(storage_path).is_dir():  # before the check makes it
+        raise ConfigError(f"--resume: no folder {storage_path}; {where}")
     check_storage_path(storage_path)
     if resume and not name:
         name = latest_sweep(storage_path)
         if not name:
-            raise ConfigError(f"--resume: no sweep under {storage_path}; pass --name and --storage-path of the sweep")
+            raise ConfigError(f"--resume: no sweep under {storage_path}; pass --name, and {where.removeprefix('pass ')}")
     given = {"space": space if isinstance(space, (str, type(None))) else space.name, "config": config,
              "num_samples": num_samples, "workers_per_trial": workers_per_trial, "gpus_per_worker": gpus_per_worker,
              "max_concurrent": max_concurrent, "experiment": experiment, "smoke_test": smoke_test, "seed": seed,
@@ -126,7 +130,7 @@ def run_sweep(space: str | Space | None = None, num_samples: int | None = None, 
     name = name or default_name(space)
     exists = saved.sweep_exists(storage_path, name)
     if resume and not exists:
-        raise ConfigError(f"--resume: no sweep {name!r} under {storage_path}")
+        raise ConfigError(f"--resume: no sweep {name!r} under {storage_path}; {where}")
     if exists and not resume:
         raise ConfigError(f"sweep {name!r} already exists under {storage_path}; pass --resume, or another --name")
     output_root = str(Path(values["output_root"]) / name)

@@ -190,7 +190,7 @@ def trainable_for(base: str = "toy", *, smoke_test: bool = False, fixed: dict | 
     naming the key) for a bad base, fixed key or value."""
     import ray
 
-    from shortft.ray_storage import check_storage_path, default_storage_path
+    from shortft.ray_storage import check_storage_path, resolve_storage_path
 
     if not ray.is_initialized() and not os.environ.get("RAY_ADDRESS"):
         # tune.run will start a local Ray, whose processes inherit this environment: a laptop is not
@@ -202,7 +202,7 @@ def trainable_for(base: str = "toy", *, smoke_test: bool = False, fixed: dict | 
         tracking_uri = tracking.default_tracking_uri()
     if tracking_uri:
         tracking_uri = tracking.resolve_uri(tracking_uri)  # credentials move to the environment
-    storage_path = storage_path or default_storage_path()
+    storage_path = resolve_storage_path(storage_path)
     check_storage_path(storage_path)
     use_gpu = gpus_per_worker > 0
     sweep = settings(Space(name, base, fixed, {}, []), name, storage_path, str(Path(output_root).resolve() / name),
