@@ -92,6 +92,15 @@ def latest(root: Path) -> Path | None:
     return found[-1] if found else None
 
 
+def check_new_run(out: Path) -> None:
+    """A new run (no resume) may not start in a run folder that holds checkpoints: it wrote its steps beside
+    them and its metrics over the old ones, and a later `--resume` took the newest checkpoint of either run."""
+    held = latest(Path(out) / "checkpoints")
+    if held is not None:
+        raise ConfigError(f"train.output_dir {out} holds a run (checkpoints to step {step_of(held)}); pass --resume to "
+                          "continue it, or set name=<new name> (or train.output_dir) to start another")
+
+
 def check_resume_path(resume: bool | str | Path) -> None:
     """A checkpoint folder given to resume from (`--resume PATH`; True/False name none) is one: a
     ConfigError naming the latest checkpoint under it where it is a run folder (or its `checkpoints/`).

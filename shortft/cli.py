@@ -141,6 +141,7 @@ def run_train(cfg, args) -> int:
     uri = None if args.no_mlflow else (args.tracking_uri or tracking.default_tracking_uri())
     if uri:
         uri = tracking.resolve_uri(uri)  # credentials leave the URI here, before anything prints or stores it
+    check_resume_folder(cfg, args)
     try:
         if args.workers > 0:
             from shortft.distributed import train_with_ray
@@ -175,10 +176,27 @@ def run_train(cfg, args) -> int:
     return 0
 
 
+def check_resume_folder(cfg, args) -> None:
+    """`--resume` with a run's own config.yaml from another folder: its relative `train.output_dir` named a
+    folder here, and the resume started afresh there (status 0) beside the run it was meant to continue."""
+    from shortft import checkpoint
+
+    if args.resume is not True or not args.config or not Path(args.config).is_file():
+        return
+    folder = Path(args.config).resolve().parent
+    held = checkpoint.latest(folder / "checkpoints")
+    if held is None or folder == cfg.output_dir.resolve() or checkpoint.latest(cfg.output_dir / "checkpoints"):
+        return
+    raise ConfigError(f"--resume: no checkpoint under {cfg.output_dir / 'checkpoints'}; --config {args.config} is the "
+                      f"config of the run in {folder} (checkpoints to step {checkpoint.step_of(held)}): add "
+                      f"train.output_dir={folder} to continue it there")
+
+
 def resume_line(cfg, args) -> str:
     """Where `train --resume` would start (a dry run): the checkpoint and its step, or step 0."""
     from shortft import checkpoint
 
+    check_resume_folder(cfg, args)
     if args.workers:
         return "resume: from the latest checkpoint Ray Train recorded in the storage path"
     if args.resume is not True:

@@ -80,7 +80,8 @@ def _worker(config: dict) -> None:
     try:
         with polled(stop_file) if stop_file else nullcontext(None) as asked:
             with attempts.once(cfg.output_dir, config.get("attempt")):  # Ray Train's restart of a final failure: at once
-                train(cfg, callbacks, resume=resume, rank=rank, world_size=world, asked=asked)
+                train(cfg, callbacks, resume=resume, rank=rank, world_size=world, asked=asked,
+                      new_run_checked=True)
     except Interrupted:  # the driver asked; the step's checkpoint is reported. Ending normally: no restart
         pass
     if resume:
@@ -195,6 +196,8 @@ def train_with_ray(cfg: Config, workers: int, use_gpu: bool = False, storage_pat
     if exists and not resume:
         raise ConfigError(f"run {name} already exists in {storage_path}; pass --resume to continue it, or set "
                           "name=<new name> to start another")
+    if not resume:
+        checkpoint.check_new_run(cfg.output_dir)  # a run of one process there: the workers would write beside it
     local = checkpoint.latest(cfg.output_dir / "checkpoints") if resume and not exists else None
     if local is not None:  # Ray would start from step 0 and write over that run: say so instead
         written_by = json.loads((local / "state.json").read_text()).get("world_size", 1)

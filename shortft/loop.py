@@ -117,19 +117,26 @@ def autocast_for(cfg: Config, device: torch.device):
 
 
 def train(cfg: Config, callbacks: list[Callback] = (), resume: bool | str | Path | checkpoint.Fallback = False,
-          rank: int = 0, world_size: int = 1, asked: Callable[[], int] | None = None) -> TrainResult:
+          rank: int = 0, world_size: int = 1, asked: Callable[[], int] | None = None,
+          new_run_checked: bool = False) -> TrainResult:
     """One fine-tuning run. Under torch.distributed (rank/world_size > 1): each rank draws its own share of
     every batch, LoRA gradients and metrics are averaged over ranks, and only rank 0 writes files. Ctrl-C
     or SIGTERM (in the main thread), or a stop `asked` from outside (its signal number, 0 for none; rank 0's
-    reaches every rank), ends the step in progress with a checkpoint and raises `Interrupted`."""
+    reaches every rank), ends the step in progress with a checkpoint and raises `Interrupted`. A new run (no
+    `resume`) is refused where `cfg.output_dir` holds checkpoints, unless `new_run_checked`: Ray Train's
+    driver checked the folder, and its restart of workers that failed before the first checkpoint it
+    recorded starts again at step 0 over what they wrote."""
     with stop_requests(asked) as stop:
-        return _train(cfg, callbacks, resume, rank, world_size, stop)
+        return _train(cfg, callbacks, resume, rank, world_size, stop, new_run_checked)
 
 
-def _train(cfg: Config, callbacks, resume, rank: int, world_size: int, stop: StopRequest) -> TrainResult:
+def _train(cfg: Config, callbacks, resume, rank: int, world_size: int, stop: StopRequest,
+           new_run_checked: bool = False) -> TrainResult:
     check(cfg)
     checkpoint.check_resume_path(resume)
     out, is_main = cfg.output_dir, rank == 0
+    if not resume and not new_run_checked:
+        checkpoint.check_new_run(out)
     if is_main:
         output_folder("train.output_dir", out).mkdir(parents=True, exist_ok=True)
 
@@ -169,7 +176,9 @@ def _train(cfg: Config, callbacks, resume, rank: int, world_size: int, stop: Sto
                                   "rank's data order depend on the worker count)")
             start = state["step"]
             if is_main:  # ranks that resumed elsewhere stop below, each naming its own
-                warn(f"resumed from {path} at step {start}")
+                fork = isinstance(resume, (str, Path)) and Path(path).resolve().parent.parent != out.resolve()
+                warn(f"resumed from {path} at step {start}" + (f"; this run writes to {out}, not to the folder of "
+                                                              "that checkpoint's run" if fork else ""))
     if not same_on_all(start, models.device, world_size):  # a worker went back a checkpoint the others did not
         raise ConfigError(f"resume: the workers found different checkpoints (this one {path} at step {start}); "
                           "check the storage path every worker reads, then --resume again")

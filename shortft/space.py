@@ -154,11 +154,20 @@ def _reward_modules(base: str, fixed: dict) -> list:
     return modules if isinstance(modules, list) else []
 
 
+def _beside(base: str | None, space: str) -> str | None:
+    """A space file's relative `base:` YAML: from the working folder, else from the space file's own folder
+    (a sweep resumed from another folder read the stored space path, and its base from there, no file)."""
+    if not isinstance(base, str) or Path(base).is_absolute() or Path(base).is_file() or not Path(space).is_file():
+        return base
+    there = Path(space).parent / base
+    return str(there.resolve()) if there.is_file() else base
+
+
 def load_space(name_or_path: str, base: str | None = None, overrides: dict | None = None) -> Space:
     """Read and check a space. `base` replaces its base config; `overrides` (flat keys) win over
     `fixed` and remove those keys from the search (the smoke test uses this)."""
     name, data = _read(name_or_path)
-    base = base or data.get("base")
+    base = base or _beside(data.get("base"), name_or_path)
     if not base:
         raise ConfigError(f"--space {name_or_path!r}: no base config; add `base: toy` or pass --config")
     fixed = data.get("fixed") or {}

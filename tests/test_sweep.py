@@ -469,6 +469,20 @@ def test_a_resume_with_a_conflicting_flag_is_refused_in_one_line(tmp_path, capsy
     assert "--space other.yaml (the sweep has toy)" in err and "--num-samples 9 (the sweep has 6)" in err
 
 
+def test_a_spaces_relative_base_yaml_is_found_beside_it_from_another_folder(tmp_path, monkeypatch):
+    """A sweep resumed from another folder reads its stored space path, whose `base: cfg.yaml` named no file
+    there: `base 'cfg.yaml' with the fixed keys: --config 'cfg.yaml': no such file`."""
+    from shortft.space import configs, load_space
+
+    study = tmp_path / "study"
+    study.mkdir()
+    (study / "cfg.yaml").write_text((ROOT / "shortft" / "configs" / "toy.yaml").read_text().replace("name: toy", "name: mine"))
+    (study / "space.yaml").write_text("base: cfg.yaml\nfixed:\n  train.steps: 2\nsearch:\n  chain.segments: {choice: [2, 4]}\n")
+    monkeypatch.chdir(tmp_path)  # not the study folder
+    space = load_space(str(study / "space.yaml"))
+    assert space.base == str(study / "cfg.yaml") and configs(space)[0].name == "mine"
+
+
 def test_a_resume_from_another_folder_without_the_storage_path_says_which_to_pass(tmp_path, capsys, monkeypatch):
     """`--resume` from a folder other than the sweep's found nothing under ./ray_results, said only that,
     and left an empty ray_results folder there."""

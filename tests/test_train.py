@@ -12,6 +12,7 @@ import torch
 
 import shortft
 from shortft import rewards
+from shortft.config import ConfigError
 from shortft.cli import run_eval
 from shortft.guard import NonFiniteError
 from shortft.loop import Callback
@@ -149,6 +150,13 @@ def test_kill_and_resume_equals_uninterrupted(make_cfg, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     rows = [json.loads(line) for line in (resumed.output_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(1, 11))
+    # A new run (no resume) in that folder wrote its steps beside the old run's checkpoints and its metrics
+    # over the old ones, and a later --resume took the newest checkpoint of either run: now refused first.
+    before = (resumed.output_dir / "metrics.jsonl").read_text()
+    with pytest.raises(ConfigError, match=r"^train.output_dir \S+/killed holds a run \(checkpoints to step 10\); pass "
+                                          r"--resume to continue it, or set name=<new name>"):
+        shortft.train(cfg)
+    assert (resumed.output_dir / "metrics.jsonl").read_text() == before
 
 
 def test_non_finite_guard_stops_with_clear_error(make_cfg):
@@ -235,6 +243,35 @@ def test_saved_lora_loads_into_a_stock_pipeline_and_changes_its_output(make_cfg,
     calls = models.plan.inference_calls(models.denoiser.timesteps(8))
     ours = original_sampler(models.denoiser, noise.clone(), models.condition(["a red circle"], 7.5, 7.5), calls)
     assert (ours - tuned).abs().max().item() <= 1e-4, (ours - tuned).abs().max().item()
+
+
+def test_a_runs_config_used_from_another_folder_resumes_that_run_or_says_how(tmp_path, tiny_dir, monkeypatch, capsys):
+    """A run's config.yaml keeps `train.output_dir: runs/{name}`, relative: `--config moved/config.yaml --resume`
+    from another folder found no checkpoint in ./runs/tiny and trained afresh there, status 0; `--resume
+    moved/checkpoints/step_1` continued into ./runs/tiny, which no line said."""
+    import shutil
+
+    from shortft.cli import main
+
+    common = ["--no-mlflow", "--quiet", "train.steps=2", "chain.steps=4", "chain.segments=2"]
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "--config", "tiny", f"model.pretrained={tiny_dir}", "train.steps=1", *common[:2],
+                 "chain.steps=4", "chain.segments=2", "train.checkpoint_every=1"]) == 0
+    (tmp_path / "elsewhere").mkdir()
+    shutil.copytree(tmp_path / "runs" / "tiny", tmp_path / "elsewhere" / "moved")
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    capsys.readouterr()
+    assert main(["train", "--config", "moved/config.yaml", "--resume", *common]) == 2
+    moved = tmp_path / "elsewhere" / "moved"
+    assert capsys.readouterr().err.strip() == (
+        f"shortft: error: --resume: no checkpoint under runs/tiny/checkpoints; --config moved/config.yaml is the config "
+        f"of the run in {moved} (checkpoints to step 1): add train.output_dir={moved} to continue it there")
+    assert not (tmp_path / "elsewhere" / "runs").exists()
+    assert main(["train", "--config", "moved/config.yaml", "--resume", "moved/checkpoints/step_000001", *common]) == 0
+    assert ("resumed from moved/checkpoints/step_000001 at step 1; this run writes to runs/tiny, not to the folder of "
+            "that checkpoint's run") in capsys.readouterr().err
+    assert main(["train", "--config", "moved/config.yaml", "--resume", *common, f"train.output_dir={moved}"]) == 0
+    assert f"resumed from {moved}/checkpoints/step_000001 at step 1\n" in capsys.readouterr().err
 
 
 def test_cli_train_runs_and_reports(tmp_path, tiny_dir):
