@@ -138,6 +138,25 @@ def read_state(path: Path) -> dict:
     return state
 
 
+def moved_model(saved: dict, now: dict, what: str) -> bool:
+    """Whether `model.pretrained` (flat configs) changed only in where the same model is: one path resolved,
+    or UNets of one architecture on this machine, or the run's own model not here (a folder since moved,
+    another machine's path; the LoRAs' load then checks their shapes). Not the same architecture: False.
+    Said in one line where it is not the same path."""
+    from shortft.hub import same_unet
+
+    was, has = str(saved.get("model.pretrained")), str(now.get("model.pretrained"))
+    if Path(was).expanduser().resolve() == Path(has).expanduser().resolve():
+        return True
+    same = same_unet((was, saved.get("model.revision")), (has, now.get("model.revision")))
+    if same is False:
+        return False
+    why = "the same UNet architecture" if same else f"{was} is not on this machine"
+    warn(f"{what}: trained with model.pretrained={was!r}, now {has!r} ({why}); the LoRAs load where their "
+         "shapes fit that UNet")
+    return True
+
+
 def changed_settings(path: Path, settings: dict, adapters: list[str]) -> list[str]:
     """`key old -> new` for each setting of this run (`settings`: flat config) that differs from the one the
     checkpoint at `path` was written with, bookkeeping left out; a ConfigError where the checkpoint's LoRAs
@@ -150,6 +169,8 @@ def changed_settings(path: Path, settings: dict, adapters: list[str]) -> list[st
     differ = [k for k in dict.fromkeys([*saved, *settings]) if saved.get(k) != settings.get(k) and k not in BOOKKEEPING]
     held = sorted(p.name for p in (Path(path) / "lora").iterdir() if p.is_dir())
     blocking = [k for k in differ if k in FIXED or (k in ADAPTER_KEYS and held != sorted(adapters))]
+    if "model.pretrained" in blocking and moved_model(saved, settings, f"resume: the checkpoint {path}"):
+        blocking.remove("model.pretrained")  # and listed as a changed setting
     if blocking:
         was = ", ".join(f"{k}={json.dumps(saved.get(k))}" for k in blocking)
         now = ", ".join(f"{k}={json.dumps(settings.get(k))}" for k in blocking)

@@ -25,7 +25,7 @@ def check_trained_with(cfg: Config, lora: str | Path) -> None:
     it was PyTorch's state-dict error after the model had loaded."""
     import yaml
 
-    from shortft.checkpoint import FIXED
+    from shortft.checkpoint import FIXED, moved_model
     from shortft.config import flatten, to_dict
 
     saved_file = Path(lora).parent / "config.yaml"
@@ -34,8 +34,9 @@ def check_trained_with(cfg: Config, lora: str | Path) -> None:
     except (OSError, yaml.YAMLError, AttributeError):  # a LoRA folder outside a run folder: nothing to compare
         return
     now = flatten(to_dict(cfg))
-    differ = [k for k in FIXED if k in saved and saved[k] != now.get(k)
-              and not (k == "model.pretrained" and Path(str(saved[k])).resolve() == Path(str(now.get(k))).resolve())]
+    differ = [k for k in FIXED if k in saved and saved[k] != now.get(k)]
+    if "model.pretrained" in differ and moved_model(saved, now, f"--lora {lora}"):
+        differ.remove("model.pretrained")
     if differ:
         was = ", ".join(f"{k}={saved[k]!r}" for k in differ)
         has = ", ".join(f"{k}={now.get(k)!r}" for k in differ)

@@ -350,6 +350,14 @@ def test_a_resume_names_the_settings_changed_since_its_checkpoint_and_refuses_th
                                 f"{was}; this run has {change}, which its LoRAs do not fit; resume with the "
                                 "checkpoint's values, or start a new run (another train.output_dir)")
         assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["lora"]["rank"] == 4
+    # The same base model at another path (moved, copied, another machine's): resumed, with a line saying so.
+    import shutil
+
+    copy = tmp_path / "model-moved"
+    shutil.copytree(make_cfg().model.pretrained, copy)
+    assert shortft.train(make_cfg(*base, "train.steps=4", "chain.checkpointing=true", f"model.pretrained={copy}"),
+                         resume=True).steps == 4
+    assert f"now {str(copy)!r} (the same UNet architecture)" in capsys.readouterr().err
 
 
 @pytest.mark.slow

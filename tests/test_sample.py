@@ -95,6 +95,31 @@ def test_a_runs_lora_with_another_base_model_or_rank_names_the_runs_config_befor
                             f"--config {run / 'config.yaml'}")
 
 
+def test_a_runs_lora_on_its_base_model_at_another_path_loads_with_a_line_saying_so(trained, tiny_dir, make_cfg,
+                                                                                  tmp_path, capsys):
+    """The run's base model copied or moved (another machine's path, a hub id against a local snapshot) was
+    refused with advice that went round in a circle: 'trained with model.pretrained=<old path>; this config
+    has <new path>; pass --config <the run's config>', which named the old path."""
+    import shutil
+
+    import yaml
+
+    from shortft import sample
+
+    copy = tmp_path / "copy-of-the-model"
+    shutil.copytree(tiny_dir, copy)
+    models = sample.load_trained(make_cfg(f"model.pretrained={copy}"), str(trained))
+    assert models.adapters and (f"trained with model.pretrained={str(tiny_dir)!r}, now {str(copy)!r} (the same UNet "
+                                "architecture); the LoRAs load where their shapes fit that UNet") in capsys.readouterr().err
+    run = tmp_path / "run-from-another-machine"
+    shutil.copytree(trained.parent, run)
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    saved["model"]["pretrained"] = "/data/models/not-here"
+    (run / "config.yaml").write_text(yaml.safe_dump(saved))
+    sample.load_trained(make_cfg(), str(run / "lora"))
+    assert f"now {str(make_cfg().model.pretrained)!r} (/data/models/not-here is not on this machine)" in capsys.readouterr().err
+
+
 def test_sample_compare_grid_and_its_tuned_half_equals_eval(trained, tiny_dir, tmp_path):
     common = ["--config", "tiny", f"model.pretrained={tiny_dir}", "chain.steps=8", "chain.segments=2"]
     p = subprocess.run([sys.executable, "-m", "shortft.cli", "sample", *common, "--lora", str(trained),

@@ -253,9 +253,9 @@ def test_a_runs_config_used_from_another_folder_resumes_that_run_or_says_how(tmp
 
     from shortft.cli import main
 
-    common = ["--no-mlflow", "--quiet", "train.steps=2", "chain.steps=4", "chain.segments=2"]
+    common = ["--no-mlflow", "train.steps=2", "chain.steps=4", "chain.segments=2"]  # not --quiet: it sets os.environ
     monkeypatch.chdir(tmp_path)
-    assert main(["train", "--config", "tiny", f"model.pretrained={tiny_dir}", "train.steps=1", *common[:2],
+    assert main(["train", "--config", "tiny", f"model.pretrained={tiny_dir}", "train.steps=1", "--no-mlflow",
                  "chain.steps=4", "chain.segments=2", "train.checkpoint_every=1"]) == 0
     (tmp_path / "elsewhere").mkdir()
     shutil.copytree(tmp_path / "runs" / "tiny", tmp_path / "elsewhere" / "moved")
