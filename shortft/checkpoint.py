@@ -138,23 +138,20 @@ def read_state(path: Path) -> dict:
     return state
 
 
-def moved_model(saved: dict, now: dict, what: str) -> bool:
-    """Whether `model.pretrained` (flat configs) changed only in where the same model is: one path resolved,
-    or UNets of one architecture on this machine, or the run's own model not here (a folder since moved,
-    another machine's path; the LoRAs' load then checks their shapes). Not the same architecture: False.
-    Said in one line where it is not the same path."""
-    from shortft.hub import same_unet
+def moved_model(saved: dict, now: dict) -> str | None:
+    """Whether `model.pretrained` (flat configs) changed only in where the model is: None where the LoRAs are
+    known not to fit (UNets of two architectures, both on this machine); else why it may be the same model
+    ("" for one path resolved), which the caller says."""
+    from shortft.hub import unet_architecture
 
     was, has = str(saved.get("model.pretrained")), str(now.get("model.pretrained"))
     if Path(was).expanduser().resolve() == Path(has).expanduser().resolve():
-        return True
-    same = same_unet((was, saved.get("model.revision")), (has, now.get("model.revision")))
-    if same is False:
-        return False
-    why = "the same UNet architecture" if same else f"{was} is not on this machine"
-    warn(f"{what}: trained with model.pretrained={was!r}, now {has!r} ({why}); the LoRAs load where their "
-         "shapes fit that UNet")
-    return True
+        return ""
+    a, b = unet_architecture(was, saved.get("model.revision")), unet_architecture(has, now.get("model.revision"))
+    if a is not None and b is not None:
+        return "the same UNet architecture" if a == b else None
+    gone = [v for v, arch in ((was, a), (has, b)) if arch is None]  # the LoRAs' load checks their shapes
+    return f"{' and '.join(gone)} {'is' if len(gone) == 1 else 'are'} not on this machine to compare"
 
 
 def changed_settings(path: Path, settings: dict, adapters: list[str]) -> list[str]:
@@ -169,15 +166,18 @@ def changed_settings(path: Path, settings: dict, adapters: list[str]) -> list[st
     differ = [k for k in dict.fromkeys([*saved, *settings]) if saved.get(k) != settings.get(k) and k not in BOOKKEEPING]
     held = sorted(p.name for p in (Path(path) / "lora").iterdir() if p.is_dir())
     blocking = [k for k in differ if k in FIXED or (k in ADAPTER_KEYS and held != sorted(adapters))]
-    if "model.pretrained" in blocking and moved_model(saved, settings, f"resume: the checkpoint {path}"):
-        blocking.remove("model.pretrained")  # and listed as a changed setting
+    moved = moved_model(saved, settings) if "model.pretrained" in blocking else None
+    if moved is not None:  # listed with the changed settings, with the reason
+        blocking.remove("model.pretrained")
     if blocking:
         was = ", ".join(f"{k}={json.dumps(saved.get(k))}" for k in blocking)
         now = ", ".join(f"{k}={json.dumps(settings.get(k))}" for k in blocking)
         raise ConfigError(f"resume: the checkpoint {path} was written with {was}; this run has {now}, which its LoRAs "
                           f"do not fit; resume with the checkpoint's values, or start a new run (another "
                           f"train.output_dir)")
-    return [f"{k} {json.dumps(saved.get(k))} -> {json.dumps(settings.get(k))}" for k in differ]
+    return [f"{k} {json.dumps(saved.get(k))} -> {json.dumps(settings.get(k))}"
+            + (f" ({moved}; the LoRAs load where their shapes fit)" if k == "model.pretrained" and moved else "")
+            for k in differ]
 
 
 def load(path: Path, unet, adapters: list[str], optimizer, scaler: torch.amp.GradScaler | None = None) -> dict:

@@ -142,6 +142,10 @@ def run_train(cfg, args) -> int:
     if uri:
         uri = tracking.resolve_uri(uri)  # credentials leave the URI here, before anything prints or stores it
     check_resume_folder(cfg, args)
+    if not args.resume:  # before the MLflow run is made: a refused run left a FAILED one, which --resume took up
+        from shortft.checkpoint import check_new_run
+
+        check_new_run(cfg.output_dir)
     try:
         if args.workers > 0:
             from shortft.distributed import train_with_ray
@@ -181,7 +185,8 @@ def check_resume_folder(cfg, args) -> None:
     folder here, and the resume started afresh there (status 0) beside the run it was meant to continue."""
     from shortft import checkpoint
 
-    if args.resume is not True or not args.config or not Path(args.config).is_file():
+    named = any(o.split("=", 1)[0] in ("name", "train.output_dir") for o in args.overrides)  # another folder, meant
+    if args.resume is not True or named or not args.config or not Path(args.config).is_file():
         return
     folder = Path(args.config).resolve().parent
     held = checkpoint.latest(folder / "checkpoints")

@@ -43,27 +43,19 @@ def unet_architecture(pretrained: str, revision: str | None = None) -> dict | No
     """The UNet config (its keys without the `_` ones: the architecture) of a `model.pretrained` value as this
     machine holds it, read without a download or a build: a folder's `unet/`, a built-in's once built, the hub
     cache's; None where it is not here (a folder since moved, another machine's path)."""
-    if pretrained.startswith("builtin:"):
-        from shortft import builtin
+    from shortft import builtin
 
-        name = pretrained.split(":", 1)[1]
-        folder = builtin.toy_dir() if name == "toy" else builtin.cache_dir() / f"{name}-v1"
-        file = folder / "unet" / "config.json"
-    elif is_hub(pretrained):
-        file = _cached_path(pretrained, "unet/config.json", revision)
-    else:
-        file = Path(pretrained).expanduser() / "unet" / "config.json"
     try:
+        if pretrained.startswith("builtin:"):
+            name = pretrained.split(":", 1)[1]
+            file = (builtin.toy_dir() if name == "toy" else builtin.cache_dir() / f"{name}-v1") / "unet" / "config.json"
+        elif is_hub(pretrained):
+            file = _cached_path(pretrained, "unet/config.json", revision)
+        else:
+            file = Path(pretrained).expanduser() / "unet" / "config.json"
         return {k: v for k, v in json.loads(file.read_text()).items() if not k.startswith("_")}
-    except (AttributeError, OSError, ValueError):  # None, missing, unreadable
+    except (AttributeError, OSError, ValueError):  # not cached (None), missing, unreadable, no repo id
         return None
-
-
-def same_unet(was: tuple[str, str | None], now: tuple[str, str | None]) -> bool | None:
-    """Whether two (`model.pretrained`, `model.revision`) name UNets of one architecture, which a run's LoRAs
-    fit; None where either is not on this machine (a moved folder: the LoRAs' own load checks their shapes)."""
-    a, b = unet_architecture(*was), unet_architecture(*now)
-    return None if a is None or b is None else a == b
 
 
 class Source(NamedTuple):

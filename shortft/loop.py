@@ -135,7 +135,8 @@ def _train(cfg: Config, callbacks, resume, rank: int, world_size: int, stop: Sto
     check(cfg)
     checkpoint.check_resume_path(resume)
     out, is_main = cfg.output_dir, rank == 0
-    if not resume and not new_run_checked:
+    fork = isinstance(resume, (str, Path)) and Path(resume).resolve().parent.parent != out.resolve()
+    if (not resume or fork) and not new_run_checked:  # a fork from another run's checkpoint is a new run here
         checkpoint.check_new_run(out)
     if is_main:
         output_folder("train.output_dir", out).mkdir(parents=True, exist_ok=True)
@@ -176,7 +177,6 @@ def _train(cfg: Config, callbacks, resume, rank: int, world_size: int, stop: Sto
                                   "rank's data order depend on the worker count)")
             start = state["step"]
             if is_main:  # ranks that resumed elsewhere stop below, each naming its own
-                fork = isinstance(resume, (str, Path)) and Path(path).resolve().parent.parent != out.resolve()
                 warn(f"resumed from {path} at step {start}" + (f"; this run writes to {out}, not to the folder of "
                                                               "that checkpoint's run" if fork else ""))
     if not same_on_all(start, models.device, world_size):  # a worker went back a checkpoint the others did not

@@ -17,6 +17,7 @@ from shortft.lora import load_lora_state, read_lora_plan
 from shortft.models import Models, load_models
 from shortft.out_paths import output_folder
 from shortft.plan import training_plan
+from shortft.progress import warn
 
 
 def check_trained_with(cfg: Config, lora: str | Path) -> None:
@@ -35,8 +36,12 @@ def check_trained_with(cfg: Config, lora: str | Path) -> None:
         return
     now = flatten(to_dict(cfg))
     differ = [k for k in FIXED if k in saved and saved[k] != now.get(k)]
-    if "model.pretrained" in differ and moved_model(saved, now, f"--lora {lora}"):
+    moved = moved_model(saved, now) if "model.pretrained" in differ else None
+    if moved is not None:
         differ.remove("model.pretrained")
+        if moved:
+            warn(f"--lora {lora}: trained with model.pretrained={saved['model.pretrained']!r}, now "
+                 f"{now['model.pretrained']!r} ({moved}); the LoRAs load where their shapes fit that UNet")
     if differ:
         was = ", ".join(f"{k}={saved[k]!r}" for k in differ)
         has = ", ".join(f"{k}={now.get(k)!r}" for k in differ)

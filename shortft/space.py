@@ -155,9 +155,10 @@ def _reward_modules(base: str, fixed: dict) -> list:
 
 
 def _beside(base: str | None, space: str) -> str | None:
-    """A space file's relative `base:` YAML: from the working folder, else from the space file's own folder
-    (a sweep resumed from another folder read the stored space path, and its base from there, no file)."""
-    if not isinstance(base, str) or Path(base).is_absolute() or Path(base).is_file() or not Path(space).is_file():
+    """A space file's relative `base:` YAML: beside the space file, else from the working folder. A sweep
+    resumed from another folder reads its stored space path; a base read from the working folder named no
+    file there, or another one."""
+    if not isinstance(base, str) or Path(base).is_absolute() or not Path(space).is_file():
         return base
     there = Path(space).parent / base
     return str(there.resolve()) if there.is_file() else base

@@ -95,7 +95,7 @@ def test_every_quoted_command_parses():
 
 
 def test_readme_pipeline_example_runs_as_written(tmp_path, monkeypatch):
-    """The README's "in any diffusers pipeline" block, run from the checkout on a 2-step toy run's LoRAs:
+    """The README's "in any diffusers pipeline" block, run from another folder on a 2-step toy run's LoRAs:
     it once loaded "runs/toy-model-dir-or-hub-id" and left its imports out."""
     import shortft
 

@@ -117,7 +117,7 @@ def test_a_runs_lora_on_its_base_model_at_another_path_loads_with_a_line_saying_
     saved["model"]["pretrained"] = "/data/models/not-here"
     (run / "config.yaml").write_text(yaml.safe_dump(saved))
     sample.load_trained(make_cfg(), str(run / "lora"))
-    assert f"now {str(make_cfg().model.pretrained)!r} (/data/models/not-here is not on this machine)" in capsys.readouterr().err
+    assert f"now {str(make_cfg().model.pretrained)!r} (/data/models/not-here is not on this machine to compare)" in capsys.readouterr().err
 
 
 def test_sample_compare_grid_and_its_tuned_half_equals_eval(trained, tiny_dir, tmp_path):

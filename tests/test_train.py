@@ -272,6 +272,20 @@ def test_a_runs_config_used_from_another_folder_resumes_that_run_or_says_how(tmp
             "that checkpoint's run") in capsys.readouterr().err
     assert main(["train", "--config", "moved/config.yaml", "--resume", *common, f"train.output_dir={moved}"]) == 0
     assert f"resumed from {moved}/checkpoints/step_000001 at step 1\n" in capsys.readouterr().err
+    # A fork into a folder that holds its own run's checkpoints would mix the two: refused like a new run.
+    assert main(["train", "--config", "moved/config.yaml", "--resume", f"{moved}/checkpoints/step_000002", *common,
+                 "train.steps=3", "train.output_dir=runs/tiny"]) == 2
+    assert "train.output_dir runs/tiny holds a run (checkpoints to step 2)" in capsys.readouterr().err
+    # A new run refused there leaves no MLflow run behind (a --resume took that FAILED run up as its own).
+    uri = f"sqlite:///{tmp_path}/m.db"
+    assert main(["train", "--config", "moved/config.yaml", "--tracking-uri", uri, *common[1:]]) == 2
+    from mlflow.tracking import MlflowClient
+
+    assert not MlflowClient(uri).search_experiments() or not MlflowClient(uri).search_runs(
+        [e.experiment_id for e in MlflowClient(uri).search_experiments()])
+    # `--resume` with a folder of one's own (name= or train.output_dir=) is that folder's resume, not refused.
+    assert main(["train", "--config", "moved/config.yaml", "--resume", *common, "train.output_dir=runs/other"]) == 0
+    assert "no checkpoint under runs/other/checkpoints; starting from step 0" in capsys.readouterr().err
 
 
 def test_cli_train_runs_and_reports(tmp_path, tiny_dir):
