@@ -21,9 +21,9 @@ import sys
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from pathlib import Path
 
 from shortft.interrupt import SIGNALS
+from shortft.ray_storage import resolve_storage_path
 
 STOP_FILE = ".shortft-stop"
 POLL_S = 1.0
@@ -49,8 +49,7 @@ class StopChannel:
     """The file by which the driver asks a Ray Train run's workers to stop (`<storage>/<run>/.shortft-stop`)."""
 
     def __init__(self, storage_path: str, name: str):
-        local = "://" not in storage_path
-        self.where = (str(Path(storage_path).expanduser().resolve()) if local else storage_path, name)
+        self.where = (resolve_storage_path(storage_path), name)
         self.signal: signal.Signals | None = None
 
     def clear(self) -> None:
