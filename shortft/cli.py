@@ -22,7 +22,7 @@ from pathlib import Path
 import yaml
 
 from shortft.checks import load_config
-from shortft.cli_parser import parser as _parser
+from shortft.cli_parser import int_list, parser as _parser
 from shortft.config import PARTS, READS, ConfigError, describe, parse_overrides, to_dict
 from shortft.memory import OutOfMemory, explained
 from shortft.out_paths import image_suffixes, output_file
@@ -96,12 +96,18 @@ def main(argv: list[str] | None = None) -> int:
                 print("\n" + report(cfg))
                 if args.resume:
                     print(resume_line(cfg, args))
+                else:  # the line (and status) the run itself would stop with
+                    from shortft.checkpoint import check_new_run
+
+                    check_new_run(cfg.output_dir)
         elif args.command == "train":
             return run_train(cfg, args)
         elif args.command == "eval":
             with explained(cfg, "in the evaluation", "sampling"):
                 run_eval(cfg, args.lora, args.grid)
         elif args.command == "bench":
+            from shortft.cli_bench import run_bench
+
             run_bench(cfg, args)
         elif args.command == "sample":
             from shortft.sample import run_sample
@@ -132,15 +138,17 @@ def run_rewards(cfg, args) -> None:
 
 
 def run_train(cfg, args) -> int:
-    from shortft import run_status, tracking
+    from shortft import run_status, run_store, tracking
     from shortft.checkpoint import CheckpointWriteError
     from shortft.evaluate import scalars
     from shortft.guard import NonFiniteError
     from shortft.loop import train
 
-    uri = None if args.no_mlflow else (args.tracking_uri or tracking.default_tracking_uri())
-    if uri:
-        uri = tracking.resolve_uri(uri)  # credentials leave the URI here, before anything prints or stores it
+    # credentials leave the URI here, before anything prints or stores it; a resume logs where the run started
+    uri, experiment, note = (None, None, None) if args.no_mlflow else run_store.settle(
+        cfg.output_dir, args.tracking_uri, args.experiment, resume=bool(args.resume))
+    if note:
+        print(f"shortft: note: {note}", file=sys.stderr)
     check_resume_folder(cfg, args)
     if not args.resume:  # before the MLflow run is made: a refused run left a FAILED one, which --resume took up
         from shortft.checkpoint import check_new_run
@@ -153,15 +161,16 @@ def run_train(cfg, args) -> int:
             if args.resume not in (True, False):
                 raise ConfigError("--resume with --workers takes no path: Ray resumes from its storage path")
             r = train_with_ray(cfg, args.workers, use_gpu=args.gpu, storage_path=args.storage_path,
-                               max_failures=args.max_failures, tracking_uri=uri, experiment=args.experiment,
+                               max_failures=args.max_failures, tracking_uri=uri, experiment=experiment or tracking.DEFAULT_EXPERIMENT,
                                resume=bool(args.resume))
             print(f"done: run {r.run_name}; LoRA in {r.output_dir / 'lora'}; checkpoints in {r.storage_path}")
         else:
             note_unused_flags(args)
             callbacks, run_id = [], None
             if uri:
-                run_id = tracking.ensure_run(uri, args.experiment, str(cfg.output_dir.resolve()), cfg.name, cfg,
-                                             reuse=bool(args.resume))
+                run_id = run_store.open_run(uri, experiment, str(cfg.output_dir.resolve()), cfg.name, cfg,
+                                            reuse=bool(args.resume))
+                run_store.remember(cfg.output_dir, uri, experiment, run_id)
                 callbacks.append(tracking.MlflowLogger(uri, run_id, metrics_file=cfg.output_dir / "metrics.jsonl"))
             with run_status.kept(uri, run_id):
                 result = train(cfg, callbacks, resume=args.resume)
@@ -217,70 +226,6 @@ def resume_line(cfg, args) -> str:
 def note_unused_flags(args) -> None:
     if not args.workers and (args.storage_path or args.gpu):
         print("shortft: note: --storage-path and --gpu apply with --workers N only", file=sys.stderr)
-
-
-def int_list(flag: str, text: str, low: int = 1, high: int | None = None) -> list[int]:
-    """Comma-separated integers in [low, high), at least one."""
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise ConfigError(f"{flag} {text!r}: expected comma-separated integers, e.g. 1,2") from None
-    if not values:
-        raise ConfigError(f"{flag} {text!r}: give at least one integer, e.g. {flag} {max(low, 1)},{max(low, 1) + 1}")
-    for v in values:
-        if v < low or (high is not None and v >= high):
-            raise ConfigError(f"{flag} {v}: must be >= {low}" + (f" and < {high}" if high is not None else ""))
-    return values
-
-
-def bool_list(flag: str, text: str | None) -> list[bool | None]:
-    if text is None:
-        return [None]
-    values = [v.strip().lower() for v in text.split(",") if v.strip()]
-    bad = [v for v in values if v not in ("true", "false")]
-    if bad or not values:
-        raise ConfigError(f"{flag} {text!r}: expected true, false or both, e.g. {flag} false,true")
-    return [v == "true" for v in values]
-
-
-def run_bench(cfg, args) -> dict:
-    from shortft import tracking
-    from shortft.bench import run_bench as bench
-    from shortft.bench_report import format_table, log_to_mlflow, save_json
-
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    if not methods:
-        raise ConfigError(f"--methods {args.methods!r}: name at least one, e.g. --methods shortft,draft")
-    path = output_file("--json", args.json) if args.json else None  # before the arms run, not after
-    if args.tracking_uri:
-        tracking.resolve_uri(args.tracking_uri)
-    print(f"bench {cfg.name}: {cfg.model.pretrained}{' (random weights)' if args.random_weights else ''}, "
-          f"N={cfg.chain.steps}", flush=True)
-    if path:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    result = bench(cfg, methods, int_list("--segments", args.segments), int_list("--batch", args.batch),
-                   args.steps, args.warmup, args.random_weights, time_it=not args.count_only,
-                   counts_from=read_json("--counts-from", args.counts_from) if args.counts_from else None,
-                   checkpointing=bool_list("--checkpointing", args.checkpointing), profile=args.profile,
-                   on_arm=(lambda so_far: save_json(path, so_far)) if path else None)
-    print(f"\n{result['device']} (host: {result['host_cpu']}, {result['threads']} torch threads), "
-          f"{result['mixed_precision']} autocast, frozen weights {result['dtype']}, {result['date']}\n"
-          + format_table(result))
-    if args.tracking_uri:
-        print(f"mlflow run {log_to_mlflow(result, args.tracking_uri, path)}")
-    return result
-
-
-def read_json(flag: str, path: str) -> dict:
-    try:
-        data = json.loads(Path(path).read_text())
-    except OSError as e:
-        raise ConfigError(f"{flag} {path}: {e.strerror or e}") from None
-    except ValueError as e:
-        raise ConfigError(f"{flag} {path}: not JSON ({e}); give the file an earlier `shortft bench --json` wrote") from None
-    if not isinstance(data, dict) or not isinstance(data.get("rows"), list):
-        raise ConfigError(f"{flag} {path}: not a `shortft bench --json` result (no rows)")
-    return data
 
 
 def run_eval(cfg, lora: str | None, grid: str | None) -> dict:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import math
 
-from shortft.config import builtin_configs
+from shortft.config import ConfigError, builtin_configs
 
 
 def at_least(low: int):
@@ -59,7 +59,7 @@ def parser() -> argparse.ArgumentParser:
     mlflow = t.add_mutually_exclusive_group()  # both given: one was ignored without a word
     mlflow.add_argument("--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
     mlflow.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
-    t.add_argument("--experiment", default="shortft", help="MLflow experiment name")
+    t.add_argument("--experiment", help="MLflow experiment name (default shortft; on --resume, the run's own)")
 
     e = sub.add_parser("eval", help="evaluate with the original N-step sampler")
     common(e)
@@ -127,3 +127,27 @@ def parser() -> argparse.ArgumentParser:
     common(config_parser)
     config_parser.add_argument("--keys", action="store_true", help="list every key with its default and help")
     return p
+
+
+def int_list(flag: str, text: str, low: int = 1, high: int | None = None) -> list[int]:
+    """Comma-separated integers in [low, high), at least one."""
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ConfigError(f"{flag} {text!r}: expected comma-separated integers, e.g. 1,2") from None
+    if not values:
+        raise ConfigError(f"{flag} {text!r}: give at least one integer, e.g. {flag} {max(low, 1)},{max(low, 1) + 1}")
+    for v in values:
+        if v < low or (high is not None and v >= high):
+            raise ConfigError(f"{flag} {v}: must be >= {low}" + (f" and < {high}" if high is not None else ""))
+    return values
+
+
+def bool_list(flag: str, text: str | None) -> list[bool | None]:
+    if text is None:
+        return [None]
+    values = [v.strip().lower() for v in text.split(",") if v.strip()]
+    bad = [v for v in values if v not in ("true", "false")]
+    if bad or not values:
+        raise ConfigError(f"{flag} {text!r}: expected true, false or both, e.g. {flag} false,true")
+    return [v == "true" for v in values]

@@ -22,13 +22,14 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
-from shortft import attempts, checkpoint, raised, resources, run_status, tracking
+from shortft import attempts, checkpoint, raised, resources, run_record, run_status, run_store, tracking
 from shortft.config import Config, ConfigError, from_dict, to_dict
 from shortft.guard import NonFiniteError
 from shortft.interrupt import SIGNALS, Interrupted
 from shortft.loop import Callback
 from shortft.mlflow_relay import start_relay
 from shortft.memory import OutOfMemory
+from shortft.progress import warn
 from shortft.ray_reports import FAULT_MARKER, FaultInjector, RayReport, fault_request, readable
 from shortft.ray_stop import StopChannel, polled
 from shortft.ray_storage import check_storage_path, name_in_storage, resolve_storage_path, run_exists
@@ -185,8 +186,10 @@ def train_with_ray(cfg: Config, workers: int, use_gpu: bool = False, storage_pat
 
     if workers < 1:
         raise ConfigError(f"--workers {workers}: must be >= 1 for Ray Train (0 runs in-process)")
-    if tracking_uri == "":
-        tracking_uri = tracking.default_tracking_uri()
+    if tracking_uri == "":  # the default; a resume's: the store the run started in
+        tracking_uri, _, note = run_store.settle(cfg.output_dir, None, experiment, resume)
+        if note:
+            warn(f"shortft: note: {note}")
     if tracking_uri:
         tracking_uri = tracking.resolve_uri(tracking_uri)
     storage_path = resolve_storage_path(storage_path)
@@ -205,6 +208,7 @@ def train_with_ray(cfg: Config, workers: int, use_gpu: bool = False, storage_pat
                "in one process (no --workers), or, if --workers 1 wrote it, with the --storage-path it was written to")
         raise ConfigError(f"resume: {storage_path} holds no run {name} for Ray to resume, and {local} is a checkpoint "
                           f"of {written_by} worker(s); resume it {how}")
+    run_record.remember(cfg.output_dir, "ray", {"name": name, "storage_path": storage_path})  # found after a move
     # Files written by rank 0 go to an absolute path, whatever the worker's working directory.
     cfg = from_dict(Config, to_dict(cfg))
     cfg.train.output_dir = str(cfg.output_dir.resolve())
@@ -217,8 +221,9 @@ def train_with_ray(cfg: Config, workers: int, use_gpu: bool = False, storage_pat
         resources.check(resources.Request(workers, cpus, gpus_per_worker if use_gpu else 0.0, workers_flag="--workers",
                                           gpu_flag="--gpu", gpu_fix="drop --gpu"))
     own_run = bool(tracking_uri and not run_id)  # a sweep's trial run is the sweep's to close
-    if own_run:
-        run_id = tracking.ensure_run(tracking_uri, experiment, name, name, cfg)
+    if own_run:  # found again from any folder, and after the run folder moved
+        run_id = run_store.open_run(tracking_uri, experiment, name, name, cfg)
+        run_store.remember(cfg.output_dir, tracking_uri, experiment, run_id)
     with run_status.kept(tracking_uri if own_run else None, run_id):  # KILLED or FAILED if it raises
         relay = start_relay(tracking_uri) if tracking_uri else None  # found again if the sweep started it
         if resource_wait_s:  # Ray Train reads it in its controller, which gets it from this process's environment

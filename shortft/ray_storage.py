@@ -12,6 +12,7 @@ import json
 import uuid
 from pathlib import Path
 
+from shortft import run_record
 from shortft.config import Config, ConfigError, to_dict
 
 
@@ -25,10 +26,14 @@ def run_name(cfg: Config) -> str:
 
 
 def name_in_storage(cfg: Config, storage_path: str, resume: bool) -> str:
-    """`run_name(cfg)`; on `resume`, a run that an earlier version named by its config digest (the
-    same config) where only that one is in the storage path."""
+    """`run_name(cfg)`; on `resume`, where no run of that name is in the storage path: the name the run
+    folder recorded (it moved here), else a run that an earlier version named by its config digest (the
+    same config)."""
     name = run_name(cfg)
     if resume and not run_exists(storage_path, name):
+        kept, own = run_record.recorded(cfg.output_dir, "ray")  # the folder moved: the name it ran under
+        if own and isinstance(kept.get("name"), str) and run_exists(storage_path, kept["name"]):
+            return kept["name"]
         digest = hashlib.sha1(json.dumps(to_dict(cfg), sort_keys=True, default=str).encode()).hexdigest()[:8]
         if run_exists(storage_path, f"{cfg.name}-{digest}"):
             return f"{cfg.name}-{digest}"

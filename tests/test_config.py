@@ -230,3 +230,9 @@ def test_an_override_after_resume_is_an_override_and_the_dry_run_says_where_the_
     out = capsys.readouterr().out
     assert "\n  steps: 6\n" in out and out.strip().endswith(
         f"resume: from {tmp_path}/run/checkpoints/step_000002 at step 2"), out[-2000:]
+    # without --resume the dry run stops as the run would: that folder holds a run
+    assert main(["train", "--config", "tiny", "--dry-run", *run]) == 2
+    out, err = capsys.readouterr()
+    assert "resume:" not in out and err.strip() == (
+        f"shortft: error: train.output_dir {tmp_path}/run holds a run (checkpoints to step 2); pass --resume to "
+        "continue it, or set name=<new name> (or train.output_dir) to start another")

@@ -159,6 +159,11 @@ def test_a_ray_run_resumes_with_changed_settings_as_a_run_in_one_process_does(ra
     assert [row["step"] for row in _rows(more.output_dir)] == [1, 2, 3]
     written = yaml.safe_load((more.output_dir / "config.yaml").read_text())
     assert written["train"]["steps"] == 3 and written["chain"]["checkpointing"] is True
+    # a moved run folder is still that Ray run (named by the folder's path, it was "no run ... to resume")
+    (tmp_path / "run").rename(tmp_path / "moved")
+    moved = train_with_ray(make_cfg(*common, "train.steps=4", f"train.output_dir={tmp_path}/moved"), resume=True, **kw)
+    assert moved.run_name == first.run_name and moved.metrics["step"] == 4
+    assert [row["step"] for row in _rows(moved.output_dir)] == [1, 2, 3, 4]
 
 
 def test_a_ray_run_is_named_by_its_run_folder_and_a_run_named_by_its_config_still_resumes(make_cfg, tmp_path):
@@ -176,6 +181,15 @@ def test_a_ray_run_is_named_by_its_run_folder_and_a_run_named_by_its_config_stil
     (storage / legacy / "step_000002").mkdir(parents=True)
     assert name_in_storage(cfg, str(storage), resume=True) == legacy
     assert name_in_storage(cfg, str(storage), resume=False) == run_name(cfg)
+    # a folder that moved here keeps the name it ran under; a copy whose original is still there does not
+    from shortft import run_record
+
+    (storage / "ran-under" / "step_000001").mkdir(parents=True)
+    for original, exists in ((tmp_path / "gone", False), (tmp_path, True)):
+        run_record.remember(cfg.output_dir, "ray", {"name": "ran-under"})
+        record = json.loads((cfg.output_dir / run_record.FILE).read_text())
+        (cfg.output_dir / run_record.FILE).write_text(json.dumps({**record, "folder": str(original)}))
+        assert (name_in_storage(cfg, str(storage), resume=True) == "ran-under") is not exists
 
 
 @pytest.mark.parametrize("rank", [0, 1])

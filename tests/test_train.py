@@ -288,6 +288,64 @@ def test_a_runs_config_used_from_another_folder_resumes_that_run_or_says_how(tmp
     assert "no checkpoint under runs/other/checkpoints; starting from step 0" in capsys.readouterr().err
 
 
+def test_a_resumed_run_logs_into_its_own_mlflow_run_from_any_folder_and_after_a_move(tmp_path, tiny_dir,
+                                                                                      monkeypatch, capsys):
+    """The store was ./mlflow.db of the folder a resume ran in: resumed from elsewhere, a run's history went to a
+    second store there. A moved run folder became a second MLflow run (runs are found by the folder's path)."""
+    import shutil
+
+    from mlflow.tracking import MlflowClient
+
+    from shortft.cli import main
+
+    common = ["chain.steps=4", "chain.segments=2", "train.checkpoint_every=1", f"model.pretrained={tiny_dir}"]
+    home, elsewhere = tmp_path / "home", tmp_path / "elsewhere"
+    home.mkdir(), elsewhere.mkdir()
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(home)
+    assert main(["train", "--config", "tiny", "train.steps=1", "--experiment", "mine", *common]) == 0
+    store = f"sqlite:///{home}/mlflow.db"
+    client = MlflowClient(store)
+    (exp,) = [e for e in client.search_experiments() if e.name == "mine"]
+
+    def runs():
+        return client.search_runs([exp.experiment_id])
+
+    monkeypatch.chdir(elsewhere)
+    capsys.readouterr()
+    assert main(["train", "--config", f"{home}/runs/tiny/config.yaml", "--resume", "train.steps=2",
+                 f"train.output_dir={home}/runs/tiny", *common]) == 0
+    assert f"logging to the run's MLflow store {store}, where it started" in capsys.readouterr().err
+    assert not list(elsewhere.iterdir())  # no ./mlflow.db, no mlruns here
+    (run,) = runs()
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [1, 2]
+
+    shutil.move(home / "runs" / "tiny", home / "runs" / "moved")
+    monkeypatch.chdir(home)
+    assert main(["train", "--config", "runs/moved/config.yaml", "--resume", "train.steps=3",
+                 "train.output_dir=runs/moved", *common]) == 0
+    (moved,) = runs()
+    assert moved.info.run_id == run.info.run_id and moved.data.tags["shortft.run_key"] == str(home / "runs" / "moved")
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [1, 2, 3]
+    # a copy whose original is still there is a run of its own
+    shutil.copytree(home / "runs" / "moved", home / "runs" / "copy")
+    assert main(["train", "--config", "runs/copy/config.yaml", "--resume", "train.steps=4",
+                 "train.output_dir=runs/copy", *common]) == 0
+    assert len(runs()) == 2 and len(client.get_metric_history(run.info.run_id, "loss")) == 3
+    # a store that is not on this machine: the resume logs to this folder's, and says so
+    (home / "runs" / "copy" / "shortft_run.json").write_text(json.dumps({"folder": str(home / "runs" / "copy"), "mlflow": {
+        "tracking_uri": f"sqlite:///{tmp_path}/gone/mlflow.db", "experiment": "mine", "run_id": "x"}}))
+    monkeypatch.chdir(elsewhere)
+    capsys.readouterr()
+    assert main(["train", "--config", f"{home}/runs/copy/config.yaml", "--resume", "train.steps=5", "--no-mlflow",
+                 f"train.output_dir={home}/runs/copy", *common]) == 0
+    assert "MLflow store" not in capsys.readouterr().err  # --no-mlflow: not a word about stores
+    assert main(["train", "--config", f"{home}/runs/copy/config.yaml", "--resume", "train.steps=6",
+                 f"train.output_dir={home}/runs/copy", *common]) == 0
+    assert (f"the run's MLflow store sqlite:///{tmp_path}/gone/mlflow.db is not on this machine (moved?); logging to "
+            f"sqlite:///{elsewhere}/mlflow.db") in capsys.readouterr().err
+
+
 def test_cli_train_runs_and_reports(tmp_path, tiny_dir):
     p = subprocess.run([sys.executable, "-m", "shortft.cli", "train", "--config", "tiny", "train.steps=2",
                         "chain.steps=4", "chain.segments=2", f"model.pretrained={tiny_dir}",

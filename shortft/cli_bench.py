@@ -1,0 +1,51 @@
+"""`shortft bench`: the arms it is asked for, run, printed as a table, saved as JSON after every arm, and
+logged as an MLflow run with `--tracking-uri`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from shortft.cli_parser import bool_list, int_list
+from shortft.config import ConfigError
+from shortft.out_paths import output_file
+
+
+def run_bench(cfg, args) -> dict:
+    from shortft import tracking
+    from shortft.bench import run_bench as bench
+    from shortft.bench_report import format_table, log_to_mlflow, save_json
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if not methods:
+        raise ConfigError(f"--methods {args.methods!r}: name at least one, e.g. --methods shortft,draft")
+    path = output_file("--json", args.json) if args.json else None  # before the arms run, not after
+    if args.tracking_uri:
+        tracking.resolve_uri(args.tracking_uri)
+    print(f"bench {cfg.name}: {cfg.model.pretrained}{' (random weights)' if args.random_weights else ''}, "
+          f"N={cfg.chain.steps}", flush=True)
+    if path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    result = bench(cfg, methods, int_list("--segments", args.segments), int_list("--batch", args.batch),
+                   args.steps, args.warmup, args.random_weights, time_it=not args.count_only,
+                   counts_from=read_json("--counts-from", args.counts_from) if args.counts_from else None,
+                   checkpointing=bool_list("--checkpointing", args.checkpointing), profile=args.profile,
+                   on_arm=(lambda so_far: save_json(path, so_far)) if path else None)
+    print(f"\n{result['device']} (host: {result['host_cpu']}, {result['threads']} torch threads), "
+          f"{result['mixed_precision']} autocast, frozen weights {result['dtype']}, {result['date']}\n"
+          + format_table(result))
+    if args.tracking_uri:
+        print(f"mlflow run {log_to_mlflow(result, args.tracking_uri, path)}")
+    return result
+
+
+def read_json(flag: str, path: str) -> dict:
+    try:
+        data = json.loads(Path(path).read_text())
+    except OSError as e:
+        raise ConfigError(f"{flag} {path}: {e.strerror or e}") from None
+    except ValueError as e:
+        raise ConfigError(f"{flag} {path}: not JSON ({e}); give the file an earlier `shortft bench --json` wrote") from None
+    if not isinstance(data, dict) or not isinstance(data.get("rows"), list):
+        raise ConfigError(f"{flag} {path}: not a `shortft bench --json` result (no rows)")
+    return data

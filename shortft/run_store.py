@@ -1,0 +1,63 @@
+"""Where a `shortft train` run logs to MLflow, kept in its folder (`run_record`: the store's URI, with no
+credentials, the experiment and the run's id), so that `--resume` logs into that same run from any working
+folder, and after the run's folder moved.
+
+Without it, the store was `./mlflow.db` of whichever folder the resume ran in (the run's history split over
+two stores), and a moved folder became a second MLflow run (runs are found by the folder's absolute path).
+Sweeps keep their store in their own record (`sweep/saved.py`).
+
+    uri, experiment, note = run_store.settle(cfg.output_dir, args.tracking_uri, args.experiment, resume=True)
+    run_id = run_store.open_run(uri, experiment, key, name, cfg)   # the recorded run, or ensure_run's
+    run_store.remember(cfg.output_dir, uri, experiment, run_id)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from shortft import run_record, tracking
+from shortft.config import Config
+from shortft.mlflow_client import sqlite_path
+
+PART = "mlflow"
+
+
+def remember(output_dir: Path, uri: str, experiment: str, run_id: str) -> None:
+    run_record.remember(output_dir, PART, {"tracking_uri": uri, "experiment": experiment, "run_id": run_id})
+
+
+def settle(output_dir: Path, given_uri: str | None, given_experiment: str | None,
+           resume: bool) -> tuple[str, str, str | None]:
+    """The store and experiment a run logs to, and a note for the user when a resume takes the run's own
+    instead of this folder's default. Given ones (`--tracking-uri`, `--experiment`) always win."""
+    record = run_record.recorded(output_dir, PART)[0] if resume else {}
+    experiment = given_experiment or record.get("experiment") or tracking.DEFAULT_EXPERIMENT
+    default = tracking.resolve_uri(given_uri or tracking.default_tracking_uri())
+    kept = record.get("tracking_uri")
+    if given_uri or not isinstance(kept, str) or kept == default:
+        return default, experiment, None
+    path = sqlite_path(kept)
+    if path is not None and not path.is_file():
+        return default, experiment, (f"the run's MLflow store {kept} is not on this machine (moved?); logging to "
+                                     f"{default}, in a new run (--tracking-uri to name the store)")
+    return tracking.resolve_uri(kept), experiment, (f"logging to the run's MLflow store {kept}, where it started "
+                                                    "(--tracking-uri to log elsewhere)")
+
+
+def open_run(uri: str, experiment: str, key: str, name: str, cfg: Config, reuse: bool = True) -> str:
+    """The run to log to: the one the run folder recorded, where it is this folder's own run (`run_record`)
+    and still in this store, its key then set to this folder's (it may have moved); else the run with
+    this key, or a new one."""
+    record, own = run_record.recorded(cfg.output_dir, PART) if reuse else ({}, False)
+    run_id = record.get("run_id")
+    if own and run_id and record.get("tracking_uri") == uri:
+        client = tracking.client(uri)
+        try:
+            run = client.get_run(run_id)
+        except Exception:  # no longer in the store (deleted, or another store now at that path)
+            run = None
+        if run is not None and run.info.lifecycle_stage == "active":
+            if run.data.tags.get(tracking.RUN_KEY) != key:
+                client.set_tag(run_id, tracking.RUN_KEY, key)
+            return run_id
+    return tracking.ensure_run(uri, experiment, key, name, cfg, reuse=reuse)
