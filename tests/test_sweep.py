@@ -341,6 +341,7 @@ def _check_sweep_outputs(db: Path, table: Path, trials: int = 3):
     assert "objective_samples" not in Path(table).with_name("results.csv").read_text()  # lists: Parquet only
     assert not any("objective_samples" in key for run in [*children, *parents] for key in run.data.metrics)
     assert parents[0].data.metrics["base/objective"] == pytest.approx(base["eval/objective"])
+    assert 0 < parents[0].data.metrics["driver_cpu_seconds"] < parents[0].data.metrics["sweep_seconds"]
     assert 0 < parents[0].data.metrics["base/seconds"] == pytest.approx(base["seconds"])
     return parents[0], children, rows
 
@@ -491,8 +492,21 @@ def test_a_resume_from_another_folder_without_the_storage_path_says_which_to_pas
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and not ray.is_initialized(), err
     assert err == (f"error: --resume: no folder {tmp_path / 'ray_results'}; pass --storage-path of the sweep: the one "
-                   "its first line printed (default: ray_results in the folder it was started from)")
+                   "its first line printed (default: $SHORTFT_STORAGE_PATH where set, else ray_results in the folder "
+                   "it was started from)")
     assert not (tmp_path / "ray_results").exists()
+    # the right storage path and a wrong name: the sweeps that are there, not advice on the storage path
+    from shortft.sweep import saved
+
+    storage = tmp_path / "s"
+    for age, name in ((100, "old"), (0, "new")):
+        saved.write(str(storage), name, {})
+        (storage / name / "tuner.pkl").write_bytes(b"")
+        os.utime(storage / name / "tuner.pkl", (time.time() - age,) * 2)
+    code = sweep.main(["--name", "nwe", "--resume", "--no-mlflow", "--storage-path", str(storage)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err == (f"error: --resume: no sweep 'nwe' under {storage}; the sweeps there, newest first: "
+                                 "new, old; pass --name of one of them"), err
 
 
 def test_a_resume_logs_to_the_sweeps_mlflow_store_and_writes_its_folder_from_any_working_directory(tmp_path):

@@ -50,6 +50,9 @@ def main() -> int:
     print(f"  training steps {train:.0f} s ({train / wall:.0%}), evaluations {evals:.0f} s ({evals / wall:.0%}), "
           f"the untrained model {base:.0f} s ({'beside the trials' if beside else f'{base / wall:.0%}'}), "
           f"the rest {rest:.0f} s ({rest / wall:.0%}, {rest / max(1, len(children)):.0f} s per trial)")
+    if "driver_cpu_seconds" in parent.data.metrics:  # Tune's loop, its state saves, the searcher: a core it takes
+        cpu = parent.data.metrics["driver_cpu_seconds"]
+        print(f"  the driver's own CPU time {cpu:.1f} s ({cpu / wall:.1%} of one core)")
     return 0
 
 

@@ -147,9 +147,11 @@ def write_table(rows: list[dict], path: Path) -> Path:
 
 
 def finish_parent(uri: str, run_id: str, rows: list[dict], best: dict | None, study, table_path: Path,
-                   out_dir: Path, seconds: float, base: dict | None = None, status: str = "FINISHED") -> None:
+                   out_dir: Path, seconds: float, base: dict | None = None, status: str = "FINISHED",
+                   cpu_seconds: float | None = None) -> None:
     """Best trial's config and objective, the untrained model's evaluation (`base/...` metrics,
-    base.json and its grid), Optuna's plots and the results table, on the parent run."""
+    base.json and its grid), Optuna's plots and the results table, on the parent run. `cpu_seconds`: the
+    driver's own CPU time (Tune's loop, its state saves, the searcher), `driver_cpu_seconds`."""
     import pyarrow.csv as pacsv
     import pyarrow.parquet as pq
     import yaml
@@ -169,6 +171,8 @@ def finish_parent(uri: str, run_id: str, rows: list[dict], best: dict | None, st
             if path.is_file():
                 client.log_artifact(run_id, str(path), folder)
     client.log_metric(run_id, "sweep_seconds", seconds)
+    if cpu_seconds is not None:
+        client.log_metric(run_id, "driver_cpu_seconds", cpu_seconds)
     client.log_metric(run_id, "trials", len(rows))
     if best:
         client.log_metric(run_id, "best_objective", best["objective"])
