@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import random
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,7 +49,42 @@ def _set_rng_state(state: dict) -> None:
 
 
 class CheckpointWriteError(RuntimeError):
-    """A checkpoint could not be written (disk full, no permission); the previous one is intact."""
+    """A run's file could not be written (disk full, no permission, a file size limit): a checkpoint, the
+    step's metrics row or the final LoRAs; the previous checkpoint is intact."""
+
+
+def _why_not_written(e: BaseException) -> str | None:
+    """Why a write failed, or None where `e` is no failure to write (a bug keeps its traceback). On a full
+    disk safetensors raises its own error and torch.save a RuntimeError without an errno, not OSError."""
+    from safetensors import SafetensorError
+
+    if isinstance(e, OSError):
+        return f"{e.strerror or e}" + (f" ({e.filename})" if e.filename else "")
+    if isinstance(e, SafetensorError) and "I/O error: " in str(e):
+        return str(e).split("I/O error: ", 1)[1]
+    if isinstance(e, RuntimeError) and "inline_container" in str(e):
+        return f"torch.save could not write ({str(e).strip()})"
+    return None
+
+
+@contextmanager
+def written(what: str, root: Path, tmp: Path | None = None) -> Iterator[None]:
+    """Around a run's writes: a failure to write is one line (CheckpointWriteError) saying what was not
+    written, why, the space left there and the checkpoint that is intact; `tmp`, half-written, is removed."""
+    try:
+        yield
+    except Exception as e:
+        why = _why_not_written(e)
+        if why is None:
+            raise
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        there = next(p for p in (Path(root), *Path(root).absolute().parents) if p.exists())
+        previous = latest(root)
+        raise CheckpointWriteError(
+            f"{what}: {why}; {shutil.disk_usage(there).free / 2**30:.1f} GiB free on that disk; "
+            + (f"{previous.name} is intact, resume from it with --resume" if previous else "no earlier checkpoint")
+        ) from None
 
 
 def save(root: Path, step: int, unet, adapters: list[str], optimizer, state: dict, plan: dict, keep: int,
@@ -55,23 +92,16 @@ def save(root: Path, step: int, unet, adapters: list[str], optimizer, state: dic
     root = Path(root)
     final = root / f"step_{step:06d}"
     tmp = root / f".tmp-step_{step:06d}"
-    try:
+    blob = {"optimizer": optimizer.state_dict(), "rng": _rng_state()}
+    if scaler is not None and scaler.is_enabled():
+        blob["scaler"] = scaler.state_dict()  # fp16: the loss scale and its growth tracker
+    with written(f"checkpoint of step {step} not written to {root}", root, tmp):
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
         save_loras(unet, adapters, tmp / "lora", plan)
-        blob = {"optimizer": optimizer.state_dict(), "rng": _rng_state()}
-        if scaler is not None and scaler.is_enabled():
-            blob["scaler"] = scaler.state_dict()  # fp16: the loss scale and its growth tracker
         torch.save(blob, tmp / "optimizer.pt")
         (tmp / "state.json").write_text(json.dumps({"step": step, **state}))
-    except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        previous = latest(root)
-        raise CheckpointWriteError(
-            f"checkpoint of step {step} not written to {root}: {e.strerror or e} ({e.filename or tmp}); "
-            + (f"{previous.name} is intact, resume from it with --resume" if previous else "no earlier checkpoint")
-        ) from None
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
     for old in list_checkpoints(root)[:-keep]:

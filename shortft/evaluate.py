@@ -19,7 +19,7 @@ from shortft.config import Config
 from shortft.data import read_prompts
 from shortft.models import Models
 from shortft.plan import TrainingPlan
-from shortft.progress import bar
+from shortft.progress import bar, warn
 from shortft.rewards import Rewards
 
 SAMPLES = "eval/objective_samples"  # the one metric that is a list, not a number: kept out of scalar logs
@@ -59,7 +59,8 @@ def sample_terms(models: Models, cfg: Config, rewards: Rewards) -> tuple[dict[st
     return terms, images
 
 
-def evaluate(models: Models, cfg: Config, rewards: Rewards, grid_path: Path | None = None) -> dict:
+def evaluate(models: Models, cfg: Config, rewards: Rewards, grid_path: Path | None = None,
+             grid_optional: bool = False) -> dict:
     terms, images = sample_terms(models, cfg, rewards)
     metrics = {f"eval/{n}": float(v.mean()) for n, v in terms.items()}
     metrics["eval/objective"] = metrics[f"eval/{cfg.eval.objective}"]
@@ -69,7 +70,12 @@ def evaluate(models: Models, cfg: Config, rewards: Rewards, grid_path: Path | No
     metrics["eval/objective_se"] = float(values.std() / math.sqrt(len(values))) if len(values) > 1 else float("nan")
     metrics[SAMPLES] = values.tolist()
     if grid_path is not None:
-        save_grid(images, grid_path)
+        try:
+            save_grid(images, grid_path)
+        except OSError as e:
+            if not grid_optional:  # `eval --grid` asked for it; in training it is a picture: the checkpoint matters
+                raise
+            warn(f"shortft: sample grid not written to {grid_path}: {e.strerror or e}; the run goes on")
     return metrics
 
 

@@ -156,7 +156,7 @@ def _train(cfg: Config, callbacks, resume, rank: int, world_size: int, stop: Sto
     scaler = torch.amp.GradScaler(models.device.type, enabled=amp == "fp16")
     lora_json = plan.lora_json(models.denoiser.timesteps(cfg.chain.steps))
     if is_main:
-        say(memory_of(models, rewards))
+        say(memory_of(models, rewards, cfg))
 
     # 3. Resume: LoRA, optimizer, RNG, step and the budget spent from the latest (or given) checkpoint.
     start, history, state, path = 0, [], {}, None
@@ -257,16 +257,18 @@ def _train(cfg: Config, callbacks, resume, rank: int, world_size: int, stop: Sto
             artifacts["grid"] = out / "samples" / f"step_{step + 1:06d}.png"
             t_eval = time.perf_counter()
             with explained(cfg, f"in the evaluation at step {step + 1}", "evaluation"):
-                eval_metrics = evaluate(models, cfg, rewards, artifacts["grid"])
+                eval_metrics = evaluate(models, cfg, rewards, artifacts["grid"], grid_optional=True)
             metrics.update(eval_metrics, eval_seconds=time.perf_counter() - t_eval)
+            artifacts = {k: path for k, path in artifacts.items() if path.is_file()}  # a grid not written: warned
             say("eval  " + "  ".join(f"{k[5:]} {v:+.4f}" for k, v in scalars(eval_metrics).items()))
         stopping = stop.signal is not None and not last  # read once; under Ray, ranks agreed in the all-reduce
         if stopping:
             metrics["interrupted"] = 1  # the step a stop request ended the run at (Ray Train is told it)
         history.append(metrics)
         if is_main:
-            with metrics_file.open("a") as f:
-                f.write(json.dumps(metrics) + "\n")
+            with checkpoint.written(f"step {step + 1}'s row not written to {metrics_file}", out / "checkpoints"):
+                with metrics_file.open("a") as f:
+                    f.write(json.dumps(metrics) + "\n")
         # The row first: a run resumed from this checkpoint finds the step's evaluation (a trial resumed at its
         # last step has nothing else to give Tune); one that died in between redoes the step.
         every = cfg.train.checkpoint_every
@@ -285,9 +287,10 @@ def _train(cfg: Config, callbacks, resume, rank: int, world_size: int, stop: Sto
 
     lora_dir = out / "lora"
     if is_main:
-        save_loras(unet, adapters, lora_dir, lora_json)
-        (out / "result.json").write_text(json.dumps({"steps": done, "lora_dir": str(lora_dir), "eval": eval_metrics,
-                                                     **budget.state()}))
+        with checkpoint.written(f"the final LoRAs not written to {lora_dir}", out / "checkpoints"):
+            save_loras(unet, adapters, lora_dir, lora_json)
+            (out / "result.json").write_text(json.dumps({"steps": done, "lora_dir": str(lora_dir),
+                                                         "eval": eval_metrics, **budget.state()}))
     result = TrainResult(out, lora_dir, done, eval_metrics, history)
     for cb in callbacks:
         cb.on_end(result)

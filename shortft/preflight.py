@@ -105,10 +105,20 @@ def memory(cfg: Config) -> str:
         add_loras(pipe.unet, training_plan(cfg).adapters, cfg.lora.rank, cfg.lora.alpha, cfg.lora.targets)
     lora = sum(p.numel() for n, p in pipe.unet.named_parameters() if "lora_" in n)
     return _summary(frozen * DTYPES[cfg.model.dtype].itemsize, frozen, cfg.model.dtype, lora,
-                    _reward_params(cfg) * 2, "bf16 on a GPU")  # reward dtype auto
+                    _reward_params(cfg) * 2, "bf16 on a GPU") + "\n" + disk(cfg, lora)  # reward dtype auto
 
 
-def memory_of(models, rewards) -> str:
+def disk(cfg: Config, lora: int) -> str:
+    """What a run writes, from the LoRAs' parameter count: a checkpoint holds them in fp32 and AdamW's two
+    moments (12 bytes a parameter; SD 1.5's rank-128 timestep-aware LoRAs: 1.2 GB)."""
+    each, keep = lora * 12, cfg.train.keep_checkpoints
+    return (f"disk: a checkpoint {_size(each)} (the LoRAs in fp32 and AdamW's two moments); the run folder keeps "
+            f"{keep} (train.keep_checkpoints), {_size(each * (keep + 1))} while the next is written, and the final "
+            f"LoRAs {_size(lora * 4)} (again in MLflow's artifacts); a --workers run or a sweep trial keeps {keep} more "
+            "in its storage path; a sample grid per evaluation")
+
+
+def memory_of(models, rewards, cfg: Config) -> str:
     """The same estimate from the loaded models (printed before the first training step)."""
     from shortft.models import frozen_parts
 
@@ -120,7 +130,7 @@ def memory_of(models, rewards) -> str:
                        for p in m.parameters())
     dtype = str(next(models.unet.parameters()).dtype).replace("torch.", "")
     return _summary(sum(p.numel() * p.element_size() for p in frozen), sum(p.numel() for p in frozen), dtype, lora,
-                    reward_bytes, "as loaded")
+                    reward_bytes, "as loaded") + "\n" + disk(cfg, lora)
 
 
 def _summary(weights: int, frozen: int, dtype: str, lora: int, rewards: int, reward_note: str) -> str:

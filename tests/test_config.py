@@ -35,7 +35,7 @@ def test_numbers_in_exponent_notation_are_numbers(tmp_path):
     (tmp_path / "s.yaml").write_text("base: tiny\nsearch:\n  train.lr: {loguniform: [1e-4, 1e-2]}\n")
     assert load_space(str(tmp_path / "s.yaml")).search["train.lr"].args == [1e-4, 1e-2]
     p = subprocess.run([sys.executable, "-m", "shortft.cli", "train", "--config", "tiny", "train.lr=1e-3", "--dry-run"],
-                       capture_output=True, text=True, timeout=120)
+                       capture_output=True, text=True, timeout=120, cwd=tmp_path)  # no run in ./runs/tiny there
     assert p.returncode == 0, p.stderr
 
 

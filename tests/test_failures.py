@@ -53,6 +53,51 @@ def test_cli_reports_a_failed_checkpoint_write_in_one_line(tmp_path, tiny_dir):
     assert p.returncode == 1 and len(lines) == 1 and "No space left" in lines[0] and "Traceback" not in p.stderr, p.stderr
 
 
+def _limited(size: int):
+    """In the child: files may not grow past `size` bytes (write() fails with EFBIG, as on a full disk)."""
+    import resource
+
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (size, size))
+
+
+@pytest.mark.parametrize("limit,why", [(100_000, "torch.save could not write"), (8_000, "File too large (os error 27)")])
+def test_a_checkpoint_the_disk_refuses_is_one_line_with_the_real_writers(tmp_path, tiny_dir, limit, why):
+    """The test above stands torch.save in with one that raises OSError; on a full disk the real one raises a
+    RuntimeError with no errno, and safetensors its own error: a traceback, the half-written checkpoint left."""
+    run = ["train", "train.checkpoint_every=1", "chain.steps=4", "chain.segments=2", f"model.pretrained={tiny_dir}",
+           f"train.output_dir={tmp_path}/run", "--no-mlflow", "eval.every=0"]
+    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
+    first = subprocess.run([sys.executable, "-m", "shortft.cli", *run, "train.steps=1"], capture_output=True,
+                           text=True, timeout=300, env=env)
+    assert first.returncode == 0, first.stderr[-2000:]
+    p = subprocess.run([sys.executable, "-m", "shortft.cli", *run, "train.steps=2", "--resume"], capture_output=True,
+                       text=True, timeout=300, env=env, preexec_fn=lambda: _limited(limit))
+    told = ("resumed from", "shortft: sample grid not written")  # the grid before it: a warning, the run went on
+    lines = [line for line in p.stderr.splitlines() if line.strip() and not line.startswith(told)]
+    root = tmp_path / "run" / "checkpoints"
+    assert p.returncode == 1 and len(lines) == 1 and "Traceback" not in p.stderr, p.stderr[-3000:]
+    assert lines[0].startswith(f"shortft: error: checkpoint of step 2 not written to {root}: ") and why in lines[0]
+    assert lines[0].endswith("free on that disk; step_000001 is intact, resume from it with --resume"), lines[0]
+    assert not list(root.glob(".tmp-*")) and [c.name for c in checkpoint.list_checkpoints(root)] == ["step_000001"]
+
+
+def test_a_sample_grid_the_disk_refuses_is_a_warning_and_the_steps_checkpoint_is_written(make_cfg, tmp_path,
+                                                                                        monkeypatch, capsys):
+    """The grid is written before the step's checkpoint: a full disk there lost the step (a traceback)."""
+    import shortft.evaluate
+
+    def full(images, path, *a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(shortft.evaluate, "save_grid", full)
+    cfg = make_cfg("train.steps=2", "train.checkpoint_every=2", "eval.every=2", "chain.steps=4", "chain.segments=2")
+    assert shortft.train(cfg).steps == 2
+    assert (f"sample grid not written to {cfg.output_dir}/samples/step_000002.png: No space left on device; the run "
+            "goes on") in capsys.readouterr().err
+    assert [c.name for c in checkpoint.list_checkpoints(cfg.output_dir / "checkpoints")] == ["step_000002"]
+
+
 # PyTorch's allocator report, in the form torch.OutOfMemoryError carries it on a CUDA card
 CUDA_OOM = ("CUDA out of memory. Tried to allocate 1.25 GiB. GPU 0 has a total capacity of 23.52 GiB of which 1.18 GiB "
             "is free. Process 2752205 has 3.10 GiB memory in use. Including non-PyTorch memory, this process has 19.22 "

@@ -224,7 +224,7 @@ def test_a_prompt_file_on_the_hub_is_a_source_listed_by_the_dry_run_and_checked_
         "cache, and the hub cannot be asked (HF_HUB_OFFLINE is set); download it first (hf download someone/prompts "
         "other.txt --repo-type dataset), or set data.prompts to a local file")
     p = subprocess.run([sys.executable, "-m", "shortft.cli", "train", "--dry-run", "--config", "tiny",
-                        dataset.format("other.txt")], capture_output=True, text=True, timeout=300,
+                        dataset.format("other.txt")], capture_output=True, text=True, timeout=300, cwd=tmp_path,
                        env={**os.environ, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"})
     assert p.returncode == 0 and "[to download] someone/prompts/other.txt  prompts (dataset file)" in p.stdout, p.stdout
     for value, told in (("someone/prompts", "expected hf://datasets/<org>/<name>/<file>"),

@@ -379,7 +379,7 @@ def test_cli_train_runs_and_reports(tmp_path, tiny_dir):
                            capture_output=True, text=True, timeout=300)
     assert quiet.returncode == 0 and quiet.stdout.startswith("done: LoRA in"), quiet.stdout + quiet.stderr[-2000:]
     plan = subprocess.run([sys.executable, "-m", "shortft.cli", "train", "--dry-run", "chain.steps=50",
-                           f"model.pretrained={tiny_dir}"], capture_output=True, text=True, timeout=120)
+                           f"model.pretrained={tiny_dir}"], capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert plan.returncode == 0 and "18 network calls" in plan.stdout
 
 
