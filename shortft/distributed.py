@@ -66,8 +66,8 @@ def _worker(config: dict) -> None:
     else:
         torch.set_num_threads(max(1, config["threads"]))
     resume: bool | checkpoint.Fallback = False
-    ckpt = ray.train.get_checkpoint()
-    if ckpt is not None:
+    ckpt, local = ray.train.get_checkpoint(), None
+    if ckpt is not None:  # from s3:// or gs://, a copy (an SDXL checkpoint: 4 GiB) kept until training ends
         local = Path(tempfile.mkdtemp(prefix=f"shortft-resume-{rank}-"))
         resume = checkpoint.Fallback(readable(ckpt, local))  # Ray's latest, or the one before if it is unreadable
     callbacks: list[Callback] = []
@@ -85,8 +85,9 @@ def _worker(config: dict) -> None:
                       new_run_checked=True)
     except Interrupted:  # the driver asked; the step's checkpoint is reported. Ending normally: no restart
         pass
-    if resume:
-        shutil.rmtree(local, ignore_errors=True)
+    finally:  # also when training raises: each restart of the group made another copy
+        if local is not None:
+            shutil.rmtree(local, ignore_errors=True)
 
 
 def _aborted(sig: signal.Signals | None, name: str, workers: int) -> Interrupted:

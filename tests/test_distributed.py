@@ -6,6 +6,7 @@ import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -402,3 +403,41 @@ def test_a_stop_request_that_cannot_be_written_aborts_the_run_with_the_reason(tm
     assert "shortft: SIGTERM: the workers stop after this step" in err
     assert f"shortft: the stop request could not be written to {tmp_path / 'file' / 'ray'} (" in err
     assert err.rstrip().endswith(": aborting the run now"), err
+
+
+def test_a_workers_copy_of_a_remote_checkpoint_is_removed_when_its_training_fails(make_cfg, tmp_path, monkeypatch):
+    """A worker resuming from s3:// copies the checkpoint to a temporary folder (an SDXL one: 4 GiB), removed
+    only when training ended well: each restart of a failing group left another copy."""
+    import tempfile
+    import types
+
+    import ray.train
+
+    import shortft.loop
+    from shortft import distributed
+    from shortft.config import to_dict
+
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+
+    class Remote:  # a checkpoint on another filesystem: the worker copies it
+        filesystem = None
+
+        def to_directory(self, path):
+            (Path(path) / "state.json").write_text("{}")
+            return path
+
+    context = types.SimpleNamespace(get_world_rank=lambda: 0, get_world_size=lambda: 1)
+    monkeypatch.setattr(ray.train, "get_context", lambda: context)
+    monkeypatch.setattr(ray.train, "get_checkpoint", lambda: Remote())
+
+    def fails(cfg, callbacks, resume, **kw):
+        assert list(scratch.glob("shortft-resume-0-*/state.json"))  # the copy, there while training
+        raise RuntimeError("a crash")
+
+    monkeypatch.setattr(shortft.loop, "train", fails)
+    config = {"cfg": to_dict(make_cfg()), "use_gpu": False, "threads": 1, "tracking_uri": None}
+    with pytest.raises(RuntimeError, match="a crash"):
+        distributed._worker(config)
+    assert not list(scratch.iterdir())
