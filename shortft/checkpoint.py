@@ -62,8 +62,8 @@ def _why_not_written(e: BaseException) -> str | None:
         return f"{e.strerror or e}" + (f" ({e.filename})" if e.filename else "")
     if isinstance(e, SafetensorError) and "I/O error: " in str(e):
         return str(e).split("I/O error: ", 1)[1]
-    if isinstance(e, RuntimeError) and "inline_container" in str(e):
-        return f"torch.save could not write ({str(e).strip()})"
+    if isinstance(e, RuntimeError) and "inline_container" in str(e):  # "unexpected pos 576 vs 534": says no more
+        return "torch.save could not write the file (the disk full, or a file size limit)"
     return None
 
 
@@ -79,10 +79,14 @@ def written(what: str, root: Path, tmp: Path | None = None) -> Iterator[None]:
             raise
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
-        there = next(p for p in (Path(root), *Path(root).absolute().parents) if p.exists())
+        try:
+            there = next(p for p in (Path(root), *Path(root).absolute().parents) if p.exists())
+            free = f"{shutil.disk_usage(there).free / 2**30:.1f} GiB free on that disk; "
+        except OSError:
+            free = ""
         previous = latest(root)
         raise CheckpointWriteError(
-            f"{what}: {why}; {shutil.disk_usage(there).free / 2**30:.1f} GiB free on that disk; "
+            f"{what}: {why}; {free}"
             + (f"{previous.name} is intact, resume from it with --resume" if previous else "no earlier checkpoint")
         ) from None
 

@@ -25,7 +25,7 @@ from shortft.checks import load_config
 from shortft.cli_parser import int_list, parser as _parser
 from shortft.config import PARTS, READS, ConfigError, describe, parse_overrides, to_dict
 from shortft.memory import OutOfMemory, explained
-from shortft.out_paths import image_suffixes, output_file
+from shortft.out_paths import image_suffixes, output_file, output_folder
 from shortft.progress import quiet_libraries
 
 
@@ -138,12 +138,13 @@ def run_rewards(cfg, args) -> None:
 
 
 def run_train(cfg, args) -> int:
-    from shortft import run_status, run_store, tracking
-    from shortft.checkpoint import CheckpointWriteError
-    from shortft.evaluate import scalars
-    from shortft.guard import NonFiniteError
-    from shortft.loop import train
+    """What a run would be refused for, read first (nothing made); then the run folder locked (`run_lock`)
+    before its record and MLflow run are made, for the whole run in this process; with --workers, only
+    whether another process trains there now (the workers lock it where they train)."""
+    from shortft import run_lock, run_store
+    from shortft.checkpoint import check_new_run
 
+    output_folder("train.output_dir", cfg.output_dir)
     # credentials leave the URI here, before anything prints or stores it; a resume logs where the run started
     uri, experiment, note = (None, None, None) if args.no_mlflow else run_store.settle(
         cfg.output_dir, args.tracking_uri, args.experiment, resume=bool(args.resume))
@@ -151,9 +152,20 @@ def run_train(cfg, args) -> int:
         print(f"shortft: note: {note}", file=sys.stderr)
     check_resume_folder(cfg, args)
     if not args.resume:  # before the MLflow run is made: a refused run left a FAILED one, which --resume took up
-        from shortft.checkpoint import check_new_run
-
         check_new_run(cfg.output_dir)
+    with run_lock.held(cfg.output_dir):
+        if args.workers <= 0:
+            return _run_train(cfg, args, uri, experiment)
+    return _run_train(cfg, args, uri, experiment)
+
+
+def _run_train(cfg, args, uri: str | None, experiment: str | None) -> int:
+    from shortft import run_status, run_store, tracking
+    from shortft.checkpoint import CheckpointWriteError
+    from shortft.evaluate import scalars
+    from shortft.guard import NonFiniteError
+    from shortft.loop import train
+
     try:
         if args.workers > 0:
             from shortft.distributed import train_with_ray
@@ -161,8 +173,8 @@ def run_train(cfg, args) -> int:
             if args.resume not in (True, False):
                 raise ConfigError("--resume with --workers takes no path: Ray resumes from its storage path")
             r = train_with_ray(cfg, args.workers, use_gpu=args.gpu, storage_path=args.storage_path,
-                               max_failures=args.max_failures, tracking_uri=uri, experiment=experiment or tracking.DEFAULT_EXPERIMENT,
-                               resume=bool(args.resume))
+                               max_failures=args.max_failures, tracking_uri=uri,
+                               experiment=experiment or tracking.DEFAULT_EXPERIMENT, resume=bool(args.resume))
             print(f"done: run {r.run_name}; LoRA in {r.output_dir / 'lora'}; checkpoints in {r.storage_path}")
         else:
             note_unused_flags(args)

@@ -32,6 +32,7 @@ from shortft.memory import OutOfMemory
 from shortft.progress import warn
 from shortft.ray_reports import FAULT_MARKER, FaultInjector, RayReport, fault_request, readable
 from shortft.ray_stop import StopChannel, polled
+from shortft.run_lock import FolderInUse
 from shortft.ray_storage import check_storage_path, name_in_storage, resolve_storage_path, run_exists
 
 
@@ -66,10 +67,9 @@ def _worker(config: dict) -> None:
     else:
         torch.set_num_threads(max(1, config["threads"]))
     resume: bool | checkpoint.Fallback = False
-    ckpt, local = ray.train.get_checkpoint(), None
-    if ckpt is not None:  # from s3:// or gs://, a copy (an SDXL checkpoint: 4 GiB) kept until training ends
-        local = Path(tempfile.mkdtemp(prefix=f"shortft-resume-{rank}-"))
-        resume = checkpoint.Fallback(readable(ckpt, local))  # Ray's latest, or the one before if it is unreadable
+    ckpt = ray.train.get_checkpoint()
+    # from s3:// or gs://, a copy (an SDXL checkpoint: 4 GiB), kept until training ends, however it ends
+    local = Path(tempfile.mkdtemp(prefix=f"shortft-resume-{rank}-")) if ckpt is not None else None
     callbacks: list[Callback] = []
     if config["tracking_uri"] and rank == 0:  # before the report: it may be the trial's last act in a sweep
         callbacks.append(tracking.MlflowLogger(config["tracking_uri"], config["run_id"], rank, config["relay"],
@@ -79,6 +79,8 @@ def _worker(config: dict) -> None:
         callbacks.append(FaultInjector(rank, config["fail_at"], config["fail_rank"], Path(config["fail_marker"])))
     stop_file = config.get("stop_file") if rank == 0 else None  # rank 0 reads it; the step's all-reduce tells the rest
     try:
+        if ckpt is not None:  # Ray's latest, or the one before if it is unreadable
+            resume = checkpoint.Fallback(readable(ckpt, local))
         with polled(stop_file) if stop_file else nullcontext(None) as asked:
             with attempts.once(cfg.output_dir, config.get("attempt")):  # Ray Train's restart of a final failure: at once
                 train(cfg, callbacks, resume=resume, rank=rank, world_size=world, asked=asked,
@@ -150,7 +152,7 @@ def _one_line_error(error: Exception) -> Exception | None:
     OutOfMemory), found in the error Ray Train raises around it (the worker's traceback, ending in `module.Type: line`),
     as itself; the CLI prints it as one line. None for anything else."""
     known = {cls.__name__: cls for cls in (ConfigError, checkpoint.Unreadable, NonFiniteError,
-                                           checkpoint.CheckpointWriteError, OutOfMemory)}
+                                           checkpoint.CheckpointWriteError, OutOfMemory, FolderInUse)}
     kind, line = raised.found(error) or (None, None)
     return known[kind](line) if kind in known else None
 
@@ -193,6 +195,11 @@ def train_with_ray(cfg: Config, workers: int, use_gpu: bool = False, storage_pat
             warn(f"shortft: note: {note}")
     if tracking_uri:
         tracking_uri = tracking.resolve_uri(tracking_uri)
+    kept, own = run_record.recorded(cfg.output_dir, "ray")
+    if storage_path is None and resume and own and isinstance(kept.get("storage_path"), str):
+        storage_path = kept["storage_path"]  # where the run started, from any working folder
+        if storage_path != resolve_storage_path(None):
+            warn(f"shortft: note: resuming from the run's storage path {storage_path} (--storage-path to name another)")
     storage_path = resolve_storage_path(storage_path)
     check_storage_path(storage_path)
     name = name or name_in_storage(cfg, storage_path, resume)
@@ -223,7 +230,7 @@ def train_with_ray(cfg: Config, workers: int, use_gpu: bool = False, storage_pat
                                           gpu_flag="--gpu", gpu_fix="drop --gpu"))
     own_run = bool(tracking_uri and not run_id)  # a sweep's trial run is the sweep's to close
     if own_run:  # found again from any folder, and after the run folder moved
-        run_id = run_store.open_run(tracking_uri, experiment, name, name, cfg)
+        run_id = run_store.open_run(tracking_uri, experiment, name, name, cfg, reuse=resume)
         run_store.remember(cfg.output_dir, tracking_uri, experiment, run_id)
     with run_status.kept(tracking_uri if own_run else None, run_id):  # KILLED or FAILED if it raises
         relay = start_relay(tracking_uri) if tracking_uri else None  # found again if the sweep started it

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import yaml
 
-from shortft import checkpoint
+from shortft import checkpoint, run_lock
 from shortft.budget import Budget
 from shortft.chain import ChainInput, sample
 from shortft.checks import check
@@ -122,18 +122,19 @@ def train(cfg: Config, callbacks: list[Callback] = (), resume: bool | str | Path
     """One fine-tuning run. Under torch.distributed (rank/world_size > 1): each rank draws its own share of
     every batch, LoRA gradients and metrics are averaged over ranks, and only rank 0 writes files. Ctrl-C
     or SIGTERM (in the main thread), or a stop `asked` from outside (its signal number, 0 for none; rank 0's
-    reaches every rank), ends the step in progress with a checkpoint and raises `Interrupted`. A new run (no
+    reaches every rank), ends the step in progress with a checkpoint and raises `Interrupted`. Rank 0 keeps
+    the run folder locked (`run_lock`): another process training there is waited for, then refused. A new run (no
     `resume`) is refused where `cfg.output_dir` holds checkpoints, unless `new_run_checked`: Ray Train's
     driver checked the folder, and its restart of workers that failed before the first checkpoint it
     recorded starts again at step 0 over what they wrote."""
-    with stop_requests(asked) as stop:
+    check(cfg)
+    checkpoint.check_resume_path(resume)
+    with run_lock.held(cfg.output_dir) if rank == 0 else nullcontext(), stop_requests(asked) as stop:
         return _train(cfg, callbacks, resume, rank, world_size, stop, new_run_checked)
 
 
 def _train(cfg: Config, callbacks, resume, rank: int, world_size: int, stop: StopRequest,
            new_run_checked: bool = False) -> TrainResult:
-    check(cfg)
-    checkpoint.check_resume_path(resume)
     out, is_main = cfg.output_dir, rank == 0
     fork = isinstance(resume, (str, Path)) and Path(resume).resolve().parent.parent != out.resolve()
     if (not resume or fork) and not new_run_checked:  # a fork from another run's checkpoint is a new run here

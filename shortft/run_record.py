@@ -15,6 +15,8 @@ import json
 import os
 from pathlib import Path
 
+from shortft.progress import warn
+
 FILE = "shortft_run.json"
 
 
@@ -41,9 +43,13 @@ def recorded(output_dir: Path, part: str) -> tuple[dict, bool]:
 def remember(output_dir: Path, part: str, values: dict) -> None:
     """Writes (atomically) one part of the record, and this folder as the one it is for."""
     here = Path(output_dir).resolve()
-    here.mkdir(parents=True, exist_ok=True)
     record = _read(here)
     record.update({part: values, "folder": str(here)})
     tmp = here / f".{FILE}.tmp"
-    tmp.write_text(json.dumps(record, indent=1))
-    os.replace(tmp, here / FILE)
+    try:
+        here.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps(record, indent=1))
+        os.replace(tmp, here / FILE)
+    except OSError as e:  # a convenience: the run goes on (and its own writes say what is wrong there)
+        warn(f"shortft: {here / FILE} not written ({e.strerror or e}): a resume from another folder or after a "
+             "move will not find this run's MLflow store and run")

@@ -13,6 +13,7 @@ Sweeps keep their store in their own record (`sweep/saved.py`).
 
 from __future__ import annotations
 
+import urllib.parse
 from pathlib import Path
 
 from shortft import run_record, tracking
@@ -23,7 +24,11 @@ PART = "mlflow"
 
 
 def remember(output_dir: Path, uri: str, experiment: str, run_id: str) -> None:
-    run_record.remember(output_dir, PART, {"tracking_uri": uri, "experiment": experiment, "run_id": run_id})
+    """A URI with credentials in it (a database's `user:password@`; an http(s) URI's are moved out before
+    this) is not written down: a resume takes the store from the environment or `--tracking-uri` again."""
+    secret = urllib.parse.urlsplit(uri).password is not None
+    run_record.remember(output_dir, PART, {"tracking_uri": None if secret else uri, "experiment": experiment,
+                                           "run_id": run_id})
 
 
 def settle(output_dir: Path, given_uri: str | None, given_experiment: str | None,
@@ -39,24 +44,25 @@ def settle(output_dir: Path, given_uri: str | None, given_experiment: str | None
     path = sqlite_path(kept)
     if path is not None and not path.is_file():
         return default, experiment, (f"the run's MLflow store {kept} is not on this machine (moved?); logging to "
-                                     f"{default}, in a new run (--tracking-uri to name the store)")
+                                     f"{default} (--tracking-uri to name the store)")
     return tracking.resolve_uri(kept), experiment, (f"logging to the run's MLflow store {kept}, where it started "
                                                     "(--tracking-uri to log elsewhere)")
 
 
 def open_run(uri: str, experiment: str, key: str, name: str, cfg: Config, reuse: bool = True) -> str:
     """The run to log to: the one the run folder recorded, where it is this folder's own run (`run_record`)
-    and still in this store, its key then set to this folder's (it may have moved); else the run with
-    this key, or a new one."""
+    of this experiment and is in this store (a run id is unique: a store moved with its runs has it), its key
+    then set to this folder's (it may have moved); else the run with this key, or a new one."""
     record, own = run_record.recorded(cfg.output_dir, PART) if reuse else ({}, False)
     run_id = record.get("run_id")
-    if own and run_id and record.get("tracking_uri") == uri:
+    if own and isinstance(run_id, str) and record.get("experiment") == experiment:
         client = tracking.client(uri)
         try:
             run = client.get_run(run_id)
         except Exception:  # no longer in the store (deleted, or another store now at that path)
             run = None
-        if run is not None and run.info.lifecycle_stage == "active":
+        if run is not None and run.info.lifecycle_stage == "active" \
+                and run.info.experiment_id == tracking.experiment_id(uri, experiment):
             if run.data.tags.get(tracking.RUN_KEY) != key:
                 client.set_tag(run_id, tracking.RUN_KEY, key)
             return run_id

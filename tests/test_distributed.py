@@ -139,7 +139,8 @@ def test_worker_death_restarts_from_checkpoint_and_logs_each_step_once(ray_clust
 
 
 @pytest.mark.slow
-def test_a_ray_run_resumes_with_changed_settings_as_a_run_in_one_process_does(ray_cluster, make_cfg, tmp_path):
+def test_a_ray_run_resumes_with_changed_settings_as_a_run_in_one_process_does(ray_cluster, make_cfg, tmp_path,
+                                                                              monkeypatch):
     """A Ray run was named by a digest of its whole config: `--resume` with a longer `train.steps` (or a
     setting an out-of-memory line offers) named another run, found none, and was refused with the advice
     to resume in one process. The name is the run folder's now: the resume goes on (the worker names
@@ -165,6 +166,12 @@ def test_a_ray_run_resumes_with_changed_settings_as_a_run_in_one_process_does(ra
     moved = train_with_ray(make_cfg(*common, "train.steps=4", f"train.output_dir={tmp_path}/moved"), resume=True, **kw)
     assert moved.run_name == first.run_name and moved.metrics["step"] == 4
     assert [row["step"] for row in _rows(moved.output_dir)] == [1, 2, 3, 4]
+    # resumed from another working folder without --storage-path: the storage path the run started with
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    again = train_with_ray(make_cfg(*common, "train.steps=5", f"train.output_dir={tmp_path}/moved"), resume=True,
+                           **{**kw, "storage_path": None})
+    assert again.run_name == first.run_name and again.metrics["step"] == 5 and not list(Path.cwd().iterdir())
 
 
 def test_a_ray_run_is_named_by_its_run_folder_and_a_run_named_by_its_config_still_resumes(make_cfg, tmp_path):

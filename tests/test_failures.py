@@ -98,6 +98,49 @@ def test_a_sample_grid_the_disk_refuses_is_a_warning_and_the_steps_checkpoint_is
     assert [c.name for c in checkpoint.list_checkpoints(cfg.output_dir / "checkpoints")] == ["step_000002"]
 
 
+def test_a_second_process_in_a_run_folder_waits_for_the_first_then_is_refused(tmp_path, tiny_dir, monkeypatch,
+                                                                             capsys):
+    """Two `shortft train` in one folder (a resume started beside a running run, a requeued job while the old
+    one still writes) trained side by side: each pruned the other's checkpoints and their steps went into one
+    MLflow run. A new run was refused only once the first had a checkpoint."""
+    from shortft import run_lock
+    from shortft.cli import main
+
+    run = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from shortft import run_lock\n"
+                               f"with run_lock.held({str(run)!r}):\n    print('held', flush=True); "
+                               "time.sleep(float(sys.argv[1]))", "600"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        monkeypatch.setenv(run_lock.WAIT_ENV, "1")
+        uri = f"sqlite:///{tmp_path}/m.db"
+        args = ["train", "--config", "tiny", f"model.pretrained={tiny_dir}", "train.steps=1", "chain.steps=4",
+                "chain.segments=2", f"train.output_dir={run}", "--tracking-uri", uri]
+        assert main(args) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err[0].startswith(f"shortft: train.output_dir {run} is in use by another run (pid {holder.pid} on ")
+        assert err[-1].startswith(f"shortft: error: train.output_dir {run} is in use by another run (pid {holder.pid} "
+                                  "on ") and err[-1].endswith(
+            f"waited 1 s ({run_lock.WAIT_ENV}) for it to end: stop it, or set name=<new name> (or train.output_dir) to "
+            "start another"), err
+        from mlflow.tracking import MlflowClient
+
+        assert not [r for e in MlflowClient(uri).search_experiments()
+                    for r in MlflowClient(uri).search_runs([e.experiment_id])]  # refused before its MLflow run
+    finally:
+        holder.kill()
+        holder.wait()
+    # the lock ends with its process, however it ended (here: SIGKILL); a process that ends while waited for
+    # is followed at once (a requeued job after the old one wrote its last checkpoint)
+    short = subprocess.Popen([sys.executable, "-c", "import time; from shortft import run_lock\n"
+                              f"with run_lock.held({str(run)!r}):\n    print('held', flush=True); time.sleep(2)"],
+                             stdout=subprocess.PIPE, text=True)
+    assert short.stdout.readline().strip() == "held"
+    monkeypatch.setenv(run_lock.WAIT_ENV, "60")
+    assert main([*args[:-2], "--no-mlflow"]) == 0
+    short.wait()
+
+
 # PyTorch's allocator report, in the form torch.OutOfMemoryError carries it on a CUDA card
 CUDA_OOM = ("CUDA out of memory. Tried to allocate 1.25 GiB. GPU 0 has a total capacity of 23.52 GiB of which 1.18 GiB "
             "is free. Process 2752205 has 3.10 GiB memory in use. Including non-PyTorch memory, this process has 19.22 "

@@ -332,18 +332,31 @@ def test_a_resumed_run_logs_into_its_own_mlflow_run_from_any_folder_and_after_a_
     assert main(["train", "--config", "runs/copy/config.yaml", "--resume", "train.steps=4",
                  "train.output_dir=runs/copy", *common]) == 0
     assert len(runs()) == 2 and len(client.get_metric_history(run.info.run_id, "loss")) == 3
-    # a store that is not on this machine: the resume logs to this folder's, and says so
-    (home / "runs" / "copy" / "shortft_run.json").write_text(json.dumps({"folder": str(home / "runs" / "copy"), "mlflow": {
-        "tracking_uri": f"sqlite:///{tmp_path}/gone/mlflow.db", "experiment": "mine", "run_id": "x"}}))
-    monkeypatch.chdir(elsewhere)
+    # --experiment on a resume is a run of that experiment, not the recorded one
+    assert main(["train", "--config", "runs/moved/config.yaml", "--resume", "train.steps=4", "--experiment", "other",
+                 "train.output_dir=runs/moved", *common]) == 0
+    (other,) = [e for e in client.search_experiments() if e.name == "other"]
+    (in_other,) = client.search_runs([other.experiment_id])  # its history back-filled from metrics.jsonl
+    assert len(runs()) == 2
+    # the whole project moved, store and runs: the recorded store is gone, this folder's is that store
+    shutil.move(home, tmp_path / "home2")
+    monkeypatch.chdir(tmp_path / "home2")
     capsys.readouterr()
-    assert main(["train", "--config", f"{home}/runs/copy/config.yaml", "--resume", "train.steps=5", "--no-mlflow",
-                 f"train.output_dir={home}/runs/copy", *common]) == 0
-    assert "MLflow store" not in capsys.readouterr().err  # --no-mlflow: not a word about stores
-    assert main(["train", "--config", f"{home}/runs/copy/config.yaml", "--resume", "train.steps=6",
-                 f"train.output_dir={home}/runs/copy", *common]) == 0
-    assert (f"the run's MLflow store sqlite:///{tmp_path}/gone/mlflow.db is not on this machine (moved?); logging to "
-            f"sqlite:///{elsewhere}/mlflow.db") in capsys.readouterr().err
+    assert main(["train", "--config", "runs/moved/config.yaml", "--resume", "train.steps=5",
+                 "train.output_dir=runs/moved", *common]) == 0
+    assert (f"the run's MLflow store {store} is not on this machine (moved?); logging to "
+            f"sqlite:///{tmp_path}/home2/mlflow.db") in capsys.readouterr().err
+    client = MlflowClient(f"sqlite:///{tmp_path}/home2/mlflow.db")
+    (moved,) = client.search_runs([other.experiment_id])  # the record names experiment "other" now
+    assert moved.info.run_id == in_other.info.run_id
+    assert [m.step for m in client.get_metric_history(moved.info.run_id, "loss")] == [1, 2, 3, 4, 5]
+    # a store URI with a password in it is not written into the run folder
+    from shortft import run_record, run_store
+
+    run_store.remember(tmp_path / "r", "postgresql://me:secret@db/mlflow", "mine", "abc")
+    assert run_record.recorded(tmp_path / "r", "mlflow") == ({"tracking_uri": None, "experiment": "mine",
+                                                               "run_id": "abc"}, True)
+    assert "secret" not in (tmp_path / "r" / run_record.FILE).read_text()
 
 
 def test_cli_train_runs_and_reports(tmp_path, tiny_dir):
