@@ -41,14 +41,23 @@ def absolute_uri(uri: str) -> str:
 # A server that takes the connection but answers slowly (a loaded head node: seen at over 5 s in CI) is
 # waited for this long; one that refuses it fails at once.
 HEALTH_WAIT_S = 60.0
-CREDENTIAL_ENV = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")
+CREDENTIAL_ENV = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN", "PGPASSWORD")
 TOKEN_KEYS = ("token", "access_token")
 
 
 def take_credentials(uri: str) -> str:
     """`http(s)://user:password@host:port/?token=...` -> `http(s)://host:port/`, the user, password and
-    token set in MLflow's own environment variables. Other URIs are returned as they are."""
+    token set in MLflow's own environment variables; `postgresql://user:password@host/db` ->
+    `postgresql://user@host/db`, the password in $PGPASSWORD (libpq reads it). Other URIs as they are."""
     parts = urllib.parse.urlsplit(uri)
+    if parts.scheme.split("+")[0] == "postgresql" and parts.password is not None:
+        os.environ["PGPASSWORD"] = urllib.parse.unquote(parts.password)
+        netloc = parts.netloc.rsplit("@", 1)
+        user = netloc[0].split(":", 1)[0]
+        return urllib.parse.urlunsplit(parts._replace(netloc=f"{user}@{netloc[1]}"))
+    if parts.password is not None and parts.scheme not in ("http", "https"):
+        warn(f"shortft: the tracking URI's password ({parts.scheme}://) stays in it, and sweeps and Ray runs store "
+             "the URI; keep the password in the database driver's own settings instead")
     if parts.scheme not in ("http", "https"):
         return uri
     if parts.username is not None:

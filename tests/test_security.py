@@ -128,3 +128,16 @@ def _walk(node, key=None):
             yield from _walk(v, key)
     else:
         yield key, node
+
+
+def test_a_postgresql_stores_password_leaves_the_uri_for_libpqs_environment(monkeypatch, capsys):
+    """Only http(s) credentials were taken out: a `postgresql://user:password@...` store went as it was into
+    Tune's trial configs, a sweep's record in its storage path and a run folder's record."""
+    from shortft import tracking
+
+    monkeypatch.setenv("PGPASSWORD", "")  # so that the test's end removes what the URI sets
+    uri = tracking.resolve_uri("postgresql+psycopg2://me:s%40cret@db.example:5432/mlflow?sslmode=require")
+    assert uri == "postgresql+psycopg2://me@db.example:5432/mlflow?sslmode=require"
+    assert tracking.credentials_env() == {"PGPASSWORD": "s@cret"}  # what a cluster's job gets in its environment
+    assert tracking.take_credentials("mysql://me:pw@db/mlflow") == "mysql://me:pw@db/mlflow"
+    assert "password (mysql://) stays in it" in capsys.readouterr().err
