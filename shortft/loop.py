@@ -204,6 +204,8 @@ def _train(cfg: Config, callbacks, resume, rank: int, world_size: int, stop: Sto
         for name in adapters:
             for p in params[name]:
                 p.requires_grad_(name in training)
+                if name not in training:  # frozen for the rest of the run: AdamW's moments would only fill checkpoints
+                    optimizer.state.pop(p, None)
 
         # 4. Micro-batches: chain -> decode -> reward -> loss -> backward.
         with explained(cfg, f"in step {step + 1}", "step"):  # AdamW's state is made in the first step's update
