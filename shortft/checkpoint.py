@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import random
 import shutil
+import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -62,7 +63,9 @@ def _why_not_written(e: BaseException) -> str | None:
         return f"{e.strerror or e}" + (f" ({e.filename})" if e.filename else "")
     if isinstance(e, SafetensorError) and "I/O error: " in str(e):
         return str(e).split("I/O error: ", 1)[1]
-    if isinstance(e, RuntimeError) and "inline_container" in str(e):  # "unexpected pos 576 vs 534": says no more
+    # torch.save's writer, by where it stopped ("unexpected pos 576 vs 534", "basic_ios::clear: iostream error")
+    frames = traceback.extract_tb(e.__traceback__) if isinstance(e, RuntimeError) else []
+    if frames and Path(frames[-1].filename).parts[-2:] == ("torch", "serialization.py"):
         return "torch.save could not write the file (the disk full, or a file size limit)"
     return None
 
