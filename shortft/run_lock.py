@@ -11,7 +11,7 @@ process to end (a restarted Ray worker group, a requeued job: the old one is sti
 `$SHORTFT_LOCK_WAIT_S` seconds (default 60), then stops in one line naming that process. Where the
 filesystem has no flock, runs are not locked.
 
-    with run_lock.held(cfg.output_dir):   # raises ConfigError if another process keeps it
+    with run_lock.held(cfg.output_dir):   # raises FolderInUse if another process keeps it
         ...train...
 """
 
@@ -31,7 +31,7 @@ from shortft.progress import warn
 
 FILE = ".shortft.lock"
 WAIT_ENV = "SHORTFT_LOCK_WAIT_S"
-_HELD: dict[tuple[Path, int], int] = {}  # (folder, thread) held, how deep: `held` in `held` is the same lock
+_HELD: set[tuple[Path, int]] = set()  # (folder, thread) held: `held` inside `held` is the same lock
 
 
 class FolderInUse(ConfigError):
@@ -65,11 +65,7 @@ def held(output_dir: Path, wait_s: float | None = None) -> Iterator[None]:
     folder = Path(output_dir)
     key = (folder.resolve(), threading.get_ident())
     if key in _HELD:  # this thread holds it already (the CLI around the loop)
-        _HELD[key] += 1
-        try:
-            yield
-        finally:
-            _HELD[key] -= 1
+        yield
         return
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -103,8 +99,8 @@ def held(output_dir: Path, wait_s: float | None = None) -> Iterator[None]:
             who = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
             os.ftruncate(fd, 0)
             os.pwrite(fd, json.dumps(who).encode(), 0)
-        _HELD[key] = 1
+        _HELD.add(key)
         yield
     finally:
-        _HELD.pop(key, None)
+        _HELD.discard(key)
         os.close(fd)  # the lock ends here
