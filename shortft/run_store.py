@@ -37,16 +37,19 @@ def settle(output_dir: Path, given_uri: str | None, given_experiment: str | None
     instead of this folder's default. Given ones (`--tracking-uri`, `--experiment`) always win."""
     record = run_record.recorded(output_dir, PART)[0] if resume else {}
     experiment = given_experiment or record.get("experiment") or tracking.DEFAULT_EXPERIMENT
-    default = tracking.resolve_uri(given_uri or tracking.default_tracking_uri())
     kept = record.get("tracking_uri")
-    if given_uri or not isinstance(kept, str) or kept == default:
-        return default, experiment, None
+    if given_uri or not isinstance(kept, str):
+        return tracking.resolve_uri(given_uri or tracking.default_tracking_uri()), experiment, None
     path = sqlite_path(kept)
     if path is not None and not path.is_file():
+        default = tracking.resolve_uri(tracking.default_tracking_uri())
         return default, experiment, (f"the run's MLflow store {kept} is not on this machine (moved?); logging to "
                                      f"{default} (--tracking-uri to name the store)")
-    return tracking.resolve_uri(kept), experiment, (f"logging to the run's MLflow store {kept}, where it started "
-                                                    "(--tracking-uri to log elsewhere)")
+    # The run's own store, checked alone: this folder's default is not asked (a folder this process cannot
+    # write, a $MLFLOW_TRACKING_URI server that is down would refuse a resume that never logs there).
+    here = kept == tracking.absolute_uri(tracking.default_tracking_uri())
+    return tracking.resolve_uri(kept), experiment, None if here else (
+        f"logging to the run's MLflow store {kept}, where it started (--tracking-uri to log elsewhere)")
 
 
 def open_run(uri: str, experiment: str, key: str, name: str, cfg: Config, reuse: bool = True) -> str:

@@ -324,10 +324,13 @@ def test_a_resumed_run_logs_into_its_own_mlflow_run_from_any_folder_and_after_a_
         return client.search_runs([exp.experiment_id])
 
     monkeypatch.chdir(elsewhere)
+    # this folder's default store is not asked: here a server that is down (it refused the resume)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")
     capsys.readouterr()
     assert main(["train", "--config", f"{home}/runs/tiny/config.yaml", "--resume", "train.steps=2",
                  f"train.output_dir={home}/runs/tiny", *common]) == 0
     assert f"logging to the run's MLflow store {store}, where it started" in capsys.readouterr().err
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
     assert not list(elsewhere.iterdir())  # no ./mlflow.db, no mlruns here
     (run,) = runs()
     assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [1, 2]
