@@ -57,9 +57,10 @@ def _holder(fd: int) -> str:
 
 
 @contextmanager
-def held(output_dir: Path, wait_s: float | None = None) -> Iterator[None]:
+def held(output_dir: Path, wait_s: float | None = None, quiet: bool = False) -> Iterator[None]:
     """The run folder locked for this process while the block runs; waits `wait_s` (default
-    `$SHORTFT_LOCK_WAIT_S`, else 60) for another holder to end, then raises FolderInUse."""
+    `$SHORTFT_LOCK_WAIT_S`, else 60) for another holder to end, saying so unless `quiet`, then raises
+    FolderInUse."""
     import fcntl
 
     folder = Path(output_dir)
@@ -88,7 +89,7 @@ def held(output_dir: Path, wait_s: float | None = None) -> Iterator[None]:
                         f"train.output_dir {output_dir} is in use by another run ({_holder(fd)}); waited "
                         f"{wait_s:g} s ({WAIT_ENV}) for it to end: stop it, or set name=<new name> (or "
                         "train.output_dir) to start another") from None
-                if not told:
+                if not told and not quiet:
                     warn(f"shortft: train.output_dir {output_dir} is in use by another run ({_holder(fd)}); waiting "
                          f"up to {wait_s:g} s for it to end")
                     told = True

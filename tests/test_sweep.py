@@ -32,9 +32,9 @@ ray = pytest.importorskip("ray")
 ROOT = Path(__file__).resolve().parents[1]
 SEARCHED = ["chain.segments", "chain.truncate_at", "lora.rank", "lora.alpha", "train.lr",
             "reward.weights.toy_alignment", "reward.weights.saturation"]
-COLUMNS = ["trial", "status", *SEARCHED, "objective_final", "objective_best", "objective_se", "gain", "gain_se",
-           "objective_samples", "eval/toy_judge_accuracy", "eval/toy_alignment", "eval/saturation", "seconds_per_step",
-           "peak_memory_mb", "node_id"]
+COLUMNS = ["trial", "status", *SEARCHED, "objective_final", "objective_best", "objective_se", "step_best", "gain",
+           "gain_se", "objective_samples", "eval/toy_judge_accuracy", "eval/toy_alignment", "eval/saturation",
+           "seconds_per_step", "peak_memory_mb", "node_id"]
 
 
 def _space_file(tmp_path, search: str, extra: str = "") -> str:
@@ -313,7 +313,8 @@ def _check_sweep_outputs(db: Path, table: Path, trials: int = 3):
         assert child.info.status == "FINISHED"
     assert len({ch.data.tags[tracking.RUN_KEY] for ch in children}) == trials  # no duplicates
     parent_artifacts = {a.path for a in c.list_artifacts(parents[0].info.run_id)}
-    assert {"results.parquet", "results.csv", "results.md", "best_config.yaml", "base.json", "grids"} <= parent_artifacts
+    assert {"results.parquet", "results.csv", "results.md", "best_config.yaml", "base.json", "grids",
+            "best"} <= parent_artifacts
     t = pq.read_table(table)
     assert t.num_rows == trials
     assert set(COLUMNS) <= set(t.column_names), set(COLUMNS) - set(t.column_names)
@@ -456,6 +457,19 @@ def test_resume_after_the_driver_is_killed_in_the_second_trial(tmp_path):
         se = (sum((d - mean) ** 2 for d in diff) / (len(diff) - 1) / len(diff)) ** 0.5
         assert row["gain"] == pytest.approx(mean, rel=1e-9) and row["gain_se"] == pytest.approx(se, rel=1e-9)
         assert f"| {row['gain']:+.4f} ± {row['gain_se']:.4f} |" in (out_dir / "results.md").read_text()
+        # a finished trial gave back its checkpoints' disk; its final LoRAs stay
+        assert (trial / "lora").is_dir() and not (trial / "checkpoints").exists(), list(trial.iterdir())
+
+    # the best trial's LoRAs at its best evaluation (taken from Tune's copy under the storage path), with
+    # its config: evaluated again, they give the samples of the evaluation that ranked them
+    best = out_dir / "best"
+    top = max(rows, key=lambda r: r["objective_best"])
+    info = json.loads((best / "best.json").read_text())
+    assert info["trial"] == top["trial"] and info["step"] == top["step_best"] == 2
+    assert info["from"].startswith(str(work / "ray_results" / "crash")) and info["from"].endswith("/lora")
+    tuned = evaluate_trained(load_config(str(best / "config.yaml")), str(best / "lora"))
+    assert tuned["eval/objective_samples"] == pytest.approx(top["objective_samples"], abs=1e-5)
+    assert f"its LoRAs at that step: {best / 'lora'}; draw with them: shortft sample --config" in out
 
 
 def test_a_resume_with_a_conflicting_flag_is_refused_in_one_line(tmp_path, capsys):
@@ -854,3 +868,98 @@ def test_a_two_worker_trial_is_a_ray_train_job_that_reports_to_tune(tmp_path):
     c, parents, (child,) = _runs(work / "mlflow.db")
     assert {"lora", "config.yaml"} <= {a.path for a in c.list_artifacts(child.info.run_id)}
     assert sorted(m.step for m in c.get_metric_history(child.info.run_id, "loss")) == [1, 2]
+
+
+def _scored_trial(config):
+    """Four evaluations whose objectives peak at step 2, then a stop between evaluations (step 5: a
+    checkpoint without an objective), each checkpoint handed to Tune as a one-worker trial hands it."""
+    import tempfile as tf
+    from types import SimpleNamespace
+
+    from shortft.sweep.in_trial import TuneReport
+
+    report = TuneReport.__new__(TuneReport)  # only its hand-over to Tune
+    for step, objective in [(1, 0.5), (2, 0.9), (3, 0.7), (4, 0.6), (5, None)]:
+        ckpt = Path(tf.mkdtemp()) / f"step_{step:06d}"
+        (ckpt / "lora").mkdir(parents=True)
+        (ckpt / "lora" / "which.txt").write_text(str(step))
+        metrics = {"step": step, **({"eval/objective": objective} if objective is not None else {})}
+        SimpleNamespace(_send=TuneReport._send)._send(report, step, metrics, ckpt)
+
+
+def test_tune_keeps_a_trials_best_evaluated_checkpoint_and_the_sweep_takes_its_loras_from_there(tmp_path):
+    """The table ranks a trial by its best evaluation, but only its final LoRAs were kept (Tune kept its
+    latest checkpoints): the model the sweep named best was not the model that scored. Tune now keeps the
+    best-scored checkpoint and the latest (a stop's checkpoint, with no evaluation, is scored lowest, not
+    filed as the best), and `best.export` copies the best one's LoRAs with the trial's config."""
+    from ray import tune
+
+    from shortft.sweep import best as best_lora
+
+    ray.init(num_cpus=1, include_dashboard=False, logging_config=ray.LoggingConfig(log_level="ERROR"))
+    try:
+        grid = tune.Tuner(_scored_trial, run_config=tune.RunConfig(
+            name="scored", storage_path=str(tmp_path / "storage"), verbose=0,
+            checkpoint_config=tune.CheckpointConfig(**best_lora.TUNE_CHECKPOINTS))).fit()
+    finally:
+        ray.shutdown()
+    (result,) = grid
+    assert [m["step"] for _, m in result.best_checkpoints] == [2]
+    assert (Path(result.checkpoint.path) / "lora" / "which.txt").read_text() == "5"  # the latest, to resume from
+    on_disk = sorted((p / "lora" / "which.txt").read_text() for p in Path(result.path).glob("checkpoint_*"))
+    assert on_disk == ["2", "5"], on_disk  # no more
+    row = {"trial": "t001", "step_best": 2, "steps": 5, "objective_best": 0.9, "objective_se": 0.01}
+    lora, source = best_lora.export(result, row, {"name": "x"}, tmp_path / "no-run-folder", tmp_path / "out")
+    assert lora == tmp_path / "out" / "best" / "lora" and (lora / "which.txt").read_text() == "2"
+    info = json.loads((lora.parent / "best.json").read_text())
+    assert info["step"] == 2 and info["objective"] == 0.9 and info["from"] == source
+    assert (lora.parent / "config.yaml").read_text() == "name: x\n"
+    # a best step whose checkpoint is gone: the final LoRAs only where the best was the last step
+    row.update(step_best=3)  # and the folder a resumed sweep's earlier end wrote goes: it is not this model
+    assert best_lora.export(result, row, {}, tmp_path / "no-run-folder", tmp_path / "out") == (None, (
+        "the LoRAs of t001's best evaluation (step 3) were not kept: no checkpoint was written at that step "
+        "(train.checkpoint_every) or it was removed since"))
+    assert not (tmp_path / "out" / "best").exists()
+    final = tmp_path / "run" / "lora"
+    final.mkdir(parents=True)
+    (final / "which.txt").write_text("final")
+    row.update(step_best=5, steps=5)
+    lora, source = best_lora.export(result, row, {}, tmp_path / "run", tmp_path / "out3")
+    assert (lora / "which.txt").read_text() == "final" and source == str(final)
+
+
+def test_an_ended_trials_checkpoints_are_removed_on_its_node_once_its_process_lets_go(tmp_path, capsys):
+    """Each trial's run folder kept its resume checkpoints after it ended (1.14 GiB each at the sd15
+    config's rank), on the node it ran on, where the driver cannot reach. A Ray task on that node removes
+    them once the trial's process has let go of the folder's run lock; a node that is gone is one line."""
+    from types import SimpleNamespace
+
+    from shortft.sweep.prune import Pruner
+
+    def trial(key, node):
+        return SimpleNamespace(last_result={"node_id": node} if node else {}, config={sweep.TRIAL_KEY: key},
+                               trial_id=key)
+
+    for key in ("t001", "t002", "t003"):
+        _checkpoint(tmp_path / f"s-{key}" / "checkpoints", 2)
+        (tmp_path / f"s-{key}" / "lora").mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom shortft import run_lock\n"
+                               f"with run_lock.held({str(tmp_path / 's-t001')!r}):\n"
+                               "    print('held', flush=True); time.sleep(10)"], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline() == "held\n"  # the trial's process, still saving as Tune stops it
+    ray.init(num_cpus=1, include_dashboard=False, logging_config=ray.LoggingConfig(log_level="ERROR"))
+    try:
+        pruner = Pruner({"output_root": str(tmp_path), "name": "s"})
+        here = ray.get_runtime_context().get_node_id()
+        for t in (trial("t001", here), trial("t002", "ab" * 28), trial("t003", None)):
+            pruner.on_trial_complete(0, [], t)
+        pruner.on_experiment_end([])
+    finally:
+        ray.shutdown()
+    assert holder.poll() == 0  # removed only after the holder had let go
+    assert not (tmp_path / "s-t001" / "checkpoints").exists() and (tmp_path / "s-t001" / "lora").is_dir()
+    assert (tmp_path / "s-t002" / "checkpoints").is_dir() and (tmp_path / "s-t003" / "checkpoints").is_dir()
+    out, err = capsys.readouterr()
+    assert f"sweep: {tmp_path / 's-t002' / 'checkpoints'} (node abababab) was not removed: its node has left the " \
+           "cluster" in err, err
+    assert "sweep: the checkpoints of 1 ended trial(s) removed from their run folders (0.0 MiB; " in out, out

@@ -59,9 +59,16 @@ def main(argv: list[str] | None = None) -> int:
     print("\n" + (result.table_path.parent / "results.md").read_text(), end="")
     print(f"\nsweep {result.name}: {len(result.rows)} trials in {result.seconds:.0f} s; results: {result.table_path} "
           "(and results.md)")
-    if result.best:
-        print(f"best trial {result.best['trial']}: {OBJECTIVE} {result.best['objective']:.4f} with "
-              + ", ".join(f"{k}={v}" for k, v in result.best["values"].items()))
+    best = result.best
+    if best:
+        print(f"best trial {best['trial']}: {OBJECTIVE} {best['objective']:.4f} at step {best['step']} with "
+              + ", ".join(f"{k}={v}" for k, v in best["values"].items()))
+        if best.get("lora_dir"):
+            lora = best["lora_dir"]
+            print(f"its LoRAs at that step: {lora}; draw with them: shortft sample --config {lora.parent / 'config.yaml'} "
+                  f"--lora {lora} --prompt \"...\"")
+        else:
+            print(f"sweep {result.name}: {best['lora_from']}", file=sys.stderr)
     if result.tracking_uri:
         print(f"compare the runs: mlflow ui --backend-store-uri {result.tracking_uri}")
     if result.unfinished:  # Ctrl-C: Tune stopped the sweep and kept its state

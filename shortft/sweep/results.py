@@ -58,10 +58,11 @@ def results_table(results, space: Space, sweep: dict, base: dict | None = None,
         cfg = r.config or {}
         m = r.metrics or {}
         history = r.metrics_dataframe
-        best, se, samples = None, None, None  # the best evaluation: objective, its standard error, its samples
+        best, se, samples, step = None, None, None, None  # the best evaluation: objective, se, samples, step
         if history is not None and OBJECTIVE in history and history[OBJECTIVE].notna().any():
             at = history[OBJECTIVE].idxmax()
             best = float(history[OBJECTIVE][at])
+            step = int(history["step"][at]) if "step" in history else None
             se = float(history[OBJECTIVE_SE][at]) if OBJECTIVE_SE in history else None
             value = history[OBJECTIVE_SAMPLES][at] if OBJECTIVE_SAMPLES in history else None
             samples = [float(v) for v in value] if pairs and isinstance(value, list) else None
@@ -70,7 +71,7 @@ def results_table(results, space: Space, sweep: dict, base: dict | None = None,
                "status": "ERROR" if r.error else "UNFINISHED" if unfinished(m, statuses)
                else ("STOPPED_EARLY" if stopped_early(cfg, sweep, m) else "DONE"),
                **{k: cfg.get(k) for k in space.search},
-               "objective_final": m.get(OBJECTIVE), "objective_best": best, "objective_se": se,
+               "objective_final": m.get(OBJECTIVE), "objective_best": best, "objective_se": se, "step_best": step,
                "gain": gain[0] if gain else None, "gain_se": gain[1] if gain else None, "steps": m.get("step"),
                **{k: v for k, v in m.items() if k.startswith("eval/") and k not in NOT_TERMS},
                **{f"train/{k}": v for k, v in m.items() if k.startswith("reward")},
@@ -179,6 +180,8 @@ def finish_parent(uri: str, run_id: str, rows: list[dict], best: dict | None, st
         client.set_tag(run_id, "best_trial", best["trial"])
         (out_dir / "best_config.yaml").write_text(yaml.safe_dump(best["config"], sort_keys=False))
         client.log_artifact(run_id, str(out_dir / "best_config.yaml"))
+        if best.get("lora_dir"):  # the best evaluation's LoRAs, its config and best.json (sweep/best.py)
+            client.log_artifacts(run_id, str(Path(best["lora_dir"]).parent), "best")
     for name, path in optuna_plots(study, out_dir).items():
         client.log_artifact(run_id, str(path), "optuna")
     client.set_terminated(run_id, status)  # KILLED: stopped before its end (a resume finishes it)

@@ -18,12 +18,15 @@ from shortft.hub import check_sources
 from shortft.mlflow_relay import start_relay
 from shortft.space import Space, check_default_space, configs, load_space, trial_config
 from shortft.sweep import baseline as baseline_eval
+from shortft.sweep import best as best_lora
 from shortft.sweep import saved
 from shortft.sweep.ray_compat import canonical_address, start_autoscaling_coordinator, study_of, trial_statuses
+from shortft.sweep.prune import Pruner
 from shortft.sweep.results import finish_parent, markdown, results_table, write_table
 from shortft.sweep.search import scheduler, searcher
 from shortft.sweep.trial_runs import RunCloser
-from shortft.sweep.trials import EXPERIMENT, SMOKE_TEST, TRIAL_CPUS, cpu_threads, param_space, settings, trainable
+from shortft.sweep.trials import (EXPERIMENT, SMOKE_TEST, TRIAL_CPUS, cpu_threads, param_space, settings, trainable,
+                                  trial_name)
 
 
 @dataclass
@@ -190,11 +193,10 @@ def run_sweep(space: str | Space | None = None, num_samples: int | None = None, 
     # of CPU against 6.4 s at 1 (docs/sweeps.md).
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
     trial_fn = trainable(sweep_settings)
-    callbacks = [RunCloser(tracking_uri, sweep_settings)] if tracking_uri else []
-    keep = trial_config(space.base, space.fixed, {}).train.keep_checkpoints  # of one-worker trials, kept by Tune
+    callbacks = [Pruner(sweep_settings), *([RunCloser(tracking_uri, sweep_settings)] if tracking_uri else [])]
     run_config = tune.RunConfig(name=name, storage_path=storage_path, failure_config=tune.FailureConfig(max_failures=1),
-                                checkpoint_config=tune.CheckpointConfig(num_to_keep=keep), callbacks=callbacks,
-                                verbose=1)
+                                checkpoint_config=tune.CheckpointConfig(**best_lora.TUNE_CHECKPOINTS),
+                                callbacks=callbacks, verbose=1)
     print(f"sweep {name}: {num_samples} trials of space {space.name!r} (base {space.base}), "
           f"{max_concurrent} at a time, {workers_per_trial} worker(s) each; storage {storage_path}", flush=True)
     if resume:
@@ -225,8 +227,11 @@ def run_sweep(space: str | Space | None = None, num_samples: int | None = None, 
         top = max(done, key=lambda r: r["objective_best"])
         values = {k: top[k] for k in space.search}
         best_cfg = trial_config(space.base, space.fixed, values, name=f"{name}-best")
-        best = {"trial": top["trial"], "objective": top["objective_best"], "values": values,
-                "config": to_dict(best_cfg), "mlflow_run_id": top["mlflow_run_id"]}
+        best = {"trial": top["trial"], "objective": top["objective_best"], "step": top["step_best"],
+                "values": values, "config": to_dict(best_cfg), "mlflow_run_id": top["mlflow_run_id"]}
+        result = next(r for r in grid if (r.metrics or {}).get("trial_id") == top["trial_id"])
+        folder = Path(output_root) / trial_name(result.config, sweep_settings, top["trial_id"])
+        best["lora_dir"], best["lora_from"] = best_lora.export(result, top, best["config"], folder, out_dir)
     seconds = time.time() - t_start
     if parent:
         finish_parent(tracking_uri, parent, rows, best, study_of(tuner), table_path, out_dir, seconds, base,

@@ -91,11 +91,15 @@ def stopped_early(config: dict, sweep: dict, last_result: dict) -> bool:
     return not ends_run(config_of_trial(config, sweep).train, last_result)
 
 
+def trial_name(config: dict, sweep: dict, trial_id: str) -> str:
+    """The run name of the trial with this Tune `config`, and its folder's under `output_root`."""
+    return f"{sweep['name']}-{config.get(TRIAL_KEY) or trial_id}"
+
+
 def run_trial(config: dict, sweep: dict) -> None:
     """One trial: build its run config and train, in this process when Tune gave it the worker's own
     resources (`trial_resources`), else as a Ray Train job; either reports its evaluations to Tune."""
-    key = config.get(TRIAL_KEY) or tune.get_context().get_trial_id()
-    name = f"{sweep['name']}-{key}"
+    name = trial_name(config, sweep, tune.get_context().get_trial_id())
     cfg = config_of_trial(config, sweep, name)
     cfg.train.output_dir = str(Path(sweep["output_root"]) / name)
     run_id = config.get(RUN_ID_KEY)

@@ -1,0 +1,94 @@
+"""The sweep's model: the best trial's LoRAs as they were at its best evaluation, in
+`runs/sweeps/<name>/best/` (`lora/`, `config.yaml`, `best.json`), ready for `shortft sample` and
+`shortft eval`.
+
+The table ranks trials by their best evaluation, which need not be their last: a trial's final LoRAs
+(its `lora/`) are not the model that was scored when it peaked earlier, and a trial ASHA stopped has no
+final LoRAs at all. Tune keeps each one-worker trial's best-evaluated checkpoint beside its latest
+(`TUNE_CHECKPOINTS`, scored by `CHECKPOINT_SCORE`), under the storage path every node and the driver
+reach; the LoRAs of that checkpoint are copied here. A trial of a Ray Train job gives the checkpoint of
+its best step where Ray Train still keeps it; failing both, the trial's final LoRAs serve when its best
+evaluation was its last step and its run folder is on this machine.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from shortft.sweep.eval_report import CHECKPOINT_SCORE
+
+FOLDER = "best"
+INFO = "best.json"
+# What Tune keeps of a one-worker trial under the storage path: the checkpoint of its best evaluation and
+# its latest (Ray keeps the latest whatever its score, for a restart): two at most.
+TUNE_CHECKPOINTS = {"num_to_keep": 1, "checkpoint_score_attribute": CHECKPOINT_SCORE,
+                    "checkpoint_score_order": "max"}
+
+
+def _at_step(checkpoints, step: int):
+    """The checkpoint Tune kept with the result of `step`, or None."""
+    return next((ckpt for ckpt, metrics in checkpoints or [] if (metrics or {}).get("step") == step), None)
+
+
+def _train_job_checkpoint(result, step: int):
+    """A Ray Train trial's checkpoint of `step` (its path rides in the reported metrics), where it still is."""
+    from ray.train import Checkpoint
+    from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY
+
+    history = result.metrics_dataframe
+    if history is None or CHECKPOINT_PATH_KEY not in history or "step" not in history:
+        return None
+    paths = history[CHECKPOINT_PATH_KEY][history["step"] == step].dropna()
+    if paths.empty:
+        return None
+    ckpt = Checkpoint(path=str(paths.iloc[-1]), filesystem=result.filesystem)
+    info = ckpt.filesystem.get_file_info(f"{ckpt.path}/lora")
+    return ckpt if info.type.name == "Directory" else None
+
+
+def _copy(path: str, filesystem, dest: Path) -> None:
+    """A LoRA folder (a local, NFS or s3:// path) into `dest`, whole or not at all."""
+    import pyarrow.fs
+
+    tmp = dest.with_name(f".tmp-{dest.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    pyarrow.fs.copy_files(path, str(tmp), source_filesystem=filesystem,
+                          destination_filesystem=pyarrow.fs.LocalFileSystem())
+    shutil.rmtree(dest, ignore_errors=True)
+    tmp.rename(dest)
+
+
+def export(result, row: dict, config: dict, run_folder: Path, out_dir: Path) -> tuple[Path | None, str]:
+    """The LoRAs of `row`'s best evaluation (step `row["step_best"]`) from Tune's result of that trial into
+    `out_dir/best/lora`, with the trial's `config` (`config.yaml`) and what they are (`best.json`). Returns
+    the folder and where the LoRAs came from, or None and why none was kept."""
+    import pyarrow.fs
+    import yaml
+
+    step = row["step_best"]
+    ckpt = _at_step(result.best_checkpoints, step) or _train_job_checkpoint(result, step)
+    final = Path(run_folder) / "lora"
+    if ckpt is not None:
+        source, filesystem = f"{ckpt.path}/lora", ckpt.filesystem
+    elif step == row.get("steps") and final.is_dir():  # its last step was its best: its final LoRAs
+        source, filesystem = str(final), pyarrow.fs.LocalFileSystem()
+    else:
+        source, filesystem = None, None
+    best = Path(out_dir) / FOLDER
+    if source is None:
+        shutil.rmtree(best, ignore_errors=True)  # a resumed sweep's: another trial's, or another step's
+        return None, (f"the LoRAs of {row['trial']}'s best evaluation (step {step}) were not kept: no checkpoint "
+                      "was written at that step (train.checkpoint_every) or it was removed since")
+    try:
+        best.mkdir(parents=True, exist_ok=True)
+        _copy(source, filesystem, best / "lora")
+        (best / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+        (best / INFO).write_text(json.dumps({"trial": row["trial"], "step": step, "objective": row["objective_best"],
+                                             "objective_se": row.get("objective_se"), "from": source}, indent=1))
+    except OSError as e:  # a full disk, storage that went away: the sweep's results stand without them
+        shutil.rmtree(best, ignore_errors=True)
+        return None, f"the LoRAs of {row['trial']}'s best evaluation were not copied from {source}: {e}"
+    return best / "lora", source
