@@ -30,7 +30,7 @@ from shortft.loop import Callback
 from shortft.mlflow_relay import start_relay
 from shortft.memory import OutOfMemory
 from shortft.progress import warn
-from shortft.ray_reports import FAULT_MARKER, FaultInjector, RayReport, fault_request, readable
+from shortft.ray_reports import BEST_AND_LATEST, FAULT_MARKER, FaultInjector, RayReport, fault_request, readable
 from shortft.ray_stop import StopChannel, polled
 from shortft.run_lock import FolderInUse
 from shortft.ray_storage import check_storage_path, name_in_storage, resolve_storage_path, run_exists
@@ -177,12 +177,13 @@ def train_with_ray(cfg: Config, workers: int, use_gpu: bool = False, storage_pat
                    resume: bool = False, cpus_per_worker: float | None = None, run_id: str | None = None,
                    name: str | None = None, threads: int | None = None, gpus_per_worker: float = 1.0,
                    callbacks: list | None = None, resource_wait_s: float | None = None,
-                   check_resources: bool = True) -> RayTrainResult:
+                   check_resources: bool = True, keep_best: bool = False) -> RayTrainResult:
     """Fine-tune with Ray Train over `workers` workers. tracking_uri "" = default, None = no MLflow.
     `callbacks` are Ray Train callbacks (the sweep passes one that reports evaluations to Tune).
     `resource_wait_s`: give up (ResourceWaitError) if the worker group is not placed within that many
     seconds; None = Ray's default (retry every 60 s, forever). `check_resources`: False where the
-    caller (a sweep's driver) has checked the request already."""
+    caller (a sweep's driver) has checked the request already. `keep_best`: the storage path keeps the
+    best-evaluated checkpoint and the latest (a sweep's trial), not the latest `train.keep_checkpoints`."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -258,7 +259,8 @@ def train_with_ray(cfg: Config, workers: int, use_gpu: bool = False, storage_pat
                                  # a worker group that was not placed in time is retried forever unless this is 0
                                  failure_config=FailureConfig(max_failures=max_failures,
                                                               controller_failure_limit=0 if resource_wait_s else -1),
-                                 checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
+                                 checkpoint_config=CheckpointConfig(**BEST_AND_LATEST) if keep_best else
+                                 CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
                                  callbacks=callbacks or []),
         )
         handlers = {s: signal.getsignal(s) for s in SIGNALS} if asks else {}  # fit replaces SIGINT's (StopChannel)

@@ -5,6 +5,7 @@ kills a worker once (`SHORTFT_FAIL_AT_STEP`, `SHORTFT_FAIL_RANK`)."""
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 from shortft.budget import ends_run
@@ -14,6 +15,15 @@ from shortft.loop import Callback
 FAIL_AT_STEP_ENV = "SHORTFT_FAIL_AT_STEP"  # test switch: one worker dies once at this step
 FAIL_RANK_ENV = "SHORTFT_FAIL_RANK"
 FAULT_MARKER = ".fault-injected"  # under the run's folder: the worker died there once
+# With each checkpoint handed to Ray: the objective of that step's evaluation, NO_SCORE for a step without
+# one. A sweep's trials keep their best-scored checkpoint by it (BEST_AND_LATEST; sweep/best.py takes the
+# best trial's LoRAs from there); a report without the key would be filed after every scored one, as the
+# best. Finite: Tune's TensorBoard logger prints "NaN or Inf found" for -inf.
+CHECKPOINT_SCORE = "checkpoint_objective"
+NO_SCORE = -sys.float_info.max
+# Ray's CheckpointConfig of a sweep's trial: the best-scored checkpoint, and the latest (Ray keeps it
+# whatever its score, for a restart): two at most.
+BEST_AND_LATEST = {"num_to_keep": 1, "checkpoint_score_attribute": CHECKPOINT_SCORE, "checkpoint_score_order": "max"}
 
 
 def readable(ckpt, scratch: Path) -> Path:
@@ -78,8 +88,9 @@ class RayReport(Callback):
 
     def _report(self) -> None:
         step, metrics, ckpt = self.pending
+        score = {CHECKPOINT_SCORE: metrics.get("eval/objective", NO_SCORE)} if ckpt else {}
         self._send(step, {**metrics, "node_id": self.node_id, "peak_memory_mb": self.peak,
-                          "mean_seconds_per_step": self.seconds / self.steps}, ckpt)
+                          "mean_seconds_per_step": self.seconds / self.steps, **score}, ckpt)
         self.reported = step
 
     def _send(self, step: int, metrics: dict, ckpt: Path | None) -> None:

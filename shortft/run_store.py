@@ -45,11 +45,13 @@ def settle(output_dir: Path, given_uri: str | None, given_experiment: str | None
         default = tracking.resolve_uri(tracking.default_tracking_uri())
         return default, experiment, (f"the run's MLflow store {kept} is not on this machine (moved?); logging to "
                                      f"{default} (--tracking-uri to name the store)")
+    default = tracking.default_tracking_uri()
+    if kept == tracking.absolute_uri(tracking.split_credentials(default)[0]):  # with the credentials it holds
+        return tracking.resolve_uri(default), experiment, None
     # The run's own store, checked alone: this folder's default is not asked (a folder this process cannot
     # write, a $MLFLOW_TRACKING_URI server that is down would refuse a resume that never logs there).
-    here = kept == tracking.absolute_uri(tracking.default_tracking_uri())
-    return tracking.resolve_uri(kept), experiment, None if here else (
-        f"logging to the run's MLflow store {kept}, where it started (--tracking-uri to log elsewhere)")
+    return tracking.resolve_uri(kept), experiment, (f"logging to the run's MLflow store {kept}, where it started "
+                                                    "(--tracking-uri to log elsewhere)")
 
 
 def open_run(uri: str, experiment: str, key: str, name: str, cfg: Config, reuse: bool = True) -> str:

@@ -141,3 +141,18 @@ def test_a_postgresql_stores_password_leaves_the_uri_for_libpqs_environment(monk
     assert tracking.credentials_env() == {"PGPASSWORD": "s@cret"}  # what a cluster's job gets in its environment
     assert tracking.take_credentials("mysql://me:pw@db/mlflow") == "mysql://me:pw@db/mlflow"
     assert "password (mysql://) stays in it" in capsys.readouterr().err
+
+
+def test_a_resume_into_the_store_of_the_environment_takes_its_credentials_again(tmp_path, monkeypatch):
+    """A run folder records its store without credentials. Resumed where $MLFLOW_TRACKING_URI names that store
+    with them, the run must log with them: the store is this folder's default (no note), and its user and
+    password are in MLflow's variables again, as the run that started had them."""
+    from shortft import run_store, tracking
+
+    for key in tracking.CREDENTIAL_ENV:
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setattr(tracking, "check_tracking_uri", lambda uri: None)  # no server here
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://alice:pw@mlflow.example:5000/")
+    run_store.remember(tmp_path, "http://mlflow.example:5000/", "shortft", "abc")
+    assert run_store.settle(tmp_path, None, None, resume=True) == ("http://mlflow.example:5000/", "shortft", None)
+    assert tracking.credentials_env() == {"MLFLOW_TRACKING_USERNAME": "alice", "MLFLOW_TRACKING_PASSWORD": "pw"}

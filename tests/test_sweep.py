@@ -868,56 +868,66 @@ def test_a_two_worker_trial_is_a_ray_train_job_that_reports_to_tune(tmp_path):
     c, parents, (child,) = _runs(work / "mlflow.db")
     assert {"lora", "config.yaml"} <= {a.path for a in c.list_artifacts(child.info.run_id)}
     assert sorted(m.step for m in c.get_metric_history(child.info.run_id, "loss")) == [1, 2]
+    # the sweep's best LoRAs come from Ray Train's checkpoint of the best step; the run folder's are gone
+    best = json.loads((work / "runs" / "sweeps" / "two" / "best" / "best.json").read_text())
+    assert best["step"] == 2 and best["from"].startswith(str(work / "ray_results" / "two-t001")), best
+    assert not (work / "runs" / "sweeps" / "two" / "two-t001" / "checkpoints").exists()
 
 
 def _scored_trial(config):
-    """Four evaluations whose objectives peak at step 2, then a stop between evaluations (step 5: a
-    checkpoint without an objective), each checkpoint handed to Tune as a one-worker trial hands it."""
+    """Four evaluations whose objectives peak at steps 2 and 3 (a tie), then a stop between evaluations (step 5:
+    a checkpoint without an objective), each checkpoint handed to Tune as a one-worker trial hands it."""
     import tempfile as tf
-    from types import SimpleNamespace
 
     from shortft.sweep.in_trial import TuneReport
 
     report = TuneReport.__new__(TuneReport)  # only its hand-over to Tune
-    for step, objective in [(1, 0.5), (2, 0.9), (3, 0.7), (4, 0.6), (5, None)]:
+    report.node_id, report.seconds, report.steps, report.peak = "node", 1.0, 1, 0.0
+    for step, objective in [(1, 0.5), (2, 0.9), (3, 0.9), (4, 0.6), (5, None)]:
         ckpt = Path(tf.mkdtemp()) / f"step_{step:06d}"
         (ckpt / "lora").mkdir(parents=True)
         (ckpt / "lora" / "which.txt").write_text(str(step))
-        metrics = {"step": step, **({"eval/objective": objective} if objective is not None else {})}
-        SimpleNamespace(_send=TuneReport._send)._send(report, step, metrics, ckpt)
+        report.pending = (step, {"step": step, **({"eval/objective": objective} if objective is not None else {})},
+                          ckpt)
+        report._report()
 
 
-def test_tune_keeps_a_trials_best_evaluated_checkpoint_and_the_sweep_takes_its_loras_from_there(tmp_path):
+def test_tune_keeps_a_trials_best_evaluated_checkpoint_and_the_sweep_takes_its_loras_from_there(tmp_path,
+                                                                                                monkeypatch):
     """The table ranks a trial by its best evaluation, but only its final LoRAs were kept (Tune kept its
     latest checkpoints): the model the sweep named best was not the model that scored. Tune now keeps the
     best-scored checkpoint and the latest (a stop's checkpoint, with no evaluation, is scored lowest, not
     filed as the best), and `best.export` copies the best one's LoRAs with the trial's config."""
     from ray import tune
 
+    from shortft.ray_reports import BEST_AND_LATEST
     from shortft.sweep import best as best_lora
+    from shortft.sweep import results
 
     ray.init(num_cpus=1, include_dashboard=False, logging_config=ray.LoggingConfig(log_level="ERROR"))
     try:
         grid = tune.Tuner(_scored_trial, run_config=tune.RunConfig(
             name="scored", storage_path=str(tmp_path / "storage"), verbose=0,
-            checkpoint_config=tune.CheckpointConfig(**best_lora.TUNE_CHECKPOINTS))).fit()
+            checkpoint_config=tune.CheckpointConfig(**BEST_AND_LATEST))).fit()
     finally:
         ray.shutdown()
     (result,) = grid
-    assert [m["step"] for _, m in result.best_checkpoints] == [2]
+    assert [m["step"] for _, m in result.best_checkpoints] == [3]  # of a tie, the later
     assert (Path(result.checkpoint.path) / "lora" / "which.txt").read_text() == "5"  # the latest, to resume from
     on_disk = sorted((p / "lora" / "which.txt").read_text() for p in Path(result.path).glob("checkpoint_*"))
-    assert on_disk == ["2", "5"], on_disk  # no more
-    row = {"trial": "t001", "step_best": 2, "steps": 5, "objective_best": 0.9, "objective_se": 0.01}
+    assert on_disk == ["3", "5"], on_disk  # no more
+    monkeypatch.setattr(results, "stopped_early", lambda config, sweep, last: False)
+    [row] = results.results_table([result], load_space(_space_file(tmp_path, "  lora.rank: {randint: [4, 8]}")), {})
+    assert row["step_best"] == 3 and row["objective_best"] == 0.9  # the table names the evaluation Tune kept
     lora, source = best_lora.export(result, row, {"name": "x"}, tmp_path / "no-run-folder", tmp_path / "out")
-    assert lora == tmp_path / "out" / "best" / "lora" and (lora / "which.txt").read_text() == "2"
+    assert lora == tmp_path / "out" / "best" / "lora" and (lora / "which.txt").read_text() == "3"
     info = json.loads((lora.parent / "best.json").read_text())
-    assert info["step"] == 2 and info["objective"] == 0.9 and info["from"] == source
+    assert info["step"] == 3 and info["objective"] == 0.9 and info["from"] == source
     assert (lora.parent / "config.yaml").read_text() == "name: x\n"
     # a best step whose checkpoint is gone: the final LoRAs only where the best was the last step
-    row.update(step_best=3)  # and the folder a resumed sweep's earlier end wrote goes: it is not this model
+    row.update(step_best=2)  # and the folder a resumed sweep's earlier end wrote goes: it is not this model
     assert best_lora.export(result, row, {}, tmp_path / "no-run-folder", tmp_path / "out") == (None, (
-        "the LoRAs of t001's best evaluation (step 3) were not kept: no checkpoint was written at that step "
+        f"the LoRAs of {row['trial']}'s best evaluation (step 2) were not kept: no checkpoint was written at that step "
         "(train.checkpoint_every) or it was removed since"))
     assert not (tmp_path / "out" / "best").exists()
     final = tmp_path / "run" / "lora"

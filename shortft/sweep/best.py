@@ -4,11 +4,11 @@
 
 The table ranks trials by their best evaluation, which need not be their last: a trial's final LoRAs
 (its `lora/`) are not the model that was scored when it peaked earlier, and a trial ASHA stopped has no
-final LoRAs at all. Tune keeps each one-worker trial's best-evaluated checkpoint beside its latest
-(`TUNE_CHECKPOINTS`, scored by `CHECKPOINT_SCORE`), under the storage path every node and the driver
-reach; the LoRAs of that checkpoint are copied here. A trial of a Ray Train job gives the checkpoint of
-its best step where Ray Train still keeps it; failing both, the trial's final LoRAs serve when its best
-evaluation was its last step and its run folder is on this machine.
+final LoRAs at all. Ray keeps each trial's best-evaluated checkpoint beside its latest
+(`ray_reports.BEST_AND_LATEST`: Tune for a one-worker trial, Ray Train for a trial of several workers),
+under the storage path every node and the driver reach; the LoRAs of that checkpoint are copied here.
+Failing that, the trial's final LoRAs serve when its best evaluation was its last step and its run
+folder is on this machine.
 """
 
 from __future__ import annotations
@@ -17,14 +17,8 @@ import json
 import shutil
 from pathlib import Path
 
-from shortft.sweep.eval_report import CHECKPOINT_SCORE
-
 FOLDER = "best"
 INFO = "best.json"
-# What Tune keeps of a one-worker trial under the storage path: the checkpoint of its best evaluation and
-# its latest (Ray keeps the latest whatever its score, for a restart): two at most.
-TUNE_CHECKPOINTS = {"num_to_keep": 1, "checkpoint_score_attribute": CHECKPOINT_SCORE,
-                    "checkpoint_score_order": "max"}
 
 
 def _at_step(checkpoints, step: int):
@@ -64,31 +58,34 @@ def _copy(path: str, filesystem, dest: Path) -> None:
 def export(result, row: dict, config: dict, run_folder: Path, out_dir: Path) -> tuple[Path | None, str]:
     """The LoRAs of `row`'s best evaluation (step `row["step_best"]`) from Tune's result of that trial into
     `out_dir/best/lora`, with the trial's `config` (`config.yaml`) and what they are (`best.json`). Returns
-    the folder and where the LoRAs came from, or None and why none was kept."""
+    the folder and where the LoRAs came from, or None and why none was kept (a folder of an earlier end of
+    this sweep is removed then: it is not this model)."""
+    best = Path(out_dir) / FOLDER
+    try:
+        return _export(result, row, config, Path(run_folder), best)
+    except OSError as e:  # a full disk, storage that went away: the sweep's results stand without them
+        shutil.rmtree(best, ignore_errors=True)
+        return None, f"the LoRAs of {row['trial']}'s best evaluation were not copied: {e}"
+
+
+def _export(result, row: dict, config: dict, run_folder: Path, best: Path) -> tuple[Path | None, str]:
     import pyarrow.fs
     import yaml
 
     step = row["step_best"]
     ckpt = _at_step(result.best_checkpoints, step) or _train_job_checkpoint(result, step)
-    final = Path(run_folder) / "lora"
+    final = run_folder / "lora"
     if ckpt is not None:
         source, filesystem = f"{ckpt.path}/lora", ckpt.filesystem
     elif step == row.get("steps") and final.is_dir():  # its last step was its best: its final LoRAs
         source, filesystem = str(final), pyarrow.fs.LocalFileSystem()
     else:
-        source, filesystem = None, None
-    best = Path(out_dir) / FOLDER
-    if source is None:
-        shutil.rmtree(best, ignore_errors=True)  # a resumed sweep's: another trial's, or another step's
+        shutil.rmtree(best, ignore_errors=True)
         return None, (f"the LoRAs of {row['trial']}'s best evaluation (step {step}) were not kept: no checkpoint "
                       "was written at that step (train.checkpoint_every) or it was removed since")
-    try:
-        best.mkdir(parents=True, exist_ok=True)
-        _copy(source, filesystem, best / "lora")
-        (best / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
-        (best / INFO).write_text(json.dumps({"trial": row["trial"], "step": step, "objective": row["objective_best"],
-                                             "objective_se": row.get("objective_se"), "from": source}, indent=1))
-    except OSError as e:  # a full disk, storage that went away: the sweep's results stand without them
-        shutil.rmtree(best, ignore_errors=True)
-        return None, f"the LoRAs of {row['trial']}'s best evaluation were not copied from {source}: {e}"
+    best.mkdir(parents=True, exist_ok=True)
+    _copy(source, filesystem, best / "lora")
+    (best / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    (best / INFO).write_text(json.dumps({"trial": row["trial"], "step": step, "objective": row["objective_best"],
+                                         "objective_se": row.get("objective_se"), "from": source}, indent=1))
     return best / "lora", source

@@ -3,20 +3,12 @@ unpickles the callback: importing it there must not import torch or the rest of 
 
 from __future__ import annotations
 
-import sys
-
 from ray.tune.integration.ray_train import TuneReportCallback
 
 OBJECTIVE = "eval/objective"
 OBJECTIVE_SE = "eval/objective_se"  # its standard error over the evaluation samples (evaluate.py)
 OBJECTIVE_SAMPLES = "eval/objective_samples"  # its value on each evaluation sample, a list (evaluate.py)
 NOT_TERMS = (OBJECTIVE, OBJECTIVE_SE, OBJECTIVE_SAMPLES)  # the eval/ keys that are not a reward term's mean
-# With each checkpoint a one-worker trial hands to Tune: the objective of that step's evaluation, NO_SCORE
-# for a step without one (a stop between evaluations). Tune keeps the best-scored checkpoint by it; a
-# report without the key would be filed after every scored one, as the best (sweep/best.py). Finite:
-# Tune's TensorBoard logger prints "NaN or Inf found" for -inf.
-CHECKPOINT_SCORE = "checkpoint_objective"
-NO_SCORE = -sys.float_info.max
 
 
 class EvalReport(TuneReportCallback):

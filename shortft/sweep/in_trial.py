@@ -23,7 +23,7 @@ from shortft.config import Config, TrainConfig
 from shortft.loop import read_metrics, train
 from shortft.mlflow_relay import start_relay
 from shortft.ray_reports import FAULT_MARKER, FaultInjector, RayReport, fault_request, readable
-from shortft.sweep.eval_report import CHECKPOINT_SCORE, NO_SCORE, OBJECTIVE
+from shortft.sweep.eval_report import OBJECTIVE
 
 REPORTED = "reported.json"  # in a checkpoint handed to Tune: the metrics it was reported with
 
@@ -66,7 +66,6 @@ class TuneReport(RayReport):
         from ray import tune
 
         if ckpt is not None:  # before Tune copies the folder; written whole or not at all
-            metrics = {**metrics, CHECKPOINT_SCORE: metrics.get(OBJECTIVE, NO_SCORE)}
             (ckpt / f".{REPORTED}").write_text(json.dumps(metrics))
             (ckpt / f".{REPORTED}").replace(ckpt / REPORTED)
         tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(str(ckpt)) if ckpt else None)

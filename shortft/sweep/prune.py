@@ -6,7 +6,7 @@ after the trial ended: a 50-trial SD 1.5 sweep left about 40 GB in run folders, 
 A trial Tune completed (it finished, or ASHA stopped it) never runs again, not even on `--resume`, so
 `Pruner` removes that folder's `checkpoints/` as the trial ends, on its node. What stays: the final LoRAs
 (`lora/`), metrics, samples and config, and under the storage path Tune's copy of the trial's
-best-evaluated checkpoint and its latest (`best.TUNE_CHECKPOINTS`): the sweep's best LoRAs come from
+best-evaluated checkpoint and its latest (`ray_reports.BEST_AND_LATEST`): the sweep's best LoRAs come from
 there, and a finished trial can go on training from its latest with `shortft train --resume <it>`.
 A trial that failed keeps its checkpoints (`--resume` tries it again); so does one a Ctrl-C stopped
 (Tune does not complete it).

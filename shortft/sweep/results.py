@@ -60,7 +60,7 @@ def results_table(results, space: Space, sweep: dict, base: dict | None = None,
         history = r.metrics_dataframe
         best, se, samples, step = None, None, None, None  # the best evaluation: objective, se, samples, step
         if history is not None and OBJECTIVE in history and history[OBJECTIVE].notna().any():
-            at = history[OBJECTIVE].idxmax()
+            at = history[OBJECTIVE][::-1].idxmax()  # of equal ones the last: the one Ray keeps (sweep/best.py)
             best = float(history[OBJECTIVE][at])
             step = int(history["step"][at]) if "step" in history else None
             se = float(history[OBJECTIVE_SE][at]) if OBJECTIVE_SE in history else None

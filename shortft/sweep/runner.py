@@ -16,6 +16,7 @@ from shortft import resources, tracking
 from shortft.config import ConfigError, check_name, to_dict
 from shortft.hub import check_sources
 from shortft.mlflow_relay import start_relay
+from shortft.ray_reports import BEST_AND_LATEST
 from shortft.space import Space, check_default_space, configs, load_space, trial_config
 from shortft.sweep import baseline as baseline_eval
 from shortft.sweep import best as best_lora
@@ -193,9 +194,10 @@ def run_sweep(space: str | Space | None = None, num_samples: int | None = None, 
     # of CPU against 6.4 s at 1 (docs/sweeps.md).
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
     trial_fn = trainable(sweep_settings)
-    callbacks = [Pruner(sweep_settings), *([RunCloser(tracking_uri, sweep_settings)] if tracking_uri else [])]
+    # The pruner last: a callback that raises before it makes Tune retry the trial, whose checkpoints must stay.
+    callbacks = [*([RunCloser(tracking_uri, sweep_settings)] if tracking_uri else []), Pruner(sweep_settings)]
     run_config = tune.RunConfig(name=name, storage_path=storage_path, failure_config=tune.FailureConfig(max_failures=1),
-                                checkpoint_config=tune.CheckpointConfig(**best_lora.TUNE_CHECKPOINTS),
+                                checkpoint_config=tune.CheckpointConfig(**BEST_AND_LATEST),
                                 callbacks=callbacks, verbose=1)
     print(f"sweep {name}: {num_samples} trials of space {space.name!r} (base {space.base}), "
           f"{max_concurrent} at a time, {workers_per_trial} worker(s) each; storage {storage_path}", flush=True)

@@ -123,7 +123,7 @@ def _train_job(cfg: Config, sweep: dict, run_id: str | None, name: str) -> None:
                        tracking_uri=sweep["tracking_uri"], experiment=sweep["experiment"], resume=True,
                        cpus_per_worker=sweep["cpus_per_worker"], run_id=run_id, name=name, threads=sweep["threads"],
                        gpus_per_worker=sweep["gpus_per_worker"], callbacks=[EvalReport()],
-                       resource_wait_s=sweep.get("resource_wait_s"), check_resources=False)
+                       resource_wait_s=sweep.get("resource_wait_s"), check_resources=False, keep_best=True)
     except ResourceWaitError as e:
         if run_id:  # the reason goes with the trial's run; the driver closes it as FAILED
             relay_call(RELAY, tracking.set_tag, run_id, ERROR_TAG, str(e))
