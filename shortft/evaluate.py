@@ -9,6 +9,7 @@ writes a grid of the samples.
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -98,7 +99,13 @@ def save_grid(images: torch.Tensor, path: Path, min_tile: int = 128, cols: int |
         img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    img.save(path)
+    tmp = path.with_name(f".tmp-{path.name}")  # whole or not at all: a full disk left a cut PNG that MLflow logged
+    try:
+        img.save(tmp)  # its format from the suffix, which the temporary name keeps
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return path
 
 

@@ -854,3 +854,29 @@ def test_a_checkpoint_file_that_is_not_readable_here_is_no_damage_and_no_fallbac
         with pytest.raises(ConfigError) as told:
             read()
         assert str(told.value) == line and not isinstance(told.value, checkpoint.Unreadable)
+
+
+GRID_ON_A_FULL_DISK = '''
+import resource, signal, sys, torch
+from pathlib import Path
+from shortft.evaluate import save_grid
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (3000, 3000))
+images = torch.zeros(4, 3, 64, 64)  # a PNG of about 5 KB: inside one write buffer, so the write fails at close
+images[:, :, :16, :16] = torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+try:
+    save_grid(images, Path(sys.argv[1]))
+except OSError as e:
+    print("refused:", e)
+'''
+
+
+def test_a_sample_grid_the_disk_cuts_short_leaves_no_file(tmp_path):
+    """PIL wrote the grid in place, and removes what it wrote when its encoder fails but not when the file's
+    last buffer fails at close: a disk that filled up there left a cut PNG, which the loop took for written
+    (`is_file`) and logged to MLflow."""
+    path = tmp_path / "samples" / "step_000002.png"
+    p = subprocess.run([sys.executable, "-c", GRID_ON_A_FULL_DISK, str(path)], capture_output=True, text=True,
+                       timeout=120)
+    assert p.returncode == 0 and p.stdout.startswith("refused: "), p.stdout + p.stderr[-2000:]
+    assert list(path.parent.iterdir()) == []
