@@ -37,15 +37,14 @@ def settle(output_dir: Path, given_uri: str | None, given_experiment: str | None
     instead of this folder's default. Given ones (`--tracking-uri`, `--experiment`) always win."""
     record = run_record.recorded(output_dir, PART)[0] if resume else {}
     experiment = given_experiment or record.get("experiment") or tracking.DEFAULT_EXPERIMENT
-    kept = record.get("tracking_uri")
+    kept, default = record.get("tracking_uri"), given_uri or tracking.default_tracking_uri()
     if given_uri or not isinstance(kept, str):
-        return tracking.resolve_uri(given_uri or tracking.default_tracking_uri()), experiment, None
+        return tracking.resolve_uri(default), experiment, None
     path = sqlite_path(kept)
     if path is not None and not path.is_file():
-        default = tracking.resolve_uri(tracking.default_tracking_uri())
-        return default, experiment, (f"the run's MLflow store {kept} is not on this machine (moved?); logging to "
-                                     f"{default} (--tracking-uri to name the store)")
-    default = tracking.default_tracking_uri()
+        here = tracking.resolve_uri(default)
+        return here, experiment, (f"the run's MLflow store {kept} is not on this machine (moved?); logging to "
+                                  f"{here} (--tracking-uri to name the store)")
     if kept == tracking.absolute_uri(tracking.split_credentials(default)[0]):  # with the credentials it holds
         return tracking.resolve_uri(default), experiment, None
     # The run's own store, checked alone: this folder's default is not asked (a folder this process cannot
