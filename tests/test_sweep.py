@@ -970,6 +970,91 @@ def test_an_ended_trials_checkpoints_are_removed_on_its_node_once_its_process_le
     assert not (tmp_path / "s-t001" / "checkpoints").exists() and (tmp_path / "s-t001" / "lora").is_dir()
     assert (tmp_path / "s-t002" / "checkpoints").is_dir() and (tmp_path / "s-t003" / "checkpoints").is_dir()
     out, err = capsys.readouterr()
-    assert f"sweep: {tmp_path / 's-t002' / 'checkpoints'} (node abababab) was not removed: its node has left the " \
-           "cluster" in err, err
+    assert f"sweep: not removed (its node has left the cluster): {tmp_path / 's-t002' / 'checkpoints'} (node " \
+           "abababab)" in err, err
     assert "sweep: the checkpoints of 1 ended trial(s) removed from their run folders (0.0 MiB; " in out, out
+
+
+def _ended(key: str, node: str | None, status: str = "TERMINATED"):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(last_result={"node_id": node} if node else {}, config={sweep.TRIAL_KEY: key}, trial_id=key,
+                           status=status, TERMINATED="TERMINATED")
+
+
+def test_removals_a_killed_driver_owed_are_made_on_resume_on_every_node_the_trial_ran_on(tmp_path, capsys):
+    """A killed driver's removals were lost (its tasks die with it, and `--resume` made none), and a trial
+    Tune restarted on another node left its first node's folder full. The nodes a trial reported from and
+    the removals settled are the Pruner's Tune callback state; `Tuner.restore` unpickles the Pruner the
+    sweep started with, and its first step removes what ended trials still owe."""
+    import pickle
+
+    from shortft.sweep.prune import Pruner
+
+    for key in ("t001", "t002", "t003"):
+        _checkpoint(tmp_path / f"s-{key}" / "checkpoints", 2)
+    gone = "cd" * 28
+    ray.init(num_cpus=1, include_dashboard=False, logging_config=ray.LoggingConfig(log_level="ERROR"))
+    try:
+        here = ray.get_runtime_context().get_node_id()
+        first = Pruner({"output_root": str(tmp_path), "name": "s"})
+        first.on_trial_result(0, [], _ended("t001", None), {"node_id": here})
+        first.on_trial_result(0, [], _ended("t002", None), {"node_id": gone})  # restarted since, here
+        first.on_trial_result(0, [], _ended("t003", None), {"node_id": here})
+        saved = first.get_state()  # the driver is killed as t001 and t002 end: no removal was made
+
+        second = pickle.loads(pickle.dumps(first))  # what `Tuner.restore` brings back
+        second.set_state(saved)
+        second.on_step_begin(0, [_ended("t001", here), _ended("t002", here), _ended("t003", here, "ERROR")])
+        second.on_experiment_end([])
+        assert not (tmp_path / "s-t001" / "checkpoints").exists() and not (tmp_path / "s-t002" / "checkpoints").exists()
+        assert (tmp_path / "s-t003" / "checkpoints").is_dir()  # failed: `--resume` runs it again from there
+        out, err = capsys.readouterr()
+        assert "sweep: the checkpoints of 2 ended trial(s) removed from their run folders" in out, out
+        assert f"not removed (its node has left the cluster): {tmp_path / 's-t002' / 'checkpoints'} (node cdcdcdcd)" \
+            in err, err
+
+        # settled (removed, or on a node that is gone) is not tried again by a later resume
+        third = pickle.loads(pickle.dumps(second))
+        third.set_state(second.get_state())
+        third.on_step_begin(0, [_ended("t001", here), _ended("t002", here)])
+        assert not third.pending
+        # a Pruner pickled by an earlier version (its fields: the settings and what was pending)
+        old = Pruner.__new__(Pruner)
+        old.__setstate__({"sweep": {"output_root": str(tmp_path), "name": "s"}, "pending": {}})
+        _checkpoint(tmp_path / "s-t001" / "checkpoints", 4)
+        old.on_experiment_end([_ended("t001", here)])  # a sweep without the state: its ended trials, from their last node
+        assert not (tmp_path / "s-t001" / "checkpoints").exists()
+    finally:
+        ray.shutdown()
+
+
+def test_tune_restore_brings_the_pruner_back_with_its_state(tmp_path):
+    """The mechanism the removals on resume rest on, with Ray's own Tuner: the callback state is saved
+    with the experiment and handed to the unpickled Pruner, and an ended trial's owed removal is made
+    even when no step runs (every trial had ended)."""
+    from ray import tune
+
+    from shortft.sweep.prune import Pruner
+
+    out = tmp_path / "out"
+
+    def fn(config):
+        (out / f"s-{config[sweep.TRIAL_KEY]}" / "checkpoints" / "step_000001").mkdir(parents=True, exist_ok=True)
+        tune.report({"node_id": ray.get_runtime_context().get_node_id()})
+
+    ray.init(num_cpus=1, include_dashboard=False, logging_config=ray.LoggingConfig(log_level="ERROR"))
+    try:
+        tune.Tuner(fn, param_space={sweep.TRIAL_KEY: tune.grid_search(["t001"])},
+                   run_config=tune.RunConfig(name="s", storage_path=str(tmp_path / "ray"), verbose=0,
+                                             callbacks=[Pruner({"output_root": str(out), "name": "s"})])).fit()
+        assert not (out / "s-t001" / "checkpoints").exists()
+        _checkpoint(out / "s-t001" / "checkpoints", 2)  # as if the driver had died before the removal
+        states = list((tmp_path / "ray" / "s").glob("callback-states-*"))
+        assert states, list((tmp_path / "ray" / "s").iterdir())
+        for state in states:  # the removal unsettled in the saved state
+            state.unlink()
+        tune.Tuner.restore(str(tmp_path / "ray" / "s"), trainable=fn, resume_unfinished=True).fit()
+        assert not (out / "s-t001" / "checkpoints").exists()
+    finally:
+        ray.shutdown()
