@@ -35,8 +35,12 @@ SD_SCHEDULER = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scal
                 "set_alpha_to_one": False, "steps_offset": 1}
 
 
+CACHE_ENV = "SHORTFT_CACHE"
+
+
 def cache_dir() -> Path:
-    return Path(os.environ.get("SHORTFT_CACHE", Path.home() / ".cache" / "shortft"))
+    """$SHORTFT_CACHE (`~` expanded; empty is unset), else ~/.cache/shortft."""
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "shortft").expanduser()
 
 
 def build_clip_tokenizer(words: list[str], max_length: int):
@@ -206,8 +210,13 @@ def resolve(pretrained: str) -> str:
         return str(toy_dir())
     target = cache_dir() / f"{name}-v1"
     if not (target / "model_index.json").is_file():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
+        except OSError as e:  # $SHORTFT_CACHE a file, or a folder this user cannot write
+            raise ConfigError(f"builtin:{name} is built into {target.parent} (${CACHE_ENV}, else ~/.cache/shortft), "
+                              f"which cannot be written here ({e.strerror or e}); set ${CACHE_ENV} to a folder "
+                              "you can write") from None
         BUILTIN_MODELS[name](tmp)
         try:
             tmp.rename(target)

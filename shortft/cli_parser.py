@@ -84,7 +84,7 @@ def parser() -> argparse.ArgumentParser:
     b = toy.add_parser("build", help="train the toy model, shortcuts, reward and judge from seeds")
     b.add_argument("--quick", action="store_true", help="a miniature build in about a minute (tests)")
     b.add_argument("--out", help="output dir (default: $SHORTFT_TOY_DIR, else the package's shortft/toy/assets)")
-    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--seed", type=at_least(0), default=0)
     b.add_argument("--from-base", metavar="DIR", help="reuse this build's VAE/text encoder/UNet; redo the rest")
     b.add_argument("--set", nargs="*", default=[], metavar="key=value", help="build sizes, e.g. shortcut_steps=1500")
     b.add_argument("--device", default="cpu",

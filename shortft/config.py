@@ -76,7 +76,8 @@ class ModelConfig:
     shortcut_weight_name: str | None = setting(None, "the LoRA file inside a lora: shortcut's hub repo or folder")
     shortcut_scale: float = setting(1.0, "LoRA scale of a lora: shortcut")
     shortcut_guidance_scale: float | None = setting(
-        None, "guidance for shortcut jumps (null = 1.0, none, for lora:/unet: shortcuts; chain.guidance_scale for none)")
+        None, "guidance for shortcut jumps (null = 1.0, none, for lora:/unet: shortcuts; chain.guidance_scale for none "
+              "and for a LoRA file named -CFG-)")
     dtype: str = setting("float32", "dtype of the frozen weights: float32, bfloat16 or float16 (LoRA stays fp32)")
     device: str = setting("auto", "auto (cuda if available), cpu, cuda, cuda:N")
     gradient_checkpointing: bool = setting(False, "the UNet's own gradient checkpointing (diffusers), inside every call")
@@ -186,7 +187,7 @@ class Config:
 
     @property
     def output_dir(self) -> Path:
-        return Path(self.train.output_dir.format(name=self.name))
+        return Path(self.train.output_dir.format(name=self.name)).expanduser()  # `~/runs` as a shell gives it
 
 
 # ---------------------------------------------------------------------------------------------
@@ -237,8 +238,8 @@ def read_mapping(name_or_path: str, package: str = "shortft.configs", flag: str 
 
 def check_device_name(flag: str, name: str) -> None:
     """auto, cpu, cuda or cuda:N; anything else is a ConfigError naming `flag`."""
-    if not (name in ("auto", "cpu", "cuda") or name.startswith("cuda:")):
-        raise ConfigError(f"{flag}={name!r}: not one of auto, cpu, cuda, cuda:N")
+    if not (name in ("auto", "cpu", "cuda") or (name.startswith("cuda:") and name[5:].isdigit())):
+        raise ConfigError(f"{flag}={name!r}: not one of auto, cpu, cuda, cuda:N (N = 0, 1, ...)")
 
 
 def parse_overrides(items: list[str]) -> dict:
@@ -443,6 +444,11 @@ def validate(cfg: Config) -> None:
     """Types and ranges: everything that can be checked from the values alone."""
     chain, lora, train, model = cfg.chain, cfg.lora, cfg.train, cfg.model
     check_name("name", cfg.name)
+    try:
+        train.output_dir.format(name=cfg.name)
+    except (KeyError, IndexError, ValueError, AttributeError):
+        raise ConfigError(f"train.output_dir={train.output_dir!r}: its one placeholder is {{name}} (the run's name), "
+                          "e.g. runs/<group>/{name}; write a brace itself as {{ or }}") from None
     _one_of("chain.method", chain.method, METHODS)
     for key, value in (("chain.steps", chain.steps), ("chain.segments", chain.segments), ("lora.rank", lora.rank),
                        ("train.steps", train.steps), ("train.batch_size", train.batch_size),
@@ -453,6 +459,9 @@ def validate(cfg: Config) -> None:
                        ("eval.batch_size", cfg.eval.batch_size)):
         if value <= 0:
             raise ConfigError(f"{key}={value}: must be a positive integer")
+    for key, value in (("train.seed", train.seed), ("eval.seed", cfg.eval.seed)):
+        if not 0 <= value < 2**32:  # numpy's seeds are >= 0; torch's overflow at 2**64
+            raise ConfigError(f"{key}={value}: a seed is an integer in [0, 2**32)")
     if chain.segments > chain.steps:
         raise ConfigError(f"chain.segments={chain.segments}: must be <= chain.steps={chain.steps} (each segment needs a step)")
     if chain.last_k > chain.steps:
@@ -466,7 +475,8 @@ def validate(cfg: Config) -> None:
     _fraction_range("chain.alignprop_range", chain.alignprop_range)
     _one_of("chain.alignprop_cut", chain.alignprop_cut, ALIGNPROP_CUTS)
     _fraction_range("chain.refl_window", chain.refl_window)
-    for key, value in (("chain.refl_guidance", chain.refl_guidance), ("chain.refl_margin", chain.refl_margin)):
+    for key, value in (("chain.refl_guidance", chain.refl_guidance), ("chain.refl_margin", chain.refl_margin),
+                       ("model.shortcut_guidance_scale", model.shortcut_guidance_scale)):
         if value is not None and not math.isfinite(value):
             raise ConfigError(f"{key}={value}: must be a finite number or null")
     _one_of("chain.interior_adapters", chain.interior_adapters, INTERIOR_ADAPTERS)

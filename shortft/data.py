@@ -17,6 +17,7 @@ from shortft import builtin
 from shortft.config import Config, ConfigError
 
 TABLES = (".jsonl", ".csv", ".parquet")
+REFUSED = (".json", ".tsv", ".xlsx", ".xls", ".arrow", ".feather", ".pkl", ".gz", ".zip")  # not text, one prompt a line
 HUB_DATASET = "hf://datasets/"
 
 
@@ -41,7 +42,7 @@ def _column(path: Path, column: str, key: str) -> list[str]:
 
     read = {".jsonl": pyarrow.json.read_json, ".csv": pyarrow.csv.read_csv, ".parquet": pyarrow.parquet.read_table}
     try:
-        table = read[path.suffix](path)
+        table = read[path.suffix.lower()](path)
     except (pyarrow.ArrowInvalid, OSError) as e:  # not the file its suffix says: one line, not pyarrow's traceback
         reason = (str(e).splitlines() or [type(e).__name__])[0]
         raise ConfigError(f"{key}={str(path)!r}: not a readable {path.suffix} file ({reason})") from None
@@ -68,7 +69,10 @@ def read_prompts(value: list | str, column: str = "prompt", key: str = "data.pro
 def _read_file(path: str, version: tuple, column: str, key: str, value: str) -> tuple[str, ...]:
     # cached by the file's mtime and size: a sweep's driver checks the same file for every trial's config
     path = Path(path)
-    if path.suffix in TABLES:
+    if path.suffix.lower() in REFUSED:  # read as text, its lines would be `[` and `"a cat",`
+        raise ConfigError(f"{key}={value!r}: a {path.suffix} file is not read; give a .txt (one prompt a line), or "
+                          f"{', '.join(TABLES)} (column data.prompt_column={column!r})")
+    if path.suffix.lower() in TABLES:
         prompts = _column(path, column, key)
     else:
         try:

@@ -28,6 +28,7 @@ from shortft.checks import check
 from shortft.config import Config, ConfigError, builtin_names, describe, from_dict, merge, pin_paths, read_mapping, validate
 
 KINDS = ("choice", "uniform", "loguniform", "randint", "lograndint")
+PROBED = 256  # an integer range this wide or less is checked value by value
 DYNAMIC = ("reward.weights.", "reward.options.")  # keys under these name a reward term
 
 
@@ -54,8 +55,16 @@ class Dimension:
         return isinstance(value, int if self.integer else (int, float)) and not isinstance(value, bool)
 
     def corners(self) -> list:
-        """Values that show a config would accept the whole range: both ends, or every choice."""
-        return list(self.args) if self.kind == "choice" else [self.args[0], self.args[1]]
+        """Values that show a config would accept the whole range: both ends, or every choice; for an
+        integer range also every integer between when they are few (`chain.segments: {randint: [2, 8]}`
+        draws 3, which has no toy shortcut), for a float range a fraction between (an integer key)."""
+        if self.kind == "choice":
+            return list(self.args)
+        lo, hi = self.args
+        if self.integer:
+            return list(range(lo, hi + 1)) if hi - lo <= PROBED else [lo, hi]
+        between = lo * (hi / lo) ** 0.37 if self.kind.startswith("log") else lo + 0.37 * (hi - lo)
+        return [lo, between, hi]
 
 
 @dataclass

@@ -110,6 +110,11 @@ def experiment_id(uri: str, name: str) -> str:
             if e.error_code != "RESOURCE_ALREADY_EXISTS":
                 raise
             experiment = mlflow_client.get_experiment_by_name(name)
+    if experiment.lifecycle_stage == "deleted":  # deleted in the UI: MLflow refuses runs in it, in a traceback
+        shown = split_credentials(uri)[0]
+        raise ConfigError(f"MLflow experiment {name!r} in {shown} was deleted; restore it (MLFLOW_TRACKING_URI="
+                          f"{shown} mlflow experiments restore -x {experiment.experiment_id}) or pass another "
+                          "--experiment")
     if experiment.tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:
         mlflow_client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
     return experiment.experiment_id

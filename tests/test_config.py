@@ -3,6 +3,7 @@ import math
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import yaml
@@ -188,6 +189,24 @@ def test_a_config_named_from_the_project_instead_of_the_heads_home_folder_is_poi
     (["plan", "--config", "toy", "data.prompts=[a, ' ']"], "data.prompts: prompt 2 is blank"),  # trained on
     (["plan", "--config", "toy", "eval.terms=[jpeg_size]", "reward.options={{jpeg_size: {{quality: x}}}}"],
      "reward.options.jpeg_size.quality='x': an integer from 0 to 100"),  # PIL's error at the first evaluation
+    # KeyError from str.format, as the run made its folder
+    (["plan", "--config", "toy", "train.output_dir=runs/{{name}}-{{date}}"],
+     "train.output_dir='runs/{{name}}-{{date}}': its one placeholder is {{name}}"),
+    (["plan", "--config", "toy", "train.seed=-1"], "train.seed=-1: a seed is an integer in [0, 2**32)"),  # numpy, step 1
+    (["plan", "--config", "toy", "eval.seed=18446744073709551616"], "eval.seed=18446744073709551616: a seed is"),
+    (["plan", "--config", "toy", "model.shortcut_guidance_scale=.nan"],
+     "model.shortcut_guidance_scale=nan: must be a finite number or null"),  # NaN images
+    (["plan", "--config", "toy", "model.device=cuda:x"], "model.device='cuda:x': not one of auto, cpu, cuda, cuda:N"),
+    (["train", "--config", "toy", "--dry-run", "data.prompts={tmp}/p.json"],
+     "data.prompts='{tmp}/p.json': a .json file is not read; give a .txt"),  # trained on the lines `[` and `"a",`
+    # `toy build` replaces its --out folder whole, at the end of up to two hours
+    (["toy", "build", "--quick", "--out", "{tmp}"], "toy build --out {tmp}: this folder holds files and is not a toy "
+                                                    "build (no build.json)"),
+    (["toy", "build", "--quick", "--out", "{tmp}/bad.json"], "toy build --out {tmp}/bad.json: a file is there"),
+    (["toy", "build", "--seed", "-1"], "argument --seed: -1: must be >= 0"),  # numpy, after the first stage
+    (["toy", "build", "--quick", "--out", "{tmp}/new", "--set", "batch=0"], "--set batch=0: expected integers >= 1"),
+    (["toy", "build", "--quick", "--out", "{tmp}/new", "--set", "shortcut_lr=-1.0"],
+     "--set shortcut_lr=-1.0: expected a finite number > 0"),
 ])
 def test_bad_flag_values_are_one_line_with_status_2(tmp_path, capsys, args, line):
     from shortft.cli import main
@@ -197,6 +216,7 @@ def test_bad_flag_values_are_one_line_with_status_2(tmp_path, capsys, args, line
     (tmp_path / "lora").mkdir()
     (tmp_path / "lora" / "shortft_lora.json").write_text("{oops")
     (tmp_path / "empty").mkdir()
+    (tmp_path / "p.json").write_text('["a red circle", "a blue square"]\n')
     (tmp_path / "empty" / "shortft_lora.json").write_text(json.dumps(
         {"method": "shortft", "segments": 2, "adapters": ["segment_1"], "timesteps": [1], "step_adapters": [[]]}))
     args = [a.format(tmp=tmp_path) for a in args]
@@ -236,3 +256,23 @@ def test_an_override_after_resume_is_an_override_and_the_dry_run_says_where_the_
     assert "resume:" not in out and err.strip() == (
         f"shortft: error: train.output_dir {tmp_path}/run holds a run (checkpoints to step 2); pass --resume to "
         "continue it, or set name=<new name> (or train.output_dir) to start another")
+
+
+def test_output_dir_expands_the_home_folder_and_the_cache_a_file_is_one_line(tmp_path, monkeypatch):
+    """`train.output_dir=~/runs/x` wrote into a folder named `~` in the working folder (no shell expands a
+    key=value); `$SHORTFT_CACHE` naming a file or a folder not writable was a traceback as the models loaded."""
+    from shortft import builtin
+
+    assert load_config("toy", ["train.output_dir=~/runs/{name}"]).output_dir == Path.home() / "runs" / "toy"
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv("SHORTFT_CACHE", str(tmp_path / "file"))
+    with pytest.raises(ConfigError, match=rf"builtin:tiny is built into {tmp_path}/file \(\$SHORTFT_CACHE, else "
+                                          r"~/.cache/shortft\), which cannot be written here \(File exists\); set \$SHORTFT_CACHE to a folder"):
+        builtin.resolve("builtin:tiny")
+
+
+def test_a_prompt_tables_suffix_is_read_in_any_case(tmp_path):
+    from shortft.data import read_prompts
+
+    (tmp_path / "p.CSV").write_text("prompt,n\na red circle,1\n")
+    assert read_prompts(str(tmp_path / "p.CSV"), "prompt", "data.prompts") == ["a red circle"]

@@ -551,6 +551,23 @@ def test_two_runs_that_create_the_same_experiment_at_once_both_start(tmp_path, m
     assert tracking.experiment_id(uri, "shortft") == made
 
 
+def test_an_experiment_deleted_in_the_mlflow_ui_is_one_line_with_the_way_back(tmp_path, capsys):
+    """MLflow finds a deleted experiment by name and refuses runs in it: `create_run` raised
+    "The experiment ... must be in the 'active' state" in a traceback."""
+    from shortft import tracking
+    from shortft.cli import main
+
+    uri = f"sqlite:///{tmp_path}/m.db"
+    gone = tracking.experiment_id(uri, "gone")
+    tracking.client(uri).delete_experiment(gone)
+    code = main(["train", "--config", "toy", "--tracking-uri", uri, "--experiment", "gone", "train.steps=1",
+                 f"train.output_dir={tmp_path}/run"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and "Traceback" not in "\n".join(err), err
+    assert err[-1] == (f"shortft: error: MLflow experiment 'gone' in {uri} was deleted; restore it (MLFLOW_TRACKING_URI={uri} mlflow "
+                       f"experiments restore -x {gone}) or pass another --experiment"), err
+
+
 def test_a_slow_tracking_server_is_waited_for_and_a_refusing_one_fails_at_once(monkeypatch):
     """Seen in CI: under load the on-prem head's MLflow server took over 5 s to answer /health and the
     sweep stopped with "unreachable". A server that takes the connection is now waited for; one that

@@ -52,6 +52,12 @@ def _space_file(tmp_path, search: str, extra: str = "") -> str:
     ("  reward.weights.beauty: {uniform: [0, 1]}", [], "beauty"),
     ("  chain.segments: {choice: [2, 4]}", ["--num-samples", "0"], "--num-samples 0"),
     ("  chain.segments: {choice: [3]}", [], "search.chain.segments=3"),
+    # each of the rest was found once trials were made, or by Optuna, after Ray and the parent run had started
+    ("  chain.segments: {randint: [2, 8]}", [], "search.chain.segments=3 gives an invalid config"),  # no toy k=3
+    ("  chain.segments: {uniform: [2, 8]}", [], "search.chain.segments=4.22"),  # 4.22 segments
+    ("  chain.segments: {choice: [2, 4]}", ["--seed", "-1"], "--seed -1: must be a finite number >= 0"),
+    ("  chain.segments: {choice: [2, 4]}", ["--seed", "4294967296"], "--seed 4294967296: must be < 2**32"),
+    ("  chain.segments: {choice: [2, 4]}", ["--gpus-per-worker", "nan"], "--gpus-per-worker nan: must be a finite"),
 ])
 def test_bad_input_fails_before_ray_with_one_line(tmp_path, capsys, search, args, expected):
     assert not ray.is_initialized()
@@ -590,7 +596,7 @@ def test_the_sd15_space_builds_its_trials_offline():
     assert cfg.model.pretrained == "stable-diffusion-v1-5/stable-diffusion-v1-5" and cfg.chain.segments == 4
     assert cfg.reward.weights == {"pickscore": 10.0, "hps_v2": 2.0, "aesthetic": 0.05}
     assert cfg.eval.objective == "hps_v2" and cfg.train.steps == 400
-    for corner in (0, 1):
+    for corner in (0, -1):
         trial_config(space.base, space.fixed, {k: d.corners()[corner] for k, d in space.search.items()})
 
 

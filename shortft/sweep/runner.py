@@ -91,9 +91,11 @@ def run_sweep(space: str | Space | None = None, num_samples: int | None = None, 
     # 1. Everything a user can get wrong, before Ray starts.
     for flag, value, low in (("--num-samples", num_samples, 1), ("--workers-per-trial", workers_per_trial, 1),
                              ("--max-concurrent", max_concurrent, 1), ("--gpus-per-worker", gpus_per_worker, 0),
-                             ("--resource-wait-s", resource_wait_s, 1)):
-        if value is not None and value < low:
-            raise ConfigError(f"{flag} {value}: must be >= {low}")
+                             ("--resource-wait-s", resource_wait_s, 1), ("--seed", seed, 0)):
+        if value is not None and not low <= value < float("inf"):  # nan too
+            raise ConfigError(f"{flag} {value}: must be a finite number >= {low}")
+    if seed is not None and seed >= 2**32:  # Optuna's sampler seeds numpy's RandomState
+        raise ConfigError(f"--seed {seed}: must be < 2**32")
     if tracking_uri:
         tracking_uri = tracking.resolve_uri(tracking_uri)  # credentials move to the environment here
     storage_path = resolve_storage_path(storage_path)

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from shortft.builtin import SD_SCHEDULER
+from shortft.config import ConfigError
 from shortft.denoiser import Denoiser
 from shortft.evaluate import save_grid
 from shortft.lora import AdapterSwitch, save_loras
@@ -40,6 +41,19 @@ from shortft.toy.judge_training import ranking_accuracy, train_attribute_net
 from shortft.toy.judges import AttributeNet, shape_and_colour_right
 from shortft.toy.shortcuts import distill_shortcut, fresh_and_seen_errors, teacher_paths, teacher_trajectories
 from shortft.toy.sizes import SEGMENTS, build_size, log
+
+
+def check_out(out: Path) -> Path:
+    """`out` made absolute, refused in one line unless the build may replace it whole: new, empty, or an
+    earlier toy build (its `build.json`). A build ends by removing what `out` held, so `--out runs` or `--out
+    .` would have taken a folder of other work with it, after up to two hours of building."""
+    out = Path(out).expanduser().absolute()
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"toy build --out {out}: a file is there; give a new folder")
+    if out.is_dir() and any(out.iterdir()) and not (out / "build.json").is_file():
+        raise ConfigError(f"toy build --out {out}: this folder holds files and is not a toy build (no build.json), "
+                          "and a build replaces its --out folder whole; give a new or empty folder")
+    return out
 
 
 def build(out: Path, quick: bool = False, seed: int = 0, base: Path | None = None, overrides: dict | None = None,
@@ -54,7 +68,9 @@ def build(out: Path, quick: bool = False, seed: int = 0, base: Path | None = Non
     torch.set_num_threads(max(1, torch.get_num_threads()))
     size = build_size(quick, overrides)
     dev = pick_device(device, "--device")
-    out = Path(out)
+    out = check_out(out)
+    if seed < 0:
+        raise ConfigError(f"toy build --seed {seed}: give a seed >= 0")
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     train_triples, held = grammar.split_triples(seed)

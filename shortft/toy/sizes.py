@@ -76,5 +76,11 @@ def build_size(quick: bool = False, overrides: dict | None = None) -> BuildSize:
             value = float(value)
         if type(value) is not type(default):
             raise ConfigError(f"--set {key}={value!r}: expected {type(default).__name__} like {default!r}")
+        # a count or a size: 0 would build nothing or divide by it; a rate or a scale: finite and positive
+        values = value if isinstance(value, tuple) else (value,)
+        low = 0 if key == "shortcut_eval_every" else 1
+        if not values or not all(v >= low if isinstance(v, int) else 0 < v < float("inf") for v in values):
+            raise ConfigError(f"--set {key}={value!r}: expected " + (f"integers >= {low}" if isinstance(default, (int, tuple))
+                              else "a finite number > 0") + f", like {default!r}")
         clean[key] = value
     return replace(size, **clean)
