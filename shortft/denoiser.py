@@ -85,7 +85,8 @@ class Denoiser:
                 return True
         return False
 
-    def _forward(self, x: torch.Tensor, call: Call, states: torch.Tensor, added: dict | None) -> torch.Tensor:
+    def _forward(self, x: torch.Tensor, call: Call, states: torch.Tensor, added: dict | None,
+                 w_cond: torch.Tensor | None = None) -> torch.Tensor:
         # Adapters are switched inside the (possibly checkpointed) function so that the recompute in
         # backward runs with the same LoRAs as the forward did.
         adapters = self._adapters(call)
@@ -96,11 +97,26 @@ class Denoiser:
             self.switch.activate(adapters)
         t = torch.tensor(call.t, device=x.device)
         extra = {"added_cond_kwargs": added} if added is not None else {}
+        if w_cond is not None:
+            extra["timestep_cond"] = w_cond
         return net(x, t, encoder_hidden_states=states, **extra).sample
 
     def _recomputed(self, grad_pass: torch.Tensor, x: torch.Tensor, call: Call, states: torch.Tensor,
-                    added: dict | None) -> torch.Tensor:
-        return self._forward(x, call, states, added)  # grad_pass: see `predict`
+                    added: dict | None, w_cond: torch.Tensor | None) -> torch.Tensor:
+        return self._forward(x, call, states, added, w_cond)  # grad_pass: see `predict`
+
+    def _guidance_embedding(self, call: Call, guidance_scale: float, x: torch.Tensor) -> torch.Tensor | None:
+        """An LCM-distilled shortcut UNet (`time_cond_proj_dim`) takes its guidance as an embedding of w =
+        scale - 1, as diffusers' LatentConsistencyModelPipeline gives it; without it diffusers skips the
+        projection silently and the jump is not the one distilled."""
+        dim = getattr(self.shortcut_unet.config, "time_cond_proj_dim", None) if self.shortcut_unet is not None else None
+        if not (call.shortcut and dim):
+            return None
+        half = dim // 2
+        freqs = torch.exp(torch.arange(half, dtype=torch.float32) * -(math.log(10000.0) / (half - 1)))
+        emb = (guidance_scale - 1) * 1000.0 * freqs
+        emb = torch.nn.functional.pad(torch.cat([emb.sin(), emb.cos()]), (0, dim % 2))
+        return emb.to(x.device, x.dtype).expand(x.shape[0], -1)
 
     def predict(self, x: torch.Tensor, call: Call, condition: Condition) -> torch.Tensor:
         """Model output at x_t ([B, C, h, w]), with classifier-free guidance as the SD pipeline does it."""
@@ -111,6 +127,7 @@ class Denoiser:
         added = condition.added
         if guided and added is not None:
             added = {k: torch.cat([condition.uncond_added[k], v]) for k, v in added.items()}
+        w_cond = self._guidance_embedding(call, condition.guidance_scale, x_in)
         # A call whose output needs no gradient (a frozen jump from a latent made without gradient, as a
         # progressive stage's first jump is) is not checkpointed: nothing would flow back through it, and
         # the reentrant recompute in backward fails on an output that needs none.
@@ -122,9 +139,9 @@ class Denoiser:
             # A reentrant call's output needs grad only if an input does, and the chain's first input
             # (the noise) does not: `grad_pass` is that input, so the LoRAs of every call get gradients.
             grad_pass = torch.ones((), device=x.device, requires_grad=True)
-            out = checkpoint(self._recomputed, grad_pass, x_in, call, states, added, use_reentrant=True)
+            out = checkpoint(self._recomputed, grad_pass, x_in, call, states, added, w_cond, use_reentrant=True)
         else:
-            out = self._forward(x_in, call, states, added)
+            out = self._forward(x_in, call, states, added, w_cond)
         if guided:
             uncond, cond = out.chunk(2)
             out = uncond + scale * (cond - uncond)

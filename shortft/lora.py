@@ -90,7 +90,10 @@ def save_loras(unet, names: Sequence[str], out_dir: Path, plan: dict) -> Path:
     for name in names:
         state = get_peft_model_state_dict(unet, adapter_name=name)
         state = {k: v.detach().float().cpu().contiguous() for k, v in state.items()}
-        StableDiffusionPipeline.save_lora_weights(out_dir / name, unet_lora_layers=state)
+        # The adapter's LoraConfig in the file's metadata, as diffusers' own training scripts save it: without
+        # it a loader takes alpha = rank, and a LoRA trained with another `lora.alpha` loads at another strength.
+        StableDiffusionPipeline.save_lora_weights(out_dir / name, unet_lora_layers=state,
+                                                  unet_lora_adapter_metadata=unet.peft_config[name].to_dict())
     (out_dir / PLAN_FILE).write_text(json.dumps({"adapters": list(names), **plan}, indent=1))
     return out_dir
 
@@ -177,7 +180,18 @@ def load_unet_lora(unet, folder: str | Path, adapter_name: str) -> None:
                           f"(e.g. {stray[0]}); it was trained for another model")
     with warnings.catch_warnings():  # peft warns on every adapter after the first; several are the point
         warnings.filterwarnings("ignore", message="Already found a `peft_config`")
-        unet.load_lora_adapter(state, prefix=None, adapter_name=adapter_name)
+        unet.load_lora_adapter(state, prefix=None, adapter_name=adapter_name, metadata=lora_metadata(folder))
+
+
+def lora_metadata(folder: str | Path) -> dict | None:
+    """The LoraConfig a saved adapter's file carries (`save_loras`: rank, alpha, targets); None for a file
+    without it (written before it was saved there: it loads at alpha = rank)."""
+    from safetensors import safe_open
+
+    with safe_open(str(Path(folder) / "pytorch_lora_weights.safetensors"), framework="pt") as f:
+        raw = (f.metadata() or {}).get("lora_adapter_metadata")  # diffusers' LORA_ADAPTER_METADATA_KEY
+    meta = json.loads(raw) if raw else {}
+    return {k.removeprefix("unet."): v for k, v in meta.items() if k.startswith("unet.")} or None
 
 
 class TimestepAwareLora:

@@ -7,6 +7,7 @@ from a hub id, a local diffusers dir or `builtin:<name>`.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 import torch
@@ -32,7 +33,16 @@ def pick_device(name: str, flag: str = "model.device") -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"{flag}={name!r}: CUDA is not available here; use {flag}=cpu or auto")
+    if name.startswith("cuda:") and int(name[5:]) >= torch.cuda.device_count():  # else "invalid device ordinal" later
+        raise ConfigError(f"{flag}={name!r}: this machine sees {torch.cuda.device_count()} GPU(s), cuda:0 to "
+                          f"cuda:{torch.cuda.device_count() - 1} (CUDA_VISIBLE_DEVICES counts)")
     return torch.device(name)
+
+
+def keeps_cfg(shortcut) -> bool:
+    """A shortcut LoRA distilled with classifier-free guidance kept, by its file name
+    (`Hyper-SD15-8steps-CFG-lora.safetensors`)."""
+    return shortcut.kind == "lora" and bool(re.search(r"[-_.]cfg[-_.]", f"-{shortcut.weight_name or shortcut.path}-".lower()))
 
 
 def is_sdxl(pipe) -> bool:
@@ -91,8 +101,9 @@ class Models:
         shortcut_scale = shortcut_guidance_scale
         if shortcut_scale is None:
             # Hyper-SD, TCD and LCM LoRAs (and few-step UNets) are distilled to run without CFG; the base
-            # model jumping on its own (shortcut none) is guided like every other call.
-            shortcut_scale = guidance_scale if self.plan.shortcut.kind == "none" else 1.0
+            # model jumping on its own (shortcut none) is guided like every other call, and so is a LoRA
+            # whose file says it kept CFG (Hyper-SD's `-CFG-` files: guidance 5-8 by their card).
+            shortcut_scale = guidance_scale if self.plan.shortcut.kind == "none" or keeps_cfg(self.plan.shortcut) else 1.0
         uncond, uncond_pooled = None, None
         if max(guidance_scale, shortcut_scale) > 1:
             uncond, uncond_pooled = self._unconditional(len(prompts))
@@ -157,8 +168,14 @@ def load_pipeline(pretrained: str, dtype: torch.dtype = torch.float32, revision:
                                                  **(extra if kind == PIPELINES[0] else {}))
     except (OSError, ValueError) as e:
         raise ConfigError(f"model.pretrained={pretrained!r}: could not load a diffusers pipeline ({str(e).splitlines()[0]})") from None
-    # The chain's update is DDIM; a pipeline shipped with PNDM (SD 1.5) gets DDIM on the same betas.
-    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    # The chain's update is DDIM; a pipeline shipped with PNDM (SD 1.5) gets DDIM on the same betas. The chain
+    # does not clip or threshold x0 (a latent is not in [-1, 1]), and neither may the pipeline's own sampler,
+    # which DDIM's defaults would make clip wherever the shipped config does not name `clip_sample`.
+    said = [k for k in ("clip_sample", "thresholding") if pipe.scheduler.config.get(k)]
+    if said:
+        warn(f"shortft: model.pretrained={pretrained!r}: its scheduler config sets {', '.join(said)}; the chain's DDIM "
+             "update does not clip or threshold the predicted latent, so neither does the pipeline's sampler here")
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, clip_sample=False, thresholding=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

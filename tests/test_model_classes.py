@@ -93,6 +93,19 @@ def test_the_shortcut_lora_is_the_file_named_scaled_and_unguided(class_dirs, hub
     assert plain.condition(["a red circle"], 7.5, 3.0).shortcut_guidance_scale == 3.0
     none = _load(class_dirs, "tiny", tmp_path)
     assert none.condition(["a red circle"], 7.5, None).shortcut_guidance_scale == 7.5
+    # Hyper-SD's -CFG- files kept guidance (their card: 5 to 8), and ran unguided by default
+    import shutil
+
+    from shortft.models import keeps_cfg
+    from shortft.plan import Shortcut
+
+    cfg_file = shutil.copy(source / LORA_FILE["tiny"], tmp_path / "Hyper-SD15-8steps-CFG-lora.safetensors")
+    kept = _load(class_dirs, "tiny", tmp_path, f"model.shortcut=lora:{cfg_file}", "chain.segments=8", "chain.steps=16")
+    assert kept.condition(["a red circle"], 7.5, None).shortcut_guidance_scale == 7.5
+    assert keeps_cfg(Shortcut("lora", "ByteDance/Hyper-SD", "Hyper-SDXL-12steps-CFG-lora.safetensors"))
+    assert not any(keeps_cfg(Shortcut(kind, path)) for kind, path in (
+        ("lora", "ByteDance/Hyper-SD/Hyper-SD15-4steps-lora.safetensors"), ("lora", "latent-consistency/lcm-lora-sdv1-5"),
+        ("unet", "someone/unet-CFG-distilled")))
 
 
 def test_a_shortcut_for_another_segment_count_is_a_warning_with_the_reason(class_dirs, hub, tmp_path, capsys):
@@ -300,3 +313,52 @@ def test_a_shortcut_loras_text_encoder_part_is_left_out_with_a_warning(class_dir
     assert any("lora_A.shortcut" in n for n, _ in models.unet.named_parameters())
     plain = _load(class_dirs, "tiny", tmp_path)
     assert torch.equal(models.condition(["a red circle"], 1.0, None).cond, plain.condition(["a red circle"], 1.0, None).cond)
+
+
+def test_an_lcm_unet_shortcut_gets_its_guidance_embedding(class_dirs, tmp_path):
+    """An LCM-distilled UNet (`time_cond_proj_dim`) takes its guidance w as an embedding, `timestep_cond`; without
+    it diffusers skips the projection silently and the jump was not the one distilled. The embedding is the one
+    diffusers' LatentConsistencyModelPipeline gives it, of w = guidance - 1."""
+    from diffusers import LatentConsistencyModelPipeline, UNet2DConditionModel
+
+    from shortft.plan import Call
+
+    config = dict(UNet2DConditionModel.load_config(Path(class_dirs["tiny"]) / "unet"), time_cond_proj_dim=8)
+    torch.manual_seed(0)
+    lcm = UNet2DConditionModel.from_config(config)
+    lcm.save_pretrained(tmp_path / "lcm-unet")
+    models = _load(class_dirs, "tiny", tmp_path, f"model.shortcut=unet:{tmp_path / 'lcm-unet'}")
+    condition = models.condition(["a red circle"], 7.5, None)
+    assert condition.shortcut_guidance_scale == 1.0  # the guidance is in the embedding, not in a second call
+    x = models.initial_noise(1, torch.Generator().manual_seed(1))
+    call = Call(index=0, t=981, t_next=741, shortcut=True, adapters=(), segment=1)
+    w = LatentConsistencyModelPipeline.get_guidance_scale_embedding(None, torch.tensor([6.5]), embedding_dim=8)
+    net = models.denoiser.shortcut_unet
+    with torch.no_grad():
+        ours = models.denoiser.predict(x, call, condition)
+        ref = net(x, torch.tensor(981), encoder_hidden_states=condition.cond, timestep_cond=w).sample
+        bare = net(x, torch.tensor(981), encoder_hidden_states=condition.cond).sample
+    assert (ours - ref).abs().max().item() <= 1e-6 and (bare - ref).abs().max().item() > 1e-4
+
+
+def test_a_scheduler_config_that_clips_x0_is_turned_off_with_a_warning(class_dirs, tmp_path, capsys):
+    """DDIM clips the predicted x0 to [-1, 1] by default, and a shipped config that does not name `clip_sample`
+    (PNDM's and Euler's need not) got that default; the chain's update does not clip (a latent is not in [-1, 1]),
+    so the pipeline's own sampler (evaluation, `shortft sample`, a user's) and the chain differed. The SD
+    pipeline turns an explicit `clip_sample: true` off itself; the SDXL pipeline does not."""
+    import json
+    import shutil
+
+    from shortft.models import load_pipeline
+
+    for name, said in (("tiny", None), ("tiny-xl", True)):
+        src = tmp_path / name
+        shutil.copytree(class_dirs[name], src)
+        sched = json.loads((src / "scheduler" / "scheduler_config.json").read_text())
+        sched.pop("clip_sample")
+        (src / "scheduler" / "scheduler_config.json").write_text(json.dumps(
+            {**sched, "_class_name": "PNDMScheduler", **({"clip_sample": said} if said else {})}))
+        capsys.readouterr()
+        assert load_pipeline(str(src)).scheduler.config.clip_sample is False
+        err = capsys.readouterr().err
+        assert ("its scheduler config sets clip_sample; the chain's DDIM update does not clip" in err) == bool(said), err

@@ -221,7 +221,10 @@ def test_saved_lora_loads_into_a_stock_pipeline_and_changes_its_output(make_cfg,
     from shortft.sample import load_trained
     from shortft.stacked_lora import StackedLinear
 
-    cfg = make_cfg("train.steps=4", "train.lr=0.05", "chain.steps=8", "chain.segments=2", "train.checkpoint_every=0")
+    # alpha 16 at rank 4: the files carry their LoraConfig, or a loader takes alpha = rank (a quarter of the
+    # strength the LoRAs were trained at)
+    cfg = make_cfg("train.steps=4", "train.lr=0.05", "chain.steps=8", "chain.segments=2", "train.checkpoint_every=0",
+                   "lora.alpha=16")
     result = shortft.train(cfg)
     pipe = StableDiffusionPipeline.from_pretrained(tiny_dir, safety_checker=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
@@ -236,6 +239,7 @@ def test_saved_lora_loads_into_a_stock_pipeline_and_changes_its_output(make_cfg,
     pipe.load_lora_weights(str(result.lora_dir / "segment_2"), adapter_name="segment_2")
     pipe.load_lora_weights(str(result.lora_dir / "segment_1"), adapter_name="segment_1")
     pipe.set_adapters(["segment_1", "segment_2"])
+    assert pipe.unet.peft_config["segment_1"].lora_alpha == 16 and pipe.unet.peft_config["segment_1"].r == 4
     assert (run() - base).abs().max() > 1e-4
     pipe.unload_lora_weights()
     assert torch.allclose(run(), base)
