@@ -56,6 +56,11 @@ def check_tracking_uri(uri: str) -> None:
         if not parent.is_dir() or not os.access(parent, os.W_OK):
             raise ConfigError(f"tracking URI {uri}: directory {parent} does not exist or is not writable; "
                               "pass --tracking-uri sqlite:///<writable dir>/mlflow.db or an http(s):// server")
+        # MLflow retried a folder (an old ./mlruns file store) or another kind of file for 100 s, then raised
+        kind = "a folder" if path.is_dir() else "not an SQLite database" if not _sqlite_or_empty(path) else None
+        if kind:
+            raise ConfigError(f"tracking URI {uri}: {path} is {kind}; pass --tracking-uri sqlite:///<a new or "
+                              "SQLite file>, e.g. sqlite:///mlflow.db (MLflow 3.17+ no longer reads a ./mlruns file store)")
     elif uri.startswith(("http://", "https://")):
         deadline = time.time() + HEALTH_WAIT_S
         while True:
@@ -73,6 +78,18 @@ def check_tracking_uri(uri: str) -> None:
     else:
         raise ConfigError(f"tracking URI {uri!r}: use sqlite:///path/mlflow.db or http(s)://host:port "
                           "(MLflow 3.17+ no longer reads a ./mlruns file store)")
+
+
+def _sqlite_or_empty(path: Path) -> bool:
+    """Absent, empty (SQLite makes its database there) or an SQLite database by its header."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(16)
+    except FileNotFoundError:
+        return True
+    except OSError:  # unreadable: MLflow's own error says why
+        return True
+    return not head or head == b"SQLite format 3\x00"
 
 
 def client(uri: str):

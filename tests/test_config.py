@@ -204,6 +204,11 @@ def test_a_config_named_from_the_project_instead_of_the_heads_home_folder_is_poi
                                                     "build (no build.json)"),
     (["toy", "build", "--quick", "--out", "{tmp}/bad.json"], "toy build --out {tmp}/bad.json: a file is there"),
     (["toy", "build", "--seed", "-1"], "argument --seed: -1: must be >= 0"),  # numpy, after the first stage
+    # MLflow retried for 100 s, then a traceback
+    (["train", "--config", "toy", "--tracking-uri", "sqlite:///{tmp}/lora", f"train.output_dir={{tmp}}/run"],
+     "tracking URI sqlite:///{tmp}/lora: {tmp}/lora is a folder; pass --tracking-uri sqlite:///<a new or SQLite file>"),
+    (["train", "--config", "toy", "--tracking-uri", "sqlite:///{tmp}/latin1.yaml", f"train.output_dir={{tmp}}/run"],
+     "tracking URI sqlite:///{tmp}/latin1.yaml: {tmp}/latin1.yaml is not an SQLite database"),
     (["toy", "build", "--quick", "--out", "{tmp}/new", "--set", "batch=0"], "--set batch=0: expected integers >= 1"),
     (["toy", "build", "--quick", "--out", "{tmp}/new", "--set", "shortcut_lr=-1.0"],
      "--set shortcut_lr=-1.0: expected a finite number > 0"),
