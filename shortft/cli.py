@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise ConfigError(f"{given[0]} {given[1]}: no such folder; give a toy build's folder (shortft toy "
                                   "build --out DIR writes one)")
             if args.toy_command == "build":
-                sizes = parse_overrides(args.set)
+                sizes = parse_overrides(args.set, keep_text=False)
                 build.build(Path(args.out) if args.out else toy_dir(), quick=args.quick, seed=args.seed,
                             base=Path(args.from_base) if args.from_base else None, overrides=sizes, device=args.device)
             else:

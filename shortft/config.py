@@ -242,8 +242,17 @@ def check_device_name(flag: str, name: str) -> None:
         raise ConfigError(f"{flag}={name!r}: not one of auto, cpu, cuda, cuda:N (N = 0, 1, ...)")
 
 
-def parse_overrides(items: list[str]) -> dict:
-    """`["chain.steps=20", "reward.weights.symmetry=0.5"]` -> nested dict; values parsed as YAML."""
+class _IntText(int):
+    """A number read from a command line, with the text it was read from (`text`)."""
+
+
+class _FloatText(float):
+    """A number read from a command line, with the text it was read from (`text`)."""
+
+
+def parse_overrides(items: list[str], keep_text: bool = True) -> dict:
+    """`["chain.steps=20", "reward.weights.symmetry=0.5"]` -> nested dict; values parsed as YAML. A number
+    whose text is not how Python writes it keeps that text for a string key (`keep_text`)."""
     out: dict = {}
     for item in items:
         key, sep, value = item.partition("=")
@@ -253,6 +262,9 @@ def parse_overrides(items: list[str]) -> dict:
             parsed = load_yaml(value) if value != "" else ""
         except yaml.YAMLError:
             parsed = value
+        if keep_text and type(parsed) in (int, float) and str(parsed) != value.strip():  # 0123456 (octal), 12e4567, 1_000
+            parsed = (_IntText if type(parsed) is int else _FloatText)(parsed)
+            parsed.text = value.strip()  # what a string key (a revision, a name) was given
         node = out
         parts = key.strip().split(".")
         for part in parts[:-1]:
@@ -327,7 +339,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return None
         return _coerce(value, args[0], key)
     if tp is Any:
-        return value
+        return _plain(value)
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -346,7 +358,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"{key}='{next(iter(value))}:': nothing after the colon; give the whole value, {fix}")
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):
             raise ConfigError(f"{key}={value!r}: expected a string")
-        return str(value)
+        return getattr(value, "text", None) or str(value)  # model.revision=0123456 is that commit, not 42798
     if tp is list:
         if not isinstance(value, list):
             raise ConfigError(f"{key}={value!r}: expected a list, e.g. [a, b]")
@@ -354,8 +366,15 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{key}={value!r}: expected a mapping")
-        return value
+        return _plain(value)  # `reward.weights.symmetry=1e0` merged into it
     return value
+
+
+def _plain(value: Any) -> Any:
+    """`value` without the text a command line's numbers carry (YAML writes only plain ints and floats)."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return {_IntText: int, _FloatText: float}.get(type(value), lambda v: v)(value)
 
 
 def from_dict(cls: type, data: dict, prefix: str = "") -> Any:

@@ -281,3 +281,18 @@ def test_a_prompt_tables_suffix_is_read_in_any_case(tmp_path):
 
     (tmp_path / "p.CSV").write_text("prompt,n\na red circle,1\n")
     assert read_prompts(str(tmp_path / "p.CSV"), "prompt", "data.prompts") == ["a red circle"]
+
+
+def test_a_string_key_given_digits_on_the_command_line_keeps_them_as_typed():
+    """`model.revision=0123456` (a short commit hash) was read as YAML 1.1 octal and became '42798', and
+    `12e4567` became '1.2e+4571'... as a float: another commit, or none. A number keeps its text for a string
+    key, and is a plain number everywhere else (the run's config.yaml writes it)."""
+    import yaml as pyyaml
+
+    from shortft.config import to_dict
+
+    cfg = load_config("toy", ["model.revision=0123456", "name=1e3", "reward.weights.saturation=1e0", "train.lr=3e-4"])
+    assert (cfg.model.revision, cfg.name, cfg.train.lr) == ("0123456", "1e3", 3e-4)
+    assert type(cfg.reward.weights["saturation"]) is float and type(cfg.train.lr) is float
+    assert load_config("toy", ["model.revision=12e4567"]).model.revision == "12e4567"
+    pyyaml.safe_dump(to_dict(cfg))  # plain numbers only
