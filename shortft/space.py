@@ -232,8 +232,9 @@ def trial_config(base: str | dict, fixed: dict, values: dict, name: str | None =
 
 
 def configs(space: Space) -> list[Config]:
-    """The configs at every end of every range (and of each point to evaluate); each must be valid, so
-    that no trial fails on a value the space allows. Raises a ConfigError naming the key otherwise."""
+    """The configs at every corner of every range (`Dimension.corners`: its ends, and values between; each
+    point to evaluate too); each must be valid, so that no trial fails on a value the space allows. Raises
+    a ConfigError naming the key otherwise."""
     try:
         out = [trial_config(space.base, space.fixed, {})]
     except ConfigError as e:
