@@ -30,7 +30,7 @@ def test_report_table_plot_and_mean_with_standard_error(tmp_path):
     lines = table(arms).splitlines()
     assert lines[0].startswith("| arm | seeds | lr (of trials) | eval/objective | eval/toy_judge |")
     assert lines[2].startswith("| shortft | 2 | 0.001 (of 3) | 0.850 ± 0.050 | 0.900 ± 0.050 |")
-    assert lines[3].startswith("| alignprop | 1 | 0.001 (of 3) | 0.700 | 0.750 |") and lines[3].endswith("| 10.0 |")
+    assert lines[3].startswith("| alignprop | 1 | 0.001 (of 3) | 0.700 | 0.750 |") and lines[3].endswith("| 10.0 | 4.0 |")
     report = write_report(tmp_path / "rows.jsonl")
     assert (tmp_path / "objective_vs_seconds.png").stat().st_size > 1000 and "| shortft | 2 |" in report.read_text()
     # with the untrained model's evaluation: its row, and each arm's gain over it (seed sd in brackets)
@@ -94,3 +94,36 @@ def test_a_learning_rate_that_diverged_is_no_candidate_and_none_left_is_one_line
     with pytest.raises(TrialFailed, match=r"^full: no learning rate gave a finite objective: 0\.0001 -> not finite; "
                                           r"0\.003 -> failed \(step 2 had a non-finite loss"):
         choose_lr([row(1e-4, float("nan")), failed], "full")
+
+
+def test_a_failed_or_non_finite_seed_is_counted_out_in_the_table_and_a_cut_line_is_left_out(tmp_path, capsys):
+    """A seed that failed ended the whole comparison (its other arms never ran); a seed with a NaN objective
+    was dropped from the mean while the seeds column still counted it; a rows.jsonl cut short by a killed
+    driver was read as a bad --lrs. The table also shows the training seconds each arm spent."""
+    failed = {"arm": "shortft", "lr_trials": 3, "chosen": True, "lr": 1e-3, "seed": 2, "error": "step 3 had a NaN"}
+    nan = _trial("shortft", 1, float("nan"), 1.0)
+    rows = [_trial("shortft", 0, 0.8, 1.0), nan, failed]
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"arm": "dra')
+    arms = read_rows(tmp_path / "rows.jsonl")
+    assert "rows.jsonl: line 4 is cut short or not JSON; left out of the report" in capsys.readouterr().err
+    line = table(arms).splitlines()[2]
+    assert line.startswith("| shortft | 1 of 3 | 0.001 (of 3) | 0.800 |") and line.endswith("| 2.0 |"), line
+    write_report(tmp_path / "rows.jsonl")  # the plot and grids skip the failed seed
+
+
+@pytest.mark.parametrize("args,line", [
+    (["--time-budget-s", "0"], "--time-budget-s 0.0: give a budget > 0"),  # no budget: a million steps per trial
+    (["--call-budget", "-5"], "--call-budget -5: give a budget > 0"),
+    (["--call-budget", "5"], "holds a comparison (rows.jsonl); pass another --name or --out"),  # emptied it
+    (["--call-budget", "5", "--lrs", "1e-3,x"], "--lrs '1e-3,x': could not convert string to float"),
+])
+def test_bad_comparison_input_is_one_line_before_ray(tmp_path, capsys, args, line):
+    import ray
+
+    from shortft.sweep.compare import main
+
+    (tmp_path / "rows.jsonl").write_text(json.dumps(_trial("shortft", 0, 0.8, 1.0)) + "\n")
+    assert main(["--out", str(tmp_path), "--no-mlflow", *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and line in err[0] and not ray.is_initialized(), err
+    assert (tmp_path / "rows.jsonl").read_text()  # kept

@@ -115,7 +115,7 @@ def test_results_markdown_gives_each_objective_its_standard_error_and_the_spread
     assert lines[0] == "| trial | status | rank | objective (best) ± se | steps | s/step | peak MB |"
     assert lines[2] == "| t001 | DONE | 4 | 0.9000 ± 0.0200 | 60 | 1.23 | 900 |"
     assert lines[4] == "| t003 | ERROR | 6 | - | - | - | - |"
-    assert lines[-1] == "best - worst: 0.1000 = 5.0 x the larger standard error (0.0200)"
+    assert lines[-1] == "best - worst: 0.1000 = 4.5 x the combined standard error (0.0224, as if independent)"
 
 
 def test_results_markdown_puts_the_untrained_model_first_and_the_best_trials_gain_over_it_in_standard_errors():
@@ -128,13 +128,13 @@ def test_results_markdown_puts_the_untrained_model_first_and_the_best_trials_gai
     lines = markdown(rows, space, base).splitlines()
     assert lines[2] == "| untrained | BASE | - | 0.8600 ± 0.0250 | 0 | - | - |"
     assert lines[3].startswith("| t001 | DONE | 4 | 0.9000 ± 0.0200 |")
-    assert lines[-1] == "best - untrained: +0.0400 = 1.6 x the larger standard error (0.0250)"
+    assert lines[-1] == "best - untrained: +0.0400 = 1.2 x the combined standard error (0.0320, as if independent)"
     # a sweep whose trials all fall below the model they started from says so with the sign
     below = markdown([{**rows[0], "objective_best": 0.85}, {**rows[0], "trial": "t002", "objective_best": 0.8}],
                      space, {**base, "eval/objective_se": float("nan")}).splitlines()
     assert "| untrained | BASE | - | 0.8600 | 0 | - | - |" in below
-    assert below[-3] == "best - worst: 0.0500 = 2.5 x the larger standard error (0.0200)"
-    assert below[-1] == "best - untrained: -0.0100 = -0.5 x the larger standard error (0.0200)"
+    assert below[-3] == "best - worst: 0.0500 = 1.8 x the combined standard error (0.0283, as if independent)"
+    assert below[-1] == "best - untrained: -0.0100 = -0.5 x the one standard error known (0.0200, as if independent)"
 
 
 def test_gains_over_the_untrained_model_are_measured_sample_by_sample():
@@ -159,11 +159,12 @@ def test_gains_over_the_untrained_model_are_measured_sample_by_sample():
     assert lines[3] == "| t001 | DONE | 4 | 0.6033 ± 0.1100 | +0.0200 ± 0.0037 | 60 | - | - |"
     assert lines[4] == "| t002 | ERROR | 8 | - | - | - | - | - |"
     assert lines[-1] == ("best - untrained: +0.0200 = 5.5 x the paired standard error (0.0037, over the same 6 "
-                         "samples)")  # 0.2 x the larger standard error, unpaired
+                         "samples)")  # 0.1 x the combined standard error, unpaired
     # without the samples (a base.json of an older sweep) the unpaired reading, as before
     old = markdown([{k: v for k, v in rows[0].items() if k not in ("gain", "objective_samples")}], space,
                    {k: v for k, v in base.items() if k != "eval/objective_samples"}).splitlines()
-    assert "gain ± paired se" not in old[0] and old[-1] == "best - untrained: +0.0200 = 0.2 x the larger standard error (0.1100)"
+    assert "gain ± paired se" not in old[0] and old[-1] == (
+        "best - untrained: +0.0200 = 0.1 x the combined standard error (0.1556, as if independent)")
 
 
 def test_a_trial_that_ran_out_of_gpu_memory_has_the_whole_line_in_the_table():

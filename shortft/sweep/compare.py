@@ -37,7 +37,7 @@ ARMS: dict[str, dict] = {
 }
 MAIN = ("shortft", "draft_lv", "drtune", "alignprop")  # the paper's Table 1 comparison; the rest are ablations
 class TrialFailed(RuntimeError):
-    """A comparison trial ended in error: the comparison stops (its table would miss an arm)."""
+    """No learning rate of an arm gave a finite objective: the comparison stops (its table would miss an arm)."""
 
 
 KEPT = ("step", "train_seconds", "calls_total", "reward", "mean_seconds_per_step", "network_calls", "grad_calls")
@@ -56,16 +56,15 @@ def run_comparison(base: str, out: str | Path, arms: list[str] = tuple(ARMS), se
     unknown = [a for a in arms if a not in ARMS]
     if unknown:
         raise ConfigError(f"--arms {','.join(unknown)}: unknown; choose from {','.join(ARMS)}")
-    if time_budget_s is None and call_budget is None:
-        raise ConfigError("a comparison needs a budget: --time-budget-s or --call-budget (equal compute)")
-    budget = {"train.steps": 10**6, **({"train.time_budget_s": time_budget_s} if time_budget_s else {}),
-              **({"train.call_budget": call_budget} if call_budget else {})}
+    check_new(out, time_budget_s, call_budget)
+    budget = {"train.steps": 10**6, **({"train.time_budget_s": time_budget_s} if time_budget_s is not None else {}),
+              **({"train.call_budget": call_budget} if call_budget is not None else {})}
     from shortft.ray_storage import resolve_storage_path
 
     out = Path(out).resolve()
+    rows_path = out / "rows.jsonl"
     out.mkdir(parents=True, exist_ok=True)
     storage_path, runs = resolve_storage_path(storage_path), out / "runs"
-    rows_path = out / "rows.jsonl"
     rows_path.write_text("")
     if tracking_uri == "":
         tracking_uri = tracking.default_tracking_uri()
@@ -76,7 +75,7 @@ def run_comparison(base: str, out: str | Path, arms: list[str] = tuple(ARMS), se
         "parent_run_id": parent}, indent=1))
     # The untrained model on the same evaluation: what every arm's gain is measured from (loaded here,
     # as every arm's trials are: each hub source in this machine's cache or on the hub, else one line now).
-    base_fixed = {**(fixed or {}), **(SMOKE_TEST if smoke_test else {})}
+    base_fixed = {**(SMOKE_TEST if smoke_test else {}), **(fixed or {})}  # as `trainable_for` merges them
     check_sources([trial_config(base, base_fixed, {})])
     base_eval = evaluate_base(base, base_fixed, out)
     progress(f"untrained base model: {OBJECTIVE} {base_eval[OBJECTIVE]:.3f}")
@@ -91,13 +90,17 @@ def run_comparison(base: str, out: str | Path, arms: list[str] = tuple(ARMS), se
     for arm in arms:
         n_seeds = seeds if arm in MAIN else ablation_seeds
         lr_rows = _fit(trainables[arm]["lr"], {"train.lr": tune.grid_search(list(lrs)), "train.seed": 0},
-                       f"{name}-{arm}-lr", storage_path, runs, failed_ok=True)
+                       f"{name}-{arm}-lr", storage_path, runs)
         best = choose_lr(lr_rows, arm)
         progress(f"{arm}: lr {best['lr']:g} (best of {len(lrs)}: "
                  + ", ".join(f"{r['lr']:g} -> {_said(r)}" for r in lr_rows) + ")")
+        # A seed that fails is a row with its error (the table counts it out), not the end of the comparison.
         seed_rows = _fit(trainables[arm]["seeds"], {"train.lr": best["lr"],
                                                     "train.seed": tune.grid_search(list(range(1, n_seeds)))},
                          f"{name}-{arm}-seeds", storage_path, runs) if n_seeds > 1 else []
+        for r in seed_rows:
+            if "error" in r:
+                progress(f"{arm}: seed {r['seed']} failed ({r['error']})")
         with rows_path.open("a") as f:
             for r in [r for r in lr_rows if "error" not in r] + seed_rows:
                 chosen = r["lr"] == best["lr"]
@@ -107,6 +110,19 @@ def run_comparison(base: str, out: str | Path, arms: list[str] = tuple(ARMS), se
     if parent:
         tracking.client(tracking_uri).set_terminated(parent)
     return rows_path
+
+
+def check_new(out: str | Path, time_budget_s: float | None, call_budget: int | None) -> None:
+    """A comparison's budget and its folder, in one line before Ray starts."""
+    if time_budget_s is None and call_budget is None:
+        raise ConfigError("a comparison needs a budget: --time-budget-s or --call-budget (equal compute)")
+    for flag, value in (("--time-budget-s", time_budget_s), ("--call-budget", call_budget)):
+        if value is not None and not 0 < value < float("inf"):  # 0 was no budget: a million steps each
+            raise ConfigError(f"{flag} {value}: give a budget > 0")
+    rows = Path(out) / "rows.jsonl"
+    if rows.is_file() and rows.stat().st_size:  # it was emptied: the earlier comparison's rows were lost
+        raise ConfigError(f"--out {out} holds a comparison (rows.jsonl); pass another --name or --out, or "
+                          "--report-only to write its report again")
 
 
 def _said(row: dict) -> str:
@@ -125,9 +141,9 @@ def choose_lr(rows: list[dict], arm: str) -> dict:
     return max(candidates, key=lambda r: (r["final"][OBJECTIVE], -r["lr"]))
 
 
-def _fit(trainable, param_space: dict, name: str, storage_path: str, runs: Path, failed_ok: bool = False) -> list[dict]:
-    """One Tuner, one trial at a time; per trial: its lr, seed, run folder, evaluations and final one. A failed
-    trial raises TrialFailed, or with `failed_ok` is a row with its `error` line."""
+def _fit(trainable, param_space: dict, name: str, storage_path: str, runs: Path) -> list[dict]:
+    """One Tuner, one trial at a time; per trial: its lr, seed, run folder, evaluations and final one, or for
+    a trial that failed its `error` line."""
     from ray import tune
 
     tuner = tune.Tuner(trainable, param_space=param_space,
@@ -135,13 +151,10 @@ def _fit(trainable, param_space: dict, name: str, storage_path: str, runs: Path,
                        run_config=tune.RunConfig(name=name, storage_path=storage_path, verbose=0))
     rows = []
     for result in tuner.fit():
-        if result.error and failed_ok:
+        if result.error:
             rows.append({"lr": float(result.config["train.lr"]), "seed": int(result.config["train.seed"]),
                          "error": error_line(result.error)})
             continue
-        if result.error:
-            raise TrialFailed(f"trial {result.metrics.get('trial_id', '?')} of {name} ({result.config}) failed: "
-                              f"{str(result.error).strip().splitlines()[-1]}; its error.txt is under {storage_path}/{name}")
         evals = [{k: v for k, v in rec.items() if k in KEPT or k.startswith("eval/")}
                  for rec in result.metrics_dataframe.to_dict("records")]
         rows.append({"lr": float(result.config["train.lr"]), "seed": int(result.config["train.seed"]),
@@ -182,13 +195,18 @@ def main(argv: list[str] | None = None) -> int:
     quiet_libraries()
     out = Path(args.out or f"runs/compare/{args.name}")
     try:
+        lrs = [float(v) for v in args.lrs.split(",") if v.strip()]
+    except ValueError as e:
+        print(f"error: --lrs {args.lrs!r}: {e}", file=sys.stderr)
+        return 2
+    try:
         if args.report_only:
             if not (out / "rows.jsonl").is_file():
                 raise ConfigError(f"--out {out}: no rows.jsonl there; run the comparison first")
             print(f"report: {write_report(out / 'rows.jsonl', out)}")
             return 0
-        lrs = [float(v) for v in args.lrs.split(",") if v.strip()]
         fixed = dict(_key_value(kv) for kv in args.set)
+        check_new(out, args.time_budget_s, args.call_budget)
         from shortft import resources
 
         import ray
@@ -200,9 +218,6 @@ def main(argv: list[str] | None = None) -> int:
                               None if args.no_mlflow else args.tracking_uri, args.storage_path, args.smoke_test)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
-    except ValueError as e:
-        print(f"error: --lrs {args.lrs!r}: {e}", file=sys.stderr)
         return 2
     except TrialFailed as e:
         print(f"error: {e}", file=sys.stderr)

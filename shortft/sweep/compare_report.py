@@ -10,14 +10,20 @@ import shutil
 import statistics
 from pathlib import Path
 
+from shortft.progress import warn
 from shortft.sweep.eval_report import NOT_TERMS, OBJECTIVE
 
 
 def read_rows(path: Path) -> dict[str, list[dict]]:
-    """{arm: [the chosen-lr trials, by seed]} in the order the arms ran."""
+    """{arm: [the chosen-lr trials, by seed]} in the order the arms ran; a failed seed is a trial with its
+    `error` and no evaluations. A line cut short (a driver killed as it wrote) is left out, with a warning."""
     arms: dict[str, list[dict]] = {}
-    for line in Path(path).read_text().splitlines():
-        row = json.loads(line)
+    for number, line in enumerate(Path(path).read_text().splitlines(), 1):
+        try:
+            row = json.loads(line)
+        except ValueError:
+            warn(f"{path}: line {number} is cut short or not JSON; left out of the report")
+            continue
         arms.setdefault(row["arm"], [])
         if row["chosen"]:
             arms[row["arm"]].append(row)
@@ -37,26 +43,32 @@ def _mean_se(values: list[float]) -> str:
 def table(arms: dict[str, list[dict]], base: dict | None = None) -> str:
     """A row per arm; with `base` (the untrained model's evaluation) a first row for it and a column of
     each arm's objective gain over it, with the seeds' standard deviation of the objective in brackets."""
-    finals = [t["final"] for trials in arms.values() for t in trials]
+    finals = [t["final"] for trials in arms.values() for t in trials if "final" in t]
     terms = sorted({k for f in finals for k in f if k.startswith("eval/") and k not in NOT_TERMS
                     and any(f.get(k) != f.get(OBJECTIVE) for f in finals)})  # not the objective's own term again
-    head = ["arm", "seeds", "lr (of trials)", f"{OBJECTIVE}", *terms, "training reward", "steps", "s/step", "calls/step"]
+    head = ["arm", "seeds", "lr (of trials)", f"{OBJECTIVE}", *terms, "training reward", "steps", "s/step", "calls/step",
+            "train s"]
     if base is not None:
         head.insert(4, "gain (seed sd)")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     if base is not None:
         cells = ["untrained base", "-", "-", f"{base[OBJECTIVE]:.3f}", "-", *(_mean_se([base.get(k)]) for k in terms),
-                 "-", "0", "-", "-"]
+                 "-", "0", "-", "-", "0"]
         lines.append("| " + " | ".join(cells) + " |")
     for arm, trials in arms.items():
-        finals = [t["final"] for t in trials]
+        finals = [t["final"] for t in trials if "final" in t]
         steps = [f["step"] for f in finals]
         per_step = [f["calls_total"] / f["step"] for f in finals if f.get("calls_total") and f.get("step")]
-        cells = [arm, str(len(trials)), f"{trials[0]['lr']:g} (of {trials[0]['lr_trials']})",
+        spent = [f["train_seconds"] for f in finals if f.get("train_seconds") is not None]
+        # every mean below is over the seeds counted here: a failed seed, or a non-finite objective, is said
+        counted = sum(f.get(OBJECTIVE) is not None and math.isfinite(f[OBJECTIVE]) for f in finals)
+        cells = [arm, str(counted) if counted == len(trials) else f"{counted} of {len(trials)}",
+                 f"{trials[0]['lr']:g} (of {trials[0]['lr_trials']})",
                  _mean_se([f.get(OBJECTIVE) for f in finals]), *(_mean_se([f.get(k) for f in finals]) for k in terms),
-                 _mean_se([f.get("reward") for f in finals]), f"{statistics.fmean(steps):.0f}",
+                 _mean_se([f.get("reward") for f in finals]), f"{statistics.fmean(steps):.0f}" if steps else "-",
                  _mean_se([f.get("mean_seconds_per_step") for f in finals]),
-                 f"{statistics.fmean(per_step):.1f}" if per_step else "-"]
+                 f"{statistics.fmean(per_step):.1f}" if per_step else "-",
+                 f"{statistics.fmean(spent):.1f}" if spent else "-"]
         if base is not None:
             cells.insert(4, _gain([f.get(OBJECTIVE) for f in finals], base[OBJECTIVE]))
         lines.append("| " + " | ".join(cells) + " |")
@@ -82,6 +94,9 @@ def plot(arms: dict[str, list[dict]], path: Path, base: dict | None = None) -> P
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for arm, trials in arms.items():
+        trials = [t for t in trials if t.get("evals")]  # a failed seed has none
+        if not trials:
+            continue
         n = min(len(t["evals"]) for t in trials)
         seconds = [statistics.fmean(t["evals"][i]["train_seconds"] for t in trials) for i in range(n)]
         values = [[t["evals"][i][OBJECTIVE] for t in trials] for i in range(n)]
@@ -116,7 +131,8 @@ def write_report(rows_path: Path, out: Path | None = None, tracking_uri: str | N
     if (grids / "base.png").is_file():
         lines.append("untrained base: ![base](grids/base.png)")
     for arm, trials in arms.items():
-        samples = sorted((Path(trials[0]["run_dir"]) / "samples").glob("step_*.png"))
+        trials = [t for t in trials if t.get("run_dir")]
+        samples = sorted((Path(trials[0]["run_dir"]) / "samples").glob("step_*.png")) if trials else []
         if samples:
             shutil.copy(samples[-1], grids / f"{arm}.png")
             lines.append(f"{arm} (seed {trials[0]['seed']}, step {samples[-1].stem[5:].lstrip('0')}): "

@@ -114,15 +114,19 @@ def markdown(rows: list[dict], space: Space, base: dict | None = None) -> str:
 
 def _spread(label: str, hi: dict, lo: dict, sign: str) -> str:
     """'label: gap = n x the paired standard error (se, ...)' of two rows' best objectives, where both
-    evaluations' samples are at hand; else 'n x the larger standard error (se)', as if independent."""
+    evaluations' samples are at hand; else 'n x the combined standard error (se)' of the two, as if
+    independent (the larger one alone overstated the gap by up to sqrt(2))."""
     gap = hi["objective_best"] - lo["objective_best"]
     both = paired(hi.get(SAMPLES), lo.get(SAMPLES))
     if both and both[1] > 0:
         return (f"{label}: {gap:{sign}.4f} = {gap / both[1]:.1f} x the paired standard error ({both[1]:.4f}, "
                 f"over the same {len(hi[SAMPLES])} samples)")
     ses = [se for se in (finite(r.get("objective_se")) for r in (hi, lo)) if se]
-    return f"{label}: {gap:{sign}.4f}" + (f" = {gap / max(ses):.1f} x the larger standard error ({max(ses):.4f})"
-                                          if ses else "")
+    if not ses:
+        return f"{label}: {gap:{sign}.4f}"
+    se = math.sqrt(sum(v * v for v in ses))
+    what = "the combined standard error" if len(ses) == 2 else "the one standard error known"
+    return f"{label}: {gap:{sign}.4f} = {gap / se:.1f} x {what} ({se:.4f}, as if independent)"
 
 
 def finite(value) -> float | None:
