@@ -58,6 +58,9 @@ class ChainInput:
     stage: int = 1  # progressive stage (ShortFT)
     generator: torch.Generator | None = None  # random cuts/copies, seeded per step for exact resume
     on_call: Callable | None = None  # test/inspection hook: (n, call, latents)
+    # One per sample, going on from where its noise was drawn (`draws.draw_batch`): a sample's own randomness
+    # (draft_lv's re-noise) is then the same whichever rank draws it and in whatever batch.
+    sample_generators: Sequence[torch.Generator] | None = None
 
 
 def _randint(lo: int, hi: int, generator: torch.Generator | None) -> int:
@@ -101,7 +104,11 @@ def draft_lv(denoiser: Denoiser, inputs: ChainInput, plan: TrainingPlan) -> torc
     outs = [run_calls(denoiser, x, [last], ["grad"], inputs.condition)[0]]
     clean = outs[0].detach()
     for _ in range(plan.chain.lv_copies):
-        noise = torch.randn(clean.shape, generator=inputs.generator, dtype=clean.dtype).to(clean.device)
+        if inputs.sample_generators:  # per sample: rank 1's copies were rank 0's noise again
+            noise = torch.cat([torch.randn((1, *clean.shape[1:]), generator=g, dtype=clean.dtype)
+                               for g in inputs.sample_generators]).to(clean.device)
+        else:
+            noise = torch.randn(clean.shape, generator=inputs.generator, dtype=clean.dtype).to(clean.device)
         outs.append(run_calls(denoiser, denoiser.renoise(clean, last.t, noise), [last], ["grad"], inputs.condition)[0])
     return torch.cat(outs)  # [(1 + n) * B, ...]
 

@@ -13,7 +13,6 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 import yaml
 
@@ -24,6 +23,7 @@ from shortft.checks import check
 from shortft.config import Config, ConfigError, flatten, to_dict
 from shortft.data import run_prompts
 from shortft.denoiser import CallCount
+from shortft.draws import CHAIN_STREAM, draw_batch, seeded
 from shortft.evaluate import evaluate, scalars
 from shortft.guard import Guard
 from shortft.interrupt import StopRequest, stop_requests
@@ -63,7 +63,6 @@ class TrainResult:
 # What every step logs (metrics.jsonl, MLflow, Ray Train), besides "reward" and "reward/<term>".
 STEP_METRICS = ("step", "stage", "loss", "grad_norm", "skipped", "network_calls", "grad_calls", "train_seconds",
                 "calls_total", "lr", "seconds_per_step", "images_per_second", "peak_memory_mb")
-CHAIN_STREAM = 2**32 - 1  # the stream of a micro-batch's method randomness (cuts, copies), shared by ranks
 
 
 def read_metrics(path: Path) -> list[dict]:
@@ -71,25 +70,8 @@ def read_metrics(path: Path) -> list[dict]:
     return [json.loads(x) for x in Path(path).read_text().splitlines() if x.strip()] if Path(path).is_file() else []
 
 
-def seeded(*key: int) -> torch.Generator:
-    state = np.random.SeedSequence(list(key)).generate_state(1, dtype=np.uint64)[0]
-    return torch.Generator().manual_seed(int(state))
-
-
-def draw_batch(models: Models, prompts: list[str], seed: int, step: int, micro: int, first: int, size: int):
-    """Prompts and noise of global samples first..first+size-1 of a micro-batch, one generator per
-    sample: a resumed run draws what the uninterrupted run drew, ranks draw disjoint samples, and
-    2 ranks x b samples are exactly the samples of 1 process x 2b."""
-    batch, noise = [], []
-    for i in range(first, first + size):
-        g = seeded(seed, step, micro, i)
-        batch.append(prompts[int(torch.randint(len(prompts), (1,), generator=g))])
-        noise.append(models.initial_noise(1, g))
-    return batch, torch.cat(noise)  # [B, 4, h, w]
-
-
 def micro_batch_loss(models: Models, rewards: Rewards, cfg: Config, prompts: list[str], noise: torch.Tensor,
-                     stage: int, generator: torch.Generator, autocast=nullcontext(),
+                     stage: int, generator: torch.Generator, autocast=nullcontext(), sample_generators=None,
                      ) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """prompts -> text states -> chain -> VAE decode -> reward terms -> loss (scaled for grad_accum).
     noise: [B, 4, h, w]. Returns (loss, weighted reward [B'], terms {name: [B']}), B' = B * copies."""
@@ -98,7 +80,8 @@ def micro_batch_loss(models: Models, rewards: Rewards, cfg: Config, prompts: lis
     guidance = chain.refl_guidance if refl and chain.refl_guidance is not None else chain.guidance_scale
     condition = models.condition(prompts, guidance, cfg.model.shortcut_guidance_scale)
     with autocast:
-        latents = sample(models.denoiser, ChainInput(noise, condition, stage, generator), models.plan)
+        inputs = ChainInput(noise, condition, stage, generator, sample_generators=sample_generators)
+        latents = sample(models.denoiser, inputs, models.plan)
         images = models.decode(latents)  # [B', 3, H, W], B' = B * copies (draft_lv)
         batch_prompts = prompts * (images.shape[0] // len(prompts))
         terms = rewards.terms(images, batch_prompts, list(rewards.weights))
@@ -211,10 +194,10 @@ def _train(cfg: Config, callbacks, resume, rank: int, world_size: int, stop: Sto
         with explained(cfg, f"in step {step + 1}", "step"):  # AdamW's state is made in the first step's update
             sums: dict[str, float] = {}
             for micro in range(cfg.train.grad_accum):
-                batch, noise = draw_batch(models, prompts, cfg.train.seed, step, micro, rank * cfg.train.batch_size,
-                                          cfg.train.batch_size)
+                batch, noise, gens = draw_batch(models, prompts, cfg.train.seed, step, micro,
+                                                rank * cfg.train.batch_size, cfg.train.batch_size)
                 generator = seeded(cfg.train.seed, step, micro, CHAIN_STREAM)
-                loss, reward, terms = micro_batch_loss(models, rewards, cfg, batch, noise, stage, generator, autocast)
+                loss, reward, terms = micro_batch_loss(models, rewards, cfg, batch, noise, stage, generator, autocast, gens)
                 scaler.scale(loss).backward()
                 sums["loss"] = sums.get("loss", 0.0) + float(loss.detach())
                 sums["reward"] = sums.get("reward", 0.0) + float(reward.detach().mean()) / cfg.train.grad_accum
@@ -223,9 +206,9 @@ def _train(cfg: Config, callbacks, resume, rank: int, world_size: int, stop: Sto
                 del terms, reward, loss  # free the graph before the next micro-batch
 
             # 5. Average over ranks, clip, guard against non-finite values, step.
-            scaler.unscale_(optimizer)
             trainable = [p for name in adapters if name in training for p in params[name]]  # same order on every rank
-            all_reduce_grads(trainable, world_size)
+            all_reduce_grads(trainable, world_size)  # before unscale_: every rank finds the same fp16 overflow
+            scaler.unscale_(optimizer)
             keys = sorted(sums)  # and a stop request, so that every rank stops after the same step
             *values, asked_by = all_reduce_mean([*(sums[k] for k in keys), stop.pending()], models.device, world_size)
             sums = dict(zip(keys, values))

@@ -240,3 +240,25 @@ def test_refl_trains_unguided_as_imagereward_does(make_cfg, guidance, batch):
     handle.remove()
     assert sizes and set(sizes) == {batch}  # [cond] only, or [uncond, cond]
     assert float(loss) == pytest.approx(100 - float(reward.mean()), rel=1e-6)  # relu(margin - reward)
+
+
+def test_draft_lv_re_noises_each_sample_from_its_own_stream_whatever_rank_or_batch_draws_it(make_cfg):
+    """DRaFT-LV drew its re-noise for the whole micro-batch from the stream every rank shares: rank 1's
+    copies were rank 0's noise again, so 2 ranks x b samples were not those of 1 process x 2b."""
+    from shortft.draws import CHAIN_STREAM, draw_batch, seeded
+    from shortft.loop import micro_batch_loss
+    from shortft.rewards import Rewards
+
+    cfg = make_cfg("chain.method=draft_lv", "chain.steps=4", "chain.lv_copies=2")
+    models = load_models(cfg)
+    rewards = Rewards(cfg.reward.weights, cfg.reward.options)
+
+    def rewards_of(first: int, size: int) -> torch.Tensor:  # samples first..first+size-1 of step 3, as a rank draws them
+        batch, noise, gens = draw_batch(models, ["a red circle", "a blue square"], 0, 3, 0, first, size)
+        _, reward, _ = micro_batch_loss(models, rewards, cfg, batch, noise, 1, seeded(0, 3, 0, CHAIN_STREAM),
+                                        sample_generators=gens)
+        return reward.detach().view(3, size)  # [the sample and its 2 copies, samples]
+
+    both, rank0, rank1 = rewards_of(0, 2), rewards_of(0, 1), rewards_of(1, 1)
+    assert torch.allclose(both, torch.cat([rank0, rank1], 1), atol=1e-5), (both, rank0, rank1)
+    assert not torch.allclose(rank0[1:], rank1[1:], atol=1e-3)  # the two samples' copies differ

@@ -98,7 +98,9 @@ SMALL = ["chain.steps=6", "chain.segments=2", "eval.samples_per_prompt=1"]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["shortft"])  # the per-rank draws are shared by every method
+# The per-rank draws (`draws.draw_batch`) are shared by every method; what a method draws per sample after
+# them (draft_lv's re-noise) is checked rank by rank in test_chain.py, without a Ray cluster.
+@pytest.mark.parametrize("method", ["shortft"])
 def test_two_workers_equal_one_process_with_twice_the_batch(ray_cluster, make_cfg, tmp_path, method):
     one = shortft.train(make_cfg(*SMALL, f"chain.method={method}", "train.steps=1", "train.batch_size=4",
                                  f"train.output_dir={tmp_path}/one"))

@@ -185,3 +185,24 @@ def test_sample_and_eval_need_only_what_they_read_of_a_runs_config(trained, tiny
         e = subprocess.run([sys.executable, "-m", "shortft.cli", "eval", *elsewhere, bad], capture_output=True,
                            text=True, timeout=300, env=env)
         assert e.returncode == 2 and e.stderr.startswith(f"shortft: error: {key}=") and "Traceback" not in e.stderr
+
+
+def test_a_sampler_other_than_the_runs_is_said_and_a_prompt_table_is_read_by_its_column(trained, make_cfg, tmp_path,
+                                                                                       capsys):
+    """`eval --config toy --lora run/lora` of a run trained with `chain.interior_adapters=segment` silently
+    scored another sampler than the run's own evaluation (method.md: 0.838 against 0.550 on the toy). And
+    `sample --prompts p.csv` read the column `prompt` whatever `data.prompt_column` said."""
+    from shortft import sample
+
+    sample.load_trained(make_cfg("chain.steps=8", "chain.segments=2"), str(trained))
+    assert "the run evaluated with" not in capsys.readouterr().err
+    sample.load_trained(make_cfg("chain.steps=8", "chain.segments=2", "chain.interior_adapters=segment",
+                                 "model.timestep_spacing=trailing"), str(trained))
+    err = capsys.readouterr().err
+    assert (f"--lora {trained}: the run evaluated with chain.interior_adapters='none', model.timestep_spacing=None; this "
+            "samples with chain.interior_adapters='segment', model.timestep_spacing='trailing' (--config "
+            f"{trained.parent / 'config.yaml'} for the run's)") in err, err
+    (tmp_path / "p.csv").write_text("caption\na red circle\n")
+    cfg = make_cfg("chain.steps=8", "chain.segments=2", "data.prompt_column=caption")
+    out = sample.run_sample(cfg, str(trained), [], str(tmp_path / "p.csv"), [0], 2, None, tmp_path / "out", False)
+    assert len(list(out.glob("*.png"))) == 1

@@ -425,3 +425,53 @@ def test_cli_non_finite_exits_1_with_one_line(tmp_path, tiny_dir):
                        cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
     assert p.returncode == 1
     assert "Traceback" not in p.stderr and "non-finite" in p.stderr.strip().splitlines()[-1]
+
+
+def _fp16_rank(rank: int, folder: str, port: int, tiny_dir: str) -> None:
+    """One of two ranks (gloo, no Ray) of an fp16 run whose rank 1 overflows at every step; writes the loss
+    scale after each step."""
+    import json
+    import os
+
+    import torch.distributed as dist
+
+    import shortft.loop
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    scales, update = [], torch.amp.GradScaler.update
+
+    def recorded(self, *args, **kwargs):
+        update(self, *args, **kwargs)
+        scales.append(self.get_scale())
+
+    torch.amp.GradScaler.update = recorded
+    if rank == 1:
+        loss_of = shortft.loop.micro_batch_loss
+
+        def overflowing(*args, **kwargs):
+            loss, reward, terms = loss_of(*args, **kwargs)
+            return loss * 1e38, reward, terms
+
+        shortft.loop.micro_batch_loss = overflowing
+    cfg = shortft.load_config("tiny", [f"model.pretrained={tiny_dir}", f"train.output_dir={folder}/run", "train.steps=2",
+                                       "chain.steps=4", "chain.segments=2", "train.mixed_precision=fp16",
+                                       "train.checkpoint_every=0", "train.log_every=100"])
+    shortft.loop.train(cfg, rank=rank, world_size=2)
+    Path(folder, f"scales-{rank}.json").write_text(json.dumps(scales))
+    dist.destroy_process_group()
+
+
+def test_fp16_ranks_agree_on_an_overflow_that_one_rank_alone_had(tmp_path, tiny_dir):
+    """Each rank unscaled (and so looked for an overflow in) its own gradient before the average: a rank whose
+    gradient overflowed halved its loss scale while the others kept theirs, and the ranks' scales, and the
+    guard's reading of a bad step, drifted apart."""
+    import json
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.multiprocessing.spawn(_fp16_rank, args=(str(tmp_path), port, str(tiny_dir)), nprocs=2)
+    scales = [json.loads((tmp_path / f"scales-{r}.json").read_text()) for r in (0, 1)]
+    assert scales[0] == scales[1] == [2.0**15, 2.0**14], scales
