@@ -55,9 +55,11 @@ def sample_terms(models: Models, cfg: Config, rewards: Rewards) -> tuple[dict[st
     all_prompts = [p for p, _ in items]
     seeds = [cfg.eval.seed + i for i in range(len(items))]
     images = generate(models, cfg, all_prompts, seeds)
+    size = cfg.eval.batch_size  # the reward models see as many at once as the sampler did, not every image
     with torch.no_grad():
-        terms = rewards.terms(images.to(models.device), all_prompts)
-    return terms, images
+        parts = [rewards.terms(images[i:i + size].to(models.device), all_prompts[i:i + size])
+                 for i in range(0, len(items), size)]
+    return {name: torch.cat([part[name] for part in parts]) for name in parts[0]}, images
 
 
 def evaluate(models: Models, cfg: Config, rewards: Rewards, grid_path: Path | None = None,
