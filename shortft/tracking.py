@@ -85,9 +85,7 @@ def _sqlite_or_empty(path: Path) -> bool:
     try:
         with open(path, "rb") as f:
             head = f.read(16)
-    except FileNotFoundError:
-        return True
-    except OSError:  # unreadable: MLflow's own error says why
+    except OSError:  # absent (SQLite makes it), or unreadable: MLflow's own error says why
         return True
     return not head or head == b"SQLite format 3\x00"
 
