@@ -96,6 +96,41 @@ def test_a_learning_rate_that_diverged_is_no_candidate_and_none_left_is_one_line
         choose_lr([row(1e-4, float("nan")), failed], "full")
 
 
+def test_the_plot_of_seeds_that_stopped_at_other_steps_ends_at_the_tables_values():
+    """Under a time budget one seed made 3 evaluations and another 2: the plot was cut to 2, so its last
+    point mixed the first seed's middle evaluation with the second's final one, not the table's mean."""
+    from shortft.sweep.compare_report import curve
+
+    def ev(step, objective):
+        return {"step": step, "train_seconds": step, "eval/objective": objective}
+
+    long, short = {"evals": [ev(10, 0.1), ev(20, 0.2), ev(24, 0.4)]}, {"evals": [ev(10, 0.3), ev(15, 0.5)]}
+    seconds, values = curve([long, short])
+    assert values == [[0.1, 0.3], [0.4, 0.5]] and seconds == [10, 19.5]
+    same = [{"evals": [ev(10, 0.1), ev(20, 0.2)]}, {"evals": [ev(10, 0.3), ev(20, 0.4)]}]
+    assert curve(same) == ([10, 20], [[0.1, 0.3], [0.2, 0.4]])
+
+
+def test_a_comparison_of_a_name_used_before_has_a_parent_run_of_its_own(tmp_path):
+    """The parent run was found by `--name` alone: a second comparison of the default name, in another
+    folder, nested its trials and logged its report into the first one's finished run."""
+    from mlflow.tracking import MlflowClient
+
+    from shortft.sweep.compare import parent_run
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    first, second = tmp_path / "first", tmp_path / "second"
+    first.mkdir(), second.mkdir()
+    p1 = parent_run(uri, "compare", first)
+    (first / "comparison.json").write_text(json.dumps({"tracking_uri": uri, "parent_run_id": p1}))
+    MlflowClient(uri).set_terminated(p1)
+    p2 = parent_run(uri, "compare", second)
+    assert p2 != p1
+    assert parent_run(uri, "compare", first) == p1  # started again in its folder: the run it began with
+    MlflowClient(uri).delete_run(p1)
+    assert parent_run(uri, "compare", first) not in (p1, p2)
+
+
 def test_a_failed_or_non_finite_seed_is_counted_out_in_the_table_and_a_cut_line_is_left_out(tmp_path, capsys):
     """A seed that failed ended the whole comparison (its other arms never ran); a seed with a NaN objective
     was dropped from the mean while the seeds column still counted it; a rows.jsonl cut short by a killed

@@ -68,7 +68,7 @@ def run_comparison(base: str, out: str | Path, arms: list[str] = tuple(ARMS), se
     rows_path.write_text("")
     if tracking_uri == "":
         tracking_uri = tracking.default_tracking_uri()
-    parent = tracking.ensure_run(tracking_uri, "shortft-compare", f"compare/{name}", name) if tracking_uri else None
+    parent = parent_run(tracking_uri, name, out) if tracking_uri else None
     (out / "comparison.json").write_text(json.dumps({
         "base": base, "arms": list(arms), "seeds": seeds, "ablation_seeds": ablation_seeds, "lrs": list(lrs),
         "budget": budget, "fixed": fixed or {}, "smoke_test": smoke_test, "tracking_uri": tracking_uri,
@@ -110,6 +110,27 @@ def run_comparison(base: str, out: str | Path, arms: list[str] = tuple(ARMS), se
     if parent:
         tracking.client(tracking_uri).set_terminated(parent)
     return rows_path
+
+
+def parent_run(tracking_uri: str, name: str, out: Path) -> str:
+    """The comparison's MLflow parent run: the one `out` was started with (a comparison that stopped before
+    its first row starts again), else a new one. Not found by `name`: another comparison of that name, in
+    another folder or one already reported, keeps its own run, its nested trials and its report."""
+    from mlflow.exceptions import MlflowException
+
+    from shortft import tracking
+
+    try:
+        earlier = json.loads((out / "comparison.json").read_text())
+    except (OSError, ValueError):
+        earlier = {}
+    if earlier.get("tracking_uri") == tracking_uri and earlier.get("parent_run_id"):
+        try:
+            if tracking.client(tracking_uri).get_run(earlier["parent_run_id"]).info.lifecycle_stage == "active":
+                return earlier["parent_run_id"]
+        except MlflowException:  # deleted for good (`mlflow gc`) or another store behind the same URI
+            pass
+    return tracking.ensure_run(tracking_uri, "shortft-compare", f"compare/{name}", name, reuse=False)
 
 
 def check_new(out: str | Path, time_budget_s: float | None, call_budget: int | None) -> None:

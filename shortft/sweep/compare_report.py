@@ -84,6 +84,19 @@ def _gain(values: list[float], base: float) -> str:
     return f"{statistics.fmean(values) - base:+.3f}{sd}"
 
 
+def curve(trials: list[dict]) -> tuple[list[float], list[list[float]]]:
+    """An arm's points: the evaluations every seed made at the same step, then the seeds' final ones (the
+    table's values). Under a time budget seeds stop at different steps: cut to the shortest seed, the
+    plot ended before the longer seeds' last evaluations, below or above the table's mean."""
+    shared = 0
+    while all(shared < len(t["evals"]) - 1 for t in trials) and len({t["evals"][shared].get("step")
+                                                                       for t in trials}) == 1:
+        shared += 1
+    points = [[t["evals"][i] for t in trials] for i in range(shared)] + [[t["evals"][-1] for t in trials]]
+    return ([statistics.fmean(e["train_seconds"] for e in point) for point in points],
+            [[e[OBJECTIVE] for e in point] for point in points])
+
+
 def plot(arms: dict[str, list[dict]], path: Path, base: dict | None = None) -> Path:
     """Objective against training seconds: per arm the mean over seeds at each evaluation, and a band
     from the lowest to the highest seed."""
@@ -97,9 +110,7 @@ def plot(arms: dict[str, list[dict]], path: Path, base: dict | None = None) -> P
         trials = [t for t in trials if t.get("evals")]  # a failed seed has none
         if not trials:
             continue
-        n = min(len(t["evals"]) for t in trials)
-        seconds = [statistics.fmean(t["evals"][i]["train_seconds"] for t in trials) for i in range(n)]
-        values = [[t["evals"][i][OBJECTIVE] for t in trials] for i in range(n)]
+        seconds, values = curve(trials)
         line, = ax.plot(seconds, [statistics.fmean(v) for v in values], marker="o", label=f"{arm} ({len(trials)})")
         if len(trials) > 1:
             ax.fill_between(seconds, [min(v) for v in values], [max(v) for v in values], color=line.get_color(),
