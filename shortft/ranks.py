@@ -19,17 +19,22 @@ def all_reduce_mean(values: list[float], device: torch.device, world_size: int) 
 def all_reduce_grads(params: list[torch.nn.Parameter], world_size: int) -> None:
     """Average LoRA gradients over ranks in one flat bucket. The chain calls the UNet many times per
     step (and recomputes under checkpointing), which DDP's per-forward hooks do not expect; the
-    gradient of the sum is the same, so one explicit all-reduce after backward does the job."""
+    gradient of the sum is the same, so one explicit all-reduce after backward does the job.
+
+    A parameter no rank's backward reached keeps no gradient (None), as it would with one rank: a zero
+    gradient is not the same to the optimizer (AdamW decays the weight and steps on its moments)."""
     if world_size == 1 or not params:
         return
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.reshape(-1) for g in grads])
+    reached = torch.tensor([float(p.grad is not None) for p in params], dtype=grads[0].dtype, device=grads[0].device)
+    flat = torch.cat([g.reshape(-1) for g in grads] + [reached])  # the counts ride along: still one all-reduce
     dist.all_reduce(flat)
+    reached = flat[-len(params):].tolist()
     flat /= world_size
     offset = 0
-    for p in params:
+    for p, ranks in zip(params, reached):
         n = p.numel()
-        p.grad = flat[offset:offset + n].view_as(p).clone()
+        p.grad = flat[offset:offset + n].view_as(p).clone() if ranks else None
         offset += n
 
 

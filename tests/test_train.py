@@ -475,3 +475,38 @@ def test_fp16_ranks_agree_on_an_overflow_that_one_rank_alone_had(tmp_path, tiny_
     torch.multiprocessing.spawn(_fp16_rank, args=(str(tmp_path), port, str(tiny_dir)), nprocs=2)
     scales = [json.loads((tmp_path / f"scales-{r}.json").read_text()) for r in (0, 1)]
     assert scales[0] == scales[1] == [2.0**15, 2.0**14], scales
+
+
+def _grads_rank(rank: int, folder: str, port: int) -> None:
+    """Rank 0 reached parameters a and c, rank 1 only a; b no rank reached. Writes what each holds after."""
+    import json
+    import os
+
+    import torch.distributed as dist
+
+    from shortft.ranks import all_reduce_grads
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    a, b, c = (torch.nn.Parameter(torch.zeros(3)) for _ in range(3))
+    a.grad = torch.full((3,), 2.0 + 2 * rank)
+    if rank == 0:
+        c.grad = torch.ones(3)
+    all_reduce_grads([a, b, c], 2)
+    Path(folder, f"grads-{rank}.json").write_text(json.dumps([None if p.grad is None else p.grad.tolist()
+                                                               for p in (a, b, c)]))
+    dist.destroy_process_group()
+
+
+def test_a_parameter_no_rank_reached_keeps_no_gradient_as_with_one_rank(tmp_path):
+    """The average over ranks gave it a zero gradient, which AdamW does not skip as it skips None: weight
+    decay and the moments moved a weight that one rank would have left alone."""
+    import json
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.multiprocessing.spawn(_grads_rank, args=(str(tmp_path), port), nprocs=2)
+    for r in (0, 1):
+        assert json.loads((tmp_path / f"grads-{r}.json").read_text()) == [[3.0] * 3, None, [0.5] * 3]
