@@ -25,6 +25,24 @@ def test_rewards_rank_the_obvious_cases():
     assert rewards.build("saturation")(flat, ["p"]).item() == 0.0
 
 
+def test_compressibility_under_bf16_autocast_scores_and_steers_as_in_fp32():
+    """The loop scores under autocast (bf16 on a GPU by default): the DCT's matmuls ran in bf16, luma
+    (0..255) rounded to about a unit, and on a smooth image the gradient was another (cosine ~0.2)."""
+    y, x = torch.meshgrid(torch.linspace(0, 1, 64), torch.linspace(0, 1, 64), indexing="ij")
+    smooth = torch.stack([0.3 + 0.4 * x, 0.5 + 0.2 * torch.sin(6 * y), 0.2 + 0.5 * x * y])[None]
+    fn = rewards.build("compressibility")
+
+    def scored(autocast: bool):
+        images = smooth.clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            value = fn(images, ["p"])
+        value.sum().backward()
+        return value.detach(), images.grad.flatten()
+
+    (v32, g32), (v16, g16) = scored(False), scored(True)
+    assert torch.allclose(v16, v32, rtol=1e-4) and torch.cosine_similarity(g16, g32, dim=0) > 0.999
+
+
 def test_weighted_sum_of_named_terms():
     r = rewards.Rewards({"brightness": 2.0, "saturation": -1.0}, {})
     images = torch.rand(2, 3, 8, 8)

@@ -53,6 +53,12 @@ def compressibility(block: int = 8) -> RewardFn:
     luma = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
 
     def fn(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        with torch.autocast(images.device.type, enabled=False):  # the loop scores under autocast
+            return _ac_mean(images.float())
+
+    def _ac_mean(images: torch.Tensor) -> torch.Tensor:
+        # In fp32: under bf16 autocast the DCT's matmuls rounded luma (0..255) to about a unit, and the
+        # gradient of a smooth image pointed elsewhere (cosine 0.2 to the fp32 one).
         y = (images * luma.to(images)).sum(1) * 255  # [B, H, W]
         b, h, w = y.shape
         y = y[:, : h - h % block, : w - w % block]
