@@ -14,7 +14,7 @@ from PIL import Image
 
 import shortft
 from shortft import rewards
-from shortft.rewards.clip_prep import ClipPreprocess
+from shortft.rewards.clip_prep import ClipPreprocess, LongestSidePreprocess
 from tests import reward_models
 from tests.test_security import _Payload
 
@@ -70,7 +70,7 @@ SIZES = [(512, 512), (300, 451), (640, 480), (100, 150), (1024, 768), (224, 224)
 
 
 def open_clip_transform(img: Image.Image, size: int = 224) -> torch.Tensor:
-    """open_clip's ViT-H-14 transform (torchvision's Resize(224, BICUBIC), CenterCrop(224), ToTensor,
+    """The torchvision transform of OpenAI `clip.load` and open_clip (the aesthetic predictor's: Resize(224, BICUBIC), CenterCrop(224), ToTensor,
     Normalize) on a PIL image, as torchvision computes it: on PIL images its Resize is PIL's resize to
     (short side 224, long side truncated) and its CenterCrop rounds the offset. Written out because
     open_clip's transform module imports torchvision, which has no build for the tests' CPU torch."""
@@ -84,6 +84,40 @@ def open_clip_transform(img: Image.Image, size: int = 224) -> torch.Tensor:
     from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
     mean, std = torch.tensor(OPENAI_DATASET_MEAN), torch.tensor(OPENAI_DATASET_STD)
     return ((x - mean[:, None, None]) / std[:, None, None])[None]
+
+
+def hpsv2_transform(img: Image.Image, size: int = 224) -> torch.Tensor:
+    """HPSv2's evaluation transform (its open_clip fork's `image_transform(..., resize_longest_max=True)`,
+    which `hpsv2.score` asks for through `light_augmentation=True`), step by step on a PIL image: ToTensor,
+    ResizeMaxSize (torchvision's `F.resize` of a float tensor is `interpolate(bicubic, align_corners=False,
+    antialias=True)`, not clamped), `F.pad([left, top, right, bottom])` with 0, Normalize. Written out
+    because both import torchvision, which has no build for the tests' CPU torch."""
+    x = torch.from_numpy(np.array(img.convert("RGB"))).permute(2, 0, 1).float()[None] / 255
+    height, width = x.shape[-2:]
+    scale = size / float(max(height, width))
+    if scale != 1.0:
+        new_size = tuple(round(dim * scale) for dim in (height, width))
+        x = torch.nn.functional.interpolate(x, size=new_size, mode="bicubic", align_corners=False, antialias=True)
+        pad_h, pad_w = size - new_size[0], size - new_size[1]
+        x = torch.nn.functional.pad(x, [pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2])
+    reward_models.open_clip_model()  # open_clip importable without torchvision
+    from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+    mean, std = torch.tensor(OPENAI_DATASET_MEAN), torch.tensor(OPENAI_DATASET_STD)
+    return (x - mean[:, None, None]) / std[:, None, None]
+
+
+def test_hps_v2_preprocessing_is_hpsv2s_resize_and_pad_not_a_centre_crop():
+    """HPS v2 was given open_clip's centre crop: a non-square image lost its sides, and a square one
+    went through PIL's uint8 resize instead of the float one HPSv2 scores with."""
+    prep = LongestSidePreprocess()
+    for img in list(smooth_images(SIZES)) + [Image.fromarray(np.random.default_rng(2).integers(0, 256, (333, 257, 3), np.uint8))]:
+        assert (prep(to_tensor(img)) - hpsv2_transform(img)).abs().max() < 1e-5, img.size
+    wide = prep(to_tensor(next(smooth_images([(300, 600)]))))
+    black = (-torch.tensor(prep.mean) / torch.tensor(prep.std))[:, None]
+    assert torch.allclose(wide[0, :, :56, :], black.expand(3, 56 * 224).view(3, 56, 224))  # padded above, 56 = (224-112)/2
+    images = torch.rand(1, 3, 300, 451, requires_grad=True)
+    prep(images).sum().backward()
+    assert (images.grad.abs() > 0).float().mean() > 0.99  # every pixel is scored: nothing cropped away
 
 
 def test_preprocessing_matches_the_official_processors_on_pil_images():
@@ -109,7 +143,7 @@ def test_preprocessing_passes_gradient_to_every_pixel_it_reads():
 @pytest.mark.parametrize("name", PREFERENCE)
 def test_scores_match_the_official_processor_path(name, options, dirs):
     """The reward on a float tensor equals the model's score on the official processor's pixels: the
-    CLIPImageProcessor for the transformers models, open_clip's transform and open_clip's own CLIP for
+    CLIPImageProcessor for the transformers models, HPSv2's transform and open_clip's own CLIP for
     HPS v2."""
     from transformers import CLIPImageProcessor
     fn = rewards.build(name, options[name])
@@ -119,7 +153,7 @@ def test_scores_match_the_official_processor_path(name, options, dirs):
         if name == "hps_v2":
             oc = _open_clip_hps(dirs)
             tokens = fn.tokenizer(PROMPTS[:1], padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
-            pixels = torch.cat([open_clip_transform(i) for i in imgs])
+            pixels = torch.cat([hpsv2_transform(i) for i in imgs])
             ref = (oc.encode_image(pixels, normalize=True) * oc.encode_text(tokens, normalize=True)).sum(-1)
         else:
             proc = CLIPImageProcessor.from_pretrained(dirs["clip" if name != "pickscore" else "processor"])

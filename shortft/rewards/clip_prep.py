@@ -19,6 +19,9 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 import torch
+import torch.nn.functional as F
+
+from shortft.rewards.registry import without_autocast
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -109,6 +112,40 @@ class ClipPreprocess:
         top, left = self._offset(h), self._offset(w)
         levels = pil_resize(_levels(images.double() * 255), h, w)
         x = (levels[..., top : top + self.crop, left : left + self.crop] / 255).float()
+        mean = torch.tensor(self.mean, device=x.device).view(1, -1, 1, 1)
+        std = torch.tensor(self.std, device=x.device).view(1, -1, 1, 1)
+        return (x - mean) / std
+
+
+@dataclass(frozen=True)
+class LongestSidePreprocess:
+    """HPS v2's own evaluation transform (`hpsv2.score`: open_clip's `image_transform` with
+    `resize_longest_max=True`, which HPSv2's fork selects through `light_augmentation=True`): ToTensor of
+    the PIL image (uint8 levels / 255), `ResizeMaxSize(224)` (torchvision's resize of that float
+    tensor: `F.interpolate` bicubic with antialias, not clamped; the long side to 224, the other rounded),
+    padded with 0 to a square (the odd pixel right and bottom), then normalised. No centre crop: a
+    non-square image is scored whole. The pad is also made when the long side is already 224 (HPSv2
+    skips it there, and its model then fails on the non-square input)."""
+
+    size: int = 224
+    mean: tuple[float, ...] = OPENAI_MEAN
+    std: tuple[float, ...] = OPENAI_STD
+
+    @classmethod
+    def from_image_processor(cls, proc) -> LongestSidePreprocess:
+        return cls(_field(proc.crop_size, "height"), tuple(proc.image_mean), tuple(proc.image_std))
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        """[B, 3, H, W] in [0, 1] -> normalised [B, 3, size, size] (float32, differentiable)."""
+        h, w = images.shape[-2:]
+        scale = self.size / max(h, w)
+        x = (_levels(images.double() * 255) / 255).float()
+        with without_autocast(x.device):
+            if scale != 1.0:
+                x = F.interpolate(x, size=(round(h * scale), round(w * scale)), mode="bicubic", align_corners=False,
+                                  antialias=True)
+            pad_h, pad_w = self.size - x.shape[-2], self.size - x.shape[-1]
+            x = F.pad(x, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2))
         mean = torch.tensor(self.mean, device=x.device).view(1, -1, 1, 1)
         std = torch.tensor(self.std, device=x.device).view(1, -1, 1, 1)
         return (x - mean) / std

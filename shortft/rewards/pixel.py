@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from shortft.config import ConfigError
-from shortft.rewards.registry import RewardFn, register
+from shortft.rewards.registry import RewardFn, register, without_autocast
 
 
 @register("symmetry")
@@ -53,7 +53,7 @@ def compressibility(block: int = 8) -> RewardFn:
     luma = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
 
     def fn(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-        with torch.autocast(images.device.type, enabled=False):  # the loop scores under autocast
+        with without_autocast(images.device):  # the loop scores under autocast
             return _ac_mean(images.float())
 
     def _ac_mean(images: torch.Tensor) -> torch.Tensor:

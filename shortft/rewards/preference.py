@@ -27,7 +27,7 @@ from torch import nn
 from shortft import safe_load
 from shortft.config import ConfigError
 from shortft.rewards import sources
-from shortft.rewards.clip_prep import ClipPreprocess
+from shortft.rewards.clip_prep import ClipPreprocess, LongestSidePreprocess
 from shortft.rewards.open_clip_format import ARCHS, arch_config, hf_config, to_hf_state_dict
 from shortft.rewards.registry import register
 
@@ -58,7 +58,7 @@ class ClipReward(nn.Module):
     """A CLIP-based reward: `score` is "logit_cos" (PickScore), "cos" (HPS v2, CLIPScore) or "head"
     (an MLP on the normalised image embedding: the aesthetic predictor)."""
 
-    def __init__(self, model: nn.Module, tokenizer, prep: ClipPreprocess, score: str,
+    def __init__(self, model: nn.Module, tokenizer, prep: ClipPreprocess | LongestSidePreprocess, score: str,
                  head: nn.Module | None = None, batch_size: int = 8, dtype: str = "auto"):
         super().__init__()
         check_clip_options(batch_size=batch_size, dtype=dtype)
@@ -136,9 +136,10 @@ def _load_clip(key: str, path: str, revision: str | None) -> nn.Module:
 
 
 def _processor(key: str, path: str, processor: str | None, revision: str | None,
-               crop_rounding: str = "floor") -> tuple[object, ClipPreprocess]:
-    """The tokenizer and the image settings: the model folder's own processor files if it has them,
-    else `processor` (a hub id or folder)."""
+               crop_rounding: str = "floor", longest_side: bool = False) -> tuple[object, object]:
+    """The tokenizer and the image preprocessing: the model folder's own processor files if it has
+    them, else `processor` (a hub id or folder). `crop_rounding` "round" is torchvision's CenterCrop (a
+    model published with a torchvision transform); `longest_side` is HPS v2's resize-and-pad."""
     from transformers import AutoTokenizer, CLIPImageProcessor
     own = sources.is_local(path) and (Path(path).expanduser() / "preprocessor_config.json").is_file()
     source = sources.folder(key, path) if own or processor is None else sources.folder(
@@ -150,6 +151,8 @@ def _processor(key: str, path: str, processor: str | None, revision: str | None,
     except (OSError, ValueError) as e:
         raise ConfigError(f"{key.rsplit('.', 1)[0]}.processor={source!r}: no CLIP processor there "
                           f"({str(e).splitlines()[0][:160]})") from None
+    if longest_side:
+        return tokenizer, LongestSidePreprocess.from_image_processor(image_processor)
     return tokenizer, ClipPreprocess.from_image_processor(image_processor, crop_rounding)
 
 
@@ -174,10 +177,10 @@ def char_tokenizer(vocab_size: int = 49408):
         return CLIPTokenizer.from_pretrained(d)
 
 
-def _random_clip(arch: str) -> tuple[nn.Module, object, ClipPreprocess]:
+def _random_clip(arch: str, prep=ClipPreprocess()) -> tuple[nn.Module, object, object]:
     from transformers import CLIPModel
     config = hf_config(ARCHS[arch])
-    return CLIPModel(config), char_tokenizer(config.text_config.vocab_size), ClipPreprocess()
+    return CLIPModel(config), char_tokenizer(config.text_config.vocab_size), prep
 
 
 def _load_weights(key: str, path, module: nn.Module, state: dict, unplaced: list[str] = ()) -> None:
@@ -230,10 +233,11 @@ def hps_v2(path: str = "xswu/HPSv2", version: str = "2", file: str | None = None
     """HPS v2 / v2.1 (Wu et al. 2023), human preference: cos(image, prompt), as HPSv2's `score` computes it.
 
     An open_clip ViT-H/14 fine-tuned on human preferences (papers report the score x100). Preprocessing is
-    open_clip's (torchvision's centre-crop rounding); the tokenizer is the same BPE as LAION's."""
+    HPSv2's own: the long side resized to 224 and padded, no crop (`LongestSidePreprocess`); the
+    tokenizer is the same BPE as LAION's."""
     key = "reward.options.hps_v2.path"
     if random_weights:
-        return ClipReward(*_random_clip("ViT-H-14"), "cos", batch_size=batch_size, dtype=dtype)
+        return ClipReward(*_random_clip("ViT-H-14", LongestSidePreprocess()), "cos", batch_size=batch_size, dtype=dtype)
     if str(version) not in HPS_FILES:
         raise ConfigError(f"reward.options.hps_v2.version={version!r}: use 2 or 2.1")
     weights = sources.file(key, path, file or HPS_FILES[str(version)], revision)
@@ -245,7 +249,7 @@ def hps_v2(path: str = "xswu/HPSv2", version: str = "2", file: str | None = None
     model = CLIPModel(hf_config(arch_config(arch, "reward.options.hps_v2.arch")))
     _load_weights(key, weights, model, *to_hf_state_dict(state))
     # The image settings come from `processor` (open_clip's ViT-H-14 uses OpenAI's mean/std, as LAION's does).
-    tokenizer, prep = _processor("reward.options.hps_v2.processor", processor, None, None, crop_rounding="round")
+    tokenizer, prep = _processor("reward.options.hps_v2.processor", processor, None, None, longest_side=True)
     return ClipReward(model, tokenizer, prep, "cos", batch_size=batch_size, dtype=dtype)
 
 
@@ -283,4 +287,6 @@ def aesthetic(path: str = AESTHETIC_FILE, clip: str = OPENAI_VIT_L, revision: st
     if model.config.projection_dim != head.layers[0].in_features:
         raise ConfigError(f"{clip_key}={clip!r}: its embedding has {model.config.projection_dim} dims, the "
                           f"predictor takes {head.layers[0].in_features} (it was trained on CLIP ViT-L/14)")
-    return ClipReward(model, *_processor(clip_key, clip, None, None), "head", head, batch_size, dtype)
+    # Its scores were made with OpenAI `clip.load`'s transform: torchvision's CenterCrop, which rounds.
+    return ClipReward(model, *_processor(clip_key, clip, None, None, crop_rounding="round"), "head", head, batch_size,
+                      dtype)

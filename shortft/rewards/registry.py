@@ -19,6 +19,7 @@ Terms registered with `eval_only=True` (e.g. `jpeg_size`) have no gradient: eval
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from typing import Callable, Protocol
 
@@ -38,6 +39,14 @@ _REGISTRY: dict[str, Callable[..., RewardFn]] = {}
 _CHECKS: dict[str, Callable[..., None]] = {}
 EVAL_ONLY: set[str] = set()
 PATH_OPTIONS = {"path", "processor", "clip"}  # options naming a model: a local path must exist
+
+
+def without_autocast(device: torch.device):
+    """A block that runs in the tensors' own precision though the loop scores under autocast (none on a
+    device without autocast: the bench's meta tensors)."""
+    if torch.amp.is_autocast_available(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def register(name: str, eval_only: bool = False, check: Callable[..., None] | None = None) -> Callable:
