@@ -131,11 +131,29 @@ def latest(root: Path) -> Path | None:
 
 def check_new_run(out: Path) -> None:
     """A new run (no resume) may not start in a run folder that holds checkpoints: it wrote its steps beside
-    them and its metrics over the old ones, and a later `--resume` took the newest checkpoint of either run."""
+    them and its metrics over the old ones, and a later `--resume` took the newest checkpoint of either run.
+    Nor in one that holds a finished run whose checkpoints were removed: its LoRAs and result went."""
     held = latest(Path(out) / "checkpoints")
     if held is not None:
         raise ConfigError(f"train.output_dir {out} holds a run (checkpoints to step {step_of(held)}); pass --resume to "
                           "continue it, or set name=<new name> (or train.output_dir) to start another")
+    if (Path(out) / "result.json").is_file():
+        raise ConfigError(f"train.output_dir {out} holds a finished run (result.json, lora/); set name=<new name> "
+                          "(or train.output_dir) to start another")
+
+
+def set_aside_newer(root: Path, step: int) -> list[Path]:
+    """A resume from an earlier checkpoint of this run starts another line of steps: the checkpoints after
+    it (of the line left) are renamed `left-step_N`, out of the way of pruning, which kept the newest by
+    step and removed the one just written, and of the next `--resume`. Returns the new names."""
+    moved = []
+    for path in list_checkpoints(root):
+        if step_of(path) > step:
+            target, i = path.with_name(f"left-{path.name}"), 1
+            while target.exists():  # a line left at an earlier resume
+                target, i = path.with_name(f"left{i + 1}-{path.name}"), i + 1
+            moved.append(path.rename(target))
+    return moved
 
 
 def check_resume_path(resume: bool | str | Path) -> None:
@@ -218,14 +236,18 @@ def changed_settings(path: Path, settings: dict, adapters: list[str]) -> list[st
 
 
 def load(path: Path, unet, adapters: list[str], optimizer, scaler: torch.amp.GradScaler | None = None) -> dict:
-    """Restores LoRA weights, optimizer, GradScaler and RNG state in place; returns state.json (with `step`).
+    """Restores LoRA weights, optimizer (its moments; the lr and weight decay stay this run's), GradScaler
+    and RNG state in place; returns state.json (with `step`).
     An `Unreadable` file leaves the optimizer and RNG as they were (state.json and optimizer.pt are read
     before either is set), and the checkpoint loaded next overwrites every LoRA."""
     path = Path(path)
     state = read_state(path)
     load_lora_state(unet, path / "lora", adapters)
     blob = safe_load.load(path / "optimizer.pt", "checkpoint")
+    settings = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
     optimizer.load_state_dict(blob["optimizer"])
+    for group, now in zip(optimizer.param_groups, settings):  # this run's lr and weight decay, not the saved ones
+        group.update(now)
     if scaler is not None and scaler.is_enabled() and "scaler" in blob:
         scaler.load_state_dict(blob["scaler"])
     _set_rng_state(blob["rng"])

@@ -31,7 +31,7 @@ from shortft.lora import lora_params, save_loras
 from shortft.models import Models, load_models
 from shortft.memory import explained, peak_memory_mb
 from shortft.preflight import memory_of
-from shortft.out_paths import output_folder
+from shortft.out_paths import output_folder, write_whole
 from shortft.progress import bar, say, warn
 from shortft.ranks import all_reduce_grads, all_reduce_mean, same_on_all
 from shortft.rewards import Rewards
@@ -66,8 +66,15 @@ STEP_METRICS = ("step", "stage", "loss", "grad_norm", "skipped", "network_calls"
 
 
 def read_metrics(path: Path) -> list[dict]:
-    """The rows of a run's metrics.jsonl (one per step), [] when there is none."""
-    return [json.loads(x) for x in Path(path).read_text().splitlines() if x.strip()] if Path(path).is_file() else []
+    """The rows of a run's metrics.jsonl (one per step), [] when there is none. A line cut short (a kill
+    or a full disk as it was written) is left out with a warning; the run's resume writes the file again."""
+    rows = []
+    for number, line in enumerate(Path(path).read_text().splitlines() if Path(path).is_file() else [], 1):
+        try:
+            rows.append(json.loads(line)) if line.strip() else None
+        except ValueError:
+            warn(f"{path}: line {number} is cut short or not JSON; left out")
+    return rows
 
 
 def micro_batch_loss(models: Models, rewards: Rewards, cfg: Config, prompts: list[str], noise: torch.Tensor,
@@ -154,6 +161,9 @@ def _train(cfg: Config, callbacks, resume, rank: int, world_size: int, stop: Sto
         else:
             if changed and is_main:
                 warn("resume: settings changed since the checkpoint: " + ", ".join(changed))
+            if is_main and path.parent.resolve() == (out / "checkpoints").resolve():
+                for left in checkpoint.set_aside_newer(path.parent, state["step"]):
+                    warn(f"resume: {left.name[left.name.index('step_'):]} was after {path.name}: renamed {left}")
             written_by = state.get("world_size", 1)
             if written_by != world_size:  # the global batch and each rank's draws depend on it
                 raise ConfigError(f"resume: the checkpoint {path} was written by {written_by} worker(s), this run has "
@@ -172,12 +182,17 @@ def _train(cfg: Config, callbacks, resume, rank: int, world_size: int, stop: Sto
         (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
         # keep the rows up to the resumed step, so no step is logged twice
         history = [r for r in read_metrics(metrics_file) if r.get("step", 0) <= start]
-        metrics_file.write_text("".join(json.dumps(r) + "\n" for r in history))
+        with checkpoint.written(f"{metrics_file} not written again", out / "checkpoints"):
+            write_whole(metrics_file, "".join(json.dumps(r) + "\n" for r in history))
     for cb in callbacks:
         cb.on_start(models, start)
     total, done = cfg.train.steps, start
-    eval_metrics: dict[str, float] = {}
-    remaining = range(start, start if budget.done(start) else total)  # a resumed run may have spent its budget
+    # a resumed run may have spent its budget: its result keeps the last evaluation it made
+    eval_metrics = next(({k: v for k, v in r.items() if k.startswith("eval/")} for r in reversed(history)
+                         if any(k.startswith("eval/") for k in r)), {})
+    remaining = range(start, start if budget.done(start) else total)
+    if is_main and resume and not remaining:
+        warn(f"resume: step {start} of train.steps={total} (or the budget) reached; nothing left to train")
     steps = bar(remaining, initial=start, total=total, desc="train", unit="step", show=is_main)
     for step in steps:
         t0 = time.perf_counter()
@@ -275,8 +290,8 @@ def _train(cfg: Config, callbacks, resume, rank: int, world_size: int, stop: Sto
     if is_main:
         with checkpoint.written(f"the final LoRAs not written to {lora_dir}", out / "checkpoints"):
             save_loras(unet, adapters, lora_dir, lora_json)
-            (out / "result.json").write_text(json.dumps({"steps": done, "lora_dir": str(lora_dir),
-                                                         "eval": eval_metrics, **budget.state()}))
+            write_whole(out / "result.json", json.dumps({"steps": done, "lora_dir": str(lora_dir), "eval": eval_metrics,
+                                                        **budget.state()}))
     result = TrainResult(out, lora_dir, done, eval_metrics, history)
     for cb in callbacks:
         cb.on_end(result)

@@ -10,6 +10,19 @@ from pathlib import Path
 from shortft.config import ConfigError
 
 
+def write_whole(path: Path, text: str) -> None:
+    """`text` into `path` whole or not at all: a temporary file beside it, then renamed over it (a full
+    disk or a kill while writing left a file cut short, which the next reader failed on)."""
+    path = Path(path)
+    tmp = path.with_name(f".tmp-{path.name}")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def image_suffixes() -> tuple[str, ...]:
     """The suffixes PIL writes an image as (`save_grid` saves by the path's suffix), common ones first."""
     from PIL import Image

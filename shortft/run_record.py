@@ -12,9 +12,9 @@ moved. With the record, a folder that moved (the one it was written for is gone)
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
+from shortft.out_paths import write_whole
 from shortft.progress import warn
 
 FILE = "shortft_run.json"
@@ -45,11 +45,9 @@ def remember(output_dir: Path, part: str, values: dict) -> None:
     here = Path(output_dir).resolve()
     record = _read(here)
     record.update({part: values, "folder": str(here)})
-    tmp = here / f".{FILE}.tmp"
     try:
         here.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(json.dumps(record, indent=1))
-        os.replace(tmp, here / FILE)
+        write_whole(here / FILE, json.dumps(record, indent=1))
     except OSError as e:  # a convenience: the run goes on (and its own writes say what is wrong there)
         warn(f"shortft: {here / FILE} not written ({e.strerror or e}): a resume from another folder or after a "
              "move will not find this run's MLflow store and run")

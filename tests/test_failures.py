@@ -1,8 +1,10 @@
 """Failures that must lose nothing: a checkpoint write that fails, the fp16 loss scale across a resume."""
 
 import errno
+import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -431,6 +433,9 @@ def test_a_resume_names_the_settings_changed_since_its_checkpoint_and_refuses_th
                          resume=True).steps == 3
     assert "resume: settings changed since the checkpoint: chain.checkpointing false -> true, train.lr 0.003 -> 0.002" \
         in capsys.readouterr().err  # train.steps, a run's length, is not named
+    # Said and done: the optimizer's saved param groups brought the old lr back with its moments.
+    assert [r["lr"] for r in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())] == \
+        [3e-3, 3e-3, 2e-3]
     for change, was in (("lora.rank=8", "lora.rank=4"), ("chain.segments=4", "chain.segments=2")):
         with pytest.raises(ConfigError) as e:
             shortft.train(make_cfg(*base, "train.steps=4", "chain.checkpointing=true", change), resume=True)
@@ -897,3 +902,45 @@ def test_a_sample_grid_the_disk_cuts_short_leaves_no_file(tmp_path):
                        timeout=120)
     assert p.returncode == 0 and p.stdout.startswith("refused: "), p.stdout + p.stderr[-2000:]
     assert list(path.parent.iterdir()) == []
+
+
+def test_a_resume_keeps_the_runs_stages_result_and_the_other_line_of_checkpoints(make_cfg, tmp_path, capsys):
+    """A longer train.steps on resume put a progressive run back into stage 1 (its LoRA frozen, its moments
+    dropped); a resume of a finished run wrote result.json again with no evaluation; a metrics.jsonl line
+    cut short made every resume a JSONDecodeError; a resume from an earlier checkpoint kept the later
+    ones, whose step numbers made pruning remove the checkpoint just written; a new run took over a
+    finished run's folder whose checkpoints were removed."""
+    base = ("chain.steps=4", "chain.segments=2", "eval.every=0")
+
+    def rows():
+        return [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+
+    shortft.train(make_cfg(*base, "train.steps=3", "train.checkpoint_every=3"))
+    assert [r["stage"] for r in rows()] == [1, 1, 2]
+    result = json.loads((tmp_path / "run" / "result.json").read_text())
+    with (tmp_path / "run" / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 4, "lo')  # killed as it wrote
+    shortft.train(make_cfg(*base, "train.steps=5", "train.checkpoint_every=1"), resume=True)
+    assert [r["stage"] for r in rows()] == [1, 1, 2, 2, 2]  # stage 2 stretched over the longer run
+    assert "line 4 is cut short or not JSON; left out" in capsys.readouterr().err
+    capsys.readouterr()
+    again = shortft.train(make_cfg(*base, "train.steps=5"), resume=True)
+    assert "resume: step 5 of train.steps=5 (or the budget) reached; nothing left to train" in capsys.readouterr().err
+    assert again.eval == json.loads((tmp_path / "run" / "result.json").read_text())["eval"] != {}
+    assert result["eval"].keys() == again.eval.keys()
+    # From step 3 again, another seed: steps 4 and 5 of the line left are renamed, not pruned over.
+    ckpts = tmp_path / "run" / "checkpoints"
+    assert [p.name for p in checkpoint.list_checkpoints(ckpts)] == ["step_000004", "step_000005"]
+    shutil.copytree(ckpts / "step_000004", tmp_path / "step_000003")  # an earlier checkpoint, kept elsewhere
+    (tmp_path / "step_000003" / "state.json").write_text(json.dumps(
+        {**json.loads((ckpts / "step_000004" / "state.json").read_text()), "step": 3}))
+    shutil.copytree(tmp_path / "step_000003", ckpts / "step_000003")
+    shortft.train(make_cfg(*base, "train.steps=4", "train.seed=1", "train.keep_checkpoints=1"),
+                  resume=ckpts / "step_000003")
+    assert [p.name for p in checkpoint.list_checkpoints(ckpts)] == ["step_000004"]
+    assert json.loads((ckpts / "step_000004" / "state.json").read_text())["config"]["train.seed"] == 1
+    assert sorted(p.name for p in ckpts.glob("left-*")) == ["left-step_000004", "left-step_000005"]
+    assert "resume: step_000005 was after step_000003: renamed" in capsys.readouterr().err
+    shutil.rmtree(ckpts)
+    with pytest.raises(ConfigError, match=r"holds a finished run \(result.json, lora/\); set name=<new name>"):
+        shortft.train(make_cfg(*base, "train.steps=1"))
