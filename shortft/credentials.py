@@ -16,13 +16,20 @@ TOKEN_KEYS = ("token", "access_token")
 def split_credentials(uri: str) -> tuple[str, dict[str, str]]:
     """`http(s)://user:password@host:port/?token=...` -> `http(s)://host:port/` and the user, password and
     token as MLflow's own environment variables; `postgresql://user:password@host/db` ->
-    `postgresql://user@host/db` and $PGPASSWORD (libpq reads it). Other URIs as they are. Sets nothing."""
+    `postgresql://user@host/db` and $PGPASSWORD (libpq reads it; also from `?password=`). Other URIs as they
+    are. Sets nothing."""
     parts = urllib.parse.urlsplit(uri)
-    if parts.scheme.split("+")[0] == "postgresql" and parts.password is not None:
-        netloc = parts.netloc.rsplit("@", 1)
-        user = netloc[0].split(":", 1)[0]
-        return (urllib.parse.urlunsplit(parts._replace(netloc=f"{user}@{netloc[1]}")),
-                {"PGPASSWORD": urllib.parse.unquote(parts.password)})
+    if parts.scheme.split("+")[0] == "postgresql":  # libpq also takes `?password=` in the query
+        query = urllib.parse.parse_qsl(parts.query, keep_blank_values=True)
+        env = {"PGPASSWORD": value for key, value in query if key == "password"}
+        netloc = parts.netloc
+        if parts.password is not None:
+            user, host = netloc.rsplit("@", 1)
+            netloc, env = f"{user.split(':', 1)[0]}@{host}", {"PGPASSWORD": urllib.parse.unquote(parts.password)}
+        if not env:
+            return uri, {}
+        kept = urllib.parse.urlencode([(key, value) for key, value in query if key != "password"])
+        return urllib.parse.urlunsplit(parts._replace(netloc=netloc, query=kept)), env
     if parts.scheme not in ("http", "https"):
         return uri, {}
     env = {}

@@ -11,15 +11,22 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
+from shortft.credentials import credentials_env
+
 NAMESPACE = "shortft"
 RELAY = "mlflow-relay"  # the relay's actor name
 _handles: dict = {}  # a named actor lives while a handle to it does: keep one per process
 
 
 class _Relay:
-    def __init__(self, uri: str):
+    def __init__(self, uri: str, credentials: dict[str, str] | None = None):
+        import os
+
         from shortft.mlflow_client import fail_fast, open_client
 
+        # The one process that talks to MLflow gets the credentials, as arguments: a job's runtime_env
+        # reached every trial and worker, and Ray logs it on every node and shows it in `ray list jobs`.
+        os.environ.update(credentials or {})
         fail_fast()  # a dead server fails a call in seconds, not after MLflow's minutes of retries
         self.uri, self.client = uri, open_client(uri)
 
@@ -54,7 +61,7 @@ def start_relay(uri: str, name: str = RELAY) -> str:
     here = ray.get_runtime_context().get_node_id()
     actor = ray.remote(_Relay).options(name=name, namespace=NAMESPACE, get_if_exists=True, num_cpus=0,
                                        scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False))
-    handle = actor.remote(uri)
+    handle = actor.remote(uri, credentials_env())
     ray.get(handle.__ray_ready__.remote())
     _handles[name] = handle
     return name

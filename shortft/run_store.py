@@ -17,7 +17,7 @@ import urllib.parse
 from pathlib import Path
 
 from shortft import run_record, tracking
-from shortft.config import Config
+from shortft.config import Config, ConfigError
 from shortft.mlflow_client import sqlite_path
 
 PART = "mlflow"
@@ -47,6 +47,13 @@ def settle(output_dir: Path, given_uri: str | None, given_experiment: str | None
                                   f"{here} (--tracking-uri to name the store)")
     if kept == tracking.absolute_uri(tracking.split_credentials(default)[0]):  # with the credentials it holds
         return tracking.resolve_uri(default), experiment, None
+    sent = sorted(tracking.credentials_env())
+    if sent and urllib.parse.urlsplit(kept).scheme.split("+")[0] in ("http", "https", "postgresql"):
+        # MLflow and libpq send them to whatever store the URI names: not to one a run folder (maybe
+        # another's, on shared storage) names
+        raise ConfigError(f"the run's MLflow store {kept} (recorded in its folder) is not this environment's "
+                          f"({tracking.split_credentials(default)[0]}), and {', '.join(sent)} would be sent to it; "
+                          f"pass --tracking-uri {kept} to log there, or --tracking-uri with the store to log to")
     # The run's own store, checked alone: this folder's default is not asked (a folder this process cannot
     # write, a $MLFLOW_TRACKING_URI server that is down would refuse a resume that never logs there).
     return tracking.resolve_uri(kept), experiment, (f"logging to the run's MLflow store {kept}, where it started "

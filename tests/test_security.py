@@ -156,3 +156,94 @@ def test_a_resume_into_the_store_of_the_environment_takes_its_credentials_again(
     run_store.remember(tmp_path, "http://mlflow.example:5000/", "shortft", "abc")
     assert run_store.settle(tmp_path, None, None, resume=True) == ("http://mlflow.example:5000/", "shortft", None)
     assert tracking.credentials_env() == {"MLFLOW_TRACKING_USERNAME": "alice", "MLFLOW_TRACKING_PASSWORD": "pw"}
+
+
+def test_a_postgresql_password_in_the_query_moves_out_too(monkeypatch):
+    """libpq also takes `?password=`: it stayed in the URI, without the line other kept passwords get, and
+    went into sweep settings and the run record."""
+    from shortft import tracking
+
+    for key in tracking.CREDENTIAL_ENV:  # set here (as empty) so that the test's end removes what the URI sets
+        monkeypatch.setenv(key, "")
+    assert tracking.resolve_uri("postgresql://me@db.example/mlflow?sslmode=require&password=pw") == \
+        "postgresql://me@db.example/mlflow?sslmode=require"
+    assert tracking.credentials_env() == {"PGPASSWORD": "pw"}
+
+
+def test_a_resume_does_not_send_this_environments_credentials_to_the_store_a_run_folder_names(tmp_path, monkeypatch):
+    """A run folder (another's, on shared storage, or received) named its own http store; a resume logged
+    there with the MLflow user and password of this environment, sent by MLflow with every request."""
+    from shortft import run_store, tracking
+    from shortft.config import ConfigError
+
+    for key in tracking.CREDENTIAL_ENV:
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setattr(tracking, "check_tracking_uri", lambda uri: None)  # no server here
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.example:5000/")
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "alice")
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "s3cr3t")
+    run_store.remember(tmp_path, "http://collector.example:8080/", "shortft", "abc")
+    with pytest.raises(ConfigError, match=r"^the run's MLflow store http://collector.example:8080/ \(recorded in its "
+                                          r"folder\) is not this environment's \(http://mlflow.example:5000/\), and "
+                                          r"MLFLOW_TRACKING_PASSWORD, MLFLOW_TRACKING_USERNAME would be sent to it; "
+                                          r"pass --tracking-uri http://collector.example:8080/ to log there"):
+        run_store.settle(tmp_path, None, None, resume=True)
+    # Named by the user: theirs to send.
+    assert run_store.settle(tmp_path, "http://collector.example:8080/", None, resume=True)[0] == \
+        "http://collector.example:8080/"
+    for key in tracking.CREDENTIAL_ENV:  # none to send: the run's own store, with a note
+        monkeypatch.delenv(key, raising=False)
+    assert run_store.settle(tmp_path, None, None, resume=True)[0] == "http://collector.example:8080/"
+
+
+def test_a_comparison_keeps_no_credentials_of_its_tracking_uri(tmp_path, monkeypatch):
+    """`tune/compare.py --tracking-uri http://user:password@host/?token=...` wrote the URI whole into
+    comparison.json and the trials' configs."""
+    import json
+
+    from shortft import tracking
+    from shortft.sweep import compare
+
+    class Stop(Exception):
+        pass
+
+    def stop(*args, **kwargs):
+        raise Stop
+
+    for key in tracking.CREDENTIAL_ENV:
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setattr(tracking, "check_tracking_uri", lambda uri: None)  # no server here
+    monkeypatch.setattr(compare, "parent_run", lambda uri, name, out: "parent")
+    monkeypatch.setattr(compare, "evaluate_base", stop)  # after comparison.json is written
+    with pytest.raises(Stop):
+        compare.run_comparison("toy", tmp_path / "out", call_budget=10,
+                               tracking_uri="http://alice:s3cr3t@mlflow.example:5000/?token=tok123")
+    written = (tmp_path / "out" / "comparison.json").read_text()
+    assert json.loads(written)["tracking_uri"] == "http://mlflow.example:5000/"
+    assert "s3cr3t" not in written and "tok123" not in written
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("ray")
+def test_mlflow_credentials_reach_the_relay_and_not_the_job(monkeypatch):
+    """The sweep gave a cluster job the credentials in its runtime_env: every trial and worker had them, and
+    Ray logs a runtime_env on every node and shows it in `ray list jobs`. The relay, the one process that
+    calls MLflow, now gets them as arguments."""
+    import os
+
+    import ray
+
+    from shortft import mlflow_relay, tracking
+
+    for key in tracking.CREDENTIAL_ENV:
+        monkeypatch.delenv(key, raising=False)
+    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
+    try:
+        monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "s3cr3t")  # after the workers' environment was set
+        name = mlflow_relay.start_relay("sqlite:///:memory:", name="creds-relay")
+        seen = mlflow_relay.relay_call(name, lambda uri: os.environ.get("MLFLOW_TRACKING_PASSWORD"))
+        elsewhere = ray.get(ray.remote(lambda: os.environ.get("MLFLOW_TRACKING_PASSWORD")).remote())
+    finally:
+        ray.shutdown()
+        mlflow_relay._handles.clear()
+    assert (seen, elsewhere) == ("s3cr3t", None)

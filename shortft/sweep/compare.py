@@ -68,6 +68,8 @@ def run_comparison(base: str, out: str | Path, arms: list[str] = tuple(ARMS), se
     rows_path.write_text("")
     if tracking_uri == "":
         tracking_uri = tracking.default_tracking_uri()
+    if tracking_uri:  # credentials out before comparison.json, the trials' configs and Ray see it
+        tracking_uri = tracking.resolve_uri(tracking_uri)
     parent = parent_run(tracking_uri, name, out) if tracking_uri else None
     (out / "comparison.json").write_text(json.dumps({
         "base": base, "arms": list(arms), "seeds": seeds, "ablation_seeds": ablation_seeds, "lrs": list(lrs),

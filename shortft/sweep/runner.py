@@ -153,8 +153,8 @@ def run_sweep(space: str | Space | None = None, num_samples: int | None = None, 
     # 2. Ray: the given cluster, the one this machine is part of (`ray start`, e.g. a head node
     #    that `ray submit` runs this on), or else a local one.
     if not ray.is_initialized():
-        if address:  # MLflow credentials reach the trials through the job's environment, never its configs
-            resources.connect(address=address, runtime_env={"env_vars": tracking.credentials_env()})
+        if address:  # MLflow credentials go to the relay alone (`start_relay`), never to the job or its configs
+            resources.connect(address=address)
         else:
             # With the dashboard (ray[default]): Ray Train's placement-group cleaner needs its state API to
             # release a finished or stopped trial's workers. A laptop is not preempted: no
