@@ -6,11 +6,12 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import torch
 
-from shortft.config import Config, ConfigError
+from shortft.config import Config, ConfigError, flatten, to_dict
 from shortft.data import read_prompts
 from shortft.evaluate import generate, save_grid
 from shortft.lora import load_lora_state, read_lora_plan
@@ -20,21 +21,45 @@ from shortft.plan import training_plan
 from shortft.progress import warn
 
 
-def check_trained_with(cfg: Config, lora: str | Path) -> None:
-    """The LoRAs of a run folder (`<run>/lora`, next to the run's `config.yaml`) fit `cfg`: the same base
-    model and LoRA shape. Else one line naming both values and the run's config, before anything loads;
-    it was PyTorch's state-dict error after the model had loaded."""
+def trained_settings(lora: str | Path) -> tuple[dict, str]:
+    """The flat settings a LoRA folder was trained with, and where they were read: the run's `config.yaml`
+    beside `<run>/lora`, a checkpoint's `state.json` beside `<checkpoint>/lora`, else the rank and alpha
+    its files carry (a folder copied out of a run, or downloaded from MLflow); ({}, "") where none is."""
     import yaml
 
-    from shortft.checkpoint import FIXED, moved_model
-    from shortft.config import flatten, to_dict
+    from shortft.lora import lora_metadata
 
-    saved_file = Path(lora).parent / "config.yaml"
+    folder = Path(lora).parent
     try:
-        saved = flatten(yaml.safe_load(saved_file.read_text()) or {})
-    except (OSError, yaml.YAMLError, AttributeError):  # a LoRA folder outside a run folder: nothing to compare
+        return flatten(yaml.safe_load((folder / "config.yaml").read_text()) or {}), str(folder / "config.yaml")
+    except (OSError, yaml.YAMLError, AttributeError):
+        pass
+    try:
+        saved = json.loads((folder / "state.json").read_text()).get("config")
+        if isinstance(saved, dict):
+            return saved, str(folder / "state.json")
+    except (OSError, ValueError, AttributeError):
+        pass
+    for name in read_lora_plan(lora)["adapters"]:
+        meta = lora_metadata(Path(lora) / name) if (Path(lora) / name).is_dir() else None
+        if meta and "r" in meta and "lora_alpha" in meta:  # one adapter tells: a run's adapters share them
+            return {"lora.rank": meta["r"], "lora.alpha": float(meta["lora_alpha"])}, str(Path(lora) / name)
+    return {}, ""
+
+
+def check_trained_with(cfg: Config, lora: str | Path) -> None:
+    """The LoRAs of a run (`trained_settings`) fit `cfg`: the same base model and LoRA shape. Else one line
+    naming both values and where the run's are, before anything loads; it was PyTorch's state-dict error
+    after the model had loaded, or (a folder with no run config beside it) LoRAs scaled by this config's
+    alpha, not the run's, without a word."""
+    from shortft.checkpoint import FIXED, moved_model
+
+    saved, where = trained_settings(lora)
+    if not saved:
         return
     now = flatten(to_dict(cfg))
+    if saved.get("lora.alpha") is not None or now.get("lora.alpha") is not None:  # unset is the rank
+        saved, now = _alpha_as_used(saved), _alpha_as_used(now)
     differ = [k for k in FIXED if k in saved and saved[k] != now.get(k)]
     moved = moved_model(saved, now) if "model.pretrained" in differ else None
     if moved is not None:
@@ -45,13 +70,29 @@ def check_trained_with(cfg: Config, lora: str | Path) -> None:
     if differ:
         was = ", ".join(f"{k}={saved[k]!r}" for k in differ)
         has = ", ".join(f"{k}={now.get(k)!r}" for k in differ)
-        raise ConfigError(f"--lora {lora}: trained with {was}; this config has {has}; pass --config {saved_file}")
+        raise ConfigError(f"--lora {lora}: trained with {was}; this config has {has}; " + _fix(where, saved, differ))
     # The LoRAs fit; the sampler may still not be the one the run evaluated with (method.md: the interior
     # adapters alone move the toy judge from 0.838 to 0.550).
     other = [k for k in SAMPLER if k in saved and saved[k] != now.get(k)]
     if other:
         warn(f"--lora {lora}: the run evaluated with " + ", ".join(f"{k}={saved[k]!r}" for k in other) + "; this "
-             "samples with " + ", ".join(f"{k}={now.get(k)!r}" for k in other) + f" (--config {saved_file} for the run's)")
+             "samples with " + ", ".join(f"{k}={now.get(k)!r}" for k in other) + f" ({_fix(where, saved, other)})")
+
+
+def _alpha_as_used(settings: dict) -> dict:
+    """`lora.alpha` as the LoRAs are scaled by it (unset is the rank), so that a file's alpha compares."""
+    if settings.get("lora.alpha") is None and settings.get("lora.rank") is not None:
+        return {**settings, "lora.alpha": float(settings["lora.rank"])}
+    return settings
+
+
+def _fix(where: str, saved: dict, keys: list[str]) -> str:
+    """How to sample with the run's settings: its config (which may name code: reward.modules), or the keys."""
+    if where.endswith("config.yaml"):
+        modules = saved.get("reward.modules")
+        return f"pass --config {where}" + (f" (read it first: its reward.modules {modules} are imported, so run)"
+                                           if modules else "")
+    return "pass " + " ".join(f"{k}={json.dumps(saved[k])}" for k in keys) + f" (the run's, from {where})"
 
 
 SAMPLER = ("chain.steps", "chain.guidance_scale", "chain.interior_adapters", "model.timestep_spacing")

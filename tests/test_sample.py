@@ -95,6 +95,37 @@ def test_a_runs_lora_with_another_base_model_or_rank_names_the_runs_config_befor
                             f"--config {run / 'config.yaml'}")
 
 
+def test_a_lora_folder_with_no_run_config_beside_it_is_checked_against_its_checkpoint_or_its_files(
+        trained, make_cfg, tmp_path, monkeypatch):
+    """A checkpoint's lora/ (or a lora/ copied out of its run, or downloaded from MLflow) has no config.yaml
+    beside it: it loaded with this config's lora.alpha, a quarter of the run's strength, without a word. And
+    the fix offered was to pass a received run's config, whose reward.modules are imported."""
+    import shutil
+
+    import yaml
+
+    from shortft import sample
+
+    monkeypatch.setattr(sample, "load_models", lambda *a, **k: pytest.fail("the models loaded first"))
+    checkpoint = sorted((trained.parent / "checkpoints").glob("step_*"))[-1]
+    with pytest.raises(ConfigError, match=r"trained with lora.alpha=4.0; this config has lora.alpha=16.0; pass "
+                                          rf"lora.alpha=4.0 \(the run's, from {checkpoint}/state.json\)$"):
+        sample.load_trained(make_cfg("lora.alpha=16"), str(checkpoint / "lora"))
+    copied = tmp_path / "downloaded" / "lora"
+    shutil.copytree(trained, copied)
+    with pytest.raises(ConfigError, match=r"trained with lora.alpha=4.0; this config has lora.alpha=16.0; pass "
+                                          r"lora.alpha=4.0 \(the run's, from \S+/downloaded/lora/\w+\)$"):
+        sample.load_trained(make_cfg("lora.alpha=16"), str(copied))
+    run = tmp_path / "received"
+    shutil.copytree(trained.parent, run, ignore=shutil.ignore_patterns("checkpoints"))
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    saved["reward"]["modules"] = ["their_rewards.py"]
+    (run / "config.yaml").write_text(yaml.safe_dump(saved))
+    with pytest.raises(ConfigError, match=r"pass --config \S+/received/config.yaml \(read it first: its "
+                                          r"reward.modules \['their_rewards.py'\] are imported, so run\)$"):
+        sample.load_trained(make_cfg("lora.rank=8"), str(run / "lora"))
+
+
 def test_a_runs_lora_on_its_base_model_at_another_path_loads_with_a_line_saying_so(trained, tiny_dir, make_cfg,
                                                                                   tmp_path, capsys):
     """The run's base model copied or moved (another machine's path, a hub id against a local snapshot) was
@@ -200,8 +231,8 @@ def test_a_sampler_other_than_the_runs_is_said_and_a_prompt_table_is_read_by_its
                                  "model.timestep_spacing=trailing"), str(trained))
     err = capsys.readouterr().err
     assert (f"--lora {trained}: the run evaluated with chain.interior_adapters='none', model.timestep_spacing=None; this "
-            "samples with chain.interior_adapters='segment', model.timestep_spacing='trailing' (--config "
-            f"{trained.parent / 'config.yaml'} for the run's)") in err, err
+            "samples with chain.interior_adapters='segment', model.timestep_spacing='trailing' (pass --config "
+            f"{trained.parent / 'config.yaml'})") in err, err
     (tmp_path / "p.csv").write_text("caption\na red circle\n")
     cfg = make_cfg("chain.steps=8", "chain.segments=2", "data.prompt_column=caption")
     out = sample.run_sample(cfg, str(trained), [], str(tmp_path / "p.csv"), [0], 2, None, tmp_path / "out", False)
