@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The MLflow server of an on-prem head (clusters/onprem.yaml): `start [port]` (re)starts it on
-# 127.0.0.1 only (uvicorn workers: $MLFLOW_WORKERS, default 4), with SQLite and artifacts under ~/mlflow,
-# and returns once it answers; `stop` ends it.
+# The MLflow server of a cluster's head (clusters/onprem.yaml, gpu.yaml, kuberay.yaml): `start [port]`
+# (re)starts it on 127.0.0.1 only (uvicorn workers: $MLFLOW_WORKERS, default 4), runs in
+# $MLFLOW_BACKEND (default SQLite in ~/mlflow), artifacts in $MLFLOW_ARTIFACTS (default ~/mlflow/artifacts;
+# a bucket: s3://...), and returns once it answers; `stop` ends it.
 # It runs in a session of its own, so `stop` ends its whole process group (uvicorn's workers too) and
 # matches no other process by name. `ray down` leaves it running; the UI is `ray attach ... -p <port>`.
 set -euo pipefail
@@ -26,8 +27,8 @@ case "${1:-}" in
     mkdir -p "$dir"
     # uvicorn restarts a worker that misses a 5 s health check: on a busy head (trials starting) its
     # workers are still importing MLflow then, and the server never came up. 60 s.
-    setsid mlflow server --host 127.0.0.1 --port "$port" --backend-store-uri "sqlite:///$dir/mlflow.db" \
-      --artifacts-destination "$dir/artifacts" --workers "${MLFLOW_WORKERS:-4}" \
+    setsid mlflow server --host 127.0.0.1 --port "$port" --backend-store-uri "${MLFLOW_BACKEND:-sqlite:///$dir/mlflow.db}" \
+      --artifacts-destination "${MLFLOW_ARTIFACTS:-$dir/artifacts}" --workers "${MLFLOW_WORKERS:-4}" \
       --uvicorn-opts "--timeout-worker-healthcheck 60" \
       > "$dir/server.log" 2>&1 < /dev/null &
     echo $! > "$dir/server.pid"

@@ -185,12 +185,17 @@ def _bundles(node: dict, request: Request) -> int:
     return math.floor(min(fits) + 1e-9) if fits else request.workers
 
 
+def _counts(request: Request, nodes: list[dict], node_types: list[tuple[dict, int]] | None) -> tuple[int, int]:
+    """Worker bundles the cluster can place now, and at the largest its autoscaler may make it."""
+    now = sum(_bundles(n, request) for n in nodes)
+    return now, now + sum(_bundles(r, request) * count for r, count in node_types or [])
+
+
 def fit(request: Request, nodes: list[dict], node_types: list[tuple[dict, int]] | None) -> str:
     """"now" if the cluster as it is can place the trial, "later" if only the autoscaler's nodes can;
     otherwise a ConfigError naming the flag, what was asked and what exists. `node_types`: (resources,
     max_workers) of each type the autoscaler may start; None when there is no autoscaler."""
-    now = sum(_bundles(n, request) for n in nodes)
-    later = now + sum(_bundles(r, request) * count for r, count in node_types or [])
+    now, later = _counts(request, nodes, node_types)
     scaler = "no autoscaler" if node_types is None else "an autoscaler"
     if request.gpus_per_worker > 0 and not any(_bundles(n, request) for n in [*nodes, *(r for r, _ in node_types or [])]):
         gpus = sum(n.get("GPU", 0) for n in nodes)
@@ -212,7 +217,8 @@ def fit(request: Request, nodes: list[dict], node_types: list[tuple[dict, int]] 
 
 def autoscaler_node_types() -> list[tuple[dict, int]] | None:
     """(resources, max_workers) of the node types the cluster's autoscaler may start; None when it has
-    none (a local Ray, a fixed cluster). In order: $SHORTFT_AUTOSCALING_CONFIG (a launcher YAML); the
+    none (a local Ray, a fixed cluster). In order: $SHORTFT_AUTOSCALING_CONFIG (a launcher YAML, or one
+    inline); the
     config Ray's autoscaler (v2: `ray up` of Ray 2.60, KubeRay) publishes in the GCS, as Ray Train
     reads it; the launcher's `~/ray_bootstrap_config.yaml` on a head that `ray up` made."""
     explicit = os.environ.get(AUTOSCALING_CONFIG_ENV)
@@ -220,7 +226,7 @@ def autoscaler_node_types() -> list[tuple[dict, int]] | None:
         published = _published_node_types()
         if published is not None:
             return published
-    return _launcher_node_types(Path(explicit or LAUNCHER_CONFIG).expanduser())
+    return _launcher_node_types(explicit or LAUNCHER_CONFIG)
 
 
 def _published_node_types() -> list[tuple[dict, int]] | None:
@@ -237,25 +243,41 @@ def _published_node_types() -> list[tuple[dict, int]] | None:
             for g in config.node_group_configs]
 
 
-def _launcher_node_types(path: Path) -> list[tuple[dict, int]] | None:
+def _launcher_node_types(source: str) -> list[tuple[dict, int]] | None:
+    """From a launcher YAML file, or the YAML itself in $SHORTFT_AUTOSCALING_CONFIG (a mapping, `{...}`: what
+    a KubeRay head says of its worker groups, since Ray 2.60's autoscaler there publishes none)."""
     import yaml
 
-    if not path.is_file():
+    path = Path(source).expanduser()
+    if source.strip().startswith("{"):
+        config = yaml.safe_load(source) or {}
+    elif path.is_file():
+        config = yaml.safe_load(path.read_text()) or {}
+    else:
         return None
-    config = yaml.safe_load(path.read_text()) or {}
     types = config.get("available_node_types") or {}
     return [(dict(t.get("resources") or {}), int(t.get("max_workers", config.get("max_workers", 0)) or 0))
             for t in types.values()]
 
 
-def check(request: Request) -> str:
-    """`fit` against the connected Ray cluster; says once, in one line, when the trial waits for nodes."""
+def _alive_nodes(request: Request) -> list[dict]:
     import ray
 
     nodes = [dict(n["Resources"]) for n in ray.nodes() if n.get("Alive")]
     if nodes and request.trial_cpus:  # the trial process itself takes a little CPU somewhere
         nodes[0]["CPU"] = max(0.0, nodes[0].get("CPU", 0) - request.trial_cpus)
-    verdict = fit(request, nodes, autoscaler_node_types())
+    return nodes
+
+
+def trials_at_most(request: Request) -> int:
+    """How many such trials the connected cluster can run at once at its largest: its nodes now and every
+    node its autoscaler may add (a GPU cluster that starts with no GPU node ran one trial at a time)."""
+    return max(1, _counts(request, _alive_nodes(request), autoscaler_node_types())[1] // request.workers)
+
+
+def check(request: Request) -> str:
+    """`fit` against the connected Ray cluster; says once, in one line, when the trial waits for nodes."""
+    verdict = fit(request, _alive_nodes(request), autoscaler_node_types())
     if verdict == "later":
         print(f"note: one trial needs {request.workers} workers of {request.cpus_per_worker:g} CPU"
               + (f" + {request.gpus_per_worker:g} GPU" if request.gpus_per_worker else "")

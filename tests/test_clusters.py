@@ -45,8 +45,9 @@ def test_launcher_config_passes_ray_validation():
     gpu_types = [t for n, t in config["available_node_types"].items() if n != config["head_node_type"]]
     assert gpu_types and all(t["min_workers"] == 0 for t in gpu_types)
     assert any("pip install" in c and "/home/ray/shortft" in c for c in config["setup_commands"])
-    mlflow = [c for c in config["head_start_ray_commands"] if "mlflow server" in c]
-    assert mlflow and "--host 127.0.0.1" in mlflow[0] and "0.0.0.0" not in " ".join(config["head_start_ray_commands"])
+    # MLflow through clusters/mlflow-server.sh (127.0.0.1 only; returns once it answers), artifacts in the bucket
+    assert any("MLFLOW_ARTIFACTS=s3://" in c and "mlflow-server.sh start" in c for c in config["head_start_ray_commands"])
+    assert "0.0.0.0" not in " ".join(config["head_start_ray_commands"])
     env = " ".join(config["docker"]["run_options"])
     assert "SHORTFT_STORAGE_PATH=s3://" in env and "MLFLOW_TRACKING_URI=http://127.0.0.1:5000" in env
     # token authentication for every node and the driver: the mode in every container, the token file shipped
@@ -74,7 +75,8 @@ def test_rayjob_has_the_kuberay_shape():
     assert job["apiVersion"] == "ray.io/v1" and job["kind"] == "RayJob"
     spec = job["spec"]
     assert "tune/sweep.py" in spec["entrypoint"] and "--address auto" in spec["entrypoint"]
-    assert "--host 127.0.0.1" in spec["entrypoint"]
+    # MLflow in a session of its own (Ray kills the job's process group at its end), waited for, not `sleep 5`
+    assert "mlflow-server.sh start && python" in spec["entrypoint"] and "sleep" not in spec["entrypoint"]
     cluster = spec["rayClusterSpec"]
     assert cluster["rayVersion"] == ray.__version__
     assert cluster["authOptions"] == {"mode": "token"}  # the operator sets the mode and token in every pod
@@ -88,6 +90,35 @@ def test_rayjob_has_the_kuberay_shape():
     workers = cluster["workerGroupSpecs"]
     assert workers and all(w["groupName"] and w["template"]["spec"]["containers"] for w in workers)
     assert all(c["resources"]["limits"].get("nvidia.com/gpu") for w in workers for c in w["template"]["spec"]["containers"])
+    assert all(pod["serviceAccountName"] for pod in [head["template"]["spec"], *(w["template"]["spec"] for w in workers)])
+
+
+def test_a_kuberay_head_knows_the_gpu_nodes_it_may_get_and_sweeps_on_all_of_them(monkeypatch):
+    """The RayJob's head has no GPU and its GPU group starts at 0 replicas; Ray 2.60's autoscaler publishes
+    no node groups on KubeRay, and a head pod has no launcher file: the sweep found 0 GPUs and no
+    autoscaler, and stopped with status 2. On gpu.yaml (GPU nodes from 0 too) it ran one trial at a time."""
+    from shortft import resources
+    from shortft.resources import Request
+
+    job = yaml.safe_load((ROOT / "clusters" / "kuberay.yaml").read_text())
+    cluster = job["spec"]["rayClusterSpec"]
+    (env,) = [e for e in cluster["headGroupSpec"]["template"]["spec"]["containers"][0]["env"]
+              if e["name"] == resources.AUTOSCALING_CONFIG_ENV]
+    monkeypatch.setenv(resources.AUTOSCALING_CONFIG_ENV, env["value"])
+    monkeypatch.setattr(resources, "_published_node_types", lambda: pytest.fail("the env var comes first"))
+    groups = {w["groupName"]: w for w in cluster["workerGroupSpecs"]}
+    declared = yaml.safe_load(env["value"])["available_node_types"]
+    assert declared.keys() == groups.keys()
+    for name, t in declared.items():  # the same nodes as the worker groups
+        limits = groups[name]["template"]["spec"]["containers"][0]["resources"]["limits"]
+        assert t["max_workers"] == groups[name]["maxReplicas"]
+        assert t["resources"] == {"CPU": int(limits["cpu"]), "GPU": int(limits["nvidia.com/gpu"])}
+    request = Request(1, 1.0, 1.0)
+    assert resources.fit(request, [{"CPU": 0.0}], resources.autoscaler_node_types()) == "later"
+    monkeypatch.setattr(resources, "_alive_nodes", lambda request: [{"CPU": 0.0}])
+    assert resources.trials_at_most(request) == 8  # not 1: every GPU node the group may get
+    monkeypatch.setattr(resources, "_alive_nodes", lambda request: [{"CPU": 0.0}, {"CPU": 8.0, "GPU": 1.0}])
+    assert resources.trials_at_most(Request(2, 1.0, 1.0)) == 4  # 9 GPU nodes at most, 2 per trial
 
 
 TOKEN = secrets.token_hex(16)

@@ -81,10 +81,12 @@ def test_every_quoted_command_parses():
             command = group.get_command(click.Context(group), args[0])
             assert command is not None, (where, argv)
             command.make_context(args[0], list(args[1:]))
+            given = args[1:args.index("--")] if "--" in args else args[1:]
+            positional = [a for a in given if not a.startswith("--")]  # after flags such as --tmux
             if program == "ray" and args[0] != "get-auth-token":
-                assert (ROOT / args[1]).is_file(), (where, argv)  # the cluster file
+                assert (ROOT / positional[0]).is_file(), (where, argv)  # the cluster file
             if args[0] == "submit":
-                script, rest = args[2], args[args.index("--") + 1:] if "--" in args else []
+                script, rest = positional[1], args[args.index("--") + 1:] if "--" in args else []
                 scripts[script].parse_args(rest)
         elif program in ("kubectl", "export", "hf"):  # hf (huggingface_hub's CLI): `hf download <repo> [files] --include ...`
             continue

@@ -114,7 +114,8 @@ def test_every_server_the_project_starts_listens_on_loopback():
             assert "dashboard-host" not in dict(_walk(doc)), path.name
             if doc.get("kind") == "RayJob":
                 assert doc["spec"]["rayClusterSpec"]["authOptions"] == {"mode": "token"}
-    assert servers >= 5  # gpu.yaml 2, kuberay.yaml 1, onprem.yaml 1, mlflow-server.sh 1
+    assert servers >= 3  # ray start in gpu.yaml and onprem.yaml, mlflow server in mlflow-server.sh (which the
+    # cluster files start MLflow through)
     for path in (root / "shortft").rglob("*.py"):
         assert "0.0.0.0" not in path.read_text(), path  # nothing in the code binds to every interface
 

@@ -391,7 +391,8 @@ def test_ctrl_c_stops_the_sweep_says_so_and_how_to_continue_it_and_the_resume_fi
     shutil.rmtree(ray_tmp, ignore_errors=True)
     assert proc.returncode == 130, out[-3000:]
     line = next(x for x in out.splitlines() if x.startswith("sweep cut stopped before its end (Tune kept its state)"))
-    assert line.endswith(f"continue it with: python tune/sweep.py --name cut --resume --storage-path {work / 'ray_results'}")
+    assert line.endswith(f"continue it with: python tune/sweep.py --name cut --resume --storage-path {work / 'ray_results'} "
+                         "(on a cluster: ray submit <cluster yaml> tune/sweep.py -- --name cut --resume)")
     rows = pq.read_table(work / "runs" / "sweeps" / "cut" / "results.parquet").to_pylist()
     assert all(r["status"] != "STOPPED_EARLY" for r in rows), [(r["trial"], r["status"]) for r in rows]
     assert any(r["status"] == "UNFINISHED" for r in rows) or len(rows) < 3, rows
@@ -1065,3 +1066,19 @@ def test_tune_restore_brings_the_pruner_back_with_its_state(tmp_path):
         assert not (out / "s-t001" / "checkpoints").exists()
     finally:
         ray.shutdown()
+
+
+def test_resume_without_a_name_finds_the_latest_sweep_under_a_uri_storage_path_too(tmp_path):
+    """`--resume` without `--name` (documented: the latest) looked for sweeps in local folders only: on the
+    s3:// storage every cluster file uses it said "no sweep under s3://...", and listed none."""
+    import time
+
+    from shortft.sweep.runner import sweeps_in
+
+    for name in ("older", "newer"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "tuner.pkl").write_bytes(b"")
+        time.sleep(0.05)
+    (tmp_path / "not-a-sweep").mkdir()
+    assert sweeps_in(tmp_path.as_uri()) == sweeps_in(str(tmp_path)) == ["older", "newer"]  # the same pyarrow path as s3://
+    assert sweeps_in((tmp_path / "none").as_uri()) == []

@@ -20,7 +20,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--num-samples", type=int, default=None, help="trials in all (default 6)")
     p.add_argument("--workers-per-trial", type=int, default=None, help="Ray Train workers per trial (default 1)")
     p.add_argument("--gpus-per-worker", type=float, default=None, help="GPUs per worker (default 0 = CPU)")
-    p.add_argument("--max-concurrent", type=int, default=None, help="trials at once (default: cluster GPUs / GPUs per trial; 1 on CPU)")
+    p.add_argument("--max-concurrent", type=int, default=None, help="trials at once (default: what the cluster's GPUs hold, autoscaled nodes included; 1 on CPU)")
     mlflow = p.add_mutually_exclusive_group()  # both given: one was ignored without a word
     mlflow.add_argument("--tracking-uri", default="", help="MLflow URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
     mlflow.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
@@ -69,12 +69,16 @@ def main(argv: list[str] | None = None) -> int:
                   f"--lora {lora} --prompt \"...\"")
         else:
             print(f"sweep {result.name}: {best['lora_from']}", file=sys.stderr)
-    if result.tracking_uri:
+    if result.tracking_uri and result.tracking_uri.startswith(("http://", "https://")):  # a server: its UI is there
+        print(f"compare the runs: the MLflow UI at {result.tracking_uri} (from your machine, on a cluster: "
+              "ray attach <cluster yaml> -p 5000, or kubectl port-forward)")
+    elif result.tracking_uri:
         print(f"compare the runs: mlflow ui --backend-store-uri {result.tracking_uri}")
     if result.unfinished:  # Ctrl-C: Tune stopped the sweep and kept its state
         print(f"sweep {result.name} stopped before its end (Tune kept its state): the table holds the trials so far; "
               f"continue it with: python tune/sweep.py --name {result.name} --resume --storage-path "
-              f"{result.storage_path}", file=sys.stderr)
+              f"{result.storage_path} (on a cluster: ray submit <cluster yaml> tune/sweep.py -- --name "
+              f"{result.name} --resume)", file=sys.stderr)
         return 130
     failed = [r for r in result.rows if r["status"] == "ERROR"]
     if failed:

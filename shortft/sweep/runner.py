@@ -66,7 +66,17 @@ def default_name(space: Space) -> str:
 
 
 def sweeps_in(storage_path: str) -> list[str]:
-    """The sweeps under a local storage path, oldest first (the last one: --resume without --name)."""
+    """The sweeps under a storage path, a folder or a URI (`s3://...`: `--resume` without `--name` said
+    "no sweep" there), oldest first (the last one: --resume without --name)."""
+    if "://" in storage_path:
+        import pyarrow.fs
+
+        fs, root = pyarrow.fs.FileSystem.from_uri(storage_path)
+        folders = [i.path for i in fs.get_file_info(pyarrow.fs.FileSelector(root, allow_not_found=True))
+                   if i.type == pyarrow.fs.FileType.Directory]
+        found = [(i.mtime, i.path.rsplit("/", 2)[-2]) for i in fs.get_file_info([f"{f}/tuner.pkl" for f in folders])
+                 if i.type == pyarrow.fs.FileType.File]
+        return [name for _, name in sorted(found)]
     root = Path(storage_path)
     found = sorted((p for p in root.glob("*/tuner.pkl")), key=lambda p: p.stat().st_mtime) if root.is_dir() else []
     return [p.parent.name for p in found]
@@ -163,14 +173,17 @@ def run_sweep(space: str | Space | None = None, num_samples: int | None = None, 
             resources.connect(num_cpus=max(4, os.cpu_count() or 1), logging_config=ray.LoggingConfig(log_level="ERROR"))
     check_storage_for_cluster(storage_path)
     # before any trial; "now" (not "later", when an autoscaler must add a node): one-worker trials train in-trial
-    verdict = resources.check(resources.Request(workers_per_trial, 1.0, gpus_per_worker, TRIAL_CPUS))
+    request = resources.Request(workers_per_trial, 1.0, gpus_per_worker, TRIAL_CPUS)
+    verdict = resources.check(request)
     start_autoscaling_coordinator()
     if tracking_uri:
         start_relay(tracking_uri)  # on the driver's node: trials on other nodes log through it
     use_gpu = gpus_per_worker > 0
-    if max_concurrent is None:
-        gpus = float(ray.cluster_resources().get("GPU", 0))
-        max_concurrent = max(1, int(gpus // (workers_per_trial * gpus_per_worker))) if use_gpu else 1
+    if max_concurrent is None:  # a GPU cluster at its largest (the nodes its autoscaler may add too)
+        max_concurrent = min(num_samples, resources.trials_at_most(request)) if use_gpu else 1
+        if verdict == "later":
+            print(f"note: up to {max_concurrent} trials at once, as the autoscaler adds nodes (--max-concurrent to "
+                  "set it)", flush=True)
     threads = None if use_gpu else cpu_threads(workers_per_trial, max_concurrent)
 
     # 3. MLflow parent run (found again on --resume).
