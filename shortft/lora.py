@@ -197,46 +197,88 @@ def lora_metadata(folder: str | Path) -> dict | None:
 class TimestepAwareLora:
     """Switches LoRAs by timestep inside any diffusers sampler loop.
 
+    Which adapters run at a call follows the pipeline's own schedule (`pipe.scheduler.timesteps`, set
+    before its loop), split into the run's segments by position as `shortft sample --steps N` splits it:
+    any scheduler and any N get every segment's adapters, and the run's own sampler and N exactly its
+    plan. (Matched to the nearest saved timestep, another N or scheduler missed segments 2..k, whose
+    adapters each run at one timestep.) Adapters the pipeline had active stay active alongside.
+
     `remove()` (or leaving the `with` block) unloads the adapters it loaded and the hook, leaving the
     pipeline as it was: a pipeline that had no LoRA then samples bit-identically to a fresh one."""
 
     def __init__(self, pipe, lora_dir: str | Path):
         lora_dir = Path(lora_dir)
         plan = read_lora_plan(lora_dir)
-        self.unet = pipe.unet
+        self.pipe, self.unet = pipe, pipe.unet
         self.had_adapters = bool(getattr(self.unet, "peft_config", None))
         self.names = list(plan["adapters"])
-        for name in self.names:
-            load_unet_lora(self.unet, lora_dir / name, name)
+        taken = [n for n in self.names if n in (getattr(self.unet, "peft_config", None) or {})]
+        if taken:
+            raise ConfigError(f"--lora {lora_dir}: the pipeline already has an adapter named {taken[0]!r}; "
+                              "delete it first (pipe.delete_adapters), or load yours under another name")
+        self.kept = tuple(self.unet.active_adapters()) if self.had_adapters else ()  # the user's own, left on
+        loaded = []
+        try:
+            for name in self.names:
+                load_unet_lora(self.unet, lora_dir / name, name)
+                loaded.append(name)
+        except BaseException:  # nothing of a half-loaded set stays behind
+            self._unload(loaded)
+            raise
         self.timesteps = plan["timesteps"]
         self.step_adapters = [tuple(a) for a in plan["step_adapters"]]
+        self.segments, self.interior = plan["segments"], plan.get("interior") or _interior_of(plan)
+        self.schedule: tuple[float, ...] = ()
+        self.schedule_adapters: list[tuple[str, ...]] = []
         self.switch = AdapterSwitch(self.unet, stack=False)
         self.handle = self.unet.register_forward_pre_hook(self._hook, with_kwargs=True)
 
     def adapters_at(self, t: float) -> tuple[str, ...]:
-        # The step whose timestep is nearest: exact for the sampler's own N, sensible for another N.
-        i = min(range(len(self.timesteps)), key=lambda i: abs(self.timesteps[i] - t))
-        return self.step_adapters[i]
+        from shortft.plan import sampler_plan, stacked
+
+        timesteps = getattr(getattr(self.pipe, "scheduler", None), "timesteps", None)
+        if timesteps is None or not len(timesteps):  # no schedule to follow: the saved step nearest
+            i = min(range(len(self.timesteps)), key=lambda i: abs(self.timesteps[i] - t))
+            return self.step_adapters[i]
+        schedule = tuple(float(x) for x in timesteps)
+        if schedule != self.schedule:
+            calls = sampler_plan(schedule, self.segments, stacked(self.names), self.interior)
+            self.schedule, self.schedule_adapters = schedule, [c.adapters for c in calls]
+        i = min(range(len(schedule)), key=lambda i: abs(schedule[i] - t))
+        return self.schedule_adapters[i]
 
     def _hook(self, module, args, kwargs):
         t = args[1] if len(args) > 1 else kwargs["timestep"]
         t = float(t.flatten()[0]) if torch.is_tensor(t) else float(t)
-        self.switch.activate(self.adapters_at(t))
+        self.switch.activate(self.kept + self.adapters_at(t))
+
+    def _unload(self, names: list[str]) -> None:
+        if names:
+            self.unet.delete_adapters(names)
+        if not self.had_adapters and getattr(self.unet, "peft_config", None) is not None:
+            self.unet.unload_lora()  # back to the plain modules, not LoRA wrappers with nothing in them
+        elif self.kept:  # deleting an active adapter makes peft activate another: the user's as they were
+            AdapterSwitch(self.unet, stack=False).activate(self.kept)
 
     def remove(self) -> None:
         if self.handle is None:
             return
         self.handle.remove()
         self.handle = None
-        self.unet.delete_adapters(self.names)
-        if not self.had_adapters:
-            self.unet.unload_lora()  # back to the plain modules, not LoRA wrappers with nothing in them
+        self._unload(self.names)
 
     def __enter__(self) -> "TimestepAwareLora":
         return self
 
     def __exit__(self, *exc) -> None:
         self.remove()
+
+
+def _interior_of(plan: dict) -> str:
+    """A plan file written before it named `interior`: "none" where a step of a later segment ran with no
+    adapter while others had them (the steps a ShortFT chain skips)."""
+    steps = plan["step_adapters"]
+    return "none" if any(steps) and any(not a for a in steps[1:]) else "segment"
 
 
 def enable_timestep_aware(pipe, lora_dir: str | Path) -> TimestepAwareLora:

@@ -229,7 +229,7 @@ class TrainingPlan:
     def lora_json(self, timesteps: Sequence[int]) -> dict:
         """What `shortft_lora.json` holds: which adapters run at which timestep at inference."""
         return {"method": self.chain.method, "steps": self.chain.steps, "segments": self.chain.segments,
-                "timesteps": list(timesteps),
+                "interior": self.interior, "timesteps": list(timesteps),
                 "step_adapters": [list(c.adapters) for c in self.inference_calls(timesteps)]}
 
 

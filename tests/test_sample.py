@@ -60,6 +60,49 @@ def test_remove_restores_the_pipeline_bit_for_bit(trained, tiny_dir, capfd):
         assert np.array_equal(_image(pipe), fresh)
 
 
+def test_the_switch_follows_any_schedulers_own_timesteps_and_keeps_the_users_adapters(trained, tiny_dir):
+    """Adapters were picked by the nearest timestep of the run's saved plan: DPM++ at the trained N (its
+    last timestep 20, the plan's 21 an interior step) never ran the final stack, and DDIM at another N
+    missed segment 2, whose adapter runs at one timestep. A LoRA the user had active was switched off
+    inside the block, and an adapter name already taken left half the set loaded."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    from shortft.lora import read_lora_plan
+    from shortft.plan import sampler_plan, stacked
+
+    plan = read_lora_plan(trained)
+    for scheduler, steps in (("dpm", 8), ("ddim", 5), ("ddim", 8)):
+        pipe = _pipe(tiny_dir)
+        if scheduler == "dpm":
+            pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
+        with enable_timestep_aware(pipe, trained) as switch:
+            seen = []
+            pipe.unet.register_forward_pre_hook(lambda m, a: seen.append(switch.switch.active))
+            pipe("a red circle", num_inference_steps=steps, guidance_scale=1.0, output_type="latent")
+        expected = [c.adapters for c in sampler_plan(pipe.scheduler.timesteps.tolist(), plan["segments"],
+                                                     stacked(plan["adapters"]), plan["interior"])]
+        assert seen == expected, (scheduler, steps)
+        assert seen[-1] == ("segment_1", "segment_2")
+        if scheduler == "ddim" and steps == 8:  # the run's own sampler and N: its saved plan
+            assert seen == [tuple(a) for a in plan["step_adapters"]]
+    # The user's own LoRA stays on beside the set, and is as it was after it.
+    pipe = _pipe(tiny_dir)
+    pipe.load_lora_weights(str(trained / "segment_1"), adapter_name="style")
+    pipe.set_adapters(["style"], [0.5])
+    with enable_timestep_aware(pipe, trained) as switch:
+        seen = []
+        pipe.unet.register_forward_pre_hook(lambda m, a: seen.append(switch.switch.active))
+        pipe("a red circle", num_inference_steps=8, guidance_scale=1.0, output_type="latent")
+    assert all(active[0] == "style" for active in seen) and seen[-1] == ("style", "segment_1", "segment_2")
+    assert pipe.unet.active_adapters() == ["style"]
+    # A name already taken: refused before anything loads, the pipeline untouched.
+    pipe.load_lora_weights(str(trained / "segment_2"), adapter_name="segment_2")
+    pipe.set_adapters(["style"], [0.5])
+    with pytest.raises(ConfigError, match="already has an adapter named 'segment_2'"):
+        enable_timestep_aware(pipe, trained)
+    assert sorted(pipe.unet.peft_config) == ["segment_2", "style"] and pipe.unet.active_adapters() == ["style"]
+
+
 def test_a_lora_for_another_unet_is_refused_with_one_line(trained, tiny_dir, tmp_path):
     from safetensors.torch import load_file, save_file
 
