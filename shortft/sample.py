@@ -131,16 +131,44 @@ def run_sample(cfg: Config, lora: str, prompt: list[str], prompts_file: str | No
     items = [(p, s) for p in prompts for s in seeds]
     tuned = generate(models, cfg, [p for p, _ in items], [s for _, s in items])
     out.mkdir(parents=True, exist_ok=True)
-    for i, ((_, seed), image) in enumerate(zip(items, tuned)):
-        save_grid(image[None], out / f"{i:03d}-seed{seed}.png", min_tile=1)
+    clear_earlier(out)
+    images = [{"file": f"{i:03d}-{_slug(prompt)}-seed{seed}.png", "prompt": prompt, "seed": seed}
+              for i, (prompt, seed) in enumerate(items)]
+    for entry, image in zip(images, tuned):
+        save_grid(image[None], out / entry["file"], min_tile=1)
     if compare:
         base = generate(models, cfg, [p for p, _ in items], [s for _, s in items],
                         plan=dataclasses.replace(models.plan, adapters=()))
         pairs = torch.stack([base, tuned], 1).flatten(0, 1)  # base_0, tuned_0, base_1, ...
         path = save_grid(pairs, out / "compare.png", cols=2)
+        images.append({"file": path.name, "prompt": "base | tuned, one row per prompt and seed, in the order above"})
         print(f"base | tuned, one row per prompt and seed: {path}")
-    print(f"{len(items)} image(s) in {out}")
+    (out / INDEX).write_text(json.dumps({"lora": str(lora) if lora else None, "steps": chain.steps,
+                                         "guidance_scale": chain.guidance_scale, "images": images}, indent=1))
+    print(f"{len(items)} image(s) in {out} (which prompt and seed each is: {out / INDEX})")
     return out
+
+
+INDEX = "samples.json"
+
+
+def clear_earlier(out: Path) -> None:
+    """The images an earlier `shortft sample` wrote in `out` (its `samples.json` lists them), removed: a second
+    call overwrote some and left the others, and its line counted only its own. Nothing else is touched."""
+    try:
+        earlier = json.loads((out / INDEX).read_text()).get("images", [])
+    except (OSError, ValueError, AttributeError):
+        return
+    for entry in earlier:
+        name = entry.get("file") if isinstance(entry, dict) else None
+        if isinstance(name, str) and name == Path(name).name and name.endswith(".png"):  # this folder's own files
+            (out / name).unlink(missing_ok=True)
+
+
+def _slug(prompt: str) -> str:
+    import re
+
+    return re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:40].rstrip("-") or "prompt"
 
 
 def evaluate_trained(cfg: Config, lora: str | None, grid: Path | None = None) -> dict:

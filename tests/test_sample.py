@@ -1,5 +1,6 @@
 """Using what was trained: the timestep switch detaches cleanly, `shortft sample`, quiet LoRA loading."""
 
+import json
 import subprocess
 import sys
 import warnings
@@ -203,6 +204,20 @@ def test_sample_compare_grid_and_its_tuned_half_equals_eval(trained, tiny_dir, t
     grid = np.asarray(Image.open(tmp_path / "out" / "compare.png"))
     assert grid.shape == (4 * 128, 2 * 128, 3)  # 2 prompts x 2 seeds rows; base | tuned; 32 px tiles shown at 128
     assert len(list((tmp_path / "out").glob("0*-seed*.png"))) == 4
+    # Which prompt and seed each image is, in the names and an index; a second call into the same folder
+    # overwrote some of the first's images (000-seed0.png ...) and left the rest, and said "1 image(s)".
+    index = json.loads((tmp_path / "out" / "samples.json").read_text())
+    assert [(i["file"], i["prompt"], i.get("seed")) for i in index["images"]] == [
+        ("000-a-red-circle-seed5.png", "a red circle", 5), ("001-a-red-circle-seed6.png", "a red circle", 6),
+        ("002-a-blue-square-seed5.png", "a blue square", 5), ("003-a-blue-square-seed6.png", "a blue square", 6),
+        ("compare.png", "base | tuned, one row per prompt and seed, in the order above", None)]
+    (tmp_path / "out" / "mine.png").write_bytes(b"the user's")  # not the command's: left alone
+    again = subprocess.run([sys.executable, "-m", "shortft.cli", "sample", *common, "--lora", str(trained),
+                            "--prompt", "a green cross", "--out", str(tmp_path / "out")], capture_output=True, text=True,
+                           timeout=300)
+    assert again.returncode == 0, again.stderr
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["000-a-green-cross-seed0.png", "mine.png",
+                                                                     "samples.json"]
     e = subprocess.run([sys.executable, "-m", "shortft.cli", "eval", *common, "data.eval_prompts=[a red circle]",
                         "eval.seed=5", "eval.samples_per_prompt=1", "--lora", str(trained),
                         "--grid", str(tmp_path / "eval.png")], capture_output=True, text=True, timeout=300)
@@ -211,7 +226,7 @@ def test_sample_compare_grid_and_its_tuned_half_equals_eval(trained, tiny_dir, t
     # CPU kernels round a batch of 4 differently from a batch of 1 (the float images differ by up to
     # 7e-7, measured), which moves a value at a rounding boundary by one level (seen in a CI run: 1
     # pixel of 1,024). Another seed, prompt or LoRA differs by far more.
-    tuned, base = grid[:128, 128:].astype(int), grid[:128, :128].astype(int)
+    tuned, base = grid[:128, 128:].astype(int), grid[:128, :128].astype(int)  # compare.png read before the rerun
     assert np.abs(tuned - np.asarray(Image.open(tmp_path / "eval.png")).astype(int)).max() <= 1
     assert np.abs(base - tuned).max() > 1  # the base half is the base model
 
