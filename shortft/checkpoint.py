@@ -8,6 +8,7 @@ leaves the previous checkpoint as the latest.
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
 import traceback
@@ -23,6 +24,7 @@ from shortft import safe_load
 from shortft.config import ConfigError
 from shortft.lora import load_lora_state, save_loras
 from shortft.progress import warn
+from shortft.resume_settings import changed_settings, read_state
 from shortft.safe_load import Unreadable
 
 
@@ -104,16 +106,41 @@ def save(root: Path, step: int, unet, adapters: list[str], optimizer, state: dic
         blob["scaler"] = scaler.state_dict()  # fp16: the loss scale and its growth tracker
     with written(f"checkpoint of step {step} not written to {root}", root, tmp):
         root.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
+        for stale in root.glob(".tmp-step_*"):  # one a second Ctrl-C (or a kill) cut short
+            shutil.rmtree(stale, ignore_errors=True)
         tmp.mkdir()
-        save_loras(unet, adapters, tmp / "lora", plan)
-        torch.save(blob, tmp / "optimizer.pt")
-        (tmp / "state.json").write_text(json.dumps({"step": step, **state}))
+        try:
+            save_loras(unet, adapters, tmp / "lora", plan)
+            torch.save(blob, tmp / "optimizer.pt")
+            (tmp / "state.json").write_text(json.dumps({"step": step, **state}))
+            synced(tmp)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
+    synced(root, files=False)  # the rename itself, before pruning removes the checkpoint before it
     for old in list_checkpoints(root)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def synced(folder: Path, files: bool = True) -> None:
+    """`folder` (and, with `files`, everything under it) on the disk, not only in the page cache: a rename
+    that publishes a checkpoint, and the pruning after it, outran its bytes, and a power or node loss left
+    a checkpoint of empty files where the one before it had been removed."""
+    paths = sorted(folder.rglob("*"), key=lambda p: len(p.parts), reverse=True) if files else []
+    for path in [*paths, folder]:
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            os.fsync(fd)
+        except OSError:  # a folder on a file system that syncs no folders (some network ones)
+            pass
+        finally:
+            os.close(fd)
 
 
 def list_checkpoints(root: Path) -> list[Path]:
@@ -171,68 +198,6 @@ def check_resume_path(resume: bool | str | Path) -> None:
             "; give a checkpoints/step_NNNNNN folder, or --resume alone for the latest under train.output_dir")
     raise ConfigError(f"--resume {path}: {'not a checkpoint (no state.json)' if path.exists() else 'no such folder'}"
                       + hint)
-
-
-# Settings whose change makes a checkpoint's LoRAs not fit, or mean something else: a resume refuses them.
-FIXED = ("model.pretrained", "lora.rank", "lora.alpha", "lora.targets", "lora.timestep_aware")
-ADAPTER_KEYS = ("chain.method", "chain.segments", "chain.interior_adapters")  # which LoRAs a run has
-# Settings a resumed run may change without note: its length, bookkeeping, where it runs.
-BOOKKEEPING = ("name", "train.steps", "train.output_dir", "train.log_every", "train.checkpoint_every",
-               "train.keep_checkpoints", "train.time_budget_s", "train.call_budget", "model.device", "model.compile",
-               "model.compile_backend")
-
-
-def read_state(path: Path) -> dict:
-    """A checkpoint's state.json; `Unreadable` (one line) where it is cut short or no JSON."""
-    try:
-        state = json.loads((Path(path) / "state.json").read_text())
-    except (OSError, ValueError) as e:
-        raise Unreadable(f"checkpoint {path}: state.json unreadable ({type(e).__name__}: {str(e)[:120]})") from None
-    if not isinstance(state, dict) or "step" not in state:
-        raise Unreadable(f"checkpoint {path}: state.json holds no step")
-    return state
-
-
-def moved_model(saved: dict, now: dict) -> str | None:
-    """Whether `model.pretrained` (flat configs) changed only in where the model is: None where the LoRAs are
-    known not to fit (UNets of two architectures, both on this machine); else why it may be the same model
-    ("" for one path resolved), which the caller says."""
-    from shortft.hub import unet_architecture
-
-    was, has = str(saved.get("model.pretrained")), str(now.get("model.pretrained"))
-    if Path(was).expanduser().resolve() == Path(has).expanduser().resolve():
-        return ""
-    a, b = unet_architecture(was, saved.get("model.revision")), unet_architecture(has, now.get("model.revision"))
-    if a is not None and b is not None:
-        return "the same UNet architecture" if a == b else None
-    gone = [v for v, arch in ((was, a), (has, b)) if arch is None]  # the LoRAs' load checks their shapes
-    return f"{' and '.join(gone)} {'is' if len(gone) == 1 else 'are'} not on this machine to compare"
-
-
-def changed_settings(path: Path, settings: dict, adapters: list[str]) -> list[str]:
-    """`key old -> new` for each setting of this run (`settings`: flat config) that differs from the one the
-    checkpoint at `path` was written with, bookkeeping left out; a ConfigError where the checkpoint's LoRAs
-    would not fit (FIXED keys, or another set of adapters). A checkpoint without its settings: []."""
-    saved = read_state(path).get("config")
-    if not (Path(path) / "lora").is_dir():
-        raise Unreadable(f"checkpoint {path}: its lora/ folder is missing")
-    if saved is None:  # written before checkpoints kept their settings
-        return []
-    differ = [k for k in dict.fromkeys([*saved, *settings]) if saved.get(k) != settings.get(k) and k not in BOOKKEEPING]
-    held = sorted(p.name for p in (Path(path) / "lora").iterdir() if p.is_dir())
-    blocking = [k for k in differ if k in FIXED or (k in ADAPTER_KEYS and held != sorted(adapters))]
-    moved = moved_model(saved, settings) if "model.pretrained" in blocking else None
-    if moved is not None:  # listed with the changed settings, with the reason
-        blocking.remove("model.pretrained")
-    if blocking:
-        was = ", ".join(f"{k}={json.dumps(saved.get(k))}" for k in blocking)
-        now = ", ".join(f"{k}={json.dumps(settings.get(k))}" for k in blocking)
-        raise ConfigError(f"resume: the checkpoint {path} was written with {was}; this run has {now}, which its LoRAs "
-                          f"do not fit; resume with the checkpoint's values, or start a new run (another "
-                          f"train.output_dir)")
-    return [f"{k} {json.dumps(saved.get(k))} -> {json.dumps(settings.get(k))}"
-            + (f" ({moved}; the LoRAs load where their shapes fit)" if k == "model.pretrained" and moved else "")
-            for k in differ]
 
 
 def load(path: Path, unet, adapters: list[str], optimizer, scaler: torch.amp.GradScaler | None = None) -> dict:

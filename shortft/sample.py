@@ -52,7 +52,7 @@ def check_trained_with(cfg: Config, lora: str | Path) -> None:
     naming both values and where the run's are, before anything loads; it was PyTorch's state-dict error
     after the model had loaded, or (a folder with no run config beside it) LoRAs scaled by this config's
     alpha, not the run's, without a word."""
-    from shortft.checkpoint import FIXED, moved_model
+    from shortft.resume_settings import FIXED, moved_model
 
     saved, where = trained_settings(lora)
     if not saved:

@@ -944,3 +944,29 @@ def test_a_resume_keeps_the_runs_stages_result_and_the_other_line_of_checkpoints
     shutil.rmtree(ckpts)
     with pytest.raises(ConfigError, match=r"holds a finished run \(result.json, lora/\); set name=<new name>"):
         shortft.train(make_cfg(*base, "train.steps=1"))
+
+
+def test_a_checkpoint_is_on_the_disk_before_it_is_published_and_the_one_before_it_pruned(make_cfg, tmp_path,
+                                                                                         monkeypatch):
+    """Nothing was fsynced: the rename that publishes a checkpoint, and the pruning after it, could outrun
+    its bytes, and a power or node loss left a checkpoint of empty files with the one before it gone. A
+    second Ctrl-C during a save left its temporary folder for good."""
+    synced = []
+    real = os.fsync
+
+    def fsync(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        return real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    ckpts = tmp_path / "run" / "checkpoints"
+    ckpts.mkdir(parents=True)
+    (ckpts / ".tmp-step_000007").mkdir()  # cut short by a second Ctrl-C in an earlier process
+    shortft.train(make_cfg("chain.steps=4", "chain.segments=2", "train.steps=2", "train.checkpoint_every=1",
+                           "train.keep_checkpoints=1", "eval.every=0"))
+    assert not list(ckpts.glob(".tmp-*"))
+    tmp = str(ckpts / ".tmp-step_000002")
+    files = [s for s in synced if s.startswith(tmp + "/")]
+    assert {Path(s).name for s in files} >= {"state.json", "optimizer.pt", "pytorch_lora_weights.safetensors"}
+    assert synced.index(tmp) > max(synced.index(s) for s in files)  # the files, then their folder
+    assert str(ckpts) in synced[synced.index(tmp):]  # then the rename, before the pruning
