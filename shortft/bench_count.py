@@ -20,7 +20,8 @@ from shortft.architectures import random_pipeline
 from shortft.config import Config
 from shortft.counting import FLOP_FORMULAS, OpCount, gpu_attention, gpu_autocast
 from shortft.loop import autocast_for, micro_batch_loss
-from shortft.models import DTYPES, checkpoint_with_adapters, decode_latents, frozen_parts, load_pipeline, prepare_models
+from shortft.models import DTYPES, checkpoint_with_adapters, decode_latents, frozen_parts, prepare_models
+from shortft.pipelines import load_pipeline
 from shortft.preflight import SavedBytes
 from shortft.rewards import Rewards
 

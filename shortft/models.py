@@ -8,22 +8,22 @@ from a hub id, a local diffusers dir or `builtin:<name>`.
 from __future__ import annotations
 
 import re
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from shortft import builtin
 from shortft.compiling import check_compile, compile_graphs, compile_unet
 from shortft.config import Config, ConfigError, check_device_name
 from shortft.denoiser import Condition, Denoiser
 from shortft.lora import AdapterSwitch, add_loras, unet_has_target
+from shortft.pipelines import load_pipeline
 from shortft.plan import TrainingPlan, training_plan
 from shortft.progress import say, warn
 from shortft.shortcut import load_lora_shortcut, load_unet_shortcut, steps_warning
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
 
 
 def pick_device(name: str, flag: str = "model.device") -> torch.device:
@@ -135,7 +135,8 @@ def decode_latents(vae, latents: torch.Tensor, batch_size: int = 0, checkpointed
     are larger than the UNet's)."""
 
     def decode(z: torch.Tensor) -> torch.Tensor:
-        return vae.decode(z.to(vae.dtype) / vae.config.scaling_factor).sample
+        with _own_precision(vae, z.device):
+            return vae.decode(z.to(vae.dtype) / vae.config.scaling_factor).sample
 
     parts = latents.split(batch_size) if batch_size else (latents,)
     if checkpointed and torch.is_grad_enabled():
@@ -145,39 +146,15 @@ def decode_latents(vae, latents: torch.Tensor, batch_size: int = 0, checkpointed
     return (torch.cat(images).float() / 2 + 0.5).clamp(0, 1)
 
 
-def load_pipeline(pretrained: str, dtype: torch.dtype = torch.float32, revision: str | None = None,
-                  variant: str | None = None):
-    """A Stable Diffusion (1.x/2.x) or SDXL pipeline with a DDIM scheduler on its own betas (hub id at
-    `revision`, weights `variant` such as fp16, or a local dir)."""
-    import diffusers
-    import transformers
-    from diffusers import DDIMScheduler, DiffusionPipeline
-
-    diffusers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.disable_progress_bar()
-    path = builtin.resolve(pretrained)
-    try:
-        kind = DiffusionPipeline.load_config(path, revision=revision).get("_class_name")  # model_index.json only
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"model.pretrained={pretrained!r}: could not load a diffusers pipeline ({str(e).splitlines()[0]})") from None
-    if kind not in PIPELINES:
-        raise ConfigError(f"model.pretrained={pretrained!r}: a {kind}; supported: {', '.join(PIPELINES)}")
-    extra = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
-    try:
-        pipe = DiffusionPipeline.from_pretrained(path, dtype=dtype, revision=revision, variant=variant,
-                                                 **(extra if kind == PIPELINES[0] else {}))
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"model.pretrained={pretrained!r}: could not load a diffusers pipeline ({str(e).splitlines()[0]})") from None
-    # The chain's update is DDIM; a pipeline shipped with PNDM (SD 1.5) gets DDIM on the same betas. The chain
-    # does not clip or threshold x0 (a latent is not in [-1, 1]), and neither may the pipeline's own sampler,
-    # which DDIM's defaults would make clip wherever the shipped config does not name `clip_sample`.
-    said = [k for k in ("clip_sample", "thresholding") if pipe.scheduler.config.get(k)]
-    if said:
-        warn(f"shortft: model.pretrained={pretrained!r}: its scheduler config sets {', '.join(said)}; the chain's DDIM "
-             "update does not clip or threshold the predicted latent, so neither does the pipeline's sampler here")
-    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, clip_sample=False, thresholding=False)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+def _own_precision(vae, device: torch.device):
+    """A VAE that overflows in fp16 (SDXL's: `force_upcast`, its weights upcast at load) decodes in fp32 under
+    an fp16 autocast too (`train.mixed_precision=fp16`): its convolutions ran in fp16 there, weights or not,
+    and gave NaN images; diffusers' pipelines upcast it where no autocast is on."""
+    kind = device.type
+    if (getattr(vae.config, "force_upcast", False) and torch.amp.is_autocast_available(kind)
+            and torch.is_autocast_enabled(kind) and torch.get_autocast_dtype(kind) == torch.float16):
+        return torch.autocast(kind, enabled=False)
+    return nullcontext()
 
 
 def frozen_parts(pipe) -> list[torch.nn.Module]:
@@ -233,6 +210,8 @@ def prepare_models(cfg: Config, pipe, with_loras: bool = True, plan: TrainingPla
     switch = AdapterSwitch(pipe.unet)
     if cfg.model.gradient_checkpointing:
         pipe.unet.enable_gradient_checkpointing(checkpoint_with_adapters(switch))
+        if shortcut_unet is not None:  # ShortFT's gradient crosses its jumps: it kept every activation
+            shortcut_unet.enable_gradient_checkpointing()
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.model.tf32
     if cfg.model.compile:

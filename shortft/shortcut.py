@@ -178,6 +178,8 @@ def steps_warning(cfg: Config, shortcut: Shortcut) -> str | None:
     steps = distilled_steps(shortcut)
     if steps is None or cfg.chain.method != "shortft" or steps == cfg.chain.segments:
         return None
+    if steps == 1 and shortcut.kind == "lora":  # Hyper-SD's 1-step LoRAs are its unified ones: 1 to 8 steps
+        return None  # (with TCD), and chain.segments=1 would leave the chain no jump at all
     return (f"shortft: warning: model.shortcut is a {steps}-step shortcut (its file name says so) but "
             f"chain.segments={cfg.chain.segments}: its jumps would span 1/{cfg.chain.segments} of the trajectory, "
             f"not the 1/{steps} it was distilled for; set chain.segments={steps} or pick the matching file")

@@ -115,6 +115,13 @@ def test_a_shortcut_for_another_segment_count_is_a_warning_with_the_reason(class
     assert err == ["shortft: warning: model.shortcut is a 4-step shortcut (its file name says so) but chain.segments=8: "
                    "its jumps would span 1/8 of the trajectory, not the 1/4 it was distilled for; set "
                    "chain.segments=4 or pick the matching file"]
+    # Hyper-SD's 1-step LoRAs are its unified ones (1 to 8 steps): the advice chain.segments=1 left no jump
+    from shortft.plan import Shortcut
+    from shortft.shortcut import steps_warning
+
+    cfg = shortft.load_config("tiny", ["chain.segments=4"])
+    assert steps_warning(cfg, Shortcut("lora", "ByteDance/Hyper-SD", "Hyper-SD15-1step-lora.safetensors")) is None
+    assert "a 1-step shortcut" in steps_warning(cfg, Shortcut("unet", "ByteDance/Hyper-SD", "Hyper-SDXL-1step-Unet.safetensors"))
 
 
 def _made(folder):
@@ -274,6 +281,10 @@ def test_a_unet_shortcut_from_one_state_dict_file_is_that_file_on_the_base_model
     assert all(torch.equal(loaded[k], state[k].to(torch.bfloat16)) for k in state)
     assert not any(p.is_meta for p in models.denoiser.shortcut_unet.parameters())
     capsys.readouterr()  # the step-count warning of a 1-step file at chain.segments=4
+    # model.gradient_checkpointing reached the base UNet only; ShortFT's gradient crosses the shortcut's jumps
+    checkpointed = _load(class_dirs, "tiny-xl", tmp_path, f"model.shortcut=unet:{file}", "model.gradient_checkpointing=true")
+    assert checkpointed.pipe.unet.is_gradient_checkpointing and checkpointed.denoiser.shortcut_unet.is_gradient_checkpointing
+    capsys.readouterr()
 
     comfy, _ = _unet_state_file(class_dirs["tiny-xl"], tmp_path / "unets" / "comfy.safetensors", comfy=True)
     other, _ = _unet_state_file(class_dirs["tiny"], tmp_path / "unets" / "sd15.safetensors")
@@ -349,7 +360,7 @@ def test_a_scheduler_config_that_clips_x0_is_turned_off_with_a_warning(class_dir
     import json
     import shutil
 
-    from shortft.models import load_pipeline
+    from shortft.pipelines import load_pipeline
 
     for name, said in (("tiny", None), ("tiny-xl", True)):
         src = tmp_path / name
@@ -362,3 +373,29 @@ def test_a_scheduler_config_that_clips_x0_is_turned_off_with_a_warning(class_dir
         assert load_pipeline(str(src)).scheduler.config.clip_sample is False
         err = capsys.readouterr().err
         assert ("its scheduler config sets clip_sample; the chain's DDIM update does not clip" in err) == bool(said), err
+
+
+def test_an_edm_style_sdxl_model_is_refused_before_its_weights_load(class_dirs, tmp_path, monkeypatch):
+    """An SDXL-class model with an EDM scheduler (Playground v2.5's kind) got DDIM on DDPM's default betas,
+    and a VAE with latents_mean/latents_std decoded unshifted latents, without a word."""
+    import json
+    import shutil
+
+    from diffusers import DiffusionPipeline
+
+    from shortft.config import ConfigError
+    from shortft.pipelines import load_pipeline
+
+    monkeypatch.setattr(DiffusionPipeline, "from_pretrained", lambda *a, **k: pytest.fail("weights loaded first"))
+    edm, shifted = tmp_path / "edm", tmp_path / "shifted"
+    for folder in (edm, shifted):
+        shutil.copytree(class_dirs["tiny-xl"], folder)
+    (edm / "scheduler" / "scheduler_config.json").write_text(json.dumps(
+        {"_class_name": "EDMDPMSolverMultistepScheduler", "sigma_min": 0.002, "sigma_max": 80.0, "sigma_data": 0.5}))
+    vae = json.loads((shifted / "vae" / "config.json").read_text())
+    (shifted / "vae" / "config.json").write_text(json.dumps({**vae, "latents_mean": [0.0] * 4, "latents_std": [1.0] * 4}))
+    with pytest.raises(ConfigError, match=r"its scheduler has no DDPM betas \(EDMDPMSolverMultistepScheduler\), an "
+                                          r"EDM-style model; the chain's DDIM update takes DDPM-beta models"):
+        load_pipeline(str(edm))
+    with pytest.raises(ConfigError, match=r"its VAE shifts latents \(latents_mean, latents_std\)"):
+        load_pipeline(str(shifted))

@@ -33,7 +33,8 @@ from shortft.config import ConfigError
 from shortft.denoiser import Denoiser
 from shortft.evaluate import save_grid
 from shortft.lora import AdapterSwitch, save_loras
-from shortft.models import encode_text, load_pipeline, pick_device
+from shortft.models import encode_text, pick_device
+from shortft.pipelines import load_pipeline
 from shortft.toy import grammar
 from shortft.toy.base_model import make_text_and_unet, train_unet, train_vae
 from shortft.toy.checks import base_samples

@@ -11,7 +11,8 @@ import torch
 from shortft.chain import original_sampler
 from shortft.denoiser import Condition, Denoiser
 from shortft.lora import AdapterSwitch
-from shortft.models import decode_latents, encode_text, load_pipeline
+from shortft.models import decode_latents, encode_text
+from shortft.pipelines import load_pipeline
 from shortft.plan import sampler_plan
 from shortft.toy import grammar
 from shortft.toy.judge_training import ranking_accuracy
