@@ -214,6 +214,10 @@ def load_space(name_or_path: str, base: str | None = None, overrides: dict | Non
                        f"is no {'integer' if dims[key].integer else 'number'} for")
                 raise ConfigError(f"points_to_evaluate[{i}]: {key}={value!r} {how} its {dims[key].kind} "
                                   f"{dims[key].args}")
+        unnamed = [k for k in dims if k not in point]
+        if unnamed:  # Tune refuses it inside fit(), after Ray and the sweep's MLflow run had started
+            raise ConfigError(f"points_to_evaluate[{i}]: give a value of every searched key; it has none for "
+                              + ", ".join(unnamed))
         points.append({k: v for k, v in point.items() if k not in overrides})
     space = Space(name, base, fixed, dims, points)
     configs(space)

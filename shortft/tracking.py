@@ -171,15 +171,17 @@ def log_dict_params(uri: str, run_id: str, values: dict) -> None:
 
 
 def ensure_trial_run(uri: str, experiment: str, name: str, cfg: Config, parent_run_id: str | None) -> str:
-    """A sweep trial's nested run, keyed by its name. If a resumed sweep gives that trial other values
-    than the run already holds (the crash came before the sweep state was saved), the stale, unfinished
-    run is deleted and a fresh one made, so every trial has exactly one run with its real params."""
-    run_id = ensure_run(uri, experiment, name, name, cfg, parent_run_id)
+    """A sweep trial's nested run, keyed by its name under its parent (an earlier sweep of the same name
+    keeps its trials' runs: one was taken over, or deleted as stale). If a resumed sweep gives that trial
+    other values than the run already holds (the crash came before the sweep state was saved), the stale,
+    unfinished run is deleted and a fresh one made, so every trial has exactly one run with its real params."""
+    key = f"{parent_run_id}/{name}" if parent_run_id else name
+    run_id = ensure_run(uri, experiment, key, name, cfg, parent_run_id)
     logged = client(uri).get_run(run_id).data.params
     wanted = {k: str(v)[:6000] for k, v in flatten(to_dict(cfg)).items()}
     if any(logged.get(k) != v for k, v in wanted.items()):
         client(uri).delete_run(run_id)
-        run_id = ensure_run(uri, experiment, name, name, cfg, parent_run_id, reuse=False)
+        run_id = ensure_run(uri, experiment, key, name, cfg, parent_run_id, reuse=False)
     return run_id
 
 

@@ -39,7 +39,8 @@ COLUMNS = ["trial", "status", *SEARCHED, "objective_final", "objective_best", "o
 
 def _space_file(tmp_path, search: str, extra: str = "") -> str:
     p = tmp_path / "space.yaml"
-    p.write_text(f"base: toy\nfixed:\n  train.steps: 2\nsearch:\n{search}\n{extra}")
+    fixed = "" if "train.steps" in search else "\n  train.steps: 2"
+    p.write_text(f"base: toy\nfixed:{fixed or ' {}'}\nsearch:\n{search}\n{extra}")
     return str(p)
 
 
@@ -58,10 +59,14 @@ def _space_file(tmp_path, search: str, extra: str = "") -> str:
     ("  chain.segments: {choice: [2, 4]}", ["--seed", "-1"], "--seed -1: must be a finite number >= 0"),
     ("  chain.segments: {choice: [2, 4]}", ["--seed", "4294967296"], "--seed 4294967296: must be < 2**32"),
     ("  chain.segments: {choice: [2, 4]}", ["--gpus-per-worker", "nan"], "--gpus-per-worker nan: must be a finite"),
+    # Tune refused it in fit(): a ValueError traceback, the parent MLflow run left RUNNING
+    ("  chain.segments: {choice: [2, 4]}\n  lora.rank: {choice: [4, 8]}", [],
+     "points_to_evaluate[0]: give a value of every searched key; it has none for lora.rank"),
 ])
 def test_bad_input_fails_before_ray_with_one_line(tmp_path, capsys, search, args, expected):
     assert not ray.is_initialized()
-    code = sweep.main(["--space", _space_file(tmp_path, search), "--storage-path", str(tmp_path / "s"),
+    extra = "points_to_evaluate:\n  - {chain.segments: 4}\n" if "points_to_evaluate" in expected else ""
+    code = sweep.main(["--space", _space_file(tmp_path, search, extra), "--storage-path", str(tmp_path / "s"),
                        "--tracking-uri", f"sqlite:///{tmp_path}/m.db", *args])
     err = capsys.readouterr().err.strip()
     assert code == 2
@@ -1082,3 +1087,49 @@ def test_resume_without_a_name_finds_the_latest_sweep_under_a_uri_storage_path_t
     (tmp_path / "not-a-sweep").mkdir()
     assert sweeps_in(tmp_path.as_uri()) == sweeps_in(str(tmp_path)) == ["older", "newer"]  # the same pyarrow path as s3://
     assert sweeps_in((tmp_path / "none").as_uri()) == []
+
+
+def test_a_trial_asha_stopped_is_pruned_in_optuna_at_its_last_evaluation_not_complete():
+    """Tune hands the searcher an ASHA-stopped trial's last result as a finished trial's: Optuna had its
+    30-step score COMPLETE beside the 60-step ones, TPE ranked them alike, and the stopping result never
+    reached `on_trial_result`, so the study had no intermediate value of it either."""
+    import optuna
+
+    from shortft.sweep.search import searcher
+    from shortft.sweep.trials import OBJECTIVE, param_space
+
+    space = load_space("toy")
+    settings = {"base": space.base, "fixed": space.fixed, "tracking_uri": None, "name": "s"}
+    search = searcher(space, settings, max_concurrent=2)
+    search.set_search_properties(OBJECTIVE, "max", param_space(space))
+    steps = trial_config(space.base, space.fixed, {}).train.steps
+    for trial_id, step, value in (("a", steps // 2, 0.88), ("b", steps, 0.91)):
+        search.suggest(trial_id)
+        result = {OBJECTIVE: value, "step": step, "training_iteration": 1, "train_seconds": 1.0, "calls_total": 10}
+        search.on_trial_complete(trial_id, result)  # as Tune does when ASHA stops a trial at `step`
+    stopped, finished = search.searcher._ot_study.trials[:2]  # (the space's third point to evaluate waits)
+    assert stopped.state == optuna.trial.TrialState.PRUNED and stopped.intermediate_values == {1: 0.88}
+    assert finished.state == optuna.trial.TrialState.COMPLETE and finished.value == 0.91
+
+
+def test_asha_runs_the_longest_trial_a_space_gives_to_its_end_and_judges_at_the_first_evaluation(tmp_path):
+    """max_t and the grace period came from the first value of each range: with `train.steps: {choice: [60,
+    120]}` ASHA stopped every 120-step trial at step 60 (STOPPED_EARLY, no final LoRAs)."""
+    from shortft.sweep.search import scheduler
+
+    space = load_space(_space_file(tmp_path, "  train.steps: {choice: [60, 120]}\n  eval.every: {choice: [20, 10]}"))
+    asha = scheduler(space)
+    assert (asha._max_t, asha._brackets[0]._rungs[-1][0]) == (120, 10)
+
+
+def test_a_new_sweep_of_a_name_used_before_in_the_store_has_trial_runs_of_its_own(tmp_path):
+    """Trial runs were found by their name alone (`<sweep>-t001`): a new sweep of an earlier sweep's name
+    (another storage path, or its folder removed) took over that sweep's finished trial runs, logging a
+    second set of metrics into them, or deleted them where its values differed."""
+    uri = f"sqlite:///{tmp_path}/m.db"
+    cfg = trial_config("toy", {}, {})
+    first, second = (tracking.ensure_run(uri, "e", "sweep/s", "s", reuse=False) for _ in range(2))
+    old = tracking.ensure_trial_run(uri, "e", "s-t001", cfg, first)
+    new = tracking.ensure_trial_run(uri, "e", "s-t001", cfg, second)
+    assert new != old and tracking.client(uri).get_run(old).info.lifecycle_stage == "active"
+    assert tracking.ensure_trial_run(uri, "e", "s-t001", cfg, second) == new  # a resume finds its own

@@ -27,6 +27,7 @@ PRIVATE = (
     ("ray.tune.tuner", "Tuner._local_tuner"),
     ("ray.tune.execution.tune_controller", "TuneController._metric"),
     ("ray.tune.search.optuna", "OptunaSearch._ot_study"),
+    ("ray.tune.search.optuna", "OptunaSearch._ot_trials"),  # shortft/sweep/trial_runs.py: ASHA's stop as pruned
     ("ray.tune.result_grid", "ResultGrid._experiment_analysis"),
 )
 
@@ -43,8 +44,8 @@ def missing() -> list[str]:
             continue
         if attribute == "Tuner._local_tuner":
             ok = "_local_tuner" in _init_names(target.Tuner)
-        elif attribute == "OptunaSearch._ot_study":
-            ok = "_ot_study" in _init_names(target.OptunaSearch)
+        elif attribute in ("OptunaSearch._ot_study", "OptunaSearch._ot_trials"):
+            ok = attribute.split(".")[1] in _init_names(target.OptunaSearch)
         elif attribute == "ResultGrid._experiment_analysis":
             ok = "self._experiment_analysis = " in _init_names(target.ResultGrid)
         elif attribute == "UserExceptionWithTraceback._base_exc":

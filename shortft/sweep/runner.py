@@ -186,11 +186,12 @@ def run_sweep(space: str | Space | None = None, num_samples: int | None = None, 
                   "set it)", flush=True)
     threads = None if use_gpu else cpu_threads(workers_per_trial, max_concurrent)
 
-    # 3. MLflow parent run (found again on --resume).
+    # 3. MLflow parent run: found again on --resume; a new sweep's own even where an earlier sweep of this name
+    #    (another storage path, or its folder removed) left one in the store (it took that run over).
     parent = None
     if tracking_uri:
         parent = tracking.ensure_run(tracking_uri, experiment, f"sweep/{name}", name,
-                                     tags={"shortft.sweep": name, "shortft.space": space.name})
+                                     tags={"shortft.sweep": name, "shortft.space": space.name}, reuse=resume)
         if not resume:
             tracking.log_dict_params(tracking_uri, parent, {
                 "space": space.name, "base": space.base, "num_samples": num_samples,

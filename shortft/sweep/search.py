@@ -21,7 +21,15 @@ def scheduler(space: Space):
     """ASHA on the evaluation objective, in training steps: a trial is first judged at its first evaluation."""
     from ray.tune.schedulers import ASHAScheduler
 
-    cfg = trial_config(space.base, space.fixed, {k: d.corners()[0] for k, d in space.search.items()})  # steps, eval.every
-    every = cfg.eval.every or cfg.train.steps
-    return ASHAScheduler(time_attr="step", metric=OBJECTIVE, mode=MODE, max_t=cfg.train.steps,
-                         grace_period=min(every, cfg.train.steps), reduction_factor=2)
+    # Over every value the space gives train.steps and eval.every: the longest run is max_t (from the first
+    # value, a 120-step trial of `train.steps: {choice: [60, 120]}` was stopped at 60), the first evaluation
+    # of any trial the grace period.
+    cfgs = [trial_config(space.base, space.fixed, {k: d.corners()[0] for k, d in space.search.items()})]
+    for key in ("train.steps", "eval.every"):
+        if key in space.search:
+            cfgs += [trial_config(space.base, space.fixed, {**{k: d.corners()[0] for k, d in space.search.items()},
+                                                             key: v}) for v in space.search[key].corners()]
+    longest = max(c.train.steps for c in cfgs)
+    first = min(min(c.eval.every or c.train.steps, c.train.steps) for c in cfgs)
+    return ASHAScheduler(time_attr="step", metric=OBJECTIVE, mode=MODE, max_t=longest, grace_period=first,
+                         reduction_factor=2)
