@@ -74,6 +74,7 @@ class ModelConfig:
     timestep_spacing: str | None = setting(None, "leading, linspace or trailing (null = the model scheduler's own)")
     shortcut: str = setting("none", "frozen few-step model: none (base model, one DDIM jump), lora:<path>, unet:<path>")
     shortcut_weight_name: str | None = setting(None, "the LoRA file inside a lora: shortcut's hub repo or folder")
+    shortcut_revision: str | None = setting(None, "hub revision (branch, tag or commit) of model.shortcut (null = main)")
     shortcut_scale: float = setting(1.0, "LoRA scale of a lora: shortcut")
     shortcut_guidance_scale: float | None = setting(
         None, "guidance for shortcut jumps (null = 1.0, none, for lora:/unet: shortcuts; chain.guidance_scale for none "

@@ -89,7 +89,7 @@ def reward_sources(cfg: Config, names: list[str] | None = None) -> list[Source]:
                     filename = params.get("file") or HPS_FILES[str(params["version"])]
                 repo, file = hub_repo_and_file(value, filename)
                 out.append(Source(f"reward.options.{name}.{key}", value, f"reward {name} ({key})", repo,
-                                  file or "config.json", params.get("revision") if key == "path" else None))
+                                  file or "config.json", params.get("revision" if key == "path" else f"{key}_revision")))
     return out
 
 
@@ -111,7 +111,7 @@ def sources(cfg: Config, parts: Collection[str] = PARTS) -> list[Source]:
         file = shortcut.weight_name or ("config.json" if shortcut.kind == "unet" else "*.safetensors")
         alt = "unet/config.json" if file == "config.json" else None  # a UNet repo, or a pipeline repo's unet/
         rows.append(Source("model.shortcut", model.shortcut.replace("{segments}", str(cfg.chain.segments)),
-                           f"shortcut ({shortcut.kind})", shortcut.path, file, alt=alt))
+                           f"shortcut ({shortcut.kind})", shortcut.path, file, model.shortcut_revision, alt=alt))
     return rows + (reward_sources(cfg) if "rewards" in parts else []) + prompt_sources(cfg, parts)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import urllib.parse
 import uuid
 from pathlib import Path
 
@@ -54,6 +55,12 @@ STORAGE_CHECK_S = 30.0  # a remote storage path that has not answered by then is
 
 def check_storage_path(path: str) -> None:
     """Fail before any worker starts if checkpoints could not be written there."""
+    parts = urllib.parse.urlsplit(path) if "://" in path else None
+    if parts is not None and (parts.password is not None or parts.username is not None):
+        # pyarrow takes s3://KEY:SECRET@bucket, and the path is printed and stored with the sweep's settings
+        raise ConfigError(f"storage path {parts.scheme}://...@{parts.hostname}{parts.path}: holds credentials, which "
+                          "would be printed and stored with it; give them the cloud's own way (AWS_ACCESS_KEY_ID and "
+                          "AWS_SECRET_ACCESS_KEY, a profile, an instance role) and the path without them")
     if "://" in path:
         import threading
 

@@ -42,7 +42,8 @@ def load_lora_shortcut(pipe, cfg: Config, shortcut: Shortcut) -> str:
         if len(files) > 1:  # diffusers would take the first one and only warn
             raise ConfigError(f"{flag}: {source} holds {len(files)} LoRA files ({', '.join(files[:3])}, ...); "
                               "pick one with model.shortcut_weight_name=<file> or lora:<folder>/<file>")
-    extra = {"weight_name": weight_name} if weight_name else {}
+    extra = {**({"weight_name": weight_name} if weight_name else {}),
+             **({"revision": cfg.model.shortcut_revision} if cfg.model.shortcut_revision and not folder.exists() else {})}
     with captured_warnings("diffusers", "peft") as said:
         try:
             pipe.load_lora_weights(str(folder) if folder.exists() else source, adapter_name=SHORTCUT_ADAPTER, **extra)
@@ -99,20 +100,21 @@ def _scale(unet, name: str, scale: float) -> None:
                 lora_b[name].weight.mul_(scale)
 
 
-def load_unet_shortcut(shortcut: Shortcut, base_unet, dtype: torch.dtype, device: torch.device):
+def load_unet_shortcut(shortcut: Shortcut, base_unet, dtype: torch.dtype, device: torch.device,
+                       revision: str | None = None):
     """A few-step UNet: a diffusers UNet folder or repo (a pipeline's `unet/` subfolder is found, in a local
     folder or a hub repo), or one state-dict file of the base model's UNet architecture
     (`unet:ByteDance/Hyper-SD/Hyper-SDXL-1step-Unet.safetensors`), loaded into a UNet built from the base
     model's config as Hyper-SD's own instructions do."""
     flag = f"model.shortcut=unet:{shortcut.path}" + (f"/{shortcut.weight_name}" if shortcut.weight_name else "")
     if shortcut.weight_name or shortcut.path.endswith(".safetensors"):
-        unet = _unet_from_file(_weight_file(shortcut, flag), base_unet.config, dtype, flag)
+        unet = _unet_from_file(_weight_file(shortcut, flag, revision), base_unet.config, dtype, flag)
     else:
-        unet = _unet_from_folder(shortcut.path, dtype, flag)
+        unet = _unet_from_folder(shortcut.path, dtype, flag, revision)
     return unet.requires_grad_(False).eval().to(device)
 
 
-def _unet_from_folder(path: str, dtype: torch.dtype, flag: str):
+def _unet_from_folder(path: str, dtype: torch.dtype, flag: str, revision: str | None = None):
     from diffusers import UNet2DConditionModel
 
     local = Path(path).expanduser()
@@ -120,7 +122,8 @@ def _unet_from_folder(path: str, dtype: torch.dtype, flag: str):
     subfolders = (["unet"] if (local / "unet").is_dir() else [None]) if local.exists() else [None, "unet"]
     for sub in subfolders:
         try:
-            return UNet2DConditionModel.from_pretrained(str(local) if local.exists() else path, subfolder=sub, dtype=dtype)
+            return UNet2DConditionModel.from_pretrained(str(local) if local.exists() else path, subfolder=sub, dtype=dtype,
+                                                        revision=None if local.exists() else revision)
         except (OSError, ValueError) as e:
             error = e
             if sub is not None or "config.json" not in str(e):
@@ -128,7 +131,7 @@ def _unet_from_folder(path: str, dtype: torch.dtype, flag: str):
     raise ConfigError(f"{flag}: could not load a UNet ({_first_line(error)})") from None
 
 
-def _weight_file(shortcut: Shortcut, flag: str) -> Path:
+def _weight_file(shortcut: Shortcut, flag: str, revision: str | None = None) -> Path:
     if not shortcut.weight_name:
         return Path(shortcut.path).expanduser()
     local = Path(shortcut.path).expanduser() / shortcut.weight_name
@@ -137,7 +140,7 @@ def _weight_file(shortcut: Shortcut, flag: str) -> Path:
     from huggingface_hub import hf_hub_download
 
     try:
-        return Path(hf_hub_download(shortcut.path, shortcut.weight_name))
+        return Path(hf_hub_download(shortcut.path, shortcut.weight_name, revision=revision))
     except Exception as e:  # the source check before loading names most of these; this is what it cannot know
         raise ConfigError(f"{flag}: could not fetch the file ({_first_line(e)})") from None
 

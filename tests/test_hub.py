@@ -232,3 +232,33 @@ def test_a_prompt_file_on_the_hub_is_a_source_listed_by_the_dry_run_and_checked_
         p = subprocess.run([sys.executable, "-m", "shortft.cli", "train", "--dry-run", "--config", "tiny",
                             f"data.prompts=hf://datasets/{value}"], capture_output=True, text=True, timeout=300)
         assert p.returncode == 2 and f"data.prompts='hf://datasets/{value}': {told}" in p.stderr, p.stderr
+
+
+def test_every_hub_source_can_be_pinned_to_a_revision(monkeypatch):
+    """Only the base model and a reward's own repo took a revision: the shortcut, the reward processors and the
+    aesthetic model's CLIP always loaded `main`, which their owners can change under a run."""
+    import shortft
+    from shortft import hub
+    from shortft.rewards import preference
+
+    cfg = shortft.load_config("sd15", ["model.shortcut_revision=abc123",
+                                       "reward.options={pickscore: {processor_revision: p1}, aesthetic: {clip_revision: c1}}"])
+    pinned = {s.key: s.revision for s in hub.sources(cfg)}
+    assert pinned["model.shortcut"] == "abc123"
+    assert pinned["reward.options.pickscore.processor"] == "p1" and pinned["reward.options.aesthetic.clip"] == "c1"
+    asked = []
+
+    class Loader:
+        @staticmethod
+        def from_pretrained(source, revision=None):
+            asked.append((source, revision))
+            raise OSError("stop here")
+
+    monkeypatch.setattr("transformers.AutoTokenizer", Loader)
+    with pytest.raises(shortft.config.ConfigError):
+        preference._processor("reward.options.hps_v2.processor", "laion/CLIP-ViT-H-14-laion2B-s32B-b79K", None, "p2",
+                              longest_side=True)
+    with pytest.raises(shortft.config.ConfigError):
+        preference._processor("reward.options.pickscore.path", "yuvalkirstain/PickScore_v1",
+                              "laion/CLIP-ViT-H-14-laion2B-s32B-b79K", "r1", processor_revision="p1")
+    assert asked == [("laion/CLIP-ViT-H-14-laion2B-s32B-b79K", "p2"), ("laion/CLIP-ViT-H-14-laion2B-s32B-b79K", "p1")]

@@ -251,7 +251,7 @@ def test_bad_paths_and_files_fail_in_one_line(options, dirs, tmp_path):
 
 @pytest.mark.parametrize("option,message", [
     ("pickscore.foo=1", "reward.options.pickscore.foo: pickscore has no option 'foo'; it takes path, processor, "
-                        "revision, batch_size, dtype"),
+                        "revision, batch_size, dtype, processor_revision"),
     ("pickscore.dtype=int8", "reward.options.pickscore.dtype='int8': use auto, float32, bfloat16, float16"),
     ("aesthetic.batch_size=0", "reward.options.aesthetic.batch_size=0: an integer >= 1"),
     ("hps_v2.version=3", "reward.options.hps_v2.version=3: use 2 or 2.1"),

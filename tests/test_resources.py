@@ -169,3 +169,15 @@ def test_a_storage_path_that_is_a_file_is_named_as_one(tmp_path):
     (tmp_path / "f").write_text("")
     with pytest.raises(ConfigError, match=r"^storage path .*/f: a file, not a folder; pass --storage-path"):
         check_storage_path(str(tmp_path / "f"))  # was "not writable (File exists)"
+
+
+def test_a_storage_path_with_credentials_in_it_is_refused_without_printing_them():
+    """pyarrow takes `s3://KEY:SECRET@bucket/...`: the sweep printed it on its first line and stored it with its
+    settings (shortft_sweep.json), and every trial's config carried it."""
+    from shortft.config import ConfigError
+    from shortft.ray_storage import check_storage_path
+
+    with pytest.raises(ConfigError) as e:
+        check_storage_path("s3://AKIAEXAMPLE:s3cr3t@my-bucket/shortft/sweeps")
+    assert "s3cr3t" not in str(e.value) and "AKIAEXAMPLE" not in str(e.value)
+    assert str(e.value).startswith("storage path s3://...@my-bucket/shortft/sweeps: holds credentials")

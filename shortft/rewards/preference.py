@@ -136,7 +136,8 @@ def _load_clip(key: str, path: str, revision: str | None) -> nn.Module:
 
 
 def _processor(key: str, path: str, processor: str | None, revision: str | None,
-               crop_rounding: str = "floor", longest_side: bool = False) -> tuple[object, object]:
+               crop_rounding: str = "floor", longest_side: bool = False,
+               processor_revision: str | None = None) -> tuple[object, object]:
     """The tokenizer and the image preprocessing: the model folder's own processor files if it has
     them, else `processor` (a hub id or folder). `crop_rounding` "round" is torchvision's CenterCrop (a
     model published with a torchvision transform); `longest_side` is HPS v2's resize-and-pad."""
@@ -144,7 +145,7 @@ def _processor(key: str, path: str, processor: str | None, revision: str | None,
     own = sources.is_local(path) and (Path(path).expanduser() / "preprocessor_config.json").is_file()
     source = sources.folder(key, path) if own or processor is None else sources.folder(
         key.rsplit(".", 1)[0] + ".processor", processor)
-    rev = revision if source == path else None
+    rev = revision if source == path else processor_revision
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, revision=rev)
         image_processor = CLIPImageProcessor.from_pretrained(source, revision=rev)
@@ -201,35 +202,39 @@ def _load_weights(key: str, path, module: nn.Module, state: dict, unplaced: list
 # --- the rewards -------------------------------------------------------------------------------------
 
 def _clip_model_reward(name: str, path: str, processor: str | None, revision: str | None, score: str,
-                       random_arch: str, random_weights: bool, batch_size: int, dtype: str) -> ClipReward:
+                       random_arch: str, random_weights: bool, batch_size: int, dtype: str,
+                       processor_revision: str | None = None) -> ClipReward:
     """A reward on a transformers CLIP model folder or hub id (its processor: see `_processor`)."""
     if random_weights:
         return ClipReward(*_random_clip(random_arch), score, batch_size=batch_size, dtype=dtype)
     key = f"reward.options.{name}.path"
     model = _load_clip(key, path, revision)
-    return ClipReward(model, *_processor(key, path, processor, revision), score, batch_size=batch_size, dtype=dtype)
+    return ClipReward(model, *_processor(key, path, processor, revision, processor_revision=processor_revision), score,
+                      batch_size=batch_size, dtype=dtype)
 
 
 @register("pickscore", check=check_clip_options)
 def pickscore(path: str = "yuvalkirstain/PickScore_v1", processor: str = LAION_VIT_H, revision: str | None = None,
-              batch_size: int = 8, dtype: str = "auto", random_weights: bool = False) -> ClipReward:
+              batch_size: int = 8, dtype: str = "auto", random_weights: bool = False,
+              processor_revision: str | None = None) -> ClipReward:
     """PickScore (Kirstain et al. 2023), human preference: logit_scale * cos(image, prompt), as its card computes it."""
     return _clip_model_reward("pickscore", path, processor, revision, "logit_cos", "ViT-H-14", random_weights,
-                              batch_size, dtype)
+                              batch_size, dtype, processor_revision)
 
 
 @register("clip_score", check=check_clip_options)
 def clip_score(path: str = OPENAI_VIT_L, processor: str | None = None, revision: str | None = None,
-               batch_size: int = 8, dtype: str = "auto", random_weights: bool = False) -> ClipReward:
+               batch_size: int = 8, dtype: str = "auto", random_weights: bool = False,
+               processor_revision: str | None = None) -> ClipReward:
     """CLIP image-text cosine similarity (any transformers CLIP checkpoint)."""
     return _clip_model_reward("clip_score", path, processor, revision, "cos", "ViT-L-14-quickgelu", random_weights,
-                              batch_size, dtype)
+                              batch_size, dtype, processor_revision)
 
 
 @register("hps_v2", check=check_hps_options)
 def hps_v2(path: str = "xswu/HPSv2", version: str = "2", file: str | None = None, arch: str | dict = "ViT-H-14",
            processor: str = LAION_VIT_H, revision: str | None = None, batch_size: int = 8, dtype: str = "auto",
-           random_weights: bool = False) -> ClipReward:
+           random_weights: bool = False, processor_revision: str | None = None) -> ClipReward:
     """HPS v2 / v2.1 (Wu et al. 2023), human preference: cos(image, prompt), as HPSv2's `score` computes it.
 
     An open_clip ViT-H/14 fine-tuned on human preferences (papers report the score x100). Preprocessing is
@@ -249,7 +254,8 @@ def hps_v2(path: str = "xswu/HPSv2", version: str = "2", file: str | None = None
     model = CLIPModel(hf_config(arch_config(arch, "reward.options.hps_v2.arch")))
     _load_weights(key, weights, model, *to_hf_state_dict(state))
     # The image settings come from `processor` (open_clip's ViT-H-14 uses OpenAI's mean/std, as LAION's does).
-    tokenizer, prep = _processor("reward.options.hps_v2.processor", processor, None, None, longest_side=True)
+    tokenizer, prep = _processor("reward.options.hps_v2.processor", processor, None, processor_revision,
+                                 longest_side=True)
     return ClipReward(model, tokenizer, prep, "cos", batch_size=batch_size, dtype=dtype)
 
 
@@ -268,7 +274,8 @@ class AestheticMLP(nn.Module):
 
 @register("aesthetic", check=check_clip_options)
 def aesthetic(path: str = AESTHETIC_FILE, clip: str = OPENAI_VIT_L, revision: str | None = None,
-              batch_size: int = 8, dtype: str = "auto", random_weights: bool = False) -> ClipReward:
+              batch_size: int = 8, dtype: str = "auto", random_weights: bool = False,
+              clip_revision: str | None = None) -> ClipReward:
     """LAION aesthetic predictor v2, about 1-10, no prompt (the one DDPO, AlignProp and TRL use).
 
     An MLP on the L2-normalised CLIP ViT-L/14 image embedding."""
@@ -283,10 +290,10 @@ def aesthetic(path: str = AESTHETIC_FILE, clip: str = OPENAI_VIT_L, revision: st
     head = AestheticMLP(state["layers.0.weight"].shape[1])
     _load_weights(key, weights, head, state)
     clip_key = "reward.options.aesthetic.clip"
-    model = _load_clip(clip_key, clip, None)
+    model = _load_clip(clip_key, clip, clip_revision)
     if model.config.projection_dim != head.layers[0].in_features:
         raise ConfigError(f"{clip_key}={clip!r}: its embedding has {model.config.projection_dim} dims, the "
                           f"predictor takes {head.layers[0].in_features} (it was trained on CLIP ViT-L/14)")
     # Its scores were made with OpenAI `clip.load`'s transform: torchvision's CenterCrop, which rounds.
-    return ClipReward(model, *_processor(clip_key, clip, None, None, crop_rounding="round"), "head", head, batch_size,
-                      dtype)
+    return ClipReward(model, *_processor(clip_key, clip, None, clip_revision, crop_rounding="round"), "head", head,
+                      batch_size, dtype)
