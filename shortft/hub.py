@@ -159,6 +159,10 @@ def in_folders(folders: list[str]) -> str:
     return "in " + ", ".join(f"{f}/" if f else "the top folder" for f in folders)
 
 
+# The weight files of an SD 1.x/2.x or SDXL pipeline that the chain loads (text_encoder_2: SDXL's).
+PIPELINE_WEIGHTS = ("unet/diffusion_pytorch_model", "vae/diffusion_pytorch_model", "text_encoder*/model")
+
+
 def download_command(src: Source, folders: list[str] | None = None) -> str:
     """The `hf download` that fetches the source (only the weights of `folders`, where given)."""
     file = weight_file(src)
@@ -169,9 +173,11 @@ def download_command(src: Source, folders: list[str] | None = None) -> str:
         command += f" --revision {src.revision}"
     variant = f".{src.variant}" if src.variant else ""
     if src.file == "model_index.json" and not folders:
-        # a pipeline's configs, tokenizer files and its components' weights of this variant: not the whole
-        # repo, whose single-file checkpoints and other variants are several times the size
-        return command + f' --include "*.json" --include "*.txt" --include "*/*{variant}.safetensors"'
+        # a pipeline's configs, tokenizer files and the weights the chain loads, of this variant: not the whole
+        # repo, whose single-file checkpoints are several times the size, nor (`*/*.safetensors` took them) its
+        # other variants, non-EMA UNet, safety checker or SDXL's vae_1_0
+        return command + ' --include "*.json" --include "*.txt"' + "".join(
+            f' --include "{stem}{variant}.safetensors"' for stem in PIPELINE_WEIGHTS)
     return command + "".join(f' --include "{f}/*{variant}.safetensors"' for f in folders or [] if f)
 
 

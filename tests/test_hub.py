@@ -85,7 +85,8 @@ def test_what_is_cached_passes_and_what_is_neither_cached_nor_reachable_stops_in
         "download ByteDance/Hyper-SD Hyper-SD15-8steps-lora.safetensors), or set model.shortcut to a local folder")
     assert out["model"][0] == ("model.pretrained='someone/other': not in this machine's hub cache, and the hub cannot "
                                "be asked (HF_HUB_OFFLINE is set); download it first (hf download someone/other --include \"*.json\" "
-                               "--include \"*.txt\" --include \"*/*.safetensors\"), or set "
+                               "--include \"*.txt\" --include \"unet/diffusion_pytorch_model.safetensors\" --include "
+                               "\"vae/diffusion_pytorch_model.safetensors\" --include \"text_encoder*/model.safetensors\"), or set "
                                "model.pretrained to a local folder")
     # a cluster's trials load them on their own nodes: one line on what this machine could not tell
     assert out["on other machines"] == (None, [
@@ -130,7 +131,8 @@ def test_a_sweep_or_a_run_on_a_model_it_cannot_get_stops_before_ray_in_one_line(
     assert lines[0].endswith("error: model.pretrained='stable-diffusion-v1-5/stable-diffusion-v1-5': not in this "
                              "machine's hub cache, and the hub cannot be asked (HF_HUB_OFFLINE is set); download it "
                              "first (hf download stable-diffusion-v1-5/stable-diffusion-v1-5 --include \"*.json\" --include "
-                             "\"*.txt\" --include \"*/*.fp16.safetensors\"), or set model.pretrained "
+                             "\"*.txt\" --include \"unet/diffusion_pytorch_model.fp16.safetensors\" --include "
+                             "\"vae/diffusion_pytorch_model.fp16.safetensors\" --include \"text_encoder*/model.fp16.safetensors\"), or set model.pretrained "
                              "to a local folder"), lines[0]
     assert time.time() - t0 < 60 and not list(tmp_path.glob("s/*"))  # no Ray started, no sweep state written
 
