@@ -15,6 +15,7 @@ from pathlib import Path
 
 from shortft import builtin
 from shortft.config import Config, ConfigError
+from shortft.progress import warn
 
 TABLES = (".jsonl", ".csv", ".parquet")
 REFUSED = (".json", ".tsv", ".xlsx", ".xls", ".arrow", ".feather", ".pkl", ".gz", ".zip")  # not text, one prompt a line
@@ -76,7 +77,8 @@ def _read_file(path: str, version: tuple, column: str, key: str, value: str) -> 
         prompts = _column(path, column, key)
     else:
         try:
-            prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+            # utf-8-sig: a byte-order mark (a Windows editor's) stayed at the start of the first prompt
+            prompts = [line.strip() for line in path.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
         except (OSError, UnicodeDecodeError) as e:
             raise ConfigError(f"{key}={value!r}: not a readable text file, one prompt a line ({e})") from None
     if not prompts:
@@ -117,5 +119,10 @@ def hub_dataset_file(value: str, key: str) -> tuple[str, str]:
 def run_prompts(cfg: Config) -> list[str]:
     """A run's training prompts, its evaluation prompts read too: a hub dataset's file is fetched (and a
     bad one refused) before the models load, not at the first evaluation, after the last step."""
-    read_prompts(cfg.data.eval_prompts, cfg.data.prompt_column, "data.eval_prompts")
-    return read_prompts(cfg.data.prompts, cfg.data.prompt_column)
+    held_out = read_prompts(cfg.data.eval_prompts, cfg.data.prompt_column, "data.eval_prompts")
+    prompts = read_prompts(cfg.data.prompts, cfg.data.prompt_column)
+    shared = {p.casefold() for p in prompts} & {p.casefold() for p in held_out}
+    if shared:  # nothing checked it: an evaluation on training prompts read as held-out
+        warn(f"shortft: {len(shared)} of the {len(set(held_out))} evaluation prompts are training prompts too "
+             f"(e.g. {sorted(shared)[0]!r}): the evaluation is not held out")
+    return prompts

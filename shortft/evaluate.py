@@ -2,7 +2,7 @@
 
 Reports the mean of every reward term, `objective`, the fixed evaluation objective (the term named by
 `eval.objective`, never the weighted training reward), `objective_se`, its standard error over the
-samples, and `objective_samples`, its value on each sample (a list, in the order of `sample_terms`);
+samples (each taken as independent, though a prompt's samples share it: docs/sweeps.md), and `objective_samples`, its value on each sample (a list, in the order of `sample_terms`);
 writes a grid of the samples.
 """
 
@@ -65,6 +65,10 @@ def sample_terms(models: Models, cfg: Config, rewards: Rewards) -> tuple[dict[st
 def evaluate(models: Models, cfg: Config, rewards: Rewards, grid_path: Path | None = None,
              grid_optional: bool = False) -> dict:
     terms, images = sample_terms(models, cfg, rewards)
+    bad = {n: int((~torch.isfinite(v)).sum()) for n, v in terms.items()}
+    if any(bad.values()):  # one spoils the mean, the standard error and every paired gain: say where
+        warn("shortft: evaluation: non-finite values in " + ", ".join(f"{n} ({k} of {len(terms[n])} samples)"
+                                                                   for n, k in bad.items() if k))
     metrics = {f"eval/{n}": float(v.mean()) for n, v in terms.items()}
     metrics["eval/objective"] = metrics[f"eval/{cfg.eval.objective}"]
     # the objective's standard error over the samples, and the samples themselves: two models evaluated on

@@ -59,6 +59,7 @@ class Models:
     vae_batch_size: int = 0  # images per VAE decode (0 = all)
     vae_checkpointing: bool = False
     empty_prompt: list = field(default_factory=list, repr=False)  # [states, pooled] of "", made on first use
+    seen_prompts: set = field(default_factory=set, repr=False)  # told apart once: longer than the encoder takes
 
     @property
     def unet(self):
@@ -71,6 +72,7 @@ class Models:
     @torch.no_grad()
     def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Prompts -> ([B, L, D] text states, [B, P] pooled states or None), as the pipeline encodes them."""
+        warn_truncated(self.pipe.tokenizer, prompts, self.seen_prompts)
         if is_sdxl(self.pipe):
             states, _, pooled, _ = self.pipe.encode_prompt(prompts, device=self.device, num_images_per_prompt=1,
                                                            do_classifier_free_guidance=False)
@@ -120,6 +122,20 @@ class Models:
         shape = (batch, unet.config.in_channels, size, size)
         # Drawn on the CPU so that a seed gives the same noise on every device.
         return torch.randn(shape, generator=generator).to(self.device, unet.dtype)
+
+
+def warn_truncated(tokenizer, prompts: list[str], seen: set) -> None:
+    """One line for the prompts (not in `seen`) longer than the text encoder takes: they are cut there, as
+    diffusers' pipelines cut them, whose warning the project's quiet logging hid."""
+    new = [p for p in dict.fromkeys(prompts) if p not in seen]
+    if not new:
+        return
+    seen.update(new)
+    limit = tokenizer.model_max_length
+    cut = [p for p, ids in zip(new, tokenizer(new, truncation=False).input_ids) if len(ids) > limit]
+    if cut:
+        warn(f"shortft: {len(cut)} prompt(s) longer than the text encoder's {limit} tokens are cut there "
+             f"(e.g. {cut[0][:80]!r})")
 
 
 def encode_text(tokenizer, text_encoder, prompts: list[str]) -> torch.Tensor:

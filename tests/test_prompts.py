@@ -94,3 +94,43 @@ def test_the_shipped_prompt_set_has_four_categories_and_a_held_out_split():
     for prompts, per in ((train, 25), (held_out, 10)):
         for start in ("a photo", "an anime", "concept art", "painting"):
             assert sum(start in p for p in prompts) == per, start
+
+
+def test_a_byte_order_mark_an_overlap_and_a_prompt_too_long_are_caught(tmp_path, make_cfg, capsys):
+    """A .txt saved with a byte-order mark kept it at the start of its first prompt (three unknown tokens to
+    the toy tokenizer; a .csv dropped it); evaluation prompts that are training prompts were read as held
+    out without a word; a prompt longer than the text encoder takes was cut there silently."""
+    from shortft.data import run_prompts
+    from shortft.models import warn_truncated
+
+    (tmp_path / "bom.txt").write_bytes("\ufeffa red circle\na blue square\n".encode("utf-8"))
+    assert list(read_prompts(str(tmp_path / "bom.txt"))) == ["a red circle", "a blue square"]
+    (tmp_path / "eval.txt").write_text("A Red Circle\na green cross\n")
+    cfg = make_cfg(f"data.prompts={tmp_path / 'bom.txt'}", f"data.eval_prompts={tmp_path / 'eval.txt'}")
+    capsys.readouterr()
+    run_prompts(cfg)
+    assert ("1 of the 2 evaluation prompts are training prompts too (e.g. 'a red circle'): the evaluation is not held "
+            "out") in capsys.readouterr().err
+    tokenizer = shortft.builtin.build_clip_tokenizer(shortft.builtin.TINY_WORDS, max_length=8)
+    seen = set()
+    warn_truncated(tokenizer, ["a red circle", "a red circle on a blue square above a green cross"], seen)
+    assert "1 prompt(s) longer than the text encoder's 8 tokens are cut there" in capsys.readouterr().err
+    warn_truncated(tokenizer, ["a red circle on a blue square above a green cross"], seen)
+    assert capsys.readouterr().err == ""  # once per prompt, not every step
+
+
+def test_a_non_finite_evaluation_value_is_said_with_its_term(make_cfg, capsys):
+    """One NaN sample made eval/objective, its standard error and every paired gain NaN without a line."""
+    import torch
+
+    from shortft.evaluate import evaluate
+    from shortft.models import load_models
+    from shortft.rewards import Rewards, register
+
+    @register("test_eval_nan")
+    def _nan():
+        return lambda images, prompts: torch.where(torch.arange(len(images)) == 0, float("nan"), 1.0)
+
+    cfg = make_cfg("eval.objective=test_eval_nan", "eval.terms=[]", "eval.samples_per_prompt=1", "chain.steps=4")
+    evaluate(load_models(cfg, with_loras=False), cfg, Rewards({}, {}, ["test_eval_nan"]))
+    assert "evaluation: non-finite values in test_eval_nan (1 of " in capsys.readouterr().err
