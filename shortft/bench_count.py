@@ -42,6 +42,7 @@ def draws() -> torch.Generator:
 
 def step_inputs(models, batch: int):
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(batch)]
+    models.seen_prompts.update(PROMPTS)  # the bench's own stand-ins: a toy tokenizer's cut of them is no news
     return prompts, models.initial_noise(batch, torch.Generator().manual_seed(0))
 
 

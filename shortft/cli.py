@@ -65,9 +65,14 @@ def main(argv: list[str] | None = None) -> int:
                 print(json.dumps(world_module("toy", "checks").measure(args.dir or toy_dir(), samples=args.samples),
                                  indent=1))
             return 0
-        if args.command == "config" and args.keys:
+        if args.command == "config" and args.keys:  # --config's own value beside each default it changes
+            from shortft.config import flatten
+
+            given = flatten(to_dict(load_config(args.config, args.overrides, ())))
+            print(f"# key, default, value in --config {args.config} where it differs, help")
             for key, default, help in describe():
-                print(f"{key:32s} {json.dumps(default):28s} {help}")
+                differs = json.dumps(given[key]) if given.get(key, default) != default else ""
+                print(f"{key:32s} {json.dumps(default):20s} {differs:20s} {help}")
             return 0
         parts = READS.get(args.command, PARTS)
         cfg = load_config(args.config, args.overrides, parts)
@@ -232,7 +237,12 @@ def resume_line(cfg, args) -> str:
         path = checkpoint.latest(cfg.output_dir / "checkpoints")
         if path is None:
             return f"resume: no checkpoint under {cfg.output_dir / 'checkpoints'}; the run would start from step 0"
-    return f"resume: from {path} at step {checkpoint.read_state(path)['step']}"
+    state = checkpoint.read_state(path)
+    written_by = state.get("world_size", 1)
+    if written_by != 1:  # the run itself refuses it (loop.py): the dry run said it would resume
+        raise ConfigError(f"resume: the checkpoint {path} was written by {written_by} worker(s), this run has 1; "
+                          f"resume with --workers {written_by}")
+    return f"resume: from {path} at step {state['step']}"
 
 
 def note_unused_flags(args) -> None:

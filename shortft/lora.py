@@ -150,7 +150,9 @@ def read_lora_plan(lora_dir: str | Path) -> dict:
         raise ConfigError(f"--lora {lora_dir}: no such folder; give the lora/ dir a train run wrote")
     plan_file = Path(lora_dir) / PLAN_FILE
     if not plan_file.is_file():
-        raise ConfigError(f"--lora {lora_dir}: no {PLAN_FILE} there; give the lora/ dir a train run wrote")
+        inside = Path(lora_dir) / "lora"  # a run's or a checkpoint's folder, given for its lora/
+        raise ConfigError(f"--lora {lora_dir}: no {PLAN_FILE} there; " + (
+            f"give {inside}" if (inside / PLAN_FILE).is_file() else "give the lora/ dir a train run wrote"))
     try:
         plan = json.loads(plan_file.read_text())
     except (OSError, ValueError) as e:

@@ -296,3 +296,13 @@ def test_a_string_key_given_digits_on_the_command_line_keeps_them_as_typed():
     assert type(cfg.reward.weights["saturation"]) is float and type(cfg.train.lr) is float
     assert load_config("toy", ["model.revision=12e4567"]).model.revision == "12e4567"
     pyyaml.safe_dump(to_dict(cfg))  # plain numbers only
+
+
+def test_config_keys_shows_the_given_configs_values_beside_the_defaults(capsys):
+    """`shortft config --config toy --keys` listed the code's defaults only (train.steps 100): neither the
+    toy's 200 nor the default --config tiny's 30, with nothing saying --config was not read."""
+    from shortft.cli import main
+
+    assert main(["config", "--config", "toy", "--keys", "train.lr=0.01"]) == 0
+    lines = {line.split()[0]: line.split()[1:3] for line in capsys.readouterr().out.splitlines()[1:]}
+    assert lines["train.steps"] == ["100", "200"] and lines["train.lr"][1] == "0.01"

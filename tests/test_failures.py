@@ -414,6 +414,15 @@ def test_resuming_with_another_worker_count_is_refused_in_one_line(make_cfg, tmp
         f"and {latest} is a checkpoint of 1 worker(s); resume it in one process (no --workers), or, if --workers 1 "
         "wrote it, with the --storage-path it was written to")
     assert not ray.is_initialized() and (latest / "state.json").is_file()
+    # A checkpoint two workers wrote: `train --resume --dry-run` said it would resume from it, the run refused.
+    from types import SimpleNamespace
+
+    from shortft.cli import resume_line
+
+    state = json.loads((latest / "state.json").read_text())
+    (latest / "state.json").write_text(json.dumps({**state, "world_size": 2}))
+    with pytest.raises(ConfigError, match=r"was written by 2 worker\(s\), this run has 1; resume with --workers 2"):
+        resume_line(cfg, SimpleNamespace(resume=True, workers=0, overrides=[], config=None))
 
 
 def test_a_resume_names_the_settings_changed_since_its_checkpoint_and_refuses_those_its_loras_do_not_fit(

@@ -139,6 +139,16 @@ def test_a_runs_lora_with_another_base_model_or_rank_names_the_runs_config_befor
                             f"--config {run / 'config.yaml'}")
 
 
+def test_a_run_or_checkpoint_folder_given_for_its_lora_names_the_lora_folder(trained):
+    """`shortft eval --lora runs/x/checkpoints/step_000002` said only "no shortft_lora.json there"."""
+    from shortft.lora import read_lora_plan
+
+    checkpoint = sorted((trained.parent / "checkpoints").glob("step_*"))[-1]
+    for folder in (trained.parent, checkpoint):
+        with pytest.raises(ConfigError, match=rf"no shortft_lora.json there; give {folder}/lora$"):
+            read_lora_plan(folder)
+
+
 def test_a_lora_folder_with_no_run_config_beside_it_is_checked_against_its_checkpoint_or_its_files(
         trained, make_cfg, tmp_path, monkeypatch):
     """A checkpoint's lora/ (or a lora/ copied out of its run, or downloaded from MLflow) has no config.yaml

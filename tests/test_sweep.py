@@ -999,7 +999,9 @@ def test_removals_a_killed_driver_owed_are_made_on_resume_on_every_node_the_tria
     """A killed driver's removals were lost (its tasks die with it, and `--resume` made none), and a trial
     Tune restarted on another node left its first node's folder full. The nodes a trial reported from and
     the removals settled are the Pruner's Tune callback state; `Tuner.restore` unpickles the Pruner the
-    sweep started with, and its first step removes what ended trials still owe."""
+    sweep started with, and its first step removes what ended trials still owe. A finished sweep resumed
+    on a local Ray started again said "not removed (its node has left the cluster)" of a folder removed
+    at its end (its state is saved before the end's removals; the node id is new)."""
     import pickle
 
     from shortft.sweep.prune import Pruner
@@ -1024,8 +1026,9 @@ def test_removals_a_killed_driver_owed_are_made_on_resume_on_every_node_the_tria
         assert (tmp_path / "s-t003" / "checkpoints").is_dir()  # failed: `--resume` runs it again from there
         out, err = capsys.readouterr()
         assert "sweep: the checkpoints of 2 ended trial(s) removed from their run folders" in out, out
-        assert f"not removed (its node has left the cluster): {tmp_path / 's-t002' / 'checkpoints'} (node cdcdcdcd)" \
-            in err, err
+        # t002's first node is gone: owed from before the resume, its folder is looked for here (a local Ray
+        # started again is this machine under a new node id), and one removed already is no news
+        assert "not removed" not in err, err
 
         # settled (removed, or on a node that is gone) is not tried again by a later resume
         third = pickle.loads(pickle.dumps(second))

@@ -103,7 +103,7 @@ class Pruner(tune.Callback):
         if self.pending:
             done, left = ray.wait(list(self.pending), num_returns=len(self.pending), timeout=END_WAIT_S)
             self._collect(done)
-            self.outcomes += [(self.pending.pop(ref)[1:], f"not done within {END_WAIT_S:g} s", 0) for ref in left]
+            self.outcomes += [(self.pending.pop(ref)[1:3], f"not done within {END_WAIT_S:g} s", 0) for ref in left]
         self._report()
 
     def _resumed(self, trials) -> None:
@@ -111,33 +111,40 @@ class Pruner(tune.Callback):
             self.restored = False
             for trial in trials:
                 if trial.status == trial.TERMINATED:
-                    self._remove(trial)
+                    self._remove(trial, again=True)
 
     def _seen(self, trial_id: str, node: str | None) -> None:
         if node and node not in self.nodes.setdefault(trial_id, []):
             self.nodes[trial_id].append(node)
 
-    def _remove(self, trial) -> None:
+    def _remove(self, trial, again: bool = False) -> None:
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
         self._seen(trial.trial_id, (trial.last_result or {}).get("node_id"))
         folder = Path(self.sweep["output_root"]) / trial_name(trial.config, self.sweep, trial.trial_id)
         for node in self.nodes.get(trial.trial_id, []):  # none reported: where it ran is not known
-            owed = {(t, n) for t, _, n in self.pending.values()}
+            owed = {(t, n) for t, _, n, _ in self.pending.values()}
             if (trial.trial_id, node) in self.settled | owed:
                 continue
             task = _task().options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False))
-            self.pending[task.remote(str(folder))] = (trial.trial_id, folder, node)
+            self.pending[task.remote(str(folder))] = (trial.trial_id, folder, node, again)
 
     def _collect(self, done: list) -> None:
         import ray
 
         for ref in done:
-            trial_id, folder, node = self.pending.pop(ref)
+            trial_id, folder, node, again = self.pending.pop(ref)
             try:
                 size, why = ray.get(ref), None
             except ray.exceptions.TaskUnschedulableError:
                 size, why = 0, NODE_GONE
+                if again:  # owed from before a resume: a local Ray started again is this machine under a new
+                    # node id; what is still here is removed here, and what is not went before (a sweep's end
+                    # saves its state before its removals) and is no news
+                    if not (Path(folder) / "checkpoints").is_dir():
+                        self.settled.add((trial_id, node))
+                        continue
+                    size, why = remove_checkpoints(str(folder)), None
             except Exception as e:  # noqa: BLE001 - a folder that would not go, a lock kept: told, not raised
                 size, why = 0, str(e).strip().splitlines()[-1][:200] if str(e).strip() else type(e).__name__
             if why in (None, NODE_GONE):  # nothing left to try; another error is tried again on --resume
