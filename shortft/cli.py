@@ -226,6 +226,7 @@ def check_resume_folder(cfg, args) -> None:
 def resume_line(cfg, args) -> str:
     """Where `train --resume` would start (a dry run): the checkpoint and its step, or step 0."""
     from shortft import checkpoint
+    from shortft.resume_settings import check_workers
 
     check_resume_folder(cfg, args)
     if args.workers:
@@ -238,10 +239,7 @@ def resume_line(cfg, args) -> str:
         if path is None:
             return f"resume: no checkpoint under {cfg.output_dir / 'checkpoints'}; the run would start from step 0"
     state = checkpoint.read_state(path)
-    written_by = state.get("world_size", 1)
-    if written_by != 1:  # the run itself refuses it (loop.py): the dry run said it would resume
-        raise ConfigError(f"resume: the checkpoint {path} was written by {written_by} worker(s), this run has 1; "
-                          f"resume with --workers {written_by}")
+    check_workers(path, state, 1)  # the run itself refuses it: the dry run said it would resume
     return f"resume: from {path} at step {state['step']}"
 
 

@@ -34,6 +34,7 @@ from shortft.preflight import memory_of
 from shortft.out_paths import output_folder, write_whole
 from shortft.progress import bar, say, warn
 from shortft.ranks import all_reduce_grads, all_reduce_mean, same_on_all
+from shortft.resume_settings import check_workers
 from shortft.rewards import Rewards
 
 
@@ -70,8 +71,10 @@ def read_metrics(path: Path) -> list[dict]:
     or a full disk as it was written) is left out with a warning; the run's resume writes the file again."""
     rows = []
     for number, line in enumerate(Path(path).read_text().splitlines() if Path(path).is_file() else [], 1):
+        if not line.strip():
+            continue
         try:
-            rows.append(json.loads(line)) if line.strip() else None
+            rows.append(json.loads(line))
         except ValueError:
             warn(f"{path}: line {number} is cut short or not JSON; left out")
     return rows
@@ -164,11 +167,7 @@ def _train(cfg: Config, callbacks, resume, rank: int, world_size: int, stop: Sto
             if is_main and path.parent.resolve() == (out / "checkpoints").resolve():
                 for left in checkpoint.set_aside_newer(path.parent, state["step"]):
                     warn(f"resume: {left.name[left.name.index('step_'):]} was after {path.name}: renamed {left}")
-            written_by = state.get("world_size", 1)
-            if written_by != world_size:  # the global batch and each rank's draws depend on it
-                raise ConfigError(f"resume: the checkpoint {path} was written by {written_by} worker(s), this run has "
-                                  f"{world_size}; resume with --workers {written_by} (the global batch and every "
-                                  "rank's data order depend on the worker count)")
+            check_workers(path, state, world_size)
             start = state["step"]
             if is_main:  # ranks that resumed elsewhere stop below, each naming its own
                 warn(f"resumed from {path} at step {start}" + (f"; this run writes to {out}, not to the folder of "

@@ -70,3 +70,13 @@ def changed_settings(path: Path, settings: dict, adapters: list[str]) -> list[st
     return [f"{k} {json.dumps(saved.get(k))} -> {json.dumps(settings.get(k))}"
             + (f" ({moved}; the LoRAs load where their shapes fit)" if k == "model.pretrained" and moved else "")
             for k in differ]
+
+
+def check_workers(path: Path, state: dict, world_size: int) -> None:
+    """A checkpoint resumes only with the worker count that wrote it: the global batch and each rank's
+    draws depend on it (a `--dry-run` says so as the run would)."""
+    written_by = state.get("world_size", 1)
+    if written_by != world_size:
+        raise ConfigError(f"resume: the checkpoint {path} was written by {written_by} worker(s), this run has "
+                          f"{world_size}; resume with --workers {written_by} (the global batch and every "
+                          "rank's data order depend on the worker count)")
