@@ -2,8 +2,9 @@
 
 Reports the mean of every reward term, `objective`, the fixed evaluation objective (the term named by
 `eval.objective`, never the weighted training reward), `objective_se`, its standard error over the
-samples (each taken as independent, though a prompt's samples share it: docs/sweeps.md), and `objective_samples`, its value on each sample (a list, in the order of `sample_terms`);
-writes a grid of the samples.
+samples (each taken as independent, though a prompt's samples share it: docs/sweeps.md), and
+`objective_samples`, its value on each sample (a list, in the order of `sample_terms`); writes a grid of
+the samples.
 """
 
 from __future__ import annotations

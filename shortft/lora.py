@@ -230,7 +230,7 @@ class TimestepAwareLora:
         self.timesteps = plan["timesteps"]
         self.step_adapters = [tuple(a) for a in plan["step_adapters"]]
         self.segments, self.interior = plan["segments"], plan.get("interior") or _interior_of(plan)
-        self.schedule: tuple[float, ...] = ()
+        self.schedule, self.schedule_of = (), None  # the pipeline's timesteps as floats, and the tensor read
         self.schedule_adapters: list[tuple[str, ...]] = []
         self.switch = AdapterSwitch(self.unet, stack=False)
         self.handle = self.unet.register_forward_pre_hook(self._hook, with_kwargs=True)
@@ -242,10 +242,11 @@ class TimestepAwareLora:
         if timesteps is None or not len(timesteps):  # no schedule to follow: the saved step nearest
             i = min(range(len(self.timesteps)), key=lambda i: abs(self.timesteps[i] - t))
             return self.step_adapters[i]
-        schedule = tuple(float(x) for x in timesteps)
-        if schedule != self.schedule:
+        if timesteps is not self.schedule_of:  # set_timesteps makes a new tensor: read once per sampling loop
+            schedule = tuple(float(x) for x in timesteps)
             calls = sampler_plan(schedule, self.segments, stacked(self.names), self.interior)
-            self.schedule, self.schedule_adapters = schedule, [c.adapters for c in calls]
+            self.schedule, self.schedule_of, self.schedule_adapters = schedule, timesteps, [c.adapters for c in calls]
+        schedule = self.schedule
         i = min(range(len(schedule)), key=lambda i: abs(schedule[i] - t))
         return self.schedule_adapters[i]
 

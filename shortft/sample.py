@@ -28,6 +28,8 @@ def trained_settings(lora: str | Path) -> tuple[dict, str]:
     import yaml
 
     from shortft.lora import lora_metadata
+    from shortft.resume_settings import read_state
+    from shortft.safe_load import Unreadable
 
     folder = Path(lora).parent
     try:
@@ -35,10 +37,10 @@ def trained_settings(lora: str | Path) -> tuple[dict, str]:
     except (OSError, yaml.YAMLError, AttributeError):
         pass
     try:
-        saved = json.loads((folder / "state.json").read_text()).get("config")
+        saved = read_state(folder).get("config")
         if isinstance(saved, dict):
             return saved, str(folder / "state.json")
-    except (OSError, ValueError, AttributeError):
+    except Unreadable:  # no checkpoint beside it, or one cut short: the files' own metadata below
         pass
     for name in read_lora_plan(lora)["adapters"]:
         meta = lora_metadata(Path(lora) / name) if (Path(lora) / name).is_dir() else None
