@@ -2,9 +2,8 @@
 
 Reports the mean of every reward term, `objective`, the fixed evaluation objective (the term named by
 `eval.objective`, never the weighted training reward), `objective_se`, its standard error over the
-samples (each taken as independent, though a prompt's samples share it: docs/sweeps.md), and
-`objective_samples`, its value on each sample (a list, in the order of `sample_terms`); writes a grid of
-the samples.
+prompts (a prompt's samples share it: `shortft.stats`), and `objective_samples`, its value on each
+sample (one list per prompt, in the order of `sample_terms`); writes a grid of the samples.
 """
 
 from __future__ import annotations
@@ -16,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from shortft import stats
 from shortft.chain import original_sampler
 from shortft.config import Config
 from shortft.data import read_prompts
@@ -72,11 +72,11 @@ def evaluate(models: Models, cfg: Config, rewards: Rewards, grid_path: Path | No
                                                                    for n, k in bad.items() if k))
     metrics = {f"eval/{n}": float(v.mean()) for n, v in terms.items()}
     metrics["eval/objective"] = metrics[f"eval/{cfg.eval.objective}"]
-    # the objective's standard error over the samples, and the samples themselves: two models evaluated on
-    # these same samples are told apart more finely sample by sample (`shortft.sweep.results.paired`)
-    values = terms[cfg.eval.objective].double()
-    metrics["eval/objective_se"] = float(values.std() / math.sqrt(len(values))) if len(values) > 1 else float("nan")
-    metrics[SAMPLES] = values.tolist()
+    # the objective's standard error over the prompts, and the samples themselves: two models evaluated on
+    # these same samples are told apart more finely sample by sample (`shortft.stats.paired`)
+    samples = terms[cfg.eval.objective].double().view(-1, cfg.eval.samples_per_prompt).tolist()
+    metrics["eval/objective_se"] = stats.clustered(samples)[1]
+    metrics[SAMPLES] = samples
     if grid_path is not None:
         try:
             save_grid(images, grid_path)

@@ -2,11 +2,13 @@
 MLflow parent/children, the Parquet table, and resuming a sweep whose driver was killed."""
 
 import json
+import math
 import os
 import re
 import shutil
 import signal
 import sqlite3
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -146,7 +148,8 @@ def test_gains_over_the_untrained_model_are_measured_sample_by_sample():
     """The trials and the untrained model are evaluated on the same samples: a gain's standard error is
     that of the per-sample differences, here 10x below either model's own (the samples share the
     prompt's difficulty), and the table says which it used."""
-    from shortft.sweep.results import markdown, paired
+    from shortft.stats import paired
+    from shortft.sweep.results import markdown
 
     space = load_space(_space_file(Path(os.environ["SHORTFT_CACHE"]), "  lora.rank: {randint: [4, 8]}"))
     hard = [0.2, 0.9, 0.5, 0.7, 0.4, 0.8]  # the untrained model's samples: some prompts are harder
@@ -170,6 +173,32 @@ def test_gains_over_the_untrained_model_are_measured_sample_by_sample():
                    {k: v for k, v in base.items() if k != "eval/objective_samples"}).splitlines()
     assert "gain ± paired se" not in old[0] and old[-1] == (
         "best - untrained: +0.0200 = 0.1 x the combined standard error (0.1556, as if independent)")
+
+
+def test_standard_errors_are_taken_over_prompts():
+    """A prompt's samples share it (a hard prompt is hard for every seed): the objective's standard error
+    and a gain's paired one are taken over the prompts, each prompt's samples averaged first. Over the
+    samples, as if independent, both were 1.6x too small here: a gain of 2.1 standard errors is 1.3."""
+    from shortft.stats import clustered, paired
+    from shortft.sweep.results import markdown
+
+    space = load_space(_space_file(Path(os.environ["SHORTFT_CACHE"]), "  lora.rank: {randint: [4, 8]}"))
+    hard = [[0.2, 0.2], [0.9, 0.9], [0.5, 0.5]]  # the untrained model's samples, prompt by prompt
+    mean, se = clustered(hard)
+    assert mean == pytest.approx(1.6 / 3) and se == pytest.approx(statistics.stdev([0.2, 0.9, 0.5]) / math.sqrt(3))
+    assert se / (statistics.stdev([0.2, 0.2, 0.9, 0.9, 0.5, 0.5]) / math.sqrt(6)) == pytest.approx(1.58, abs=0.01)
+    gains = [0.05, 0.0, 0.01]  # what training gave each prompt, on both its seeds
+    up = [[v + d for v in p] for p, d in zip(hard, gains)]
+    gain, gain_se = paired(up, hard)
+    assert gain == pytest.approx(0.02) and gain_se == pytest.approx(statistics.stdev(gains) / math.sqrt(3))
+    assert gain / gain_se == pytest.approx(1.3, abs=0.05)
+    assert paired(up, [s for p in hard for s in p]) is None  # grouped against flat: not the same samples
+    base = {"eval/objective": mean, "eval/objective_se": se, "eval/objective_samples": hard}
+    rows = [{"trial": "t001", "status": "DONE", "lora.rank": 4, "objective_best": mean + gain,
+             "objective_se": clustered(up)[1], "gain": gain, "gain_se": gain_se, "objective_samples": up, "steps": 60}]
+    assert markdown(rows, space, base).splitlines()[-1] == (
+        "best - untrained: +0.0200 = 1.3 x the paired standard error (0.0153, over the same 3 prompts, "
+        "2 samples each)")
 
 
 def test_a_trial_that_ran_out_of_gpu_memory_has_the_whole_line_in_the_table():
@@ -350,6 +379,7 @@ def _check_sweep_outputs(db: Path, table: Path, trials: int = 3):
     # every trial's samples are the untrained model's samples: its gain carries their paired standard error
     n = len(base["eval/objective_samples"])
     assert n > 1 and all(len(r["objective_samples"]) == n and r["gain_se"] > 0 for r in rows)
+    assert all(len(prompt) == 2 for r in rows for prompt in r["objective_samples"])  # kept by prompt in Parquet
     assert "x the paired standard error" in text.split("\nbest - untrained: ")[1]
     assert "objective_samples" not in Path(table).with_name("results.csv").read_text()  # lists: Parquet only
     assert not any("objective_samples" in key for run in [*children, *parents] for key in run.data.metrics)
@@ -673,6 +703,7 @@ def test_a_checkpoint_on_remote_storage_is_copied_before_it_is_read(tmp_path):
 
 TRIAL_DIES = '''
 import json
+import math
 import os
 from ray import tune
 from shortft import sweep

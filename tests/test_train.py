@@ -400,6 +400,11 @@ def test_cli_train_runs_and_reports(tmp_path, tiny_dir):
     # the last step's evaluation: every sample's objective in the file, only numbers in MLflow and stdout
     assert len(rows[-1]["eval/objective_samples"]) > 1 and "eval/objective_samples" not in run.data.metrics
     assert "eval/objective" in run.data.metrics and "objective_samples" not in p.stdout
+    # kept by prompt (tiny: 2 samples each), and the standard error is over the prompts' means
+    from shortft.stats import clustered
+    by_prompt = rows[-1]["eval/objective_samples"]
+    assert all(len(p) == 2 for p in by_prompt) and len(by_prompt) > 1
+    assert rows[-1]["eval/objective_se"] == pytest.approx(clustered(by_prompt)[1])
     # N=4, k=2: head 2 steps + jump + step; progressive stage 2 runs the head without gradient, and its jump
     # (frozen weights on a latent made without gradient) carries none either: one call with gradient
     assert [(r["network_calls"], r["grad_calls"]) for r in rows] == [(4, 4), (4, 1)]

@@ -10,6 +10,7 @@ import shutil
 import statistics
 from pathlib import Path
 
+from shortft import stats
 from shortft.progress import warn
 from shortft.sweep.eval_report import NOT_TERMS, OBJECTIVE
 
@@ -34,10 +35,8 @@ def _mean_se(values: list[float]) -> str:
     values = [v for v in values if v is not None and math.isfinite(v)]
     if not values:
         return "-"
-    mean = statistics.fmean(values)
-    if len(values) < 2:
-        return f"{mean:.3f}"
-    return f"{mean:.3f} ± {statistics.stdev(values) / math.sqrt(len(values)):.3f}"
+    mean, se = stats.mean_se(values)
+    return f"{mean:.3f}" if len(values) < 2 else f"{mean:.3f} ± {se:.3f}"
 
 
 def table(arms: dict[str, list[dict]], base: dict | None = None) -> str:

@@ -4,18 +4,17 @@ Optuna's plots, all logged to the sweep's parent MLflow run."""
 from __future__ import annotations
 
 import math
-import statistics
 import sys
 from pathlib import Path
 
-from shortft import raised, tracking
+from shortft import raised, stats, tracking
 from shortft.evaluate import scalars
 from shortft.space import Space
 from shortft.sweep.baseline import searched_evaluation_keys
 from shortft.sweep.eval_report import NOT_TERMS, OBJECTIVE_SAMPLES
 from shortft.sweep.trials import OBJECTIVE, OBJECTIVE_SE, RUN_ID_KEY, TRIAL_KEY, stopped_early
 
-SAMPLES = "objective_samples"  # a row's objective on each sample of its best evaluation (Parquet, not CSV)
+SAMPLES = "objective_samples"  # a row's objective on each sample of its best evaluation, by prompt (Parquet, not CSV)
 UNFINISHED = ("PENDING", "RUNNING", "PAUSED")  # Tune's statuses of the trials a stopped sweep had not finished
 
 
@@ -28,15 +27,6 @@ def error_line(error) -> str | None:
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     ours = raised.found(error)
     return ours[1] if ours else (lines[-1][:300] if lines else type(error).__name__)
-
-
-def paired(hi: list[float] | None, lo: list[float] | None) -> tuple[float, float] | None:
-    """The mean of `hi - lo` sample by sample and its standard error, for two evaluations of the same
-    samples (same prompts, noise seeds, sampler and judge); None where they cannot be paired."""
-    if not hi or not lo or len(hi) != len(lo) or len(hi) < 2:
-        return None
-    diff = [a - b for a, b in zip(hi, lo)]
-    return statistics.fmean(diff), statistics.stdev(diff) / math.sqrt(len(diff))
 
 
 def unfinished(metrics: dict, statuses: dict[str, str] | None) -> bool:
@@ -65,8 +55,8 @@ def results_table(results, space: Space, sweep: dict, base: dict | None = None,
             step = int(history["step"][at]) if "step" in history else None
             se = float(history[OBJECTIVE_SE][at]) if OBJECTIVE_SE in history else None
             value = history[OBJECTIVE_SAMPLES][at] if OBJECTIVE_SAMPLES in history else None
-            samples = [float(v) for v in value] if pairs and isinstance(value, list) else None
-        gain = paired(samples, (base or {}).get(OBJECTIVE_SAMPLES))
+            samples = value if pairs and isinstance(value, list) else None
+        gain = stats.paired(samples, (base or {}).get(OBJECTIVE_SAMPLES))
         row = {"trial": cfg.get(TRIAL_KEY) or m.get("trial_id"), "trial_id": m.get("trial_id"),
                "status": "ERROR" if r.error else "UNFINISHED" if unfinished(m, statuses)
                else ("STOPPED_EARLY" if stopped_early(cfg, sweep, m) else "DONE"),
@@ -112,15 +102,23 @@ def markdown(rows: list[dict], space: Space, base: dict | None = None) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _samples(samples: list) -> str:
+    """'20 prompts, 2 samples each' (or '40 samples', recorded before the samples were kept by prompt)."""
+    per = set(stats.shape(samples))
+    if all(not isinstance(s, list) for s in samples):
+        return f"{len(samples)} samples"
+    return f"{len(samples)} prompts, " + (f"{per.pop()} samples each" if len(per) == 1 else "their samples")
+
+
 def _spread(label: str, hi: dict, lo: dict, sign: str) -> str:
     """'label: gap = n x the paired standard error (se, ...)' of two rows' best objectives, where both
     evaluations' samples are at hand; else 'n x the combined standard error (se)' of the two, as if
     independent (the larger one alone overstated the gap by up to sqrt(2))."""
     gap = hi["objective_best"] - lo["objective_best"]
-    both = paired(hi.get(SAMPLES), lo.get(SAMPLES))
+    both = stats.paired(hi.get(SAMPLES), lo.get(SAMPLES))
     if both and both[1] > 0:
         return (f"{label}: {gap:{sign}.4f} = {gap / both[1]:.1f} x the paired standard error ({both[1]:.4f}, "
-                f"over the same {len(hi[SAMPLES])} samples)")
+                f"over the same {_samples(hi[SAMPLES])})")
     ses = [se for se in (finite(r.get("objective_se")) for r in (hi, lo)) if se]
     if not ses:
         return f"{label}: {gap:{sign}.4f}"
