@@ -32,10 +32,17 @@ def is_hub(path: str) -> bool:
 
 
 def _cached_path(repo: str, filename: str, revision: str | None, repo_type: str = "model") -> Path | None:
-    """The file in this machine's hub cache (where `from_pretrained` looks first), or None."""
-    from huggingface_hub import try_to_load_from_cache
+    """The file in this machine's hub cache (where `from_pretrained` looks first), or None; for a pattern
+    (`*.safetensors`: a shortcut repo named without its file) the first cached file it matches."""
+    from huggingface_hub import snapshot_download, try_to_load_from_cache
 
-    found = None if "*" in filename else try_to_load_from_cache(repo, filename, revision=revision, repo_type=repo_type)
+    if "*" in filename:
+        try:
+            snapshot = Path(snapshot_download(repo, revision=revision, repo_type=repo_type, local_files_only=True))
+        except Exception:  # not in the cache (huggingface_hub's errors for it differ by version)
+            return None
+        return next(iter(sorted(snapshot.glob(filename))), None)
+    found = try_to_load_from_cache(repo, filename, revision=revision, repo_type=repo_type)
     return Path(found) if isinstance(found, str) else None
 
 
@@ -240,7 +247,7 @@ def check(srcs: list[Source], here: bool = True, warn=None) -> None:
             continue
         if kind == "missing":
             raise ConfigError(f"{src.key}={src.value!r}: {why}")
-        if here and "*" not in src.file:  # a pattern's files may be cached: the loader picks one, we cannot tell
+        if here:
             file = weight_file(src)
             if empty:
                 held = f"the hub cache holds {src.repo}'s {src.file} but no weights {in_folders(empty)}"

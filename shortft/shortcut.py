@@ -23,6 +23,7 @@ from shortft.plan import Shortcut
 from shortft.progress import warn
 
 SHORTCUT_ADAPTER = "shortcut"
+HUB_TIMEOUT_S = 10  # asking the hub which files a repo holds
 # Loader messages that mean the file is not a LoRA for this UNet (a UNet-only LoRA that has no text
 # encoder keys is fine: diffusers says so, "safe to ignore").
 MISMATCH = ("unexpected keys", "no lora keys associated to unet", "not found in the base model", "size mismatch")
@@ -37,11 +38,8 @@ def load_lora_shortcut(pipe, cfg: Config, shortcut: Shortcut) -> str:
     flag = f"model.shortcut={cfg.model.shortcut!r}"
     source, weight_name = shortcut.path, shortcut.weight_name
     folder = Path(source).expanduser()
-    if weight_name is None and folder.is_dir():
-        files = sorted(p.name for p in folder.glob("*.safetensors"))
-        if len(files) > 1:  # diffusers would take the first one and only warn
-            raise ConfigError(f"{flag}: {source} holds {len(files)} LoRA files ({', '.join(files[:3])}, ...); "
-                              "pick one with model.shortcut_weight_name=<file> or lora:<folder>/<file>")
+    if weight_name is None:  # diffusers would take the first of several files and only warn
+        weight_name = _one_lora_file(source, folder, cfg.model.shortcut_revision, flag)
     extra = {**({"weight_name": weight_name} if weight_name else {}),
              **({"revision": cfg.model.shortcut_revision} if cfg.model.shortcut_revision and not folder.exists() else {})}
     with captured_warnings("diffusers", "peft") as said:
@@ -70,6 +68,40 @@ def load_lora_shortcut(pipe, cfg: Config, shortcut: Shortcut) -> str:
              "for the base model and the shortcut alike, and the base model must see its own text encoder")
     _scale(pipe.unet, SHORTCUT_ADAPTER, cfg.model.shortcut_scale)
     return SHORTCUT_ADAPTER
+
+
+def _one_lora_file(source: str, folder: Path, revision: str | None, flag: str) -> str | None:
+    """The LoRA file of a folder or hub repo named without one: its only .safetensors file (a hub repo's from
+    the hub's listing, or, where the hub cannot be asked, from this machine's hub cache), else a one-line
+    refusal naming them. None for a local folder with none (check_shortcut refuses it first)."""
+    fix = "pick one with lora:<folder or org/repo>/<file> or model.shortcut_weight_name=<file>"
+    if folder.exists():
+        files = sorted(p.name for p in folder.glob("*.safetensors"))
+    else:
+        files = _hub_safetensors(source, revision, flag, fix)
+    # what diffusers leaves out of its own guess: a training run's scheduler, optimizer and checkpoint files
+    files = [f for f in files if not any(k in f for k in ("scheduler", "optimizer", "checkpoint"))]
+    if len(files) > 1:
+        raise ConfigError(f"{flag}: {source} holds {len(files)} LoRA files ({', '.join(files[:4])}"
+                          f"{', ...' if len(files) > 4 else ''}); {fix}")
+    if not files and not folder.exists():
+        raise ConfigError(f"{flag}: {source} holds no .safetensors file; {fix}")
+    return files[0] if files else None
+
+
+def _hub_safetensors(repo: str, revision: str | None, flag: str, fix: str) -> list[str]:
+    from huggingface_hub import HfApi, snapshot_download
+
+    try:
+        return sorted(s.rfilename for s in HfApi().model_info(repo, revision=revision, timeout=HUB_TIMEOUT_S).siblings
+                      if s.rfilename.endswith(".safetensors"))
+    except Exception as e:  # offline, no network, no such repo: what this machine's cache holds of it
+        try:
+            cached = Path(snapshot_download(repo, revision=revision, local_files_only=True, allow_patterns=["*.safetensors"]))
+        except Exception:
+            raise ConfigError(f"{flag}: which LoRA file of {repo}? The hub cannot be asked ({_first_line(e)}) and "
+                              f"this machine's hub cache has none of its files; {fix}") from None
+        return sorted(p.relative_to(cached).as_posix() for p in cached.rglob("*.safetensors"))
 
 
 def _drop_text_encoder_part(pipe) -> int:

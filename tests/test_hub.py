@@ -77,8 +77,17 @@ def test_what_is_cached_passes_and_what_is_neither_cached_nor_reachable_stops_in
                   ["not cached", [f"model.pretrained={MODEL}", "model.shortcut=" + LORA.replace("4steps", "8steps")], True],
                   ["model", ["model.pretrained=someone/other"], True],
                   ["on other machines", ["model.pretrained=someone/other", "model.shortcut=" + LORA.replace("4", "2")],
-                   False]], cache, HF_HUB_OFFLINE="1")
+                   False],
+                  ["repo cached", ["model.shortcut=lora:ByteDance/Hyper-SD"], True],
+                  ["repo not cached", ["model.shortcut=lora:h1t/TCD-SD15-LoRA"], True]], cache, HF_HUB_OFFLINE="1")
     assert out["cached"] == (None, [])
+    # a shortcut repo named without its file: found in the cache by pattern (it was a note that it is not, and the
+    # load failed after the base model had loaded where it was neither cached nor reachable)
+    assert out["repo cached"] == (None, [])
+    assert out["repo not cached"][0] == (
+        "model.shortcut='lora:h1t/TCD-SD15-LoRA': not in this machine's hub cache, and the hub cannot be asked "
+        "(HF_HUB_OFFLINE is set); download it first (hf download h1t/TCD-SD15-LoRA), or set model.shortcut to a local "
+        "folder")
     assert out["not cached"][0] == (
         f"model.shortcut='{LORA.replace('4steps', '8steps')}': ByteDance/Hyper-SD/Hyper-SD15-8steps-lora.safetensors is "
         "not in this machine's hub cache, and the hub cannot be asked (HF_HUB_OFFLINE is set); download it first (hf "

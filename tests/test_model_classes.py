@@ -75,6 +75,26 @@ def test_each_class_trains_shortft_with_a_hub_lora_picked_by_file_name(class_dir
     assert "step 2/2" in r.stdout and (tmp_path / "run" / "lora").is_dir()
 
 
+def test_a_hub_repo_named_without_a_file_is_its_one_lora_or_refused_when_it_holds_several(class_dirs, hub, tmp_path):
+    """diffusers loads the first of a repo's LoRA files with only a warning (ByteDance/Hyper-SD holds a dozen, for
+    other base models and step counts); offline it stopped with "you must specify a `weight_name`" even where the
+    cache held one. A repo with one file loads it; with several, one line names them and the fix."""
+    r = _cli(["train", "--config", "tiny", f"model.pretrained={class_dirs['tiny']}", "model.shortcut=lora:ByteDance/Hyper-SD",
+              "chain.steps=8", "chain.segments=4", "train.steps=1", f"train.output_dir={tmp_path}/a", "--no-mlflow"], hub)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert "note:" not in r.stderr, r.stderr  # the hub check finds the repo's files in the cache
+    assert ("model.shortcut='lora:ByteDance/Hyper-SD': ByteDance/Hyper-SD holds 3 LoRA files (Hyper-SD15-4steps-lora."
+            "safetensors, Hyper-SD21-4steps-lora.safetensors, Hyper-SDXL-4steps-lora.safetensors); pick one with "
+            "lora:<folder or org/repo>/<file> or model.shortcut_weight_name=<file>") in r.stderr, r.stderr[-2000:]
+    hub_cache(hub / "cache", "someone/one-lora", {"tcd.safetensors": hub / "src" / LORA_FILE["tiny"]})
+    r = _cli(["train", "--config", "tiny", f"model.pretrained={class_dirs['tiny']}", "model.shortcut=lora:someone/one-lora",
+              "chain.steps=8", "chain.segments=4", "train.steps=1", f"train.output_dir={tmp_path}/b", "--no-mlflow"], hub)
+    assert r.returncode == 0 and "step 1/1" in r.stdout, r.stderr[-2000:]
+    r = _cli(["train", "--config", "tiny", f"model.pretrained={class_dirs['tiny']}", "model.shortcut=lora:someone/none",
+              "chain.steps=8", "chain.segments=4", "train.steps=1", f"train.output_dir={tmp_path}/c", "--no-mlflow"], hub)
+    assert r.returncode == 2 and "model.shortcut='lora:someone/none': not in this machine's hub cache" in r.stderr, r.stderr[-2000:]
+
+
 def test_the_shortcut_lora_is_the_file_named_scaled_and_unguided(class_dirs, hub, tmp_path):
     from safetensors.torch import load_file
 
