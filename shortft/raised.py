@@ -21,3 +21,14 @@ def found(error: BaseException | str) -> tuple[str, str] | None:
         if raised:
             return raised.group(1), raised.group(2)
     return None
+
+
+def one_line(error) -> str | None:
+    """A failed trial's reason in one line: the package's own one-line error where it raised one (a
+    `--resource-wait-s` wait, running out of GPU memory: whole, without its type), else the
+    last line of the error Tune kept (the whole traceback is in the trial's error.txt)."""
+    if error is None:
+        return None
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    ours = found(error)
+    return ours[1] if ours else (lines[-1][:300] if lines else type(error).__name__)

@@ -97,7 +97,8 @@ def _hub_safetensors(repo: str, revision: str | None, flag: str, fix: str) -> li
                       if s.rfilename.endswith(".safetensors"))
     except Exception as e:  # offline, no network, no such repo: what this machine's cache holds of it
         try:
-            cached = Path(snapshot_download(repo, revision=revision, local_files_only=True, allow_patterns=["*.safetensors"]))
+            cached = Path(snapshot_download(repo, revision=revision, local_files_only=True,
+                                            allow_patterns=["*.safetensors"]))
         except Exception:
             raise ConfigError(f"{flag}: which LoRA file of {repo}? The hub cannot be asked ({_first_line(e)}) and "
                               f"this machine's hub cache has none of its files; {fix}") from None

@@ -116,7 +116,7 @@ def test_a_trial_that_can_only_fit_later_waits_then_ends_as_error(tmp_path):
     c = MlflowClient(f"sqlite:///{work / 'mlflow.db'}")
     (run,) = [r for r in c.search_runs([c.get_experiment_by_name("shortft-sweeps").experiment_id])
               if "mlflow.parentRunId" in r.data.tags]
-    assert run.info.status == "FAILED" and run.data.tags["shortft.trial_error"] == row["error"]
+    assert run.info.status == "FAILED" and run.data.tags["shortft.error"] == row["error"]
 
 
 def test_a_cluster_address_nothing_answers_at_is_one_line_in_seconds(monkeypatch, capsys):

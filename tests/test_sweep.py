@@ -209,7 +209,7 @@ def test_a_trial_that_ran_out_of_gpu_memory_has_the_whole_line_in_the_table():
     from ray.exceptions import RayTaskError
 
     from shortft.memory import OutOfMemory
-    from shortft.sweep.results import error_line
+    from shortft.raised import one_line as error_line
 
     line = "out of GPU memory in step 2 (asked for 1.25 GiB with 1.18 GiB of 23.52 GiB free); to lower the peak: " + \
         "model.gradient_checkpointing=true, " * 10 + "the checkpoints written so far are kept"
@@ -415,7 +415,7 @@ def test_ctrl_c_stops_the_sweep_says_so_and_how_to_continue_it_and_the_resume_fi
     work = _script(tmp_path)
     ray_tmp = tempfile.mkdtemp(prefix="rcc", dir="/tmp")
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "RAY_TMPDIR": ray_tmp}
-    proc = _run_script(work, "--name", "cut", "--no-mlflow", "--no-baseline", samples=3, env=env)
+    proc = _run_script(work, "--name", "cut", "--no-baseline", samples=3, env=env)
     for line in proc.stdout:
         if line.startswith("Trial run_trial_") and " started with configuration" in line:
             break
@@ -431,12 +431,22 @@ def test_ctrl_c_stops_the_sweep_says_so_and_how_to_continue_it_and_the_resume_fi
     rows = pq.read_table(work / "runs" / "sweeps" / "cut" / "results.parquet").to_pylist()
     assert all(r["status"] != "STOPPED_EARLY" for r in rows), [(r["trial"], r["status"]) for r in rows]
     assert any(r["status"] == "UNFINISHED" for r in rows) or len(rows) < 3, rows
+    c = tracking.client(f"sqlite:///{work / 'mlflow.db'}")
+
+    def statuses():
+        runs = c.search_runs([c.get_experiment_by_name(sweep.EXPERIMENT).experiment_id])
+        return sorted((r.info.status, r.data.tags.get("shortft.trial_status")) for r in runs
+                      if "mlflow.parentRunId" in r.data.tags), [r.info.status for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children, parents = statuses()  # none left RUNNING (a smoke trial ends its 2 steps: Tune's stop waits for it)
+    assert parents == ["KILLED"] and children and "RUNNING" not in str(children), children
     # A relative --storage-path was a URI with no scheme to Ray's pyarrow filesystem: a traceback
-    again = _run_script(work, "--name", "cut", "--resume", "--no-mlflow", "--no-baseline", "--storage-path", "ray_results")
+    again = _run_script(work, "--name", "cut", "--resume", "--no-baseline", "--storage-path", "ray_results")
     out, _ = again.communicate(timeout=600)
     assert again.returncode == 0 and "stopped before its end" not in out, out[-3000:]
     rows = pq.read_table(work / "runs" / "sweeps" / "cut" / "results.parquet").to_pylist()
     assert len(rows) == 3 and all(r["status"] in ("DONE", "STOPPED_EARLY") for r in rows), rows
+    children, parents = statuses()
+    assert parents == ["FINISHED"] and len(children) == 3 and {s for s, _ in children} == {"FINISHED"}, children
 
 
 @pytest.mark.slow
@@ -1167,3 +1177,54 @@ def test_a_new_sweep_of_a_name_used_before_in_the_store_has_trial_runs_of_its_ow
     new = tracking.ensure_trial_run(uri, "e", "s-t001", cfg, second)
     assert new != old and tracking.client(uri).get_run(old).info.lifecycle_stage == "active"
     assert tracking.ensure_trial_run(uri, "e", "s-t001", cfg, second) == new  # a resume finds its own
+
+
+def test_trial_runs_end_closed_with_their_status_and_line_even_when_the_sweep_is_interrupted(tmp_path):
+    """A Ctrl-C'd sweep left its running and pending trials' runs RUNNING for ever (Tune stops them without a
+    per-trial callback); a failed trial's run had no reason on it (only a --resource-wait-s wait set one,
+    under another tag than `shortft train`'s), and a trial that failed, was resumed and then finished kept
+    the old line."""
+    from types import SimpleNamespace
+
+    from shortft.run_status import ERROR_TAG
+    from shortft.sweep.trial_runs import RunCloser
+    from shortft.sweep.trials import RUN_ID_KEY
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    parent = tracking.ensure_run(uri, "x", "sweep/s", "s")
+    ids = {k: tracking.ensure_run(uri, "x", f"{parent}/{k}", k, parent_run_id=parent) for k in "abcd"}
+    tracking.set_tag(uri, ids["a"], ERROR_TAG, "an earlier attempt's line")
+    oom = RuntimeError("Traceback ...\nshortft.memory.OutOfGPUMemory: out of GPU memory in a step: lower train.batch_size")
+
+    def trial(key):
+        return SimpleNamespace(config={RUN_ID_KEY: ids[key]}, last_result={}, get_error=lambda: oom)
+
+    closer = RunCloser(uri, parent_run_id=parent)
+    closer.on_trial_complete(0, [], trial("a"))
+    closer.on_trial_error(0, [], trial("b"))
+    closer.on_experiment_end(trials=[trial(k) for k in "abc"])  # d: another sweep's trial, not this one's
+    runs = {k: tracking.client(uri).get_run(v) for k, v in ids.items()}
+    assert {k: r.info.status for k, r in runs.items()} == {"a": "FINISHED", "b": "FAILED", "c": "KILLED", "d": "RUNNING"}
+    assert ERROR_TAG not in runs["a"].data.tags
+    assert runs["b"].data.tags[ERROR_TAG] == "out of GPU memory in a step: lower train.batch_size"
+    assert runs["c"].data.tags["shortft.trial_status"] == "interrupted"
+
+
+def test_a_sweep_that_raises_leaves_its_parent_run_failed_with_its_line(tmp_path, monkeypatch):
+    """An error in Tune, in MLflow or in the results (or a second Ctrl-C) left the parent run RUNNING for ever."""
+    import ray
+    from ray import tune
+
+    def fit(self):
+        raise RuntimeError("the store went away")
+
+    monkeypatch.setattr(tune.Tuner, "fit", fit)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    try:
+        with pytest.raises(RuntimeError, match="the store went away"):
+            sweep.run_sweep("toy", 1, name="s", storage_path=str(tmp_path / "ray"), tracking_uri=uri, smoke_test=True,
+                            output_root=str(tmp_path / "runs"), baseline=False)
+    finally:
+        ray.shutdown()
+    (parent,) = tracking.client(uri).search_runs([tracking.experiment_id(uri, sweep.EXPERIMENT)])
+    assert parent.info.status == "FAILED" and parent.data.tags["shortft.error"] == "the store went away"

@@ -16,13 +16,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from shortft import raised
 from shortft.config import ConfigError, load_yaml
 from shortft.hub import check_sources
 from shortft.progress import quiet_libraries
 from shortft.space import trial_config
 from shortft.sweep.baseline import evaluate_base
 from shortft.sweep.compare_report import write_report
-from shortft.sweep.results import error_line, finite
+from shortft.sweep.results import finite
 from shortft.sweep.trials import OBJECTIVE, SMOKE_TEST, cpu_threads, trainable_for
 
 ARMS: dict[str, dict] = {
@@ -176,7 +177,7 @@ def _fit(trainable, param_space: dict, name: str, storage_path: str, runs: Path)
     for result in tuner.fit():
         if result.error:
             rows.append({"lr": float(result.config["train.lr"]), "seed": int(result.config["train.seed"]),
-                         "error": error_line(result.error)})
+                         "error": raised.one_line(result.error)})
             continue
         evals = [{k: v for k, v in rec.items() if k in KEPT or k.startswith("eval/")}
                  for rec in result.metrics_dataframe.to_dict("records")]

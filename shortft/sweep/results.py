@@ -18,17 +18,6 @@ SAMPLES = "objective_samples"  # a row's objective on each sample of its best ev
 UNFINISHED = ("PENDING", "RUNNING", "PAUSED")  # Tune's statuses of the trials a stopped sweep had not finished
 
 
-def error_line(error) -> str | None:
-    """A failed trial's reason in one line: the package's own one-line error where it raised one (a
-    `--resource-wait-s` wait, running out of GPU memory: whole, without its type), else the
-    last line of the error Tune kept (the whole traceback is in the trial's error.txt)."""
-    if error is None:
-        return None
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    ours = raised.found(error)
-    return ours[1] if ours else (lines[-1][:300] if lines else type(error).__name__)
-
-
 def unfinished(metrics: dict, statuses: dict[str, str] | None) -> bool:
     """A trial Tune had not finished when the sweep stopped (Ctrl-C): pending or running by its status, or
     without one reported step (ASHA stops a trial at a reported evaluation; Tune's graceful stop marks the
@@ -66,7 +55,7 @@ def results_table(results, space: Space, sweep: dict, base: dict | None = None,
                **{k: v for k, v in m.items() if k.startswith("eval/") and k not in NOT_TERMS},
                **{f"train/{k}": v for k, v in m.items() if k.startswith("reward")},
                "seconds_per_step": m.get("mean_seconds_per_step"), "peak_memory_mb": m.get("peak_memory_mb"),
-               "node_id": m.get("node_id"), "mlflow_run_id": cfg.get(RUN_ID_KEY), "error": error_line(r.error),
+               "node_id": m.get("node_id"), "mlflow_run_id": cfg.get(RUN_ID_KEY), "error": raised.one_line(r.error),
                SAMPLES: samples}
         rows.append(row)
     return sorted(rows, key=lambda row: str(row["trial"]))

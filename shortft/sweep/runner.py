@@ -12,7 +12,7 @@ from pathlib import Path
 
 from ray import tune
 
-from shortft import resources, tracking
+from shortft import resources, run_status, tracking
 from shortft.config import ConfigError, check_name, to_dict
 from shortft.hub import check_sources
 from shortft.mlflow_relay import start_relay
@@ -203,55 +203,59 @@ def run_sweep(space: str | Space | None = None, num_samples: int | None = None, 
                               parent, resource_wait_s)
     sweep_settings.update(_driver_ready=True, fits_now=verdict == "now")  # checked, relay and coordinator started
 
-    # 4. Tune.
-    # The sweep's state at most 1 s old, so that a killed driver's resume loses nothing: a trial writes no
-    # checkpoint within 1 s of its start, and one that ended unsaved runs again from its own. At 0, Tune saved
-    # (and synced to storage) at every pass of its loop, ~10 a second: the default sweep's driver took 20.4 s
-    # of CPU against 6.4 s at 1 (docs/sweeps.md).
-    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
-    trial_fn = trainable(sweep_settings)
-    # The pruner last: a callback that raises before it makes Tune retry the trial, whose checkpoints must stay.
-    callbacks = [*([RunCloser(tracking_uri, sweep_settings)] if tracking_uri else []), Pruner(sweep_settings)]
-    run_config = tune.RunConfig(name=name, storage_path=storage_path, failure_config=tune.FailureConfig(max_failures=1),
-                                checkpoint_config=tune.CheckpointConfig(**BEST_AND_LATEST),
-                                callbacks=callbacks, verbose=1)
-    print(f"sweep {name}: {num_samples} trials of space {space.name!r} (base {space.base}), "
-          f"{max_concurrent} at a time, {workers_per_trial} worker(s) each; storage {storage_path}", flush=True)
-    if resume:
-        tuner = tune.Tuner.restore(str(Path(storage_path) / name) if "://" not in storage_path else f"{storage_path}/{name}",
-                                   trainable=trial_fn, resume_unfinished=True, resume_errored=True,
-                                   param_space=param_space(space))
-    else:
-        saved.write(storage_path, name, values)  # only now: every check has passed, the sweep starts
-        search = searcher(space, sweep_settings, seed=seed, max_concurrent=max_concurrent)
-        tuner = tune.Tuner(trial_fn, param_space=param_space(space),
-                           tune_config=tune.TuneConfig(search_alg=search, scheduler=scheduler(space),
-                                                       num_samples=num_samples, reuse_actors=False),
-                           run_config=run_config)
-    out_dir = Path(output_root)
-    untrained = baseline_eval.start(space, out_dir, sweep_settings) if baseline else None
-    grid = tuner.fit()
+    # 4-5 with the parent run closed KILLED or FAILED (with its line) if they raise: a second Ctrl-C, an
+    # MLflow or Tune error left it RUNNING for ever
+    with run_status.kept(tracking_uri, parent):
+        # 4. Tune.
+        # The sweep's state at most 1 s old, so that a killed driver's resume loses nothing: a trial writes no
+        # checkpoint within 1 s of its start, and one that ended unsaved runs again from its own. At 0, Tune saved
+        # (and synced to storage) at every pass of its loop, ~10 a second: the default sweep's driver took 20.4 s
+        # of CPU against 6.4 s at 1 (docs/sweeps.md).
+        os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
+        trial_fn = trainable(sweep_settings)
+        # The pruner last: a callback that raises before it makes Tune retry the trial, whose checkpoints must stay.
+        callbacks = [*([RunCloser(tracking_uri, sweep_settings)] if tracking_uri else []), Pruner(sweep_settings)]
+        run_config = tune.RunConfig(name=name, storage_path=storage_path,
+                                    failure_config=tune.FailureConfig(max_failures=1),
+                                    checkpoint_config=tune.CheckpointConfig(**BEST_AND_LATEST),
+                                    callbacks=callbacks, verbose=1)
+        print(f"sweep {name}: {num_samples} trials of space {space.name!r} (base {space.base}), "
+              f"{max_concurrent} at a time, {workers_per_trial} worker(s) each; storage {storage_path}", flush=True)
+        if resume:
+            where = str(Path(storage_path) / name) if "://" not in storage_path else f"{storage_path}/{name}"
+            tuner = tune.Tuner.restore(where, trainable=trial_fn, resume_unfinished=True, resume_errored=True,
+                                       param_space=param_space(space))
+        else:
+            saved.write(storage_path, name, values)  # only now: every check has passed, the sweep starts
+            search = searcher(space, sweep_settings, seed=seed, max_concurrent=max_concurrent)
+            tuner = tune.Tuner(trial_fn, param_space=param_space(space),
+                               tune_config=tune.TuneConfig(search_alg=search, scheduler=scheduler(space),
+                                                           num_samples=num_samples, reuse_actors=False),
+                               run_config=run_config)
+        out_dir = Path(output_root)
+        untrained = baseline_eval.start(space, out_dir, sweep_settings) if baseline else None
+        grid = tuner.fit()
 
-    # 5. Results table (after the untrained model's row), best trial, parent run.
-    base = untrained.result() if untrained else None
-    rows = results_table(grid, space, sweep_settings, base, trial_statuses(grid))
-    unfinished = sum(r["status"] == "UNFINISHED" for r in rows) + max(0, num_samples - len(rows))
-    out_dir.mkdir(parents=True, exist_ok=True)
-    table_path = write_table(rows, out_dir / "results.parquet")
-    (out_dir / "results.md").write_text(markdown(rows, space, base))
-    done = [r for r in rows if r["objective_best"] is not None]
-    best = None
-    if done:
-        top = max(done, key=lambda r: r["objective_best"])
-        values = {k: top[k] for k in space.search}
-        best_cfg = trial_config(space.base, space.fixed, values, name=f"{name}-best")
-        best = {"trial": top["trial"], "objective": top["objective_best"], "step": top["step_best"],
-                "values": values, "config": to_dict(best_cfg), "mlflow_run_id": top["mlflow_run_id"]}
-        result = next(r for r in grid if (r.metrics or {}).get("trial_id") == top["trial_id"])
-        folder = Path(output_root) / trial_name(result.config, sweep_settings, top["trial_id"])
-        best["lora_dir"], best["lora_from"] = best_lora.export(result, top, best["config"], folder, out_dir)
-    seconds = time.time() - t_start
-    if parent:
-        finish_parent(tracking_uri, parent, rows, best, study_of(tuner), table_path, out_dir, seconds, base,
-                      "KILLED" if unfinished else "FINISHED", time.process_time() - cpu_start)
+        # 5. Results table (after the untrained model's row), best trial, parent run.
+        base = untrained.result() if untrained else None
+        rows = results_table(grid, space, sweep_settings, base, trial_statuses(grid))
+        unfinished = sum(r["status"] == "UNFINISHED" for r in rows) + max(0, num_samples - len(rows))
+        out_dir.mkdir(parents=True, exist_ok=True)
+        table_path = write_table(rows, out_dir / "results.parquet")
+        (out_dir / "results.md").write_text(markdown(rows, space, base))
+        done = [r for r in rows if r["objective_best"] is not None]
+        best = None
+        if done:
+            top = max(done, key=lambda r: r["objective_best"])
+            values = {k: top[k] for k in space.search}
+            best_cfg = trial_config(space.base, space.fixed, values, name=f"{name}-best")
+            best = {"trial": top["trial"], "objective": top["objective_best"], "step": top["step_best"],
+                    "values": values, "config": to_dict(best_cfg), "mlflow_run_id": top["mlflow_run_id"]}
+            result = next(r for r in grid if (r.metrics or {}).get("trial_id") == top["trial_id"])
+            folder = Path(output_root) / trial_name(result.config, sweep_settings, top["trial_id"])
+            best["lora_dir"], best["lora_from"] = best_lora.export(result, top, best["config"], folder, out_dir)
+        seconds = time.time() - t_start
+        if parent:
+            finish_parent(tracking_uri, parent, rows, best, study_of(tuner), table_path, out_dir, seconds, base,
+                          "KILLED" if unfinished else "FINISHED", time.process_time() - cpu_start)
     return SweepResult(name, rows, best, table_path, parent, tracking_uri, seconds, storage_path, base, unfinished)

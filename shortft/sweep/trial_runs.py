@@ -7,7 +7,8 @@ from __future__ import annotations
 from ray import tune
 from ray.tune.search import ConcurrencyLimiter
 
-from shortft import tracking
+from shortft import raised, tracking
+from shortft.run_status import ERROR_TAG
 from shortft.sweep.trials import OBJECTIVE, RUN_ID_KEY, TRIAL_KEY, config_of_trial, stopped_early
 
 
@@ -53,19 +54,35 @@ class TrialRuns(ConcurrencyLimiter):
 
 class RunCloser(tune.Callback):
     """Driver side: a trial that ends, is stopped early or fails gets its MLflow run closed with that
-    status (an ASHA stop kills the trial's Train job before it could close the run itself). `sweep`:
-    the sweep's settings, to tell a trial ASHA stopped from one that finished."""
+    status (an ASHA stop kills the trial's Train job before it could close the run itself), a failed one
+    with its line as the `shortft.error` tag. `sweep`: the sweep's settings, to tell a trial ASHA stopped
+    from one that finished. The parent run's (`parent_run_id`, or the sweep's) trial runs still RUNNING
+    when the sweep ends (a Ctrl-C: Tune stops the running trials without a per-trial callback) are closed
+    KILLED."""
 
-    def __init__(self, tracking_uri: str, sweep: dict | None = None):
+    def __init__(self, tracking_uri: str, sweep: dict | None = None, parent_run_id: str | None = None):
         self.tracking_uri, self.sweep = tracking_uri, sweep
+        self.parent = parent_run_id or (sweep or {}).get("parent_run_id")
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         self._close(trial, "FINISHED")
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        self._close(trial, "FAILED")
+        self._close(trial, "FAILED", raised.one_line(trial.get_error()))
 
-    def _close(self, trial, status: str) -> None:
+    def on_experiment_end(self, trials, **info):
+        parent, runs = self.parent, {t.config.get(RUN_ID_KEY) for t in trials} - {None}
+        if not parent or not runs:
+            return
+        client = tracking.client(self.tracking_uri)
+        running = f"tags.`mlflow.parentRunId` = '{parent}' and attributes.status = 'RUNNING'"
+        left = client.search_runs([client.get_run(parent).info.experiment_id], filter_string=running)
+        for run in left:  # a resumed sweep runs them again (the trial's logger marks its run RUNNING)
+            if run.info.run_id in runs:
+                client.set_tag(run.info.run_id, "shortft.trial_status", "interrupted")
+                client.set_terminated(run.info.run_id, "KILLED")
+
+    def _close(self, trial, status: str, error: str | None = None) -> None:
         run_id = trial.config.get(RUN_ID_KEY)
         if not run_id:
             return
@@ -73,4 +90,8 @@ class RunCloser(tune.Callback):
         early = (status == "FINISHED" and self.sweep is not None
                  and stopped_early(trial.config, self.sweep, trial.last_result or {}))
         client.set_tag(run_id, "shortft.trial_status", "stopped early" if early else status.lower())
+        if error:
+            client.set_tag(run_id, ERROR_TAG, error[:5000])
+        elif ERROR_TAG in client.get_run(run_id).data.tags:  # an earlier attempt's line, before a resume ran it again
+            client.delete_tag(run_id, ERROR_TAG)
         client.set_terminated(run_id, status)

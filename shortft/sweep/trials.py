@@ -33,7 +33,6 @@ SMOKE_TEST = {"train.steps": 2, "eval.every": 2, "chain.steps": 10, "eval.sample
               "train.batch_size": 1, "train.checkpoint_every": 0, "train.log_every": 1}
 TRIAL_KEY = "trial_key"  # set by trial_runs.TrialRuns: t001, t002, ... (stable across a resumed driver)
 RUN_ID_KEY = "mlflow_run_id"
-ERROR_TAG = "shortft.trial_error"  # a failed trial's one-line reason, on its MLflow run
 EXPERIMENT = "shortft-sweeps"  # MLflow experiment of sweeps (single runs go to "shortft")
 TRIAL_CPUS = 0.1  # a trial that fits a Ray Train job only waits on it
 RESOURCE_WAIT_S = 1800.0  # a trial whose workers are not placed within this ends as ERROR
@@ -116,18 +115,15 @@ def run_trial(config: dict, sweep: dict) -> None:
 
 
 def _train_job(cfg: Config, sweep: dict, run_id: str | None, name: str) -> None:
-    from shortft.distributed import ResourceWaitError, train_with_ray
+    from shortft.distributed import train_with_ray
 
-    try:
-        train_with_ray(cfg, sweep["workers"], use_gpu=sweep["use_gpu"], storage_path=sweep["storage_path"],
-                       tracking_uri=sweep["tracking_uri"], experiment=sweep["experiment"], resume=True,
-                       cpus_per_worker=sweep["cpus_per_worker"], run_id=run_id, name=name, threads=sweep["threads"],
-                       gpus_per_worker=sweep["gpus_per_worker"], callbacks=[EvalReport()],
-                       resource_wait_s=sweep.get("resource_wait_s"), check_resources=False, keep_best=True)
-    except ResourceWaitError as e:
-        if run_id:  # the reason goes with the trial's run; the driver closes it as FAILED
-            relay_call(RELAY, tracking.set_tag, run_id, ERROR_TAG, str(e))
-        raise
+    # a failure (a --resource-wait-s wait too) closes the trial's run as FAILED with its line: the driver's
+    # `trial_runs.RunCloser`
+    train_with_ray(cfg, sweep["workers"], use_gpu=sweep["use_gpu"], storage_path=sweep["storage_path"],
+                   tracking_uri=sweep["tracking_uri"], experiment=sweep["experiment"], resume=True,
+                   cpus_per_worker=sweep["cpus_per_worker"], run_id=run_id, name=name, threads=sweep["threads"],
+                   gpus_per_worker=sweep["gpus_per_worker"], callbacks=[EvalReport()],
+                   resource_wait_s=sweep.get("resource_wait_s"), check_resources=False, keep_best=True)
 
 
 def trial_resources(sweep: dict, fits_now: bool) -> dict:
