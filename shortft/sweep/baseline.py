@@ -1,7 +1,8 @@
 """The untrained model on a sweep's evaluation: the row every trial's gain is read from.
 
 A short sweep can leave its trials level with the model it started from (the default toy sweep's best
-trial is 1.9 paired standard errors above it); without that row a table of trials reads as a table of gains.
+trial is 1.9 paired standard errors above it, over the prompts); without that row a table of trials
+reads as a table of gains.
 The base model is evaluated once per sweep, on the same prompts, sampler, seeds and judge as every
 trial's (the space's base config and fixed keys, no LoRA), and kept in `<output>/base.json` with its
 sample grid in `<output>/grids/base.png`; a resumed sweep reads it back.
