@@ -170,13 +170,17 @@ def resolve_shortcut(model: ModelConfig, segments: int) -> Shortcut:
 def check_shortcut(cfg: Config) -> None:
     """A shortcut given as a local path (or a built-in file) must exist; hub ids are checked on load."""
     shortcut = resolve_shortcut(cfg.model, cfg.chain.segments)
-    if shortcut.kind == "none" or shortcut.weight_name:  # a file inside a hub repo is checked when loaded
+    if shortcut.kind == "none":
         return
     given = cfg.model.shortcut.partition(":")[2]
-    if (given.startswith("builtin:") or builtin.looks_like_path(shortcut.path)) and not Path(shortcut.path).expanduser().exists():
+    folder = Path(shortcut.path).expanduser()
+    if (given.startswith("builtin:") or builtin.looks_like_path(shortcut.path)) and not folder.exists():
         hint = " (no shortcut for this chain.segments?)" if "{segments}" in given else ""
         raise ConfigError(f"model.shortcut={cfg.model.shortcut!r}: {shortcut.path} does not exist{hint}")
-    folder = Path(shortcut.path).expanduser()
+    if shortcut.weight_name:  # a file inside a local folder here; inside a hub repo, `hub.check_sources`
+        if folder.is_dir() and not (folder / shortcut.weight_name).is_file():
+            raise ConfigError(f"model.shortcut={cfg.model.shortcut!r}: {shortcut.path} has no file {shortcut.weight_name}")
+        return
     if shortcut.kind == "lora" and folder.is_dir() and not any(folder.glob("*.safetensors")):
         raise ConfigError(f"model.shortcut={cfg.model.shortcut!r}: {shortcut.path} holds no .safetensors file; give "
                           "the folder of a LoRA, or lora:<folder>/<file>")

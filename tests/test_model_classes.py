@@ -158,7 +158,7 @@ def _bogus_lora(path):
 
 
 @pytest.mark.parametrize("case", ["missing file", "keys match nothing", "another model's lora", "several files",
-                                  "no file", "unsupported class", "resolution"])
+                                  "no folder", "no such file", "no file", "unsupported class", "resolution"])
 def test_bad_models_and_shortcuts_fail_in_one_line(class_dirs, hub, tmp_path, capsys, case):
     base = ["train", "--config", "tiny", f"model.pretrained={class_dirs['tiny']}", "chain.steps=8", "chain.segments=4",
             "train.steps=1", f"train.output_dir={tmp_path}/run"]
@@ -175,7 +175,13 @@ def test_bad_models_and_shortcuts_fail_in_one_line(class_dirs, hub, tmp_path, ca
                                  "the LoRA's keys do not match this UNet"),
         "several files": ([f"model.shortcut=lora:{hub / 'src'}"],
                           "holds 3 LoRA files (Hyper-SD15-4steps-lora.safetensors, Hyper-SD21-4steps-lora.safetensors, "
-                          "Hyper-SDXL-4steps-lora.safetensors, ...); pick one with model.shortcut_weight_name=<file>"),
+                          "Hyper-SDXL-4steps-lora.safetensors); pick one with lora:<folder or org/repo>/<file> or "
+                          "model.shortcut_weight_name=<file>"),
+        # was found only when loading it, after the base model: the check skipped a path given with its file name
+        "no folder": ([f"model.shortcut=lora:{tmp_path / 'gone'}", "model.shortcut_weight_name=x.safetensors"],
+                      f"model.shortcut='lora:{tmp_path / 'gone'}': {tmp_path / 'gone'} does not exist"),
+        "no such file": ([f"model.shortcut=lora:{hub / 'src'}", "model.shortcut_weight_name=x.safetensors"],
+                         f"model.shortcut='lora:{hub / 'src'}': {hub / 'src'} has no file x.safetensors"),
         "no file": ([f"model.shortcut=lora:{_made(tmp_path / 'empty')}"],  # was "... has no file None", after loading
                     f"model.shortcut='lora:{tmp_path / 'empty'}': {tmp_path / 'empty'} holds no .safetensors file; "
                     "give the folder of a LoRA, or lora:<folder>/<file>"),
