@@ -151,16 +151,21 @@ def print_plan(cfg) -> None:
     from shortft.plan import format_plan, schedule, training_plan
 
     from shortft.architectures import HUB_IDS
+    from shortft.hub import is_hub
 
     path = builtin.resolve(cfg.model.pretrained)
     try:  # the plan never downloads: a hub model is read from the hub cache
         scheduler = DDIMScheduler.from_pretrained(path, subfolder="scheduler", revision=cfg.model.revision,
                                                   local_files_only=True)
     except OSError as e:
-        if cfg.model.pretrained not in HUB_IDS:
+        if not is_hub(cfg.model.pretrained):  # a local folder without one is not a diffusers model
             raise ConfigError(f"model.pretrained={cfg.model.pretrained!r}: no scheduler config here "
                               f"({str(e).splitlines()[0]}); download the model first") from None
-        print("(the model is not in the hub cache yet: the plan uses its published DDIM settings)")
+        # the dry run lists what to download: it never stopped there for a model not yet downloaded (SD 2.x)
+        print("(the model is not in the hub cache yet: the plan uses " + (
+            "its published DDIM settings)" if cfg.model.pretrained in HUB_IDS else
+            "SD 1.x/2.x/XL's DDIM settings, 1000 steps of scaled_linear betas 0.00085-0.012 with steps_offset 1, "
+            "which this model's scheduler config may not share)"))
         scheduler = DDIMScheduler(**builtin.SD_SCHEDULER)
     if cfg.model.timestep_spacing:
         scheduler = DDIMScheduler.from_config(scheduler.config, timestep_spacing=cfg.model.timestep_spacing)

@@ -209,6 +209,18 @@ def test_a_model_cached_without_its_weights_stops_in_one_line_naming_them(fp16_r
     assert f"[to download: no weights in unet/] {MODEL}  model" in p.stdout, p.stdout[-2000:] + p.stderr[-2000:]
 
 
+def test_the_dry_run_of_a_hub_model_not_yet_downloaded_lists_what_to_download(tmp_path):
+    """SD 2.x (any hub model but the three ids the package knows) stopped the dry run at its first line, "no
+    scheduler config here; download the model first": the command that says what to download."""
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "empty"), "HF_HUB_OFFLINE": "1"}
+    p = subprocess.run([sys.executable, "-m", "shortft.cli", "train", "--config", "sd15", "--dry-run",
+                        "model.pretrained=stabilityai/stable-diffusion-2-1-base", "model.shortcut=none"],
+                       cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "the plan uses SD 1.x/2.x/XL's DDIM settings" in p.stdout and "stage 4/4" in p.stdout, p.stdout[-2000:]
+    assert "stabilityai/stable-diffusion-2-1-base  model" in p.stdout, p.stdout[-2000:]
+
+
 def test_timing_the_rewards_checks_their_sources_only(tmp_path):
     """`shortft rewards --cost` loads the reward models (not the base model) and did not check them: with an
     empty cache it failed in the first load (with HF_HUB_OFFLINE, huggingface_hub's LocalEntryNotFoundError;
