@@ -63,7 +63,8 @@ def settle(output_dir: Path, given_uri: str | None, given_experiment: str | None
 def open_run(uri: str, experiment: str, key: str, name: str, cfg: Config, reuse: bool = True) -> str:
     """The run to log to: the one the run folder recorded, where it is this folder's own run (`run_record`)
     of this experiment and is in this store (a run id is unique: a store moved with its runs has it), its key
-    then set to this folder's (it may have moved); else the run with this key, or a new one."""
+    then set to this folder's (it may have moved); else the run with this key, or a new one. A resumed run
+    whose settings are not its params gets them named in a tag (`tracking.note_changed_params`)."""
     record, own = run_record.recorded(cfg.output_dir, PART) if reuse else ({}, False)
     run_id = record.get("run_id")
     if own and isinstance(run_id, str) and record.get("experiment") == experiment:
@@ -76,5 +77,8 @@ def open_run(uri: str, experiment: str, key: str, name: str, cfg: Config, reuse:
                 and run.info.experiment_id == tracking.experiment_id(uri, experiment):
             if run.data.tags.get(tracking.RUN_KEY) != key:
                 client.set_tag(run_id, tracking.RUN_KEY, key)
+            tracking.note_changed_params(uri, run_id, cfg)  # a resume's settings that are not the params
             return run_id
-    return tracking.ensure_run(uri, experiment, key, name, cfg, reuse=reuse)
+    run_id = tracking.ensure_run(uri, experiment, key, name, cfg, reuse=reuse)
+    tracking.note_changed_params(uri, run_id, cfg)
+    return run_id

@@ -22,6 +22,7 @@ from shortft.mlflow_client import SQLITE, fail_fast, open_client, sqlite_path
 from shortft.progress import warn
 
 RUN_KEY = "shortft.run_key"
+CHANGED_TAG = "shortft.settings_changed"  # a resumed run's settings that are not its params (`note_changed_params`)
 DEFAULT_EXPERIMENT = "shortft"
 
 
@@ -161,10 +162,31 @@ def log_params(uri: str, run_id: str, cfg: Config) -> None:
     log_dict_params(uri, run_id, flatten(to_dict(cfg)))
 
 
+def param_values(values: dict) -> dict[str, str]:
+    """Params as MLflow keeps them: strings, cut at its 6000 characters."""
+    return {k: str(v)[:6000] for k, v in values.items()}
+
+
+def note_changed_params(uri: str, run_id: str, cfg: Config) -> list[str]:
+    """A resumed run's settings that differ from its params (MLflow never changes a param: they stay the
+    settings it started with), as the tag `shortft.settings_changed` ('train.lr: 0.001 -> 0.003; ...'),
+    dropped where none differ; the differences returned."""
+    mlflow_client = client(uri)
+    run = mlflow_client.get_run(run_id)
+    was, now = run.data.params, param_values(flatten(to_dict(cfg)))
+    changed = [f"{k}: {was.get(k, '(none)')} -> {now.get(k, '(none)')}" for k in dict.fromkeys([*was, *now])
+               if was.get(k) != now.get(k)]
+    if changed:
+        mlflow_client.set_tag(run_id, CHANGED_TAG, "; ".join(changed)[:5000])
+    elif CHANGED_TAG in run.data.tags:
+        mlflow_client.delete_tag(run_id, CHANGED_TAG)
+    return changed
+
+
 def log_dict_params(uri: str, run_id: str, values: dict) -> None:
     from mlflow.entities import Param
 
-    params = [Param(k, str(v)[:6000]) for k, v in values.items()]
+    params = [Param(k, v) for k, v in param_values(values).items()]
     mlflow_client = client(uri)
     for i in range(0, len(params), 100):
         mlflow_client.log_batch(run_id, params=params[i:i + 100])
@@ -178,7 +200,7 @@ def ensure_trial_run(uri: str, experiment: str, name: str, cfg: Config, parent_r
     key = f"{parent_run_id}/{name}" if parent_run_id else name
     run_id = ensure_run(uri, experiment, key, name, cfg, parent_run_id)
     logged = client(uri).get_run(run_id).data.params
-    wanted = {k: str(v)[:6000] for k, v in flatten(to_dict(cfg)).items()}
+    wanted = param_values(flatten(to_dict(cfg)))
     if any(logged.get(k) != v for k, v in wanted.items()):
         client(uri).delete_run(run_id)
         run_id = ensure_run(uri, experiment, key, name, cfg, parent_run_id, reuse=False)
