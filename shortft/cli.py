@@ -170,6 +170,7 @@ def _run_train(cfg, args, uri: str | None, experiment: str | None) -> int:
     from shortft.evaluate import scalars
     from shortft.guard import NonFiniteError
     from shortft.loop import train
+    from shortft.mlflow_logger import MlflowLogger
 
     try:
         if args.workers > 0:
@@ -188,7 +189,7 @@ def _run_train(cfg, args, uri: str | None, experiment: str | None) -> int:
                 run_id = run_store.open_run(uri, experiment, str(cfg.output_dir.resolve()), cfg.name, cfg,
                                             reuse=bool(args.resume))
                 run_store.remember(cfg.output_dir, uri, experiment, run_id)
-                callbacks.append(tracking.MlflowLogger(uri, run_id, metrics_file=cfg.output_dir / "metrics.jsonl"))
+                callbacks.append(MlflowLogger(uri, run_id, metrics_file=cfg.output_dir / "metrics.jsonl"))
             with run_status.kept(uri, run_id):
                 result = train(cfg, callbacks, resume=args.resume)
             print(f"done: LoRA in {result.lora_dir}; eval " + json.dumps(scalars(result.eval)))

@@ -27,6 +27,7 @@ from shortft.config import Config, ConfigError, from_dict, to_dict
 from shortft.guard import NonFiniteError
 from shortft.interrupt import SIGNALS, Interrupted
 from shortft.loop import Callback
+from shortft.mlflow_logger import MlflowLogger
 from shortft.mlflow_relay import start_relay
 from shortft.memory import OutOfMemory
 from shortft.progress import warn
@@ -72,7 +73,7 @@ def _worker(config: dict) -> None:
     local = Path(tempfile.mkdtemp(prefix=f"shortft-resume-{rank}-")) if ckpt is not None else None
     callbacks: list[Callback] = []
     if config["tracking_uri"] and rank == 0:  # before the report: it may be the trial's last act in a sweep
-        callbacks.append(tracking.MlflowLogger(config["tracking_uri"], config["run_id"], rank, config["relay"],
+        callbacks.append(MlflowLogger(config["tracking_uri"], config["run_id"], rank, config["relay"],
                                                cfg.output_dir / "metrics.jsonl"))
     callbacks.append(RayReport(rank, cfg.eval.every, cfg.train.checkpoint_every, cfg.train))
     if config.get("fail_at"):

@@ -347,7 +347,7 @@ class _FlakyClient:
 def test_tracking_failures_are_queued_retried_and_never_stop_training(tmp_path, capsys, monkeypatch):
     from types import SimpleNamespace
 
-    from shortft.tracking import MlflowLogger
+    from shortft.mlflow_logger import MlflowLogger
 
     log = MlflowLogger("http://127.0.0.1:9", "run1")
     log.client = _FlakyClient(down=range(3, 6))  # calls 3-5 fail: the server is away for a while

@@ -19,6 +19,7 @@ import pytest
 
 from shortft import sweep, tracking
 from shortft.config import ConfigError
+from shortft.mlflow_logger import MlflowLogger
 from shortft.space import load_space, trial_config
 from tests.conftest import kill_with_env
 
@@ -898,7 +899,7 @@ def test_steps_written_but_not_logged_before_a_crash_are_logged_on_resume(tmp_pa
     client.log_batch(run_id, metrics=[Metric("loss", -0.1 * s, 0, s) for s in (1, 2)])
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": -0.1 * s}) + "\n"
                                                     for s in range(1, 5)))
-    logger = tracking.MlflowLogger(uri, run_id, metrics_file=tmp_path / "metrics.jsonl")
+    logger = MlflowLogger(uri, run_id, metrics_file=tmp_path / "metrics.jsonl")
     logger.on_start(None, 3)  # resumed from the step-3 checkpoint: step 3 was never logged, 4 will run again
     logger.on_step(4, {"step": 4, "loss": -0.4}, {})
     assert sorted(m.step for m in client.get_metric_history(run_id, "loss")) == [1, 2, 3, 4]
@@ -1228,3 +1229,26 @@ def test_a_sweep_that_raises_leaves_its_parent_run_failed_with_its_line(tmp_path
         ray.shutdown()
     (parent,) = tracking.client(uri).search_runs([tracking.experiment_id(uri, sweep.EXPERIMENT)])
     assert parent.info.status == "FAILED" and parent.data.tags["shortft.error"] == "the store went away"
+
+
+def test_a_resume_from_an_earlier_checkpoint_logs_the_steps_it_runs_again_and_says_so(tmp_path):
+    """`--resume <step 2 checkpoint> train.lr=...` after step 4 was logged runs steps 3-4 again, another line of
+    steps (metrics.jsonl keeps only it): MLflow dropped their new values, keeping the abandoned line's to step 4.
+    (A restart after a crash runs them again with the same values: those are still logged once.)"""
+    from mlflow.entities import Metric
+
+    uri = f"sqlite:///{tmp_path}/m.db"
+    run_id = tracking.ensure_run(uri, "x", "run", "run")
+    client = tracking.client(uri)
+    client.log_batch(run_id, metrics=[Metric("loss", 1.0, 0, s) for s in (1, 2, 3, 4)])
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in (1, 2)))
+    logger = MlflowLogger(uri, run_id, metrics_file=tmp_path / "metrics.jsonl")
+    logger.on_start(None, 2)
+    for step in (3, 4, 5):
+        logger.on_step(step, {"step": step, "loss": 2.0}, {})
+    history = client.get_metric_history(run_id, "loss")
+    latest = {m.step: m.value for m in sorted(history, key=lambda m: m.timestamp)}  # the later value of each step
+    assert latest == {1: 1.0, 2: 1.0, 3: 2.0, 4: 2.0, 5: 2.0}
+    assert client.get_run(run_id).data.metrics["loss"] == 2.0
+    assert client.get_run(run_id).data.tags["shortft.rewound"].startswith(
+        "resumed at step 2 after step 4 was logged, and from step 3 its values are not those logged")

@@ -18,9 +18,10 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from shortft import checkpoint, tracking
+from shortft import checkpoint
 from shortft.config import Config, TrainConfig
 from shortft.loop import read_metrics, train
+from shortft.mlflow_logger import MlflowLogger
 from shortft.mlflow_relay import start_relay
 from shortft.ray_reports import FAULT_MARKER, FaultInjector, RayReport, fault_request, readable
 from shortft.sweep.eval_report import OBJECTIVE
@@ -115,7 +116,7 @@ def train_in_trial(cfg: Config, sweep: dict, run_id: str | None) -> None:
         # logs is logged before that step is reported.
         uri = sweep["tracking_uri"]
         metrics_file = cfg.output_dir / "metrics.jsonl"
-        callbacks = [tracking.MlflowLogger(uri, run_id, 0, start_relay(uri), metrics_file)] if uri and run_id else []
+        callbacks = [MlflowLogger(uri, run_id, 0, start_relay(uri), metrics_file)] if uri and run_id else []
         callbacks.append(TuneReport(cfg.train, metrics_file, start))
         fail_at, fail_rank = fault_request()  # tests: the trial's process dies once at that step
         if fail_at:
