@@ -57,9 +57,10 @@ def connect(**kwargs) -> None:
         sys.stderr.write("".join(said))
         return
     where = kwargs.get("address") or "this machine"
-    mode = os.environ.get("RAY_AUTH_MODE", "disabled")
+    mode = os.environ.get("RAY_AUTH_MODE")  # unset: token only where ~/.ray/auth_token holds one (Ray's rule)
+    said_mode = f"RAY_AUTH_MODE={mode}" if mode else "RAY_AUTH_MODE unset"
     raise ConfigError(f"the Ray cluster at {where} requires token authentication and refused this driver "
-                      f"(RAY_AUTH_MODE={mode}{', with a token it does not accept' if mode == 'token' else ''}); "
+                      f"({said_mode}{', with a token it does not accept' if mode == 'token' else ''}); "
                       + TOKEN_FIX)
 
 

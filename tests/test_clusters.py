@@ -216,4 +216,4 @@ def test_a_driver_without_the_clusters_token_is_refused_in_one_line(two_nodes, t
     lines = [line for line in r.stderr.splitlines() if line.strip()]
     assert r.returncode == 2 and len(lines) == 1 and "Traceback" not in r.stderr, r.stderr[-3000:]
     assert lines[0].startswith(f"error: the Ray cluster at {cluster.address} requires token authentication and "
-                               "refused this driver (RAY_AUTH_MODE=disabled); export RAY_AUTH_MODE=token"), lines[0]
+                               "refused this driver (RAY_AUTH_MODE unset); export RAY_AUTH_MODE=token"), lines[0]
