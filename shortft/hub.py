@@ -79,7 +79,7 @@ class Source(NamedTuple):
 
 def reward_sources(cfg: Config, names: list[str] | None = None) -> list[Source]:
     """Each hub source the config's rewards (or those `names`) name: their defaults, or its options."""
-    from shortft.rewards.registry import PATH_OPTIONS, defaults
+    from shortft.rewards.registry import PATH_OPTIONS, defaults, packaged
     from shortft.rewards.sources import hub_repo_and_file
 
     out = []
@@ -95,8 +95,11 @@ def reward_sources(cfg: Config, names: list[str] | None = None) -> list[Source]:
 
                     filename = params.get("file") or HPS_FILES[str(params["version"])]
                 repo, file = hub_repo_and_file(value, filename)
+                # the package's reward repos hold a config.json; a user's may not (an open_clip or a .pt repo):
+                # any file of it tells it is there
+                marker = file or ("config.json" if packaged(name) else "*")
                 out.append(Source(f"reward.options.{name}.{key}", value, f"reward {name} ({key})", repo,
-                                  file or "config.json", params.get("revision" if key == "path" else f"{key}_revision")))
+                                  marker, params.get("revision" if key == "path" else f"{key}_revision")))
     return out
 
 

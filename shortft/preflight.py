@@ -75,17 +75,22 @@ def _size(n: float) -> str:
     return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
-def _reward_params(cfg: Config) -> int:
-    """Parameters of the reward models (training and evaluation terms), built on the meta device."""
-    from shortft.rewards.registry import build
+def _reward_params(cfg: Config) -> tuple[int, list[str]]:
+    """Parameters of the reward models (training and evaluation terms), built on the meta device, and the
+    terms left uncounted: a factory of the user's without `random_weights` (built, it might load or download:
+    the dry run loads nothing)."""
+    from shortft.rewards.registry import build, loads_nothing_random
 
-    total = 0
+    total, uncounted = 0, []
     for name in dict.fromkeys([*cfg.reward.trained(), cfg.eval.objective, *cfg.eval.terms]):
+        if not loads_nothing_random(name):
+            uncounted.append(name)
+            continue
         with torch.device("meta"):
             fn = build(name, cfg.reward.options.get(name), device="meta", random_weights=True)
         if isinstance(fn, torch.nn.Module):
             total += sum(p.numel() for p in fn.parameters())
-    return total
+    return total, uncounted
 
 
 def memory(cfg: Config) -> str:
@@ -104,8 +109,11 @@ def memory(cfg: Config) -> str:
     with torch.device("meta"):
         add_loras(pipe.unet, training_plan(cfg).adapters, cfg.lora.rank, cfg.lora.alpha, cfg.lora.targets)
     lora = sum(p.numel() for n, p in pipe.unet.named_parameters() if "lora_" in n)
+    rewards, uncounted = _reward_params(cfg)
+    note = "bf16 on a GPU" + (f"; not counted: {', '.join(uncounted)}, whose factory takes no random_weights"
+                              if uncounted else "")
     return _summary(frozen * DTYPES[cfg.model.dtype].itemsize, frozen, cfg.model.dtype, lora,
-                    _reward_params(cfg) * 2, "bf16 on a GPU") + "\n" + disk(cfg, lora)  # reward dtype auto
+                    rewards * 2, note) + "\n" + disk(cfg, lora)  # reward dtype auto
 
 
 def disk(cfg: Config, lora: int) -> str:

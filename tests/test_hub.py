@@ -221,6 +221,23 @@ def test_the_dry_run_of_a_hub_model_not_yet_downloaded_lists_what_to_download(tm
     assert "stabilityai/stable-diffusion-2-1-base  model" in p.stdout, p.stdout[-2000:]
 
 
+def test_a_users_reward_repo_without_a_config_json_is_found_in_the_cache(cache, tmp_path):
+    """A reward of the user's whose model repo holds no config.json (a .pt, an open_clip repo) was refused as not
+    in the hub cache while it was, and as having no config.json where the hub was asked."""
+    (tmp_path / "own.py").write_text("from shortft.rewards import register\n\n\n@register('own_scorer')\n"
+                                     "def factory(path: str = 'someone/scorer'):\n"
+                                     "    return lambda images, prompts: images.mean(dim=(1, 2, 3))\n")
+    hub_cache(cache, "someone/scorer", {"model.pt": tmp_path / "own.py"})
+    own = [f"reward.modules=[{tmp_path / 'own.py'}]", "reward.weights.own_scorer=1"]
+    out = _check([["cached", own, True],
+                  ["not cached", [*own, "reward.options.own_scorer.path=someone/other"], True]], cache, HF_HUB_OFFLINE="1")
+    assert out["cached"] == (None, [])
+    assert out["not cached"][0] == (
+        "reward.options.own_scorer.path='someone/other': not in this machine's hub cache, and the hub cannot be asked "
+        "(HF_HUB_OFFLINE is set); download it first (hf download someone/other), or set reward.options.own_scorer.path "
+        "to a local folder")
+
+
 def test_timing_the_rewards_checks_their_sources_only(tmp_path):
     """`shortft rewards --cost` loads the reward models (not the base model) and did not check them: with an
     empty cache it failed in the first load (with HF_HUB_OFFLINE, huggingface_hub's LocalEntryNotFoundError;

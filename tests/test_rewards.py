@@ -100,6 +100,30 @@ def test_reward_modules_register_the_users_terms_for_configs_and_spaces(tmp_path
         load_config("tiny", ["reward.weights.not_there=1"])
 
 
+def test_the_dry_run_builds_no_reward_of_the_users_that_might_load_weights(tmp_path, monkeypatch, capsys):
+    """`train --dry-run` ("download and load nothing") built every reward to count its parameters, a factory of
+    the user's without `random_weights` too: `MyScorer.from_pretrained(path)` ran, downloads and all."""
+    from shortft.cli import main
+
+    _module(tmp_path, "loads_weights", body=(
+        "from pathlib import Path\n\nfrom shortft.rewards import register\n\n\n"
+        "@register('loads_weights')\n"
+        "def factory():\n"
+        "    Path('built').write_text('a download would start here')\n"
+        "    return lambda images, prompts: images.mean(dim=(1, 2, 3))\n"))
+    _module(tmp_path, "random_ok", body=(
+        "import torch\n\nfrom shortft.rewards import register\n\n\n"
+        "@register('random_ok')\n"
+        "def factory(random_weights: bool = False):\n"
+        "    return torch.nn.Linear(10, 1)\n"))
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "--config", "tiny", "--dry-run", "reward.modules=[loads_weights.py, random_ok.py]",
+                 "reward.weights.loads_weights=1", "reward.weights.random_ok=1"]) == 0
+    assert not (tmp_path / "built").exists()
+    out = capsys.readouterr().out
+    assert "not counted: loads_weights, whose factory takes no random_weights" in out, out[-2000:]
+
+
 @pytest.mark.parametrize("entry, body, line", [
     ("absent.py", None, "reward.modules: {tmp}/absent.py: no such file"),
     ("absent_module", None, "reward.modules: no module 'absent_module' in this process's Python path; name its file "

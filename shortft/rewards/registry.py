@@ -72,6 +72,18 @@ def names() -> list[str]:
     return sorted(_registry())
 
 
+def packaged(name: str) -> bool:
+    """A term of this package (or its built-in worlds), not one a user's module registered."""
+    return _registry()[name].__module__.startswith("shortft.")
+
+
+def loads_nothing_random(name: str) -> bool:
+    """Whether `build(name, random_weights=True)` loads and downloads nothing: the package's own terms (the
+    preference models take `random_weights`; the pixel terms have no weights), or a factory of the user's
+    that takes `random_weights`. Another factory of the user's may load or download when built."""
+    return packaged(name) or "random_weights" in inspect.signature(_registry()[name]).parameters
+
+
 def factory_doc(name: str) -> str:
     """The first paragraph of a reward's docstring: what it measures."""
     return " ".join((_registry()[name].__doc__ or "").strip().split("\n\n")[0].split())
