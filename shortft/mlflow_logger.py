@@ -53,8 +53,9 @@ class MlflowLogger(Callback):
             # After a restart the steps since the last checkpoint run again; they were logged already.
             self.logged_up_to = max((m.step for m in history), default=0)
             self.logged_loss = {m.step: m.value for m in history}
-        except Exception as e:
-            self._failed(e)
+        except Exception as e:  # the server away: take the steps to the checkpoint as logged (else the replay
+            self._failed(e)      # below logged the whole of metrics.jsonl a second time)
+            self.logged_up_to = start_step
         self._log("update_run", self.run_id, status="RUNNING")
         from mlflow.entities import RunTag
 

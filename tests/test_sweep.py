@@ -1252,3 +1252,31 @@ def test_a_resume_from_an_earlier_checkpoint_logs_the_steps_it_runs_again_and_sa
     assert client.get_run(run_id).data.metrics["loss"] == 2.0
     assert client.get_run(run_id).data.tags["shortft.rewound"].startswith(
         "resumed at step 2 after step 4 was logged, and from step 3 its values are not those logged")
+
+
+def test_a_resume_whose_first_history_read_fails_logs_no_step_twice(tmp_path, monkeypatch):
+    """The logger asks MLflow which steps it has; where that one call failed (a server blip), it took none as
+    logged and replayed all of metrics.jsonl: every step twice in the run's history."""
+    from mlflow.entities import Metric
+
+    from shortft import mlflow_logger
+
+    uri = f"sqlite:///{tmp_path}/m.db"
+    run_id = tracking.ensure_run(uri, "x", "run", "run")
+    real = tracking.client(uri)
+    real.log_batch(run_id, metrics=[Metric("loss", -0.1 * s, 0, s) for s in (1, 2, 3)])
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": -0.1 * s}) + "\n" for s in (1, 2, 3)))
+
+    class Blip:
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+        def get_metric_history(self, *args):
+            raise ConnectionError("server away for a moment")
+
+    monkeypatch.setattr(mlflow_logger, "client", lambda uri: Blip())
+    logger = MlflowLogger(uri, run_id, metrics_file=tmp_path / "metrics.jsonl")
+    logger.RETRY_S = 0
+    logger.on_start(None, 3)
+    logger.on_step(4, {"step": 4, "loss": -0.4}, {})
+    assert sorted(m.step for m in real.get_metric_history(run_id, "loss")) == [1, 2, 3, 4]
