@@ -204,7 +204,8 @@ def prepare_models(cfg: Config, pipe, with_loras: bool = True, plan: TrainingPla
     if plan.shortcut.kind == "lora":
         shortcut_adapter = load_lora_shortcut(pipe, cfg, plan.shortcut)
     elif plan.shortcut.kind == "unet":
-        shortcut_unet = load_unet_shortcut(plan.shortcut, pipe.unet, dtype, device, cfg.model.shortcut_revision)
+        shortcut_unet = load_unet_shortcut(plan.shortcut, pipe.unet, dtype, device, cfg.model.shortcut_revision,
+                                           cfg.model.variant)
     warning = steps_warning(cfg, plan.shortcut)
     if warning:
         warn(warning)

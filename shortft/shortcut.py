@@ -13,6 +13,7 @@ diffusers and peft say while loading is shown (the CLI mutes their import-time c
 from __future__ import annotations
 
 import re
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -134,7 +135,7 @@ def _scale(unet, name: str, scale: float) -> None:
 
 
 def load_unet_shortcut(shortcut: Shortcut, base_unet, dtype: torch.dtype, device: torch.device,
-                       revision: str | None = None):
+                       revision: str | None = None, variant: str | None = None):
     """A few-step UNet: a diffusers UNet folder or repo (a pipeline's `unet/` subfolder is found, in a local
     folder or a hub repo), or one state-dict file of the base model's UNet architecture
     (`unet:ByteDance/Hyper-SD/Hyper-SDXL-1step-Unet.safetensors`), loaded into a UNet built from the base
@@ -143,24 +144,33 @@ def load_unet_shortcut(shortcut: Shortcut, base_unet, dtype: torch.dtype, device
     if shortcut.weight_name or shortcut.path.endswith(".safetensors"):
         unet = _unet_from_file(_weight_file(shortcut, flag, revision), base_unet.config, dtype, flag)
     else:
-        unet = _unet_from_folder(shortcut.path, dtype, flag, revision)
+        unet = _unet_from_folder(shortcut.path, dtype, flag, revision, variant)
     return unet.requires_grad_(False).eval().to(device)
 
 
-def _unet_from_folder(path: str, dtype: torch.dtype, flag: str, revision: str | None = None):
+def _unet_from_folder(path: str, dtype: torch.dtype, flag: str, revision: str | None = None,
+                      variant: str | None = None):
+    """`variant` (the base model's, `model.variant`) first, then the default weight files: a repo may hold
+    only fp16 files (loaded without the variant, it failed) or none of that variant, as a pipeline falls back."""
     from diffusers import UNet2DConditionModel
 
     local = Path(path).expanduser()
     # a local folder says where its UNet is; a hub repo is tried as a UNet repo, then as a pipeline repo
     subfolders = (["unet"] if (local / "unet").is_dir() else [None]) if local.exists() else [None, "unet"]
     for sub in subfolders:
-        try:
-            return UNet2DConditionModel.from_pretrained(str(local) if local.exists() else path, subfolder=sub, dtype=dtype,
-                                                        revision=None if local.exists() else revision)
-        except (OSError, ValueError) as e:
-            error = e
-            if sub is not None or "config.json" not in str(e):
-                break
+        for each in dict.fromkeys([variant, None]):
+            try:
+                # a variant that is not there is retried without it: diffusers' warnings of that try are noise
+                with captured_warnings("diffusers") if each else nullcontext():
+                    return UNet2DConditionModel.from_pretrained(
+                        str(local) if local.exists() else path, subfolder=sub, dtype=dtype, variant=each,
+                        revision=None if local.exists() else revision)
+            except (OSError, ValueError) as e:
+                error = e
+                if "config.json" in str(e):  # no UNet here at all: no other variant either
+                    break
+        if sub is not None or "config.json" not in str(error):
+            break
     raise ConfigError(f"{flag}: could not load a UNet ({_first_line(error)})") from None
 
 

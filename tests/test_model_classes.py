@@ -322,6 +322,26 @@ def test_a_unet_shortcut_from_one_state_dict_file_is_that_file_on_the_base_model
         assert f"{bad.name} is not a state dict of this base model's UNet (" in err and why in err, err
 
 
+def test_a_unet_shortcut_is_loaded_in_the_base_models_variant_or_else_its_default_files(class_dirs, tmp_path, capsys):
+    """The shortcut UNet was loaded without `model.variant`: a repo of fp16 files alone (as some distilled UNets
+    ship) failed with "no file named diffusion_pytorch_model.bin"; the fp16 files are used where they are."""
+    from diffusers import UNet2DConditionModel
+
+    from shortft.plan import Shortcut
+    from shortft.shortcut import load_unet_shortcut
+
+    unet = UNet2DConditionModel.from_pretrained(class_dirs["tiny"], subfolder="unet")
+    unet.save_pretrained(tmp_path / "fp16-only" / "unet", variant="fp16")
+    unet.save_pretrained(tmp_path / "plain" / "unet")
+    for folder in ("fp16-only", "plain"):
+        loaded = load_unet_shortcut(Shortcut("unet", str(tmp_path / folder)), unet, torch.float32, torch.device("cpu"),
+                                    variant="fp16")
+        assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), unet.state_dict().values()))
+    assert "variant" not in capsys.readouterr().err  # the fp16 try on the plain folder is not told
+    with pytest.raises(shortft.ConfigError, match="could not load a UNet"):
+        load_unet_shortcut(Shortcut("unet", str(tmp_path / "fp16-only")), unet, torch.float32, torch.device("cpu"))
+
+
 def test_unet_shortcuts_from_the_hub_one_file_in_a_repo_or_a_pipeline_repos_unet_folder(class_dirs, tmp_path):
     """A pipeline repo on the hub (`unet:stabilityai/sdxl-turbo`) keeps its UNet in unet/: the source check stopped
     it ("the repo has no file config.json") and the loader looked only at the top level."""
