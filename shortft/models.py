@@ -206,6 +206,11 @@ def prepare_models(cfg: Config, pipe, with_loras: bool = True, plan: TrainingPla
     elif plan.shortcut.kind == "unet":
         shortcut_unet = load_unet_shortcut(plan.shortcut, pipe.unet, dtype, device, cfg.model.shortcut_revision,
                                            cfg.model.variant)
+        guided = cfg.model.shortcut_guidance_scale
+        if getattr(shortcut_unet.config, "time_cond_proj_dim", None) and guided is not None and guided > 1:
+            raise ConfigError(f"model.shortcut_guidance_scale={guided}: this LCM-distilled shortcut UNet takes its "
+                              "guidance as an embedding of chain.guidance_scale; guided again it would be guided twice; "
+                              "leave model.shortcut_guidance_scale unset")
     warning = steps_warning(cfg, plan.shortcut)
     if warning:
         warn(warning)

@@ -396,6 +396,9 @@ def test_an_lcm_unet_shortcut_gets_its_guidance_embedding(class_dirs, tmp_path):
         ref = net(x, torch.tensor(981), encoder_hidden_states=condition.cond, timestep_cond=w).sample
         bare = net(x, torch.tensor(981), encoder_hidden_states=condition.cond).sample
     assert (ours - ref).abs().max().item() <= 1e-6 and (bare - ref).abs().max().item() > 1e-4
+    # guidance asked for the shortcut too: CFG on top of the embedded guidance, twice guided; refused
+    with pytest.raises(shortft.ConfigError, match=r"^model.shortcut_guidance_scale=5.0: this LCM-distilled shortcut"):
+        _load(class_dirs, "tiny", tmp_path, f"model.shortcut=unet:{tmp_path / 'lcm-unet'}", "model.shortcut_guidance_scale=5")
 
 
 def test_a_scheduler_config_that_clips_x0_is_turned_off_with_a_warning(class_dirs, tmp_path, capsys):
