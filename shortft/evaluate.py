@@ -3,7 +3,7 @@
 Reports the mean of every reward term, `objective`, the fixed evaluation objective (the term named by
 `eval.objective`, never the weighted training reward), `objective_se`, its standard error over the
 prompts (a prompt's samples share it: `shortft.stats`), and `objective_samples`, its value on each
-sample (one list per prompt, in the order of `sample_terms`); writes a grid of the samples.
+sample (one list per prompt, in the order of `sample_terms`); writes a grid of the first `GRID_MAX`.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from shortft.progress import bar, warn
 from shortft.rewards import Rewards
 
 SAMPLES = "eval/objective_samples"  # the one metric that is a list, not a number: kept out of scalar logs
+GRID_MAX = 64  # the samples an evaluation's grid shows, the first ones (one PNG of thousands was gigabytes)
 
 
 def seeded_noise(models: Models, seeds: list[int]) -> torch.Tensor:
@@ -47,20 +48,25 @@ def generate(models: Models, cfg: Config, prompts: list[str], seeds: list[int], 
     return torch.cat(out)
 
 
-def sample_terms(models: Models, cfg: Config, rewards: Rewards) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+def sample_terms(models: Models, cfg: Config, rewards: Rewards,
+                 keep: int | None = None) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Every reward term of every held-out sample ([S] each: prompt by prompt, `eval.samples_per_prompt`
-    fixed seeds each) and the images: the same samples for every model of one config, so two models'
-    terms can be compared sample by sample."""
+    fixed seeds each) and the first `keep` images (default `GRID_MAX`): the same samples for every model of
+    one config, so two models' terms can be compared sample by sample. Each eval.batch_size chunk is drawn
+    and scored before the next: the images of a large evaluation were all held at once (3200 prompts at
+    1024 px: 38 GB), and the reward models saw as many at once as the sampler did."""
     prompts = read_prompts(cfg.data.eval_prompts, cfg.data.prompt_column, "data.eval_prompts")
     items = [(p, n) for p in prompts for n in range(cfg.eval.samples_per_prompt)]
     all_prompts = [p for p, _ in items]
     seeds = [cfg.eval.seed + i for i in range(len(items))]
-    images = generate(models, cfg, all_prompts, seeds)
-    size = cfg.eval.batch_size  # the reward models see as many at once as the sampler did, not every image
-    with torch.no_grad():
-        parts = [rewards.terms(images[i:i + size].to(models.device), all_prompts[i:i + size])
-                 for i in range(0, len(items), size)]
-    return {name: torch.cat([part[name] for part in parts]) for name in parts[0]}, images
+    keep = GRID_MAX if keep is None else keep
+    size, parts, kept = cfg.eval.batch_size, [], []
+    for i in bar(range(0, len(items), size), desc="evaluating", unit="batch", leave=False):
+        images = generate(models, cfg, all_prompts[i:i + size], seeds[i:i + size], progress=False)
+        with torch.no_grad():
+            parts.append(rewards.terms(images.to(models.device), all_prompts[i:i + size]))
+        kept.append(images[:max(0, keep - i)])
+    return {name: torch.cat([part[name] for part in parts]) for name in parts[0]}, torch.cat(kept)
 
 
 def evaluate(models: Models, cfg: Config, rewards: Rewards, grid_path: Path | None = None,
