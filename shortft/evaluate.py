@@ -52,9 +52,9 @@ def sample_terms(models: Models, cfg: Config, rewards: Rewards,
                  keep: int | None = None) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Every reward term of every held-out sample ([S] each: prompt by prompt, `eval.samples_per_prompt`
     fixed seeds each) and the first `keep` images (default `GRID_MAX`): the same samples for every model of
-    one config, so two models' terms can be compared sample by sample. Each eval.batch_size chunk is drawn
-    and scored before the next: the images of a large evaluation were all held at once (3200 prompts at
-    1024 px: 38 GB), and the reward models saw as many at once as the sampler did."""
+    one config, so two models' terms can be compared sample by sample. Each eval.batch_size chunk is drawn,
+    then scored (the reward models see as many images at once as the sampler drew), before the next: the
+    images of a large evaluation were all held at once (3200 prompts at 1024 px: 37.5 GiB in fp32)."""
     prompts = read_prompts(cfg.data.eval_prompts, cfg.data.prompt_column, "data.eval_prompts")
     items = [(p, n) for p in prompts for n in range(cfg.eval.samples_per_prompt)]
     all_prompts = [p for p, _ in items]

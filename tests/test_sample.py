@@ -331,7 +331,7 @@ def test_the_evaluation_scores_in_chunks_of_its_batch_size_and_the_same_numbers(
 
 def test_an_evaluation_keeps_only_the_images_of_its_grid(make_cfg, monkeypatch, tmp_path):
     """Every evaluation image was held until all were scored, and all went into one grid: HPD v2's 3200 prompts
-    at 1024 px were 38 GB of images and a PNG of gigabytes. Each chunk is scored as it is drawn; the grid holds
+    at 1024 px were 37.5 GiB of fp32 images and a PNG of gigabytes. Each chunk is scored as it is drawn; the grid holds
     the first GRID_MAX samples."""
     from PIL import Image
 
