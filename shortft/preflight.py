@@ -181,10 +181,13 @@ def print_plan(cfg) -> None:
     plan = training_plan(cfg)
     print(f"method {cfg.chain.method}: N={cfg.chain.steps} original steps, k={cfg.chain.segments} segments, "
           f"{plan.stages} stage(s), LoRAs: {', '.join(plan.adapters)}")
+    # the stages train.steps reaches (`Budget.stage` by steps): fewer steps than stages skip some, silently
+    reached = {min(plan.stages, step * plan.stages // cfg.train.steps + 1) for step in range(cfg.train.steps)}
     for stage in range(1, plan.stages + 1):
         calls = plan.calls(timesteps, stage)
-        print(f"\nstage {stage}/{plan.stages}" + (f" (segments < {stage} run the original steps without gradient)"
-                                                  if stage > 1 else ""))
+        skipped = f"; never run: train.steps={cfg.train.steps} < {plan.stages} stages" if stage not in reached else ""
+        print(f"\nstage {stage}/{plan.stages}" + (f" (segments < {stage} run the original steps without gradient"
+                                                  f"{skipped})" if stage > 1 else ""))
         print(format_plan(calls))
 
 

@@ -40,6 +40,15 @@ def test_numbers_in_exponent_notation_are_numbers(tmp_path):
     assert p.returncode == 0, p.stderr
 
 
+def test_the_dry_run_says_which_progressive_stages_fewer_steps_never_run(capsys):
+    """With fewer steps than stages a run skips some (2 steps of 4 stages run stages 1 and 3), silently."""
+    from shortft.cli import main
+
+    assert main(["train", "--config", "tiny", "--dry-run", "train.steps=2", "chain.segments=4", "chain.steps=8"]) == 0
+    stages = [line for line in capsys.readouterr().out.splitlines() if line.startswith("stage ")]
+    assert [("never run: train.steps=2 < 4 stages" in line) for line in stages] == [False, True, False, True], stages
+
+
 @pytest.mark.parametrize("name", builtin_configs())
 def test_every_builtin_config_loads_and_validates(name):
     cfg = load_config(name)
