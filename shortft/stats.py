@@ -11,19 +11,26 @@ list (samples recorded before they were grouped) counts each sample as its own p
 from __future__ import annotations
 
 import math
-import statistics
 from collections.abc import Sequence
 
 
 def prompt_means(samples: Sequence) -> list[float]:
     """One value per prompt: the mean of its samples (a flat list: the samples themselves)."""
-    return [statistics.fmean(s) if isinstance(s, (list, tuple)) else float(s) for s in samples]
+    return [_mean(s) if isinstance(s, (list, tuple)) else float(s) for s in samples]
 
 
 def mean_se(values: Sequence[float]) -> tuple[float, float]:
-    """The mean of independent values and its standard error (NaN with fewer than two values)."""
-    mean = statistics.fmean(values)
-    return mean, statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else float("nan")
+    """The mean of independent values and its standard error (NaN with fewer than two values). A NaN or
+    infinite value makes both NaN or infinite, as numpy's would (`statistics` raises on them)."""
+    mean = _mean(values)
+    if len(values) < 2:
+        return mean, float("nan")
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1) / len(values))
+
+
+def _mean(values: Sequence[float]) -> float:
+    finite = all(math.isfinite(v) for v in values)
+    return (math.fsum(values) if finite else sum(values)) / len(values)
 
 
 def clustered(samples: Sequence) -> tuple[float, float]:
