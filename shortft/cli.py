@@ -136,6 +136,8 @@ def run_rewards(cfg, args) -> None:
     from shortft.rewards import cost
 
     if not args.cost:
+        if args.names or args.random_weights:
+            print("shortft: note: --names and --random-weights apply with --cost only", file=sys.stderr)
         for row in cost.describe():
             print(f"{row['name']:20s} {'' if row['gradient'] else '(evaluation only) '}{row['about']}")
         return

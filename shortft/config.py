@@ -231,7 +231,9 @@ def read_mapping(name_or_path: str, package: str = "shortft.configs", flag: str 
     try:
         data = load_yaml(text) or {}
     except yaml.YAMLError as e:
-        raise ConfigError(f"{flag} {name_or_path!r}: not valid YAML ({str(e).splitlines()[0]})") from None
+        mark = getattr(e, "problem_mark", None)  # where: a YAML error's first line names no place
+        at = f", line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise ConfigError(f"{flag} {name_or_path!r}: not valid YAML ({str(e).splitlines()[0]}{at})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{flag} {name_or_path!r}: top level must be {shape}")
     return data
@@ -440,7 +442,7 @@ def _one_of(key: str, value: Any, allowed: typing.Iterable[str]) -> None:
 
 def _positive(key: str, value: float, zero_ok: bool = False) -> None:
     if not math.isfinite(value) or value < 0 or (value == 0 and not zero_ok):
-        raise ConfigError(f"{key}={value!r}: must be {'>= 0' if zero_ok else '> 0'}")
+        raise ConfigError(f"{key}={value!r}: must be a finite number {'>= 0' if zero_ok else '> 0'}")
 
 
 def _fraction_range(key: str, value: list, low_open: bool = False) -> None:
@@ -464,6 +466,8 @@ def validate(cfg: Config) -> None:
     """Types and ranges: everything that can be checked from the values alone."""
     chain, lora, train, model = cfg.chain, cfg.lora, cfg.train, cfg.model
     check_name("name", cfg.name)
+    if not str(train.output_dir).strip():  # '' wrote the whole run into the working directory
+        raise ConfigError("train.output_dir='': give a folder, e.g. runs/{name} (the default)")
     try:
         train.output_dir.format(name=cfg.name)
     except (KeyError, IndexError, ValueError, AttributeError):

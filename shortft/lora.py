@@ -74,10 +74,12 @@ def lora_params(unet, name: str) -> dict[str, torch.nn.Parameter]:
     return {k: p for k, p in unet.named_parameters() if "lora_" in k and f".{name}." in k}
 
 
-def unet_has_target(unet, targets: Sequence[str]) -> list[str]:
-    """Targets that match no module of the UNet (for a clear error)."""
+def check_targets(unet, targets: Sequence[str]) -> None:
+    """A ConfigError naming the `lora.targets` that match no module of the UNet (peft's error is a traceback)."""
     names = [n for n, _ in unet.named_modules()]
-    return [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+    missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+    if missing:
+        raise ConfigError(f"lora.targets: {missing} match no UNet module; e.g. to_q, to_k, to_v, to_out.0")
 
 
 def save_loras(unet, names: Sequence[str], out_dir: Path, plan: dict) -> Path:

@@ -17,7 +17,7 @@ from torch.utils.checkpoint import checkpoint
 from shortft.compiling import check_compile, compile_graphs, compile_unet
 from shortft.config import Config, ConfigError, check_device_name
 from shortft.denoiser import Condition, Denoiser
-from shortft.lora import AdapterSwitch, add_loras, unet_has_target
+from shortft.lora import AdapterSwitch, add_loras, check_targets
 from shortft.pipelines import load_pipeline
 from shortft.plan import TrainingPlan, training_plan
 from shortft.progress import say, warn
@@ -216,9 +216,7 @@ def prepare_models(cfg: Config, pipe, with_loras: bool = True, plan: TrainingPla
         warn(warning)
 
     if with_loras:
-        missing = unet_has_target(pipe.unet, cfg.lora.targets)
-        if missing:
-            raise ConfigError(f"lora.targets: {missing} match no UNet module; e.g. to_q, to_k, to_v, to_out.0")
+        check_targets(pipe.unet, cfg.lora.targets)
         torch.manual_seed(cfg.train.seed)  # LoRA A is drawn at random: same seed, same start
         add_loras(pipe.unet, plan.adapters, cfg.lora.rank, cfg.lora.alpha, cfg.lora.targets)
     else:

@@ -64,6 +64,9 @@ class Schedule(list):
 
 def schedule(scheduler, steps: int) -> Schedule:
     """The N-step DDIM schedule of a diffusers scheduler (its own `timestep_spacing`)."""
+    if steps > scheduler.config.num_train_timesteps:  # diffusers' own error is a ValueError traceback
+        raise ConfigError(f"chain.steps={steps}: at most {scheduler.config.num_train_timesteps}, this model's "
+                          "training timesteps")
     scheduler.set_timesteps(steps)
     return Schedule(scheduler.timesteps, scheduler.config.num_train_timesteps // steps)
 

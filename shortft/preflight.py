@@ -97,7 +97,7 @@ def memory(cfg: Config) -> str:
     """Frozen weights in model.dtype plus the LoRAs with their gradients and AdamW state (fp32), and the
     reward models (bf16 on a GPU), from parameter counts."""
     from shortft.architectures import HUB_IDS, random_pipeline
-    from shortft.lora import add_loras
+    from shortft.lora import add_loras, check_targets
     from shortft.models import frozen_parts, model_resolution
     from shortft.plan import training_plan
 
@@ -106,6 +106,7 @@ def memory(cfg: Config) -> str:
     pipe = random_pipeline(cfg.model.pretrained, device="meta")
     model_resolution(cfg, pipe)  # refused by the run once the model has loaded: said by the dry run too
     frozen = sum(p.numel() for part in frozen_parts(pipe) for p in part.parameters())
+    check_targets(pipe.unet, cfg.lora.targets)  # as the run does, in one line (peft's error was a traceback)
     with torch.device("meta"):
         add_loras(pipe.unet, training_plan(cfg).adapters, cfg.lora.rank, cfg.lora.alpha, cfg.lora.targets)
     lora = sum(p.numel() for n, p in pipe.unet.named_parameters() if "lora_" in n)

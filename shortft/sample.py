@@ -122,6 +122,9 @@ def run_sample(cfg: Config, lora: str, prompt: list[str], prompts_file: str | No
                steps: int | None, guidance: float | None, out: Path, compare: bool) -> Path:
     """Every prompt with every seed through the original sampler with the run's LoRAs (and, with
     `compare`, the base model beside them in one grid). Images go to `out`."""
+    blank = next((p for p in prompt if not p.strip()), None)
+    if blank is not None:  # drawn unconditioned, as data.prompts' blank lines are refused
+        raise ConfigError(f"--prompt {blank!r}: blank; give text")
     prompts = list(prompt) + (read_prompts(prompts_file, cfg.data.prompt_column, "--prompts") if prompts_file else [])
     if not prompts:
         raise ConfigError("give --prompt \"...\" (repeatable) or --prompts <file>")

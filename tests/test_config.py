@@ -219,6 +219,15 @@ def test_a_config_named_from_the_project_instead_of_the_heads_home_folder_is_poi
     (["train", "--config", "toy", "--tracking-uri", "sqlite:///{tmp}/latin1.yaml", f"train.output_dir={{tmp}}/run"],
      "tracking URI sqlite:///{tmp}/latin1.yaml: {tmp}/latin1.yaml is not an SQLite database"),
     (["toy", "build", "--quick", "--out", "{tmp}/new", "--set", "batch=0"], "--set batch=0: expected integers >= 1"),
+    # a traceback from diffusers' scheduler (plan, train, sample --steps)
+    (["plan", "--config", "toy", "chain.steps=5000"], "chain.steps=5000: at most 1000, this model's training timesteps"),
+    (["train", "--config", "toy", "--dry-run", "lora.targets=[nosuch]"],  # peft's error, in a traceback; the run said it
+     "lora.targets: ['nosuch'] match no UNet module; e.g. to_q, to_k, to_v, to_out.0"),
+    (["plan", "--config", "toy", "train.output_dir="], "train.output_dir='': give a folder"),  # the run went into ./
+    (["sample", "--config", "toy", "--lora", "x", "--prompt", " "], "--prompt ' ': blank; give text"),  # drawn
+    (["plan", "--config", "toy", "train.lr=1e999"], "train.lr=inf: must be a finite number > 0"),  # was "must be > 0"
+    (["plan", "--config", "{tmp}/bad.yaml"],
+     "not valid YAML (mapping values are not allowed here, line 2, column 5)"),  # no place named
     (["toy", "build", "--quick", "--out", "{tmp}/new", "--set", "shortcut_lr=-1.0"],
      "--set shortcut_lr=-1.0: expected a finite number > 0"),
 ])
@@ -226,6 +235,7 @@ def test_bad_flag_values_are_one_line_with_status_2(tmp_path, capsys, args, line
     from shortft.cli import main
 
     (tmp_path / "bad.json").write_text("")
+    (tmp_path / "bad.yaml").write_text("name: x\nb: c: d\n")
     (tmp_path / "latin1.yaml").write_bytes(b"name: caf\xe9\n")
     (tmp_path / "lora").mkdir()
     (tmp_path / "lora" / "shortft_lora.json").write_text("{oops")
