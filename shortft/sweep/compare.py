@@ -54,10 +54,7 @@ def run_comparison(base: str, out: str | Path, arms: list[str] = tuple(ARMS), se
 
     from shortft import tracking
 
-    unknown = [a for a in arms if a not in ARMS]
-    if unknown:
-        raise ConfigError(f"--arms {','.join(unknown)}: unknown; choose from {','.join(ARMS)}")
-    check_new(out, time_budget_s, call_budget)
+    check_new(out, time_budget_s, call_budget, arms)
     budget = {"train.steps": 10**6, **({"train.time_budget_s": time_budget_s} if time_budget_s is not None else {}),
               **({"train.call_budget": call_budget} if call_budget is not None else {})}
     from shortft.ray_storage import resolve_storage_path
@@ -136,8 +133,15 @@ def parent_run(tracking_uri: str, name: str, out: Path) -> str:
     return tracking.ensure_run(tracking_uri, "shortft-compare", f"compare/{name}", name, reuse=False)
 
 
-def check_new(out: str | Path, time_budget_s: float | None, call_budget: int | None) -> None:
-    """A comparison's budget and its folder, in one line before Ray starts."""
+def check_new(out: str | Path, time_budget_s: float | None, call_budget: int | None, arms: list[str],
+              base: str | None = None, fixed: dict | None = None) -> None:
+    """A comparison's arms, budget, folder and (given `base`) base config with its `--set` keys, in one line
+    before Ray starts (an unknown arm was refused after a local Ray had started)."""
+    unknown = [a for a in arms if a not in ARMS]
+    if unknown:
+        raise ConfigError(f"--arms {','.join(unknown)}: unknown; choose from {','.join(ARMS)}")
+    if base is not None:
+        trial_config(base, fixed or {}, {})
     if time_budget_s is None and call_budget is None:
         raise ConfigError("a comparison needs a budget: --time-budget-s or --call-budget (equal compute)")
     for flag, value in (("--time-budget-s", time_budget_s), ("--call-budget", call_budget)):
@@ -230,14 +234,16 @@ def main(argv: list[str] | None = None) -> int:
             print(f"report: {write_report(out / 'rows.jsonl', out)}")
             return 0
         fixed = dict(_key_value(kv) for kv in args.set)
-        check_new(out, args.time_budget_s, args.call_budget)
+        arms = [a.strip() for a in args.arms.split(",") if a.strip()]
+        check_new(out, args.time_budget_s, args.call_budget, arms, args.config,
+                  {**(SMOKE_TEST if args.smoke_test else {}), **fixed})
         from shortft import resources
 
         import ray
 
         if not ray.is_initialized():
             resources.connect(log_to_driver=False)
-        rows = run_comparison(args.config, out, [a.strip() for a in args.arms.split(",") if a.strip()], args.seeds,
+        rows = run_comparison(args.config, out, arms, args.seeds,
                               args.ablation_seeds, lrs, args.time_budget_s, args.call_budget, fixed, args.name,
                               None if args.no_mlflow else args.tracking_uri, args.storage_path, args.smoke_test)
     except ConfigError as e:
