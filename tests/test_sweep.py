@@ -1280,3 +1280,18 @@ def test_a_resume_whose_first_history_read_fails_logs_no_step_twice(tmp_path, mo
     logger.on_start(None, 3)
     logger.on_step(4, {"step": 4, "loss": -0.4}, {})
     assert sorted(m.step for m in real.get_metric_history(run_id, "loss")) == [1, 2, 3, 4]
+
+
+def test_a_resume_whose_tune_state_is_cut_short_is_one_line(tmp_path):
+    """A driver killed as Tune wrote its tuner.pkl left it empty: --resume ended in Tune's EOFError traceback."""
+    import ray
+
+    (tmp_path / "rr" / "guard").mkdir(parents=True)
+    (tmp_path / "rr" / "guard" / "tuner.pkl").write_bytes(b"")
+    try:
+        with pytest.raises(ConfigError, match=r"^--resume: the state of sweep 'guard' \(.*/guard/tuner.pkl\) is cut "
+                                              r"short or unreadable \(EOFError\); start it again under another --name"):
+            sweep.run_sweep("toy", name="guard", storage_path=str(tmp_path / "rr"), tracking_uri=None, resume=True,
+                            baseline=False, output_root=str(tmp_path / "runs"))
+    finally:
+        ray.shutdown()

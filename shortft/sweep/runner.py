@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import pickle
 import sys
 import time
 from dataclasses import dataclass
@@ -223,8 +224,12 @@ def run_sweep(space: str | Space | None = None, num_samples: int | None = None, 
               f"{max_concurrent} at a time, {workers_per_trial} worker(s) each; storage {storage_path}", flush=True)
         if resume:
             where = str(Path(storage_path) / name) if "://" not in storage_path else f"{storage_path}/{name}"
-            tuner = tune.Tuner.restore(where, trainable=trial_fn, resume_unfinished=True, resume_errored=True,
-                                       param_space=param_space(space))
+            try:
+                tuner = tune.Tuner.restore(where, trainable=trial_fn, resume_unfinished=True, resume_errored=True,
+                                           param_space=param_space(space))
+            except (EOFError, pickle.UnpicklingError) as e:  # a driver killed as Tune wrote it (a traceback)
+                raise ConfigError(f"--resume: the state of sweep {name!r} ({where}/tuner.pkl) is cut short or "
+                                  f"unreadable ({type(e).__name__}); start it again under another --name") from None
         else:
             saved.write(storage_path, name, values)  # only now: every check has passed, the sweep starts
             search = searcher(space, sweep_settings, seed=seed, max_concurrent=max_concurrent)
