@@ -220,6 +220,8 @@ def test_a_config_named_from_the_project_instead_of_the_heads_home_folder_is_poi
      "tracking URI sqlite:///{tmp}/latin1.yaml: {tmp}/latin1.yaml is not an SQLite database"),
     (["toy", "build", "--quick", "--out", "{tmp}/new", "--set", "batch=0"], "--set batch=0: expected integers >= 1"),
     # a traceback from diffusers' scheduler (plan, train, sample --steps)
+    (["toy", "build", "--quick", "--out", "/proc/toy"],  # at the first save, after the VAE stage had trained
+     "toy build --out /proc/toy: /proc/toy.partial cannot be made (No such file or directory)"),
     (["plan", "--config", "toy", "chain.steps=5000"], "chain.steps=5000: at most 1000, this model's training timesteps"),
     (["train", "--config", "toy", "--dry-run", "lora.targets=[nosuch]"],  # peft's error, in a traceback; the run said it
      "lora.targets: ['nosuch'] match no UNet module; e.g. to_q, to_k, to_v, to_out.0"),

@@ -74,6 +74,11 @@ def build(out: Path, quick: bool = False, seed: int = 0, base: Path | None = Non
         raise ConfigError(f"toy build --seed {seed}: give a seed >= 0")
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
+    try:  # now, not at the first save after the VAE stage has trained
+        tmp.mkdir(parents=True)
+    except OSError as e:
+        raise ConfigError(f"toy build --out {out}: {tmp} cannot be made ({e.strerror or e}); give a folder you can "
+                          "write") from None
     train_triples, held = grammar.split_triples(seed)
     report: dict = {"quick": quick, "seed": seed, "size": asdict(size), "seconds": {},
                     "shortcut_device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"}
