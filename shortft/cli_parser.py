@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import math
 
+from shortft.arguments import OneLineParser
 from shortft.config import ConfigError, builtin_configs
 
 
@@ -34,7 +35,7 @@ def finite(text: str) -> float:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="shortft", description="Shortcut-based reward fine-tuning of diffusion models.")
+    p = OneLineParser(prog="shortft", description="Shortcut-based reward fine-tuning of diffusion models.")
     sub = p.add_subparsers(dest="command", required=True)
 
     def common(sp: argparse.ArgumentParser) -> None:

@@ -254,6 +254,16 @@ def test_bad_flag_values_are_one_line_with_status_2(tmp_path, capsys, args, line
     assert code == 2 and line.format(tmp=tmp_path) in err[-1] and "Traceback" not in "\n".join(err), err
 
 
+@pytest.mark.parametrize("argv", [["-m", "shortft.cli", "sample", "--steps", "0"], ["-m", "shortft.cli", "bogus"],
+                                  ["tune/sweep.py", "--num-samples", "abc"], ["tune/compare.py", "--seeds", "x"]])
+def test_an_argument_error_is_one_line(argv):
+    """argparse printed its usage block (4-10 lines) before the error."""
+    root = Path(__file__).resolve().parents[1]
+    p = subprocess.run([sys.executable, *argv], capture_output=True, text=True, timeout=120, cwd=root)
+    lines = p.stderr.strip().splitlines()
+    assert p.returncode == 2 and len(lines) == 1 and ": error: " in lines[0] and lines[0].endswith("--help)"), p.stderr
+
+
 def test_the_dry_run_notes_flags_that_apply_with_workers_only_as_the_run_does(capsys):
     from shortft.cli import main
 

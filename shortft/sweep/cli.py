@@ -6,6 +6,7 @@ import argparse
 import os
 import sys
 
+from shortft.arguments import OneLineParser
 from shortft.config import ConfigError
 from shortft.progress import quiet_libraries
 from shortft.sweep.runner import run_sweep
@@ -13,7 +14,7 @@ from shortft.sweep.trials import EXPERIMENT, OBJECTIVE
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="tune/sweep.py", description="ShortFT sweep: Ray Tune + Optuna + MLflow.")
+    p = OneLineParser(prog="tune/sweep.py", description="ShortFT sweep: Ray Tune + Optuna + MLflow.")
     p.add_argument("--space", default=None, help="built-in space name (sd15, toy) or YAML path (default: toy, for the toy config: a --config of "
                         "another model needs its own)")
     p.add_argument("--config", default=None, help="base config (name or YAML path); default: the space's base")

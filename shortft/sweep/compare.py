@@ -17,6 +17,7 @@ import json
 from pathlib import Path
 
 from shortft import raised
+from shortft.arguments import OneLineParser
 from shortft.config import ConfigError, load_yaml
 from shortft.hub import check_sources
 from shortft.progress import quiet_libraries
@@ -192,9 +193,7 @@ def _fit(trainable, param_space: dict, name: str, storage_path: str, runs: Path)
 
 
 def parser():
-    import argparse
-
-    p = argparse.ArgumentParser(prog="compare.py", description="ShortFT against the baselines at equal compute")
+    p = OneLineParser(prog="compare.py", description="ShortFT against the baselines at equal compute")
     p.add_argument("--config", default="toy", help="base config (built-in name or YAML path; default toy)")
     p.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated, from {','.join(ARMS)}")
     p.add_argument("--seeds", type=int, default=3, help=f"seeds of the main arms ({', '.join(MAIN)}); default 3")
