@@ -225,6 +225,9 @@ def read_mapping(name_or_path: str, package: str = "shortft.configs", flag: str 
                               "file saved as UTF-8") from None
         except OSError as e:
             raise ConfigError(f"{flag} {name_or_path!r}: not readable ({e.strerror or e})") from None
+    elif path.is_dir():
+        raise ConfigError(f"{flag} {name_or_path!r}: a folder; give a YAML file or a built-in name (built-in: "
+                          f"{', '.join(builtin_names(package))})")
     else:
         raise ConfigError(f"{flag} {name_or_path!r}: no such file or built-in (built-in: "
                           f"{', '.join(builtin_names(package))}){project_copy_hint(name_or_path)}")

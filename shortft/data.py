@@ -60,7 +60,8 @@ def read_prompts(value: list | str, column: str = "prompt", key: str = "data.pro
     path = _local(value, key)
     if not path.is_file():
         kinds = f"a .txt (one prompt a line), {', '.join(TABLES)} (column data.prompt_column)"
-        raise ConfigError(f"{key}={value!r}: no such file; give {'a list, ' if key.startswith('data.') else ''}{kinds} "
+        raise ConfigError(f"{key}={value!r}: {'a folder' if path.is_dir() else 'no such file'}; give "
+                          f"{'a list, ' if key.startswith('data.') else ''}{kinds} "
                           "or hf://datasets/<org>/<name>/<file>")
     stat = path.stat()
     return list(_read_file(str(path), (stat.st_mtime_ns, stat.st_size), column, key, value))

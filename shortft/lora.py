@@ -149,7 +149,8 @@ def read_lora_plan(lora_dir: str | Path) -> dict:
     """The `shortft_lora.json` of a LoRA folder a run wrote; a ConfigError naming the folder if absent, or
     the file if it is not what a run writes."""
     if not Path(lora_dir).is_dir():
-        raise ConfigError(f"--lora {lora_dir}: no such folder; give the lora/ dir a train run wrote")
+        what = "a file" if Path(lora_dir).exists() else "no such folder"
+        raise ConfigError(f"--lora {lora_dir}: {what}; give the lora/ dir a train run wrote")
     plan_file = Path(lora_dir) / PLAN_FILE
     if not plan_file.is_file():
         inside = Path(lora_dir) / "lora"  # a run's or a checkpoint's folder, given for its lora/

@@ -222,6 +222,10 @@ def test_a_config_named_from_the_project_instead_of_the_heads_home_folder_is_poi
     # a traceback from diffusers' scheduler (plan, train, sample --steps)
     (["toy", "build", "--quick", "--out", "/proc/toy"],  # at the first save, after the VAE stage had trained
      "toy build --out /proc/toy: /proc/toy.partial cannot be made (No such file or directory)"),
+    # a folder or file where the other was asked for: "no such file"
+    (["plan", "--config", "{tmp}"], "--config '{tmp}': a folder; give a YAML file or a built-in name"),
+    (["plan", "--config", "toy", "data.prompts={tmp}"], "data.prompts='{tmp}': a folder; give a list"),
+    (["sample", "--config", "toy", "--lora", "{tmp}/bad.json", "--prompt", "a"], "--lora {tmp}/bad.json: a file; give"),
     (["plan", "--config", "toy", "chain.steps=5000"], "chain.steps=5000: at most 1000, this model's training timesteps"),
     (["train", "--config", "toy", "--dry-run", "lora.targets=[nosuch]"],  # peft's error, in a traceback; the run said it
      "lora.targets: ['nosuch'] match no UNet module; e.g. to_q, to_k, to_v, to_out.0"),
