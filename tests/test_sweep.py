@@ -380,7 +380,8 @@ def _check_sweep_outputs(db: Path, table: Path, trials: int = 3):
     # every trial's samples are the untrained model's samples: its gain carries their paired standard error
     n = len(base["eval/objective_samples"])
     assert n > 1 and all(len(r["objective_samples"]) == n and r["gain_se"] > 0 for r in rows)
-    assert all(len(prompt) == 2 for r in rows for prompt in r["objective_samples"])  # kept by prompt in Parquet
+    per_prompt = len(base["eval/objective_samples"][0])  # kept by prompt, in base.json and in Parquet
+    assert all(isinstance(p, list) and len(p) == per_prompt for r in rows for p in r["objective_samples"])
     assert "x the paired standard error" in text.split("\nbest - untrained: ")[1]
     assert "objective_samples" not in Path(table).with_name("results.csv").read_text()  # lists: Parquet only
     assert not any("objective_samples" in key for run in [*children, *parents] for key in run.data.metrics)
@@ -497,6 +498,12 @@ def test_resume_after_the_driver_is_killed_in_the_second_trial(tmp_path):
     from shortft import load_config
     from shortft.sample import evaluate_trained
 
+    def flat(by_prompt):  # the samples, prompt by prompt
+        return [v for prompt in by_prompt for v in prompt]
+
+    def means(by_prompt):
+        return [sum(prompt) / len(prompt) for prompt in by_prompt]
+
     out_dir = work / "runs" / "sweeps" / "crash"
     base = json.loads((out_dir / "base.json").read_text())
     for row in rows:
@@ -504,9 +511,10 @@ def test_resume_after_the_driver_is_killed_in_the_second_trial(tmp_path):
         cfg = load_config(str(trial / "config.yaml"))
         untrained = evaluate_trained(cfg, None)["eval/objective_samples"]
         tuned = evaluate_trained(cfg, str(trial / "lora"))["eval/objective_samples"]
-        assert untrained == pytest.approx(base["eval/objective_samples"], abs=1e-5)
-        assert tuned == pytest.approx(row["objective_samples"], abs=1e-5)
-        diff = [a - b for a, b in zip(row["objective_samples"], base["eval/objective_samples"])]
+        assert flat(untrained) == pytest.approx(flat(base["eval/objective_samples"]), abs=1e-5)
+        assert flat(tuned) == pytest.approx(flat(row["objective_samples"]), abs=1e-5)
+        # the gain and its standard error over the prompts' mean differences
+        diff = [a - b for a, b in zip(means(row["objective_samples"]), means(base["eval/objective_samples"]))]
         mean = sum(diff) / len(diff)
         se = (sum((d - mean) ** 2 for d in diff) / (len(diff) - 1) / len(diff)) ** 0.5
         assert row["gain"] == pytest.approx(mean, rel=1e-9) and row["gain_se"] == pytest.approx(se, rel=1e-9)
@@ -522,7 +530,7 @@ def test_resume_after_the_driver_is_killed_in_the_second_trial(tmp_path):
     assert info["trial"] == top["trial"] and info["step"] == top["step_best"] == 2
     assert info["from"].startswith(str(work / "ray_results" / "crash")) and info["from"].endswith("/lora")
     tuned = evaluate_trained(load_config(str(best / "config.yaml")), str(best / "lora"))
-    assert tuned["eval/objective_samples"] == pytest.approx(top["objective_samples"], abs=1e-5)
+    assert flat(tuned["eval/objective_samples"]) == pytest.approx(flat(top["objective_samples"]), abs=1e-5)
     assert f"its LoRAs at that step: {best / 'lora'}; draw with them: shortft sample --config" in out
 
 
