@@ -157,6 +157,7 @@ def print_plan(cfg) -> None:
     from diffusers import DDIMScheduler
 
     from shortft import builtin
+    from shortft.budget import Budget
     from shortft.plan import format_plan, schedule, training_plan
 
     from shortft.architectures import HUB_IDS
@@ -182,8 +183,10 @@ def print_plan(cfg) -> None:
     plan = training_plan(cfg)
     print(f"method {cfg.chain.method}: N={cfg.chain.steps} original steps, k={cfg.chain.segments} segments, "
           f"{plan.stages} stage(s), LoRAs: {', '.join(plan.adapters)}")
-    # the stages train.steps reaches (`Budget.stage` by steps): fewer steps than stages skip some, silently
-    reached = {min(plan.stages, step * plan.stages // cfg.train.steps + 1) for step in range(cfg.train.steps)}
+    # the stages train.steps reaches: every one where there are as many steps; with fewer, the run skips some
+    budget, stages = Budget.of(cfg.train), plan.stages
+    reached = (set(range(1, stages + 1)) if cfg.train.steps >= stages
+               else {budget.stage(step, stages) for step in range(cfg.train.steps)})
     for stage in range(1, plan.stages + 1):
         calls = plan.calls(timesteps, stage)
         skipped = f"; never run: train.steps={cfg.train.steps} < {plan.stages} stages" if stage not in reached else ""

@@ -163,10 +163,10 @@ def param_values(values: dict) -> dict[str, str]:
     return {k: str(v)[:6000] for k, v in values.items()}
 
 
-def note_changed_params(uri: str, run_id: str, cfg: Config) -> list[str]:
+def note_changed_params(uri: str, run_id: str, cfg: Config) -> None:
     """A resumed run's settings that differ from its params (MLflow never changes a param: they stay the
     settings it started with), as the tag `shortft.settings_changed` ('train.lr: 0.001 -> 0.003; ...'),
-    dropped where none differ; the differences returned."""
+    dropped where none differ."""
     mlflow_client = client(uri)
     run = mlflow_client.get_run(run_id)
     was, now = run.data.params, param_values(flatten(to_dict(cfg)))
@@ -176,7 +176,6 @@ def note_changed_params(uri: str, run_id: str, cfg: Config) -> list[str]:
         mlflow_client.set_tag(run_id, CHANGED_TAG, "; ".join(changed)[:5000])
     elif CHANGED_TAG in run.data.tags:
         mlflow_client.delete_tag(run_id, CHANGED_TAG)
-    return changed
 
 
 def log_dict_params(uri: str, run_id: str, values: dict) -> None:
