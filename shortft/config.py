@@ -19,6 +19,7 @@ import math
 import re
 import types
 import typing
+from collections.abc import Hashable
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -46,6 +47,24 @@ class ConfigError(ValueError):
 class _Loader(yaml.SafeLoader):
     """YAML as PyYAML reads it, except that `1e-3` is a number, as in YAML 1.2 and JSON: PyYAML's YAML 1.1
     floats need a dot (`1.0e-3`), so `train.lr=1e-3` was the string '1e-3'."""
+
+
+    def construct_mapping(self, node: yaml.Node, deep: bool = False) -> dict:
+        """A key written twice in one mapping is an error, not the last one silently kept: a second
+        `train:` block dropped the first's settings without a word. (Keys a `<<:` merge brings in may
+        still be overridden, as YAML means them to be.)"""
+        if isinstance(node, yaml.MappingNode):
+            first: dict = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node)
+                if isinstance(key, Hashable) and key in first:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"key {key!r} given twice, first on line {first[key] + 1}: keep one", key_node.start_mark)
+                if isinstance(key, Hashable):
+                    first[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
 
 
 _Loader.add_implicit_resolver("tag:yaml.org,2002:float",  # tried after PyYAML's own: only what they leave

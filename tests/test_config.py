@@ -40,6 +40,20 @@ def test_numbers_in_exponent_notation_are_numbers(tmp_path):
     assert p.returncode == 0, p.stderr
 
 
+def test_a_key_given_twice_in_a_space_is_refused_and_a_merge_may_still_be_overridden(tmp_path):
+    """A space with two `search:` blocks searched the second only, without a word."""
+    from shortft.config import load_yaml
+    from shortft.space import load_space
+
+    (tmp_path / "s.yaml").write_text("base: tiny\nsearch:\n  train.lr: {loguniform: [1e-4, 1e-2]}\n"
+                                     "search:\n  lora.rank: {choice: [4, 8]}\n")
+    with pytest.raises(ConfigError, match=r"key 'search' given twice, first on line 2: keep one, line 4, column 1"):
+        load_space(str(tmp_path / "s.yaml"))
+    assert load_yaml("a: &x {steps: 1, lr: 2}\ntrain:\n  <<: *x\n  steps: 3\n")["train"] == {"steps": 3, "lr": 2}
+    with pytest.raises(yaml.YAMLError, match="key 'steps' given twice"):  # in a flow mapping too
+        load_yaml("{steps: 1, steps: 2}")
+
+
 def test_the_dry_run_says_which_progressive_stages_fewer_steps_never_run(capsys):
     """With fewer steps than stages a run skips some (2 steps of 4 stages run stages 1 and 3), silently."""
     from shortft.cli import main
@@ -234,6 +248,8 @@ def test_a_config_named_from_the_project_instead_of_the_heads_home_folder_is_poi
     (["plan", "--config", "toy", "train.lr=1e999"], "train.lr=inf: must be a finite number > 0"),  # was "must be > 0"
     (["plan", "--config", "{tmp}/bad.yaml"],
      "not valid YAML (mapping values are not allowed here, line 2, column 5)"),  # no place named
+    (["plan", "--config", "{tmp}/twice.yaml"],  # the second `train:` block silently replaced the first
+     "not valid YAML (key 'train' given twice, first on line 1: keep one, line 3, column 1)"),
     (["toy", "build", "--quick", "--out", "{tmp}/new", "--set", "shortcut_lr=-1.0"],
      "--set shortcut_lr=-1.0: expected a finite number > 0"),
 ])
@@ -243,6 +259,7 @@ def test_bad_flag_values_are_one_line_with_status_2(tmp_path, capsys, args, line
     (tmp_path / "bad.json").write_text("")
     (tmp_path / "bad.yaml").write_text("name: x\nb: c: d\n")
     (tmp_path / "latin1.yaml").write_bytes(b"name: caf\xe9\n")
+    (tmp_path / "twice.yaml").write_text("train:\n  steps: 5\ntrain:\n  lr: 0.1\n")
     (tmp_path / "lora").mkdir()
     (tmp_path / "lora" / "shortft_lora.json").write_text("{oops")
     (tmp_path / "empty").mkdir()
