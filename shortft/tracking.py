@@ -132,6 +132,25 @@ def experiment_id(uri: str, name: str) -> str:
     return experiment.experiment_id
 
 
+def replace_artifacts(client, run_id: str, local_dir: Path | None, artifact_path: str) -> bool:
+    """The run's `artifact_path` made `local_dir`'s files, or emptied where `local_dir` is None. MLflow's
+    log_artifacts adds and overwrites but never removes: the files of an earlier end (a sweep resumed to a
+    new best) stayed beside or instead of the new ones. False where the store could not delete them (not
+    every artifact store can) and some are left."""
+    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+    if client.list_artifacts(run_id, artifact_path):
+        try:
+            get_artifact_repository(client.get_run(run_id).info.artifact_uri,
+                                    client.tracking_uri).delete_artifacts(artifact_path)
+        except Exception:  # noqa: BLE001 - NotImplementedError, a refused DELETE: the files stay, said below
+            pass
+    cleared = not client.list_artifacts(run_id, artifact_path)
+    if local_dir is not None:
+        client.log_artifacts(run_id, str(local_dir), artifact_path)
+    return cleared
+
+
 def ensure_run(uri: str, experiment: str, run_key: str, run_name: str, cfg: Config | None = None,
                parent_run_id: str | None = None, tags: dict | None = None, reuse: bool = True) -> str:
     """The newest run with this key (created if none, or if reuse=False, with the config's params)."""

@@ -1239,6 +1239,48 @@ def test_a_sweep_that_raises_leaves_its_parent_run_failed_with_its_line(tmp_path
     assert parent.info.status == "FAILED" and parent.data.tags["shortft.error"] == "the store went away"
 
 
+def test_a_resumed_sweeps_parent_run_holds_only_its_new_best_loras(tmp_path, monkeypatch):
+    """MLflow's log_artifacts adds and overwrites, never removes: a sweep resumed to a new best trial left the
+    earlier best's LoRA files in the parent run's best/ (all of them when the new best had none kept, its extra
+    segments when it had fewer), under the new best_trial tag."""
+    from shortft.sweep.results import finish_parent, write_table
+
+    uri = f"sqlite:///{tmp_path}/m.db"
+    parent = tracking.ensure_run(uri, "x", "sweep", "sweep")
+    table = write_table([{"trial": "t000", "objective_best": 0.5}], tmp_path / "results.parquet")
+
+    def end(trial: str, segments: int | None) -> list[str]:
+        best = {"trial": trial, "objective": 0.5, "config": {"name": trial}, "lora_dir": None,
+                "lora_from": f"the LoRAs of {trial}'s best evaluation were not kept"}
+        if segments:
+            folder = tmp_path / trial / "best"
+            (folder / "lora").mkdir(parents=True)
+            for j in range(1, segments + 1):
+                (folder / "lora" / f"segment_{j}.safetensors").write_text(trial)
+            (folder / "best.json").write_text(json.dumps({"trial": trial}))
+            best["lora_dir"] = str(folder / "lora")
+        finish_parent(uri, parent, [], best, None, table, tmp_path, 1.0)
+        client = tracking.client(uri)
+        return sorted(a.path for top in client.list_artifacts(parent, "best")
+                      for a in ([top] if not top.is_dir else client.list_artifacts(parent, top.path)))
+
+    assert end("t001", 4) == ["best/best.json"] + [f"best/lora/segment_{j}.safetensors" for j in (1, 2, 3, 4)]
+    assert end("t002", 2) == ["best/best.json", "best/lora/segment_1.safetensors", "best/lora/segment_2.safetensors"]
+    assert end("t003", None) == ["best/best.json"]
+    run = tracking.client(uri).get_run(parent)
+    where = tracking.client(uri).download_artifacts(parent, "best/best.json", str(tmp_path / "dl"))
+    assert json.loads(Path(where).read_text()) == {"trial": "t003", "lora": None,
+                                                   "why": "the LoRAs of t003's best evaluation were not kept"}
+    assert run.data.tags["best_trial"] == "t003" and "shortft.best_stale" not in run.data.tags
+    from mlflow.store.artifact.local_artifact_repo import LocalArtifactRepository
+
+    def cannot(self, path=None):
+        raise NotImplementedError
+    monkeypatch.setattr(LocalArtifactRepository, "delete_artifacts", cannot)  # a store that deletes nothing
+    end("t004", 1)
+    assert tracking.client(uri).get_run(parent).data.tags["shortft.best_stale"].startswith("best/ may hold files")
+
+
 def test_a_resume_from_an_earlier_checkpoint_logs_the_steps_it_runs_again_and_says_so(tmp_path):
     """`--resume <step 2 checkpoint> train.lr=...` after step 4 was logged runs steps 3-4 again, another line of
     steps (metrics.jsonl keeps only it): MLflow dropped their new values, keeping the abandoned line's to step 4.

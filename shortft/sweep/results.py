@@ -3,6 +3,7 @@ Optuna's plots, all logged to the sweep's parent MLflow run."""
 
 from __future__ import annotations
 
+import json
 import math
 import sys
 from pathlib import Path
@@ -10,6 +11,7 @@ from pathlib import Path
 from shortft import raised, stats, tracking
 from shortft.evaluate import scalars
 from shortft.space import Space
+from shortft.sweep import best as best_lora
 from shortft.sweep.baseline import searched_evaluation_keys
 from shortft.sweep.eval_report import NOT_TERMS, OBJECTIVE_SAMPLES
 from shortft.sweep.trials import OBJECTIVE, OBJECTIVE_SE, RUN_ID_KEY, TRIAL_KEY, stopped_early
@@ -171,8 +173,16 @@ def finish_parent(uri: str, run_id: str, rows: list[dict], best: dict | None, st
         client.set_tag(run_id, "best_trial", best["trial"])
         (out_dir / "best_config.yaml").write_text(yaml.safe_dump(best["config"], sort_keys=False))
         client.log_artifact(run_id, str(out_dir / "best_config.yaml"))
-        if best.get("lora_dir"):  # the best evaluation's LoRAs, its config and best.json (sweep/best.py)
-            client.log_artifacts(run_id, str(Path(best["lora_dir"]).parent), "best")
+        # the best evaluation's LoRAs, its config and best.json (sweep/best.py), and none of an earlier end's
+        folder = Path(best["lora_dir"]).parent if best.get("lora_dir") else None
+        cleared = tracking.replace_artifacts(client, run_id, folder, best_lora.FOLDER)
+        if folder is None:
+            why = best.get("lora_from") or "none kept"
+            client.log_text(run_id, json.dumps({"trial": best["trial"], "lora": None, "why": why}, indent=1),
+                            f"{best_lora.FOLDER}/{best_lora.INFO}")
+        if not cleared:
+            client.set_tag(run_id, "shortft.best_stale", "best/ may hold files of an earlier end of this sweep beside "
+                           "this one's (this artifact store deletes none): best/best.json is this end's")
     for name, path in optuna_plots(study, out_dir).items():
         client.log_artifact(run_id, str(path), "optuna")
     client.set_terminated(run_id, status)  # KILLED: stopped before its end (a resume finishes it)
