@@ -1239,10 +1239,11 @@ def test_a_sweep_that_raises_leaves_its_parent_run_failed_with_its_line(tmp_path
     assert parent.info.status == "FAILED" and parent.data.tags["shortft.error"] == "the store went away"
 
 
-def test_a_resumed_sweeps_parent_run_holds_only_its_new_best_loras(tmp_path, monkeypatch):
-    """MLflow's log_artifacts adds and overwrites, never removes: a sweep resumed to a new best trial left the
-    earlier best's LoRA files in the parent run's best/ (all of them when the new best had none kept, its extra
-    segments when it had fewer), under the new best_trial tag."""
+def test_a_resumed_sweeps_parent_run_holds_only_its_new_best_loras_and_every_drivers_seconds(tmp_path, monkeypatch):
+    """A resumed sweep's sweep_seconds were its last driver's: tune/overhead.py set them against every
+    driver's training steps. And MLflow's log_artifacts adds and overwrites, never removes: a sweep resumed
+    to a new best trial left the earlier best's LoRA files in the parent run's best/ (all of them when the
+    new best had none kept, its extra segments when it had fewer), under the new best_trial tag."""
     from shortft.sweep.results import finish_parent, write_table
 
     uri = f"sqlite:///{tmp_path}/m.db"
@@ -1259,13 +1260,15 @@ def test_a_resumed_sweeps_parent_run_holds_only_its_new_best_loras(tmp_path, mon
                 (folder / "lora" / f"segment_{j}.safetensors").write_text(trial)
             (folder / "best.json").write_text(json.dumps({"trial": trial}))
             best["lora_dir"] = str(folder / "lora")
-        finish_parent(uri, parent, [], best, None, table, tmp_path, 1.0)
+        finish_parent(uri, parent, [], best, None, table, tmp_path, 1.0, cpu_seconds=0.25)
         client = tracking.client(uri)
         return sorted(a.path for top in client.list_artifacts(parent, "best")
                       for a in ([top] if not top.is_dir else client.list_artifacts(parent, top.path)))
 
     assert end("t001", 4) == ["best/best.json"] + [f"best/lora/segment_{j}.safetensors" for j in (1, 2, 3, 4)]
     assert end("t002", 2) == ["best/best.json", "best/lora/segment_1.safetensors", "best/lora/segment_2.safetensors"]
+    metrics = tracking.client(uri).get_run(parent).data.metrics
+    assert (metrics["sweep_seconds"], metrics["driver_cpu_seconds"]) == (2.0, 0.5)  # each end's added
     assert end("t003", None) == ["best/best.json"]
     run = tracking.client(uri).get_run(parent)
     where = tracking.client(uri).download_artifacts(parent, "best/best.json", str(tmp_path / "dl"))

@@ -144,8 +144,9 @@ def finish_parent(uri: str, run_id: str, rows: list[dict], best: dict | None, st
                    out_dir: Path, seconds: float, base: dict | None = None, status: str = "FINISHED",
                    cpu_seconds: float | None = None) -> None:
     """Best trial's config and objective, the untrained model's evaluation (`base/...` metrics,
-    base.json and its grid), Optuna's plots and the results table, on the parent run. `cpu_seconds`: the
-    driver's own CPU time (Tune's loop, its state saves, the searcher), `driver_cpu_seconds`."""
+    base.json and its grid), Optuna's plots and the results table, on the parent run. `seconds`: this
+    driver's wall time, `cpu_seconds` its own CPU time (Tune's loop, its state saves, the searcher); the
+    run's `sweep_seconds` and `driver_cpu_seconds` add those of the sweep's earlier drivers (a resume)."""
     import pyarrow.csv as pacsv
     import pyarrow.parquet as pq
     import yaml
@@ -164,9 +165,12 @@ def finish_parent(uri: str, run_id: str, rows: list[dict], best: dict | None, st
         for path, folder in ((out_dir / "base.json", None), (out_dir / "grids" / "base.png", "grids")):
             if path.is_file():
                 client.log_artifact(run_id, str(path), folder)
-    client.log_metric(run_id, "sweep_seconds", seconds)
+    # over every driver of the sweep: a resumed sweep's earlier ones, whose trials' steps are in its runs too
+    # (tune/overhead.py read the last driver's wall against all of them), are added to this one's
+    before = client.get_run(run_id).data.metrics
+    client.log_metric(run_id, "sweep_seconds", before.get("sweep_seconds", 0.0) + seconds)
     if cpu_seconds is not None:
-        client.log_metric(run_id, "driver_cpu_seconds", cpu_seconds)
+        client.log_metric(run_id, "driver_cpu_seconds", before.get("driver_cpu_seconds", 0.0) + cpu_seconds)
     client.log_metric(run_id, "trials", len(rows))
     if best:
         client.log_metric(run_id, "best_objective", best["objective"])
