@@ -491,6 +491,7 @@ def test_resume_after_the_driver_is_killed_in_the_second_trial(tmp_path):
     assert not list(elsewhere.iterdir()), list(elsewhere.iterdir())
     assert "best trial t00" in out and "mlflow ui --backend-store-uri sqlite:///" in out
     assert "base.json)" in out and "untrained model: evaluating" not in out  # the killed driver's, read back
+    assert "ASHA's rungs were not restored" not in out
     _, _, rows = _check_sweep_outputs(db, work / "runs" / "sweeps" / "crash" / "results.parquet", trials=2)
 
     # the gains: the final LoRAs and the untrained model evaluated again here, sample by sample, give the
@@ -999,6 +1000,43 @@ def test_tune_keeps_a_trials_best_evaluated_checkpoint_and_the_sweep_takes_its_l
     row.update(step_best=5, steps=5)
     lora, source = best_lora.export(result, row, {}, tmp_path / "run", tmp_path / "out3")
     assert (lora / "which.txt").read_text() == "final" and source == str(final)
+
+
+def _rung_trial(config):
+    """Evaluations at steps 2 and 4, scored by the trial's `score`."""
+    from ray import tune
+
+    for step in (2, 4):
+        tune.report({"step": step, sweep.OBJECTIVE: config["score"] * step})
+
+
+def test_a_resumed_sweeps_asha_rungs_hold_the_earlier_trials_results(tmp_path):
+    """Tune saves no scheduler state: after `--resume` ASHA's rungs were empty, so the first trial to reach a
+    rung went on whatever it scored and later cut-offs weighed only the trials run since. The restored
+    Tuner's results are replayed into them: the same values as the driver that ran the trials held."""
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    from shortft.sweep.ray_compat import restore_rungs
+    from shortft.sweep.search import TIME_ATTR
+
+    ray.init(num_cpus=1, include_dashboard=False, logging_config=ray.LoggingConfig(log_level="ERROR"))
+    try:
+        asha = ASHAScheduler(time_attr=TIME_ATTR, metric=sweep.OBJECTIVE, mode="max", max_t=4, grace_period=2,
+                             reduction_factor=2)
+        tune.Tuner(_rung_trial, param_space={"score": tune.grid_search([0.3, 0.9, 0.1, 0.5])},
+                   tune_config=tune.TuneConfig(scheduler=asha),
+                   run_config=tune.RunConfig(name="rungs", storage_path=str(tmp_path), verbose=0)).fit()
+        ran = {milestone: sorted(recorded.values()) for milestone, recorded in asha._brackets[0]._rungs}
+        assert ran == {4: [1.2, 2.0, 3.6], 2: [0.2, 0.6, 1.0, 1.8]}  # 0.1 stopped at step 2 (one at a time)
+        restored = tune.Tuner.restore(str(tmp_path / "rungs"), trainable=_rung_trial, resume_unfinished=True)
+        rungs = restored._local_tuner._tune_config.scheduler._brackets[0]._rungs
+        assert all(not recorded for _, recorded in rungs)  # what Tune gives back
+        assert restore_rungs(restored, TIME_ATTR, sweep.OBJECTIVE) == 7
+        assert {milestone: sorted(recorded.values()) for milestone, recorded in rungs} == ran
+        assert restore_rungs(restored, TIME_ATTR, sweep.OBJECTIVE) == 0  # a trial's rung is recorded once
+    finally:
+        ray.shutdown()
 
 
 def test_an_ended_trials_checkpoints_are_removed_on_its_node_once_its_process_lets_go(tmp_path, capsys):

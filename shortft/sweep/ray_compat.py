@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import sys
+import types
 
 from ray import tune
 
@@ -29,6 +30,12 @@ PRIVATE = (
     ("ray.tune.search.optuna", "OptunaSearch._ot_study"),
     ("ray.tune.search.optuna", "OptunaSearch._ot_trials"),  # shortft/sweep/trial_runs.py: ASHA's stop as pruned
     ("ray.tune.result_grid", "ResultGrid._experiment_analysis"),
+    # restore_rungs: ASHA's rungs, which Tune does not save, rebuilt on a resume
+    ("ray.tune.impl.tuner_internal", "TunerInternal._tune_config"),
+    ("ray.tune.schedulers.async_hyperband", "AsyncHyperBandScheduler._brackets"),
+    ("ray.tune.schedulers.async_hyperband", "AsyncHyperBandScheduler._metric_op"),
+    ("ray.tune.schedulers.async_hyperband", "_Bracket.on_result"),
+    ("ray.tune.schedulers.async_hyperband", "_Bracket._rungs"),
 )
 
 
@@ -52,6 +59,11 @@ def missing() -> list[str]:
             ok = "self._base_exc = exc" in _init_names(target.UserExceptionWithTraceback)
         elif attribute == "TuneController._metric":
             ok = "self._metric = metric" in _init_names(target.TuneController)
+        elif attribute == "TunerInternal._tune_config":
+            ok = "self._tune_config = " in _init_names(target.TunerInternal)
+        elif attribute.startswith("AsyncHyperBandScheduler._") or attribute == "_Bracket._rungs":
+            owner, name = attribute.split(".")
+            ok = f"self.{name} = " in _init_names(getattr(target, owner))
         elif "." in attribute:
             owner, name = attribute.split(".")
             ok = hasattr(getattr(target, owner, None), name)
@@ -104,6 +116,35 @@ def study_of(tuner):
         return alg.searcher._ot_study
     except AttributeError:
         return None
+
+
+def restore_rungs(tuner, time_attr: str, metric: str) -> int | None:
+    """ASHA's rungs of a resumed sweep as its earlier drivers left them. Tune saves no scheduler state:
+    after a resume the first trial to reach a rung went on, and later cut-offs weighed only the trials run
+    since. Each earlier trial's reported history (the restored Tuner's results) is replayed into the
+    bracket; a trial's value at a rung is its first result at or past that milestone, so the order the
+    trials are replayed in does not matter, and a resumed trial that reports a rung it had reached is not
+    counted twice. Returns the values recorded, or None where Tune's internals moved (the resume goes on
+    with empty rungs, as before)."""
+    import math
+
+    try:
+        scheduler = tuner._local_tuner._tune_config.scheduler
+        (bracket,) = scheduler._brackets  # one bracket (ASHA's default): each trial's
+        sign, rungs = scheduler._metric_op, bracket._rungs
+    except (AttributeError, ValueError, TypeError):
+        return None
+    before = sum(len(recorded) for _, recorded in rungs)
+    for result in tuner.get_results():
+        history = result.metrics_dataframe
+        trial_id = (result.metrics or {}).get("trial_id")
+        if history is None or trial_id is None or time_attr not in history or metric not in history:
+            continue
+        trial = types.SimpleNamespace(trial_id=trial_id)
+        for t, value in zip(history[time_attr], history[metric]):
+            if value is not None and not math.isnan(value):  # NaN: a report without an evaluation
+                bracket.on_result(trial, t, sign * value)
+    return sum(len(recorded) for _, recorded in rungs) - before
 
 
 def tune_metric() -> str | None:

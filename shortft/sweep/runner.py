@@ -22,13 +22,14 @@ from shortft.space import Space, check_default_space, configs, load_space, trial
 from shortft.sweep import baseline as baseline_eval
 from shortft.sweep import best as best_lora
 from shortft.sweep import saved
-from shortft.sweep.ray_compat import canonical_address, start_autoscaling_coordinator, study_of, trial_statuses
+from shortft.sweep.ray_compat import (canonical_address, restore_rungs, start_autoscaling_coordinator, study_of,
+                                     trial_statuses)
 from shortft.sweep.prune import Pruner
 from shortft.sweep.results import finish_parent, markdown, results_table, write_table
-from shortft.sweep.search import scheduler, searcher
+from shortft.sweep.search import TIME_ATTR, scheduler, searcher
 from shortft.sweep.trial_runs import RunCloser
-from shortft.sweep.trials import (EXPERIMENT, SMOKE_TEST, TRIAL_CPUS, cpu_threads, param_space, settings, trainable,
-                                  trial_name)
+from shortft.sweep.trials import (EXPERIMENT, OBJECTIVE, SMOKE_TEST, TRIAL_CPUS, cpu_threads, param_space, settings,
+                                  trainable, trial_name)
 
 
 @dataclass
@@ -230,6 +231,9 @@ def run_sweep(space: str | Space | None = None, num_samples: int | None = None, 
             except (EOFError, pickle.UnpicklingError) as e:  # a driver killed as Tune wrote it (a traceback)
                 raise ConfigError(f"--resume: the state of sweep {name!r} ({where}/tuner.pkl) is cut short or "
                                   f"unreadable ({type(e).__name__}); start it again under another --name") from None
+            if restore_rungs(tuner, TIME_ATTR, OBJECTIVE) is None:
+                print("note: ASHA's rungs were not restored (Ray's scheduler moved; shortft/sweep/ray_compat.py): "
+                      "its cut-offs weigh only the trials run from now", file=sys.stderr)
         else:
             saved.write(storage_path, name, values)  # only now: every check has passed, the sweep starts
             search = searcher(space, sweep_settings, seed=seed, max_concurrent=max_concurrent)

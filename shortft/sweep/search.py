@@ -6,6 +6,8 @@ from shortft.space import Space, trial_config
 from shortft.sweep.trial_runs import TrialRuns
 from shortft.sweep.trials import MODE, OBJECTIVE
 
+TIME_ATTR = "step"  # ASHA's clock: training steps
+
 
 def searcher(space: Space, sweep_settings: dict, seed: int = 0, max_concurrent: int = 1):
     """Seeded Optuna TPE, starting from the space's points_to_evaluate, wrapped by TrialRuns."""
@@ -31,5 +33,5 @@ def scheduler(space: Space):
                                                              key: v}) for v in space.search[key].corners()]
     longest = max(c.train.steps for c in cfgs)
     first = min(min(c.eval.every or c.train.steps, c.train.steps) for c in cfgs)
-    return ASHAScheduler(time_attr="step", metric=OBJECTIVE, mode=MODE, max_t=longest, grace_period=first,
+    return ASHAScheduler(time_attr=TIME_ATTR, metric=OBJECTIVE, mode=MODE, max_t=longest, grace_period=first,
                          reduction_factor=2)
