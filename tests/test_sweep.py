@@ -1203,6 +1203,41 @@ def test_a_trial_asha_stopped_is_pruned_in_optuna_at_its_last_evaluation_not_com
     assert finished.state == optuna.trial.TrialState.COMPLETE and finished.value == 0.91
 
 
+def test_an_errored_trial_that_a_resume_runs_again_is_told_to_optuna_with_its_result(tmp_path):
+    """A trial that failed (out of memory, say) is FAIL in Optuna's study. `--resume` runs it again, but its
+    result never reached the study: the concurrency limiter had let it go at its error, and TPE, its plots
+    and its parameter importances went on without it."""
+    import optuna
+    from ray.tune.search import SearchGenerator
+
+    from shortft.sweep.search import searcher
+    from shortft.sweep.trials import OBJECTIVE, param_space
+
+    space = load_space("toy")
+    settings = {"base": space.base, "fixed": space.fixed, "tracking_uri": None, "name": "s"}
+    search = searcher(space, settings, max_concurrent=2)
+    search.set_search_properties(OBJECTIVE, "max", param_space(space))
+    steps = trial_config(space.base, space.fixed, {}).train.steps
+    done = {OBJECTIVE: 0.91, "step": steps, "training_iteration": 2, "train_seconds": 1.0, "calls_total": 10}
+    search.suggest("a"), search.suggest("b")
+    search.on_trial_complete("a", error=True)
+    search.on_trial_complete("b", done)
+    SearchGenerator(search).save_to_dir(str(tmp_path), "s")  # as Tune keeps it, and a resumed driver reads it
+    generator = SearchGenerator(searcher(space, settings, max_concurrent=2))
+    generator.restore_from_dir(str(tmp_path))
+    resumed = generator.searcher
+    resumed.on_trial_complete("a", {**done, OBJECTIVE: 0.93})  # the rerun ends
+    resumed.on_trial_complete("a", {**done, OBJECTIVE: 0.93})  # told once
+    study = resumed.searcher._ot_study
+    failed, finished = study.trials[:2]  # (the space's third point to evaluate waits)
+    (rerun,) = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE and t.number != finished.number]
+    assert failed.state == optuna.trial.TrialState.FAIL and finished.value == 0.91
+    assert rerun.value == 0.93 and rerun.params == failed.params and rerun.user_attrs == {"rerun_of": failed.number}
+    resumed.suggest("c")  # and the study goes on
+    resumed.on_trial_complete("c", {**done, OBJECTIVE: 0.5, "step": steps // 2})  # an ASHA stop: pruned
+    assert study.trials[resumed.searcher._ot_trials["c"].number].state == optuna.trial.TrialState.PRUNED
+
+
 def test_asha_runs_the_longest_trial_a_space_gives_to_its_end_and_judges_at_the_first_evaluation(tmp_path):
     """max_t and the grace period came from the first value of each range: with `train.steps: {choice: [60,
     120]}` ASHA stopped every 120-step trial at step 60 (STOPPED_EARLY, no final LoRAs)."""

@@ -4,6 +4,8 @@ status when it ends."""
 
 from __future__ import annotations
 
+import math
+
 from ray import tune
 from ray.tune.search import ConcurrencyLimiter
 
@@ -20,20 +22,51 @@ class TrialRuns(ConcurrencyLimiter):
     def __init__(self, searcher, max_concurrent: int, sweep_settings: dict):
         super().__init__(searcher, max_concurrent)
         self.sweep_settings, self.count = sweep_settings, 0
-        self.configs: dict[str, dict] = {}  # live trials' configs (kept in the searcher's saved state)
+        self.configs: dict[str, dict] = {}  # live and errored trials' configs (kept in the searcher's saved state)
+        self.errored: set[str] = set()  # trials that ended in an error, whose rerun Optuna is told of
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False):
         """A trial ASHA stopped is told to Optuna as pruned at its last evaluation, not complete with it: a
         30-step score ranked beside 60-step ones in TPE (and in its plots), and Tune never passes the
-        stopping result to `on_trial_result`, so it is reported here first."""
-        config = self.configs.pop(trial_id, None)
+        stopping result to `on_trial_result`, so it is reported here first. An errored trial that a
+        resume runs again is told to Optuna by `_tell_rerun`."""
+        errored = self.__dict__.setdefault("errored", set())  # (absent from a searcher saved before it was kept)
+        config = self.configs.get(trial_id) if error else self.configs.pop(trial_id, None)  # a resume may rerun it
+        if trial_id in errored:  # `--resume` ran it again
+            if not error and self._tell_rerun(trial_id, config, result):
+                errored.discard(trial_id)
+            return
+        if error:
+            errored.add(trial_id)
         if result and not error and config is not None and stopped_early(config, self.sweep_settings, result):
             trial = getattr(self.searcher, "_ot_trials", {}).get(trial_id)  # private (sweep/ray_compat.py)
-            value = result.get(OBJECTIVE)
-            if trial is not None and isinstance(value, (int, float)) and value == value:  # NaN: nothing to report
-                trial.report(float(value), int(result.get("training_iteration", 1)))
+            value = _finite(result.get(OBJECTIVE))
+            if trial is not None and value is not None:
+                trial.report(value, int(result.get("training_iteration", 1)))
             result = None  # OptunaSearch tells Optuna PRUNED for a trial ended with no value
         super().on_trial_complete(trial_id, result=result, error=error)
+
+    def _tell_rerun(self, trial_id: str, config: dict | None, result: dict | None) -> bool:
+        """An errored trial that a resume ran again is FAIL in the study, and the limiter drops its second
+        end: its result is added to the study as a trial of the same parameters (`rerun_of`: the failed
+        one's number), COMPLETE, or PRUNED where ASHA stopped it. False where there was nothing to tell."""
+        import optuna
+
+        study = getattr(self.searcher, "_ot_study", None)  # private (sweep/ray_compat.py)
+        failed = getattr(self.searcher, "_ot_trials", {}).get(trial_id)
+        value = _finite((result or {}).get(OBJECTIVE))
+        if study is None or failed is None or value is None:
+            return False
+        frozen = study.trials[failed.number]
+        if frozen.state != optuna.trial.TrialState.FAIL:
+            return False
+        pruned = config is not None and stopped_early(config, self.sweep_settings, result)
+        study.add_trial(optuna.trial.create_trial(
+            params=frozen.params, distributions=frozen.distributions, user_attrs={"rerun_of": frozen.number},
+            **({"state": optuna.trial.TrialState.PRUNED,
+                "intermediate_values": {int(result.get("training_iteration", 1)): value}} if pruned else
+               {"value": value})))
+        return True
 
     def suggest(self, trial_id: str):
         config = super().suggest(trial_id)
@@ -50,6 +83,11 @@ class TrialRuns(ConcurrencyLimiter):
             config[RUN_ID_KEY] = tracking.ensure_trial_run(sweep["tracking_uri"], sweep["experiment"], name, cfg,
                                                            sweep["parent_run_id"])
         return config
+
+
+def _finite(value) -> float | None:
+    """A reported objective as a float; None where it is missing, not a number, NaN or infinite."""
+    return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
 
 
 class RunCloser(tune.Callback):
