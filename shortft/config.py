@@ -48,7 +48,6 @@ class _Loader(yaml.SafeLoader):
     """YAML as PyYAML reads it, except that `1e-3` is a number, as in YAML 1.2 and JSON: PyYAML's YAML 1.1
     floats need a dot (`1.0e-3`), so `train.lr=1e-3` was the string '1e-3'."""
 
-
     def construct_mapping(self, node: yaml.Node, deep: bool = False) -> dict:
         """A key written twice in one mapping is an error, not the last one silently kept: a second
         `train:` block dropped the first's settings without a word. (Keys a `<<:` merge brings in may
@@ -59,11 +58,13 @@ class _Loader(yaml.SafeLoader):
                 if key_node.tag == "tag:yaml.org,2002:merge":
                     continue
                 key = self.construct_object(key_node)
-                if isinstance(key, Hashable) and key in first:
+                if not isinstance(key, Hashable):
+                    continue  # PyYAML's own error names it
+                if key in first:
                     raise yaml.constructor.ConstructorError(
-                        None, None, f"key {key!r} given twice, first on line {first[key] + 1}: keep one", key_node.start_mark)
-                if isinstance(key, Hashable):
-                    first[key] = key_node.start_mark.line
+                        None, None, f"key {key!r} given twice, first on line {first[key] + 1}: keep one",
+                        key_node.start_mark)
+                first[key] = key_node.start_mark.line
         return super().construct_mapping(node, deep=deep)
 
 
