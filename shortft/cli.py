@@ -141,7 +141,13 @@ def run_rewards(cfg, args) -> None:
         for row in cost.describe():
             print(f"{row['name']:20s} {'' if row['gradient'] else '(evaluation only) '}{row['about']}")
         return
-    print(cost.run(cfg, args.names.split(",") if args.names else None, args.random_weights, args.batch, args.repeats))
+    names = None
+    if args.names is not None:  # `--names ""` timed the config's rewards as if no flag were given
+        names = [n.strip() for n in args.names.split(",") if n.strip()]
+        if not names:
+            raise ConfigError(f"--names {args.names!r}: name at least one reward, e.g. --names symmetry,pickscore "
+                              "(without the flag: the config's rewards)")
+    print(cost.run(cfg, names, args.random_weights, args.batch, args.repeats))
 
 
 def run_train(cfg, args) -> int:

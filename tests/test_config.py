@@ -248,6 +248,8 @@ def test_a_config_named_from_the_project_instead_of_the_heads_home_folder_is_poi
     (["plan", "--config", "toy", "train.lr=1e999"], "train.lr=inf: must be a finite number > 0"),  # was "must be > 0"
     (["plan", "--config", "{tmp}/bad.yaml"],
      "not valid YAML (mapping values are not allowed here, line 2, column 5)"),  # no place named
+    (["rewards", "--config", "toy", "--cost", "--names", ""],  # timed the config's rewards, as with no flag
+     "--names '': name at least one reward"),
     (["plan", "--config", "{tmp}/twice.yaml"],  # the second `train:` block silently replaced the first
      "not valid YAML (key 'train' given twice, first on line 1: keep one, line 3, column 1)"),
     (["toy", "build", "--quick", "--out", "{tmp}/new", "--set", "shortcut_lr=-1.0"],
