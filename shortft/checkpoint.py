@@ -156,17 +156,21 @@ def latest(root: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def check_new_run(out: Path) -> None:
+def check_new_run(out: Path, template: str = "{name}") -> None:
     """A new run (no resume) may not start in a run folder that holds checkpoints: it wrote its steps beside
     them and its metrics over the old ones, and a later `--resume` took the newest checkpoint of either run.
-    Nor in one that holds a finished run whose checkpoints were removed: its LoRAs and result went."""
+    Nor in one that holds a finished run whose checkpoints were removed: its LoRAs and result went.
+    `template`: the config's train.output_dir, to name the setting that moves the run (a run's or a sweep
+    trial's config.yaml holds its folder itself: there name= moved nothing)."""
+    other = ("set name=<new name> (or train.output_dir) to start another" if "{name}" in template else
+             "set train.output_dir=<another folder> to start another (this config's train.output_dir names the "
+             "folder itself, without {name}: name= does not move it)")
     held = latest(Path(out) / "checkpoints")
     if held is not None:
         raise ConfigError(f"train.output_dir {out} holds a run (checkpoints to step {step_of(held)}); pass --resume to "
-                          "continue it, or set name=<new name> (or train.output_dir) to start another")
+                          f"continue it, or {other}")
     if (Path(out) / "result.json").is_file():
-        raise ConfigError(f"train.output_dir {out} holds a finished run (result.json, lora/); set name=<new name> "
-                          "(or train.output_dir) to start another")
+        raise ConfigError(f"train.output_dir {out} holds a finished run (result.json, lora/); {other}")
 
 
 def set_aside_newer(root: Path, step: int) -> list[Path]:

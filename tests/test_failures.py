@@ -951,8 +951,13 @@ def test_a_resume_keeps_the_runs_stages_result_and_the_other_line_of_checkpoints
     assert sorted(p.name for p in ckpts.glob("left-*")) == ["left-step_000004", "left-step_000005"]
     assert "resume: step_000005 was after step_000003: renamed" in capsys.readouterr().err
     shutil.rmtree(ckpts)
-    with pytest.raises(ConfigError, match=r"holds a finished run \(result.json, lora/\); set name=<new name>"):
-        shortft.train(make_cfg(*base, "train.steps=1"))
+    # A config that names the folder itself (a run's or a sweep trial's config.yaml): name= would not move it
+    with pytest.raises(ConfigError, match=r"holds a finished run \(result.json, lora/\); set train.output_dir=<another "
+                                          r"folder> to start another \(this config's train.output_dir names the folder "
+                                          r"itself, without \{name\}: name= does not move it\)"):
+        shortft.train(make_cfg(*base, "train.steps=1", "name=other"))
+    with pytest.raises(ConfigError, match=r"holds a finished run \(result.json, lora/\); set name=<new name> \(or "):
+        shortft.train(make_cfg(*base, "train.steps=1", f"train.output_dir={tmp_path}/{{name}}", "name=run"))
 
 
 def test_a_checkpoint_is_on_the_disk_before_it_is_published_and_the_one_before_it_pruned(make_cfg, tmp_path,
