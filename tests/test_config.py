@@ -314,7 +314,8 @@ def test_an_override_after_resume_is_an_override_and_the_dry_run_says_where_the_
     out, err = capsys.readouterr()
     assert "resume:" not in out and err.strip() == (
         f"shortft: error: train.output_dir {tmp_path}/run holds a run (checkpoints to step 2); pass --resume to "
-        "continue it, or set name=<new name> (or train.output_dir) to start another")
+        "continue it, or set train.output_dir=<another folder> to start another (this config's train.output_dir "
+        "names the folder itself, without {name}: name= does not move it)")
 
 
 def test_output_dir_expands_the_home_folder_and_the_cache_a_file_is_one_line(tmp_path, monkeypatch):

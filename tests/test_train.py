@@ -167,7 +167,7 @@ def test_kill_and_resume_equals_uninterrupted(make_cfg, tmp_path):
     # over the old ones, and a later --resume took the newest checkpoint of either run: now refused first.
     before = (resumed.output_dir / "metrics.jsonl").read_text()
     with pytest.raises(ConfigError, match=r"^train.output_dir \S+/killed holds a run \(checkpoints to step 10\); pass "
-                                          r"--resume to continue it, or set name=<new name>"):
+                                          r"--resume to continue it, or set train.output_dir=<another folder>"):
         shortft.train(cfg)
     assert (resumed.output_dir / "metrics.jsonl").read_text() == before
 
