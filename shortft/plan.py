@@ -187,6 +187,28 @@ def check_shortcut(cfg: Config) -> None:
     if shortcut.kind == "lora" and folder.is_dir() and not any(folder.glob("*.safetensors")):
         raise ConfigError(f"model.shortcut={cfg.model.shortcut!r}: {shortcut.path} holds no .safetensors file; give "
                           "the folder of a LoRA, or lora:<folder>/<file>")
+    if shortcut.kind == "unet" and folder.is_dir():  # else found only once the base model had loaded
+        check_unet_folder(f"model.shortcut={cfg.model.shortcut!r}", folder)
+
+
+def check_unet_folder(flag: str, folder: Path) -> None:
+    """A local folder given as a UNet (or a pipeline holding one in unet/) has a UNet's config.json and
+    weights; a ConfigError naming what it holds instead."""
+    import json
+
+    unet = folder / "unet" if (folder / "unet").is_dir() else folder
+    fix = ("give a diffusers UNet folder (config.json, diffusion_pytorch_model*.safetensors), a pipeline folder "
+           "with unet/, or unet:<folder>/<file>.safetensors")
+    try:
+        kind = json.loads((unet / "config.json").read_text()).get("_class_name", "UNet2DConditionModel")
+    except FileNotFoundError:
+        raise ConfigError(f"{flag}: {unet} has no config.json; {fix}") from None
+    except (OSError, ValueError, AttributeError) as e:
+        raise ConfigError(f"{flag}: {unet}/config.json is not a JSON object ({e}); {fix}") from None
+    if kind != "UNet2DConditionModel":
+        raise ConfigError(f"{flag}: {unet} holds {kind} (its config.json), not a UNet; {fix}")
+    if not any(next(unet.glob(f"diffusion_pytorch_model*.{ext}"), None) for ext in ("safetensors", "bin")):
+        raise ConfigError(f"{flag}: {unet} has no UNet weights (diffusion_pytorch_model*.safetensors); {fix}")
 
 
 def adapter_names(method: str, timestep_aware: bool, segments: int) -> list[str]:

@@ -250,6 +250,10 @@ def test_a_config_named_from_the_project_instead_of_the_heads_home_folder_is_poi
      "not valid YAML (mapping values are not allowed here, line 2, column 5)"),  # no place named
     (["rewards", "--config", "toy", "--cost", "--names", ""],  # timed the config's rewards, as with no flag
      "--names '': name at least one reward"),
+    (["train", "--config", "toy", "--dry-run", "model.shortcut=unet:{tmp}/vae"],  # found once the base had loaded
+     "model.shortcut='unet:{tmp}/vae': {tmp}/vae holds AutoencoderKL (its config.json), not a UNet; give a diffusers"),
+    (["train", "--config", "toy", "--dry-run", "model.shortcut=unet:{tmp}/empty"],
+     "model.shortcut='unet:{tmp}/empty': {tmp}/empty has no config.json; give a diffusers UNet folder"),
     (["plan", "--config", "{tmp}/twice.yaml"],  # the second `train:` block silently replaced the first
      "not valid YAML (key 'train' given twice, first on line 1: keep one, line 3, column 1)"),
     (["toy", "build", "--quick", "--out", "{tmp}/new", "--set", "shortcut_lr=-1.0"],
@@ -262,6 +266,8 @@ def test_bad_flag_values_are_one_line_with_status_2(tmp_path, capsys, args, line
     (tmp_path / "bad.yaml").write_text("name: x\nb: c: d\n")
     (tmp_path / "latin1.yaml").write_bytes(b"name: caf\xe9\n")
     (tmp_path / "twice.yaml").write_text("train:\n  steps: 5\ntrain:\n  lr: 0.1\n")
+    (tmp_path / "vae").mkdir()
+    (tmp_path / "vae" / "config.json").write_text('{"_class_name": "AutoencoderKL"}')
     (tmp_path / "lora").mkdir()
     (tmp_path / "lora" / "shortft_lora.json").write_text("{oops")
     (tmp_path / "empty").mkdir()
