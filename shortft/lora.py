@@ -259,11 +259,14 @@ class TimestepAwareLora:
         self.switch.activate(self.kept + self.adapters_at(t))
 
     def _unload(self, names: list[str]) -> None:
+        if not self.had_adapters:  # back to the plain modules, not LoRA wrappers with nothing in them (the
+            # state dict's keys renamed `base_layer`): after delete_adapters, diffusers had dropped peft_config
+            # with the last adapter and the check for it skipped this
+            self.unet.unload_lora()
+            return
         if names:
             self.unet.delete_adapters(names)
-        if not self.had_adapters and getattr(self.unet, "peft_config", None) is not None:
-            self.unet.unload_lora()  # back to the plain modules, not LoRA wrappers with nothing in them
-        elif self.kept:  # deleting an active adapter makes peft activate another: the user's as they were
+        if self.kept:  # deleting an active adapter makes peft activate another: the user's as they were
             AdapterSwitch(self.unet, stack=False).activate(self.kept)
 
     def remove(self) -> None:

@@ -39,7 +39,8 @@ def test_remove_restores_the_pipeline_bit_for_bit(trained, tiny_dir, capfd):
     import diffusers
 
     pipe = _pipe(tiny_dir)
-    fresh = _image(pipe)
+    fresh, modules = _image(pipe), {name: type(m) for name, m in pipe.unet.named_modules()}
+    keys = list(pipe.unet.state_dict())
     diffusers.utils.logging.set_verbosity_warning()  # the test environment mutes it; loading must be quiet anyway
     try:
         capfd.readouterr()
@@ -59,6 +60,10 @@ def test_remove_restores_the_pipeline_bit_for_bit(trained, tiny_dir, capfd):
         with enable_timestep_aware(pipe, trained):
             assert np.array_equal(_image(pipe), tuned)
         assert np.array_equal(_image(pipe), fresh)
+    # the modules too: peft's LoRA wrappers stayed (to_q.base_layer.weight for to_q.weight in the state
+    # dict, which a pipeline saved afterwards wrote), as diffusers deletes peft_config with its last adapter
+    assert {name: type(m) for name, m in pipe.unet.named_modules()} == modules
+    assert list(pipe.unet.state_dict()) == keys and getattr(pipe.unet, "peft_config", None) is None
 
 
 def test_the_switch_follows_any_schedulers_own_timesteps_and_keeps_the_users_adapters(trained, tiny_dir):
