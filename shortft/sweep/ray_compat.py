@@ -32,10 +32,6 @@ PRIVATE = (
     ("ray.tune.result_grid", "ResultGrid._experiment_analysis"),
     # restore_rungs: ASHA's rungs, which Tune does not save, rebuilt on a resume
     ("ray.tune.impl.tuner_internal", "TunerInternal._tune_config"),
-    ("ray.tune.schedulers.async_hyperband", "AsyncHyperBandScheduler._brackets"),
-    ("ray.tune.schedulers.async_hyperband", "AsyncHyperBandScheduler._metric_op"),
-    ("ray.tune.schedulers.async_hyperband", "_Bracket.on_result"),
-    ("ray.tune.schedulers.async_hyperband", "_Bracket._rungs"),
 )
 
 
@@ -61,9 +57,6 @@ def missing() -> list[str]:
             ok = "self._metric = metric" in _init_names(target.TuneController)
         elif attribute == "TunerInternal._tune_config":
             ok = "self._tune_config = " in _init_names(target.TunerInternal)
-        elif attribute.startswith("AsyncHyperBandScheduler._") or attribute == "_Bracket._rungs":
-            owner, name = attribute.split(".")
-            ok = f"self.{name} = " in _init_names(getattr(target, owner))
         elif "." in attribute:
             owner, name = attribute.split(".")
             ok = hasattr(getattr(target, owner, None), name)
@@ -118,33 +111,54 @@ def study_of(tuner):
         return None
 
 
-def restore_rungs(tuner, time_attr: str, metric: str) -> int | None:
+def restore_rungs(tuner, time_attr: str, metric: str, ended_itself) -> int | None:
     """ASHA's rungs of a resumed sweep as its earlier drivers left them. Tune saves no scheduler state:
     after a resume the first trial to reach a rung went on, and later cut-offs weighed only the trials run
-    since. Each earlier trial's reported history (the restored Tuner's results) is replayed into the
-    bracket; a trial's value at a rung is its first result at or past that milestone, so the order the
-    trials are replayed in does not matter, and a resumed trial that reports a rung it had reached is not
-    counted twice. Returns the values recorded, or None where Tune's internals moved (the resume goes on
-    with empty rungs, as before)."""
+    since. Each earlier trial's reported evaluations (the restored Tuner's results) go to the scheduler as
+    Tune gave them: each report, then for a trial that ended, its last result again where it returned by
+    itself (`ended_itself(result)`; Tune's "done" result) and once more as its completion; each of those
+    fills the trial's highest rung at or below its step that it has not filled. A trial's rungs depend on
+    its own results alone, so the order trials are replayed in does not matter, and a resumed trial that
+    reports a rung it had filled is not counted twice. Returns the trials replayed; None where Tune's
+    internals moved (the resume goes on with empty rungs, as before)."""
     import math
 
-    try:
-        scheduler = tuner._local_tuner._tune_config.scheduler
-        (bracket,) = scheduler._brackets  # one bracket (ASHA's default): each trial's
-        sign, rungs = scheduler._metric_op, bracket._rungs
-    except (AttributeError, ValueError, TypeError):
+    from ray.tune.schedulers import AsyncHyperBandScheduler
+
+    scheduler = getattr(getattr(getattr(tuner, "_local_tuner", None), "_tune_config", None), "scheduler", None)
+    if not isinstance(scheduler, AsyncHyperBandScheduler):
         return None
-    before = sum(len(recorded) for _, recorded in rungs)
-    for result in tuner.get_results():
-        history = result.metrics_dataframe
-        trial_id = (result.metrics or {}).get("trial_id")
+    try:
+        grid = tuner.get_results()
+    except RuntimeError:  # no experiment state yet (stopped before its first trial): nothing ran
+        return 0
+    except Exception:  # noqa: BLE001 - a state Tune reads otherwise now: the resume goes on without the rungs
+        return None
+    statuses = trial_statuses(grid)
+    if len(grid) and not statuses:
+        return None
+    replayed = 0
+    for result in grid:
+        history, trial_id = result.metrics_dataframe, (result.metrics or {}).get("trial_id")
         if history is None or trial_id is None or time_attr not in history or metric not in history:
             continue
+        # NaN: a report without an evaluation, which ASHA passes over (the last one too, given again)
+        rows = [{time_attr: t} | ({} if v is None or math.isnan(v) else {metric: v})
+                for t, v in zip(history[time_attr], history[metric])]
+        if not rows:
+            continue
         trial = types.SimpleNamespace(trial_id=trial_id)
-        for t, value in zip(history[time_attr], history[metric]):
-            if value is not None and not math.isnan(value):  # NaN: a report without an evaluation
-                bracket.on_result(trial, t, sign * value)
-    return sum(len(recorded) for _, recorded in rungs) - before
+        scheduler.on_trial_add(None, trial)
+        for row in rows:
+            scheduler.on_trial_result(None, trial, row)
+        if statuses.get(trial_id) == "TERMINATED":
+            if ended_itself(result):
+                scheduler.on_trial_result(None, trial, rows[-1])
+            scheduler.on_trial_complete(None, trial, rows[-1])
+        else:  # to run again: Tune adds it to the scheduler itself
+            scheduler.on_trial_remove(None, trial)
+        replayed += 1
+    return replayed
 
 
 def tune_metric() -> str | None:

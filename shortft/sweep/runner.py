@@ -29,7 +29,20 @@ from shortft.sweep.results import finish_parent, markdown, results_table, write_
 from shortft.sweep.search import TIME_ATTR, scheduler, searcher
 from shortft.sweep.trial_runs import RunCloser
 from shortft.sweep.trials import (EXPERIMENT, OBJECTIVE, SMOKE_TEST, TRIAL_CPUS, cpu_threads, param_space, settings,
-                                  trainable, trial_name)
+                                  stopped_early, trainable, trial_name)
+
+
+def check_trial_folders(output_root: str, name: str) -> None:
+    """A new sweep's trials may not start in folders that hold an earlier sweep's trial runs (its Tune state
+    removed, or under another --storage-path): each trial was refused there, after Ray's start-up."""
+    from shortft.checkpoint import latest
+
+    root = Path(output_root)
+    held = sorted(d.name for d in root.iterdir() if d.is_dir() and (
+        (d / "result.json").is_file() or latest(d / "checkpoints") is not None)) if root.is_dir() else []
+    if held:
+        raise ConfigError(f"sweep {name!r}: {root} holds an earlier sweep's trial runs ({', '.join(held[:3])}"
+                          f"{', ...' if len(held) > 3 else ''}); pass another --name, or move that folder away")
 
 
 @dataclass
@@ -155,6 +168,8 @@ def run_sweep(space: str | Space | None = None, num_samples: int | None = None, 
     if exists and not resume:
         raise ConfigError(f"sweep {name!r} already exists under {storage_path}; pass --resume, or another --name")
     output_root = str(Path(values["output_root"]) / name)
+    if not resume:
+        check_trial_folders(output_root, name)
     address = None if ray.is_initialized() else canonical_address(address)
     # Every hub source of every trial, in this machine's hub cache or on the hub: else one line now, not a
     # half-minute of retries in the untrained model's evaluation and then in every trial, twice. Where the
@@ -231,7 +246,10 @@ def run_sweep(space: str | Space | None = None, num_samples: int | None = None, 
             except (EOFError, pickle.UnpicklingError) as e:  # a driver killed as Tune wrote it (a traceback)
                 raise ConfigError(f"--resume: the state of sweep {name!r} ({where}/tuner.pkl) is cut short or "
                                   f"unreadable ({type(e).__name__}); start it again under another --name") from None
-            if restore_rungs(tuner, TIME_ATTR, OBJECTIVE) is None:
+            def ended_itself(result) -> bool:  # its function returned: not stopped by ASHA
+                return not stopped_early(result.config, sweep_settings, result.metrics)
+
+            if restore_rungs(tuner, TIME_ATTR, OBJECTIVE, ended_itself) is None:
                 print("note: ASHA's rungs were not restored (Ray's scheduler moved; shortft/sweep/ray_compat.py): "
                       "its cut-offs weigh only the trials run from now", file=sys.stderr)
         else:
