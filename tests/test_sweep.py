@@ -628,6 +628,20 @@ def test_private_ray_tune_optuna_attributes_are_still_there():
                        "(written against Ray 2.60, Optuna 4.x) need updating")
 
 
+def test_a_new_sweep_refuses_a_name_whose_trial_folders_hold_runs(tmp_path, capsys, monkeypatch):
+    """An earlier sweep of the name whose Tune state was removed (or kept under another --storage-path) left
+    its trial folders under runs/sweeps/<name>: every trial of the new sweep failed on them after Ray's
+    start-up ("holds a finished run ... set train.output_dir", which a sweep has no flag for)."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs" / "sweeps" / "again" / "again-t001").mkdir(parents=True)
+    (tmp_path / "runs" / "sweeps" / "again" / "again-t001" / "result.json").write_text("{}")
+    code = sweep.main(["--name", "again", "--storage-path", str(tmp_path / "ray"), "--no-mlflow", "--smoke-test"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and not ray.is_initialized(), err
+    assert err.endswith(f"sweep 'again': {tmp_path}/runs/sweeps/again holds an earlier sweep's trial runs "
+                        "(again-t001); pass another --name, or move that folder away"), err
+
+
 def test_sweep_experiment_is_marked_as_model_training(tmp_path):
     uri = f"sqlite:///{tmp_path}/m.db"
     tracking.experiment_id(uri, "shortft-sweeps")
@@ -1003,38 +1017,51 @@ def test_tune_keeps_a_trials_best_evaluated_checkpoint_and_the_sweep_takes_its_l
 
 
 def _rung_trial(config):
-    """Evaluations at steps 2 and 4, scored by the trial's `score`."""
+    """Evaluations at steps 2 and 4 (or 2 alone: `last`), scored by the trial's `score`."""
     from ray import tune
 
-    for step in (2, 4):
+    for step in range(2, config["last"] + 1, 2):
         tune.report({"step": step, sweep.OBJECTIVE: config["score"] * step})
 
 
 def test_a_resumed_sweeps_asha_rungs_hold_the_earlier_trials_results(tmp_path):
     """Tune saves no scheduler state: after `--resume` ASHA's rungs were empty, so the first trial to reach a
     rung went on whatever it scored and later cut-offs weighed only the trials run since. The restored
-    Tuner's results are replayed into them: the same values as the driver that ran the trials held."""
+    Tuner's results are replayed into them, as Tune gave them (with the last result again for a trial that
+    ended, which fills the rung at step 1 its evaluations skip): the same values as the driver that ran
+    the trials held."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
     from shortft.sweep.ray_compat import restore_rungs
     from shortft.sweep.search import TIME_ATTR
 
+    def rungs(scheduler):
+        return {milestone: sorted(recorded.values()) for milestone, recorded in scheduler._brackets[0]._rungs}
+
     ray.init(num_cpus=1, include_dashboard=False, logging_config=ray.LoggingConfig(log_level="ERROR"))
     try:
-        asha = ASHAScheduler(time_attr=TIME_ATTR, metric=sweep.OBJECTIVE, mode="max", max_t=4, grace_period=2,
-                             reduction_factor=2)
-        tune.Tuner(_rung_trial, param_space={"score": tune.grid_search([0.3, 0.9, 0.1, 0.5])},
-                   tune_config=tune.TuneConfig(scheduler=asha),
+        def asha():
+            return ASHAScheduler(time_attr=TIME_ATTR, metric=sweep.OBJECTIVE, mode="max", max_t=4, grace_period=1,
+                                 reduction_factor=2)
+
+        tune.Tuner(_rung_trial, tune_config=tune.TuneConfig(scheduler=asha()),
+                   run_config=tune.RunConfig(name="unrun", storage_path=str(tmp_path), verbose=0))
+        unrun = tune.Tuner.restore(str(tmp_path / "unrun"), trainable=_rung_trial)  # Ctrl-C before any trial
+        assert restore_rungs(unrun, TIME_ATTR, sweep.OBJECTIVE, lambda result: True) == 0
+
+        asha = asha()
+        trials = [{"score": score, "last": last} for score, last in ((0.3, 4), (0.9, 4), (0.1, 4), (0.5, 2))]
+        tune.Tuner(_rung_trial, param_space=tune.grid_search(trials), tune_config=tune.TuneConfig(scheduler=asha),
                    run_config=tune.RunConfig(name="rungs", storage_path=str(tmp_path), verbose=0)).fit()
-        ran = {milestone: sorted(recorded.values()) for milestone, recorded in asha._brackets[0]._rungs}
-        assert ran == {4: [1.2, 2.0, 3.6], 2: [0.2, 0.6, 1.0, 1.8]}  # 0.1 stopped at step 2 (one at a time)
+        ran = rungs(asha)  # 0.1 stopped at step 2; 0.5 ended there itself
+        assert ran == {4: [1.2, 3.6], 2: [0.2, 0.6, 1.0, 1.8], 1: [0.2, 1.0]}, ran
         restored = tune.Tuner.restore(str(tmp_path / "rungs"), trainable=_rung_trial, resume_unfinished=True)
-        rungs = restored._local_tuner._tune_config.scheduler._brackets[0]._rungs
-        assert all(not recorded for _, recorded in rungs)  # what Tune gives back
-        assert restore_rungs(restored, TIME_ATTR, sweep.OBJECTIVE) == 7
-        assert {milestone: sorted(recorded.values()) for milestone, recorded in rungs} == ran
-        assert restore_rungs(restored, TIME_ATTR, sweep.OBJECTIVE) == 0  # a trial's rung is recorded once
+        scheduler = restored._local_tuner._tune_config.scheduler
+        assert all(not recorded for _, recorded in scheduler._brackets[0]._rungs)  # what Tune gives back
+        assert restore_rungs(restored, TIME_ATTR, sweep.OBJECTIVE,
+                             lambda result: result.metrics["step"] == result.config["last"]) == 4
+        assert rungs(scheduler) == ran
     finally:
         ray.shutdown()
 
@@ -1355,6 +1382,9 @@ def test_a_resumed_sweeps_parent_run_holds_only_its_new_best_loras_and_every_dri
     monkeypatch.setattr(LocalArtifactRepository, "delete_artifacts", cannot)  # a store that deletes nothing
     end("t004", 1)
     assert tracking.client(uri).get_run(parent).data.tags["shortft.best_stale"].startswith("best/ may hold files")
+    monkeypatch.undo()
+    end("t005", 1)  # deleted again: the tag goes
+    assert "shortft.best_stale" not in tracking.client(uri).get_run(parent).data.tags
 
 
 def test_a_resume_from_an_earlier_checkpoint_logs_the_steps_it_runs_again_and_says_so(tmp_path):
