@@ -48,11 +48,14 @@ class _Loader(yaml.SafeLoader):
     """YAML as PyYAML reads it, except that `1e-3` is a number, as in YAML 1.2 and JSON: PyYAML's YAML 1.1
     floats need a dot (`1.0e-3`), so `train.lr=1e-3` was the string '1e-3'."""
 
-    def construct_mapping(self, node: yaml.Node, deep: bool = False) -> dict:
+    def flatten_mapping(self, node: yaml.MappingNode) -> None:
         """A key written twice in one mapping is an error, not the last one silently kept: a second
-        `train:` block dropped the first's settings without a word. (Keys a `<<:` merge brings in may
-        still be overridden, as YAML means them to be.)"""
-        if isinstance(node, yaml.MappingNode):
+        `train:` block dropped the first's settings without a word. Checked on each mapping as written,
+        the first time PyYAML flattens it (a `<<:` merge adds keys to the merged node itself, which its own
+        may still override, as YAML means them to)."""
+        checked = self.__dict__.setdefault("_checked_nodes", set())
+        if id(node) not in checked:
+            checked.add(id(node))
             first: dict = {}
             for key_node, _ in node.value:
                 if key_node.tag == "tag:yaml.org,2002:merge":
@@ -65,7 +68,7 @@ class _Loader(yaml.SafeLoader):
                         None, None, f"key {key!r} given twice, first on line {first[key] + 1}: keep one",
                         key_node.start_mark)
                 first[key] = key_node.start_mark.line
-        return super().construct_mapping(node, deep=deep)
+        super().flatten_mapping(node)
 
 
 _Loader.add_implicit_resolver("tag:yaml.org,2002:float",  # tried after PyYAML's own: only what they leave

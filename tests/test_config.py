@@ -52,6 +52,8 @@ def test_a_key_given_twice_in_a_space_is_refused_and_a_merge_may_still_be_overri
     assert load_yaml("a: &x {steps: 1, lr: 2}\ntrain:\n  <<: *x\n  steps: 3\n")["train"] == {"steps": 3, "lr": 2}
     with pytest.raises(yaml.YAMLError, match="key 'steps' given twice"):  # in a flow mapping too
         load_yaml("{steps: 1, steps: 2}")
+    nested = "anchors:\n  b: &B {x: 1, y: 1}\n  a: &A\n    <<: *B\n    x: 2\ntrain:\n  <<: *A\n"  # merged twice
+    assert load_yaml(nested) == yaml.safe_load(nested)  # as PyYAML reads it, not refused
 
 
 def test_the_dry_run_says_which_progressive_stages_fewer_steps_never_run(capsys):
