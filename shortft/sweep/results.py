@@ -140,6 +140,9 @@ def write_table(rows: list[dict], path: Path) -> Path:
     return path
 
 
+STALE_TAG = "shortft.best_stale"
+
+
 def finish_parent(uri: str, run_id: str, rows: list[dict], best: dict | None, study, table_path: Path,
                    out_dir: Path, seconds: float, base: dict | None = None, status: str = "FINISHED",
                    cpu_seconds: float | None = None) -> None:
@@ -185,8 +188,10 @@ def finish_parent(uri: str, run_id: str, rows: list[dict], best: dict | None, st
             client.log_text(run_id, json.dumps({"trial": best["trial"], "lora": None, "why": why}, indent=1),
                             f"{best_lora.FOLDER}/{best_lora.INFO}")
         if not cleared:
-            client.set_tag(run_id, "shortft.best_stale", "best/ may hold files of an earlier end of this sweep beside "
-                           "this one's (this artifact store deletes none): best/best.json is this end's")
+            client.set_tag(run_id, STALE_TAG, "best/ may hold files of an earlier end of this sweep beside this "
+                           "one's (this artifact store deleted none): best/best.json is this end's")
+        elif STALE_TAG in client.get_run(run_id).data.tags:  # an earlier end's: untrue now
+            client.delete_tag(run_id, STALE_TAG)
     for name, path in optuna_plots(study, out_dir).items():
         client.log_artifact(run_id, str(path), "optuna")
     client.set_terminated(run_id, status)  # KILLED: stopped before its end (a resume finishes it)
