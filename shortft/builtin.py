@@ -190,6 +190,10 @@ def check_pretrained(pretrained: str) -> None:
         if pretrained not in allowed:
             raise ConfigError(f"model.pretrained={pretrained!r}: not one of {', '.join(allowed)}")
         if pretrained == "builtin:toy" and not (Path(resolve_path(pretrained)) / "model_index.json").is_file():
+            if os.environ.get("SHORTFT_TOY_DIR"):  # the variable is what is wrong: "set it" was no help
+                raise ConfigError(f"model.pretrained=builtin:toy: $SHORTFT_TOY_DIR={resolve_path(pretrained)} holds "
+                                  "no toy assets (no model_index.json); point it at a `shortft toy build --out` "
+                                  "folder, or unset it for the package's own")
             raise ConfigError(f"model.pretrained=builtin:toy: no toy assets at {resolve_path(pretrained)}; "
                               "run `shortft toy build` (or set SHORTFT_TOY_DIR)")
     elif looks_like_path(pretrained) and not Path(pretrained).expanduser().is_dir():

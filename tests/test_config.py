@@ -40,6 +40,17 @@ def test_numbers_in_exponent_notation_are_numbers(tmp_path):
     assert p.returncode == 0, p.stderr
 
 
+def test_a_toy_dir_variable_that_names_no_build_is_what_the_line_names(tmp_path, monkeypatch, capsys):
+    """It said "no toy assets at <dir>; run `shortft toy build` (or set SHORTFT_TOY_DIR)": set already."""
+    from shortft.cli import main
+
+    monkeypatch.setenv("SHORTFT_TOY_DIR", str(tmp_path))
+    assert main(["plan", "--config", "toy"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"shortft: error: model.pretrained=builtin:toy: $SHORTFT_TOY_DIR={tmp_path} holds no toy assets (no "
+        "model_index.json); point it at a `shortft toy build --out` folder, or unset it for the package's own")
+
+
 def test_a_key_given_twice_in_a_space_is_refused_and_a_merge_may_still_be_overridden(tmp_path):
     """A space with two `search:` blocks searched the second only, without a word."""
     from shortft.config import load_yaml
