@@ -27,7 +27,7 @@ from shortft.draws import CHAIN_STREAM, draw_batch, seeded
 from shortft.evaluate import evaluate, scalars
 from shortft.guard import Guard
 from shortft.interrupt import StopRequest, stop_requests
-from shortft.lora import lora_params, save_loras
+from shortft.lora import lora_params, save_loras_whole
 from shortft.models import Models, load_models
 from shortft.memory import explained, peak_memory_mb
 from shortft.preflight import memory_of
@@ -178,7 +178,7 @@ def _train(cfg: Config, callbacks, resume, rank: int, world_size: int, stop: Sto
     budget, guard = Budget.of(cfg.train, state), Guard(cfg, scaler, amp, state.get("bad_in_row", 0))
     if is_main:
         # written once a resume is accepted: a refused one leaves the run's own settings
-        (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        write_whole(out / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
         # keep the rows up to the resumed step, so no step is logged twice
         history = [r for r in read_metrics(metrics_file) if r.get("step", 0) <= start]
         with checkpoint.written(f"{metrics_file} not written again", out / "checkpoints"):
@@ -288,7 +288,7 @@ def _train(cfg: Config, callbacks, resume, rank: int, world_size: int, stop: Sto
     lora_dir = out / "lora"
     if is_main:
         with checkpoint.written(f"the final LoRAs not written to {lora_dir}", out / "checkpoints"):
-            save_loras(unet, adapters, lora_dir, lora_json)
+            save_loras_whole(unet, adapters, lora_dir, lora_json)
             write_whole(out / "result.json", json.dumps({"steps": done, "lora_dir": str(lora_dir), "eval": eval_metrics,
                                                         **budget.state()}))
     result = TrainResult(out, lora_dir, done, eval_metrics, history)

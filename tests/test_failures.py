@@ -984,3 +984,42 @@ def test_a_checkpoint_is_on_the_disk_before_it_is_published_and_the_one_before_i
     assert {Path(s).name for s in files} >= {"state.json", "optimizer.pt", "pytorch_lora_weights.safetensors"}
     assert synced.index(tmp) > max(synced.index(s) for s in files)  # the files, then their folder
     assert str(ckpts) in synced[synced.index(tmp):]  # then the rename, before the pruning
+
+
+def test_a_finished_runs_loras_are_replaced_whole(tmp_path, monkeypatch):
+    """A finished run resumed for more steps wrote its adapters one by one over the old: a kill (or a full
+    disk) between two left a folder of both steps, which `sample --lora` loaded without a word, and an
+    adapter the new run does not have stayed."""
+    from shortft import lora
+
+    def save(unet, names, out_dir, plan):  # the adapters one by one, as save_loras writes them
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for name in names:
+            if name == "full":
+                raise OSError(errno.ENOSPC, "No space left on device")
+            (out_dir / name).write_text(str(plan["step"]))
+
+    monkeypatch.setattr(lora, "save_loras", save)
+    out = tmp_path / "lora"
+    lora.save_loras_whole(None, ["segment_1", "segment_2"], out, {"step": 1})
+    lora.save_loras_whole(None, ["segment_1"], out, {"step": 2})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["lora"] and [p.name for p in out.iterdir()] == ["segment_1"]
+    assert (out / "segment_1").read_text() == "2"
+    with pytest.raises(OSError):
+        lora.save_loras_whole(None, ["segment_1", "full"], out, {"step": 3})
+    assert [(p.name, p.read_text()) for p in out.iterdir()] == [("segment_1", "2")]  # the last whole one
+
+
+def test_a_sweeps_files_cut_short_are_one_line_or_made_again(tmp_path, capsys):
+    """base.json and shortft_sweep.json, cut short (a full disk as they were written), stopped every
+    `--resume` with a JSONDecodeError traceback."""
+    from shortft.sweep import baseline, saved
+
+    (tmp_path / "base.json").write_text('{"eval/objective": 0.')
+    assert baseline.read_base(tmp_path / "base.json") is None
+    assert "base.json is unreadable (JSONDecodeError); evaluating the untrained model again" in capsys.readouterr().out
+    (tmp_path / "s").mkdir()
+    (tmp_path / "s" / saved.FILE).write_text('{"space": "to')
+    with pytest.raises(ConfigError, match=r"^sweep 's': its settings \(.*shortft_sweep.json\) are cut short or "
+                                          r"unreadable; start it again under another --name$"):
+        saved.settle({}, str(tmp_path), "s", resume=True)

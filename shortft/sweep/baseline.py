@@ -25,6 +25,7 @@ from pathlib import Path
 from shortft import raised
 from shortft.config import Config, flatten, to_dict
 from shortft.memory import explained
+from shortft.out_paths import write_whole
 from shortft.space import Space, trial_config
 from shortft.sweep.eval_report import OBJECTIVE, OBJECTIVE_SE
 
@@ -55,7 +56,7 @@ def evaluate_base(base: str | dict, fixed: dict, out: str | Path) -> dict:
     cfg = trial_config(base, fixed, {})
     with explained(cfg, "in the untrained model's evaluation", "sampling"):
         metrics = evaluate_trained(cfg, None, out / "grids" / "base.png")
-    (out / BASE_FILE).write_text(json.dumps(metrics, indent=1))
+    write_whole(out / BASE_FILE, json.dumps(metrics, indent=1))
     return metrics
 
 
@@ -102,11 +103,24 @@ class BaseEvaluation:
             return _skip(f"its evaluation failed: {why}")
         (self.out_dir / "grids").mkdir(parents=True, exist_ok=True)
         (self.out_dir / "grids" / "base.png").write_bytes(png)
-        (self.out_dir / BASE_FILE).write_text(json.dumps(metrics, indent=1))
+        write_whole(self.out_dir / BASE_FILE, json.dumps(metrics, indent=1))
         self.metrics = metrics
         print(f"untrained model: {describe(metrics)} in {metrics['seconds']:.0f} s ({self.out_dir / BASE_FILE})",
               flush=True)
         return metrics
+
+
+def read_base(path: Path) -> dict | None:
+    """A kept base.json, or None where there is none or it cannot be read (cut short by a full disk, say:
+    the untrained model is evaluated again, with a note, instead of every resume stopping on it)."""
+    if not path.is_file():
+        return None
+    try:
+        kept = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        print(f"note: {path} is unreadable ({type(e).__name__}); evaluating the untrained model again", flush=True)
+        return None
+    return kept if isinstance(kept, dict) else None
 
 
 def start(space: Space, out_dir: Path, sweep: dict) -> BaseEvaluation:
@@ -116,8 +130,9 @@ def start(space: Space, out_dir: Path, sweep: dict) -> BaseEvaluation:
 
     out_dir.mkdir(parents=True, exist_ok=True)
     pending = BaseEvaluation(out_dir, wait_s=sweep.get("resource_wait_s"))
-    if (out_dir / BASE_FILE).is_file():
-        pending.metrics = json.loads((out_dir / BASE_FILE).read_text())
+    kept = read_base(out_dir / BASE_FILE)
+    if kept is not None:
+        pending.metrics = kept
         print(f"untrained model: {describe(pending.metrics)} (kept in {out_dir / BASE_FILE})", flush=True)
         return pending
     searched = searched_evaluation_keys(space)

@@ -42,17 +42,22 @@ def _train_job_checkpoint(result, step: int):
     return ckpt if info.type.name == "Directory" else None
 
 
-def _copy(path: str, filesystem, dest: Path) -> None:
-    """A LoRA folder (a local, NFS or s3:// path) into `dest`, whole or not at all."""
+def _write(best: Path, path: str, filesystem, config: dict, info: dict) -> None:
+    """`best/`: the LoRA folder at `path` (a local, NFS or s3:// path) as `lora/`, `config.yaml` and
+    `best.json`, whole or not at all (the folder is made beside it, then put in its place): a kill between
+    the LoRAs and their config left one trial's LoRAs beside another's config, or beside none."""
     import pyarrow.fs
+    import yaml
 
-    tmp = dest.with_name(f".tmp-{dest.name}")
+    tmp = best.with_name(f".tmp-{best.name}")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    pyarrow.fs.copy_files(path, str(tmp), source_filesystem=filesystem,
+    (tmp / "lora").mkdir(parents=True)
+    pyarrow.fs.copy_files(path, str(tmp / "lora"), source_filesystem=filesystem,
                           destination_filesystem=pyarrow.fs.LocalFileSystem())
-    shutil.rmtree(dest, ignore_errors=True)
-    tmp.rename(dest)
+    (tmp / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    (tmp / INFO).write_text(json.dumps(info, indent=1))
+    shutil.rmtree(best, ignore_errors=True)
+    tmp.rename(best)
 
 
 def export(result, row: dict, config: dict, run_folder: Path, out_dir: Path) -> tuple[Path | None, str]:
@@ -70,7 +75,6 @@ def export(result, row: dict, config: dict, run_folder: Path, out_dir: Path) -> 
 
 def _export(result, row: dict, config: dict, run_folder: Path, best: Path) -> tuple[Path | None, str]:
     import pyarrow.fs
-    import yaml
 
     step = row["step_best"]
     ckpt = _at_step(result.best_checkpoints, step) or _train_job_checkpoint(result, step)
@@ -83,9 +87,6 @@ def _export(result, row: dict, config: dict, run_folder: Path, best: Path) -> tu
         shutil.rmtree(best, ignore_errors=True)
         return None, (f"the LoRAs of {row['trial']}'s best evaluation (step {step}) were not kept: no checkpoint "
                       "was written at that step (train.checkpoint_every) or it was removed since")
-    best.mkdir(parents=True, exist_ok=True)
-    _copy(source, filesystem, best / "lora")
-    (best / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
-    (best / INFO).write_text(json.dumps({"trial": row["trial"], "step": step, "objective": row["objective_best"],
-                                         "objective_se": row.get("objective_se"), "from": source}, indent=1))
+    _write(best, source, filesystem, config, {"trial": row["trial"], "step": step, "objective": row["objective_best"],
+                                              "objective_se": row.get("objective_se"), "from": source})
     return best / "lora", source

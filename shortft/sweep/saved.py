@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 from shortft.config import ConfigError
+from shortft.out_paths import write_whole
 from shortft.sweep.trials import EXPERIMENT, RESOURCE_WAIT_S
 
 FILE = "shortft_sweep.json"
@@ -40,11 +41,19 @@ def _read(storage_path: str, name: str) -> dict | None:
         fs, root = pyarrow.fs.FileSystem.from_uri(storage_path)
         try:
             with fs.open_input_stream(f"{root}/{name}/{FILE}") as f:
-                return json.loads(f.read())
+                text = f.read()
         except (FileNotFoundError, OSError):
             return None
-    path = Path(storage_path) / name / FILE
-    return json.loads(path.read_text()) if path.is_file() else None
+    else:
+        path = Path(storage_path) / name / FILE
+        if not path.is_file():
+            return None
+        text = path.read_text()
+    try:
+        return json.loads(text)
+    except ValueError:  # cut short as the sweep started (a full disk): one line, not a traceback
+        raise ConfigError(f"sweep {name!r}: its settings ({storage_path}/{name}/{FILE}) are cut short or unreadable; "
+                          "start it again under another --name") from None
 
 
 def sweep_exists(storage_path: str, name: str) -> bool:
@@ -68,7 +77,7 @@ def write(storage_path: str, name: str, values: dict) -> None:
             f.write(text.encode())
         return
     (Path(storage_path) / name).mkdir(parents=True, exist_ok=True)
-    (Path(storage_path) / name / FILE).write_text(text)
+    write_whole(Path(storage_path) / name / FILE, text)
 
 
 def settle(given: dict, storage_path: str, name: str | None, resume: bool) -> dict:
