@@ -22,7 +22,8 @@ import torch
 
 from shortft import safe_load
 from shortft.config import ConfigError
-from shortft.lora import load_lora_state, save_loras
+from shortft.lora import load_lora_state
+from shortft.lora_save import save_loras
 from shortft.progress import warn
 from shortft.resume_settings import changed_settings, read_state
 from shortft.safe_load import Unreadable

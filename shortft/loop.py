@@ -27,7 +27,8 @@ from shortft.draws import CHAIN_STREAM, draw_batch, seeded
 from shortft.evaluate import evaluate, scalars
 from shortft.guard import Guard
 from shortft.interrupt import StopRequest, stop_requests
-from shortft.lora import lora_params, save_loras_whole
+from shortft.lora import lora_params
+from shortft.lora_save import save_loras_whole
 from shortft.models import Models, load_models
 from shortft.memory import explained, peak_memory_mb
 from shortft.preflight import memory_of

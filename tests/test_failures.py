@@ -990,7 +990,7 @@ def test_a_finished_runs_loras_are_replaced_whole(tmp_path, monkeypatch):
     """A finished run resumed for more steps wrote its adapters one by one over the old: a kill (or a full
     disk) between two left a folder of both steps, which `sample --lora` loaded without a word, and an
     adapter the new run does not have stayed."""
-    from shortft import lora
+    from shortft import lora_save
 
     def save(unet, names, out_dir, plan):  # the adapters one by one, as save_loras writes them
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -999,14 +999,14 @@ def test_a_finished_runs_loras_are_replaced_whole(tmp_path, monkeypatch):
                 raise OSError(errno.ENOSPC, "No space left on device")
             (out_dir / name).write_text(str(plan["step"]))
 
-    monkeypatch.setattr(lora, "save_loras", save)
+    monkeypatch.setattr(lora_save, "save_loras", save)
     out = tmp_path / "lora"
-    lora.save_loras_whole(None, ["segment_1", "segment_2"], out, {"step": 1})
-    lora.save_loras_whole(None, ["segment_1"], out, {"step": 2})
+    lora_save.save_loras_whole(None, ["segment_1", "segment_2"], out, {"step": 1})
+    lora_save.save_loras_whole(None, ["segment_1"], out, {"step": 2})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["lora"] and [p.name for p in out.iterdir()] == ["segment_1"]
     assert (out / "segment_1").read_text() == "2"
     with pytest.raises(OSError):
-        lora.save_loras_whole(None, ["segment_1", "full"], out, {"step": 3})
+        lora_save.save_loras_whole(None, ["segment_1", "full"], out, {"step": 3})
     assert [(p.name, p.read_text()) for p in out.iterdir()] == [("segment_1", "2")]  # the last whole one
 
 

@@ -32,7 +32,8 @@ from shortft.builtin import SD_SCHEDULER
 from shortft.config import ConfigError
 from shortft.denoiser import Denoiser
 from shortft.evaluate import save_grid
-from shortft.lora import AdapterSwitch, save_loras
+from shortft.lora import AdapterSwitch
+from shortft.lora_save import save_loras
 from shortft.models import encode_text, pick_device
 from shortft.pipelines import load_pipeline
 from shortft.toy import grammar
