@@ -20,7 +20,11 @@ def save_loras_whole(unet, names: Sequence[str], out_dir: Path, plan: dict) -> P
     tmp, old = out_dir.with_name(f".tmp-{out_dir.name}"), out_dir.with_name(f".old-{out_dir.name}")
     for stale in (tmp, old):
         shutil.rmtree(stale, ignore_errors=True)
-    save_loras(unet, names, tmp, plan)
+    try:
+        save_loras(unet, names, tmp, plan)
+    except BaseException:  # a full disk: its half is not left to hold the space
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if out_dir.exists():
         out_dir.rename(old)
     tmp.rename(out_dir)

@@ -132,20 +132,30 @@ def experiment_id(uri: str, name: str) -> str:
     return experiment.experiment_id
 
 
-def replace_artifacts(client, run_id: str, local_dir: Path | None, artifact_path: str) -> bool:
+def replace_artifacts(client, run_id: str, local_dir: Path | None, artifact_path: str) -> bool | None:
     """The run's `artifact_path` made `local_dir`'s files, or emptied where `local_dir` is None. MLflow's
     log_artifacts adds and overwrites but never removes: the files of an earlier end (a sweep resumed to a
-    new best) stayed beside or instead of the new ones. False where the store could not delete them (not
-    every artifact store can, nor every credential list) and some may be left."""
+    new best) stayed beside or instead of the new ones. True where none are left; False where the store
+    could not delete them (not every artifact store can) and some are; None where it cannot list them
+    (a credential that may write but not list): logged over, as before."""
     from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 
     try:
-        if client.list_artifacts(run_id, artifact_path):
+        held = client.list_artifacts(run_id, artifact_path)
+    except Exception:  # noqa: BLE001 - whatever a store says to a listing it refuses
+        held, cleared = [], None
+    else:
+        cleared = True
+    if held:
+        try:
             get_artifact_repository(client.get_run(run_id).info.artifact_uri,
                                     client.tracking_uri).delete_artifacts(artifact_path)
-        cleared = not client.list_artifacts(run_id, artifact_path)
-    except Exception:  # noqa: BLE001 - NotImplementedError, a refused DELETE or listing: logged over, as before
-        cleared = False
+        except Exception:  # noqa: BLE001 - NotImplementedError, a refused DELETE: the files stay, said by False
+            pass
+        try:
+            cleared = not client.list_artifacts(run_id, artifact_path)
+        except Exception:  # noqa: BLE001
+            cleared = None
     if local_dir is not None:
         client.log_artifacts(run_id, str(local_dir), artifact_path)
     return cleared

@@ -1008,6 +1008,7 @@ def test_a_finished_runs_loras_are_replaced_whole(tmp_path, monkeypatch):
     with pytest.raises(OSError):
         lora_save.save_loras_whole(None, ["segment_1", "full"], out, {"step": 3})
     assert [(p.name, p.read_text()) for p in out.iterdir()] == [("segment_1", "2")]  # the last whole one
+    assert [p.name for p in tmp_path.iterdir()] == ["lora"]  # and not the half that filled the disk
 
 
 def test_a_sweeps_files_cut_short_are_one_line_or_made_again(tmp_path, capsys):
@@ -1021,5 +1022,6 @@ def test_a_sweeps_files_cut_short_are_one_line_or_made_again(tmp_path, capsys):
     (tmp_path / "s").mkdir()
     (tmp_path / "s" / saved.FILE).write_text('{"space": "to')
     with pytest.raises(ConfigError, match=r"^sweep 's': its settings \(.*shortft_sweep.json\) are cut short or "
-                                          r"unreadable; start it again under another --name$"):
+                                          r"unreadable; remove that file and resume with the flags the sweep "
+                                          r"started with, or start it again under another --name$"):
         saved.settle({}, str(tmp_path), "s", resume=True)

@@ -51,13 +51,16 @@ def _write(best: Path, path: str, filesystem, config: dict, info: dict) -> None:
 
     tmp = best.with_name(f".tmp-{best.name}")
     shutil.rmtree(tmp, ignore_errors=True)
-    (tmp / "lora").mkdir(parents=True)
-    pyarrow.fs.copy_files(path, str(tmp / "lora"), source_filesystem=filesystem,
-                          destination_filesystem=pyarrow.fs.LocalFileSystem())
-    (tmp / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
-    (tmp / INFO).write_text(json.dumps(info, indent=1))
-    shutil.rmtree(best, ignore_errors=True)
-    tmp.rename(best)
+    try:
+        (tmp / "lora").mkdir(parents=True)
+        pyarrow.fs.copy_files(path, str(tmp / "lora"), source_filesystem=filesystem,
+                              destination_filesystem=pyarrow.fs.LocalFileSystem())
+        (tmp / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+        (tmp / INFO).write_text(json.dumps(info, indent=1))
+        shutil.rmtree(best, ignore_errors=True)
+        tmp.rename(best)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # what a failure left
 
 
 def export(result, row: dict, config: dict, run_folder: Path, out_dir: Path) -> tuple[Path | None, str]:

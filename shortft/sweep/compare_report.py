@@ -137,8 +137,8 @@ def write_report(rows_path: Path, out: Path | None = None, tracking_uri: str | N
     if base_path.is_file():
         try:
             base = json.loads(base_path.read_text())
-        except ValueError:  # cut short (a full disk): the report without the base's row, not a traceback
-            warn(f"compare: {base_path} is unreadable; the report leaves out the untrained model")
+        except (OSError, ValueError):  # cut short (a full disk): the report without the base's row, not a traceback
+            warn(f"compare: {base_path} is unreadable; the report's table leaves out the untrained model")
     grids = out / "grids"
     grids.mkdir(parents=True, exist_ok=True)
     lines = ["# Comparison at equal compute", "", table(arms, base), "", "![objective](objective_vs_seconds.png)", ""]

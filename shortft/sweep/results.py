@@ -187,10 +187,10 @@ def finish_parent(uri: str, run_id: str, rows: list[dict], best: dict | None, st
             why = best.get("lora_from") or "none kept"
             client.log_text(run_id, json.dumps({"trial": best["trial"], "lora": None, "why": why}, indent=1),
                             f"{best_lora.FOLDER}/{best_lora.INFO}")
-        if not cleared:
+        if cleared is False:
             client.set_tag(run_id, STALE_TAG, "best/ may hold files of an earlier end of this sweep beside this "
                            "one's (this artifact store deleted none): best/best.json is this end's")
-        elif STALE_TAG in client.get_run(run_id).data.tags:  # an earlier end's: untrue now
+        elif cleared and STALE_TAG in client.get_run(run_id).data.tags:  # an earlier end's: untrue now
             client.delete_tag(run_id, STALE_TAG)
     for name, path in optuna_plots(study, out_dir).items():
         client.log_artifact(run_id, str(path), "optuna")

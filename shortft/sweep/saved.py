@@ -53,7 +53,8 @@ def _read(storage_path: str, name: str) -> dict | None:
         return json.loads(text)
     except ValueError:  # cut short as the sweep started (a full disk): one line, not a traceback
         raise ConfigError(f"sweep {name!r}: its settings ({storage_path}/{name}/{FILE}) are cut short or unreadable; "
-                          "start it again under another --name") from None
+                          "remove that file and resume with the flags the sweep started with, or start it again "
+                          "under another --name") from None
 
 
 def sweep_exists(storage_path: str, name: str) -> bool:
