@@ -157,6 +157,11 @@ def latest(root: Path) -> Path | None:
     return found[-1] if found else None
 
 
+def holds_run(folder: Path) -> bool:
+    """`folder` holds a run: checkpoints, or a finished run's result.json (its checkpoints removed)."""
+    return latest(Path(folder) / "checkpoints") is not None or (Path(folder) / "result.json").is_file()
+
+
 def check_new_run(out: Path, template: str = "{name}") -> None:
     """A new run (no resume) may not start in a run folder that holds checkpoints: it wrote its steps beside
     them and its metrics over the old ones, and a later `--resume` took the newest checkpoint of either run.

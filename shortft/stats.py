@@ -14,6 +14,11 @@ import math
 from collections.abc import Sequence
 
 
+def finite(value) -> float | None:
+    """`value` where it is a finite number, else None."""
+    return value if isinstance(value, (int, float)) and math.isfinite(value) else None
+
+
 def prompt_means(samples: Sequence) -> list[float]:
     """One value per prompt: the mean of its samples (a flat list: the samples themselves)."""
     return [_mean(s) if isinstance(s, (list, tuple)) else float(s) for s in samples]

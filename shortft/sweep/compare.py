@@ -22,9 +22,9 @@ from shortft.config import ConfigError, load_yaml
 from shortft.hub import check_sources
 from shortft.progress import quiet_libraries
 from shortft.space import trial_config
+from shortft.stats import finite
 from shortft.sweep.baseline import evaluate_base
 from shortft.sweep.compare_report import write_report
-from shortft.sweep.results import finite
 from shortft.sweep.trials import OBJECTIVE, SMOKE_TEST, cpu_threads, trainable_for
 
 ARMS: dict[str, dict] = {

@@ -78,7 +78,7 @@ def markdown(rows: list[dict], space: Space, base: dict | None = None) -> str:
             *(["gain ± paired se"] if gains else []), "steps", "s/step", "peak MB"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in ([untrained] if untrained else []) + rows:
-        best, se, gain = row.get("objective_best"), finite(row.get("objective_se")), row.get("gain")
+        best, se, gain = row.get("objective_best"), stats.finite(row.get("objective_se")), row.get("gain")
         cells = [str(row["trial"]), row["status"], *(_cell(row.get(k)) for k in keys),
                  "-" if best is None else f"{best:.4f}" + (f" ± {se:.4f}" if se is not None else ""),
                  *([f"{gain:+.4f} ± {row['gain_se']:.4f}" if gain is not None else "-"] if gains else []),
@@ -110,17 +110,12 @@ def _spread(label: str, hi: dict, lo: dict, sign: str) -> str:
     if both and both[1] > 0:
         return (f"{label}: {gap:{sign}.4f} = {gap / both[1]:.1f} x the paired standard error ({both[1]:.4f}, "
                 f"over the same {_samples(hi[SAMPLES])})")
-    ses = [se for se in (finite(r.get("objective_se")) for r in (hi, lo)) if se]
+    ses = [se for se in (stats.finite(r.get("objective_se")) for r in (hi, lo)) if se]
     if not ses:
         return f"{label}: {gap:{sign}.4f}"
     se = math.sqrt(sum(v * v for v in ses))
     what = "the combined standard error" if len(ses) == 2 else "the one standard error known"
     return f"{label}: {gap:{sign}.4f} = {gap / se:.1f} x {what} ({se:.4f}, as if independent)"
-
-
-def finite(value) -> float | None:
-    """`value` where it is a finite number, else None."""
-    return value if isinstance(value, (int, float)) and math.isfinite(value) else None
 
 
 def _cell(value, spec: str = ".3g") -> str:

@@ -35,11 +35,10 @@ from shortft.sweep.trials import (EXPERIMENT, OBJECTIVE, SMOKE_TEST, TRIAL_CPUS,
 def check_trial_folders(output_root: str, name: str) -> None:
     """A new sweep's trials may not start in folders that hold an earlier sweep's trial runs (its Tune state
     removed, or under another --storage-path): each trial was refused there, after Ray's start-up."""
-    from shortft.checkpoint import latest
+    from shortft.checkpoint import holds_run
 
     root = Path(output_root)
-    held = sorted(d.name for d in root.iterdir() if d.is_dir() and (
-        (d / "result.json").is_file() or latest(d / "checkpoints") is not None)) if root.is_dir() else []
+    held = sorted(d.name for d in root.iterdir() if d.is_dir() and holds_run(d)) if root.is_dir() else []
     if held:
         raise ConfigError(f"sweep {name!r}: {root} holds an earlier sweep's trial runs ({', '.join(held[:3])}"
                           f"{', ...' if len(held) > 3 else ''}); pass another --name, or move that folder away")

@@ -4,13 +4,12 @@ status when it ends."""
 
 from __future__ import annotations
 
-import math
-
 from ray import tune
 from ray.tune.search import ConcurrencyLimiter
 
 from shortft import raised, tracking
 from shortft.run_status import ERROR_TAG
+from shortft.stats import finite
 from shortft.sweep.trials import OBJECTIVE, RUN_ID_KEY, TRIAL_KEY, config_of_trial, stopped_early
 
 
@@ -40,9 +39,9 @@ class TrialRuns(ConcurrencyLimiter):
             errored.add(trial_id)
         if result and not error and config is not None and stopped_early(config, self.sweep_settings, result):
             trial = getattr(self.searcher, "_ot_trials", {}).get(trial_id)  # private (sweep/ray_compat.py)
-            value = _finite(result.get(OBJECTIVE))
+            value = finite(result.get(OBJECTIVE))
             if trial is not None and value is not None:
-                trial.report(value, int(result.get("training_iteration", 1)))
+                trial.report(float(value), int(result.get("training_iteration", 1)))
             result = None  # OptunaSearch tells Optuna PRUNED for a trial ended with no value
         super().on_trial_complete(trial_id, result=result, error=error)
 
@@ -54,7 +53,7 @@ class TrialRuns(ConcurrencyLimiter):
 
         study = getattr(self.searcher, "_ot_study", None)  # private (sweep/ray_compat.py)
         failed = getattr(self.searcher, "_ot_trials", {}).get(trial_id)
-        value = _finite((result or {}).get(OBJECTIVE))
+        value = finite((result or {}).get(OBJECTIVE))
         if study is None or failed is None or value is None:
             return False
         frozen = study.trials[failed.number]
@@ -64,8 +63,8 @@ class TrialRuns(ConcurrencyLimiter):
         study.add_trial(optuna.trial.create_trial(
             params=frozen.params, distributions=frozen.distributions, user_attrs={"rerun_of": frozen.number},
             **({"state": optuna.trial.TrialState.PRUNED,
-                "intermediate_values": {int(result.get("training_iteration", 1)): value}} if pruned else
-               {"value": value})))
+                "intermediate_values": {int(result.get("training_iteration", 1)): float(value)}} if pruned else
+               {"value": float(value)})))
         return True
 
     def suggest(self, trial_id: str):
@@ -83,11 +82,6 @@ class TrialRuns(ConcurrencyLimiter):
             config[RUN_ID_KEY] = tracking.ensure_trial_run(sweep["tracking_uri"], sweep["experiment"], name, cfg,
                                                            sweep["parent_run_id"])
         return config
-
-
-def _finite(value) -> float | None:
-    """A reported objective as a float; None where it is missing, not a number, NaN or infinite."""
-    return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
 
 
 class RunCloser(tune.Callback):
