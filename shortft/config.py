@@ -283,10 +283,17 @@ def parse_overrides(items: list[str], keep_text: bool = True) -> dict:
     """`["chain.steps=20", "reward.weights.symmetry=0.5"]` -> nested dict; values parsed as YAML. A number
     whose text is not how Python writes it keeps that text for a string key (`keep_text`)."""
     out: dict = {}
+    given: dict[str, str] = {}  # dotted key -> its item: a key given twice was last-wins, the first lost unsaid
     for item in items:
         key, sep, value = item.partition("=")
+        key = key.strip()
         if not sep or not key:
             raise ConfigError(f"override {item!r}: expected key=value, e.g. chain.steps=20")
+        for other, earlier in given.items():  # the same key, or a section and a key inside it
+            if f"{key}.".startswith(f"{other}.") or f"{other}.".startswith(f"{key}."):
+                raise ConfigError(f"overrides {earlier!r} and {item!r} both set {min(other, key, key=len)}: "
+                                  "give each key once")
+        given[key] = item
         try:
             parsed = load_yaml(value) if value != "" else ""
         except yaml.YAMLError:
@@ -295,7 +302,7 @@ def parse_overrides(items: list[str], keep_text: bool = True) -> dict:
             parsed = (_IntText if type(parsed) is int else _FloatText)(parsed)
             parsed.text = value.strip()  # what a string key (a revision, a name) was given
         node = out
-        parts = key.strip().split(".")
+        parts = key.split(".")
         for part in parts[:-1]:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):

@@ -17,6 +17,19 @@ def test_overrides_nest_and_parse_yaml_values():
         "chain": {"steps": 20}, "reward": {"weights": {"symmetry": 0.5}}, "lora": {"targets": ["to_q", "to_v"]}}
 
 
+def test_a_key_given_twice_in_overrides_is_refused_naming_both():
+    """`train.steps=5 ... train.steps=10` kept the last, and a section after a key inside it
+    (`reward.weights.symmetry=1 reward.weights={pickscore: 1}`) dropped the key, both unsaid (a key twice in
+    a YAML file is refused too)."""
+    for items, key in ((["train.steps=5", "chain.steps=3", " train.steps =10"], "train.steps"),
+                       (["reward.weights.symmetry=1", "reward.weights={pickscore: 1}"], "reward.weights"),
+                       (["reward.weights={pickscore: 1}", "reward.weights.symmetry=1"], "reward.weights")):
+        with pytest.raises(ConfigError, match=rf"overrides {items[0]!r} and {items[-1]!r} both set {key}: give each"):
+            parse_overrides(items)
+    assert parse_overrides(["train.steps=5", "train.steps_per_eval=2", "train.step=1"])["train"] == {
+        "steps": 5, "steps_per_eval": 2, "step": 1}  # a key that merely starts like another
+
+
 def test_numbers_in_exponent_notation_are_numbers(tmp_path):
     """PyYAML reads YAML 1.1, where a float needs a dot: `1e-3` was the string '1e-3', so
     `train.lr=1e-3` (and `lr: 1e-4` in a config file, `loguniform: [1e-4, 1e-2]` in a space) stopped
