@@ -298,15 +298,25 @@ def test_the_untrained_row_is_left_out_when_the_space_searches_what_the_evaluati
     assert "untrained model: no row in the results (the space searches eval.samples_per_prompt, chain.steps" in err
 
 
-def test_the_untrained_model_is_evaluated_as_shortft_eval_evaluates_the_trials_config(tmp_path):
+def test_the_untrained_model_is_evaluated_as_shortft_eval_evaluates_the_trials_config(tmp_path, capsys):
     from shortft import load_config
     from shortft.cli import run_eval
 
+    from shortft.space import trial_config
+    from shortft.sweep.baseline import evaluation_of, read_base
+
     fixed = {**sweep.SMOKE_TEST, "eval.objective": "toy_judge"}
     base = sweep.evaluate_base("toy", fixed, tmp_path)
-    assert json.loads((tmp_path / "base.json").read_text()) == base and (tmp_path / "grids" / "base.png").is_file()
+    kept = tmp_path / "base.json"
+    assert read_base(kept, evaluation_of(trial_config("toy", fixed, {}))) == base and (tmp_path / "grids" / "base.png").is_file()
     by_cli = run_eval(load_config("toy", [f"{k}={v}" for k, v in fixed.items()]), None, None)
     assert base == by_cli and base["eval/objective"] == base["eval/toy_judge"]
+    # a sweep name used again with another evaluation took the other's untrained row as its own
+    other = evaluation_of(trial_config("toy", {**fixed, "eval.samples_per_prompt": 2, "eval.seed": 3}, {}))
+    capsys.readouterr()
+    assert read_base(kept, other) is None
+    assert "base.json was evaluated with other settings (eval.samples_per_prompt, eval.seed); evaluating the " \
+           "untrained model again" in capsys.readouterr().out
 
 
 def test_an_untrained_evaluation_that_fails_or_is_never_placed_costs_its_row_and_not_the_sweep(tmp_path, capsys):

@@ -30,6 +30,7 @@ from shortft.space import Space, trial_config
 from shortft.sweep.eval_report import OBJECTIVE, OBJECTIVE_SE
 
 BASE_FILE = "base.json"
+EVALUATED_WITH = "evaluated_with"  # in base.json: the settings it was evaluated with (`evaluation_of`)
 # Keys the evaluation reads (the model, its prompts, sampler, judge): a space that searches one has no
 # single untrained score. The trial's chain, LoRA, learning rate and reward weights do not change it.
 EVALUATION_KEYS = ("model.", "eval.", "data.", "reward.options.", "chain.steps", "chain.guidance_scale")
@@ -56,8 +57,12 @@ def evaluate_base(base: str | dict, fixed: dict, out: str | Path) -> dict:
     cfg = trial_config(base, fixed, {})
     with explained(cfg, "in the untrained model's evaluation", "sampling"):
         metrics = evaluate_trained(cfg, None, out / "grids" / "base.png")
-    write_whole(out / BASE_FILE, json.dumps(metrics, indent=1))
+    _write(out / BASE_FILE, metrics, evaluation_of(cfg))
     return metrics
+
+
+def _write(path: Path, metrics: dict, evaluated_with: dict) -> None:
+    write_whole(path, json.dumps({**metrics, EVALUATED_WITH: evaluated_with}, indent=1))
 
 
 def _evaluate_in_task(base: str | dict, fixed: dict, use_gpu: bool, threads: int | None,
@@ -83,6 +88,7 @@ class BaseEvaluation:
     metrics: dict | None = None
     task: object = None  # the Ray ObjectRef while it runs
     wait_s: float | None = None
+    evaluated_with: dict | None = None  # `evaluation_of` the sweep's untrained config, kept in base.json
 
     def result(self) -> dict | None:
         """The metrics (also in `out_dir/base.json`), or None with a one-line reason on stderr."""
@@ -103,16 +109,18 @@ class BaseEvaluation:
             return _skip(f"its evaluation failed: {why}")
         (self.out_dir / "grids").mkdir(parents=True, exist_ok=True)
         (self.out_dir / "grids" / "base.png").write_bytes(png)
-        write_whole(self.out_dir / BASE_FILE, json.dumps(metrics, indent=1))
+        _write(self.out_dir / BASE_FILE, metrics, self.evaluated_with or {})
         self.metrics = metrics
         print(f"untrained model: {describe(metrics)} in {metrics['seconds']:.0f} s ({self.out_dir / BASE_FILE})",
               flush=True)
         return metrics
 
 
-def read_base(path: Path) -> dict | None:
-    """A kept base.json, or None where there is none or it cannot be read (cut short by a full disk, say:
-    the untrained model is evaluated again, with a note, instead of every resume stopping on it)."""
+def read_base(path: Path, evaluated_with: dict | None = None) -> dict | None:
+    """A kept base.json's metrics, or None where there is none, it cannot be read (cut short by a full
+    disk, say: the untrained model is evaluated again, with a note, instead of every resume stopping on
+    it) or it was evaluated with other settings than `evaluated_with` (a sweep name used again with another
+    model or evaluation: its untrained row was the other's). A file that does not say is taken."""
     if not path.is_file():
         return None
     try:
@@ -120,7 +128,17 @@ def read_base(path: Path) -> dict | None:
     except (OSError, ValueError) as e:
         print(f"note: {path} is unreadable ({type(e).__name__}); evaluating the untrained model again", flush=True)
         return None
-    return kept if isinstance(kept, dict) else None
+    if not isinstance(kept, dict):
+        return None
+    was = kept.pop(EVALUATED_WITH, None)
+    if evaluated_with is not None and isinstance(was, dict):
+        now = json.loads(json.dumps(evaluated_with))  # as the file holds it (tuples as lists)
+        changed = sorted(k for k in {*was, *now} if was.get(k) != now.get(k))
+        if changed:
+            print(f"note: {path} was evaluated with other settings ({', '.join(changed[:3])}"
+                  f"{', ...' if len(changed) > 3 else ''}); evaluating the untrained model again", flush=True)
+            return None
+    return kept
 
 
 def start(space: Space, out_dir: Path, sweep: dict) -> BaseEvaluation:
@@ -130,14 +148,15 @@ def start(space: Space, out_dir: Path, sweep: dict) -> BaseEvaluation:
 
     out_dir.mkdir(parents=True, exist_ok=True)
     pending = BaseEvaluation(out_dir, wait_s=sweep.get("resource_wait_s"))
-    kept = read_base(out_dir / BASE_FILE)
-    if kept is not None:
-        pending.metrics = kept
-        print(f"untrained model: {describe(pending.metrics)} (kept in {out_dir / BASE_FILE})", flush=True)
-        return pending
     searched = searched_evaluation_keys(space)
     if searched:
         _skip(f"the space searches {', '.join(searched)}, which the evaluation reads (one base score per value)")
+        return pending
+    pending.evaluated_with = evaluation_of(trial_config(sweep["base"], sweep["fixed"], {}))
+    kept = read_base(out_dir / BASE_FILE, pending.evaluated_with)
+    if kept is not None:
+        pending.metrics = kept
+        print(f"untrained model: {describe(pending.metrics)} (kept in {out_dir / BASE_FILE})", flush=True)
         return pending
     use_gpu = sweep["use_gpu"]
     task = ray.remote(_evaluate_in_task).options(
