@@ -68,7 +68,8 @@ def _randint(lo: int, hi: int, generator: torch.Generator | None) -> int:
 
 
 def _truncate(calls: Sequence[Call], modes: list[str], plan: TrainingPlan) -> list[str]:
-    cut = math.floor(plan.chain.truncate_at * plan.chain.steps)
+    # rounded first: floor(0.58 * 50) is floor(28.999999999999996), one step short of what was written
+    cut = math.floor(round(plan.chain.truncate_at * plan.chain.steps, 9))
     return ["none" if c.index < cut else m for c, m in zip(calls, modes)]
 
 

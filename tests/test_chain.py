@@ -84,6 +84,20 @@ def test_truncate_at_stops_gradient_before_the_cut(make_cfg, method, expect):
     assert min(indices) == 0 and max(indices) == 19  # the calls before the cut did run
 
 
+def test_truncate_at_as_written_freezes_that_many_steps():
+    """`chain.truncate_at=0.58` on N=50 froze 28 steps, not 29: floor(0.58 * 50) is floor(28.999999999999996)."""
+    from types import SimpleNamespace
+
+    from shortft.chain import _truncate
+    from shortft.plan import Call
+
+    for n in (10, 20, 50, 100, 1000):
+        calls = [Call(index=i, t=999 - i, t_next=998 - i, shortcut=False, adapters=(), segment=1) for i in range(n)]
+        for m in range(n):
+            plan = SimpleNamespace(chain=SimpleNamespace(truncate_at=m / n, steps=n))  # 29/50 == float("0.58")
+            assert _truncate(calls, ["grad"] * n, plan).count("none") == m, (n, m)
+
+
 def test_no_truncation_means_end_to_end(make_cfg):
     cfg = make_cfg("chain.steps=20")
     reached, indices = _grad_receiving_calls(load_models(cfg), cfg)
