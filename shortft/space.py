@@ -66,6 +66,11 @@ class Dimension:
         between = lo * (hi / lo) ** 0.37 if self.kind.startswith("log") else lo + 0.37 * (hi - lo)
         return [lo, between, hi]
 
+    def ends(self) -> list:
+        """Every choice, or the range's two ends: where a limit between two keys (`chain.segments <=
+        chain.steps`) is crossed first."""
+        return list(self.args) if self.kind == "choice" else [self.args[0], self.args[1]]
+
 
 @dataclass
 class Space:
@@ -190,6 +195,9 @@ def load_space(name_or_path: str, base: str | None = None, overrides: dict | Non
     import_all(_reward_modules(base, fixed))  # before the keys: they may name the terms these modules register
     for key in fixed:
         check_key(key, "fixed")
+        if key in search:  # the searched value won, though `fixed` is what every trial gets
+            raise ConfigError(f"--space {name_or_path!r}: {key} is both in fixed ({fixed[key]!r}) and in search; "
+                              "keep it in one of them")
     dims = {}
     for key, spec in search.items():
         check_key(key, "search")
@@ -250,12 +258,29 @@ def configs(space: Space) -> list[Config]:
                 out.append(trial_config(space.base, space.fixed, {**first, key: value}))
             except ConfigError as e:
                 raise ConfigError(f"search.{key}={value!r} gives an invalid config: {e}") from None
+    _check_pairs(space, first)
     for i, point in enumerate(space.points_to_evaluate):
         try:
             out.append(trial_config(space.base, space.fixed, {**first, **point}))
         except ConfigError as e:
             raise ConfigError(f"points_to_evaluate[{i}] gives an invalid config: {e}") from None
     return out
+
+
+def _check_pairs(space: Space, first: dict) -> None:
+    """Every two searched keys at their ends together: values valid one at a time can be invalid together
+    (`chain.steps: {choice: [50, 6]}` with `chain.segments: {choice: [2, 8]}`), and the trial Optuna drew
+    with both stopped the whole sweep, partway, in the driver."""
+    keys = list(space.search)
+    for i, a in enumerate(keys):
+        for b in keys[i + 1:]:
+            for va in space.search[a].ends():
+                for vb in space.search[b].ends():
+                    try:
+                        trial_config(space.base, space.fixed, {**first, a: va, b: vb})
+                    except ConfigError as e:
+                        raise ConfigError(f"search.{a}={va!r} with search.{b}={vb!r} gives an invalid config: {e}; "
+                                          "a trial may draw both: narrow a range, or search one of the two keys") from None
 
 
 def to_tune(space: Space) -> dict:

@@ -62,6 +62,11 @@ def _space_file(tmp_path, search: str, extra: str = "") -> str:
     ("  chain.segments: {choice: [2, 4]}", ["--seed", "-1"], "--seed -1: must be a finite number >= 0"),
     ("  chain.segments: {choice: [2, 4]}", ["--seed", "4294967296"], "--seed 4294967296: must be < 2**32"),
     ("  chain.segments: {choice: [2, 4]}", ["--gpus-per-worker", "nan"], "--gpus-per-worker nan: must be a finite"),
+    # valid one at a time, not together: the trial Optuna drew with both stopped the sweep partway, in the driver
+    ("  chain.steps: {choice: [50, 6]}\n  chain.segments: {choice: [2, 8]}", [],
+     "search.chain.steps=6 with search.chain.segments=8 gives an invalid config: chain.segments=8: must be <="),
+    ("  chain.method: {choice: [shortft, refl]}\n  chain.truncate_at: {uniform: [0.0, 0.5]}", [],
+     "search.chain.method='refl' with search.chain.truncate_at=0.5 gives an invalid config"),
     # Tune refused it in fit(): a ValueError traceback, the parent MLflow run left RUNNING
     ("  chain.segments: {choice: [2, 4]}\n  lora.rank: {choice: [4, 8]}", [],
      "points_to_evaluate[0]: give a value of every searched key; it has none for lora.rank"),
@@ -75,6 +80,14 @@ def test_bad_input_fails_before_ray_with_one_line(tmp_path, capsys, search, args
     assert code == 2
     assert len(err.splitlines()) == 1 and err.startswith("error:") and expected in err, err
     assert not ray.is_initialized()
+
+
+def test_a_key_both_fixed_and_searched_is_refused(tmp_path):
+    """The searched value won, though the docs say every trial gets the fixed keys."""
+    p = tmp_path / "space.yaml"
+    p.write_text("base: toy\nfixed:\n  lora.rank: 8\nsearch:\n  lora.rank: {choice: [16, 32]}\n")
+    with pytest.raises(ConfigError, match="lora.rank is both in fixed \\(8\\) and in search; keep it in one of them"):
+        load_space(str(p))
 
 
 @pytest.mark.parametrize("config", ["sd15", "tiny"])
