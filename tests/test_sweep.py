@@ -1253,6 +1253,35 @@ def test_a_trial_asha_stopped_is_pruned_in_optuna_at_its_last_evaluation_not_com
     assert finished.state == optuna.trial.TrialState.COMPLETE and finished.value == 0.91
 
 
+def test_a_trial_that_ran_to_its_end_is_told_to_optuna_with_its_best_evaluation(tmp_path):
+    """The table ranks a trial by its best evaluation and the sweep keeps that evaluation's LoRAs, but Tune
+    tells Optuna the last result: TPE and the parent run's plots ranked the trials otherwise."""
+    import optuna
+    from ray.tune.search import SearchGenerator
+
+    from shortft.sweep.search import searcher
+    from shortft.sweep.trials import OBJECTIVE, param_space
+
+    space = load_space("toy")
+    settings = {"base": space.base, "fixed": space.fixed, "tracking_uri": None, "name": "s"}
+    search = searcher(space, settings, max_concurrent=2)
+    search.set_search_properties(OBJECTIVE, "max", param_space(space))
+    steps = trial_config(space.base, space.fixed, {}).train.steps
+    search.suggest("a"), search.suggest("b")
+    for step, value in ((steps // 3, 0.6), (2 * steps // 3, 0.95), (2 * steps // 3, float("nan"))):
+        search.on_trial_result("a", {OBJECTIVE: value, "step": step, "training_iteration": 1})
+    SearchGenerator(search).save_to_dir(str(tmp_path), "s")  # a driver that resumes keeps what it had seen
+    generator = SearchGenerator(searcher(space, settings, max_concurrent=2))
+    generator.restore_from_dir(str(tmp_path))
+    resumed = generator.searcher
+    done = {"step": steps, "training_iteration": 3, "train_seconds": 1.0, "calls_total": 10}
+    resumed.on_trial_complete("a", {**done, OBJECTIVE: 0.7})  # its last evaluation fell back
+    resumed.on_trial_complete("b", {**done, OBJECTIVE: float("nan")})  # no finite evaluation: as Tune gives it
+    a, b = resumed.searcher._ot_study.trials[:2]
+    assert a.state == optuna.trial.TrialState.COMPLETE and a.value == 0.95
+    assert b.state == optuna.trial.TrialState.FAIL and resumed.best == {}
+
+
 def test_an_errored_trial_that_a_resume_runs_again_is_told_to_optuna_with_its_result(tmp_path):
     """A trial that failed (out of memory, say) is FAIL in Optuna's study. `--resume` runs it again, but its
     result never reached the study: the concurrency limiter had let it go at its error, and TPE, its plots

@@ -23,29 +23,55 @@ class TrialRuns(ConcurrencyLimiter):
         self.sweep_settings, self.count = sweep_settings, 0
         self.configs: dict[str, dict] = {}  # live and errored trials' configs (kept in the searcher's saved state)
         self.errored: set[str] = set()  # trials that ended in an error, whose rerun Optuna is told of
+        self.best: dict[str, float] = {}  # each live trial's best evaluation so far (kept with the searcher)
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        self._best_of(trial_id, result)
+        super().on_trial_result(trial_id, result)
+
+    def _best_of(self, trial_id: str, result: dict | None) -> float | None:
+        best = self.__dict__.setdefault("best", {})
+        value = finite((result or {}).get(OBJECTIVE))
+        if value is not None:
+            best[trial_id] = max(float(value), best.get(trial_id, float(value)))
+        return best.get(trial_id)
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False):
         """A trial ASHA stopped is told to Optuna as pruned at its last evaluation, not complete with it: a
         30-step score ranked beside 60-step ones in TPE (and in its plots), and Tune never passes the
         stopping result to `on_trial_result`, so it is reported here first. An errored trial that a
-        resume runs again is told to Optuna by `_tell_rerun`."""
+        resume runs again is told to Optuna by `_tell_rerun`. A trial that ran to its end is told its best
+        evaluation, by which the results table ranks it and whose LoRAs the sweep keeps (Tune gives Optuna
+        the last: TPE and the parent run's plots ranked the trials otherwise than the table)."""
         errored = self.__dict__.setdefault("errored", set())  # (absent from a searcher saved before it was kept)
+        best = self.__dict__.setdefault("best", {})
         config = self.configs.get(trial_id) if error else self.configs.pop(trial_id, None)  # a resume may rerun it
+        stopped = bool(result and not error and config is not None
+                       and stopped_early(config, self.sweep_settings, result))
+        nan = False  # evaluated, never finitely: Optuna's tell refused the NaN, and the study kept it RUNNING
+        if result and not error and not stopped:
+            if self._best_of(trial_id, result) is not None:
+                result = {**result, OBJECTIVE: best[trial_id]}
+            else:
+                nan = OBJECTIVE in result
         if trial_id in errored:  # `--resume` ran it again
-            if not error and self._tell_rerun(trial_id, config, result):
+            if not error and self._tell_rerun(trial_id, config, result, stopped):
                 errored.discard(trial_id)
+                best.pop(trial_id, None)
             return
         if error:
             errored.add(trial_id)
-        if result and not error and config is not None and stopped_early(config, self.sweep_settings, result):
+        else:
+            best.pop(trial_id, None)
+        if stopped:
             trial = getattr(self.searcher, "_ot_trials", {}).get(trial_id)  # private (sweep/ray_compat.py)
             value = finite(result.get(OBJECTIVE))
             if trial is not None and value is not None:
                 trial.report(float(value), int(result.get("training_iteration", 1)))
             result = None  # OptunaSearch tells Optuna PRUNED for a trial ended with no value
-        super().on_trial_complete(trial_id, result=result, error=error)
+        super().on_trial_complete(trial_id, result=None if nan else result, error=error or nan)  # nan: FAIL
 
-    def _tell_rerun(self, trial_id: str, config: dict | None, result: dict | None) -> bool:
+    def _tell_rerun(self, trial_id: str, config: dict | None, result: dict | None, pruned: bool) -> bool:
         """An errored trial that a resume ran again is FAIL in the study, and the limiter drops its second
         end: its result is added to the study as a trial of the same parameters (`rerun_of`: the failed
         one's number), COMPLETE, or PRUNED where ASHA stopped it. False where there was nothing to tell."""
@@ -59,7 +85,6 @@ class TrialRuns(ConcurrencyLimiter):
         frozen = study.trials[failed.number]
         if frozen.state != optuna.trial.TrialState.FAIL:
             return False
-        pruned = config is not None and stopped_early(config, self.sweep_settings, result)
         study.add_trial(optuna.trial.create_trial(
             params=frozen.params, distributions=frozen.distributions, user_attrs={"rerun_of": frozen.number},
             **({"state": optuna.trial.TrialState.PRUNED,
