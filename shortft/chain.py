@@ -67,9 +67,14 @@ def _randint(lo: int, hi: int, generator: torch.Generator | None) -> int:
     return int(torch.randint(lo, max(hi, lo + 1), (1,), generator=generator).item())
 
 
+def _step_at(fraction: float, steps: int, to_int: Callable[[float], int] = math.floor) -> int:
+    """The step a fraction of the chain names, rounded first: floor(0.58 * 50) is floor(28.999999999999996),
+    one step short of what was written (and ceil(0.07 * 100) one past)."""
+    return to_int(round(fraction * steps, 9))
+
+
 def _truncate(calls: Sequence[Call], modes: list[str], plan: TrainingPlan) -> list[str]:
-    # rounded first: floor(0.58 * 50) is floor(28.999999999999996), one step short of what was written
-    cut = math.floor(round(plan.chain.truncate_at * plan.chain.steps, 9))
+    cut = _step_at(plan.chain.truncate_at, plan.chain.steps)
     return ["none" if c.index < cut else m for c, m in zip(calls, modes)]
 
 
@@ -138,7 +143,7 @@ def alignprop(denoiser: Denoiser, inputs: ChainInput, plan: TrainingPlan) -> tor
 def refl(denoiser: Denoiser, inputs: ChainInput, plan: TrainingPlan) -> torch.Tensor:
     """ReFL: no gradient until a random step in the late window; that step's predicted x0 is the output."""
     calls = _calls(denoiser, plan)
-    lo, hi = (math.floor(f * plan.chain.steps) for f in plan.chain.refl_window)
+    lo, hi = (_step_at(f, plan.chain.steps) for f in plan.chain.refl_window)
     stop = min(_randint(lo, hi, inputs.generator), plan.chain.steps - 1)
     calls = calls[: stop + 1]
     modes = ["none"] * stop + ["grad"]
@@ -150,7 +155,7 @@ def drtune_plan(steps: int, plan: TrainingPlan, generator: torch.Generator | Non
     `chain.drtune_stop_range` as fractions of the chain) and the at most K = `chain.drtune_train_steps`
     trained steps among them, evenly spaced from a random offset."""
     chain = plan.chain
-    lo, hi = (max(1, math.ceil(f * steps)) for f in chain.drtune_stop_range)
+    lo, hi = (max(1, _step_at(f, steps, math.ceil)) for f in chain.drtune_stop_range)
     stop = _randint(lo, hi + 1, generator)
     spacing = math.ceil(stop / chain.drtune_train_steps)  # so that no draw trains more than K
     offset = _randint(0, spacing, generator)

@@ -1,6 +1,8 @@
 """The chain: call counts and where gradient flows (its equivalence with the diffusers sampler, for every
 model class and spacing, is in test_model_classes.py)."""
 
+import math
+
 import pytest
 import torch
 
@@ -88,7 +90,7 @@ def test_truncate_at_as_written_freezes_that_many_steps():
     """`chain.truncate_at=0.58` on N=50 froze 28 steps, not 29: floor(0.58 * 50) is floor(28.999999999999996)."""
     from types import SimpleNamespace
 
-    from shortft.chain import _truncate
+    from shortft.chain import _step_at, _truncate
     from shortft.plan import Call
 
     for n in (10, 20, 50, 100, 1000):
@@ -96,6 +98,7 @@ def test_truncate_at_as_written_freezes_that_many_steps():
         for m in range(n):
             plan = SimpleNamespace(chain=SimpleNamespace(truncate_at=m / n, steps=n))  # 29/50 == float("0.58")
             assert _truncate(calls, ["grad"] * n, plan).count("none") == m, (n, m)
+            assert _step_at(m / n, n) == _step_at(m / n, n, math.ceil) == m  # refl's window, drtune's stops
 
 
 def test_no_truncation_means_end_to_end(make_cfg):

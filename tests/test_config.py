@@ -19,8 +19,8 @@ def test_overrides_nest_and_parse_yaml_values():
 
 def test_a_key_given_twice_in_overrides_is_refused_naming_both():
     """`train.steps=5 ... train.steps=10` kept the last, and a section after a key inside it
-    (`reward.weights.symmetry=1 reward.weights={pickscore: 1}`) dropped the key, both unsaid (a key twice in
-    a YAML file is refused too)."""
+    (`reward.weights.symmetry=1 reward.weights={pickscore: 1}`) dropped the key, both unsaid; the other order
+    merged, and is refused too, as a key twice in a YAML file is."""
     for items, key in ((["train.steps=5", "chain.steps=3", " train.steps =10"], "train.steps"),
                        (["reward.weights.symmetry=1", "reward.weights={pickscore: 1}"], "reward.weights"),
                        (["reward.weights={pickscore: 1}", "reward.weights.symmetry=1"], "reward.weights")):

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from shortft import raised
 from shortft.arguments import OneLineParser
-from shortft.config import ConfigError, load_yaml
+from shortft.config import ConfigError, load_yaml, parse_overrides
 from shortft.hub import check_sources
 from shortft.progress import quiet_libraries
 from shortft.space import trial_config
@@ -201,7 +201,8 @@ def parser():
     p.add_argument("--lrs", default="3e-4,1e-3,3e-3", help="learning rates each arm tries at seed 0")
     p.add_argument("--time-budget-s", type=float, help="training seconds per trial (evaluation excluded)")
     p.add_argument("--call-budget", type=int, help="network calls per trial (with gradient and without)")
-    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="fixed config keys for every arm")
+    p.add_argument("--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE",
+                   help="fixed config keys for every arm")
     p.add_argument("--name", default="compare")
     p.add_argument("--out", default=None, help="results folder (default runs/compare/<name>)")
     p.add_argument("--storage-path", default=None, help="Ray Tune storage (default as the sweep's)")
@@ -233,6 +234,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"report: {write_report(out / 'rows.jsonl', out)}")
             return 0
         fixed = dict(_key_value(kv) for kv in args.set)
+        parse_overrides(args.set)  # for its refusal of a key given twice (the dict kept the last)
         arms = [a.strip() for a in args.arms.split(",") if a.strip()]
         check_new(out, args.time_budget_s, args.call_budget, arms, args.config,
                   {**(SMOKE_TEST if args.smoke_test else {}), **fixed})
