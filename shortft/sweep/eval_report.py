@@ -6,7 +6,7 @@ from __future__ import annotations
 from ray.tune.integration.ray_train import TuneReportCallback
 
 OBJECTIVE = "eval/objective"
-OBJECTIVE_SE = "eval/objective_se"  # its standard error over the evaluation samples (evaluate.py)
+OBJECTIVE_SE = "eval/objective_se"  # its standard error over the prompts (evaluate.py, stats.clustered)
 OBJECTIVE_SAMPLES = "eval/objective_samples"  # its value on each evaluation sample, a list (evaluate.py)
 NOT_TERMS = (OBJECTIVE, OBJECTIVE_SE, OBJECTIVE_SAMPLES)  # the eval/ keys that are not a reward term's mean
 
