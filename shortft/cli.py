@@ -23,7 +23,7 @@ import yaml
 
 from shortft.checks import load_config
 from shortft.cli_parser import int_list, parser as _parser
-from shortft.config import PARTS, READS, ConfigError, describe, parse_overrides, to_dict
+from shortft.config import PARTS, READS, ConfigError, describe, parse_overrides, replaced, to_dict
 from shortft.memory import OutOfMemory, explained
 from shortft.out_paths import image_suffixes, output_file, output_folder
 from shortft.progress import quiet_libraries
@@ -43,6 +43,8 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = [*args.overrides, *extra]
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    for line in replaced(getattr(args, "overrides", None) or []) + replaced(getattr(args, "set", None) or []):
+        print(f"shortft: note: {line}", file=sys.stderr)
     if getattr(args, "quiet", False):
         from shortft.progress import QUIET_ENV
 

@@ -283,17 +283,11 @@ def parse_overrides(items: list[str], keep_text: bool = True) -> dict:
     """`["chain.steps=20", "reward.weights.symmetry=0.5"]` -> nested dict; values parsed as YAML. A number
     whose text is not how Python writes it keeps that text for a string key (`keep_text`)."""
     out: dict = {}
-    given: dict[str, str] = {}  # dotted key -> its item: a key given twice was last-wins, the first lost unsaid
     for item in items:
         key, sep, value = item.partition("=")
         key = key.strip()
         if not sep or not key:
             raise ConfigError(f"override {item!r}: expected key=value, e.g. chain.steps=20")
-        for other, earlier in given.items():  # the same key, or a section and a key inside it
-            if f"{key}.".startswith(f"{other}.") or f"{other}.".startswith(f"{key}."):
-                raise ConfigError(f"overrides {earlier!r} and {item!r} both set {min(other, key, key=len)}: "
-                                  "give each key once")
-        given[key] = item
         try:
             parsed = load_yaml(value) if value != "" else ""
         except yaml.YAMLError:
@@ -309,6 +303,19 @@ def parse_overrides(items: list[str], keep_text: bool = True) -> dict:
                 raise ConfigError(f"override {item!r}: {part} is set both as a value and as a section")
         node[parts[-1]] = parsed
     return out
+
+
+def replaced(items: list[str]) -> list[str]:
+    """A note for each `key=value` override that a later one replaces (the same key again, or its section:
+    `reward.weights.symmetry=1 ... reward.weights={pickscore: 1}`): the later one is used, as a command
+    line run again with a value added at its end means, but a key given twice by mistake was lost unsaid."""
+    notes, given = [], {}  # dotted key -> the item that set it
+    for item in items:
+        key = item.partition("=")[0].strip()
+        for other in [k for k in given if k == key or k.startswith(f"{key}.")]:
+            notes.append(f"{given.pop(other)} is replaced by the later {item}")
+        given[key] = item
+    return notes
 
 
 def merge(base: dict, update: dict) -> dict:

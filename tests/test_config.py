@@ -17,17 +17,24 @@ def test_overrides_nest_and_parse_yaml_values():
         "chain": {"steps": 20}, "reward": {"weights": {"symmetry": 0.5}}, "lora": {"targets": ["to_q", "to_v"]}}
 
 
-def test_a_key_given_twice_in_overrides_is_refused_naming_both():
+def test_an_override_a_later_one_replaces_is_named_on_the_command_line(tmp_path):
     """`train.steps=5 ... train.steps=10` kept the last, and a section after a key inside it
-    (`reward.weights.symmetry=1 reward.weights={pickscore: 1}`) dropped the key, both unsaid; the other order
-    merged, and is refused too, as a key twice in a YAML file is."""
-    for items, key in ((["train.steps=5", "chain.steps=3", " train.steps =10"], "train.steps"),
-                       (["reward.weights.symmetry=1", "reward.weights={pickscore: 1}"], "reward.weights"),
-                       (["reward.weights={pickscore: 1}", "reward.weights.symmetry=1"], "reward.weights")):
-        with pytest.raises(ConfigError, match=rf"overrides {items[0]!r} and {items[-1]!r} both set {key}: give each"):
-            parse_overrides(items)
-    assert parse_overrides(["train.steps=5", "train.steps_per_eval=2", "train.step=1"])["train"] == {
-        "steps": 5, "steps_per_eval": 2, "step": 1}  # a key that merely starts like another
+    (`reward.weights.symmetry=1 reward.weights={pickscore: 1}`) dropped the key, both unsaid. The later one
+    is still used (a command run again with `--resume train.steps=800` added at its end means it)."""
+    from shortft.config import replaced
+
+    assert parse_overrides(["train.steps=5", "chain.steps=3", " train.steps =10"]) == {"train": {"steps": 10},
+                                                                                      "chain": {"steps": 3}}
+    assert replaced(["train.steps=5", "chain.steps=3", " train.steps =10"]) == [
+        "train.steps=5 is replaced by the later  train.steps =10"]
+    assert replaced(["reward.weights.symmetry=1", "reward.weights={pickscore: 1}"]) == [
+        "reward.weights.symmetry=1 is replaced by the later reward.weights={pickscore: 1}"]
+    assert replaced(["reward.weights={pickscore: 1}", "reward.weights.symmetry=1"]) == []  # merged: nothing lost
+    assert replaced(["train.steps=5", "train.steps_per_eval=2", "train.step=1"]) == []  # merely starts alike
+    p = subprocess.run([sys.executable, "-m", "shortft.cli", "config", "--config", "tiny", "train.steps=5",
+                        "train.steps=10"], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert p.returncode == 0 and "\n  steps: 10\n" in p.stdout, p.stderr
+    assert p.stderr == "shortft: note: train.steps=5 is replaced by the later train.steps=10\n"
 
 
 def test_numbers_in_exponent_notation_are_numbers(tmp_path):

@@ -48,8 +48,7 @@ def test_tokenizer_round_trips_every_word(tmp_path):
     (["--set", "shortcut_steps=lots"], "--set shortcut_steps='lots': expected int like 1500"),
     (["--set", "shortcut_steps"], "expected key=value"),
     # a second --set replaced the first (argparse): its sizes were dropped without a word
-    (["--set", "shortcut_steps=10", "--set", "vae_steps=1", "shortcut_steps=20"],
-     "overrides 'shortcut_steps=10' and 'shortcut_steps=20' both set shortcut_steps"),
+    (["--set", "shortcut_step=10", "--set", "vae_steps=1"], "--set shortcut_step=...: not a build size"),
     (["--device", "cuda"] if not torch.cuda.is_available() else ["--device", "tpu"], "--device"),
 ])
 def test_toy_build_rejects_bad_sizes_and_devices_before_any_work(tmp_path, capsys, args, message):

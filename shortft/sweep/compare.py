@@ -18,7 +18,7 @@ from pathlib import Path
 
 from shortft import raised
 from shortft.arguments import OneLineParser
-from shortft.config import ConfigError, load_yaml, parse_overrides
+from shortft.config import ConfigError, load_yaml, replaced
 from shortft.hub import check_sources
 from shortft.progress import quiet_libraries
 from shortft.space import trial_config
@@ -234,7 +234,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"report: {write_report(out / 'rows.jsonl', out)}")
             return 0
         fixed = dict(_key_value(kv) for kv in args.set)
-        parse_overrides(args.set)  # for its refusal of a key given twice (the dict kept the last)
+        for line in replaced(args.set):  # the dict keeps the last
+            print(f"note: {line}", file=sys.stderr)
         arms = [a.strip() for a in args.arms.split(",") if a.strip()]
         check_new(out, args.time_budget_s, args.call_budget, arms, args.config,
                   {**(SMOKE_TEST if args.smoke_test else {}), **fixed})
