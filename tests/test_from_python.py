@@ -120,5 +120,10 @@ def test_bad_programmatic_configs_fail_before_any_trial_in_one_line(tmp_path, mo
             tune.run(sweep.trainable_for("toy", smoke_test=True, tracking_uri=None, gpus_per_worker=1),
                      config={"chain.segments": 2}, num_samples=1, storage_path=str(tmp_path / "ray_results"), verbose=0)
         assert not list((tmp_path / "runs").rglob("metrics.jsonl"))  # no trial trained
+        # valid one at a time, not together: that trial fails with its line, and tune.run goes on
+        analysis = tune.run(trainable, config={"chain.steps": 6, "chain.segments": 8}, num_samples=1,
+                            storage_path=str(tmp_path / "ray_results"), verbose=0, raise_on_failed_trial=False)
+        (trial,) = analysis.trials
+        assert trial.status == "ERROR" and "chain.segments=8: must be <= chain.steps=6" in str(trial.get_error())
     finally:
         ray.shutdown()

@@ -1282,6 +1282,28 @@ def test_a_trial_that_ran_to_its_end_is_told_to_optuna_with_its_best_evaluation(
     assert b.state == optuna.trial.TrialState.FAIL and resumed.best == {}
 
 
+def test_values_valid_alone_but_not_together_end_their_trial_not_the_sweep(tmp_path):
+    """A space checks every two searched keys at their ends, but a searcher can still draw values that no
+    run takes together (a Tuner's own space, a limit no end shows): the driver made the trial's MLflow run
+    from its config, whose ConfigError stopped the whole sweep partway."""
+    from ray import tune as ray_tune
+
+    from shortft.sweep.search import searcher
+    from shortft.sweep.trials import OBJECTIVE, RUN_ID_KEY, combination_error
+
+    space = load_space(_space_file(tmp_path, "  chain.segments: {choice: [8]}"))
+    settings = {"base": space.base, "fixed": space.fixed, "tracking_uri": "sqlite:///unused.db", "name": "s",
+                "experiment": "e", "parent_run_id": None}
+    search = searcher(space, settings)
+    search.set_search_properties(OBJECTIVE, "max", {"chain.steps": ray_tune.choice([6]),
+                                                    "chain.segments": ray_tune.choice([8])})
+    config = search.suggest("a")  # no run made for it (its trial fails as it starts, with the line)
+    assert RUN_ID_KEY not in config and "chain.segments=8: must be <= chain.steps=6" in combination_error(config, settings)
+    assert combination_error({"chain.steps": 50, "chain.segments": 8}, settings) is None
+    with pytest.raises(ConfigError, match="lora.rank"):  # a value no run takes: its own line, as before
+        combination_error({"chain.steps": 6, "chain.segments": 8, "lora.rank": -3}, settings)
+
+
 def test_an_errored_trial_that_a_resume_runs_again_is_told_to_optuna_with_its_result(tmp_path):
     """A trial that failed (out of memory, say) is FAIL in Optuna's study. `--resume` runs it again, but its
     result never reached the study: the concurrency limiter had let it go at its error, and TPE, its plots

@@ -10,7 +10,7 @@ from ray.tune.search import ConcurrencyLimiter
 from shortft import raised, tracking
 from shortft.run_status import ERROR_TAG
 from shortft.stats import finite
-from shortft.sweep.trials import OBJECTIVE, RUN_ID_KEY, TRIAL_KEY, config_of_trial, stopped_early
+from shortft.sweep.trials import OBJECTIVE, RUN_ID_KEY, TRIAL_KEY, combination_error, config_of_trial, stopped_early
 
 
 class TrialRuns(ConcurrencyLimiter):
@@ -101,7 +101,7 @@ class TrialRuns(ConcurrencyLimiter):
         config[TRIAL_KEY] = key
         self.configs[trial_id] = config
         sweep = self.sweep_settings
-        if sweep["tracking_uri"]:
+        if sweep["tracking_uri"] and not combination_error(config, sweep):  # else it fails as it starts
             name = f"{sweep['name']}-{key}"
             cfg = config_of_trial(config, sweep, name)
             config[RUN_ID_KEY] = tracking.ensure_trial_run(sweep["tracking_uri"], sweep["experiment"], name, cfg,

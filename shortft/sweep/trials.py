@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from functools import lru_cache, partial
 from pathlib import Path
 
@@ -145,10 +146,28 @@ def reported_metrics(cfg: Config) -> set[str]:
         "mean_seconds_per_step", "node_id"}
 
 
+def combination_error(config: dict, sweep: dict) -> str | None:
+    """The line of a trial whose searched values are each valid but not together (`chain.steps=6` with
+    `chain.segments=8`); None when its config is valid. A value no config takes raises its ConfigError."""
+    try:
+        config_of_trial(config, sweep)
+        return None
+    except ConfigError as e:
+        for key, value in searched_values(config).items():
+            config_of_trial({key: value}, sweep)  # a bad key or value alone: its own line
+        return str(e)
+
+
 def _checked_resources(sweep: dict, config: dict) -> dict:
     # Tune calls this in the driver as it creates each trial: the place to refuse a bad config before
     # the trial starts (a ConfigError naming the key ends tune.run), and a request that can never fit.
-    cfg = config_of_trial(config, sweep)
+    # Values valid one at a time but not together end that trial only (in its process, with the line):
+    # a search drew them, and the sweep goes on.
+    why = combination_error(config, sweep)
+    if why:
+        print(f"shortft: note: trial {config.get(TRIAL_KEY) or searched_values(config)} cannot run ({why}); it "
+              "fails, and the sweep goes on", file=sys.stderr, flush=True)
+    cfg = config_of_trial({} if why else config, sweep)
     metric = tune_metric()
     if metric is not None and metric not in reported_metrics(cfg):
         terms = ", ".join(f"eval/{n}" for n in dict.fromkeys([cfg.eval.objective, *cfg.eval.terms]))
