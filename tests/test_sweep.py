@@ -1268,8 +1268,8 @@ def test_a_trial_that_ran_to_its_end_is_told_to_optuna_with_its_best_evaluation(
     search.set_search_properties(OBJECTIVE, "max", param_space(space))
     steps = trial_config(space.base, space.fixed, {}).train.steps
     search.suggest("a"), search.suggest("b")
-    for step, value in ((steps // 3, 0.6), (2 * steps // 3, 0.95), (2 * steps // 3, float("nan"))):
-        search.on_trial_result("a", {OBJECTIVE: value, "step": step, "training_iteration": 1})
+    for i, (step, value) in enumerate(((steps // 3, 0.6), (2 * steps // 3, 0.95), (2 * steps // 3, float("nan")))):
+        search.on_trial_result("a", {OBJECTIVE: value, "step": step, "training_iteration": i + 1})
     SearchGenerator(search).save_to_dir(str(tmp_path), "s")  # a driver that resumes keeps what it had seen
     generator = SearchGenerator(searcher(space, settings, max_concurrent=2))
     generator.restore_from_dir(str(tmp_path))
