@@ -156,6 +156,9 @@ def test_results_markdown_puts_the_untrained_model_first_and_the_best_trials_gai
     assert "| untrained | BASE | - | 0.8600 | 0 | - | - |" in below
     assert below[-3] == "best - worst: 0.0500 = 1.8 x the combined standard error (0.0283, as if independent)"
     assert below[-1] == "best - untrained: -0.0100 = -0.5 x the one standard error known (0.0200, as if independent)"
+    # an untrained evaluation that came out NaN: its row says so, and no "+nan = nan x" line is drawn under it
+    nan = markdown(rows, space, {**base, "eval/objective": float("nan")}).splitlines()
+    assert not any(line.startswith("best - untrained") for line in nan) and "nan" not in nan[-1]
 
 
 def test_gains_over_the_untrained_model_are_measured_sample_by_sample():

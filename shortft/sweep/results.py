@@ -88,7 +88,7 @@ def markdown(rows: list[dict], space: Space, base: dict | None = None) -> str:
     best = max(done, key=lambda r: r["objective_best"]) if done else None
     if len(done) >= 2:
         lines += ["", _spread("best - worst", best, min(done, key=lambda r: r["objective_best"]), "")]
-    if best and untrained and untrained["objective_best"] is not None:
+    if best and untrained and stats.finite(untrained["objective_best"]) is not None:  # a NaN: no line
         lines += ["", _spread("best - untrained", best, untrained, "+")]  # negative: no trial beat the base
     return "\n".join(lines) + "\n"
 
