@@ -124,7 +124,7 @@ def alignprop_modes(calls: Sequence[Call], plan: TrainingPlan, generator: torch.
     code and TRL run it: at each step i a fresh u ~ U{lo..hi} is drawn and the UNet output is detached
     when i < u, so step i trains with probability (i - lo + 1) / (hi - lo + 1), (i + 1) / (N + 1) over the
     whole chain. `contiguous`: one cut drawn per chain, every step from it on trains."""
-    lo, hi = (math.floor(f * plan.chain.steps) for f in plan.chain.alignprop_range)
+    lo, hi = (_step_at(f, plan.chain.steps) for f in plan.chain.alignprop_range)
     if plan.chain.alignprop_cut == "per_step":
         cuts = torch.randint(lo, hi + 1, (len(calls),), generator=generator).tolist()
         return ["detach_output" if c.index < u else "grad" for c, u in zip(calls, cuts)]

@@ -43,6 +43,9 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = [*args.overrides, *extra]
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if getattr(args, "overrides", None):  # as written: a later one replaces an earlier one, whichever flag took it
+        given, order = set(args.overrides), list(sys.argv[1:] if argv is None else argv)
+        args.overrides = [a for a in order if a in given]
     for line in replaced(getattr(args, "overrides", None) or []) + replaced(getattr(args, "set", None) or []):
         print(f"shortft: note: {line}", file=sys.stderr)
     if getattr(args, "quiet", False):

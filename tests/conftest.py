@@ -52,7 +52,7 @@ def make_cfg(tmp_path, tiny_dir):
     """tiny config with overrides, writing under this test's tmp dir."""
 
     def make(*overrides, config="tiny"):
-        given = {o.split("=", 1)[0].strip() for o in overrides}  # a key given twice is refused: the test's wins
+        given = {o.split("=", 1)[0].strip() for o in overrides}  # the test's own value, without a default before it
         defaults = [f"model.pretrained={tiny_dir}", f"train.output_dir={tmp_path}/run", "train.log_every=100"]
         return shortft.load_config(config, [*(d for d in defaults if d.split("=", 1)[0] not in given), *overrides])
 

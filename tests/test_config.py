@@ -35,6 +35,10 @@ def test_an_override_a_later_one_replaces_is_named_on_the_command_line(tmp_path)
                         "train.steps=10"], capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert p.returncode == 0 and "\n  steps: 10\n" in p.stdout, p.stderr
     assert p.stderr == "shortft: note: train.steps=5 is replaced by the later train.steps=10\n"
+    # in the order written, though --resume took the first (argparse hands it over apart from the rest)
+    p = subprocess.run([sys.executable, "-m", "shortft.cli", "train", "--config", "tiny", "--dry-run", "--resume",
+                        "train.steps=800", "train.steps=400"], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert "\n  steps: 400\n" in p.stdout and "note: train.steps=800 is replaced by the later train.steps=400" in p.stderr
 
 
 def test_numbers_in_exponent_notation_are_numbers(tmp_path):

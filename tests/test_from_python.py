@@ -125,5 +125,8 @@ def test_bad_programmatic_configs_fail_before_any_trial_in_one_line(tmp_path, mo
                             storage_path=str(tmp_path / "ray_results"), verbose=0, raise_on_failed_trial=False)
         (trial,) = analysis.trials
         assert trial.status == "ERROR" and "chain.segments=8: must be <= chain.steps=6" in str(trial.get_error())
+        from shortft import attempts  # recorded for good: Tune's retry (the sweep's max_failures=1) ends at once
+
+        assert [p.parent.name for p in (tmp_path / "runs" / "sweeps").rglob(attempts.FILE)] == [f"from-python-{trial.trial_id}"]
     finally:
         ray.shutdown()

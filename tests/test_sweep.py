@@ -1303,6 +1303,9 @@ def test_values_valid_alone_but_not_together_end_their_trial_not_the_sweep(tmp_p
     config = search.suggest("a")  # no run made for it (its trial fails as it starts, with the line)
     assert RUN_ID_KEY not in config and "chain.segments=8: must be <= chain.steps=6" in combination_error(config, settings)
     assert combination_error({"chain.steps": 50, "chain.segments": 8}, settings) is None
+    # chain.steps=3 alone fails on the base's 4 segments, with another line: still only this trial's
+    assert "chain.segments=8: must be <= chain.steps=3" in combination_error({"chain.steps": 3, "chain.segments": 8},
+                                                                              settings)
     with pytest.raises(ConfigError, match="lora.rank"):  # a value no run takes: its own line, as before
         combination_error({"chain.steps": 6, "chain.segments": 8, "lora.rank": -3}, settings)
 

@@ -100,13 +100,14 @@ def run_trial(config: dict, sweep: dict) -> None:
     """One trial: build its run config and train, in this process when Tune gave it the worker's own
     resources (`trial_resources`), else as a Ray Train job; either reports its evaluations to Tune."""
     name = trial_name(config, sweep, tune.get_context().get_trial_id())
-    cfg = config_of_trial(config, sweep, name)
-    cfg.train.output_dir = str(Path(sweep["output_root"]) / name)
-    run_id = config.get(RUN_ID_KEY)
-    if sweep["tracking_uri"] and not run_id:  # plain tune.run / Tuner: its own child run, made by the
-        # relay the driver started (trials that start together would otherwise race on SQLite)
-        run_id = relay_call(RELAY, tracking.ensure_trial_run, sweep["experiment"], name, cfg, sweep["parent_run_id"])
-    with attempts.once(cfg.output_dir, sweep.get("attempt")):  # Tune's retry of a final failure ends at once
+    output_dir = Path(sweep["output_root"]) / name
+    with attempts.once(output_dir, sweep.get("attempt")):  # Tune's retry of a final failure ends at once
+        cfg = config_of_trial(config, sweep, name)  # (values valid alone, not together, fail here, for good)
+        cfg.train.output_dir = str(output_dir)
+        run_id = config.get(RUN_ID_KEY)
+        if sweep["tracking_uri"] and not run_id:  # plain tune.run / Tuner: its own child run, made by the
+            # relay the driver started (trials that start together would otherwise race on SQLite)
+            run_id = relay_call(RELAY, tracking.ensure_trial_run, sweep["experiment"], name, cfg, sweep["parent_run_id"])
         if tune.get_context().get_trial_resources().required_resources != {"CPU": TRIAL_CPUS}:  # its worker's
             from shortft.sweep.in_trial import train_in_trial
 
@@ -147,14 +148,19 @@ def reported_metrics(cfg: Config) -> set[str]:
 
 
 def combination_error(config: dict, sweep: dict) -> str | None:
-    """The line of a trial whose searched values are each valid but not together (`chain.steps=6` with
-    `chain.segments=8`); None when its config is valid. A value no config takes raises its ConfigError."""
+    """The line of a trial whose searched values are valid alone but not together (`chain.steps=6` with
+    `chain.segments=8`); None when its config is valid. A key or value that fails the same way alone on the
+    base config (an unknown key, `lora.rank=-3`) raises its ConfigError: every trial that draws it would."""
     try:
         config_of_trial(config, sweep)
         return None
     except ConfigError as e:
         for key, value in searched_values(config).items():
-            config_of_trial({key: value}, sweep)  # a bad key or value alone: its own line
+            try:
+                config_of_trial({key: value}, sweep)
+            except ConfigError as alone:
+                if str(alone) == str(e):  # (`chain.steps=3` alone fails on the base's segments: another line)
+                    raise
         return str(e)
 
 
