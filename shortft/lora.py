@@ -185,9 +185,9 @@ class TimestepAwareLora:
     """Switches LoRAs by timestep inside any diffusers sampler loop.
 
     Which adapters run at a call follows the pipeline's own schedule (`pipe.scheduler.timesteps`, set
-    before its loop), split into the run's segments by position as `shortft sample --steps N` splits it:
-    any scheduler and any N get every segment's adapters, and the run's own sampler and N exactly its
-    plan. (Matched to the nearest saved timestep, another N or scheduler missed segments 2..k, whose
+    before its loop; a timestep it calls twice, as PNDM and Heun do, counted once), split into the run's
+    segments by position as `shortft sample --steps N` splits it: any scheduler and any N get every
+    segment's adapters, and the run's own N exactly its plan. (Matched to the nearest saved timestep, another N or scheduler missed segments 2..k, whose
     adapters each run at one timestep.) Adapters the pipeline had active stay active alongside.
 
     `remove()` (or leaving the `with` block) unloads the adapters it loaded and the hook, leaving the
@@ -228,7 +228,9 @@ class TimestepAwareLora:
             i = min(range(len(self.timesteps)), key=lambda i: abs(self.timesteps[i] - t))
             return self.step_adapters[i]
         if timesteps is not self.schedule_of:  # set_timesteps makes a new tensor: read once per sampling loop
-            schedule = tuple(float(x) for x in timesteps)
+            # each timestep once: PNDM calls its second twice, Heun all but its first (split by position,
+            # PNDM ran segment 2's adapter a step late and Heun none of segments 2..k)
+            schedule = tuple(dict.fromkeys(float(x) for x in timesteps))
             calls = sampler_plan(schedule, self.segments, stacked(self.names), self.interior)
             self.schedule, self.schedule_of, self.schedule_adapters = schedule, timesteps, [c.adapters for c in calls]
         schedule = self.schedule
