@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from shortft.config import Config, ConfigError, flatten, to_dict
+from shortft.config import INTERIOR_ADAPTERS, Config, ConfigError, flatten, to_dict
 from shortft.data import read_prompts
 from shortft.evaluate import generate, save_grid
 from shortft.lora import load_lora_state, read_lora_plan
@@ -24,7 +24,8 @@ from shortft.progress import warn
 def trained_settings(lora: str | Path) -> tuple[dict, str]:
     """The flat settings a LoRA folder was trained with, and where they were read: the run's `config.yaml`
     beside `<run>/lora`, a checkpoint's `state.json` beside `<checkpoint>/lora`, else the rank and alpha
-    its files carry (a folder copied out of a run, or downloaded from MLflow); ({}, "") where none is."""
+    its files carry and the sampler of its `shortft_lora.json` (a folder copied out of a run, or downloaded from
+    MLflow); ({}, "") where none is."""
     import yaml
 
     from shortft.lora import lora_metadata
@@ -42,11 +43,19 @@ def trained_settings(lora: str | Path) -> tuple[dict, str]:
             return saved, str(folder / "state.json")
     except Unreadable:  # no checkpoint beside it, or one cut short: the files' own metadata below
         pass
-    for name in read_lora_plan(lora)["adapters"]:
+    plan, found = read_lora_plan(lora), {}
+    for name in plan["adapters"]:
         meta = lora_metadata(Path(lora) / name) if (Path(lora) / name).is_dir() else None
         if meta and "r" in meta and "lora_alpha" in meta:  # one adapter tells: a run's adapters share them
-            return {"lora.rank": meta["r"], "lora.alpha": float(meta["lora_alpha"])}, str(Path(lora) / name)
-    return {}, ""
+            found = {"lora.rank": meta["r"], "lora.alpha": float(meta["lora_alpha"])}
+            break
+    # and the sampler its plan was made for (a copied lora/ sampled with this config's interior adapters,
+    # another model than the run evaluated, without a word)
+    if isinstance(plan.get("steps"), int):
+        found["chain.steps"] = plan["steps"]
+    if plan["method"] == "shortft" and plan.get("interior") in INTERIOR_ADAPTERS:
+        found["chain.interior_adapters"] = plan["interior"]
+    return (found, str(lora)) if found else ({}, "")
 
 
 def check_trained_with(cfg: Config, lora: str | Path) -> None:

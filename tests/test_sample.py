@@ -109,6 +109,34 @@ def test_the_switch_follows_any_schedulers_own_timesteps_and_keeps_the_users_ada
     assert sorted(pipe.unet.peft_config) == ["segment_2", "style"] and pipe.unet.active_adapters() == ["style"]
 
 
+def test_the_switch_follows_schedulers_that_call_a_timestep_twice(trained, tiny_dir):
+    """PNDM (a hub SD 1.5 pipeline's scheduler, `skip_prk_steps`) calls its second timestep twice and Heun
+    every one but the first: split by position, PNDM at the run's own N ran segment 2's adapter one
+    timestep late and the final stack at none of its calls, and Heun never ran segments 2..k."""
+    from diffusers import HeunDiscreteScheduler, PNDMScheduler
+
+    from shortft.lora import read_lora_plan
+
+    plan = read_lora_plan(trained)
+    saved = dict(zip(plan["timesteps"], map(tuple, plan["step_adapters"])))
+    for scheduler in (PNDMScheduler, HeunDiscreteScheduler):
+        for steps in (8, 5):
+            pipe = _pipe(tiny_dir)
+            pipe.scheduler = scheduler.from_config(pipe.scheduler.config, skip_prk_steps=True)
+            with enable_timestep_aware(pipe, trained) as switch:
+                seen = []
+                pipe.unet.register_forward_pre_hook(lambda m, a: seen.append((float(a[1]), switch.switch.active)))
+                pipe("a red circle", num_inference_steps=steps, guidance_scale=1.0, output_type="latent")
+            timesteps = [t for t, _ in seen]
+            assert len(set(timesteps)) == steps < len(timesteps), (scheduler, timesteps)
+            for t, active in seen:  # a timestep called twice runs the same adapters both times
+                assert active == next(a for u, a in seen if u == t), (scheduler, steps, seen)
+            runs = [a for _, a in seen]
+            assert ("segment_1",) in runs and seen[-1][1] == ("segment_1", "segment_2"), (scheduler, steps, seen)
+            if scheduler is PNDMScheduler and steps == 8:  # the run's N: the saved plan at each timestep
+                assert [(t, saved[int(t)]) for t in timesteps] == seen
+
+
 def test_a_lora_for_another_unet_is_refused_with_one_line(trained, tiny_dir, tmp_path):
     from safetensors.torch import load_file, save_file
 
@@ -155,7 +183,7 @@ def test_a_run_or_checkpoint_folder_given_for_its_lora_names_the_lora_folder(tra
 
 
 def test_a_lora_folder_with_no_run_config_beside_it_is_checked_against_its_checkpoint_or_its_files(
-        trained, make_cfg, tmp_path, monkeypatch):
+        trained, make_cfg, tmp_path, monkeypatch, capsys):
     """A checkpoint's lora/ (or a lora/ copied out of its run, or downloaded from MLflow) has no config.yaml
     beside it: it loaded with this config's lora.alpha, a quarter of the run's strength, without a word. And
     the fix offered was to pass a received run's config, whose reward.modules are imported."""
@@ -173,8 +201,17 @@ def test_a_lora_folder_with_no_run_config_beside_it_is_checked_against_its_check
     copied = tmp_path / "downloaded" / "lora"
     shutil.copytree(trained, copied)
     with pytest.raises(ConfigError, match=r"trained with lora.alpha=4.0; this config has lora.alpha=16.0; pass "
-                                          r"lora.alpha=4.0 \(the run's, from \S+/downloaded/lora/\w+\)$"):
+                                          r"lora.alpha=4.0 \(the run's, from \S+/downloaded/lora\)$"):
         sample.load_trained(make_cfg("lora.alpha=16"), str(copied))
+    # the sampler its plan was made for, too: another one was used without a word
+    monkeypatch.undo()
+    sample.load_trained(make_cfg("chain.steps=8", "chain.segments=2"), str(copied))
+    assert "the run evaluated with" not in capsys.readouterr().err
+    sample.load_trained(make_cfg("chain.steps=6", "chain.segments=2", "chain.interior_adapters=segment"), str(copied))
+    assert (f"--lora {copied}: the run evaluated with chain.steps=8, chain.interior_adapters='none'; this samples with "
+            "chain.steps=6, chain.interior_adapters='segment' (pass chain.steps=8 chain.interior_adapters=\"none\" "
+            f"(the run's, from {copied}))") in capsys.readouterr().err
+    monkeypatch.setattr(sample, "load_models", lambda *a, **k: pytest.fail("the models loaded first"))
     run = tmp_path / "received"
     shutil.copytree(trained.parent, run, ignore=shutil.ignore_patterns("checkpoints"))
     saved = yaml.safe_load((run / "config.yaml").read_text())
