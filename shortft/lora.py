@@ -204,6 +204,7 @@ class TimestepAwareLora:
             raise ConfigError(f"--lora {lora_dir}: the pipeline already has an adapter named {taken[0]!r}; "
                               "delete it first (pipe.delete_adapters), or load yours under another name")
         self.kept = tuple(self.unet.active_adapters()) if self.had_adapters else ()  # the user's own, left on
+        self.wrapped = set(_lora_layers(self.unet))  # the layers the user's own LoRAs wrap
         loaded = []
         try:
             for name in self.names:
@@ -243,13 +244,18 @@ class TimestepAwareLora:
         self.switch.activate(self.kept + self.adapters_at(t))
 
     def _unload(self, names: list[str]) -> None:
-        if not self.had_adapters:  # back to the plain modules, not LoRA wrappers with nothing in them (the
-            # state dict's keys renamed `base_layer`): after delete_adapters, diffusers had dropped peft_config
-            # with the last adapter and the check for it skipped this
+        others = [n for n in getattr(self.unet, "peft_config", None) or {} if n not in names]
+        if not others:  # back to the plain modules, not LoRA wrappers with nothing in them (the state dict's
+            # keys renamed `base_layer`): after delete_adapters, diffusers had dropped peft_config with the last
+            # adapter and the check for it skipped this
             self.unet.unload_lora()
             return
         if names:
             self.unet.delete_adapters(names)
+        for name, layer in _lora_layers(self.unet).items():  # the set's alone: plain modules again (left as
+            if name not in self.wrapped and not layer.lora_A:  # empty wrappers, the keys renamed as above)
+                parent, _, child = name.rpartition(".")
+                setattr(self.unet.get_submodule(parent), child, layer.get_base_layer())
         if self.kept:  # deleting an active adapter makes peft activate another: the user's as they were
             AdapterSwitch(self.unet, stack=False).activate(self.kept)
 
@@ -265,6 +271,13 @@ class TimestepAwareLora:
 
     def __exit__(self, *exc) -> None:
         self.remove()
+
+
+def _lora_layers(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    """The model's peft LoRA layers by name."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return {name: m for name, m in model.named_modules() if isinstance(m, BaseTunerLayer)}
 
 
 def _interior_of(plan: dict) -> str:

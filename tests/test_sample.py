@@ -109,6 +109,31 @@ def test_the_switch_follows_any_schedulers_own_timesteps_and_keeps_the_users_ada
     assert sorted(pipe.unet.peft_config) == ["segment_2", "style"] and pipe.unet.active_adapters() == ["style"]
 
 
+def test_leaving_the_switch_restores_a_pipeline_whose_own_lora_covers_fewer_layers(trained, tiny_dir):
+    """With the user's own LoRA on `to_q` only, the set's layers it did not cover stayed peft wrappers with
+    nothing in them after the block: the UNet's state dict keys renamed (`to_k.base_layer.weight`), so a
+    UNet saved afterwards loaded nowhere."""
+    from peft import LoraConfig
+
+    pipe = _pipe(tiny_dir)
+    pipe.unet.add_adapter(LoraConfig(r=2, lora_alpha=2, target_modules=["to_q"]), adapter_name="mine")
+    keys, modules = list(pipe.unet.state_dict()), {name: type(m) for name, m in pipe.unet.named_modules()}
+    mine = _image(pipe)
+    with enable_timestep_aware(pipe, trained):
+        assert not np.array_equal(_image(pipe), mine)
+    assert {name: type(m) for name, m in pipe.unet.named_modules()} == modules
+    assert list(pipe.unet.state_dict()) == keys and list(pipe.unet.peft_config) == ["mine"]
+    assert np.array_equal(_image(pipe), mine)
+    # A LoRA loaded inside the block into a pipeline that had none stays (it was unloaded with the set).
+    pipe, theirs = _pipe(tiny_dir), _pipe(tiny_dir)
+    theirs.load_lora_weights(str(trained / "segment_2"), adapter_name="theirs")
+    with enable_timestep_aware(pipe, trained):
+        pipe.load_lora_weights(str(trained / "segment_2"), adapter_name="theirs")
+    assert list(pipe.unet.peft_config) == ["theirs"] and pipe.unet.active_adapters() == ["theirs"]
+    assert list(pipe.unet.state_dict()) == list(theirs.unet.state_dict())
+    assert np.array_equal(_image(pipe), _image(theirs))
+
+
 def test_the_switch_follows_schedulers_that_call_a_timestep_twice(trained, tiny_dir):
     """PNDM (a hub SD 1.5 pipeline's scheduler, `skip_prk_steps`) calls its second timestep twice and Heun
     every one but the first: split by position, PNDM at the run's own N ran segment 2's adapter one
