@@ -71,14 +71,35 @@ class _Loader(yaml.SafeLoader):
         super().flatten_mapping(node)
 
 
+# Dates are text: a hub tag or a name like 2024-01-05 was refused as "expected a string" (a datetime.date),
+# and 2020-02-30 ended in a traceback; no setting is a date.
+_Loader.yaml_implicit_resolvers = {first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:timestamp"]
+                                   for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
 _Loader.add_implicit_resolver("tag:yaml.org,2002:float",  # tried after PyYAML's own: only what they leave
                               re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
                               list("-+.0123456789"))
 
 
 def load_yaml(text: str) -> Any:
-    """Parse YAML text (a config, a space, an override's value) as every reader of the package does."""
-    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader: plain data, no Python objects
+    """Parse YAML text (a config, a space, an override's value) as every reader of the package does. What
+    PyYAML reads but cannot make a value of (`0x_`, `!!int abc`) or a value inside itself (an alias in its
+    own anchor) is a yaml.YAMLError too: they were a ValueError or RecursionError traceback."""
+    try:
+        data = yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader: plain data, no Python objects
+    except (ValueError, TypeError) as e:
+        raise yaml.YAMLError(f"a value YAML cannot read ({e})") from None
+    _check_acyclic(data, [])
+    return data
+
+
+def _check_acyclic(value: Any, inside: list) -> None:
+    if isinstance(value, (dict, list)):
+        if any(value is outer for outer in inside):
+            raise yaml.YAMLError("a value that contains itself (an alias *x inside its own anchor &x)")
+        inside.append(value)
+        for item in value.values() if isinstance(value, dict) else value:
+            _check_acyclic(item, inside)
+        inside.pop()
 
 
 def setting(default: Any, help: str) -> Any:
@@ -259,7 +280,8 @@ def read_mapping(name_or_path: str, package: str = "shortft.configs", flag: str 
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)  # where: a YAML error's first line names no place
         at = f", line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        raise ConfigError(f"{flag} {name_or_path!r}: not valid YAML ({str(e).splitlines()[0]}{at})") from None
+        what = getattr(e, "problem", None) or str(e).splitlines()[0]  # the problem, not PyYAML's context line
+        raise ConfigError(f"{flag} {name_or_path!r}: not valid YAML ({what}{at})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{flag} {name_or_path!r}: top level must be {shape}")
     return data

@@ -295,6 +295,13 @@ def test_a_config_named_from_the_project_instead_of_the_heads_home_folder_is_poi
      "not valid YAML (key 'train' given twice, first on line 1: keep one, line 3, column 1)"),
     (["toy", "build", "--quick", "--out", "{tmp}/new", "--set", "shortcut_lr=-1.0"],
      "--set shortcut_lr=-1.0: expected a finite number > 0"),
+    # tracebacks: PyYAML's ValueError (an int it cannot make) and a RecursionError (an alias in its own anchor)
+    (["plan", "--config", "toy", "train.steps=0x_"], "train.steps='0x_': expected an integer"),
+    (["plan", "--config", "toy", "lora.rank=!!int abc"], "lora.rank='!!int abc': expected an integer"),
+    (["plan", "--config", "{tmp}/alias.yaml"],
+     "not valid YAML (a value that contains itself (an alias *x inside its own anchor &x))"),
+    (["plan", "--config", "{tmp}/tab.yaml"],  # PyYAML's context line named no tab
+     "not valid YAML (found character '\\t' that cannot start any token, line 2, column 1)"),
 ])
 def test_bad_flag_values_are_one_line_with_status_2(tmp_path, capsys, args, line):
     from shortft.cli import main
@@ -303,6 +310,8 @@ def test_bad_flag_values_are_one_line_with_status_2(tmp_path, capsys, args, line
     (tmp_path / "bad.yaml").write_text("name: x\nb: c: d\n")
     (tmp_path / "latin1.yaml").write_bytes(b"name: caf\xe9\n")
     (tmp_path / "twice.yaml").write_text("train:\n  steps: 5\ntrain:\n  lr: 0.1\n")
+    (tmp_path / "alias.yaml").write_text("reward:\n  weights: &x {a: *x}\n")
+    (tmp_path / "tab.yaml").write_text("train:\n\tsteps: 3\n")
     (tmp_path / "vae").mkdir()
     (tmp_path / "vae" / "config.json").write_text('{"_class_name": "AutoencoderKL"}')
     (tmp_path / "lora").mkdir()
@@ -379,6 +388,18 @@ def test_a_prompt_tables_suffix_is_read_in_any_case(tmp_path):
 
     (tmp_path / "p.CSV").write_text("prompt,n\na red circle,1\n")
     assert read_prompts(str(tmp_path / "p.CSV"), "prompt", "data.prompts") == ["a red circle"]
+
+
+def test_a_date_is_text():
+    """`model.revision=2024-01-05` (a hub tag) was refused as `datetime.date(2024, 1, 5): expected a string`, and
+    `name=2020-02-30` ended in PyYAML's ValueError traceback, on the command line and in a file."""
+    from shortft.config import load_yaml
+
+    cfg = load_config("tiny", ["model.revision=2024-01-05", "name=2020-02-30"])
+    assert (cfg.model.revision, cfg.name) == ("2024-01-05", "2020-02-30")
+    assert load_yaml("name: 2020-02-30\nat: 2024-01-05T25:00:00\n") == {"name": "2020-02-30", "at": "2024-01-05T25:00:00"}
+    with pytest.raises(ConfigError, match=r"train.steps='2024-01-05': expected an integer"):
+        load_config("tiny", ["train.steps=2024-01-05"])
 
 
 def test_a_string_key_given_digits_on_the_command_line_keeps_them_as_typed():
