@@ -185,11 +185,17 @@ def load_space(name_or_path: str, base: str | None = None, overrides: dict | Non
     base = base or _beside(data.get("base"), name_or_path)
     if not base:
         raise ConfigError(f"--space {name_or_path!r}: no base config; add `base: toy` or pass --config")
+    if not isinstance(base, str):
+        raise ConfigError(f"--space {name_or_path!r}: base: {base!r} is no config; give a built-in name or a YAML "
+                          "path, e.g. base: toy")
     fixed = data.get("fixed") or {}
     search = data.get("search") or {}
     for section, value in (("fixed", fixed), ("search", search)):
         if not isinstance(value, dict):
             raise ConfigError(f"--space {name_or_path!r}: {section} must be a mapping of config keys")
+        for key in value:  # `1:` or `null:` as a key was an AttributeError traceback
+            if not isinstance(key, str):
+                raise ConfigError(f"{section}: {key!r} is no config key; keys are dotted names, e.g. chain.segments")
     from shortft.rewards.modules import import_all
 
     import_all(_reward_modules(base, fixed))  # before the keys: they may name the terms these modules register
@@ -208,8 +214,11 @@ def load_space(name_or_path: str, base: str | None = None, overrides: dict | Non
     overrides = dict(overrides or {})
     fixed = {**fixed, **overrides}
     dims = {k: d for k, d in dims.items() if k not in overrides}
-    points = []
-    for i, point in enumerate(data.get("points_to_evaluate") or []):
+    points, given = [], data.get("points_to_evaluate") or []
+    if not isinstance(given, list):
+        raise ConfigError(f"--space {name_or_path!r}: points_to_evaluate must be a list of mappings of searched keys "
+                          "to values, e.g. [{chain.segments: 4}]")
+    for i, point in enumerate(given):
         if not isinstance(point, dict):
             raise ConfigError(f"points_to_evaluate[{i}]: expected a mapping of searched keys to values")
         for key, value in point.items():

@@ -90,6 +90,21 @@ def test_a_key_both_fixed_and_searched_is_refused(tmp_path):
         load_space(str(p))
 
 
+@pytest.mark.parametrize("text,line", [  # each was a traceback (AttributeError, TypeError)
+    ("base: toy\nsearch:\n  1: {randint: [4, 8]}\n", "search: 1 is no config key; keys are dotted names"),
+    ("base: toy\nfixed:\n  null: 3\nsearch:\n  lora.rank: {randint: [4, 8]}\n", "fixed: None is no config key"),
+    ("base: toy\nsearch:\n  lora.rank: {randint: [4, 8]}\npoints_to_evaluate: 5\n",
+     "points_to_evaluate must be a list of mappings"),
+    ("base: [toy]\nsearch:\n  lora.rank: {randint: [4, 8]}\n", "base: ['toy'] is no config; give a built-in name"),
+    ("base: 5\nsearch:\n  lora.rank: {randint: [4, 8]}\n", "base: 5 is no config"),
+])
+def test_a_space_of_the_wrong_shape_is_one_line(tmp_path, text, line):
+    p = tmp_path / "space.yaml"
+    p.write_text(text)
+    with pytest.raises(ConfigError, match=re.escape(line)):
+        load_space(str(p))
+
+
 @pytest.mark.parametrize("config", ["sd15", "tiny"])
 def test_a_config_of_another_model_without_a_space_is_refused_not_swept_on_the_toy_space(tmp_path, capsys, config):
     """`ray submit clusters/onprem.yaml tune/sweep.py -- --config shortft/my_sd15.yaml ...` (as docs/clusters.md
