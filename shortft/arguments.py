@@ -5,6 +5,8 @@ error was the last of many lines; every other bad input is one line."""
 from __future__ import annotations
 
 import argparse
+import errno
+import os
 import sys
 
 
@@ -18,3 +20,15 @@ class OneLineParser(argparse.ArgumentParser):
         if message:
             sys.stderr.write(message)
         sys.exit(status)
+
+
+def name_too_long(e: OSError) -> str:
+    """The one line for a path with a file or folder name longer than the file system takes (Python's
+    `Path.is_file()` raises it where a check asks: `--out`, `--config`, `data.prompts` ended in a traceback);
+    any other OSError is raised again."""
+    if e.errno != errno.ENAMETOOLONG:
+        raise e
+    path = os.fsdecode(e.filename) if e.filename is not None else ""
+    longest = max(path.split(os.sep), key=len, default="")
+    return (f"{path[:60] + '...' if len(path) > 60 else path}: a file or folder name of {len(longest.encode())} "
+            "bytes, longer than the file system takes (255); shorten it")

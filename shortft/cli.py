@@ -21,6 +21,7 @@ from pathlib import Path
 
 import yaml
 
+from shortft.arguments import name_too_long
 from shortft.checks import load_config
 from shortft.cli_parser import int_list, parser as _parser
 from shortft.config import PARTS, READS, ConfigError, describe, parse_overrides, replaced, to_dict
@@ -131,6 +132,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, OutOfMemory) as e:  # a user's mistake: 2; out of GPU memory in `eval`, `sample`: 1
         print(f"shortft: error: {e}", file=sys.stderr)
         return 2 if isinstance(e, ConfigError) else 1
+    except OSError as e:
+        print(f"shortft: error: {name_too_long(e)}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt as e:  # `Interrupted`: after a step and its checkpoint; else wherever it came
         print(f"shortft: interrupted{': ' + str(e) if str(e) else '; resume with --resume'}", file=sys.stderr)
         return getattr(e, "code", 130)

@@ -517,8 +517,14 @@ def _fraction_range(key: str, value: list, low_open: bool = False) -> None:
         raise ConfigError(f"{key}={value!r}: expected [low, high] with 0 <= low < high <= 1")
 
 
+NAME_BYTES = 128
+
+
 def check_name(flag: str, name: str) -> None:
     """A run or sweep name is one folder (`runs/{name}`, the storage path's `<name>/`): `../x` wrote elsewhere."""
+    if len(name.encode()) > NAME_BYTES:  # a folder's name, also inside the trial and checkpoint folders' names
+        raise ConfigError(f"{flag}={name[:40]}...: {len(name.encode())} bytes; a name is at most {NAME_BYTES} "
+                          "(it names folders, MLflow runs and Ray trials)")
     if not name.strip() or name in (".", "..") or any(c in name for c in "/\\\0"):
         raise ConfigError(f"{flag}={name!r}: a name is one folder's name: not empty, no / or \\, not . or .. "
                           "(e.g. sd15-pickscore; to group runs, train.output_dir=runs/<group>/{name})")

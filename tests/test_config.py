@@ -390,6 +390,25 @@ def test_a_prompt_tables_suffix_is_read_in_any_case(tmp_path):
     assert read_prompts(str(tmp_path / "p.CSV"), "prompt", "data.prompts") == ["a red circle"]
 
 
+def test_a_name_longer_than_the_file_system_takes_is_one_line(tmp_path, capsys):
+    """`Path.is_file()` raises on a name over 255 bytes: `--config`, `data.prompts`, `--out` and a run's name
+    ended in an OSError traceback."""
+    from shortft.cli import main
+    from shortft.sweep.cli import main as sweep_main
+
+    long = "x" * 300
+    for argv, line in ((["config", "--config", f"{long}.yaml"], f"{long[:60]}...: a file or folder name of 305 bytes"),
+                       (["config", "--config", "tiny", f"data.prompts={tmp_path}/{long}.txt"], "of 304 bytes, longer than"),
+                       (["sample", "--config", "tiny", "--lora", "x", "--prompt", "a", "--out", f"{tmp_path}/{long}"],
+                        "a file or folder name of 300 bytes"),
+                       (["config", "--config", "tiny", f"name={long}"], "300 bytes; a name is at most 128")):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and line in err[0], (argv, err)
+    assert sweep_main(["--name", long, "--storage-path", str(tmp_path / "s")]) == 2
+    assert "--name=" + "x" * 40 + "...: 300 bytes" in capsys.readouterr().err
+
+
 def test_a_date_is_text():
     """`model.revision=2024-01-05` (a hub tag) was refused as `datetime.date(2024, 1, 5): expected a string`, and
     `name=2020-02-30` ended in PyYAML's ValueError traceback, on the command line and in a file."""

@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 
-from shortft.arguments import OneLineParser
+from shortft.arguments import OneLineParser, name_too_long
 from shortft.config import ConfigError
 from shortft.progress import quiet_libraries
 from shortft.sweep.runner import run_sweep
@@ -56,6 +56,9 @@ def main(argv: list[str] | None = None) -> int:
                            args.seed, resource_wait_s=args.resource_wait_s, baseline=not args.no_baseline)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"error: {name_too_long(e)}", file=sys.stderr)
         return 2
     print("\n" + (result.table_path.parent / "results.md").read_text(), end="")
     print(f"\nsweep {result.name}: {len(result.rows)} trials in {result.seconds:.0f} s; results: {result.table_path} "

@@ -17,7 +17,7 @@ import json
 from pathlib import Path
 
 from shortft import raised
-from shortft.arguments import OneLineParser
+from shortft.arguments import OneLineParser, name_too_long
 from shortft.config import ConfigError, load_yaml, replaced
 from shortft.hub import check_sources
 from shortft.progress import quiet_libraries
@@ -250,6 +250,9 @@ def main(argv: list[str] | None = None) -> int:
                               None if args.no_mlflow else args.tracking_uri, args.storage_path, args.smoke_test)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"error: {name_too_long(e)}", file=sys.stderr)
         return 2
     except TrialFailed as e:
         print(f"error: {e}", file=sys.stderr)
