@@ -13,6 +13,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+from shortft.captured import captured_warnings
 from shortft.config import Config, ConfigError, flatten, to_dict
 from shortft.credentials import CREDENTIAL_ENV, credentials_env, split_credentials, take_credentials  # noqa: F401
 from shortft.mlflow_client import SQLITE, open_client, sqlite_path
@@ -48,16 +49,20 @@ def resolve_uri(uri: str) -> str:
 
 def check_tracking_uri(uri: str) -> None:
     """Fail fast, with one line, when runs could not be logged."""
+    from_env = uri == os.environ.get("MLFLOW_TRACKING_URI")  # "pass another --tracking-uri" of one never passed
+    source = " (from $MLFLOW_TRACKING_URI)" if from_env else ""
+    shown = uri + source
+    other = "set MLFLOW_TRACKING_URI to another or pass --tracking-uri" if from_env else "pass another --tracking-uri"
     if (path := sqlite_path(uri)) is not None:
         parent = path.parent if str(path.parent) else Path(".")
         if not parent.is_dir() or not os.access(parent, os.W_OK):
-            raise ConfigError(f"tracking URI {uri}: directory {parent} does not exist or is not writable; "
-                              "pass --tracking-uri sqlite:///<writable dir>/mlflow.db or an http(s):// server")
+            raise ConfigError(f"tracking URI {shown}: directory {parent} does not exist or is not writable; "
+                              f"{other}: sqlite:///<writable dir>/mlflow.db or an http(s):// server")
         # MLflow retried a folder (an old ./mlruns file store) or another kind of file for 100 s, then raised
         kind = "a folder" if path.is_dir() else "not an SQLite database" if not _sqlite_or_empty(path) else None
         if kind:
-            raise ConfigError(f"tracking URI {uri}: {path} is {kind}; pass --tracking-uri sqlite:///<a new or "
-                              "SQLite file>, e.g. sqlite:///mlflow.db (MLflow 3.17+ no longer reads a ./mlruns file store)")
+            raise ConfigError(f"tracking URI {shown}: {path} is {kind}; {other}: sqlite:///<a new or SQLite file>, "
+                              "e.g. sqlite:///mlflow.db (MLflow 3.17+ no longer reads a ./mlruns file store)")
     elif uri.startswith(("http://", "https://")):
         deadline = time.time() + HEALTH_WAIT_S
         while True:
@@ -68,12 +73,23 @@ def check_tracking_uri(uri: str) -> None:
                 slow = isinstance(e, TimeoutError) or isinstance(getattr(e, "reason", None), TimeoutError)
                 if slow and time.time() < deadline:  # it answers the connection, slowly: a loaded head node
                     continue
-                raise ConfigError(f"tracking URI {uri}: MLflow server unreachable ({type(e).__name__}: {e}); "
-                                  "start it (mlflow server ...) or pass another --tracking-uri") from None
+                raise ConfigError(f"tracking URI {shown}: MLflow server unreachable ({type(e).__name__}: {e}); "
+                                  f"start it (mlflow server ...) or {other}") from None
     elif uri.startswith(("databricks", "postgresql", "mysql", "mssql")):
-        return
+        # asked once: a database driver not installed, or Databricks credentials not set, was a traceback at
+        # the first MLflow call
+        import mlflow  # noqa: F401 - first: importing it sets its loggers' handlers
+
+        try:
+            with captured_warnings("mlflow"):  # its own warning line before ours
+                open_client(uri).search_experiments(max_results=1)
+        except Exception as e:
+            why = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+            raise ConfigError(f"tracking URI {shown}: MLflow cannot use it ({type(e).__name__}: {why}); "
+                              f"{'install the driver it names, ' if isinstance(e, ImportError) else ''}fix its "
+                              f"settings or {other}") from None
     else:
-        raise ConfigError(f"tracking URI {uri!r}: use sqlite:///path/mlflow.db or http(s)://host:port "
+        raise ConfigError(f"tracking URI {uri!r}{source}: use sqlite:///path/mlflow.db or http(s)://host:port "
                           "(MLflow 3.17+ no longer reads a ./mlruns file store)")
 
 

@@ -608,6 +608,32 @@ def test_a_slow_tracking_server_is_waited_for_and_a_refusing_one_fails_at_once(m
     assert time.time() - t0 < 2 and "\n" not in str(e.value)
 
 
+def test_a_database_store_mlflow_cannot_open_is_one_line_naming_where_its_uri_came_from(monkeypatch, capfd):
+    """A database URI without its driver installed (`postgresql://` without psycopg) and Databricks without
+    its credentials passed the check and ended in a traceback at the first MLflow call; a bad
+    $MLFLOW_TRACKING_URI was told to pass another --tracking-uri, which was never passed."""
+    from shortft import tracking
+    from shortft.cli import main
+    from shortft.config import ConfigError
+
+    for uri, why in (("mssql://me@127.0.0.1:1/mlflow", "MLflow cannot use it (ModuleNotFoundError: No module named "),
+                     ("databricks", "MLflow cannot use it (MlflowException: ")):
+        with pytest.raises(ConfigError, match=re.escape(f"tracking URI {uri}: {why}")) as e:
+            tracking.check_tracking_uri(uri)
+        assert "\n" not in str(e.value)
+    capfd.readouterr()
+    assert main(["train", "--config", "tiny", "train.steps=1", "--tracking-uri", "databricks"]) == 2
+    err = capfd.readouterr().err.strip().splitlines()  # and MLflow's own warning line not before it
+    assert len(err) == 1 and "MLflow cannot use it" in err[0], err
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "foo://bar")
+    assert main(["train", "--config", "tiny", "train.steps=1"]) == 2
+    assert capfd.readouterr().err.startswith("shortft: error: tracking URI 'foo://bar' (from $MLFLOW_TRACKING_URI): use")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///no/such/folder/mlflow.db")
+    with pytest.raises(ConfigError, match=r"\(from \$MLFLOW_TRACKING_URI\): directory no/such/folder does not exist or "
+                                          "is not writable; set MLFLOW_TRACKING_URI to another or pass --tracking-uri"):
+        tracking.check_tracking_uri("sqlite:///no/such/folder/mlflow.db")
+
+
 OPEN_STORE_AT_ONCE = '''
 import sys, time
 from pathlib import Path

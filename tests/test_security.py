@@ -137,6 +137,7 @@ def test_a_postgresql_stores_password_leaves_the_uri_for_libpqs_environment(monk
     from shortft import tracking
 
     monkeypatch.setenv("PGPASSWORD", "")  # so that the test's end removes what the URI sets
+    monkeypatch.setattr(tracking, "check_tracking_uri", lambda uri: None)  # no database here
     uri = tracking.resolve_uri("postgresql+psycopg2://me:s%40cret@db.example:5432/mlflow?sslmode=require")
     assert uri == "postgresql+psycopg2://me@db.example:5432/mlflow?sslmode=require"
     assert tracking.credentials_env() == {"PGPASSWORD": "s@cret"}  # what a cluster's job gets in its environment
@@ -166,6 +167,7 @@ def test_a_postgresql_password_in_the_query_moves_out_too(monkeypatch):
 
     for key in tracking.CREDENTIAL_ENV:  # set here (as empty) so that the test's end removes what the URI sets
         monkeypatch.setenv(key, "")
+    monkeypatch.setattr(tracking, "check_tracking_uri", lambda uri: None)  # no database here
     assert tracking.resolve_uri("postgresql://me@db.example/mlflow?sslmode=require&password=pw") == \
         "postgresql://me@db.example/mlflow?sslmode=require"
     assert tracking.credentials_env() == {"PGPASSWORD": "pw"}
