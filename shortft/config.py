@@ -518,6 +518,7 @@ def _fraction_range(key: str, value: list, low_open: bool = False) -> None:
 
 
 NAME_BYTES = 128
+MAX_RESOLUTION = 16384  # 8x SDXL's side; a 2048x2048 latent
 
 
 def check_name(flag: str, name: str) -> None:
@@ -593,8 +594,9 @@ def validate(cfg: Config) -> None:
     check_device_name("model.device", model.device)
     if model.timestep_spacing is not None:
         _one_of("model.timestep_spacing", model.timestep_spacing, TIMESTEP_SPACINGS)
-    if model.resolution is not None and model.resolution <= 0:
-        raise ConfigError(f"model.resolution={model.resolution}: must be a positive number of pixels (null = the model's own)")
+    if model.resolution is not None and not 0 < model.resolution <= MAX_RESOLUTION:  # 10**12: torch's size overflow
+        raise ConfigError(f"model.resolution={model.resolution}: must be a positive number of pixels, at most "
+                          f"{MAX_RESOLUTION} (null = the model's own)")
     if model.vae_batch_size < 0:
         raise ConfigError(f"model.vae_batch_size={model.vae_batch_size}: must be >= 0 (0 = the whole batch at once)")
     _positive("model.shortcut_scale", model.shortcut_scale, zero_ok=True)

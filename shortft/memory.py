@@ -3,7 +3,7 @@
 that would lower the peak.
 
     with explained(cfg, f"in step {step}", "step"):
-        ...   # a torch.OutOfMemoryError in here becomes an OutOfMemory with that line
+        ...   # a torch.OutOfMemoryError (or the CPU's) in here becomes an OutOfMemory with that line
 
 Without it a run on a card too small for its config ended in a page of traceback whose last line is
 PyTorch's allocator report, which names no setting of this project. The settings are the ones that
@@ -13,6 +13,7 @@ checkpointed full chain's memory); the ones already set are not offered again.
 
 from __future__ import annotations
 
+import os
 import re
 from contextlib import contextmanager
 
@@ -91,9 +92,23 @@ def settings(cfg: Config, what: str) -> list[str]:
     return out
 
 
+def _cpu_asked(error: BaseException) -> str | None:
+    """What the CPU allocator could not hand out (its RuntimeError, not a torch.OutOfMemoryError), or None for
+    any other error."""
+    found = re.search(r"DefaultCPUAllocator: can't allocate memory: you tried to allocate (\d+) bytes", str(error))
+    if not found:
+        return None
+    try:
+        total = f" of the machine's {os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.1f} GiB"
+    except (ValueError, OSError, AttributeError):  # no sysconf here
+        total = ""
+    return f"asked for {int(found.group(1)) / 2**30:.1f} GiB{total}"
+
+
 def message(cfg: Config, where: str, what: str, error: BaseException) -> str:
     fixes = settings(cfg, what)
-    line = f"out of GPU memory {where} ({report(error)})"
+    asked = _cpu_asked(error)
+    line = f"out of CPU memory {where} ({asked})" if asked else f"out of GPU memory {where} ({report(error)})"
     line += f"; to lower the peak: {', '.join(fixes)}" if fixes else "; this config needs a card with more memory"
     if _fragmented(error):
         line += "; PyTorch held memory it could not hand out: PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True"
@@ -104,8 +119,8 @@ def message(cfg: Config, where: str, what: str, error: BaseException) -> str:
 
 @contextmanager
 def explained(cfg: Config, where: str, what: str):
-    """Turns a torch.OutOfMemoryError raised inside into an OutOfMemory naming `where` and the fixes for
-    `what` (one of KINDS)."""
+    """Turns a torch.OutOfMemoryError (or the CPU allocator's failure) raised inside into an OutOfMemory naming
+    `where` and the fixes for `what` (one of KINDS)."""
     assert what in KINDS, what
     try:
         yield
@@ -113,3 +128,7 @@ def explained(cfg: Config, where: str, what: str):
         told = OutOfMemory(message(cfg, where, what, e))
         told.beside_others = bool(_others(e))
         raise told from None
+    except RuntimeError as e:  # the CPU's allocator (a lora.rank of 10**12 ended in its traceback)
+        if _cpu_asked(e) is None:
+            raise
+        raise OutOfMemory(message(cfg, where, what, e)) from None

@@ -266,7 +266,7 @@ def test_a_config_named_from_the_project_instead_of_the_heads_home_folder_is_poi
     (["toy", "build", "--seed", "-1"], "argument --seed: -1: must be >= 0"),  # numpy, after the first stage
     # MLflow retried for 100 s, then a traceback
     (["train", "--config", "toy", "--tracking-uri", "sqlite:///{tmp}/lora", f"train.output_dir={{tmp}}/run"],
-     "tracking URI sqlite:///{tmp}/lora: {tmp}/lora is a folder; pass --tracking-uri sqlite:///<a new or SQLite file>"),
+     "tracking URI sqlite:///{tmp}/lora: {tmp}/lora is a folder; pass another --tracking-uri: sqlite:///<a new or SQLite file>"),
     (["train", "--config", "toy", "--tracking-uri", "sqlite:///{tmp}/latin1.yaml", f"train.output_dir={{tmp}}/run"],
      "tracking URI sqlite:///{tmp}/latin1.yaml: {tmp}/latin1.yaml is not an SQLite database"),
     (["toy", "build", "--quick", "--out", "{tmp}/new", "--set", "batch=0"], "--set batch=0: expected integers >= 1"),
@@ -297,6 +297,8 @@ def test_a_config_named_from_the_project_instead_of_the_heads_home_folder_is_poi
      "--set shortcut_lr=-1.0: expected a finite number > 0"),
     # tracebacks: PyYAML's ValueError (an int it cannot make) and a RecursionError (an alias in its own anchor)
     (["plan", "--config", "toy", "train.steps=0x_"], "train.steps='0x_': expected an integer"),
+    (["plan", "--config", "toy", "model.resolution=1000000000000"],  # torch's "Storage size calculation overflowed"
+     "model.resolution=1000000000000: must be a positive number of pixels, at most 16384"),
     (["plan", "--config", "toy", "lora.rank=!!int abc"], "lora.rank='!!int abc': expected an integer"),
     (["plan", "--config", "{tmp}/alias.yaml"],
      "not valid YAML (a value that contains itself (an alias *x inside its own anchor &x))"),

@@ -290,6 +290,25 @@ def test_out_of_gpu_memory_offers_only_the_settings_not_already_made():
     assert settings(shortft.load_config("toy", ["train.batch_size=3"]), "step")[-2] == "train.batch_size=1 train.grad_accum=3 (the same images per step)"
 
 
+def test_out_of_cpu_memory_is_one_line_too(tmp_path):
+    """`lora.rank=1000000000000` on the CPU ended in the allocator's RuntimeError traceback (status 1)."""
+    from shortft.memory import OutOfMemory, explained
+
+    cfg = shortft.load_config("toy")
+    with pytest.raises(OutOfMemory, match=r"^out of CPU memory loading the models \(asked for 1048576.0 GiB of the "
+                                          r"machine's [\d.]+ GiB\); to lower the peak: model.dtype=bfloat16"):
+        with explained(cfg, "loading the models", "loading"):
+            torch.empty(2**50, dtype=torch.uint8)
+    with pytest.raises(RuntimeError, match="other"), explained(cfg, "loading the models", "loading"):
+        raise RuntimeError("other")  # any other error as it was
+    p = subprocess.run([sys.executable, "-m", "shortft.cli", "train", "--config", "toy", "--no-mlflow",
+                        "lora.rank=1000000000000", f"train.output_dir={tmp_path}/run"], capture_output=True, text=True,
+                       timeout=120)
+    assert p.returncode == 1 and p.stderr.strip().splitlines()[-1].startswith("shortft: error: out of CPU memory "
+                                                                              "loading the models"), p.stderr
+    assert "Traceback" not in p.stderr
+
+
 def test_resuming_from_a_path_that_is_no_checkpoint_is_one_line_before_the_models_load(make_cfg, tmp_path, monkeypatch):
     """`--resume PATH` with a wrong path, or the run folder instead of its checkpoint, was a FileNotFoundError
     for state.json after the models had loaded."""
