@@ -60,9 +60,10 @@ def main(argv: list[str] | None = None) -> int:
             build = world_module("toy", "build")
             given = ("--from-base", getattr(args, "from_base", None)) if args.toy_command == "build" else (
                 "--dir", args.dir)
-            if given[1] and not Path(given[1]).is_dir():  # not as model.pretrained, from deep in the loaders
-                raise ConfigError(f"{given[0]} {given[1]}: no such folder; give a toy build's folder (shortft toy "
-                                  "build --out DIR writes one)")
+            if given[1] and not (Path(given[1]) / "model_index.json").is_file():  # not as model.pretrained, from
+                what = "no toy build in that folder" if Path(given[1]).is_dir() else "no such folder"  # the loaders
+                raise ConfigError(f"{given[0]} {given[1]}: {what}; give a toy build's folder (shortft toy build --out "
+                                  "DIR writes one)")
             if args.toy_command == "build":
                 sizes = parse_overrides(args.set, keep_text=False)
                 build.build(Path(args.out) if args.out else toy_dir(), quick=args.quick, seed=args.seed,

@@ -220,6 +220,7 @@ def test_a_config_named_from_the_project_instead_of_the_heads_home_folder_is_poi
      "model.shortcut='lora:builtin:toy/shortcut-k{{segments}}': "),  # found after the first arms had run
     (["toy", "check", "--dir", "{tmp}/none"], "--dir {tmp}/none: no such folder"),  # said as model.pretrained
     (["toy", "build", "--from-base", "{tmp}/none"], "--from-base {tmp}/none: no such folder"),
+    (["toy", "check", "--dir", "{tmp}/empty"], "--dir {tmp}/empty: no toy build in that folder"),  # said as above
     (["sample", "--config", "toy", "--lora", "x", "--prompt", "a", "--out", "{tmp}/bad.json"],
      "--out {tmp}/bad.json: a file; give a folder"),  # FileExistsError after sampling
     # each of the rest was a traceback, or was found only after the work it would have saved
