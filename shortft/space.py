@@ -30,6 +30,9 @@ from shortft.config import Config, ConfigError, builtin_names, describe, from_di
 KINDS = ("choice", "uniform", "loguniform", "randint", "lograndint")
 PROBED = 256  # an integer range this wide or less is checked value by value
 DYNAMIC = ("reward.weights.", "reward.options.")  # keys under these name a reward term
+SECTIONS = {"base": (str, "a built-in config name or a YAML path, e.g. base: toy"),
+            "fixed": (dict, "a mapping of config keys"), "search": (dict, "a mapping of config keys"),
+            "points_to_evaluate": (list, "a list of mappings of searched keys to values")}
 
 
 @dataclass
@@ -84,10 +87,16 @@ class Space:
 def _read(name_or_path: str) -> tuple[str, dict]:
     data = read_mapping(name_or_path, "shortft.spaces", "--space", "a mapping with base, fixed, search")
     name = name_or_path if name_or_path in builtin_names("shortft.spaces") else Path(name_or_path).stem
-    unknown = set(data) - {"base", "fixed", "search", "points_to_evaluate"}
+    unknown = set(data) - set(SECTIONS)
     if unknown:
         raise ConfigError(f"--space {name_or_path!r}: unknown section {sorted(unknown)[0]!r} "
                           "(allowed: base, fixed, search, points_to_evaluate)")
+    for section, (kind, shape) in SECTIONS.items():
+        if not isinstance(data.get(section) or kind(), kind):
+            raise ConfigError(f"--space {name_or_path!r}: {section} must be {shape}")
+        for key in data.get(section) or {} if kind is dict else ():  # `1:`, `null:`: an AttributeError traceback
+            if not isinstance(key, str):
+                raise ConfigError(f"{section}: {key!r} is no config key; keys are dotted names, e.g. chain.segments")
     return name, data
 
 
@@ -153,15 +162,13 @@ def check_default_space(name: str, config: str) -> None:
     if base and read_config(base).model.pretrained != model:
         raise ConfigError(f"--config {config}: its model ({model}) is not the one the default space ({name}, for the "
                           f"{base} config) was written for; name the space to search: --space "
-                          f"{' or '.join(builtin_names('shortft.spaces'))} (built in), or a YAML of your own "
-                          "(docs/sweeps.md)")
+                          f"{' or '.join(builtin_names('shortft.spaces'))} (built in), or a YAML of your own (docs/sweeps.md)")
 
 
 def _reward_modules(base: str, fixed: dict) -> list:
-    """`reward.modules` of the base config with the fixed keys ([] where the base cannot be read: the
-    checks of every config say why)."""
+    """`reward.modules` of the base config with the fixed keys ([] where the base cannot be read: the checks say why)."""
     try:
-        data = pin_paths(merge(read_mapping(base), nested(fixed) if isinstance(fixed, dict) else {}))
+        data = pin_paths(merge(read_mapping(base), nested(fixed)))
     except ConfigError:
         return []
     modules = (data.get("reward") or {}).get("modules") if isinstance(data.get("reward"), dict) else None
@@ -169,9 +176,8 @@ def _reward_modules(base: str, fixed: dict) -> list:
 
 
 def _beside(base: str | None, space: str) -> str | None:
-    """A space file's relative `base:` YAML: beside the space file, else from the working folder. A sweep
-    resumed from another folder reads its stored space path; a base read from the working folder named no
-    file there, or another one."""
+    """A space file's relative `base:` YAML: beside the space file, else from the working folder (a sweep resumed
+    from another folder reads its stored space path: the working folder's named no file there, or another one)."""
     if not isinstance(base, str) or Path(base).is_absolute() or not Path(space).is_file():
         return base
     there = Path(space).parent / base
@@ -185,17 +191,7 @@ def load_space(name_or_path: str, base: str | None = None, overrides: dict | Non
     base = base or _beside(data.get("base"), name_or_path)
     if not base:
         raise ConfigError(f"--space {name_or_path!r}: no base config; add `base: toy` or pass --config")
-    if not isinstance(base, str):
-        raise ConfigError(f"--space {name_or_path!r}: base: {base!r} is no config; give a built-in name or a YAML "
-                          "path, e.g. base: toy")
-    fixed = data.get("fixed") or {}
-    search = data.get("search") or {}
-    for section, value in (("fixed", fixed), ("search", search)):
-        if not isinstance(value, dict):
-            raise ConfigError(f"--space {name_or_path!r}: {section} must be a mapping of config keys")
-        for key in value:  # `1:` or `null:` as a key was an AttributeError traceback
-            if not isinstance(key, str):
-                raise ConfigError(f"{section}: {key!r} is no config key; keys are dotted names, e.g. chain.segments")
+    fixed, search = data.get("fixed") or {}, data.get("search") or {}
     from shortft.rewards.modules import import_all
 
     import_all(_reward_modules(base, fixed))  # before the keys: they may name the terms these modules register
@@ -214,11 +210,8 @@ def load_space(name_or_path: str, base: str | None = None, overrides: dict | Non
     overrides = dict(overrides or {})
     fixed = {**fixed, **overrides}
     dims = {k: d for k, d in dims.items() if k not in overrides}
-    points, given = [], data.get("points_to_evaluate") or []
-    if not isinstance(given, list):
-        raise ConfigError(f"--space {name_or_path!r}: points_to_evaluate must be a list of mappings of searched keys "
-                          "to values, e.g. [{chain.segments: 4}]")
-    for i, point in enumerate(given):
+    points = []
+    for i, point in enumerate(data.get("points_to_evaluate") or []):
         if not isinstance(point, dict):
             raise ConfigError(f"points_to_evaluate[{i}]: expected a mapping of searched keys to values")
         for key, value in point.items():

@@ -95,8 +95,8 @@ def test_a_key_both_fixed_and_searched_is_refused(tmp_path):
     ("base: toy\nfixed:\n  null: 3\nsearch:\n  lora.rank: {randint: [4, 8]}\n", "fixed: None is no config key"),
     ("base: toy\nsearch:\n  lora.rank: {randint: [4, 8]}\npoints_to_evaluate: 5\n",
      "points_to_evaluate must be a list of mappings"),
-    ("base: [toy]\nsearch:\n  lora.rank: {randint: [4, 8]}\n", "base: ['toy'] is no config; give a built-in name"),
-    ("base: 5\nsearch:\n  lora.rank: {randint: [4, 8]}\n", "base: 5 is no config"),
+    ("base: [toy]\nsearch:\n  lora.rank: {randint: [4, 8]}\n", "base must be a built-in config name or a YAML path"),
+    ("base: 5\nsearch:\n  lora.rank: {randint: [4, 8]}\n", "base must be a built-in"),
 ])
 def test_a_space_of_the_wrong_shape_is_one_line(tmp_path, text, line):
     p = tmp_path / "space.yaml"
