@@ -29,6 +29,7 @@ def name_too_long(e: OSError) -> str:
     if e.errno != errno.ENAMETOOLONG:
         raise e
     path = os.fsdecode(e.filename) if e.filename is not None else ""
-    longest = max(path.split(os.sep), key=len, default="")
-    return (f"{path[:60] + '...' if len(path) > 60 else path}: a file or folder name of {len(longest.encode())} "
-            "bytes, longer than the file system takes (255); shorten it")
+    longest = max(path.split(os.sep), key=lambda part: len(part.encode()), default="")
+    what = (f"a file or folder name of {len(longest.encode())} bytes" if len(longest.encode()) > 255 else
+            f"a path of {len(path.encode())} bytes")
+    return f"{path[:60] + '...' if len(path) > 60 else path}: {what}, longer than the file system takes; shorten it"

@@ -88,18 +88,21 @@ def load_yaml(text: str) -> Any:
         data = yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader: plain data, no Python objects
     except (ValueError, TypeError) as e:
         raise yaml.YAMLError(f"a value YAML cannot read ({e})") from None
-    _check_acyclic(data, [])
+    _check_acyclic(data, set(), set())
     return data
 
 
-def _check_acyclic(value: Any, inside: list) -> None:
-    if isinstance(value, (dict, list)):
-        if any(value is outer for outer in inside):
-            raise yaml.YAMLError("a value that contains itself (an alias *x inside its own anchor &x)")
-        inside.append(value)
-        for item in value.values() if isinstance(value, dict) else value:
-            _check_acyclic(item, inside)
-        inside.pop()
+def _check_acyclic(value: Any, inside: set, done: set) -> None:
+    """No container inside itself; each one walked once (aliases repeated in aliases multiplied the paths)."""
+    if not isinstance(value, (dict, list)) or id(value) in done:
+        return
+    if id(value) in inside:
+        raise yaml.YAMLError("a value that contains itself (an alias *x inside its own anchor &x)")
+    inside.add(id(value))
+    for item in value.values() if isinstance(value, dict) else value:
+        _check_acyclic(item, inside, done)
+    inside.discard(id(value))
+    done.add(id(value))
 
 
 def setting(default: Any, help: str) -> Any:
@@ -280,7 +283,8 @@ def read_mapping(name_or_path: str, package: str = "shortft.configs", flag: str 
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)  # where: a YAML error's first line names no place
         at = f", line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        what = getattr(e, "problem", None) or str(e).splitlines()[0]  # the problem, not PyYAML's context line
+        # the problem too: PyYAML's first line is its context alone ("while scanning for the next token")
+        what = "; ".join(filter(None, (getattr(e, "context", None), getattr(e, "problem", None)))) or str(e).splitlines()[0]
         raise ConfigError(f"{flag} {name_or_path!r}: not valid YAML ({what}{at})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{flag} {name_or_path!r}: top level must be {shape}")
@@ -517,15 +521,17 @@ def _fraction_range(key: str, value: list, low_open: bool = False) -> None:
         raise ConfigError(f"{key}={value!r}: expected [low, high] with 0 <= low < high <= 1")
 
 
-NAME_BYTES = 128
+NAME_BYTES = 255  # a folder's name, on every common file system
 MAX_RESOLUTION = 16384  # 8x SDXL's side; a 2048x2048 latent
 
 
-def check_name(flag: str, name: str) -> None:
-    """A run or sweep name is one folder (`runs/{name}`, the storage path's `<name>/`): `../x` wrote elsewhere."""
-    if len(name.encode()) > NAME_BYTES:  # a folder's name, also inside the trial and checkpoint folders' names
-        raise ConfigError(f"{flag}={name[:40]}...: {len(name.encode())} bytes; a name is at most {NAME_BYTES} "
-                          "(it names folders, MLflow runs and Ray trials)")
+def check_name(flag: str, name: str, room: int = 0) -> None:
+    """A run or sweep name is one folder (`runs/{name}`, the storage path's `<name>/`): `../x` wrote elsewhere.
+    `room`: the bytes names made from it add (a sweep's trials: `<name>-t001`)."""
+    if len(name.encode()) > NAME_BYTES - room:  # an OSError traceback where it named a folder
+        raise ConfigError(f"{flag}={name[:40]}...: {len(name.encode())} bytes; a name is at most {NAME_BYTES - room} "
+                          + (f"(a folder's {NAME_BYTES}, less the {room} its trials' names add)" if room else
+                             "(it names a folder)"))
     if not name.strip() or name in (".", "..") or any(c in name for c in "/\\\0"):
         raise ConfigError(f"{flag}={name!r}: a name is one folder's name: not empty, no / or \\, not . or .. "
                           "(e.g. sd15-pickscore; to group runs, train.output_dir=runs/<group>/{name})")

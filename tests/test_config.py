@@ -304,7 +304,8 @@ def test_a_config_named_from_the_project_instead_of_the_heads_home_folder_is_poi
     (["plan", "--config", "{tmp}/alias.yaml"],
      "not valid YAML (a value that contains itself (an alias *x inside its own anchor &x))"),
     (["plan", "--config", "{tmp}/tab.yaml"],  # PyYAML's context line named no tab
-     "not valid YAML (found character '\\t' that cannot start any token, line 2, column 1)"),
+     "not valid YAML (while scanning for the next token; found character '\\t' that cannot start any token, line 2, "
+     "column 1)"),
 ])
 def test_bad_flag_values_are_one_line_with_status_2(tmp_path, capsys, args, line):
     from shortft.cli import main
@@ -404,12 +405,16 @@ def test_a_name_longer_than_the_file_system_takes_is_one_line(tmp_path, capsys):
                        (["config", "--config", "tiny", f"data.prompts={tmp_path}/{long}.txt"], "of 304 bytes, longer than"),
                        (["sample", "--config", "tiny", "--lora", "x", "--prompt", "a", "--out", f"{tmp_path}/{long}"],
                         "a file or folder name of 300 bytes"),
-                       (["config", "--config", "tiny", f"name={long}"], "300 bytes; a name is at most 128")):
+                       (["config", "--config", "tiny", f"name={long}"], "300 bytes; a name is at most 255 (it names a "
+                                                                         "folder)"),
+                       (["config", "--config", "a/" * 2100 + "x.yaml"], "a path of 4206 bytes, longer than")):
         assert main(argv) == 2, argv
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and line in err[0], (argv, err)
-    assert sweep_main(["--name", long, "--storage-path", str(tmp_path / "s")]) == 2
-    assert "--name=" + "x" * 40 + "...: 300 bytes" in capsys.readouterr().err
+    # a sweep's name leaves room for its trials' (`<name>-t001`): one the driver took failed every trial
+    assert sweep_main(["--name", "x" * 245, "--storage-path", str(tmp_path / "s")]) == 2
+    assert "--name=" + "x" * 40 + "...: 245 bytes; a name is at most 239 (a folder's 255, less the 16 its trials' names " \
+        "add)" in capsys.readouterr().err
 
 
 def test_a_date_is_text():
@@ -422,6 +427,10 @@ def test_a_date_is_text():
     assert load_yaml("name: 2020-02-30\nat: 2024-01-05T25:00:00\n") == {"name": "2020-02-30", "at": "2024-01-05T25:00:00"}
     with pytest.raises(ConfigError, match=r"train.steps='2024-01-05': expected an integer"):
         load_config("tiny", ["train.steps=2024-01-05"])
+    # the check for an alias inside itself walks each value once: aliases of aliases took 10x per level (17 min)
+    levels = ", ".join(f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, 12))
+    t0 = time.time()
+    assert len(load_yaml(f"lol: {{a0: &a0 [x], {levels}}}")["lol"]) == 12 and time.time() - t0 < 1
 
 
 def test_a_string_key_given_digits_on_the_command_line_keeps_them_as_typed():

@@ -75,6 +75,9 @@ def check_storage_for_cluster(storage_path: str) -> None:
                           "an NFS path mounted on every node, with SHORTFT_SHARED_STORAGE=1")
 
 
+TRIAL_SUFFIX_BYTES = 16  # a trial's run is `<sweep>-t001`, or `<sweep>-<Tune's trial id>` under a Tuner's own searcher
+
+
 def default_name(space: Space) -> str:
     return f"{space.name}-{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}"
 
@@ -124,7 +127,7 @@ def run_sweep(space: str | Space | None = None, num_samples: int | None = None, 
         tracking_uri = tracking.resolve_uri(tracking_uri)  # credentials move to the environment here
     storage_path = resolve_storage_path(storage_path)
     if name is not None:  # before it names a folder to read or write
-        check_name("--name", name)
+        check_name("--name", name, room=TRIAL_SUFFIX_BYTES)
     where = ("pass --storage-path of the sweep: the one its first line printed (default: $SHORTFT_STORAGE_PATH where "
              "set, else ray_results in the folder it was started from)")
     if resume and "://" not in storage_path and not Path(storage_path).is_dir():  # before the check makes it
