@@ -112,8 +112,9 @@ def load_lora_state(unet, lora_dir: Path, names: Sequence[str]) -> None:
         try:
             result = set_peft_model_state_dict(unet, state, adapter_name=name)
         except RuntimeError as e:  # a shape mismatch: another rank or model
-            raise ConfigError(f"LoRA {name} in {lora_dir}: does not fit this UNet's adapters "
-                              f"({str(e).splitlines()[0][:200]})") from None
+            lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
+            first = next((line for line in lines if line.startswith("size mismatch")), lines[0])  # not the header
+            raise ConfigError(f"LoRA {name} in {lora_dir}: does not fit this UNet's adapters ({first[:300]})") from None
         ours = {k for k in lora_params(unet, name)}
         missing = [k for k in result.missing_keys if k in ours]
         if result.unexpected_keys or missing:
@@ -244,7 +245,9 @@ class TimestepAwareLora:
         self.switch.activate(self.kept + self.adapters_at(t))
 
     def _unload(self, names: list[str]) -> None:
-        others = [n for n in getattr(self.unet, "peft_config", None) or {} if n not in names]
+        loaded = getattr(self.unet, "peft_config", None) or {}
+        names = [n for n in self.names if n in loaded]  # one cut short as it loaded (Ctrl-C) too
+        others = [n for n in loaded if n not in names]
         if not others:  # back to the plain modules, not LoRA wrappers with nothing in them (the state dict's
             # keys renamed `base_layer`): after delete_adapters, diffusers had dropped peft_config with the last
             # adapter and the check for it skipped this

@@ -134,6 +134,38 @@ def test_leaving_the_switch_restores_a_pipeline_whose_own_lora_covers_fewer_laye
     assert np.array_equal(_image(pipe), _image(theirs))
 
 
+def test_an_adapter_cut_short_as_it_loads_is_not_left_behind(trained, tiny_dir, monkeypatch):
+    """Ctrl-C inside diffusers' load of the second adapter (it catches Exception only) left that adapter in the
+    pipeline: only the adapters loaded to the end were taken out."""
+    from shortft import lora
+
+    pipe, load = _pipe(tiny_dir), lora.load_unet_lora
+    modules = {name: type(m) for name, m in pipe.unet.named_modules()}
+
+    def cut_short(unet, folder, name):
+        load(unet, folder, name)
+        if name == "segment_2":
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(lora, "load_unet_lora", cut_short)
+    with pytest.raises(KeyboardInterrupt):
+        enable_timestep_aware(pipe, trained)
+    assert getattr(pipe.unet, "peft_config", None) is None
+    assert {name: type(m) for name, m in pipe.unet.named_modules()} == modules
+
+
+def test_a_lora_of_another_rank_names_the_first_weight_that_does_not_fit(trained, tiny_dir):
+    """The line was PyTorch's header alone: 'does not fit this UNet's adapters (Error(s) in loading state_dict for
+    UNet2DConditionModel:)'."""
+    from shortft.lora import add_loras, load_lora_state
+
+    unet = _pipe(tiny_dir).unet
+    add_loras(unet, ["segment_1"], rank=8, alpha=8, targets=["to_q", "to_k", "to_v", "to_out.0"])
+    with pytest.raises(ConfigError, match=r"LoRA segment_1 in \S+: does not fit this UNet's adapters \(size mismatch "
+                                          r"for [\w.]+lora_A\.segment_1\.weight: copying a param with shape"):
+        load_lora_state(unet, trained, ["segment_1"])
+
+
 def test_the_switch_follows_schedulers_that_call_a_timestep_twice(trained, tiny_dir):
     """PNDM (a hub SD 1.5 pipeline's scheduler, `skip_prk_steps`) calls its second timestep twice and Heun
     every one but the first: split by position, PNDM at the run's own N ran segment 2's adapter one
