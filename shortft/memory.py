@@ -109,7 +109,8 @@ def message(cfg: Config, where: str, what: str, error: BaseException) -> str:
     fixes = settings(cfg, what)
     asked = _cpu_asked(error)
     line = f"out of CPU memory {where} ({asked})" if asked else f"out of GPU memory {where} ({report(error)})"
-    line += f"; to lower the peak: {', '.join(fixes)}" if fixes else "; this config needs a card with more memory"
+    line += (f"; to lower the peak: {', '.join(fixes)}" if fixes else
+             f"; this config needs {'a machine' if asked else 'a card'} with more memory")
     if _fragmented(error):
         line += "; PyTorch held memory it could not hand out: PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True"
     if what in ("step", "evaluation"):
@@ -131,4 +132,6 @@ def explained(cfg: Config, where: str, what: str):
     except RuntimeError as e:  # the CPU's allocator (a lora.rank of 10**12 ended in its traceback)
         if _cpu_asked(e) is None:
             raise
-        raise OutOfMemory(message(cfg, where, what, e)) from None
+        told = OutOfMemory(message(cfg, where, what, e))
+        told.beside_others = True  # other processes may hold the machine's memory: a retry may fit, as before
+        raise told from None
