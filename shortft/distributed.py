@@ -155,6 +155,8 @@ def _one_line_error(error: Exception) -> Exception | None:
     known = {cls.__name__: cls for cls in (ConfigError, checkpoint.Unreadable, NonFiniteError,
                                            checkpoint.CheckpointWriteError, OutOfMemory, FolderInUse)}
     kind, line = raised.found(error) or (None, None)
+    if kind == OutOfMemory.__name__:  # retried as in one process where others held the memory
+        return OutOfMemory.from_line(line)
     return known[kind](line) if kind in known else None
 
 

@@ -37,6 +37,14 @@ class OutOfMemory(RuntimeError):
 
     beside_others = False
 
+    @classmethod
+    def from_line(cls, line: str) -> "OutOfMemory":
+        """The error of a line `message` wrote (a Ray Train worker's, found again in the driver): beside
+        others where it says so, or where the machine's memory ran out (others may hold it)."""
+        told = cls(line)
+        told.beside_others = line.startswith("out of CPU memory") or " process holds " in line or " processes hold " in line
+        return told
+
 
 _SIZE = r"([\d.]+ (?:bytes|[KMGTP]iB))"  # c10's format_size
 

@@ -302,6 +302,16 @@ def test_out_of_cpu_memory_is_one_line_too(tmp_path):
     with pytest.raises(OutOfMemory) as e, explained(cfg, "loading the models", "loading"):
         torch.empty(2**50, dtype=torch.uint8)
     assert e.value.beside_others  # other processes may hold the machine's memory: retried, as before
+    # and so where a Ray Train worker's line is found again in the driver (it was made final there)
+    from shortft.memory import OutOfMemory as Told
+
+    assert Told.from_line(str(e.value)).beside_others and not Told.from_line("out of GPU memory in step 3 (...)").beside_others
+    assert Told.from_line("out of GPU memory in step 3 (asked for 2 GiB with 1 GiB of 80 GiB free; another process "
+                          "holds 30 GiB)").beside_others
+    from shortft.distributed import _one_line_error
+
+    told = _one_line_error(RuntimeError(f"Traceback (most recent call last):\n  ...\nshortft.memory.OutOfMemory: {e.value}"))
+    assert isinstance(told, Told) and told.beside_others and str(told) == str(e.value)
     with pytest.raises(RuntimeError, match="other"), explained(cfg, "loading the models", "loading"):
         raise RuntimeError("other")  # any other error as it was
     p = subprocess.run([sys.executable, "-m", "shortft.cli", "train", "--config", "toy", "--no-mlflow",
