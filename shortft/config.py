@@ -521,7 +521,7 @@ def _fraction_range(key: str, value: list, low_open: bool = False) -> None:
         raise ConfigError(f"{key}={value!r}: expected [low, high] with 0 <= low < high <= 1")
 
 
-NAME_BYTES = 255  # a folder's name, on every common file system
+NAME_BYTES = 200  # a folder's name is at most 255 bytes, an MLflow run's 250, less the suffixes they add
 MAX_RESOLUTION = 16384  # 8x SDXL's side; a 2048x2048 latent
 
 
@@ -530,8 +530,8 @@ def check_name(flag: str, name: str, room: int = 0) -> None:
     `room`: the bytes names made from it add (a sweep's trials: `<name>-t001`)."""
     if len(name.encode()) > NAME_BYTES - room:  # an OSError traceback where it named a folder
         raise ConfigError(f"{flag}={name[:40]}...: {len(name.encode())} bytes; a name is at most {NAME_BYTES - room} "
-                          + (f"(a folder's {NAME_BYTES}, less the {room} its trials' names add)" if room else
-                             "(it names a folder)"))
+                          + (f"(a run's {NAME_BYTES}, less the {room} its trials' names add)" if room else
+                             "(it names folders and an MLflow run)"))
     if not name.strip() or name in (".", "..") or any(c in name for c in "/\\\0"):
         raise ConfigError(f"{flag}={name!r}: a name is one folder's name: not empty, no / or \\, not . or .. "
                           "(e.g. sd15-pickscore; to group runs, train.output_dir=runs/<group>/{name})")

@@ -156,6 +156,9 @@ def test_a_failed_or_non_finite_seed_is_counted_out_in_the_table_and_a_cut_line_
     (["--time-budget-s", "1", "--set", "chain.nosuch=1"], "unknown key 'chain.nosuch': allowed under chain"),
     # the second --set replaced the first (argparse): its keys were dropped unsaid
     (["--time-budget-s", "1", "--set", "chain.nosuch=1", "--set", "train.steps=2"], "unknown key 'chain.nosuch'"),
+    # every trial failed (`<name>-<arm>-seeds-t001` over the names' limit), or the name held a /
+    (["--time-budget-s", "1", "--name", "x" * 160], "--name=" + "x" * 40 + "...: 160 bytes; a name is at most 152"),
+    (["--time-budget-s", "1", "--name", "a/b"], "--name='a/b': a name is one folder's name"),
 ])
 def test_bad_comparison_input_is_one_line_before_ray(tmp_path, capsys, args, line):
     import ray

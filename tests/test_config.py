@@ -405,16 +405,20 @@ def test_a_name_longer_than_the_file_system_takes_is_one_line(tmp_path, capsys):
                        (["config", "--config", "tiny", f"data.prompts={tmp_path}/{long}.txt"], "of 304 bytes, longer than"),
                        (["sample", "--config", "tiny", "--lora", "x", "--prompt", "a", "--out", f"{tmp_path}/{long}"],
                         "a file or folder name of 300 bytes"),
-                       (["config", "--config", "tiny", f"name={long}"], "300 bytes; a name is at most 255 (it names a "
-                                                                         "folder)"),
+                       (["config", "--config", "tiny", f"name={long}"], "300 bytes; a name is at most 200 (it names "
+                                                                         "folders and an MLflow run)"),
                        (["config", "--config", "a/" * 2100 + "x.yaml"], "a path of 4206 bytes, longer than")):
         assert main(argv) == 2, argv
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and line in err[0], (argv, err)
     # a sweep's name leaves room for its trials' (`<name>-t001`): one the driver took failed every trial
-    assert sweep_main(["--name", "x" * 245, "--storage-path", str(tmp_path / "s")]) == 2
-    assert "--name=" + "x" * 40 + "...: 245 bytes; a name is at most 239 (a folder's 255, less the 16 its trials' names " \
+    assert sweep_main(["--name", "x" * 190, "--storage-path", str(tmp_path / "s")]) == 2
+    assert "--name=" + "x" * 40 + "...: 190 bytes; a name is at most 184 (a run's 200, less the 16 its trials' names " \
         "add)" in capsys.readouterr().err
+    space = tmp_path / f"{'s' * 180}.yaml"  # the default name, the space's and the time's, too
+    space.write_text("base: toy\nsearch:\n  lora.rank: {randint: [4, 8]}\n")
+    assert sweep_main(["--space", str(space), "--storage-path", str(tmp_path / "s")]) == 2
+    assert "the sweep's name (its space's file name and the time; pass --name)=sss" in capsys.readouterr().err
 
 
 def test_a_date_is_text():

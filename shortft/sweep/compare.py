@@ -18,14 +18,14 @@ from pathlib import Path
 
 from shortft import raised
 from shortft.arguments import OneLineParser, name_too_long
-from shortft.config import ConfigError, load_yaml, replaced
+from shortft.config import ConfigError, check_name, load_yaml, replaced
 from shortft.hub import check_sources
 from shortft.progress import quiet_libraries
 from shortft.space import trial_config
 from shortft.stats import finite
 from shortft.sweep.baseline import evaluate_base
 from shortft.sweep.compare_report import write_report
-from shortft.sweep.trials import OBJECTIVE, SMOKE_TEST, cpu_threads, trainable_for
+from shortft.sweep.trials import OBJECTIVE, SMOKE_TEST, TRIAL_SUFFIX_BYTES, cpu_threads, trainable_for
 
 ARMS: dict[str, dict] = {
     "shortft": {"chain.method": "shortft"},
@@ -233,6 +233,8 @@ def main(argv: list[str] | None = None) -> int:
                 raise ConfigError(f"--out {out}: no rows.jsonl there; run the comparison first")
             print(f"report: {write_report(out / 'rows.jsonl', out)}")
             return 0
+        # its trials are `<name>-<arm>-seeds-t001`: a name that left them no room (or held a /) failed every one
+        check_name("--name", args.name, room=len(f"-{max(ARMS, key=len)}-seeds") + TRIAL_SUFFIX_BYTES)
         fixed = dict(_key_value(kv) for kv in args.set)
         for line in replaced(args.set):  # the dict keeps the last
             print(f"note: {line}", file=sys.stderr)

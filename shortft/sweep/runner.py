@@ -28,8 +28,8 @@ from shortft.sweep.prune import Pruner
 from shortft.sweep.results import finish_parent, markdown, results_table, write_table
 from shortft.sweep.search import TIME_ATTR, scheduler, searcher
 from shortft.sweep.trial_runs import RunCloser
-from shortft.sweep.trials import (EXPERIMENT, OBJECTIVE, SMOKE_TEST, TRIAL_CPUS, cpu_threads, param_space, settings,
-                                  stopped_early, trainable, trial_name)
+from shortft.sweep.trials import (EXPERIMENT, OBJECTIVE, SMOKE_TEST, TRIAL_CPUS, TRIAL_SUFFIX_BYTES, cpu_threads,
+                                  param_space, settings, stopped_early, trainable, trial_name)
 
 
 def check_trial_folders(output_root: str, name: str) -> None:
@@ -73,9 +73,6 @@ def check_storage_for_cluster(storage_path: str) -> None:
         raise ConfigError(f"--storage-path {storage_path}: a local directory, but trials run on other nodes of this "
                           f"{len(nodes)}-node cluster; pass shared storage (s3://bucket/path, gs://bucket/path) or "
                           "an NFS path mounted on every node, with SHORTFT_SHARED_STORAGE=1")
-
-
-TRIAL_SUFFIX_BYTES = 16  # a trial's run is `<sweep>-t001`, or `<sweep>-<Tune's trial id>` under a Tuner's own searcher
 
 
 def default_name(space: Space) -> str:
@@ -160,7 +157,9 @@ def run_sweep(space: str | Space | None = None, num_samples: int | None = None, 
     if not isinstance(space, Space):
         space = load_space(values["space"], base=values["config"],
                            overrides=SMOKE_TEST if values["smoke_test"] else None)
-    name = name or default_name(space)
+    if not name:  # the space's file name and the time: its trials' names must fit too
+        name = default_name(space)
+        check_name("the sweep's name (its space's file name and the time; pass --name)", name, room=TRIAL_SUFFIX_BYTES)
     exists = saved.sweep_exists(storage_path, name)
     if resume and not exists:
         there = sweeps_in(storage_path)[::-1]

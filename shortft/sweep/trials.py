@@ -91,6 +91,9 @@ def stopped_early(config: dict, sweep: dict, last_result: dict) -> bool:
     return not ends_run(config_of_trial(config, sweep).train, last_result)
 
 
+TRIAL_SUFFIX_BYTES = 16  # what `trial_name` adds: `-t001`, or `-<Tune's trial id>` under a Tuner's own searcher
+
+
 def trial_name(config: dict, sweep: dict, trial_id: str) -> str:
     """The run name of the trial with this Tune `config`, and its folder's under `output_root`."""
     return f"{sweep['name']}-{config.get(TRIAL_KEY) or trial_id}"
