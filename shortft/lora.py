@@ -188,8 +188,9 @@ class TimestepAwareLora:
     Which adapters run at a call follows the pipeline's own schedule (`pipe.scheduler.timesteps`, set
     before its loop; a timestep it calls twice, as PNDM and Heun do, counted once), split into the run's
     segments by position as `shortft sample --steps N` splits it: any scheduler and any N get every
-    segment's adapters, and the run's own N exactly its plan. (Matched to the nearest saved timestep, another N or scheduler missed segments 2..k, whose
-    adapters each run at one timestep.) Adapters the pipeline had active stay active alongside.
+    segment's adapters, and the run's own N exactly its plan. (Matched to the nearest saved timestep,
+    another N or scheduler missed segments 2..k, whose adapters each run at one timestep.) Adapters the
+    pipeline had active stay active alongside.
 
     `remove()` (or leaving the `with` block) unloads the adapters it loaded and the hook, leaving the
     pipeline as it was: a pipeline that had no LoRA then samples bit-identically to a fresh one."""
@@ -206,13 +207,11 @@ class TimestepAwareLora:
                               "delete it first (pipe.delete_adapters), or load yours under another name")
         self.kept = tuple(self.unet.active_adapters()) if self.had_adapters else ()  # the user's own, left on
         self.wrapped = set(_lora_layers(self.unet))  # the layers the user's own LoRAs wrap
-        loaded = []
         try:
             for name in self.names:
                 load_unet_lora(self.unet, lora_dir / name, name)
-                loaded.append(name)
         except BaseException:  # nothing of a half-loaded set stays behind
-            self._unload(loaded)
+            self._unload()
             raise
         self.timesteps = plan["timesteps"]
         self.step_adapters = [tuple(a) for a in plan["step_adapters"]]
@@ -244,7 +243,7 @@ class TimestepAwareLora:
         t = float(t.flatten()[0]) if torch.is_tensor(t) else float(t)
         self.switch.activate(self.kept + self.adapters_at(t))
 
-    def _unload(self, names: list[str]) -> None:
+    def _unload(self) -> None:
         loaded = getattr(self.unet, "peft_config", None) or {}
         names = [n for n in self.names if n in loaded]  # one cut short as it loaded (Ctrl-C) too
         others = [n for n in loaded if n not in names]
@@ -267,7 +266,7 @@ class TimestepAwareLora:
             return
         self.handle.remove()
         self.handle = None
-        self._unload(self.names)
+        self._unload()
 
     def __enter__(self) -> "TimestepAwareLora":
         return self
