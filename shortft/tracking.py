@@ -22,6 +22,10 @@ from shortft.mlflow_client import SQLITE, open_client, sqlite_path
 RUN_KEY = "shortft.run_key"
 CHANGED_TAG = "shortft.settings_changed"  # a resumed run's settings that are not its params (`note_changed_params`)
 DEFAULT_EXPERIMENT = "shortft"
+# A trial's run made by the trial itself (a plain tune.run or Tuner) is found by the driver through these:
+# Tune's trial id (8 hex digits, or 5 and an index) and its experiment's folder name, which tells apart
+# equal ids of two experiments.
+TUNE_TRIAL_TAG, TUNE_EXPERIMENT_TAG = "shortft.tune_trial_id", "shortft.tune_experiment"
 
 
 def default_tracking_uri() -> str:
@@ -234,11 +238,13 @@ def log_dict_params(uri: str, run_id: str, values: dict) -> None:
         mlflow_client.log_batch(run_id, params=params[i:i + 100])
 
 
-def ensure_trial_run(uri: str, experiment: str, name: str, cfg: Config, parent_run_id: str | None) -> str:
+def ensure_trial_run(uri: str, experiment: str, name: str, cfg: Config, parent_run_id: str | None,
+                     tune_trial: tuple[str, str] | None = None) -> str:
     """A sweep trial's nested run, keyed by its name under its parent (an earlier sweep of the same name
     keeps its trials' runs: one was taken over, or deleted as stale). If a resumed sweep gives that trial
     other values than the run already holds (the crash came before the sweep state was saved), the stale,
-    unfinished run is deleted and a fresh one made, so every trial has exactly one run with its real params."""
+    unfinished run is deleted and a fresh one made, so every trial has exactly one run with its real params.
+    `tune_trial`: (Tune's experiment folder name, trial id), tagged so that `tune_trial_run` finds it."""
     key = f"{parent_run_id}/{name}" if parent_run_id else name
     run_id = ensure_run(uri, experiment, key, name, cfg, parent_run_id)
     logged = client(uri).get_run(run_id).data.params
@@ -246,4 +252,21 @@ def ensure_trial_run(uri: str, experiment: str, name: str, cfg: Config, parent_r
     if any(logged.get(k) != v for k, v in wanted.items()):
         client(uri).delete_run(run_id)
         run_id = ensure_run(uri, experiment, key, name, cfg, parent_run_id, reuse=False)
+    for tag, value in zip((TUNE_EXPERIMENT_TAG, TUNE_TRIAL_TAG), tune_trial or ()):  # a run found again too
+        set_tag(uri, run_id, tag, value)
     return run_id
+
+
+def tune_trial_run(uri: str, experiment_dir: str, trial_id: str) -> str | None:
+    """The newest run `ensure_trial_run` tagged with this Tune trial, in any experiment; None if none."""
+    mlflow_client = client(uri)
+    ids, token = [], None
+    while True:
+        page = mlflow_client.search_experiments(page_token=token)
+        ids += [e.experiment_id for e in page]
+        token = page.token
+        if not token:
+            break
+    runs = mlflow_client.search_runs(ids, filter_string=f"tags.`{TUNE_TRIAL_TAG}` = '{trial_id}'",  # Tune's: hex
+                                     order_by=["attributes.start_time DESC"]) if ids else []
+    return next((r.info.run_id for r in runs if r.data.tags.get(TUNE_EXPERIMENT_TAG) == experiment_dir), None)

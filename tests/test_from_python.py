@@ -130,3 +130,32 @@ def test_bad_programmatic_configs_fail_before_any_trial_in_one_line(tmp_path, mo
         assert [p.parent.name for p in (tmp_path / "runs" / "sweeps").rglob(attempts.FILE)] == [f"from-python-{trial.trial_id}"]
     finally:
         ray.shutdown()
+
+
+def test_readme_tune_run_closes_the_run_of_a_trial_that_died(tmp_path, monkeypatch):
+    """The README's `tune.run(..., callbacks=[sweep.RunCloser(uri)])`: a trial whose process died left its
+    MLflow run RUNNING for ever (RunCloser knew only the runs a sweep's searcher makes), and Tune's error
+    was not yet where `get_error` reads it, so a sweep's such run had no line either."""
+    import ray
+    from mlflow.tracking import MlflowClient
+    from ray import tune
+
+    from shortft import sweep
+    from shortft.ray_reports import FAIL_AT_STEP_ENV, FAIL_RANK_ENV
+
+    monkeypatch.setenv(FAIL_AT_STEP_ENV, "2")  # the trial's process dies as its second step starts
+    monkeypatch.setenv(FAIL_RANK_ENV, "0")
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        trainable = sweep.trainable_for("toy", smoke_test=True, tracking_uri=uri, output_root=str(tmp_path / "runs"))
+        analysis = tune.run(trainable, config={"chain.segments": tune.choice([2])}, num_samples=1,
+                            metric="eval/objective", mode="max", storage_path=str(tmp_path / "ray"), verbose=0,
+                            raise_on_failed_trial=False, callbacks=[sweep.RunCloser(uri)])
+    finally:
+        ray.shutdown()
+    assert [t.status for t in analysis.trials] == ["ERROR"]
+    client = MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name(sweep.EXPERIMENT).experiment_id])
+    assert run.info.status == "FAILED" and run.data.tags["shortft.trial_status"] == "failed"
+    assert "worker process has died" in run.data.tags["shortft.error"]

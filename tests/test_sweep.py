@@ -1401,7 +1401,7 @@ def test_trial_runs_end_closed_with_their_status_and_line_even_when_the_sweep_is
     oom = RuntimeError("Traceback ...\nshortft.memory.OutOfGPUMemory: out of GPU memory in a step: lower train.batch_size")
 
     def trial(key):
-        return SimpleNamespace(config={RUN_ID_KEY: ids[key]}, last_result={}, get_error=lambda: oom)
+        return SimpleNamespace(config={RUN_ID_KEY: ids[key]}, last_result={}, get_error=lambda: oom, trial_id=key)
 
     closer = RunCloser(uri, parent_run_id=parent)
     closer.on_trial_complete(0, [], trial("a"))
@@ -1412,6 +1412,40 @@ def test_trial_runs_end_closed_with_their_status_and_line_even_when_the_sweep_is
     assert ERROR_TAG not in runs["a"].data.tags
     assert runs["b"].data.tags[ERROR_TAG] == "out of GPU memory in a step: lower train.batch_size"
     assert runs["c"].data.tags["shortft.trial_status"] == "interrupted"
+
+
+def test_runs_that_plain_tune_run_trials_made_are_closed_too(tmp_path):
+    """The README's tune.run with `callbacks=[sweep.RunCloser(uri)]`: a trial that failed left its run RUNNING
+    (RunCloser knew only the runs a sweep's searcher had made, whose ids are in the trial's config). The
+    trial's run is tagged with Tune's experiment folder and trial id; an equal trial id of another
+    experiment is left alone."""
+    from types import SimpleNamespace
+
+    from shortft import load_config
+    from shortft.run_status import ERROR_TAG
+    from shortft.sweep.trial_runs import RunCloser
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    cfg = load_config("tiny")
+    made = {key: tracking.ensure_trial_run(uri, "e", f"from-python-{key}", cfg, None, (exp, key.split("/")[0]))
+            for key, exp in (("a", "run_trial_1"), ("b", "run_trial_1"), ("c", "run_trial_1"), ("a/other", "run_trial_0"))}
+    killed = RuntimeError("ray.exceptions.ActorDiedError: The actor died unexpectedly")
+
+    def trial(key):
+        return SimpleNamespace(config={"chain.segments": 2}, last_result={}, get_error=lambda: killed, trial_id=key,
+                               experiment_dir_name="run_trial_1")
+
+    closer = RunCloser(uri)
+    closer.on_trial_error(0, [], trial("a"))
+    closer.on_trial_complete(0, [], trial("b"))
+    closer.on_experiment_end(trials=[trial(k) for k in "abc"])
+    runs = {k: tracking.client(uri).get_run(v) for k, v in made.items()}
+    assert {k: r.info.status for k, r in runs.items()} == {"a": "FAILED", "b": "FINISHED", "c": "KILLED",
+                                                           "a/other": "RUNNING"}
+    assert runs["a"].data.tags[ERROR_TAG] == "ray.exceptions.ActorDiedError: The actor died unexpectedly"
+    assert runs["c"].data.tags["shortft.trial_status"] == "interrupted"
+    closer.on_trial_error(0, [], SimpleNamespace(config={}, trial_id="d", experiment_dir_name="run_trial_1",
+                                                 get_error=lambda: killed))  # failed before it made a run
 
 
 def test_a_sweep_that_raises_leaves_its_parent_run_failed_with_its_line(tmp_path, monkeypatch):

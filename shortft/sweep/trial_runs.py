@@ -4,6 +4,8 @@ status when it ends."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from ray import tune
 from ray.tune.search import ConcurrencyLimiter
 
@@ -113,36 +115,47 @@ class RunCloser(tune.Callback):
     """Driver side: a trial that ends, is stopped early or fails gets its MLflow run closed with that
     status (an ASHA stop kills the trial's Train job before it could close the run itself), a failed one
     with its line as the `shortft.error` tag. `sweep`: the sweep's settings, to tell a trial ASHA stopped
-    from one that finished. The parent run's (`parent_run_id`, or the sweep's) trial runs still RUNNING
-    when the sweep ends (a Ctrl-C: Tune stops the running trials without a per-trial callback) are closed
-    KILLED."""
+    from one that finished. The trials' runs still RUNNING when the sweep ends (a Ctrl-C: Tune stops the
+    running trials without a per-trial callback) are closed KILLED. A trial's run is the one its config
+    names (made by `TrialRuns`), else the one the trial made and tagged (a plain tune.run or Tuner);
+    `parent_run_id` (or the sweep's) finds those left RUNNING in one query."""
 
     def __init__(self, tracking_uri: str, sweep: dict | None = None, parent_run_id: str | None = None):
         self.tracking_uri, self.sweep = tracking_uri, sweep
         self.parent = parent_run_id or (sweep or {}).get("parent_run_id")
+        self.closed: set[str] = set()  # trial ids
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         self._close(trial, "FINISHED")
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        self._close(trial, "FAILED", raised.one_line(trial.get_error()))
+        self._close(trial, "FAILED", raised.one_line(_error_of(trial)))
 
     def on_experiment_end(self, trials, **info):
-        parent, runs = self.parent, {t.config.get(RUN_ID_KEY) for t in trials} - {None}
-        if not parent or not runs:
+        runs = {run_id: trial for trial in trials if trial.trial_id not in self.closed
+                and (run_id := self._run_of(trial))}
+        if not runs:
             return
         client = tracking.client(self.tracking_uri)
-        running = f"tags.`mlflow.parentRunId` = '{parent}' and attributes.status = 'RUNNING'"
-        left = client.search_runs([client.get_run(parent).info.experiment_id], filter_string=running)
-        for run in left:  # a resumed sweep runs them again (the trial's logger marks its run RUNNING)
-            if run.info.run_id in runs:
-                client.set_tag(run.info.run_id, "shortft.trial_status", "interrupted")
-                client.set_terminated(run.info.run_id, "KILLED")
+        if self.parent:
+            running = f"tags.`mlflow.parentRunId` = '{self.parent}' and attributes.status = 'RUNNING'"
+            found = client.search_runs([client.get_run(self.parent).info.experiment_id], filter_string=running)
+            left = {run.info.run_id for run in found} & set(runs)
+        else:
+            left = {run_id for run_id in runs if client.get_run(run_id).info.status == "RUNNING"}
+        for run_id in left:  # a resumed sweep runs them again (the trial's logger marks its run RUNNING)
+            client.set_tag(run_id, "shortft.trial_status", "interrupted")
+            client.set_terminated(run_id, "KILLED")
+
+    def _run_of(self, trial) -> str | None:
+        return trial.config.get(RUN_ID_KEY) or tracking.tune_trial_run(self.tracking_uri, trial.experiment_dir_name,
+                                                                       trial.trial_id)
 
     def _close(self, trial, status: str, error: str | None = None) -> None:
-        run_id = trial.config.get(RUN_ID_KEY)
+        run_id = self._run_of(trial)
         if not run_id:
             return
+        self.closed.add(trial.trial_id)
         client = tracking.client(self.tracking_uri)
         early = (status == "FINISHED" and self.sweep is not None
                  and stopped_early(trial.config, self.sweep, trial.last_result or {}))
@@ -152,3 +165,12 @@ class RunCloser(tune.Callback):
         elif ERROR_TAG in client.get_run(run_id).data.tags:  # an earlier attempt's line, before a resume ran it again
             client.delete_tag(run_id, ERROR_TAG)
         client.set_terminated(run_id, status)
+
+
+def _error_of(trial) -> str | None:
+    """The trial's error as Tune wrote it: in the trial's local folder first (`get_error` reads the storage
+    path, where a trial whose process died has no copy yet as Tune calls `on_trial_error`)."""
+    local = getattr(trial, "error_file", None)
+    if local and Path(local).is_file():
+        return Path(local).read_text()
+    return trial.get_error()

@@ -102,16 +102,19 @@ def trial_name(config: dict, sweep: dict, trial_id: str) -> str:
 def run_trial(config: dict, sweep: dict) -> None:
     """One trial: build its run config and train, in this process when Tune gave it the worker's own
     resources (`trial_resources`), else as a Ray Train job; either reports its evaluations to Tune."""
-    name = trial_name(config, sweep, tune.get_context().get_trial_id())
+    context = tune.get_context()
+    name = trial_name(config, sweep, context.get_trial_id())
     output_dir = Path(sweep["output_root"]) / name
     with attempts.once(output_dir, sweep.get("attempt")):  # Tune's retry of a final failure ends at once
         cfg = config_of_trial(config, sweep, name)  # (values valid alone, not together, fail here, for good)
         cfg.train.output_dir = str(output_dir)
         run_id = config.get(RUN_ID_KEY)
         if sweep["tracking_uri"] and not run_id:  # plain tune.run / Tuner: its own child run, made by the
-            # relay the driver started (trials that start together would otherwise race on SQLite)
-            run_id = relay_call(RELAY, tracking.ensure_trial_run, sweep["experiment"], name, cfg, sweep["parent_run_id"])
-        if tune.get_context().get_trial_resources().required_resources != {"CPU": TRIAL_CPUS}:  # its worker's
+            # relay the driver started (trials that start together would otherwise race on SQLite), tagged
+            # with the trial for the driver's `trial_runs.RunCloser`
+            run_id = relay_call(RELAY, tracking.ensure_trial_run, sweep["experiment"], name, cfg, sweep["parent_run_id"],
+                                (context.get_experiment_name(), context.get_trial_id()))
+        if context.get_trial_resources().required_resources != {"CPU": TRIAL_CPUS}:  # its worker's
             from shortft.sweep.in_trial import train_in_trial
 
             train_in_trial(cfg, sweep, run_id)
