@@ -58,11 +58,12 @@ def trained_settings(lora: str | Path) -> tuple[dict, str]:
     return (found, str(lora)) if found else ({}, "")
 
 
-def check_trained_with(cfg: Config, lora: str | Path) -> None:
+def check_trained_with(cfg: Config, lora: str | Path, flags: dict[str, str] | None = None) -> None:
     """The LoRAs of a run (`trained_settings`) fit `cfg`: the same base model and LoRA shape. Else one line
     naming both values and where the run's are, before anything loads; it was PyTorch's state-dict error
     after the model had loaded, or (a folder with no run config beside it) LoRAs scaled by this config's
-    alpha, not the run's, without a word."""
+    alpha, not the run's, without a word. `flags`: the sampler's keys a command's flag set (`--steps`),
+    which the run's config would not change: the note names the flag."""
     from shortft.resume_settings import FIXED, moved_model
 
     saved, where = trained_settings(lora)
@@ -86,8 +87,12 @@ def check_trained_with(cfg: Config, lora: str | Path) -> None:
     # adapters alone move the toy judge from 0.838 to 0.550).
     other = [k for k in SAMPLER if k in saved and saved[k] != now.get(k)]
     if other:
+        flags = {k: flag for k, flag in (flags or {}).items() if k in other}
+        rest = [k for k in other if k not in flags]
+        fixes = (["pass " + " ".join(f"{flag} {saved[k]}" for k, flag in flags.items())] if flags else []) + (
+            [_fix(where, saved, rest)] if rest else [])
         warn(f"--lora {lora}: the run evaluated with " + ", ".join(f"{k}={saved[k]!r}" for k in other) + "; this "
-             "samples with " + ", ".join(f"{k}={now.get(k)!r}" for k in other) + f" ({_fix(where, saved, other)})")
+             "samples with " + ", ".join(f"{k}={now.get(k)!r}" for k in other) + f" ({'; '.join(fixes)})")
 
 
 def _alpha_as_used(settings: dict) -> dict:
@@ -115,11 +120,12 @@ def for_sampling(cfg: Config) -> Config:
     return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, shortcut="none"))
 
 
-def load_trained(cfg: Config, lora: str | None) -> Models:
-    """The config's models with the LoRAs of a run (its own adapters and chain), or without any; no shortcut."""
+def load_trained(cfg: Config, lora: str | None, flags: dict[str, str] | None = None) -> Models:
+    """The config's models with the LoRAs of a run (its own adapters and chain), or without any; no shortcut.
+    `flags`: as `check_trained_with`'s."""
     cfg = for_sampling(cfg)
     if lora:
-        check_trained_with(cfg, lora)
+        check_trained_with(cfg, lora, flags)
     plan = training_plan(cfg, saved=read_lora_plan(lora)) if lora else None
     models = load_models(cfg, with_loras=bool(lora), plan=plan)
     if lora:
@@ -141,7 +147,9 @@ def run_sample(cfg: Config, lora: str, prompt: list[str], prompts_file: str | No
     chain = dataclasses.replace(cfg.chain, steps=steps or cfg.chain.steps,
                                 guidance_scale=cfg.chain.guidance_scale if guidance is None else guidance)
     cfg = dataclasses.replace(cfg, chain=chain)
-    models = load_trained(cfg, lora)
+    flags = {k: flag for k, flag, given in (("chain.steps", "--steps", steps), ("chain.guidance_scale", "--guidance",
+                                                                                 guidance)) if given is not None}
+    models = load_trained(cfg, lora, flags)
     items = [(p, s) for p in prompts for s in seeds]
     tuned = generate(models, cfg, [p for p, _ in items], [s for _, s in items])
     out.mkdir(parents=True, exist_ok=True)

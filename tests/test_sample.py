@@ -404,6 +404,9 @@ def test_a_sampler_other_than_the_runs_is_said_and_a_prompt_table_is_read_by_its
     cfg = make_cfg("chain.steps=8", "chain.segments=2", "data.prompt_column=caption")
     out = sample.run_sample(cfg, str(trained), [], str(tmp_path / "p.csv"), [0], 2, None, tmp_path / "out", False)
     assert len(list(out.glob("*.png"))) == 1
+    # `sample --steps 2`: the note named the run's config.yaml, whose chain.steps --steps overrides
+    assert (f"--lora {trained}: the run evaluated with chain.steps=8; this samples with chain.steps=2 (pass --steps 8)"
+            in capsys.readouterr().err)
 
 
 def test_the_evaluation_scores_in_chunks_of_its_batch_size_and_the_same_numbers(make_cfg):
