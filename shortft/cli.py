@@ -101,11 +101,16 @@ def main(argv: list[str] | None = None) -> int:
             if args.command == "train":
                 note_unused_flags(args)
                 print(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-            from shortft.preflight import print_plan, report
+            from shortft.preflight import print_plan, report, too_big
 
             print_plan(cfg)
             if args.command == "train":
-                print("\n" + report(cfg))
+                text, need = report(cfg)
+                print("\n" + text)
+                if args.workers <= 0 and (big := too_big(cfg, need)):  # (workers: on their own nodes)
+                    if big[1]:
+                        raise ConfigError(big[0])
+                    print(f"shortft: note: {big[0]}", file=sys.stderr)
                 if args.resume:
                     print(resume_line(cfg, args))
                 else:  # the line (and status) the run itself would stop with

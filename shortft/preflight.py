@@ -93,16 +93,17 @@ def _reward_params(cfg: Config) -> tuple[int, list[str]]:
     return total, uncounted
 
 
-def memory(cfg: Config) -> str:
+def memory(cfg: Config) -> tuple[str, int | None]:
     """Frozen weights in model.dtype plus the LoRAs with their gradients and AdamW state (fp32), and the
-    reward models (bf16 on a GPU), from parameter counts."""
+    reward models (bf16 on a GPU), from parameter counts; and their bytes (None: unknown)."""
     from shortft.architectures import HUB_IDS, random_pipeline
     from shortft.lora import add_loras, check_targets
     from shortft.models import frozen_parts, model_resolution
     from shortft.plan import training_plan
 
     if cfg.model.pretrained not in HUB_IDS and is_hub(cfg.model.pretrained):
-        return "memory: unknown architecture (not a local dir or one of the published ones in shortft/architectures.py)"
+        return ("memory: unknown architecture (not a local dir or one of the published ones in "
+                "shortft/architectures.py)"), None
     pipe = random_pipeline(cfg.model.pretrained, device="meta")
     model_resolution(cfg, pipe)  # refused by the run once the model has loaded: said by the dry run too
     frozen = sum(p.numel() for part in frozen_parts(pipe) for p in part.parameters())
@@ -113,8 +114,9 @@ def memory(cfg: Config) -> str:
     rewards, uncounted = _reward_params(cfg)
     note = "bf16 on a GPU" + (f"; not counted: {', '.join(uncounted)}, whose factory takes no random_weights"
                               if uncounted else "")
-    return _summary(frozen * DTYPES[cfg.model.dtype].itemsize, frozen, cfg.model.dtype, lora,
-                    rewards * 2, note) + "\n" + disk(cfg, lora)  # reward dtype auto
+    text, need = _summary(frozen * DTYPES[cfg.model.dtype].itemsize, frozen, cfg.model.dtype, lora,
+                          rewards * 2, note)  # reward dtype auto
+    return text + "\n" + disk(cfg, lora), need
 
 
 def disk(cfg: Config, lora: int) -> str:
@@ -141,16 +143,49 @@ def memory_of(models, rewards, cfg: Config) -> str:
     reward_bytes = sum(p.numel() * p.element_size() for m in rewards.fns.values() if isinstance(m, torch.nn.Module)
                        for p in m.parameters())
     dtype = str(next(models.unet.parameters()).dtype).replace("torch.", "")
-    return _summary(sum(p.numel() * p.element_size() for p in frozen), sum(p.numel() for p in frozen), dtype, lora,
-                    reward_bytes, "as loaded") + "\n" + disk(cfg, lora)
+    text, _ = _summary(sum(p.numel() * p.element_size() for p in frozen), sum(p.numel() for p in frozen), dtype,
+                       lora, reward_bytes, "as loaded")
+    return text + "\n" + disk(cfg, lora)
 
 
-def _summary(weights: int, frozen: int, dtype: str, lora: int, rewards: int, reward_note: str) -> str:
+def _summary(weights: int, frozen: int, dtype: str, lora: int, rewards: int, reward_note: str) -> tuple[str, int]:
     trained = lora * 4 * 4  # fp32 param, grad, AdamW's two moments
-    return (f"memory before activations: {_size(weights + trained + rewards)} = frozen model {_size(weights)} "
+    need = weights + trained + rewards
+    return (f"memory before activations: {_size(need)} = frozen model {_size(weights)} "
             f"({frozen / 1e6:.0f} M params, {dtype}) + LoRAs {_size(trained)} ({lora / 1e6:.2f} M params with "
             f"grads and AdamW state, fp32) + reward models {_size(rewards)} ({reward_note}); the chain's "
-            "activations: shortft bench --random-weights --count-only (docs/models.md)")
+            "activations: shortft bench --random-weights --count-only (docs/models.md)"), need
+
+
+def room(device_name: str) -> tuple[str, int] | None:
+    """The memory a run on model.device=`device_name` has on this machine: (what it is, bytes); None where
+    this machine has no such device (a dry run for another machine)."""
+    import os
+
+    from shortft.models import pick_device
+
+    try:
+        device = pick_device(device_name)
+    except ConfigError:
+        return None
+    if device.type == "cuda":
+        card = torch.cuda.get_device_properties(device)
+        return f"{device} ({card.name}) has {_size(card.total_memory)}", card.total_memory
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return f"this machine has {_size(total)} of CPU memory", total
+
+
+def too_big(cfg: Config, need: int | None) -> tuple[str, bool] | None:
+    """Where what the run needs before activations is more than its device here holds: the line it would stop
+    with, and whether that is certain (a GPU here, or model.device=cpu) or only a note (model.device=auto on a
+    machine without a GPU: a dry run that plans a GPU run elsewhere). None where it may fit."""
+    here = room(cfg.model.device) if need else None
+    if here is None or need <= here[1]:
+        return None
+    planning = cfg.model.device == "auto" and not torch.cuda.is_available()
+    line = (f"the run needs {_size(need)} before activations (above); {here[0]} (model.device={cfg.model.device}"
+            f"{', no GPU here' if planning else ''}); lower lora.rank or take a larger machine")
+    return line, not planning
 
 
 def print_plan(cfg) -> None:
@@ -195,5 +230,7 @@ def print_plan(cfg) -> None:
         print(format_plan(calls))
 
 
-def report(cfg: Config) -> str:
-    return "\n".join([memory(cfg), "hub sources:", *downloads(cfg)])
+def report(cfg: Config) -> tuple[str, int | None]:
+    """What the dry run prints after the plan, and the bytes the run needs before activations (None: unknown)."""
+    text, need = memory(cfg)
+    return "\n".join([text, "hub sources:", *downloads(cfg)]), need

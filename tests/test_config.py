@@ -1,5 +1,6 @@
 import json
 import math
+import re
 import subprocess
 import sys
 import time
@@ -341,6 +342,26 @@ def test_an_argument_error_is_one_line(argv):
     p = subprocess.run([sys.executable, *argv], capture_output=True, text=True, timeout=120, cwd=root)
     lines = p.stderr.strip().splitlines()
     assert p.returncode == 2 and len(lines) == 1 and ": error: " in lines[0] and lines[0].endswith("--help)"), p.stderr
+
+
+def test_the_dry_run_refuses_a_run_that_cannot_fit_this_machine_and_notes_it_when_planning_for_a_gpu(capsys):
+    """`train --dry-run lora.rank=100000000` printed a 7439 GiB estimate and exited 0; the run then failed as it
+    loaded. Where the run would be on this machine's CPU (or a GPU here), the dry run stops with the line; with
+    model.device=auto and no GPU here it may plan a GPU run elsewhere: a note."""
+    import torch
+
+    from shortft.cli import main
+
+    huge = ["train", "--config", "tiny", "--dry-run", "lora.rank=100000000"]
+    assert main([*huge, "model.device=cpu"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert re.fullmatch(r"shortft: error: the run needs 7438.66 GiB before activations \(above\); this machine has "
+                        r"[\d.]+ GiB of CPU memory \(model.device=cpu\); lower lora.rank or take a larger machine", err), err
+    if not torch.cuda.is_available():
+        assert main([*huge, "model.device=auto"]) == 0
+        assert "(model.device=auto, no GPU here)" in capsys.readouterr().err
+    assert main(["train", "--config", "tiny", "--dry-run", "model.device=cpu"]) == 0
+    assert "shortft: note:" not in capsys.readouterr().err
 
 
 def test_the_dry_run_notes_flags_that_apply_with_workers_only_as_the_run_does(capsys):

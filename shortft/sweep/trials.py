@@ -112,8 +112,9 @@ def run_trial(config: dict, sweep: dict) -> None:
         if sweep["tracking_uri"] and not run_id:  # plain tune.run / Tuner: its own child run, made by the
             # relay the driver started (trials that start together would otherwise race on SQLite), tagged
             # with the trial for the driver's `trial_runs.RunCloser`
-            run_id = relay_call(RELAY, tracking.ensure_trial_run, sweep["experiment"], name, cfg, sweep["parent_run_id"],
-                                (context.get_experiment_name(), context.get_trial_id()))
+            tagged = (context.get_experiment_name(), context.get_trial_id())
+            run_id = relay_call(RELAY, tracking.ensure_trial_run, sweep["experiment"], name, cfg,
+                                sweep["parent_run_id"], tagged)
         if context.get_trial_resources().required_resources != {"CPU": TRIAL_CPUS}:  # its worker's
             from shortft.sweep.in_trial import train_in_trial
 
