@@ -18,10 +18,8 @@ at every `eval.every` steps; never the weighted training reward, which a searche
 raising the weights. MLflow: one parent run per sweep; one nested child run per trial, created in the
 driver as the searcher suggests the trial (SQLite has one writer), logged to by the trial's rank 0.
 
-Modules: `trials` (a trial's settings, config and trainable), `eval_report` (what its Ray Train job
-hands to Tune), `trial_runs` (its MLflow run), `search` (Optuna and ASHA), `baseline` (the untrained
-model's evaluation), `results` (table, best trial, plots), `ray_compat` (every private Ray, Tune or
-Optuna attribute reached), `runner` (`run_sweep`), `cli` (`main`).
+Modules: one concern each (a trial, its MLflow run, the search, the results, the comparison ...), each
+named with what it holds in docs/layout.md.
 """
 
 import importlib

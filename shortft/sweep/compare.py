@@ -198,7 +198,8 @@ def parser():
     p.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated, from {','.join(ARMS)}")
     p.add_argument("--seeds", type=int, default=3, help=f"seeds of the main arms ({', '.join(MAIN)}); default 3")
     p.add_argument("--ablation-seeds", type=int, default=2, help="seeds of the other arms (default 2)")
-    p.add_argument("--lrs", default="3e-4,1e-3,3e-3", help="learning rates each arm tries at seed 0")
+    p.add_argument("--lrs", default="3e-4,1e-3,3e-3",
+                   help="learning rates each arm tries at seed 0 (default 3e-4,1e-3,3e-3)")
     p.add_argument("--time-budget-s", type=float, help="training seconds per trial (evaluation excluded)")
     p.add_argument("--call-budget", type=int, help="network calls per trial (with gradient and without)")
     p.add_argument("--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE",

@@ -103,7 +103,8 @@ def run_sweep(space: str | Space | None = None, num_samples: int | None = None, 
               resume: bool = False, smoke_test: bool | None = None, seed: int | None = None,
               output_root: str | None = None, resource_wait_s: float | None = None,
               baseline: bool = True) -> SweepResult:
-    """Run (or resume) a sweep and return its results table; see `main` for what each argument means.
+    """Run (or resume) a sweep and return its `SweepResult` (the results table's rows, the best trial, the
+    untrained model's evaluation, ...); see `main` for what each argument means.
     None means "not given": a new sweep takes the defaults (`saved.DEFAULTS`), a resumed one the values
     it started with (a given value that differs is refused). `baseline`: evaluate the untrained model
     once (a first row of the results; `sweep.baseline`)."""
