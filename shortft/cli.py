@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shlex
 import sys
 from pathlib import Path
 
@@ -142,9 +144,27 @@ def main(argv: list[str] | None = None) -> int:
         print(f"shortft: error: {name_too_long(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:  # `Interrupted`: after a step and its checkpoint; else wherever it came
-        print(f"shortft: interrupted{': ' + str(e) if str(e) else '; resume with --resume'}", file=sys.stderr)
+        line = f"interrupted: {e}" if str(e) else "interrupted" + ("; continue with --resume" if
+                                                                     args.command == "train" else "")
+        if args.command == "train":  # the whole command: the run's overrides (train.steps=60) too
+            line = re.sub(r"continue (it )?with --resume( --workers \d+)?",
+                          f"continue with: {resume_command(sys.argv[1:] if argv is None else argv, args.resume)}", line)
+        print(f"shortft: {line}", file=sys.stderr)
         return getattr(e, "code", 130)
     return 0
+
+
+def resume_command(argv: list[str], resume: bool | str) -> str:
+    """The `shortft` command that continues an interrupted `train`: its own arguments with --resume (a
+    checkpoint it was given dropped: the run's latest, the one it stopped with, is where it goes on)."""
+    kept = []
+    for i, a in enumerate(argv):
+        if a == "--resume" or a.startswith("--resume="):
+            continue
+        if isinstance(resume, str) and a == resume and i and argv[i - 1] == "--resume":
+            continue
+        kept.append(a)
+    return shlex.join(["shortft", *kept, "--resume"])
 
 
 def run_rewards(cfg, args) -> None:

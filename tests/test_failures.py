@@ -4,6 +4,7 @@ import errno
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -719,6 +720,26 @@ def test_a_runs_artifacts_go_next_to_its_sqlite_store_whatever_the_working_direc
     assert [p.relative_to(store) for p in store.rglob("x.txt")] == [Path("mlruns/a_b_experiment") / run_id / "artifacts/x.txt"]
 
 
+def test_ctrl_c_in_eval_or_sample_says_interrupted_and_in_train_how_to_continue(monkeypatch, capsys, tmp_path):
+    """`eval` and `sample` told to resume with --resume, a flag they do not have (nothing to resume); `train`
+    interrupted before its first step said `--resume` alone, which drops the command's overrides."""
+    from shortft import cli, sample
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "run_eval", interrupted)
+    monkeypatch.setattr(sample, "run_sample", interrupted)
+    monkeypatch.setattr(cli, "run_train", interrupted)
+    assert cli.main(["eval", "--config", "tiny"]) == 130
+    assert capsys.readouterr().err == "shortft: interrupted\n"
+    assert cli.main(["sample", "--config", "tiny", "--lora", str(tmp_path), "--prompt", "a red circle"]) == 130
+    assert capsys.readouterr().err == "shortft: interrupted\n"
+    assert cli.main(["train", "--config", "tiny", "name=my run", "train.steps=60", "--no-mlflow"]) == 130
+    assert capsys.readouterr().err == ("shortft: interrupted; continue with: shortft train --config tiny 'name=my run' "
+                                       "train.steps=60 --no-mlflow --resume\n")
+
+
 @pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_ctrl_c_or_sigterm_ends_the_step_in_progress_with_a_checkpoint_that_resumes(tiny_dir, tmp_path, sig, code):
     """Before, the signal ended the process wherever it was: every step since the last periodic checkpoint
@@ -737,11 +758,13 @@ def test_ctrl_c_or_sigterm_ends_the_step_in_progress_with_a_checkpoint_that_resu
     step = int(last.split(" after step ")[1].split(";")[0])
     checkpoint = tmp_path / "run" / "checkpoints" / f"step_{step:06d}"
     assert p.returncode == code and step >= 3, err[-3000:]
-    assert last == (f"shortft: interrupted: {sig.name} after step {step}; checkpoint {checkpoint}; continue with "
-                    "--resume"), last
+    # the whole command to continue with: `--resume` alone dropped the run's overrides (train.steps=60 became 200)
+    assert last == (f"shortft: interrupted: {sig.name} after step {step}; checkpoint {checkpoint}; continue with: "
+                    + shlex.join(["shortft", *args[3:], "--resume"])), last
     assert f"shortft: {sig.name}: stopping after this step, with a checkpoint" in err
     assert checkpoint.is_dir() and not (tmp_path / "run" / "lora").exists()
-    assert _status(tmp_path) == ("KILLED", last.removeprefix("shortft: interrupted: "))  # it showed as RUNNING
+    assert _status(tmp_path) == ("KILLED", f"{sig.name} after step {step}; checkpoint {checkpoint}; continue with "
+                                           "--resume")  # it showed as RUNNING
     r = subprocess.run(args[:-2] + ["train.steps=" + str(step + 2), *args[-2:], "--resume"], capture_output=True,
                        text=True, timeout=300)
     assert r.returncode == 0 and f"resumed from {checkpoint} at step {step}" in r.stderr, r.stderr[-3000:]
@@ -791,14 +814,15 @@ def test_ctrl_c_of_a_workers_run_stops_every_worker_after_the_same_step_with_a_c
     last = err.strip().splitlines()[-1]
     assert p.returncode == code, err[-3000:]
     found = re.fullmatch(rf"shortft: interrupted: {sig.name}: Ray Train run (\S+) stopped after step (\d+); checkpoint "
-                         rf"(\S+); continue with --resume --workers {workers}", last)
+                         rf"(\S+); continue with: {re.escape(shlex.join(['shortft', *args[3:], '--resume']))}", last)
     assert found, last
     name, step, ckpt = found[1], int(found[2]), Path(found[3])
     assert ckpt == tmp_path / "ray" / name / f"step_{step:06d}" and ckpt.is_dir()
     assert f"shortft: {sig.name}: the workers stop after this step, with a checkpoint (again to abort now)" in err
     assert "Reporting training result" not in err  # Ray Train's INFO line per report and rank, metrics and all
     assert not (tmp_path / "run" / "lora").exists()
-    assert _status(tmp_path) == ("KILLED", last.removeprefix("shortft: interrupted: "))
+    assert _status(tmp_path) == ("KILLED", f"{sig.name}: Ray Train run {name} stopped after step {step}; checkpoint "
+                                           f"{ckpt}; continue with --resume --workers {workers}")
     r = subprocess.run(args[:-6] + [f"train.steps={step + 2}", *args[-6:], "--resume"], capture_output=True,
                        text=True, timeout=300, cwd=tmp_path)
     assert r.returncode == 0 and r.stderr.count(f"resumed from {ckpt} at step {step}") == 1, r.stderr[-3000:]  # rank 0's
