@@ -162,19 +162,27 @@ def holds_run(folder: Path) -> bool:
     return latest(Path(folder) / "checkpoints") is not None or (Path(folder) / "result.json").is_file()
 
 
-def check_new_run(out: Path, template: str = "{name}") -> None:
+def check_new_run(out: Path, template: str = "{name}", steps: int | None = None) -> None:
     """A new run (no resume) may not start in a run folder that holds checkpoints: it wrote its steps beside
     them and its metrics over the old ones, and a later `--resume` took the newest checkpoint of either run.
     Nor in one that holds a finished run whose checkpoints were removed: its LoRAs and result went.
     `template`: the config's train.output_dir, to name the setting that moves the run (a run's or a sweep
-    trial's config.yaml holds its folder itself: there name= moved nothing)."""
+    trial's config.yaml holds its folder itself: there name= moved nothing); `steps`: the new run's
+    train.steps, to say what --resume of a finished run would do (at its steps: nothing)."""
     other = ("set name=<new name> (or train.output_dir) to start another" if "{name}" in template else
              "set train.output_dir=<another folder> to start another (this config's train.output_dir names the "
              "folder itself, without {name}: name= does not move it)")
     held = latest(Path(out) / "checkpoints")
     if held is not None:
-        raise ConfigError(f"train.output_dir {out} holds a run (checkpoints to step {step_of(held)}); pass --resume to "
-                          f"continue it, or {other}")
+        step, finished = step_of(held), (Path(out) / "result.json").is_file()
+        if not finished:
+            go_on = "pass --resume to continue it"
+        elif steps is not None and steps > step:
+            go_on = f"pass --resume to train it on to step {steps} (train.steps)"
+        else:
+            go_on = f"pass --resume train.steps=<more than {step}> to train it further"
+        raise ConfigError(f"train.output_dir {out} holds a {'finished ' if finished else ''}run (checkpoints to step "
+                          f"{step}); {go_on}, or {other}")
     if (Path(out) / "result.json").is_file():
         raise ConfigError(f"train.output_dir {out} holds a finished run (result.json, lora/); {other}")
 

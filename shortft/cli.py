@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
                 else:  # the line (and status) the run itself would stop with
                     from shortft.checkpoint import check_new_run
 
-                    check_new_run(cfg.output_dir, cfg.train.output_dir)
+                    check_new_run(cfg.output_dir, cfg.train.output_dir, cfg.train.steps)
         elif args.command == "train":
             return run_train(cfg, args)
         elif args.command == "eval":
@@ -200,7 +200,7 @@ def run_train(cfg, args) -> int:
         print(f"shortft: note: {note}", file=sys.stderr)
     check_resume_folder(cfg, args)
     if not args.resume:  # before the MLflow run is made: a refused run left a FAILED one, which --resume took up
-        check_new_run(cfg.output_dir, cfg.train.output_dir)
+        check_new_run(cfg.output_dir, cfg.train.output_dir, cfg.train.steps)
     with run_lock.held(cfg.output_dir):
         if args.workers <= 0:
             return _run_train(cfg, args, uri, experiment)

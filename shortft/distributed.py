@@ -213,7 +213,7 @@ def train_with_ray(cfg: Config, workers: int, use_gpu: bool = False, storage_pat
                           "name=<new name> to start another")
     if not resume:
         # a run of one process there: the workers would write beside it
-        checkpoint.check_new_run(cfg.output_dir, cfg.train.output_dir)
+        checkpoint.check_new_run(cfg.output_dir, cfg.train.output_dir, cfg.train.steps)
     local = checkpoint.latest(cfg.output_dir / "checkpoints") if resume and not exists else None
     if local is not None:  # Ray would start from step 0 and write over that run: say so instead
         written_by = json.loads((local / "state.json").read_text()).get("world_size", 1)

@@ -132,7 +132,7 @@ def _train(cfg: Config, callbacks, resume, rank: int, world_size: int, stop: Sto
     out, is_main = cfg.output_dir, rank == 0
     fork = isinstance(resume, (str, Path)) and Path(resume).resolve().parent.parent != out.resolve()
     if (not resume or fork) and not new_run_checked:  # a fork from another run's checkpoint is a new run here
-        checkpoint.check_new_run(out, cfg.train.output_dir)
+        checkpoint.check_new_run(out, cfg.train.output_dir, cfg.train.steps)
     if is_main:
         output_folder("train.output_dir", out).mkdir(parents=True, exist_ok=True)
 

@@ -390,8 +390,9 @@ def test_an_override_after_resume_is_an_override_and_the_dry_run_says_where_the_
     assert main(["train", "--config", "tiny", "--dry-run", *run]) == 2
     out, err = capsys.readouterr()
     assert "resume:" not in out and err.strip() == (
-        f"shortft: error: train.output_dir {tmp_path}/run holds a run (checkpoints to step 2); pass --resume to "
-        "continue it, or set train.output_dir=<another folder> to start another (this config's train.output_dir "
+        f"shortft: error: train.output_dir {tmp_path}/run holds a finished run (checkpoints to step 2); pass --resume "
+        "to train it on to step 30 (train.steps), or set train.output_dir=<another folder> to start another (this "
+        "config's train.output_dir "
         "names the folder itself, without {name}: name= does not move it)")
 
 

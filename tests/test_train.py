@@ -166,8 +166,10 @@ def test_kill_and_resume_equals_uninterrupted(make_cfg, tmp_path):
     # A new run (no resume) in that folder wrote its steps beside the old run's checkpoints and its metrics
     # over the old ones, and a later --resume took the newest checkpoint of either run: now refused first.
     before = (resumed.output_dir / "metrics.jsonl").read_text()
-    with pytest.raises(ConfigError, match=r"^train.output_dir \S+/killed holds a run \(checkpoints to step 10\); pass "
-                                          r"--resume to continue it, or set train.output_dir=<another folder>"):
+    # (a finished run: "--resume to continue it" did nothing but say that nothing was left to train)
+    with pytest.raises(ConfigError, match=r"^train.output_dir \S+/killed holds a finished run \(checkpoints to step 10\); "
+                                          r"pass --resume train.steps=<more than 10> to train it further, or set "
+                                          r"train.output_dir=<another folder>"):
         shortft.train(cfg)
     assert (resumed.output_dir / "metrics.jsonl").read_text() == before
 
@@ -292,7 +294,8 @@ def test_a_runs_config_used_from_another_folder_resumes_that_run_or_says_how(tmp
     # A fork into a folder that holds its own run's checkpoints would mix the two: refused like a new run.
     assert main(["train", "--config", "moved/config.yaml", "--resume", f"{moved}/checkpoints/step_000002", *common,
                  "train.steps=3", "train.output_dir=runs/tiny"]) == 2
-    assert "train.output_dir runs/tiny holds a run (checkpoints to step 2)" in capsys.readouterr().err
+    assert "train.output_dir runs/tiny holds a finished run (checkpoints to step 2); pass --resume to train it on to " \
+           "step 3 (train.steps)" in capsys.readouterr().err
     # A new run refused there leaves no MLflow run behind (a --resume took that FAILED run up as its own).
     uri = f"sqlite:///{tmp_path}/m.db"
     assert main(["train", "--config", "moved/config.yaml", "--tracking-uri", uri, *common[1:]]) == 2
