@@ -10,7 +10,7 @@ import torch
 
 from shortft.chain import original_sampler
 from shortft.denoiser import Condition, Denoiser
-from shortft.lora import AdapterSwitch
+from shortft.lora import AdapterSwitch, load_unet_lora
 from shortft.models import decode_latents, encode_text
 from shortft.pipelines import load_pipeline
 from shortft.plan import sampler_plan
@@ -64,7 +64,7 @@ def measure(path: str | Path, samples: int = 256, steps: int = 50, seed: int = 0
     traj = teacher_trajectories(denoiser, cond, uncond, noise, steps, size.guidance)
     for k in SEGMENTS:
         if (path / f"shortcut-k{k}").is_dir():
-            pipe.load_lora_weights(str(path / f"shortcut-k{k}"), adapter_name=f"shortcut-k{k}")
+            load_unet_lora(unet, path / f"shortcut-k{k}", f"shortcut-k{k}")  # (no peft warning per adapter)
             denoiser.switch = AdapterSwitch(unet)
             out[f"shortcut_k{k}"] = jump_errors(size, k, denoiser, traj, cond, uncond)
     return out
