@@ -153,7 +153,9 @@ def run_sample(cfg: Config, lora: str, prompt: list[str], prompts_file: str | No
     items = [(p, s) for p in prompts for s in seeds]
     tuned = generate(models, cfg, [p for p, _ in items], [s for _, s in items])
     out.mkdir(parents=True, exist_ok=True)
-    clear_earlier(out)
+    if removed := clear_earlier(out):
+        warn(f"shortft: note: {out}: the {removed} image(s) of the earlier sample there are replaced by these "
+             "(--out <folder> keeps both)")
     images = [{"file": f"{i:03d}-{_slug(prompt)}-seed{seed}.png", "prompt": prompt, "seed": seed}
               for i, (prompt, seed) in enumerate(items)]
     for entry, image in zip(images, tuned):
@@ -174,17 +176,21 @@ def run_sample(cfg: Config, lora: str, prompt: list[str], prompts_file: str | No
 INDEX = "samples.json"
 
 
-def clear_earlier(out: Path) -> None:
+def clear_earlier(out: Path) -> int:
     """The images an earlier `shortft sample` wrote in `out` (its `samples.json` lists them), removed: a second
-    call overwrote some and left the others, and its line counted only its own. Nothing else is touched."""
+    call overwrote some and left the others, and its line counted only its own. Nothing else is touched.
+    Returns how many there were."""
     try:
         earlier = json.loads((out / INDEX).read_text()).get("images", [])
     except (OSError, ValueError, AttributeError):
-        return
+        return 0
+    removed = 0
     for entry in earlier:
         name = entry.get("file") if isinstance(entry, dict) else None
         if isinstance(name, str) and name == Path(name).name and name.endswith(".png"):  # this folder's own files
+            removed += (out / name).is_file()
             (out / name).unlink(missing_ok=True)
+    return removed
 
 
 def _slug(prompt: str) -> str:

@@ -327,6 +327,8 @@ def test_sample_compare_grid_and_its_tuned_half_equals_eval(trained, tiny_dir, t
     assert again.returncode == 0, again.stderr
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["000-a-green-cross-seed0.png", "mine.png",
                                                                      "samples.json"]
+    assert (f"shortft: note: {tmp_path / 'out'}: the 5 image(s) of the earlier sample there are replaced by these "
+            "(--out <folder> keeps both)") in again.stderr  # (they went without a word)
     e = subprocess.run([sys.executable, "-m", "shortft.cli", "eval", *common, "data.eval_prompts=[a red circle]",
                         "eval.seed=5", "eval.samples_per_prompt=1", "--lora", str(trained),
                         "--grid", str(tmp_path / "eval.png")], capture_output=True, text=True, timeout=300)
