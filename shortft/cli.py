@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "sample":
             from shortft.sample import run_sample
 
-            seeds = int_list("--seeds", args.seeds, -2**63, 2**64)  # what torch's generator takes
+            seeds = int_list("--seeds", args.seeds, 0, 2**64)  # what torch's generator takes, as train.seed >= 0
             with explained(cfg, "while sampling", "sampling"):
                 run_sample(cfg, args.lora, args.prompt, args.prompts, seeds, args.steps, args.guidance, Path(args.out),
                            args.compare)

@@ -131,7 +131,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def int_list(flag: str, text: str, low: int = 1, high: int | None = None) -> list[int]:
-    """Comma-separated integers in [low, high), at least one."""
+    """Comma-separated integers in [low, high), at least one, each once."""
     try:
         values = [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
@@ -141,6 +141,9 @@ def int_list(flag: str, text: str, low: int = 1, high: int | None = None) -> lis
     for v in values:
         if v < low or (high is not None and v >= high):
             raise ConfigError(f"{flag} {v}: must be >= {low}" + (f" and < {high}" if high is not None else ""))
+    twice = next((v for i, v in enumerate(values) if v in values[:i]), None)
+    if twice is not None:  # (`--seeds 0,0` drew the same images twice)
+        raise ConfigError(f"{flag} {text!r}: {twice} is given twice; give each once")
     return values
 
 

@@ -229,7 +229,12 @@ def test_a_config_named_from_the_project_instead_of_the_heads_home_folder_is_poi
     (["sample", "--config", "toy", "--lora", "x", "--prompt", "a", "--seeds", ","],
      "--seeds ',': give at least one integer"),  # torch.cat(): expected a non-empty list
     (["sample", "--config", "toy", "--lora", "x", "--prompt", "a", "--seeds", "99999999999999999999999"],
-     "--seeds 99999999999999999999999: must be >= -9223372036854775808 and < 18446744073709551616"),  # Overflow when unpacking long
+     "--seeds 99999999999999999999999: must be >= 0 and < 18446744073709551616"),  # Overflow when unpacking long
+    (["sample", "--config", "toy", "--lora", "x", "--prompt", "a", "--seeds", "-1"],
+     "--seeds -1: must be >= 0"),  # its image was named ...-seed-1.png; train.seed is >= 0
+    (["sample", "--config", "toy", "--lora", "x", "--prompt", "a", "--seeds", "0,1,0"],
+     "--seeds '0,1,0': 0 is given twice; give each once"),  # the same image drawn twice
+    (["bench", "--config", "toy", "--count-only", "--segments", "4,4"], "--segments '4,4': 4 is given twice"),
     (["sample", "--lora", "x", "--guidance", "nan"], "argument --guidance: nan: must be a finite number"),  # status 0
     (["sample", "--config", "toy", "--lora", "{tmp}/lora", "--prompt", "a"],
      "LoRA plan {tmp}/lora/shortft_lora.json: unreadable (JSONDecodeError"),
