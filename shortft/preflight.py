@@ -125,11 +125,10 @@ def disk(cfg: Config, lora: int) -> str:
     0.6 GB in the last of 4 progressive stages)."""
     each, keep = lora * 12, cfg.train.keep_checkpoints
     return (f"disk: a checkpoint up to {_size(each)} (the LoRAs in fp32 and AdamW's two moments of those still "
-            f"training); the run folder keeps "
-            f"{keep} (train.keep_checkpoints), {_size(each * (keep + 1))} while the next is written, and the final "
-            f"LoRAs {_size(lora * 4)} (again in MLflow's artifacts); a --workers run keeps {keep} more in its storage "
-            "path, a sweep trial its best and latest (and, once ended, no longer those in its run folder); a sample "
-            "grid per evaluation")
+            f"training); the run folder keeps {keep} (train.keep_checkpoints), {_size(each * (keep + 1))} while the "
+            f"next is written, and the final LoRAs {_size(lora * 4)} (again in MLflow's artifacts, with tracking on); "
+            f"a --workers run keeps {keep} more in its storage path, a sweep trial its best and latest (and, once "
+            "ended, no longer those in its run folder); a sample grid per evaluation")
 
 
 def memory_of(models, rewards, cfg: Config) -> str:
