@@ -32,8 +32,13 @@ def sqlite_path(uri: str) -> Path | None:
 
 
 def open_client(uri: str):
+    import logging
+
     from mlflow.tracking import MlflowClient
 
+    # "Creating initial MLflow database tables..." and "Updating database tables" on a store's first use: noise
+    # on a command line (its retry warnings, when a database does not answer, still show)
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
     path = sqlite_path(uri)
     try:
         import fcntl

@@ -231,6 +231,9 @@ def test_standard_errors_are_taken_over_prompts():
     assert markdown(rows, space, base).splitlines()[-1] == (
         "best - untrained: +0.0200 = 1.3 x the paired standard error (0.0153, over the same 3 prompts, "
         "2 samples each)")
+    from shortft.sweep.results import _samples
+
+    assert _samples([[0.5]]) == "1 prompt, 1 sample each"  # it said "1 prompts, 1 samples each"
 
 
 def test_a_trial_that_ran_out_of_gpu_memory_has_the_whole_line_in_the_table():
@@ -468,6 +471,7 @@ def test_ctrl_c_stops_the_sweep_says_so_and_how_to_continue_it_and_the_resume_fi
     kill_with_env("RAY_TMPDIR", ray_tmp)
     shutil.rmtree(ray_tmp, ignore_errors=True)
     assert proc.returncode == 130, out[-3000:]
+    assert "A new study created" not in out and "Creating initial MLflow database tables" not in out  # INFO noise
     line = next(x for x in out.splitlines() if x.startswith("sweep cut stopped before its end (Tune kept its state)"))
     assert line.endswith(f"continue it with: python tune/sweep.py --name cut --resume --storage-path {work / 'ray_results'} "
                          "(on a cluster: ray submit <cluster yaml> tune/sweep.py -- --name cut --resume)")
@@ -486,6 +490,7 @@ def test_ctrl_c_stops_the_sweep_says_so_and_how_to_continue_it_and_the_resume_fi
     again = _run_script(work, "--name", "cut", "--resume", "--no-baseline", "--storage-path", "ray_results")
     out, _ = again.communicate(timeout=600)
     assert again.returncode == 0 and "stopped before its end" not in out, out[-3000:]
+    assert re.search(r"\nsweep cut: 3 trials in \d+ s \(this resume\); results: ", out), out[-3000:]  # (not the sweep's)
     rows = pq.read_table(work / "runs" / "sweeps" / "cut" / "results.parquet").to_pylist()
     assert len(rows) == 3 and all(r["status"] in ("DONE", "STOPPED_EARLY") for r in rows), rows
     children, parents = statuses()

@@ -61,8 +61,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {name_too_long(e)}", file=sys.stderr)
         return 2
     print("\n" + (result.table_path.parent / "results.md").read_text(), end="")
-    print(f"\nsweep {result.name}: {len(result.rows)} trials in {result.seconds:.0f} s; results: {result.table_path} "
-          "(and results.md)")
+    n = len(result.rows)
+    print(f"\nsweep {result.name}: {n} trial{'s' * (n != 1)} in {result.seconds:.0f} s"
+          f"{' (this resume)' if args.resume else ''}; results: {result.table_path} (and results.md)")
     best = result.best
     if best:
         print(f"best trial {best['trial']}: {OBJECTIVE} {best['objective']:.4f} at step {best['step']} with "

@@ -98,7 +98,9 @@ def _samples(samples: list) -> str:
     per = set(stats.shape(samples))
     if all(not isinstance(s, list) for s in samples):
         return f"{len(samples)} samples"
-    return f"{len(samples)} prompts, " + (f"{per.pop()} samples each" if len(per) == 1 else "their samples")
+    each = per.pop() if len(per) == 1 else None
+    return (f"{len(samples)} prompt{'s' * (len(samples) != 1)}, "
+            + (f"{each} sample{'s' * (each != 1)} each" if each is not None else "their samples"))
 
 
 def _spread(label: str, hi: dict, lo: dict, sign: str) -> str:

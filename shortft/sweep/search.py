@@ -14,6 +14,7 @@ def searcher(space: Space, sweep_settings: dict, seed: int = 0, max_concurrent: 
     import optuna
     from ray.tune.search.optuna import OptunaSearch
 
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # "A new study created in memory" and the like: noise
     inner = OptunaSearch(metric=OBJECTIVE, mode=MODE, points_to_evaluate=space.points_to_evaluate or None,
                          sampler=optuna.samplers.TPESampler(seed=seed, n_startup_trials=3))
     return TrialRuns(inner, max_concurrent, sweep_settings)
