@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
-import shlex
 import sys
 from pathlib import Path
 
@@ -25,7 +23,7 @@ import yaml
 
 from shortft.arguments import name_too_long
 from shortft.checks import load_config
-from shortft.cli_parser import int_list, parser as _parser
+from shortft.cli_parser import int_list, interrupted_line, parser as _parser
 from shortft.config import PARTS, READS, ConfigError, describe, parse_overrides, replaced, to_dict
 from shortft.memory import OutOfMemory, explained
 from shortft.out_paths import image_suffixes, output_file, output_folder
@@ -144,27 +142,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"shortft: error: {name_too_long(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:  # `Interrupted`: after a step and its checkpoint; else wherever it came
-        line = f"interrupted: {e}" if str(e) else "interrupted" + ("; continue with --resume" if
-                                                                     args.command == "train" else "")
-        if args.command == "train":  # the whole command: the run's overrides (train.steps=60) too
-            line = re.sub(r"continue (it )?with --resume( --workers \d+)?",
-                          f"continue with: {resume_command(sys.argv[1:] if argv is None else argv, args.resume)}", line)
-        print(f"shortft: {line}", file=sys.stderr)
+        print(f"shortft: {interrupted_line(e, args, sys.argv[1:] if argv is None else argv)}", file=sys.stderr)
         return getattr(e, "code", 130)
     return 0
-
-
-def resume_command(argv: list[str], resume: bool | str) -> str:
-    """The `shortft` command that continues an interrupted `train`: its own arguments with --resume (a
-    checkpoint it was given dropped: the run's latest, the one it stopped with, is where it goes on)."""
-    kept = []
-    for i, a in enumerate(argv):
-        if a == "--resume" or a.startswith("--resume="):
-            continue
-        if isinstance(resume, str) and a == resume and i and argv[i - 1] == "--resume":
-            continue
-        kept.append(a)
-    return shlex.join(["shortft", *kept, "--resume"])
 
 
 def run_rewards(cfg, args) -> None:

@@ -1,9 +1,12 @@
-"""The arguments of `shortft` (`parser()`); `shortft.cli` runs the commands they name."""
+"""The arguments of `shortft` (`parser()`, lists of values) and the command that continues an interrupted `train`;
+`shortft.cli` runs the commands they name."""
 
 from __future__ import annotations
 
 import argparse
 import math
+import re
+import shlex
 
 from shortft.arguments import OneLineParser
 from shortft.config import ConfigError, builtin_configs
@@ -155,3 +158,26 @@ def bool_list(flag: str, text: str | None) -> list[bool | None]:
     if bad or not values:
         raise ConfigError(f"{flag} {text!r}: expected true, false or both, e.g. {flag} false,true")
     return [v == "true" for v in values]
+
+
+def interrupted_line(e: KeyboardInterrupt, args: argparse.Namespace, argv: list[str]) -> str:
+    """The line of a command a signal stopped; an interrupted `train` names the whole command that continues it
+    (the run's overrides too: `--resume` alone took a 60-step run on to the config's 200)."""
+    if args.command != "train":  # `eval`, `sample`: nothing to resume (they said `--resume`, which they lack)
+        return f"interrupted: {e}" if str(e) else "interrupted"
+    line = f"interrupted: {e}" if str(e) else "interrupted; continue with --resume"
+    return re.sub(r"continue (it )?with --resume( --workers \d+)?",
+                  lambda _: f"continue with: {resume_command(argv, args.resume)}", line)
+
+
+def resume_command(argv: list[str], resume: bool | str) -> str:
+    """The `shortft` command that continues an interrupted `train`: its own arguments with --resume (a
+    checkpoint it was given dropped: the run's latest, the one it stopped with, is where it goes on)."""
+    kept = []
+    for i, a in enumerate(argv):
+        if a == "--resume" or a.startswith("--resume="):
+            continue
+        if isinstance(resume, str) and a == resume and i and argv[i - 1] == "--resume":
+            continue
+        kept.append(a)
+    return shlex.join(["shortft", *kept, "--resume"])

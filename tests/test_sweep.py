@@ -495,6 +495,11 @@ def test_ctrl_c_stops_the_sweep_says_so_and_how_to_continue_it_and_the_resume_fi
     assert len(rows) == 3 and all(r["status"] in ("DONE", "STOPPED_EARLY") for r in rows), rows
     children, parents = statuses()
     assert parents == ["FINISHED"] and len(children) == 3 and {s for s, _ in children} == {"FINISHED"}, children
+    assert "had ended" not in out
+    # once more: the sweep had ended, which nothing said (it printed the table again as if it had run)
+    again = _run_script(work, "--name", "cut", "--resume", "--no-baseline")
+    out, _ = again.communicate(timeout=600)
+    assert again.returncode == 0 and "note: sweep cut had ended (its 3 trials); nothing runs again" in out, out[-3000:]
 
 
 @pytest.mark.slow

@@ -74,6 +74,15 @@ def trial_statuses(grid) -> dict[str, str]:
     return {t.trial_id: t.status for t in trials}
 
 
+def ended_trials(tuner) -> int:
+    """How many trials of a restored Tuner had ended (TERMINATED: not one a resume runs again, errored or
+    unfinished); 0 where none ran yet or Tune's state reads otherwise."""
+    try:
+        return list(trial_statuses(tuner.get_results()).values()).count("TERMINATED")
+    except Exception:  # noqa: BLE001 - no experiment state yet, or one Tune reads otherwise now: no note, no harm
+        return 0
+
+
 def _init_names(cls) -> str:
     import inspect
 

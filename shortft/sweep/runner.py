@@ -22,8 +22,8 @@ from shortft.space import Space, check_default_space, configs, load_space, trial
 from shortft.sweep import baseline as baseline_eval
 from shortft.sweep import best as best_lora
 from shortft.sweep import saved
-from shortft.sweep.ray_compat import (canonical_address, restore_rungs, start_autoscaling_coordinator, study_of,
-                                     trial_statuses)
+from shortft.sweep.ray_compat import (canonical_address, ended_trials, restore_rungs, start_autoscaling_coordinator,
+                                     study_of, trial_statuses)
 from shortft.sweep.prune import Pruner
 from shortft.sweep.results import finish_parent, markdown, results_table, write_table
 from shortft.sweep.search import TIME_ATTR, scheduler, searcher
@@ -251,6 +251,8 @@ def run_sweep(space: str | Space | None = None, num_samples: int | None = None, 
             def ended_itself(result) -> bool:  # its function returned: not stopped by ASHA
                 return not stopped_early(result.config, sweep_settings, result.metrics)
 
+            if ended_trials(tuner) >= num_samples:  # (it printed its table again as if it had run them)
+                print(f"note: sweep {name} had ended (its {num_samples} trials); nothing runs again", flush=True)
             if restore_rungs(tuner, TIME_ATTR, OBJECTIVE, ended_itself) is None:
                 print("note: ASHA's rungs were not restored (Ray's scheduler moved; shortft/sweep/ray_compat.py): "
                       "its cut-offs weigh only the trials run from now", file=sys.stderr)
