@@ -76,15 +76,17 @@ def test_a_compiled_unet_runs_every_call_of_a_checkpointed_timestep_aware_step_c
     assert compiled["image"] == pytest.approx(eager["image"], rel=1e-5)
 
 
-def test_inductor_on_a_cpu_is_refused_in_one_line(tiny_dir):
+def test_inductor_on_a_cpu_is_refused_in_one_line(tiny_dir, tmp_path):
+    # (in tmp_path: refused as the model loads, each made and locked ./runs/tiny, which a test of the other
+    # pytest worker then found in use in the repository's root)
     p = subprocess.run([sys.executable, "-m", "shortft.cli", "train", "--config", "tiny", "--no-mlflow",
                         f"model.pretrained={tiny_dir}", "model.compile=true", "model.device=cpu"],
-                       capture_output=True, text=True, timeout=120)
+                       capture_output=True, text=True, timeout=120, cwd=tmp_path)
     lines = [line for line in p.stderr.splitlines() if line.strip()]
     assert p.returncode == 2 and len(lines) == 1 and "model.compile=true on a CPU" in lines[0], p.stderr[-2000:]
     p = subprocess.run([sys.executable, "-m", "shortft.cli", "train", "--config", "tiny", "--no-mlflow",
                         f"model.pretrained={tiny_dir}", "model.compile=true", "model.compile_backend=nope"],
-                       capture_output=True, text=True, timeout=120)
+                       capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert p.returncode == 2 and "model.compile_backend='nope'" in p.stderr and "aot_eager" in p.stderr
     assert "Traceback" not in p.stderr
 

@@ -79,7 +79,8 @@ def test_sweep_on_a_cpu_only_local_ray_fails_fast(tmp_path, flags, expected):
 
 def test_train_with_gpu_workers_on_a_cpu_only_machine_fails_fast(tmp_path):
     line = _one_line_exit_2(["-m", "shortft.cli", "train", "--config", "tiny", "--workers", "2", "--gpu",
-                             "--storage-path", str(tmp_path / "s"), "--tracking-uri", f"sqlite:///{tmp_path}/m.db"])
+                             "--storage-path", str(tmp_path / "s"), "--tracking-uri", f"sqlite:///{tmp_path}/m.db"],
+                            cwd=tmp_path)  # its ./runs/tiny: not one another test's run may hold
     assert "--gpu: this Ray cluster has 0 GPUs" in line and "drop --gpu" in line
     from mlflow.tracking import MlflowClient  # refused before anything was made: no dangling RUNNING run
     assert all(not c.search_runs([e.experiment_id]) for c in [MlflowClient(f"sqlite:///{tmp_path}/m.db")]
