@@ -1,4 +1,5 @@
-"""The SDXL class trains and samples with its LoRAs (the chain's equivalence with its pipeline: test_model_classes.py)."""
+"""The SDXL class trains and samples with its LoRAs (the chain's equivalence with its pipeline: test_model_classes.py;
+a stock SDXL pipeline with the timestep switch: test_train.py)."""
 
 import subprocess
 import sys
@@ -52,37 +53,3 @@ def test_the_sdxl_vae_decodes_in_fp32_under_an_fp16_autocast(tiny_xl_dir):
         decode_latents(vae, latents)
     assert ran.pop() == torch.float16
 
-
-def test_a_stock_sdxl_pipeline_with_the_timestep_switch_samples_as_the_runs_own_sampler(tiny_xl_dir, tmp_path):
-    """The README's inference block with `StableDiffusionXLPipeline`: its micro-conditioning and second text
-    encoder beside the run's LoRAs switched per timestep give the samples the run's own sampler gives."""
-    import torch
-    from diffusers import StableDiffusionXLPipeline
-
-    import shortft
-    from shortft.chain import original_sampler
-    from shortft.lora import enable_timestep_aware
-    from shortft.sample import load_trained
-
-    cfg = shortft.load_config("tiny", [f"model.pretrained={tiny_xl_dir}", f"train.output_dir={tmp_path}/run",
-                                       "train.steps=4", "train.lr=0.05", "chain.steps=8", "chain.segments=2",
-                                       "train.checkpoint_every=0", "train.log_every=100", "lora.alpha=16"])
-    result = shortft.train(cfg)
-    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_xl_dir)
-    pipe.set_progress_bar_config(disable=True)
-    side = pipe.unet.config.sample_size
-    noise = torch.randn(1, 4, side, side, generator=torch.Generator().manual_seed(0))
-
-    def run():
-        return pipe("a red circle", num_inference_steps=8, guidance_scale=7.5, latents=noise.clone(),
-                    output_type="latent").images
-
-    base = run()
-    with enable_timestep_aware(pipe, result.lora_dir):
-        tuned = run()
-    assert (tuned - base).abs().max() > 1e-4
-    assert torch.equal(run(), base)  # left as it was
-    models = load_trained(cfg, str(result.lora_dir))
-    calls = models.plan.inference_calls(models.denoiser.timesteps(8))
-    ours = original_sampler(models.denoiser, noise.clone(), models.condition(["a red circle"], 7.5, 7.5), calls)
-    assert (ours - tuned).abs().max().item() <= 1e-4, (ours - tuned).abs().max().item()

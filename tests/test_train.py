@@ -215,9 +215,11 @@ def test_the_guard_tells_an_overflow_from_a_non_finite_step(make_cfg, loss, grad
         guard.stop_if_diverged(7)
 
 
-def test_saved_lora_loads_into_a_stock_pipeline_and_changes_its_output(make_cfg, tiny_dir):
-    from diffusers import StableDiffusionPipeline
+@pytest.mark.parametrize("model", ["tiny", "tiny-xl"])  # SDXL: its micro-conditioning and second text encoder
+def test_saved_lora_loads_into_a_stock_pipeline_and_changes_its_output(make_cfg, tiny_dir, model):
+    import diffusers
 
+    from shortft import builtin
     from shortft.lora import enable_timestep_aware
 
     from shortft.chain import original_sampler
@@ -226,10 +228,13 @@ def test_saved_lora_loads_into_a_stock_pipeline_and_changes_its_output(make_cfg,
 
     # alpha 16 at rank 4: the files carry their LoraConfig, or a loader takes alpha = rank (a quarter of the
     # strength the LoRAs were trained at)
+    folder = tiny_dir if model == "tiny" else builtin.resolve(f"builtin:{model}")
     cfg = make_cfg("train.steps=4", "train.lr=0.05", "chain.steps=8", "chain.segments=2", "train.checkpoint_every=0",
-                   "lora.alpha=16")
+                   "lora.alpha=16", f"model.pretrained={folder}")
     result = shortft.train(cfg)
-    pipe = StableDiffusionPipeline.from_pretrained(tiny_dir, safety_checker=None, requires_safety_checker=False)
+    stock = getattr(diffusers, json.loads((Path(folder) / "model_index.json").read_text())["_class_name"])
+    pipe = stock.from_pretrained(folder, **({"safety_checker": None, "requires_safety_checker": False}
+                                            if model == "tiny" else {}))
     pipe.set_progress_bar_config(disable=True)
     side = pipe.unet.config.sample_size
     noise = torch.randn(1, 4, side, side, generator=torch.Generator().manual_seed(0))
@@ -262,6 +267,8 @@ def test_saved_lora_loads_into_a_stock_pipeline_and_changes_its_output(make_cfg,
     calls = models.plan.inference_calls(models.denoiser.timesteps(8))
     ours = original_sampler(models.denoiser, noise.clone(), models.condition(["a red circle"], 7.5, 7.5), calls)
     assert (ours - tuned).abs().max().item() <= 1e-4, (ours - tuned).abs().max().item()
+    switch.remove()
+    assert torch.equal(run(), base)  # the pipeline left as it was
 
 
 def test_a_runs_config_used_from_another_folder_resumes_that_run_or_says_how(tmp_path, tiny_dir, monkeypatch, capsys):
