@@ -1,5 +1,6 @@
 """The checks a config needs beyond its own types and ranges, in one step that the CLI, the loop and
-the sweep run before anything heavy: reward names (registry), model and shortcut paths, prompt files.
+the sweep run before anything heavy: reward names (registry), model and shortcut paths, the compile
+backend, prompt files.
 
     cfg = shortft.load_config("tiny", ["chain.steps=20"])   # read_config + check
 """
@@ -9,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Collection
 
 from shortft import builtin, data, rewards
+from shortft.compiling import check_compile
 from shortft.config import PARTS, Config, read_config
 from shortft.plan import check_shortcut
 
@@ -19,6 +21,7 @@ def check(cfg: Config, parts: Collection[str] = PARTS) -> Config:
     if "rewards" in parts:
         rewards.check_config(cfg)
     builtin.check_pretrained(cfg.model.pretrained)
+    check_compile(cfg.model, None)
     if "shortcut" in parts:
         check_shortcut(cfg)
     data.check_prompts(cfg, [key for key in ("prompts", "eval_prompts") if key in parts])

@@ -173,6 +173,11 @@ def run_train(cfg, args) -> int:
     from shortft.checkpoint import check_new_run
 
     output_folder("train.output_dir", cfg.output_dir)
+    if args.workers <= 0:  # the device this process trains on (refused as the model loaded: after the run was made)
+        from shortft.compiling import check_compile
+        from shortft.models import pick_device
+
+        check_compile(cfg.model, pick_device(cfg.model.device))
     # credentials leave the URI here, before anything prints or stores it; a resume logs where the run started
     uri, experiment, note = (None, None, None) if args.no_mlflow else run_store.settle(
         cfg.output_dir, args.tracking_uri, args.experiment, resume=bool(args.resume))

@@ -26,13 +26,14 @@ def compile_graphs(plan: TrainingPlan) -> int:
     return (len(plan.adapters) + 2) * 3 * 2
 
 
-def check_compile(model: ModelConfig, device: torch.device) -> None:
+def check_compile(model: ModelConfig, device: torch.device | None) -> None:
     """With `model.compile`, a ConfigError for a torch.compile backend torch does not have, and for
     inductor on a CPU: there torch 2.13's inductor computes the UNet's gradients wrong (a relative error
     of 0.48 in the input gradient of a diffusers UNet of two levels, with or without LoRAs; the forward
     is right, and aot_eager, which runs the same graphs without inductor's code, is exact): a fused
     kernel reads the upsampling gradient before the scatter-add that makes it, a mutation rename the CPU
-    backend's loop fusion drops (a path CUDA does not take). Both in `tests/test_compile.py`."""
+    backend's loop fusion drops (a path CUDA does not take). Both in `tests/test_compile.py`.
+    `device` None: the backend alone (`shortft.checks`, where the device is not yet known)."""
     if not model.compile:
         return
     from torch._dynamo import list_backends
@@ -41,7 +42,7 @@ def check_compile(model: ModelConfig, device: torch.device) -> None:
     backend = model.compile_backend
     if backend not in known:
         raise ConfigError(f"model.compile_backend={backend!r}: not a torch.compile backend; one of {', '.join(known)}")
-    if backend == "inductor" and device.type == "cpu":
+    if backend == "inductor" and device is not None and device.type == "cpu":
         raise ConfigError("model.compile=true on a CPU: torch's inductor computes wrong UNet gradients there "
                           "(docs/models.md); use model.compile=false, a GPU, or model.compile_backend=aot_eager "
                           "(exact, not faster)")

@@ -1,10 +1,12 @@
 """`model.compile`: every call of the chain runs a compiled graph of the UNet, and the same numbers."""
 
 import json
+import sqlite3
 import subprocess
 import sys
 
 import pytest
+import torch
 
 # Runs in its own process: dynamo's caches and counters are per process. Dynamo's guards and
 # recompiles are the same whatever the backend; "eager" runs the traced graphs without inductor's
@@ -76,19 +78,20 @@ def test_a_compiled_unet_runs_every_call_of_a_checkpointed_timestep_aware_step_c
     assert compiled["image"] == pytest.approx(eager["image"], rel=1e-5)
 
 
-def test_inductor_on_a_cpu_is_refused_in_one_line(tiny_dir, tmp_path):
-    # (in tmp_path: refused as the model loads, each made and locked ./runs/tiny, which a test of the other
-    # pytest worker then found in use in the repository's root)
-    p = subprocess.run([sys.executable, "-m", "shortft.cli", "train", "--config", "tiny", "--no-mlflow",
-                        f"model.pretrained={tiny_dir}", "model.compile=true", "model.device=cpu"],
-                       capture_output=True, text=True, timeout=120, cwd=tmp_path)
-    lines = [line for line in p.stderr.splitlines() if line.strip()]
-    assert p.returncode == 2 and len(lines) == 1 and "model.compile=true on a CPU" in lines[0], p.stderr[-2000:]
-    p = subprocess.run([sys.executable, "-m", "shortft.cli", "train", "--config", "tiny", "--no-mlflow",
-                        f"model.pretrained={tiny_dir}", "model.compile=true", "model.compile_backend=nope"],
-                       capture_output=True, text=True, timeout=120, cwd=tmp_path)
-    assert p.returncode == 2 and "model.compile_backend='nope'" in p.stderr and "aot_eager" in p.stderr
-    assert "Traceback" not in p.stderr
+def test_inductor_on_a_cpu_is_refused_in_one_line_before_the_run_is_made(tiny_dir, tmp_path):
+    # Refused as the model loaded, it left ./runs/tiny (locked, with its record) and a FAILED MLflow run.
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    for bad, said in ((["model.compile=true", "model.device=cpu"], "model.compile=true on a CPU"),
+                      (["model.compile=true", "model.compile_backend=nope"], "model.compile_backend='nope'"),
+                      *([] if torch.cuda.is_available() else [(["model.device=cuda"], "CUDA is not available")])):
+        p = subprocess.run([sys.executable, "-m", "shortft.cli", "train", "--config", "tiny", "--tracking-uri", uri,
+                            f"model.pretrained={tiny_dir}", *bad], capture_output=True, text=True, timeout=120,
+                           cwd=tmp_path)
+        lines = [line for line in p.stderr.splitlines() if line.strip()]
+        assert p.returncode == 2 and len(lines) == 1 and said in lines[0], p.stderr[-2000:]
+        assert not (tmp_path / "runs").exists(), bad
+    if (tmp_path / "mlflow.db").exists():
+        assert not sqlite3.connect(tmp_path / "mlflow.db").execute("select name from runs").fetchall()
 
 
 @pytest.mark.slow
