@@ -9,6 +9,8 @@ import errno
 import os
 import sys
 
+from shortft.config import ConfigError
+
 
 class OneLineParser(argparse.ArgumentParser):
     """An ArgumentParser (its subcommands' parsers too) whose errors are one line naming where to read more."""
@@ -33,3 +35,16 @@ def name_too_long(e: OSError) -> str:
     what = (f"a file or folder name of {len(longest.encode())} bytes" if len(longest.encode()) > 255 else
             f"a path of {len(path.encode())} bytes")
     return f"{path[:60] + '...' if len(path) > 60 else path}: {what}, longer than the file system takes; shorten it"
+
+
+def comma_items(flag: str, text: str) -> list[str]:
+    """The items of a comma-separated flag, stripped; none for a text of commas and blanks alone (the caller
+    asks for one). A blank between commas is refused: `--seeds 0,,1` drew seeds 0 and 1, and the value
+    meant there was lost unsaid."""
+    items = [v.strip() for v in text.split(",")]
+    if not any(items):
+        return []
+    if "" in items:
+        raise ConfigError(f"{flag} {text!r}: item {items.index('') + 1} of {len(items)} is empty; give one value "
+                          "between each two commas")
+    return items

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import yaml
 
-from shortft.arguments import name_too_long
+from shortft.arguments import comma_items, name_too_long
 from shortft.checks import load_config
 from shortft.cli_parser import int_list, interrupted_line, parser as _parser
 from shortft.config import PARTS, READS, ConfigError, describe, parse_overrides, replaced, to_dict
@@ -158,7 +158,7 @@ def run_rewards(cfg, args) -> None:
         return
     names = None
     if args.names is not None:  # `--names ""` timed the config's rewards as if no flag were given
-        names = [n.strip() for n in args.names.split(",") if n.strip()]
+        names = comma_items("--names", args.names)
         if not names:
             raise ConfigError(f"--names {args.names!r}: name at least one reward, e.g. --names symmetry,pickscore "
                               "(without the flag: the config's rewards)")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from shortft.arguments import comma_items
 from shortft.cli_parser import bool_list, int_list
 from shortft.config import ConfigError
 from shortft.out_paths import output_file
@@ -16,7 +17,7 @@ def run_bench(cfg, args) -> dict:
     from shortft.bench import run_bench as bench
     from shortft.bench_report import format_table, log_to_mlflow, save_json
 
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    methods = comma_items("--methods", args.methods)
     if not methods:
         raise ConfigError(f"--methods {args.methods!r}: name at least one, e.g. --methods shortft,draft")
     path = output_file("--json", args.json) if args.json else None  # before the arms run, not after

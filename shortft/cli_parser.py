@@ -8,7 +8,7 @@ import math
 import re
 import shlex
 
-from shortft.arguments import OneLineParser
+from shortft.arguments import OneLineParser, comma_items
 from shortft.config import ConfigError, builtin_configs
 
 
@@ -135,8 +135,9 @@ def parser() -> argparse.ArgumentParser:
 
 def int_list(flag: str, text: str, low: int = 1, high: int | None = None) -> list[int]:
     """Comma-separated integers in [low, high), at least one, each once."""
+    items = comma_items(flag, text)
     try:
-        values = [int(v) for v in text.split(",") if v.strip()]
+        values = [int(v) for v in items]
     except ValueError:
         raise ConfigError(f"{flag} {text!r}: expected comma-separated integers, e.g. 1,2") from None
     if not values:
@@ -153,7 +154,7 @@ def int_list(flag: str, text: str, low: int = 1, high: int | None = None) -> lis
 def bool_list(flag: str, text: str | None) -> list[bool | None]:
     if text is None:
         return [None]
-    values = [v.strip().lower() for v in text.split(",") if v.strip()]
+    values = [v.lower() for v in comma_items(flag, text)]
     bad = [v for v in values if v not in ("true", "false")]
     if bad or not values:
         raise ConfigError(f"{flag} {text!r}: expected true, false or both, e.g. {flag} false,true")

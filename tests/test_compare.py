@@ -151,6 +151,10 @@ def test_a_failed_or_non_finite_seed_is_counted_out_in_the_table_and_a_cut_line_
     (["--call-budget", "-5"], "--call-budget -5: give a budget > 0"),
     (["--call-budget", "5"], "holds a comparison (rows.jsonl); pass another --name or --out"),  # emptied it
     (["--call-budget", "5", "--lrs", "1e-3,x"], "--lrs '1e-3,x': could not convert string to float"),
+    (["--call-budget", "5", "--lrs", ","], "--lrs ',': give learning rates > 0"),
+    (["--call-budget", "5", "--lrs", "1e-3,nan"], "--lrs '1e-3,nan': give learning rates > 0"),
+    (["--call-budget", "5", "--lrs", "1e-3,,3e-3"], "--lrs '1e-3,,3e-3': item 2 of 3 is empty"),  # dropped unsaid
+    (["--call-budget", "5", "--arms", "shortft,,draft"], "--arms 'shortft,,draft': item 2 of 3 is empty"),
     # refused after a local Ray had started
     (["--time-budget-s", "1", "--arms", "nosuch"], "--arms nosuch: unknown; choose from shortft,"),
     (["--time-budget-s", "1", "--set", "chain.nosuch=1"], "unknown key 'chain.nosuch': allowed under chain"),

@@ -235,6 +235,13 @@ def test_a_config_named_from_the_project_instead_of_the_heads_home_folder_is_poi
     (["sample", "--config", "toy", "--lora", "x", "--prompt", "a", "--seeds", "0,1,0"],
      "--seeds '0,1,0': 0 is given twice; give each once"),  # the same image drawn twice
     (["bench", "--config", "toy", "--count-only", "--segments", "4,4"], "--segments '4,4': 4 is given twice"),
+    # a blank between commas was dropped unsaid (`0,,1` drew seeds 0 and 1; a value meant there was lost)
+    (["sample", "--config", "toy", "--lora", "x", "--prompt", "a", "--seeds", "0,,1"],
+     "--seeds '0,,1': item 2 of 3 is empty; give one value between each two commas"),
+    (["bench", "--config", "toy", "--count-only", "--segments", "2,4,"], "--segments '2,4,': item 3 of 3 is empty"),
+    (["bench", "--config", "toy", "--count-only", "--methods", "shortft,,draft"], "--methods 'shortft,,draft': item 2"),
+    (["bench", "--config", "toy", "--count-only", "--checkpointing", ",true"], "--checkpointing ',true': item 1 of 2"),
+    (["rewards", "--config", "toy", "--cost", "--names", "symmetry, ,"], "--names 'symmetry, ,': item 2 of 3 is empty"),
     (["sample", "--lora", "x", "--guidance", "nan"], "argument --guidance: nan: must be a finite number"),  # status 0
     (["sample", "--config", "toy", "--lora", "{tmp}/lora", "--prompt", "a"],
      "LoRA plan {tmp}/lora/shortft_lora.json: unreadable (JSONDecodeError"),

@@ -14,10 +14,11 @@ that into the table, the plot and the grids.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from shortft import raised
-from shortft.arguments import OneLineParser, name_too_long
+from shortft.arguments import OneLineParser, comma_items, name_too_long
 from shortft.config import ConfigError, check_name, load_yaml, replaced
 from shortft.hub import check_sources
 from shortft.progress import quiet_libraries
@@ -224,11 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     quiet_libraries()
     out = Path(args.out or f"runs/compare/{args.name}")
     try:
-        lrs = [float(v) for v in args.lrs.split(",") if v.strip()]
-    except ValueError as e:
-        print(f"error: --lrs {args.lrs!r}: {e}", file=sys.stderr)
-        return 2
-    try:
+        lrs = learning_rates(args.lrs)
         if args.report_only:
             if not (out / "rows.jsonl").is_file():
                 raise ConfigError(f"--out {out}: no rows.jsonl there; run the comparison first")
@@ -239,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
         fixed = dict(_key_value(kv) for kv in args.set)
         for line in replaced(args.set):  # the dict keeps the last
             print(f"note: {line}", file=sys.stderr)
-        arms = [a.strip() for a in args.arms.split(",") if a.strip()]
+        arms = comma_items("--arms", args.arms)
         check_new(out, args.time_budget_s, args.call_budget, arms, args.config,
                   {**(SMOKE_TEST if args.smoke_test else {}), **fixed})
         from shortft import resources
@@ -262,6 +259,17 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     print(f"rows: {rows}")
     return 0
+
+
+def learning_rates(text: str) -> list[float]:
+    """`--lrs`: at least one rate, each finite and > 0 (`--lrs ,` left a grid of none, `nan` trained nothing)."""
+    try:
+        lrs = [float(v) for v in comma_items("--lrs", text)]
+    except ValueError as e:
+        raise ConfigError(f"--lrs {text!r}: {e}") from None
+    if not lrs or not all(math.isfinite(v) and v > 0 for v in lrs):
+        raise ConfigError(f"--lrs {text!r}: give learning rates > 0, e.g. --lrs 3e-4,1e-3")
+    return lrs
 
 
 def _key_value(text: str) -> tuple[str, object]:
