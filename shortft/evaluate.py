@@ -9,7 +9,6 @@ sample (one list per prompt, in the order of `sample_terms`); writes a grid of t
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +19,7 @@ from shortft.chain import original_sampler
 from shortft.config import Config
 from shortft.data import read_prompts
 from shortft.models import Models
+from shortft.out_paths import whole
 from shortft.plan import TrainingPlan
 from shortft.progress import bar, warn
 from shortft.rewards import Rewards
@@ -112,13 +112,8 @@ def save_grid(images: torch.Tensor, path: Path, min_tile: int = 128, cols: int |
         img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{path.name}")  # whole or not at all: a full disk left a cut PNG that MLflow logged
-    try:
+    with whole(path) as tmp:  # a full disk left a cut PNG that MLflow logged
         img.save(tmp)  # its format from the suffix, which the temporary name keeps
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return path
 
 

@@ -5,22 +5,47 @@ IsADirectoryError after a whole bench, FileExistsError as a run started), its re
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from shortft.config import ConfigError
 
 
-def write_whole(path: Path, text: str) -> None:
-    """`text` into `path` whole or not at all: a temporary file beside it, then renamed over it (a full
-    disk or a kill while writing left a file cut short, which the next reader failed on)."""
+@contextmanager
+def whole(path: Path) -> Iterator[Path]:
+    """The temporary file beside `path` to write, renamed over `path` once the block ends (a full disk or a
+    kill while writing left a file cut short, which the next reader failed on); removed if it raises. One
+    there before is removed first: a link planted under that name was written through. Renaming over
+    `path` replaces a link there, never its target."""
     path = Path(path)
     tmp = path.with_name(f".tmp-{path.name}")
+    tmp.unlink(missing_ok=True)
     try:
-        tmp.write_text(text)
+        yield tmp
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def write_whole(path: Path, text: str) -> None:
+    """`text` into `path` whole or not at all (`whole`)."""
+    with whole(path) as tmp:
+        tmp.write_text(text)
+
+
+def refuse_links(flag: str, folder: Path) -> None:
+    """A ConfigError naming the first symbolic link inside `folder` (the folder itself may be one). A run
+    folder received from someone or kept on shared storage with `metrics.jsonl -> ~/.bashrc` had a resume
+    append its rows there, and a linked `.shortft.lock` had its target replaced."""
+    for root, dirs, files in os.walk(folder):
+        for name in sorted(dirs + files):
+            path = Path(root, name)
+            if path.is_symlink():
+                raise ConfigError(f"{flag} {folder}: {path.relative_to(folder)}: a symbolic link (to "
+                                  f"{os.readlink(path)}); a run folder holds none, as the run writes through "
+                                  "them: put the file itself there, or remove the link")
 
 
 def image_suffixes() -> tuple[str, ...]:

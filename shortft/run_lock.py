@@ -27,6 +27,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from shortft.config import ConfigError
+from shortft.out_paths import refuse_links
 from shortft.progress import warn
 
 FILE = ".shortft.lock"
@@ -57,10 +58,12 @@ def _holder(fd: int) -> str:
 
 
 @contextmanager
-def held(output_dir: Path, wait_s: float | None = None, quiet: bool = False) -> Iterator[None]:
+def held(output_dir: Path, wait_s: float | None = None, quiet: bool = False,
+         links_refused: bool = True) -> Iterator[None]:
     """The run folder locked for this process while the block runs; waits `wait_s` (default
     `$SHORTFT_LOCK_WAIT_S`, else 60) for another holder to end, saying so unless `quiet`, then raises
-    FolderInUse."""
+    FolderInUse. A folder holding a symbolic link is refused first (`out_paths.refuse_links`), unless
+    not `links_refused` (a sweep's driver removing a trial's checkpoints)."""
     import fcntl
 
     folder = Path(output_dir)
@@ -68,9 +71,11 @@ def held(output_dir: Path, wait_s: float | None = None, quiet: bool = False) -> 
     if key in _HELD:  # this thread holds it already (the CLI around the loop)
         yield
         return
+    if links_refused:
+        refuse_links("train.output_dir", folder)
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        fd = os.open(folder / FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(folder / FILE, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)  # a link made since: not followed
     except OSError:  # a folder this process cannot write: the run's own writes will say so
         fd = None
     if fd is None:

@@ -16,7 +16,7 @@ from shortft.data import read_prompts
 from shortft.evaluate import generate, save_grid
 from shortft.lora import load_lora_state, read_lora_plan
 from shortft.models import Models, load_models
-from shortft.out_paths import output_folder
+from shortft.out_paths import output_folder, write_whole
 from shortft.plan import training_plan
 from shortft.progress import warn
 
@@ -167,7 +167,7 @@ def run_sample(cfg: Config, lora: str, prompt: list[str], prompts_file: str | No
         path = save_grid(pairs, out / "compare.png", cols=2)
         images.append({"file": path.name, "prompt": "base | tuned, one row per prompt and seed, in the order above"})
         print(f"base | tuned, one row per prompt and seed: {path}")
-    (out / INDEX).write_text(json.dumps({"lora": str(lora) if lora else None, "steps": chain.steps,
+    write_whole(out / INDEX, json.dumps({"lora": str(lora) if lora else None, "steps": chain.steps,
                                          "guidance_scale": chain.guidance_scale, "images": images}, indent=1))
     print(f"{len(items)} image(s) in {out} (which prompt and seed each is: {out / INDEX})")
     return out

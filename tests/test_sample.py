@@ -456,3 +456,17 @@ def test_an_evaluation_keeps_only_the_images_of_its_grid(make_cfg, monkeypatch, 
     assert Image.open(tmp_path / "grid.png").size == (2 * side * max(1, 128 // side), 2 * side * max(1, 128 // side))
     terms, images = evaluate.sample_terms(models, cfg, rewards, keep=0)
     assert len(terms["brightness"]) == 6 and len(images) == 0
+
+
+def test_sample_writes_its_index_in_place_of_a_link_not_through_it(trained, make_cfg, tmp_path):
+    """`sample --out` into a folder holding `samples.json -> victim` wrote its index into the victim."""
+    from shortft import sample
+
+    victim, out = tmp_path / "victim.txt", tmp_path / "out"
+    victim.write_text("precious")
+    out.mkdir()
+    (out / sample.INDEX).symlink_to(victim)
+    sample.run_sample(make_cfg("chain.steps=8", "chain.segments=2"), str(trained), ["a"], None, [0], 8, None, out,
+                      False)
+    assert victim.read_text() == "precious" and not (out / sample.INDEX).is_symlink()
+    assert json.loads((out / sample.INDEX).read_text())["images"][0]["prompt"] == "a"

@@ -45,6 +45,37 @@ def test_a_checkpoint_that_would_run_code_is_refused(make_cfg, tmp_path):
     assert not marker.exists()
 
 
+@pytest.mark.parametrize("link", [".shortft.lock", "metrics.jsonl", "samples/.tmp-step_000004.png"])
+def test_a_resume_refuses_a_run_folder_that_holds_a_symbolic_link(make_cfg, tmp_path, link):
+    """A received run folder (or one on shared storage) with `metrics.jsonl -> ~/.bashrc`: the resume appended
+    its rows there; a linked `.shortft.lock` had its target replaced by the lock's JSON."""
+    cfg = make_cfg("train.steps=4", "train.checkpoint_every=2", "chain.steps=4", "chain.segments=2")
+    shortft.train(cfg)
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious\n")
+    (cfg.output_dir / link).unlink(missing_ok=True)
+    (cfg.output_dir / link).symlink_to(victim)
+    more = make_cfg("train.steps=6", "train.checkpoint_every=2", "chain.steps=4", "chain.segments=2")
+    with pytest.raises(ConfigError, match=f"{link}: a symbolic link \\(to {victim}\\); a run folder holds none"):
+        shortft.train(more, resume=True)
+    assert victim.read_text() == "precious\n"
+
+
+def test_whole_file_writes_replace_a_planted_temporary_link(tmp_path):
+    """The temporary file of a whole-or-nothing write, planted as a link, was written through."""
+    from shortft.evaluate import save_grid
+    from shortft.out_paths import write_whole
+
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    for name in ("samples.json", "grid.png"):
+        (tmp_path / f".tmp-{name}").symlink_to(victim)
+    write_whole(tmp_path / "samples.json", "{}")
+    save_grid(torch.zeros(1, 3, 4, 4), tmp_path / "grid.png")
+    assert victim.read_text() == "precious" and (tmp_path / "samples.json").read_text() == "{}"
+    assert not any(p.is_symlink() for p in tmp_path.iterdir())
+
+
 def test_a_checkpoint_with_cuda_rng_state_resumes_on_a_cpu(make_cfg, tmp_path):
     cfg = make_cfg("train.steps=4", "train.checkpoint_every=2", "chain.steps=4", "chain.segments=2",
                    f"train.output_dir={tmp_path}/run")

@@ -40,7 +40,7 @@ def remove_checkpoints(folder: str) -> int:
     root = Path(folder) / "checkpoints"
     if not root.is_dir():
         return 0
-    with run_lock.held(Path(folder), wait_s=WAIT_S, quiet=True):
+    with run_lock.held(Path(folder), wait_s=WAIT_S, quiet=True, links_refused=False):
         size = sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
         shutil.rmtree(root, ignore_errors=True)
     return size
