@@ -172,19 +172,31 @@ def check_new_run(out: Path, template: str = "{name}", steps: int | None = None)
     other = ("set name=<new name> (or train.output_dir) to start another" if "{name}" in template else
              "set train.output_dir=<another folder> to start another (this config's train.output_dir names the "
              "folder itself, without {name}: name= does not move it)")
-    held = latest(Path(out) / "checkpoints")
+    held, result = latest(Path(out) / "checkpoints"), _result_steps(Path(out) / "result.json")
     if held is not None:
-        step, finished = step_of(held), (Path(out) / "result.json").is_file()
+        step = step_of(held)
+        finished = result is not None and result >= step  # one trained on past its result and stopped: not finished
         if not finished:
             go_on = "pass --resume to continue it"
         elif steps is not None and steps > step:
             go_on = f"pass --resume to train it on to step {steps} (train.steps)"
         else:
             go_on = f"pass --resume train.steps=<more than {step}> to train it further"
+        past = f"; its result.json is of step {result}" if result is not None and not finished else ""
         raise ConfigError(f"train.output_dir {out} holds a {'finished ' if finished else ''}run (checkpoints to step "
-                          f"{step}); {go_on}, or {other}")
+                          f"{step}{past}); {go_on}, or {other}")
     if (Path(out) / "result.json").is_file():
         raise ConfigError(f"train.output_dir {out} holds a finished run (result.json, lora/); {other}")
+
+
+def _result_steps(path: Path) -> int | None:
+    """The steps of a run's result.json; None where there is none (one unreadable counts as the run's end)."""
+    if not path.is_file():
+        return None
+    try:
+        return int(json.loads(path.read_text())["steps"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return 1 << 62
 
 
 def set_aside_newer(root: Path, step: int) -> list[Path]:

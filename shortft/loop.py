@@ -31,6 +31,7 @@ from shortft.lora import lora_params
 from shortft.lora_save import save_loras_whole
 from shortft.models import Models, load_models
 from shortft.memory import explained, peak_memory_mb
+from shortft.metrics_file import last_evaluation, read_metrics
 from shortft.preflight import memory_of
 from shortft.out_paths import output_folder, write_whole
 from shortft.progress import bar, say, warn
@@ -65,20 +66,6 @@ class TrainResult:
 # What every step logs (metrics.jsonl, MLflow, Ray Train), besides "reward" and "reward/<term>".
 STEP_METRICS = ("step", "stage", "loss", "grad_norm", "skipped", "network_calls", "grad_calls", "train_seconds",
                 "calls_total", "lr", "seconds_per_step", "images_per_second", "peak_memory_mb")
-
-
-def read_metrics(path: Path) -> list[dict]:
-    """The rows of a run's metrics.jsonl (one per step), [] when there is none. A line cut short (a kill
-    or a full disk as it was written) is left out with a warning; the run's resume writes the file again."""
-    rows = []
-    for number, line in enumerate(Path(path).read_text().splitlines() if Path(path).is_file() else [], 1):
-        if not line.strip():
-            continue
-        try:
-            rows.append(json.loads(line))
-        except ValueError:
-            warn(f"{path}: line {number} is cut short or not JSON; left out")
-    return rows
 
 
 def micro_batch_loss(models: Models, rewards: Rewards, cfg: Config, prompts: list[str], noise: torch.Tensor,
@@ -187,12 +174,14 @@ def _train(cfg: Config, callbacks, resume, rank: int, world_size: int, stop: Sto
     for cb in callbacks:
         cb.on_start(models, start)
     total, done = cfg.train.steps, start
-    # a resumed run may have spent its budget: its result keeps the last evaluation it made
-    eval_metrics = next(({k: v for k, v in r.items() if k.startswith("eval/")} for r in reversed(history)
-                         if any(k.startswith("eval/") for k in r)), {})
+    evaluated, eval_metrics = last_evaluation(history)  # a resumed run that spent its budget keeps its last one
     remaining = range(start, start if budget.done(start) else total)
-    if is_main and resume and not remaining:
-        warn(f"resume: step {start} of train.steps={total} (or the budget) reached; nothing left to train")
+    if is_main and resume and not remaining:  # one killed after a checkpoint past its last evaluation: evaluated now
+        again = "" if evaluated == start else (f"; its last evaluation was of step {evaluated}: evaluating step "
+                                               f"{start}'s LoRAs")
+        warn(f"resume: step {start} of train.steps={total} (or the budget) reached; nothing left to train{again}")
+        if again:
+            eval_metrics = evaluate(models, cfg, rewards, out / "samples" / f"step_{start:06d}.png", grid_optional=True)
     steps = bar(remaining, initial=start, total=total, desc="train", unit="step", show=is_main)
     for step in steps:
         t0 = time.perf_counter()

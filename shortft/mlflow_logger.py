@@ -10,7 +10,8 @@ import time
 from pathlib import Path
 
 from shortft.evaluate import scalars
-from shortft.loop import Callback, TrainResult, read_metrics
+from shortft.loop import Callback, TrainResult
+from shortft.metrics_file import read_metrics
 from shortft.machine import run_tags
 from shortft.mlflow_client import fail_fast
 from shortft.progress import warn

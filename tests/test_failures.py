@@ -1043,6 +1043,39 @@ def test_a_resume_keeps_the_runs_stages_result_and_the_other_line_of_checkpoints
         shortft.train(make_cfg(*base, "train.steps=1", f"train.output_dir={tmp_path}/{{name}}", "name=run"))
 
 
+def test_a_run_killed_past_its_result_is_not_called_finished_and_its_last_loras_are_evaluated(make_cfg, tmp_path,
+                                                                                                capsys):
+    """A finished run trained on (`--resume train.steps=4`) and killed after step 3's checkpoint was called
+    finished (its result.json of step 2); resumed with its first train.steps=2 it wrote result.json for step 3
+    with the evaluation of step 2's LoRAs, and said it as `done: ... eval {...}`."""
+    from shortft.cli import main
+    from shortft.evaluate import scalars
+    from shortft.loop import Callback
+
+    class Killed(Callback):
+        def on_step(self, step, metrics, artifacts):
+            if step == 3:
+                raise RuntimeError("killed")
+
+    base = ("chain.steps=4", "chain.segments=1", "eval.every=0", "train.checkpoint_every=1")
+    first = shortft.train(make_cfg(*base, "train.steps=2")).eval
+    with pytest.raises(RuntimeError, match="killed"):
+        shortft.train(make_cfg(*base, "train.steps=4"), [Killed()], resume=True)
+    with pytest.raises(ConfigError, match=r"holds a run \(checkpoints to step 3; its result.json is of step 2\); "
+                                          r"pass --resume to continue it"):
+        shortft.train(make_cfg(*base, "train.steps=4"))
+    capsys.readouterr()
+    result = shortft.train(make_cfg(*base, "train.steps=2"), resume=True)
+    assert ("nothing left to train; its last evaluation was of step 2: evaluating step 3's LoRAs"
+            in capsys.readouterr().err)
+    saved = json.loads((tmp_path / "run" / "result.json").read_text())
+    assert saved["steps"] == 3 and saved["eval"] == result.eval != first
+    assert main(["eval", "--config", "tiny", "--lora", str(tmp_path / "run" / "lora"), *base,
+                 f"model.pretrained={make_cfg().model.pretrained}"]) == 0
+    out = capsys.readouterr().out
+    assert json.loads(out[out.index("{"):]) == scalars(result.eval)  # `shortft eval` of the run's LoRAs
+
+
 def test_a_checkpoint_is_on_the_disk_before_it_is_published_and_the_one_before_it_pruned(make_cfg, tmp_path,
                                                                                          monkeypatch):
     """Nothing was fsynced: the rename that publishes a checkpoint, and the pruning after it, could outrun

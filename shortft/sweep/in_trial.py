@@ -20,7 +20,8 @@ from pathlib import Path
 
 from shortft import checkpoint
 from shortft.config import Config, TrainConfig
-from shortft.loop import read_metrics, train
+from shortft.loop import train
+from shortft.metrics_file import read_metrics
 from shortft.mlflow_logger import MlflowLogger
 from shortft.mlflow_relay import start_relay
 from shortft.ray_reports import FAULT_MARKER, FaultInjector, RayReport, fault_request, readable
