@@ -10,6 +10,7 @@ import shlex
 
 from shortft.arguments import OneLineParser, comma_items
 from shortft.config import ConfigError, builtin_configs
+from shortft.interrupt import Interrupted
 
 
 def at_least(low: int):
@@ -167,13 +168,16 @@ def interrupted_line(e: KeyboardInterrupt, args: argparse.Namespace, argv: list[
     if args.command != "train":  # `eval`, `sample`: nothing to resume (they said `--resume`, which they lack)
         return f"interrupted: {e}" if str(e) else "interrupted"
     line = f"interrupted: {e}" if str(e) else "interrupted; continue with --resume"
+    # A run stopped after a step (`Interrupted`) goes on from the checkpoint it wrote, its latest; one stopped
+    # before (its set-up, the lock's wait, a second Ctrl-C in a save) from the one it was given, if any.
+    since = None if isinstance(e, Interrupted) else args.resume
     return re.sub(r"continue (it )?with --resume( --workers \d+)?",
-                  lambda _: f"continue with: {resume_command(argv, args.resume)}", line)
+                  lambda _: f"continue with: {resume_command(argv, args.resume, since)}", line)
 
 
-def resume_command(argv: list[str], resume: bool | str) -> str:
-    """The `shortft` command that continues an interrupted `train`: its own arguments with --resume (a
-    checkpoint it was given dropped: the run's latest, the one it stopped with, is where it goes on)."""
+def resume_command(argv: list[str], resume: bool | str, since: bool | str | None = None) -> str:
+    """The `shortft` command that continues an interrupted `train`: its own arguments with --resume, and the
+    checkpoint `since` (a path) where it should go on from one the run was given, not from its latest."""
     kept = []
     for i, a in enumerate(argv):
         if a == "--resume" or a.startswith("--resume="):
@@ -181,4 +185,4 @@ def resume_command(argv: list[str], resume: bool | str) -> str:
         if isinstance(resume, str) and a == resume and i and argv[i - 1] == "--resume":
             continue
         kept.append(a)
-    return shlex.join(["shortft", *kept, "--resume"])
+    return shlex.join(["shortft", *kept, "--resume", *([since] if isinstance(since, str) else [])])

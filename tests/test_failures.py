@@ -724,6 +724,7 @@ def test_ctrl_c_in_eval_or_sample_says_interrupted_and_in_train_how_to_continue(
     """`eval` and `sample` told to resume with --resume, a flag they do not have (nothing to resume); `train`
     interrupted before its first step said `--resume` alone, which drops the command's overrides."""
     from shortft import cli, sample
+    from shortft.interrupt import Interrupted
 
     def interrupted(*a, **k):
         raise KeyboardInterrupt
@@ -738,6 +739,19 @@ def test_ctrl_c_in_eval_or_sample_says_interrupted_and_in_train_how_to_continue(
     assert cli.main(["train", "--config", "tiny", "name=my run", "train.steps=60", "--no-mlflow"]) == 130
     assert capsys.readouterr().err == ("shortft: interrupted; continue with: shortft train --config tiny 'name=my run' "
                                        "train.steps=60 --no-mlflow --resume\n")
+    # stopped before it wrote a checkpoint of its own (its set-up, the lock's wait): the checkpoint it was given
+    # is where it goes on (without it, a run resumed from another run's step 35 started again at step 0)
+    assert cli.main(["train", "--config", "tiny", "name=fork", "--resume", "runs/ref/checkpoints/step_000035"]) == 130
+    assert capsys.readouterr().err == ("shortft: interrupted; continue with: shortft train --config tiny name=fork "
+                                       "--resume runs/ref/checkpoints/step_000035\n")
+
+    def stopped(*a, **k):  # after a step and its checkpoint: that one, the run's latest, is where it goes on
+        raise Interrupted("SIGINT after step 36; checkpoint runs/fork/checkpoints/step_000036; continue with --resume",
+                          130)
+
+    monkeypatch.setattr(cli, "run_train", stopped)
+    assert cli.main(["train", "--config", "tiny", "name=fork", "--resume=runs/ref/checkpoints/step_000035"]) == 130
+    assert capsys.readouterr().err.endswith("continue with: shortft train --config tiny name=fork --resume\n")
 
 
 @pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
