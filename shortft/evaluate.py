@@ -35,13 +35,13 @@ def seeded_noise(models: Models, seeds: list[int]) -> torch.Tensor:
 
 @torch.no_grad()
 def generate(models: Models, cfg: Config, prompts: list[str], seeds: list[int], plan: TrainingPlan | None = None,
-             progress: bool = True) -> torch.Tensor:
+             progress: bool = True, desc: str = "sampling") -> torch.Tensor:
     """[B, 3, H, W] images in [0, 1] from the original sampler with `plan`'s LoRAs (default: the models'
     own; a plan with no adapters gives the base model), in eval.batch_size chunks."""
     out = []
     size = cfg.eval.batch_size
     calls = (plan or models.plan).inference_calls(models.denoiser.timesteps(cfg.chain.steps))
-    for i in bar(range(0, len(prompts), size), show=progress, desc="sampling", unit="batch", leave=False):
+    for i in bar(range(0, len(prompts), size), show=progress, desc=desc, unit="batch", leave=False):
         condition = models.condition(prompts[i:i + size], cfg.chain.guidance_scale, cfg.chain.guidance_scale)
         latents = original_sampler(models.denoiser, seeded_noise(models, seeds[i:i + size]), condition, calls)
         out.append(models.decode(latents).cpu())

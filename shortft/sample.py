@@ -151,24 +151,27 @@ def run_sample(cfg: Config, lora: str, prompt: list[str], prompts_file: str | No
                                                                                  guidance)) if given is not None}
     models = load_trained(cfg, lora, flags)
     items = [(p, s) for p in prompts for s in seeds]
-    tuned = generate(models, cfg, [p for p, _ in items], [s for _, s in items])
+    both = ("sampling (tuned)", "sampling (base)") if compare else ("sampling", "")
+    tuned = generate(models, cfg, [p for p, _ in items], [s for _, s in items], desc=both[0])
+    if compare:  # every image drawn before the folder changes: a Ctrl-C here leaves the earlier sample whole
+        base = generate(models, cfg, [p for p, _ in items], [s for _, s in items],
+                        plan=dataclasses.replace(models.plan, adapters=()), desc=both[1])
     out.mkdir(parents=True, exist_ok=True)
     if removed := clear_earlier(out):
         warn(f"shortft: note: {out}: the {removed} image(s) of the earlier sample there are replaced by these "
              "(--out <folder> keeps both)")
     images = [{"file": f"{i:03d}-{_slug(prompt)}-seed{seed}.png", "prompt": prompt, "seed": seed}
               for i, (prompt, seed) in enumerate(items)]
+    if compare:
+        images.append({"file": "compare.png", "prompt": "base | tuned, one row per prompt and seed, in the order above"})
+    # the index before its images: one cut short as it writes them names them all (the next sample removes them)
+    write_whole(out / INDEX, json.dumps({"lora": str(lora) if lora else None, "steps": chain.steps,
+                                         "guidance_scale": chain.guidance_scale, "images": images}, indent=1))
     for entry, image in zip(images, tuned):
         save_grid(image[None], out / entry["file"], min_tile=1)
     if compare:
-        base = generate(models, cfg, [p for p, _ in items], [s for _, s in items],
-                        plan=dataclasses.replace(models.plan, adapters=()))
         pairs = torch.stack([base, tuned], 1).flatten(0, 1)  # base_0, tuned_0, base_1, ...
-        path = save_grid(pairs, out / "compare.png", cols=2)
-        images.append({"file": path.name, "prompt": "base | tuned, one row per prompt and seed, in the order above"})
-        print(f"base | tuned, one row per prompt and seed: {path}")
-    write_whole(out / INDEX, json.dumps({"lora": str(lora) if lora else None, "steps": chain.steps,
-                                         "guidance_scale": chain.guidance_scale, "images": images}, indent=1))
+        print(f"base | tuned, one row per prompt and seed: {save_grid(pairs, out / 'compare.png', cols=2)}")
     print(f"{len(items)} image(s) in {out} (which prompt and seed each is: {out / INDEX})")
     return out
 

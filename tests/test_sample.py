@@ -470,3 +470,28 @@ def test_sample_writes_its_index_in_place_of_a_link_not_through_it(trained, make
                       False)
     assert victim.read_text() == "precious" and not (out / sample.INDEX).is_symlink()
     assert json.loads((out / sample.INDEX).read_text())["images"][0]["prompt"] == "a"
+
+
+def test_a_sample_cut_short_leaves_an_index_of_its_own_images(trained, make_cfg, tmp_path, monkeypatch):
+    """A `sample` killed as it wrote its images (its `--compare` sampling was still to come) left the earlier
+    sample's samples.json naming another LoRA and steps, and its own images listed nowhere (so the next
+    sample left them behind)."""
+    from shortft import sample
+
+    cfg, out = make_cfg("chain.steps=8", "chain.segments=2"), tmp_path / "out"
+    sample.run_sample(cfg, str(trained), ["a"], None, [0, 1], 8, None, out, False)
+    real, saved = sample.save_grid, []
+
+    def killed(images, path, **kw):
+        saved.append(real(images, path, **kw))
+        if len(saved) == 1:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(sample, "save_grid", killed)
+    with pytest.raises(KeyboardInterrupt):
+        sample.run_sample(cfg, str(trained), ["b"], None, [0, 1], 4, None, out, True)
+    index = json.loads((out / sample.INDEX).read_text())
+    assert index["steps"] == 4 and {p.name for p in out.glob("*.png")} <= {e["file"] for e in index["images"]}
+    monkeypatch.setattr(sample, "save_grid", real)
+    sample.run_sample(cfg, str(trained), ["c"], None, [0], 8, None, out, False)
+    assert [p.name for p in out.glob("*.png")] == ["000-c-seed0.png"]
