@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from contextlib import suppress
 from pathlib import Path
 
 import yaml
@@ -24,10 +25,11 @@ import yaml
 from shortft.arguments import comma_items, name_too_long
 from shortft.checks import load_config
 from shortft.cli_parser import int_list, interrupted_line, parser as _parser
-from shortft.config import PARTS, READS, ConfigError, describe, parse_overrides, replaced, to_dict
+from shortft.config import PARTS, READS, ConfigError, describe, flatten, parse_overrides, replaced, to_dict
 from shortft.memory import OutOfMemory, explained
 from shortft.out_paths import image_suffixes, output_file, output_folder
 from shortft.progress import quiet_libraries
+from shortft.safe_load import Unreadable
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -186,6 +188,9 @@ def run_train(cfg, args) -> int:
     check_resume_folder(cfg, args)
     if not args.resume:  # before the MLflow run is made: a refused run left a FAILED one, which --resume took up
         check_new_run(cfg.output_dir, cfg.train.output_dir, cfg.train.steps)
+    elif args.workers <= 0:  # its checkpoint's settings (refused once the models had loaded)
+        with suppress(Unreadable):  # the run goes back to the checkpoint before it, saying so
+            resume_line(cfg, args)
     with run_lock.held(cfg.output_dir):
         if args.workers <= 0:
             return _run_train(cfg, args, uri, experiment)
@@ -255,7 +260,8 @@ def check_resume_folder(cfg, args) -> None:
 def resume_line(cfg, args) -> str:
     """Where `train --resume` would start (a dry run): the checkpoint and its step, or step 0."""
     from shortft import checkpoint
-    from shortft.resume_settings import check_workers
+    from shortft.plan import training_plan
+    from shortft.resume_settings import changed_settings, check_workers
 
     check_resume_folder(cfg, args)
     if args.workers:
@@ -269,7 +275,9 @@ def resume_line(cfg, args) -> str:
             return f"resume: no checkpoint under {cfg.output_dir / 'checkpoints'}; the run would start from step 0"
     state = checkpoint.read_state(path)
     check_workers(path, state, 1)  # the run itself refuses it: the dry run said it would resume
-    return f"resume: from {path} at step {state['step']}"
+    changed = changed_settings(path, flatten(to_dict(cfg)), list(training_plan(cfg).adapters))  # or these
+    return f"resume: from {path} at step {state['step']}" + (
+        "; settings changed since the checkpoint: " + ", ".join(changed) if changed else "")
 
 
 def note_unused_flags(args) -> None:

@@ -384,7 +384,7 @@ def test_the_dry_run_notes_flags_that_apply_with_workers_only_as_the_run_does(ca
 
 
 def test_an_override_after_resume_is_an_override_and_the_dry_run_says_where_the_resume_starts(tmp_path, capsys,
-                                                                                             tiny_dir):
+                                                                                             tiny_dir, monkeypatch):
     """`train --resume train.steps=400` took `train.steps=400` for the checkpoint path to resume from."""
     import shortft
     from shortft.cli import main
@@ -406,6 +406,15 @@ def test_an_override_after_resume_is_an_override_and_the_dry_run_says_where_the_
         "to train it on to step 30 (train.steps), or set train.output_dir=<another folder> to start another (this "
         "config's train.output_dir "
         "names the folder itself, without {name}: name= does not move it)")
+    # the resume's settings against the checkpoint's: the dry run said "resume: from ..." where the run, once its
+    # models had loaded, refused them (another chain.segments) or said what changed (train.lr)
+    assert main(["train", "--config", "tiny", "--dry-run", *run, "--resume", "train.lr=0.5"]) == 0
+    assert capsys.readouterr().out.strip().endswith("at step 2; settings changed since the checkpoint: train.lr 0.003 "
+                                                    "-> 0.5")
+    for dry in (["--dry-run"], []):
+        monkeypatch.setattr("shortft.loop.load_models", None)  # refused before the models load
+        assert main(["train", "--config", "tiny", *dry, *run, "chain.segments=4", "--resume", "--no-mlflow"]) == 2
+        assert "written with chain.segments=2; this run has chain.segments=4" in capsys.readouterr().err
 
 
 def test_output_dir_expands_the_home_folder_and_the_cache_a_file_is_one_line(tmp_path, monkeypatch):
