@@ -191,10 +191,8 @@ def check_new_run(out: Path, template: str = "{name}", steps: int | None = None)
 
 def _result_steps(path: Path) -> int | None:
     """The steps of a run's result.json; None where there is none (one unreadable counts as the run's end)."""
-    if not path.is_file():
-        return None
     try:
-        return int(json.loads(path.read_text())["steps"])
+        return int(json.loads(path.read_text())["steps"]) if path.is_file() else None
     except (OSError, ValueError, KeyError, TypeError):
         return 1 << 62
 
@@ -233,19 +231,27 @@ def check_resume_path(resume: bool | str | Path) -> None:
 def load(path: Path, unet, adapters: list[str], optimizer, scaler: torch.amp.GradScaler | None = None) -> dict:
     """Restores LoRA weights, optimizer (its moments; the lr and weight decay stay this run's), GradScaler
     and RNG state in place; returns state.json (with `step`).
-    An `Unreadable` file leaves the optimizer and RNG as they were (state.json and optimizer.pt are read
-    before either is set), and the checkpoint loaded next overwrites every LoRA."""
+    An `Unreadable` file (one cut short, or whole but not what a run writes) raises before or while they are
+    set; the checkpoint loaded next sets every LoRA, the optimizer and the RNG again."""
     path = Path(path)
     state = read_state(path)
     load_lora_state(unet, path / "lora", adapters)
     blob = safe_load.load(path / "optimizer.pt", "checkpoint")
     settings = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
-    optimizer.load_state_dict(blob["optimizer"])
+    try:  # whole, but another program's or hand-edited: torch's traceback (KeyError 'param_groups')
+        why = None if isinstance(blob, dict) else f"not a dict but a {type(blob).__name__}"
+        if why is None:
+            optimizer.load_state_dict(blob["optimizer"])
+            if scaler is not None and scaler.is_enabled() and "scaler" in blob:
+                scaler.load_state_dict(blob["scaler"])
+            _set_rng_state(blob["rng"])
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError) as e:
+        why = f"{type(e).__name__}: {str(e)[:150]}"
+    if why is not None:
+        raise Unreadable(f"checkpoint {path / 'optimizer.pt'}: not what a run writes ({why}); give a checkpoint a run "
+                         "wrote, whole")
     for group, now in zip(optimizer.param_groups, settings):  # this run's lr and weight decay, not the saved ones
         group.update(now)
-    if scaler is not None and scaler.is_enabled() and "scaler" in blob:
-        scaler.load_state_dict(blob["scaler"])
-    _set_rng_state(blob["rng"])
     return state
 
 

@@ -909,6 +909,13 @@ def test_an_unreadable_checkpoint_gives_way_to_the_one_before_it_on_resume(make_
     optimizer.write_bytes(optimizer.read_bytes()[:8000])
     with pytest.raises(ConfigError, match=r"^checkpoint .*step_000008/optimizer.pt: not a torch checkpoint \(OSError"):
         shortft.train(make_cfg(*small[:-1], "train.steps=10"), resume=ckpts / "step_000008")  # was torch's traceback
+    # whole, but not what a run writes (another program's, a hand edit): KeyError 'param_groups' in a traceback
+    for blob, why in (({"optimizer": {}, "rng": {}}, "KeyError: 'param_groups'"), ([1, 2], "not a dict")):
+        torch.save(blob, optimizer)
+        with pytest.raises(ConfigError, match=rf"^checkpoint .*step_000008/optimizer.pt: not what a run writes \({why}"):
+            shortft.train(make_cfg(*small[:-1], "train.steps=10"), resume=ckpts / "step_000008")
+    result = shortft.train(make_cfg(*small[:-1], "train.steps=10"), resume=True)  # the one before it, said
+    assert f"resumed from {ckpts / 'step_000006'} at step 6" in capfd.readouterr().err and result.steps == 10
 
 def test_a_sweep_trials_unreadable_tune_copy_gives_way_to_its_run_folder_and_ranks_that_disagree_stop(
         make_cfg, tmp_path, capfd, monkeypatch):
