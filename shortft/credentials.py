@@ -5,8 +5,10 @@ MLflow prints or stores (Tune's trial configs, params.json, logs, a run folder's
 from __future__ import annotations
 
 import os
+import re
 import urllib.parse
 
+from shortft.config import ConfigError
 from shortft.progress import warn
 
 CREDENTIAL_ENV = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN", "PGPASSWORD")
@@ -18,7 +20,12 @@ def split_credentials(uri: str) -> tuple[str, dict[str, str]]:
     token as MLflow's own environment variables; `postgresql://user:password@host/db` ->
     `postgresql://user@host/db` and $PGPASSWORD (libpq reads it; also from `?password=`). Other URIs as they
     are. Sets nothing."""
-    parts = urllib.parse.urlsplit(uri)
+    try:
+        parts = urllib.parse.urlsplit(uri)
+        parts.port  # noqa: B018 - read now: a port out of range or not a number raised as the URI was printed
+    except ValueError as e:  # urllib's traceback
+        raise ConfigError(f"tracking URI {redacted(uri)}: {e}; give scheme://host:port/..., e.g. "
+                          "http://127.0.0.1:5000") from None
     if parts.scheme.split("+")[0] == "postgresql":  # libpq also takes `?password=` in the query
         query = urllib.parse.parse_qsl(parts.query, keep_blank_values=True)
         env = {"PGPASSWORD": value for key, value in query if key == "password"}
@@ -45,6 +52,11 @@ def split_credentials(uri: str) -> tuple[str, dict[str, str]]:
     host = parts.hostname or ""
     netloc = (f"[{host}]" if ":" in host else host) + (f":{parts.port}" if parts.port else "")
     return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, urllib.parse.urlencode(kept), parts.fragment)), env
+
+
+def redacted(uri: str) -> str:
+    """`uri` with the password of its `user:password@` (if any) shown as `***`: for the lines that name it."""
+    return re.sub(r"^([^/]*//[^/@:]*):[^/@]*@", r"\1:***@", uri)
 
 
 def take_credentials(uri: str) -> str:

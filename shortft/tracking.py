@@ -16,7 +16,8 @@ from pathlib import Path
 
 from shortft.captured import captured_warnings
 from shortft.config import Config, ConfigError, flatten, to_dict
-from shortft.credentials import CREDENTIAL_ENV, credentials_env, split_credentials, take_credentials  # noqa: F401
+from shortft.credentials import (  # noqa: F401
+    CREDENTIAL_ENV, credentials_env, redacted, split_credentials, take_credentials)
 from shortft.mlflow_client import SQLITE, open_client, sqlite_path
 
 RUN_KEY = "shortft.run_key"
@@ -54,9 +55,12 @@ def resolve_uri(uri: str) -> str:
 
 def check_tracking_uri(uri: str) -> None:
     """Fail fast, with one line, when runs could not be logged."""
-    from_env = uri == os.environ.get("MLFLOW_TRACKING_URI")  # "pass another --tracking-uri" of one never passed
+    env = os.environ.get("MLFLOW_TRACKING_URI")  # "pass another --tracking-uri" of one never passed; credentials
+    with contextlib.suppress(ConfigError):  # moved out of it (a server's) or not
+        env = env and split_credentials(env)[0]
+    from_env = bool(env) and uri == env
     source = " (from $MLFLOW_TRACKING_URI)" if from_env else ""
-    shown = uri + source
+    shown = redacted(uri) + source  # a database's password stays in its URI: not in the line
     other = "set MLFLOW_TRACKING_URI to another or pass --tracking-uri" if from_env else "pass another --tracking-uri"
     if (path := sqlite_path(uri)) is not None:
         parent = path.parent if str(path.parent) else Path(".")
@@ -95,7 +99,7 @@ def check_tracking_uri(uri: str) -> None:
                               f"{'install the driver it names, ' if isinstance(e, ImportError) else ''}fix its "
                               f"settings or {other}") from None
     else:
-        raise ConfigError(f"tracking URI {uri!r}{source}: use sqlite:///path/mlflow.db or http(s)://host:port "
+        raise ConfigError(f"tracking URI {redacted(uri)!r}{source}: use sqlite:///path/mlflow.db or http(s)://host:port "
                           "(MLflow 3.17+ no longer reads a ./mlruns file store)")
 
 

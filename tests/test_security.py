@@ -176,6 +176,23 @@ def test_a_postgresql_stores_password_leaves_the_uri_for_libpqs_environment(monk
     assert "password (mysql://) stays in it" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("uri,line", [
+    ("http://alice:S3cretPW@127.0.0.1:99999/", "tracking URI http://alice:***@127.0.0.1:99999/: Port out of range"),
+    ("http://alice:S3cretPW@127.0.0.1:abc/", "tracking URI http://alice:***@127.0.0.1:abc/: Port could not be cast"),
+    ("http://alice:S3cretPW@[::1/", "tracking URI http://alice:***@[::1/: Invalid IPv6 URL"),
+    # a database's password stays in its URI (take_credentials says so), but not in the line of its failure
+    ("mysql://alice:S3cretPW@127.0.0.1:1/db", "tracking URI mysql://alice:***@127.0.0.1:1/db: MLflow cannot use it"),
+])
+def test_a_bad_tracking_uri_with_a_password_is_one_line_without_it(uri, line, tmp_path, capsys):
+    """A port out of range was a traceback (ValueError from urllib), and a database URI's failure line
+    printed its password."""
+    from shortft.cli import main
+
+    assert main(["bench", "--config", "toy", "--count-only", "--tracking-uri", uri]) == 2  # checked first
+    err = capsys.readouterr().err
+    assert line in err and "S3cretPW" not in err, err
+
+
 def test_a_resume_into_the_store_of_the_environment_takes_its_credentials_again(tmp_path, monkeypatch):
     """A run folder records its store without credentials. Resumed where $MLFLOW_TRACKING_URI names that store
     with them, the run must log with them: the store is this folder's default (no note), and its user and
