@@ -236,7 +236,7 @@ def _run_train(cfg, args, uri: str | None, experiment: str | None) -> int:
         print(f"shortft: error: {e}", file=sys.stderr)
         return 1
     if uri:
-        print(f"compare runs: mlflow ui --backend-store-uri {uri}")
+        print(tracking.ui_line(uri))
     return 0
 
 

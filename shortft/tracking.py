@@ -103,6 +103,14 @@ def check_tracking_uri(uri: str) -> None:
                           "(MLflow 3.17+ no longer reads a ./mlruns file store)")
 
 
+def ui_line(uri: str) -> str:
+    """Where to compare the runs of the store `uri`: a server's own UI, else `mlflow ui` on it."""
+    if uri.startswith(("http://", "https://")):
+        return (f"compare the runs: the MLflow UI at {uri} (from your machine, on a cluster: ray attach <cluster yaml> "
+                "-p 5000, or kubectl port-forward)")
+    return f"compare the runs: mlflow ui --backend-store-uri {uri}"
+
+
 def _sqlite_or_empty(path: Path) -> bool:
     """Absent, empty (SQLite makes its database there) or an SQLite database by its header."""
     try:

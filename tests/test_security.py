@@ -115,6 +115,8 @@ def test_credentials_in_the_tracking_uri_are_never_printed_or_stored(mlflow_serv
     assert procs[1].returncode == 0, sweep_out[-2000:] + sweep_err[-2000:]
     for output in (run_out, run_err, sweep_out, sweep_err):
         assert "s3cr3t-word" not in output
+    for output in (run_out, sweep_out):  # (`mlflow ui --backend-store-uri http://...`, which opens no server's runs)
+        assert f"compare the runs: the MLflow UI at http://127.0.0.1:{mlflow_server.port}" in output, output[-2000:]
     assert _files_holding(tmp_path, b"s3cr3t-word") == []  # runs, Tune/Train storage, the server's db and artifacts
     client = MlflowClient(f"http://127.0.0.1:{mlflow_server.port}")
     runs = [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])]

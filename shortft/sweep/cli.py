@@ -6,6 +6,7 @@ import argparse
 import os
 import sys
 
+from shortft import tracking
 from shortft.arguments import OneLineParser, name_too_long
 from shortft.config import ConfigError
 from shortft.progress import quiet_libraries
@@ -74,11 +75,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"--lora {lora} --prompt \"...\"")
         else:
             print(f"sweep {result.name}: {best['lora_from']}", file=sys.stderr)
-    if result.tracking_uri and result.tracking_uri.startswith(("http://", "https://")):  # a server: its UI is there
-        print(f"compare the runs: the MLflow UI at {result.tracking_uri} (from your machine, on a cluster: "
-              "ray attach <cluster yaml> -p 5000, or kubectl port-forward)")
-    elif result.tracking_uri:
-        print(f"compare the runs: mlflow ui --backend-store-uri {result.tracking_uri}")
+    if result.tracking_uri:
+        print(tracking.ui_line(result.tracking_uri))
     if result.unfinished:  # Ctrl-C: Tune stopped the sweep and kept its state
         print(f"sweep {result.name} stopped before its end (Tune kept its state): the table holds the trials so far; "
               f"continue it with: python tune/sweep.py --name {result.name} --resume --storage-path "
