@@ -68,7 +68,8 @@ def stop_requests(asked: Callable[[], int] | None = None) -> Iterator[StopReques
     def received(signum, frame) -> None:
         request.signal = signal.Signals(signum)
         restore()  # a second one acts at once
-        print(f"\nshortft: {request.signal.name}: stopping after this step, with a checkpoint (again to stop now)",
+        past = "\n" if sys.stderr.isatty() else ""  # the terminal's ^C, a progress bar's line; a log has neither
+        print(f"{past}shortft: {request.signal.name}: stopping after this step, with a checkpoint (again to stop now)",
               file=sys.stderr, flush=True)
 
     for s in SIGNALS:

@@ -182,8 +182,8 @@ def _train(cfg: Config, callbacks, resume, rank: int, world_size: int, stop: Sto
         warn(f"resume: step {start} of train.steps={total} (or the budget) reached; nothing left to train{again}")
         if again:
             eval_metrics = evaluate(models, cfg, rewards, out / "samples" / f"step_{start:06d}.png", grid_optional=True)
-    steps = bar(remaining, initial=start, total=total, desc="train", unit="step", show=is_main)
-    for step in steps:
+    steps = bar(initial=start, total=total, desc="train", unit="step", show=is_main)  # ends at the last step
+    for step in remaining:
         t0 = time.perf_counter()
         stage = budget.stage(step, plan.stages)
         training = set(plan.trainable(stage))
@@ -270,10 +270,12 @@ def _train(cfg: Config, callbacks, resume, rank: int, world_size: int, stop: Sto
         for cb in callbacks:
             cb.on_step(step + 1, metrics, artifacts)
         guard.stop_if_diverged(step + 1)
+        steps.update()
         if last:
             break
         if stopping:
             stop.stop(step + 1, artifacts.get("checkpoint"))
+    steps.close()
 
     lora_dir = out / "lora"
     if is_main:

@@ -776,6 +776,7 @@ def test_ctrl_c_or_sigterm_ends_the_step_in_progress_with_a_checkpoint_that_resu
     assert last == (f"shortft: interrupted: {sig.name} after step {step}; checkpoint {checkpoint}; continue with: "
                     + shlex.join(["shortft", *args[3:], "--resume"])), last
     assert f"shortft: {sig.name}: stopping after this step, with a checkpoint" in err
+    assert f"\n\nshortft: {sig.name}: stopping" not in "\n" + err  # a blank line first: past a terminal's ^C only
     assert "Creating initial MLflow database tables" not in err  # MLflow's INFO lines on a new store's first use
     assert checkpoint.is_dir() and not (tmp_path / "run" / "lora").exists()
     assert _status(tmp_path) == ("KILLED", f"{sig.name} after step {step}; checkpoint {checkpoint}; continue with "

@@ -391,6 +391,21 @@ def test_a_resumed_run_logs_into_its_own_mlflow_run_from_any_folder_and_after_a_
     assert "secret" not in (tmp_path / "r" / run_record.FILE).read_text()
 
 
+def test_the_train_bar_ends_at_the_last_step(make_cfg, monkeypatch):
+    """On a terminal the bar stayed at `75% 3/4` once a run had ended: the loop leaves it at its last step."""
+    import io
+
+    from tqdm import tqdm
+
+    from shortft import loop
+
+    bars = []
+    monkeypatch.setattr(loop, "bar", lambda *a, show=True, **kw: bars.append(tqdm(*a, file=io.StringIO(), **kw))
+                        or bars[-1])
+    shortft.train(make_cfg("train.steps=3", "chain.steps=4", "chain.segments=2", "eval.every=0"))
+    assert (bars[0].n, bars[0].total) == (3, 3)
+
+
 def test_cli_train_runs_and_reports(tmp_path, tiny_dir):
     p = subprocess.run([sys.executable, "-m", "shortft.cli", "train", "--config", "tiny", "train.steps=2",
                         "chain.steps=4", "chain.segments=2", f"model.pretrained={tiny_dir}",
