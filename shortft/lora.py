@@ -19,9 +19,9 @@ from typing import Sequence
 import torch
 
 from shortft.config import ConfigError
+from shortft.lora_plan import read_lora_plan
 from shortft.safe_load import Unreadable
 
-PLAN_FILE = "shortft_lora.json"
 
 
 class AdapterSwitch:
@@ -122,37 +122,6 @@ def load_lora_state(unet, lora_dir: Path, names: Sequence[str]) -> None:
             raise ConfigError(f"LoRA {name} in {lora_dir}: {len(result.unexpected_keys)} keys this UNet does not "
                               f"have and {len(missing)} it lacks (e.g. {example}); it was trained for another "
                               "model or with other lora.targets")
-
-
-# What a `shortft_lora.json` must hold (`save_loras` writes it; sampling and `enable_timestep_aware` read it).
-_PLAN_KEYS = {"method": str, "segments": int, "adapters": list, "timesteps": list, "step_adapters": list}
-
-
-def read_lora_plan(lora_dir: str | Path) -> dict:
-    """The `shortft_lora.json` of a LoRA folder a run wrote; a ConfigError naming the folder if absent, or
-    the file if it is not what a run writes."""
-    if not Path(lora_dir).is_dir():
-        what = "a file" if Path(lora_dir).exists() else "no such folder"
-        raise ConfigError(f"--lora {lora_dir}: {what}; give the lora/ dir a train run wrote")
-    plan_file = Path(lora_dir) / PLAN_FILE
-    if not plan_file.is_file():
-        inside = Path(lora_dir) / "lora"  # a run's or a checkpoint's folder, given for its lora/
-        raise ConfigError(f"--lora {lora_dir}: no {PLAN_FILE} there; " + (
-            f"give {inside}" if (inside / PLAN_FILE).is_file() else "give the lora/ dir a train run wrote"))
-    try:
-        plan = json.loads(plan_file.read_text())
-    except (OSError, ValueError) as e:
-        raise Unreadable(f"LoRA plan {plan_file}: unreadable ({type(e).__name__}: {str(e)[:100]}); give the "
-                         "lora/ dir a train run wrote, whole") from None
-    bad = [k for k, kind in _PLAN_KEYS.items() if not isinstance(plan, dict) or not isinstance(plan.get(k), kind)]
-    if bad:
-        raise Unreadable(f"LoRA plan {plan_file}: {bad[0]!r} missing or of another kind; give the lora/ dir a "
-                         "train run wrote, whole")
-    for name in plan["adapters"]:  # now, not once the models have loaded
-        if not (Path(lora_dir) / str(name) / "pytorch_lora_weights.safetensors").is_file():
-            raise Unreadable(f"LoRA {Path(lora_dir) / str(name)}: no pytorch_lora_weights.safetensors there; give "
-                             "the lora/ dir a train run wrote, whole")
-    return plan
 
 
 def load_unet_lora(unet, folder: str | Path, adapter_name: str) -> None:

@@ -1,5 +1,5 @@
 """A run's LoRAs on disk: each adapter a plain diffusers LoRA folder (its rank and alpha in the file's
-metadata), and `shortft_lora.json`, the per-timestep plan that `lora.read_lora_plan` and
+metadata), and `shortft_lora.json`, the per-timestep plan that `lora_plan.read_lora_plan` and
 `enable_timestep_aware` read back. A run's final `lora/` is put in place whole (`save_loras_whole`)."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import shutil
 from pathlib import Path
 from typing import Sequence
 
-from shortft.lora import PLAN_FILE
+from shortft.lora_plan import PLAN_FILE
 
 
 def save_loras_whole(unet, names: Sequence[str], out_dir: Path, plan: dict) -> Path:

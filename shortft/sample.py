@@ -14,7 +14,8 @@ import torch
 from shortft.config import INTERIOR_ADAPTERS, Config, ConfigError, flatten, to_dict
 from shortft.data import read_prompts
 from shortft.evaluate import generate, save_grid
-from shortft.lora import load_lora_state, read_lora_plan
+from shortft.lora import load_lora_state
+from shortft.lora_plan import read_lora_plan
 from shortft.models import Models, load_models
 from shortft.out_paths import output_folder, write_whole
 from shortft.plan import training_plan

@@ -1,6 +1,7 @@
 """Using what was trained: the timestep switch detaches cleanly, `shortft sample`, quiet LoRA loading."""
 
 import json
+import re
 import subprocess
 import sys
 import warnings
@@ -73,7 +74,7 @@ def test_the_switch_follows_any_schedulers_own_timesteps_and_keeps_the_users_ada
     inside the block, and an adapter name already taken left half the set loaded."""
     from diffusers import DPMSolverMultistepScheduler
 
-    from shortft.lora import read_lora_plan
+    from shortft.lora_plan import read_lora_plan
     from shortft.plan import sampler_plan, stacked
 
     plan = read_lora_plan(trained)
@@ -172,7 +173,7 @@ def test_the_switch_follows_schedulers_that_call_a_timestep_twice(trained, tiny_
     timestep late and the final stack at none of its calls, and Heun never ran segments 2..k."""
     from diffusers import HeunDiscreteScheduler, PNDMScheduler
 
-    from shortft.lora import read_lora_plan
+    from shortft.lora_plan import read_lora_plan
 
     plan = read_lora_plan(trained)
     saved = dict(zip(plan["timesteps"], map(tuple, plan["step_adapters"])))
@@ -231,7 +232,7 @@ def test_a_runs_lora_with_another_base_model_or_rank_names_the_runs_config_befor
 
 def test_a_run_or_checkpoint_folder_given_for_its_lora_names_the_lora_folder(trained):
     """`shortft eval --lora runs/x/checkpoints/step_000002` said only "no shortft_lora.json there"."""
-    from shortft.lora import read_lora_plan
+    from shortft.lora_plan import read_lora_plan
 
     checkpoint = sorted((trained.parent / "checkpoints").glob("step_*"))[-1]
     for folder in (trained.parent, checkpoint):
@@ -495,3 +496,29 @@ def test_a_sample_cut_short_leaves_an_index_of_its_own_images(trained, make_cfg,
     monkeypatch.setattr(sample, "save_grid", real)
     sample.run_sample(cfg, str(trained), ["c"], None, [0], 8, None, out, False)
     assert [p.name for p in out.glob("*.png")] == ["000-c-seed0.png"]
+
+
+@pytest.mark.parametrize("edit,why", [
+    ({"segments": 0}, "segments 0: a whole number from 1 to its 8 timesteps"),  # ZeroDivisionError in plan.py
+    ({"segments": -2}, "segments -2: a whole number from 1"),  # max() arg is an empty sequence
+    ({"segments": True}, "segments True: a whole number from 1"),  # taken as 1
+    ({"segments": 1000000}, "segments 1000000: a whole number from 1 to its 8 timesteps"),
+    ({"method": "bogus"}, "method 'bogus': not one of shortft, full,"),
+    ({"adapters": []}, "adapters []: name at least one"),  # the base model sampled as the run's, unsaid
+    ({"adapters": ["../../ext/segment_1"]}, "adapters: '../../ext/segment_1' is not a folder name beside it"),
+    ({"adapters": [1]}, "adapters: 1 is not a folder name beside it"),  # TypeError in trained_settings
+    ({"step_adapters": [["nope"]]}, "step_adapters: 'nope' is none of its adapters"),
+])
+def test_a_lora_plan_that_no_run_writes_is_one_line(trained, make_cfg, tmp_path, edit, why):
+    """A hand-edited or hostile `shortft_lora.json` (a LoRA folder downloaded, or received) was a traceback
+    (ZeroDivisionError, peft's KeyError, TypeError) or sampled something else without a word."""
+    import shutil
+
+    from shortft import sample
+    from shortft.lora_plan import PLAN_FILE
+
+    lora = tmp_path / "copy" / "lora"
+    shutil.copytree(trained, lora)
+    (lora / PLAN_FILE).write_text(json.dumps({**json.loads((trained / PLAN_FILE).read_text()), **edit}))
+    with pytest.raises(ConfigError, match=f"^LoRA plan {lora / PLAN_FILE}: {re.escape(why)}"):
+        sample.load_trained(make_cfg("chain.steps=8", "chain.segments=2"), str(lora))
