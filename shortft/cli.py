@@ -28,7 +28,7 @@ from shortft.cli_parser import int_list, interrupted_line, parser as _parser
 from shortft.config import PARTS, READS, ConfigError, describe, flatten, parse_overrides, replaced, to_dict
 from shortft.memory import OutOfMemory, explained
 from shortft.out_paths import image_suffixes, output_file, output_folder
-from shortft.progress import quiet_libraries
+from shortft.progress import printable, quiet_libraries
 from shortft.safe_load import Unreadable
 
 
@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "rewards":
             run_rewards(cfg, args)
     except (ConfigError, OutOfMemory) as e:  # a user's mistake: 2; out of GPU memory in `eval`, `sample`: 1
-        print(f"shortft: error: {e}", file=sys.stderr)
+        print(f"shortft: error: {printable(str(e))}", file=sys.stderr)
         return 2 if isinstance(e, ConfigError) else 1
     except OSError as e:
         print(f"shortft: error: {name_too_long(e)}", file=sys.stderr)

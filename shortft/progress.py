@@ -39,8 +39,15 @@ def say(line: str) -> None:
         sys.stdout.flush()
 
 
+def printable(text: str) -> str:
+    """`text` with control characters other than newline and tab escaped (`\\x1b`): lines name values read
+    from files others may write (a received run folder's config.yaml), which reached the terminal as escape
+    sequences."""
+    return "".join(c if c in "\n\t" or c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def warn(line: str) -> None:
-    """One line on stderr, written as is: not with print(), which Ray Train V2 patches in its workers
+    """One line on stderr (`printable`): not with print(), which Ray Train V2 patches in its workers
     and which then writes the line twice where stderr is wrapped (the user saw each line twice)."""
-    sys.stderr.write(line + "\n")
+    sys.stderr.write(printable(line) + "\n")
     sys.stderr.flush()

@@ -195,6 +195,19 @@ def test_a_bad_tracking_uri_with_a_password_is_one_line_without_it(uri, line, tm
     assert line in err and "S3cretPW" not in err, err
 
 
+def test_terminal_control_characters_from_files_are_shown_escaped(capsys):
+    """A received run folder's config.yaml with `model.pretrained: "builtin:toy\\x1b[31m..."` reached the terminal as
+    an escape sequence inside `sample`'s note (a config value does in an error line the same way)."""
+    from shortft.cli import main
+    from shortft.progress import warn
+
+    warn("trained with model.pretrained=builtin:toy\x1b[2J\x07")
+    assert capsys.readouterr().err == "trained with model.pretrained=builtin:toy\\x1b[2J\\x07\n"
+    assert main(["plan", "--config", "toy", "chain.method=x\x1b]0;owned\x07"]) == 2
+    err = capsys.readouterr().err
+    assert "\x1b" not in err and "\\x1b]0;owned\\x07" in err, err
+
+
 def test_a_resume_into_the_store_of_the_environment_takes_its_credentials_again(tmp_path, monkeypatch):
     """A run folder records its store without credentials. Resumed where $MLFLOW_TRACKING_URI names that store
     with them, the run must log with them: the store is this folder's default (no note), and its user and
