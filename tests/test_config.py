@@ -336,7 +336,7 @@ def test_bad_flag_values_are_one_line_with_status_2(tmp_path, capsys, args, line
     (tmp_path / "empty").mkdir()
     (tmp_path / "p.json").write_text('["a red circle", "a blue square"]\n')
     (tmp_path / "empty" / "shortft_lora.json").write_text(json.dumps(
-        {"method": "shortft", "segments": 2, "adapters": ["segment_1"], "timesteps": [1], "step_adapters": [[]]}))
+        {"method": "shortft", "segments": 1, "adapters": ["segment_1"], "timesteps": [1], "step_adapters": [[]]}))
     args = [a.format(tmp=tmp_path) for a in args]
     try:
         code = main(args)
