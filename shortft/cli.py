@@ -75,12 +75,13 @@ def main(argv: list[str] | None = None) -> int:
                                  indent=1))
             return 0
         if args.command == "config" and args.keys:  # --config's own value beside each default it changes
-            from shortft.config import flatten
-
-            given = flatten(to_dict(load_config(args.config, args.overrides, ())))
+            given = to_dict(load_config(args.config, args.overrides, ()))
             print(f"# key, default, value in --config {args.config} where it differs, help")
             for key, default, help in describe():
-                differs = json.dumps(given[key]) if given.get(key, default) != default else ""
+                value = given  # by its path: a dict's (reward.weights) is one value, not flattened keys
+                for part in key.split("."):
+                    value = value[part]
+                differs = json.dumps(value) if value != default else ""
                 print(f"{key:32s} {json.dumps(default):20s} {differs:20s} {help}")
             return 0
         parts = READS.get(args.command, PARTS)

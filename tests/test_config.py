@@ -503,3 +503,7 @@ def test_config_keys_shows_the_given_configs_values_beside_the_defaults(capsys):
     assert main(["config", "--config", "toy", "--keys", "train.lr=0.01"]) == 0
     lines = {line.split()[0]: line.split()[1:3] for line in capsys.readouterr().out.splitlines()[1:]}
     assert lines["train.steps"] == ["100", "200"] and lines["train.lr"][1] == "0.01"
+    # a dict's value (flattened into reward.weights.toy_alignment, the key read as unset)
+    out = [line for line in capsys.readouterr().out.splitlines() if line.startswith("reward.weights ")] if main(
+        ["config", "--config", "toy", "--keys"]) == 0 else []
+    assert out and '{"toy_alignment": 1.0}' in out[0].split(None, 2)[2], out
