@@ -79,7 +79,7 @@ def test_bad_input_fails_before_ray_with_one_line(tmp_path, capsys, search, args
     err = capsys.readouterr().err.strip()
     assert code == 2
     assert len(err.splitlines()) == 1 and err.startswith("error:") and expected in err, err
-    assert not ray.is_initialized()
+    assert not ray.is_initialized() and not (tmp_path / "s").exists()  # (an empty storage folder was left)
 
 
 def test_a_key_both_fixed_and_searched_is_refused(tmp_path):
@@ -113,7 +113,7 @@ def test_a_config_of_another_model_without_a_space_is_refused_not_swept_on_the_t
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1, err
     assert err.startswith(f"error: --config {config}: its model (") and "--space sd15 or toy (built in)" in err, err
-    assert not ray.is_initialized()
+    assert not ray.is_initialized() and not (tmp_path / "s").exists()
 
 
 def test_builtin_space_and_trial_config():
