@@ -23,7 +23,6 @@ from shortft.lora_plan import read_lora_plan
 from shortft.safe_load import Unreadable
 
 
-
 class AdapterSwitch:
     """Sets which adapters are active on every LoRA layer of a model.
 
