@@ -7,9 +7,9 @@ run's name in it (found again by `--resume`), and whether a run of that name is 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
-import os
 import urllib.parse
 import uuid
 from pathlib import Path
@@ -92,19 +92,20 @@ def check_storage_path(path: str) -> None:
     if p.exists() and not p.is_dir():
         raise ConfigError(f"storage path {path}: a file, not a folder; pass --storage-path to a folder (made if "
                           "missing), or s3://..., an NFS mount on clusters")
-    if not p.exists():  # made by the first write there: a sweep refused after this check left it empty
-        parent = next(a for a in p.absolute().parents if a.exists())
-        if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-            raise ConfigError(f"storage path {path}: {parent} is not a writable folder; pass --storage-path to a "
-                              "writable directory (or s3://..., an NFS mount on clusters)")
-        return
+    # the folders this check makes are removed after it: a sweep refused after it left an empty ./ray_results
+    made = [a for a in (p.absolute(), *p.absolute().parents) if not a.exists()]
     try:
+        p.mkdir(parents=True, exist_ok=True)
         probe = p / f".write-test-{uuid.uuid4().hex[:8]}"
         probe.write_text("ok")
         probe.unlink()
     except OSError as e:
         raise ConfigError(f"storage path {path}: not writable ({e.strerror or e}); pass --storage-path to a "
                           "writable directory (or s3://..., an NFS mount on clusters)") from None
+    finally:
+        for folder in made:  # deepest first
+            with contextlib.suppress(OSError):
+                folder.rmdir()
 
 
 def run_exists(storage_path: str, name: str) -> bool:

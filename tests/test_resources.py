@@ -170,9 +170,9 @@ def test_a_storage_path_that_is_a_file_is_named_as_one(tmp_path):
     (tmp_path / "f").write_text("")
     with pytest.raises(ConfigError, match=r"^storage path .*/f: a file, not a folder; pass --storage-path"):
         check_storage_path(str(tmp_path / "f"))  # was "not writable (File exists)"
-    with pytest.raises(ConfigError, match=r"^storage path .*/f/sub: .*/f is not a writable folder; pass --storage"):
+    with pytest.raises(ConfigError, match=r"^storage path .*/f/sub: not writable \(Not a directory\); pass --storage"):
         check_storage_path(str(tmp_path / "f" / "sub"))
-    check_storage_path(str(tmp_path / "new" / "ray"))  # missing: checked by its parent, not made (a refused sweep
+    check_storage_path(str(tmp_path / "new" / "ray"))  # missing: made to be checked, then removed (a refused sweep
     assert not (tmp_path / "new").exists()  # left it empty)
 
 
