@@ -28,8 +28,10 @@ def _plan_problem(plan: dict) -> str | None:
     bad = next((n for n in names if not isinstance(n, str) or not re.fullmatch(r"[A-Za-z0-9_-]+", n)), None)
     if bad is not None:
         return f"adapters: {bad!r} is not a folder name beside it"
-    stray = next((a for call in plan["step_adapters"] for a in (call if isinstance(call, list) else [call])
-                  if a not in names), None)
+    calls = plan["step_adapters"]
+    if not all(isinstance(call, list) for call in calls):  # a name alone was read as its letters
+        return "step_adapters: each step's entry is a list of its adapters"
+    stray = next((a for call in calls for a in call if a not in names), None)
     return f"step_adapters: {stray!r} is none of its adapters" if stray is not None else None
 
 

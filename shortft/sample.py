@@ -152,11 +152,11 @@ def run_sample(cfg: Config, lora: str, prompt: list[str], prompts_file: str | No
                                                                                  guidance)) if given is not None}
     models = load_trained(cfg, lora, flags)
     items = [(p, s) for p in prompts for s in seeds]
-    both = ("sampling (tuned)", "sampling (base)") if compare else ("sampling", "")
-    tuned = generate(models, cfg, [p for p, _ in items], [s for _, s in items], desc=both[0])
+    tuned = generate(models, cfg, [p for p, _ in items], [s for _, s in items],
+                     desc="sampling (tuned)" if compare else "sampling")
     if compare:  # every image drawn before the folder changes: a Ctrl-C here leaves the earlier sample whole
         base = generate(models, cfg, [p for p, _ in items], [s for _, s in items],
-                        plan=dataclasses.replace(models.plan, adapters=()), desc=both[1])
+                        plan=dataclasses.replace(models.plan, adapters=()), desc="sampling (base)")
     out.mkdir(parents=True, exist_ok=True)
     if removed := clear_earlier(out):
         warn(f"shortft: note: {out}: the {removed} image(s) of the earlier sample there are replaced by these "

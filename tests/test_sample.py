@@ -508,6 +508,7 @@ def test_a_sample_cut_short_leaves_an_index_of_its_own_images(trained, make_cfg,
     ({"adapters": ["../../ext/segment_1"]}, "adapters: '../../ext/segment_1' is not a folder name beside it"),
     ({"adapters": [1]}, "adapters: 1 is not a folder name beside it"),  # TypeError in trained_settings
     ({"step_adapters": [["nope"]]}, "step_adapters: 'nope' is none of its adapters"),
+    ({"step_adapters": ["segment_1"]}, "step_adapters: each step's entry is a list of its adapters"),  # its letters
 ])
 def test_a_lora_plan_that_no_run_writes_is_one_line(trained, make_cfg, tmp_path, edit, why):
     """A hand-edited or hostile `shortft_lora.json` (a LoRA folder downloaded, or received) was a traceback
