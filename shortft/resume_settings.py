@@ -67,9 +67,19 @@ def changed_settings(path: Path, settings: dict, adapters: list[str]) -> list[st
         raise ConfigError(f"resume: the checkpoint {path} was written with {was}; this run has {now}, which its LoRAs "
                           f"do not fit; resume with the checkpoint's values, or start a new run (another "
                           f"train.output_dir)")
+    shorter = _shorter_run(saved.get("train.steps"), settings.get("train.steps"))
     return [f"{k} {json.dumps(saved.get(k))} -> {json.dumps(settings.get(k))}"
             + (f" ({moved}; the LoRAs load where their shapes fit)" if k == "model.pretrained" and moved else "")
-            for k in differ]
+            for k in differ] + shorter
+
+
+def _shorter_run(was, has) -> list[str]:
+    """A longer `train.steps` is what a resume is for (bookkeeping, no note); a shorter one is mostly a resume
+    without the `train.steps=` override the run started with, which then ended at --config's default."""
+    if not (isinstance(was, int) and isinstance(has, int) and has < was):
+        return []
+    return [f"train.steps {was} -> {has} (the run was started with train.steps={was}; pass it again to keep that "
+            "length)"]
 
 
 def check_workers(path: Path, state: dict, world_size: int) -> None:

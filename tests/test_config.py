@@ -411,6 +411,11 @@ def test_an_override_after_resume_is_an_override_and_the_dry_run_says_where_the_
     assert main(["train", "--config", "tiny", "--dry-run", *run, "--resume", "train.lr=0.5"]) == 0
     assert capsys.readouterr().out.strip().endswith("at step 2; settings changed since the checkpoint: train.lr 0.003 "
                                                     "-> 0.5")
+    # a resume without the train.steps= the run started with ends at --config's own: shorter is named
+    assert main(["train", "--config", "tiny", "--dry-run", *run, "--resume", "train.steps=1"]) == 0
+    assert capsys.readouterr().out.strip().endswith("at step 2; settings changed since the checkpoint: train.steps 2 -> "
+                                                    "1 (the run was started with train.steps=2; pass it again to keep "
+                                                    "that length)")
     for dry in (["--dry-run"], []):
         monkeypatch.setattr("shortft.loop.load_models", None)  # refused before the models load
         assert main(["train", "--config", "tiny", *dry, *run, "chain.segments=4", "--resume", "--no-mlflow"]) == 2
