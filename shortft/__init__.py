@@ -20,6 +20,18 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'shortft' has no attribute {name!r}")
 
 
+def console() -> int:
+    """The `shortft` command. `shortft.cli` imports torch (seconds): a Ctrl-C then was a traceback of the import."""
+    import sys
+
+    try:
+        from shortft.cli import main
+    except KeyboardInterrupt:
+        print("shortft: interrupted while starting", file=sys.stderr)
+        return 130
+    return main()
+
+
 def train(cfg, callbacks=(), resume=False):
     """Fine-tune in this process; see `shortft.loop.train`."""
     from shortft.loop import train as _train

@@ -104,7 +104,9 @@ def check_tracking_uri(uri: str) -> None:
 
 
 def ui_line(uri: str) -> str:
-    """Where to compare the runs of the store `uri`: a server's own UI, else `mlflow ui` on it."""
+    """Where to compare the runs of the store `uri`: a server's own UI, else `mlflow ui` on it. A database's
+    password (it stays in its URI: `take_credentials`) is shown as `***`: the line goes to stdout and logs."""
+    uri = redacted(uri)
     if uri.startswith(("http://", "https://")):
         return (f"compare the runs: the MLflow UI at {uri} (from your machine, on a cluster: ray attach <cluster yaml> "
                 "-p 5000, or kubectl port-forward)")

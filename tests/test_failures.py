@@ -1163,3 +1163,33 @@ def test_a_sweeps_files_cut_short_are_one_line_or_made_again(tmp_path, capsys):
                                           r"unreadable; remove that file and resume with the flags the sweep "
                                           r"started with, or start it again under another --name$"):
         saved.settle({}, str(tmp_path), "s", resume=True)
+
+
+_STOP_AT_TORCH = """
+import sys
+
+class CtrlC:  # the user's Ctrl-C as torch imports (seconds on a CPU machine)
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch":
+            raise KeyboardInterrupt
+
+sys.meta_path.insert(0, CtrlC())
+"""
+
+
+@pytest.mark.parametrize("start,line", [
+    ("import shortft; sys.exit(shortft.console())", "shortft: interrupted while starting"),
+    ("import runpy; sys.argv = ['tune/sweep.py']; runpy.run_path('tune/sweep.py', run_name='__main__')",
+     "tune/sweep.py: interrupted while starting"),
+])
+def test_a_ctrl_c_while_the_commands_import_is_one_line(start, line):
+    """`shortft train ...` or `python tune/sweep.py` interrupted in their first seconds printed the traceback of
+    the import torch was in."""
+    from importlib.metadata import entry_points
+
+    if "console" in start:
+        assert entry_points(group="console_scripts")["shortft"].value == "shortft:console"  # what `shortft` runs
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-c", _STOP_AT_TORCH + start], cwd=root, capture_output=True, text=True,
+                          timeout=120)
+    assert (done.returncode, done.stderr.strip()) == (130, line), done.stderr[-2000:]

@@ -195,6 +195,16 @@ def test_a_bad_tracking_uri_with_a_password_is_one_line_without_it(uri, line, tm
     assert line in err and "S3cretPW" not in err, err
 
 
+def test_the_line_that_says_where_to_compare_runs_does_not_print_a_database_password():
+    """A run or sweep into `mysql://alice:S3cretPW@...` ended with `compare the runs: mlflow ui
+    --backend-store-uri mysql://alice:S3cretPW@...` on stdout."""
+    from shortft.tracking import ui_line
+
+    assert ui_line("mysql://alice:S3cretPW@db/mlflow") == \
+        "compare the runs: mlflow ui --backend-store-uri mysql://alice:***@db/mlflow"
+    assert ui_line("sqlite:////runs/mlflow.db") == "compare the runs: mlflow ui --backend-store-uri sqlite:////runs/mlflow.db"
+
+
 def test_terminal_control_characters_from_files_are_shown_escaped(capsys):
     """A received run folder's config.yaml with `model.pretrained: "builtin:toy\\x1b[31m..."` reached the terminal as
     an escape sequence inside `sample`'s note (a config value does in an error line the same way)."""

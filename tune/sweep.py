@@ -15,6 +15,9 @@ import sys
 
 try:
     from shortft.sweep import main
+except KeyboardInterrupt:  # Ctrl-C while Ray and torch import (seconds): not a traceback
+    print("tune/sweep.py: interrupted while starting", file=sys.stderr)
+    sys.exit(130)
 except ImportError as e:  # the one file ray submit copies needs the package installed next to Ray
     print(f"error: cannot import shortft ({e}); install the project first: pip install <project dir>",
           file=sys.stderr)
