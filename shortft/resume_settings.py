@@ -48,8 +48,9 @@ def moved_model(saved: dict, now: dict) -> str | None:
 
 def changed_settings(path: Path, settings: dict, adapters: list[str]) -> list[str]:
     """`key old -> new` for each setting of this run (`settings`: flat config) that differs from the one the
-    checkpoint at `path` was written with, bookkeeping left out; a ConfigError where the checkpoint's LoRAs
-    would not fit (FIXED keys, or another set of adapters). A checkpoint without its settings: []."""
+    checkpoint at `path` was written with, bookkeeping left out (but a shorter `train.steps`); a ConfigError
+    where the checkpoint's LoRAs would not fit (FIXED keys, or another set of adapters). A checkpoint without
+    its settings: []."""
     saved = read_state(path).get("config")
     if not (Path(path) / "lora").is_dir():
         raise Unreadable(f"checkpoint {path}: its lora/ folder is missing")
