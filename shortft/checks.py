@@ -1,6 +1,6 @@
-"""The checks a config needs beyond its own types and ranges, in one step that the CLI, the loop and
-the sweep run before anything heavy: reward names (registry), model and shortcut paths, the compile
-backend, prompt files.
+"""The checks a config needs, in one step that the CLI, the loop and the sweep run before anything heavy:
+its types and ranges again (a Config is a plain dataclass, changed at will after loading), reward names
+(registry), model and shortcut paths, the compile backend, prompt files.
 
     cfg = shortft.load_config("tiny", ["chain.steps=20"])   # read_config + check
 """
@@ -11,13 +11,16 @@ from collections.abc import Collection
 
 from shortft import builtin, data, rewards
 from shortft.compiling import check_compile
-from shortft.config import PARTS, Config, read_config
+from shortft.config import PARTS, Config, from_dict, read_config, to_dict, validate
 from shortft.plan import check_shortcut
 
 
 def check(cfg: Config, parts: Collection[str] = PARTS) -> Config:
     """Raises a one-line ConfigError naming the key; returns `cfg` unchanged. The base model and those of
     `parts` (`shortft.config.PARTS`) are checked."""
+    # types and ranges again: a Config changed after load_config (`cfg.chain.segments = 0`) reached the
+    # loop (a ZeroDivisionError in the plan; `train.steps = 0` "trained" and wrote its LoRAs)
+    validate(from_dict(Config, to_dict(cfg)))
     if "rewards" in parts:
         rewards.check_config(cfg)
     builtin.check_pretrained(cfg.model.pretrained)

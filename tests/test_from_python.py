@@ -159,3 +159,24 @@ def test_readme_tune_run_closes_the_run_of_a_trial_that_died(tmp_path, monkeypat
     (run,) = client.search_runs([client.get_experiment_by_name(sweep.EXPERIMENT).experiment_id])
     assert run.info.status == "FAILED" and run.data.tags["shortft.trial_status"] == "failed"
     assert "worker process has died" in run.data.tags["shortft.error"]
+
+
+@pytest.mark.parametrize("key,value,line", [
+    ("chain.segments", 0, "chain.segments=0: must be a positive integer"),
+    ("chain.segments", 99, "chain.segments=99: must be <= chain.steps=20"),
+    ("chain.method", "foo", "chain.method='foo': not one of shortft, full"),
+    ("train.steps", 0, "train.steps=0: must be a positive integer"),
+    ("train.lr", "fast", "train.lr='fast': expected a number"),
+])
+def test_a_config_changed_after_it_was_loaded_is_checked_again(key, value, line, tmp_path):
+    """`cfg.chain.segments = 0` after load_config passed `shortft.check` and died in the plan with a
+    ZeroDivisionError; `chain.method = "foo"` was a KeyError in the chain; `train.steps = 0` wrote LoRAs."""
+    import shortft
+
+    cfg = shortft.load_config("tiny", [f"train.output_dir={tmp_path}/run"])
+    section, name = key.split(".")
+    setattr(getattr(cfg, section), name, value)
+    for call in (shortft.check, shortft.train):
+        with pytest.raises(ConfigError, match=re.escape(line)):
+            call(cfg)
+    assert not (tmp_path / "run").exists()
