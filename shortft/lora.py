@@ -128,12 +128,21 @@ def load_unet_lora(unet, folder: str | Path, adapter_name: str) -> None:
     only: no text-encoder look-up, so no "no LoRA keys" warnings. Keys that match no UNet module are a
     ConfigError, never a partial load."""
     state = read_lora_file(folder)
-    modules = {name for name, _ in unet.named_modules()}
+    modules = dict(unet.named_modules())
     targets = {k.split(".lora_")[0] for k in state}
     stray = sorted(t for t in targets if t not in modules)
     if stray:
         raise ConfigError(f"LoRA {folder}: {len(stray)} of its {len(targets)} target modules are not in this UNet "
                           f"(e.g. {stray[0]}); it was trained for another model")
+    for key, tensor in state.items():  # same names, other widths (another model): peft's load printed a
+        target, _, part = key.partition(".lora_")  # warning, then one "size mismatch" line per tensor
+        weight = getattr(modules[target], "weight", None)
+        if weight is None or part[:2] not in ("A.", "B.") or tensor.ndim < 2:
+            continue
+        side = 1 if part.startswith("A") else 0  # lora_A reads the layer's input, lora_B writes its output
+        if tensor.shape[side] != weight.shape[side]:
+            raise ConfigError(f"LoRA {folder}: {key} has shape {tuple(tensor.shape)}, which does not fit this UNet's "
+                              f"{target} (weight {tuple(weight.shape)}); it was trained for another model")
     with warnings.catch_warnings():  # peft warns on every adapter after the first; several are the point
         warnings.filterwarnings("ignore", message="Already found a `peft_config`")
         unet.load_lora_adapter(state, prefix=None, adapter_name=adapter_name, metadata=lora_metadata(folder))

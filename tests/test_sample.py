@@ -214,6 +214,28 @@ def test_a_lora_for_another_unet_is_refused_with_one_line(trained, tiny_dir, tmp
     assert p.returncode == 2 and len(lines) == 1 and "trained for another" in lines[0], p.stderr
 
 
+
+def test_a_lora_of_other_widths_is_refused_with_one_line(trained, tiny_dir, tmp_path, capfd):
+    """A set trained on another model with the same module names (the tiny one's LoRAs into the toy) passed the
+    name check; peft then warned and raised a RuntimeError of one "size mismatch" line per tensor."""
+    from safetensors.torch import load_file, save_file
+
+    wide = tmp_path / "wide"
+    for name in ("segment_1", "segment_2"):
+        state = load_file(str(trained / name / "pytorch_lora_weights.safetensors"))
+        (wide / name).mkdir(parents=True)
+        save_file({k: torch.cat([v, v[:1]] if ".lora_B." in k else [v, v[:, :1]], 0 if ".lora_B." in k else 1)
+                   for k, v in state.items()}, str(wide / name / "pytorch_lora_weights.safetensors"))
+    (wide / "shortft_lora.json").write_bytes((trained / "shortft_lora.json").read_bytes())
+    pipe = _pipe(tiny_dir)
+    capfd.readouterr()
+    with pytest.raises(ConfigError, match=r"\.lora_A\.weight has shape \(\d+, \d+\), which does not fit this "
+                                          r"UNet's .* it was trained for another model") as e:
+        enable_timestep_aware(pipe, wide)
+    assert "\n" not in str(e.value) and capfd.readouterr() == ("", "")
+    assert not getattr(pipe.unet, "peft_config", None)  # nothing of the set left behind
+
+
 def test_a_runs_lora_with_another_base_model_or_rank_names_the_runs_config_before_loading(trained, make_cfg,
                                                                                           monkeypatch):
     """`shortft eval/sample --lora runs/x/lora` with a config the LoRA was not trained with ended in PyTorch's
