@@ -11,6 +11,7 @@ set and switches adapters by timestep during any sampler's loop (a UNet forward 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import warnings
 from pathlib import Path
@@ -21,6 +22,8 @@ import torch
 from shortft.config import ConfigError
 from shortft.lora_plan import read_lora_plan
 from shortft.safe_load import Unreadable
+
+_ENABLED = "_shortft_timestep_aware"  # on a UNet while a TimestepAwareLora switches its adapters: the set's folder
 
 
 class AdapterSwitch:
@@ -167,7 +170,8 @@ class TimestepAwareLora:
     segments by position as `shortft sample --steps N` splits it: any scheduler and any N get every
     segment's adapters, and the run's own N exactly its plan. (Matched to the nearest saved timestep,
     another N or scheduler missed segments 2..k, whose adapters each run at one timestep.) Adapters the
-    pipeline had active stay active alongside.
+    pipeline had active stay active alongside. One set at a time per pipeline: a second is refused until the
+    first is removed.
 
     `remove()` (or leaving the `with` block) unloads the adapters it loaded and the hook, leaving the
     pipeline as it was: a pipeline that had no LoRA then samples bit-identically to a fresh one."""
@@ -176,11 +180,15 @@ class TimestepAwareLora:
         lora_dir = Path(lora_dir)
         plan = read_lora_plan(lora_dir)
         self.pipe, self.unet = pipe, pipe.unet
+        on = getattr(self.unet, _ENABLED, None)
+        if on is not None:  # nested, the inner hook ran after the outer one and kept its adapters on at every step
+            raise ConfigError(f"LoRA {lora_dir}: the pipeline already switches the set {on} by timestep; one set at "
+                              "a time: leave its `with` block (or call its remove()) first")
         self.had_adapters = bool(getattr(self.unet, "peft_config", None))
         self.names = list(plan["adapters"])
         taken = [n for n in self.names if n in (getattr(self.unet, "peft_config", None) or {})]
         if taken:
-            raise ConfigError(f"--lora {lora_dir}: the pipeline already has an adapter named {taken[0]!r}; "
+            raise ConfigError(f"LoRA {lora_dir}: the pipeline already has an adapter named {taken[0]!r}; "
                               "delete it first (pipe.delete_adapters), or load yours under another name")
         self.kept = tuple(self.unet.active_adapters()) if self.had_adapters else ()  # the user's own, left on
         self.wrapped = set(_lora_layers(self.unet))  # the layers the user's own LoRAs wrap
@@ -197,6 +205,7 @@ class TimestepAwareLora:
         self.schedule_adapters: list[tuple[str, ...]] = []
         self.switch = AdapterSwitch(self.unet, stack=False)
         self.handle = self.unet.register_forward_pre_hook(self._hook, with_kwargs=True)
+        setattr(self.unet, _ENABLED, lora_dir)
 
     def adapters_at(self, t: float) -> tuple[str, ...]:
         from shortft.plan import sampler_plan, stacked
@@ -243,6 +252,8 @@ class TimestepAwareLora:
             return
         self.handle.remove()
         self.handle = None
+        with contextlib.suppress(AttributeError):
+            delattr(self.unet, _ENABLED)
         self._unload()
 
     def __enter__(self) -> "TimestepAwareLora":

@@ -215,6 +215,28 @@ def test_a_lora_for_another_unet_is_refused_with_one_line(trained, tiny_dir, tmp
 
 
 
+def test_a_second_set_inside_the_first_ones_block_is_refused(trained, tiny_dir, tmp_path):
+    """Nested, the inner set's hook ran after the outer's and turned on, at every step, the outer's adapters
+    that were active as the inner one was made (segment_1..4 at t=981 and at t=481 alike)."""
+    other = tmp_path / "other"
+    for name in ("segment_1", "segment_2"):
+        (other / name.replace("segment", "part")).mkdir(parents=True)
+        for f in (trained / name).iterdir():
+            (other / name.replace("segment", "part") / f.name).write_bytes(f.read_bytes())
+    (other / "shortft_lora.json").write_text((trained / "shortft_lora.json").read_text().replace("segment_", "part_"))
+    pipe = _pipe(tiny_dir)
+    with enable_timestep_aware(pipe, trained):
+        with pytest.raises(ConfigError, match=f"LoRA {other}: the pipeline already switches the set {trained} by "
+                                              "timestep; one set at a time"):
+            enable_timestep_aware(pipe, other)
+        assert sorted(pipe.unet.peft_config) == ["segment_1", "segment_2"]
+    with enable_timestep_aware(pipe, other) as switch:  # one after the other: each alone
+        seen = []
+        pipe.unet.register_forward_pre_hook(lambda m, a: seen.append(switch.switch.active))
+        pipe("a red circle", num_inference_steps=8, guidance_scale=1.0, output_type="latent")
+    assert seen[0] == ("part_1",) and seen[-1] == ("part_1", "part_2"), seen
+
+
 def test_a_lora_of_other_widths_is_refused_with_one_line(trained, tiny_dir, tmp_path, capfd):
     """A set trained on another model with the same module names (the tiny one's LoRAs into the toy) passed the
     name check; peft then warned and raised a RuntimeError of one "size mismatch" line per tensor."""
