@@ -48,3 +48,14 @@ def comma_items(flag: str, text: str) -> list[str]:
         raise ConfigError(f"{flag} {text!r}: item {items.index('') + 1} of {len(items)} is empty; give one value "
                           "between each two commas")
     return items
+
+
+def check_at_least(items) -> None:
+    """(label, value, low) each: None passes; else a finite number >= low (a string from Python, `"2"`, was a
+    TypeError of the comparison; nan passed)."""
+    for label, value, low in items:
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value < float("inf"):
+            raise ConfigError(f"{label} {value!r}: must be a finite number >= {low}")
+

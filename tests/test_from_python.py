@@ -103,6 +103,15 @@ def test_bad_programmatic_configs_fail_before_any_trial_in_one_line(tmp_path, mo
         sweep.trainable_for("nosuchconfig")
     with pytest.raises(ConfigError, match="chain.nosuch"):
         sweep.trainable_for("toy", fixed={"chain.nosuch": 1})
+    # each failed every trial as it ran (`a/b` left runs/sweeps/a/b behind); run_sweep's "2" was a TypeError
+    for kwargs, line in (({"name": "a/b"}, "name='a/b': a name is one folder's name"),
+                         ({"workers": 0}, "workers 0: must be a finite number >= 1"),
+                         ({"gpus_per_worker": "1"}, "gpus_per_worker '1': must be a finite number >= 0")):
+        with pytest.raises(ConfigError, match=re.escape(line)):
+            sweep.trainable_for("toy", **kwargs)
+    with pytest.raises(ConfigError, match=re.escape("--num-samples '2': must be a finite number >= 1")):
+        sweep.run_sweep("toy", num_samples="2")
+    assert not (tmp_path / "runs").exists()
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         trainable = sweep.trainable_for("toy", smoke_test=True, tracking_uri=None)

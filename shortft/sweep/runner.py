@@ -14,6 +14,7 @@ from pathlib import Path
 from ray import tune
 
 from shortft import resources, run_status, tracking
+from shortft.arguments import check_at_least
 from shortft.config import ConfigError, check_name, to_dict
 from shortft.hub import check_sources
 from shortft.mlflow_relay import start_relay
@@ -114,11 +115,9 @@ def run_sweep(space: str | Space | None = None, num_samples: int | None = None, 
 
     t_start, cpu_start = time.time(), time.process_time()
     # 1. Everything a user can get wrong, before Ray starts.
-    for flag, value, low in (("--num-samples", num_samples, 1), ("--workers-per-trial", workers_per_trial, 1),
-                             ("--max-concurrent", max_concurrent, 1), ("--gpus-per-worker", gpus_per_worker, 0),
-                             ("--resource-wait-s", resource_wait_s, 1), ("--seed", seed, 0)):
-        if value is not None and not low <= value < float("inf"):  # nan too
-            raise ConfigError(f"{flag} {value}: must be a finite number >= {low}")
+    check_at_least((("--num-samples", num_samples, 1), ("--workers-per-trial", workers_per_trial, 1),
+                    ("--max-concurrent", max_concurrent, 1), ("--gpus-per-worker", gpus_per_worker, 0),
+                    ("--resource-wait-s", resource_wait_s, 1), ("--seed", seed, 0)))
     if seed is not None and seed >= 2**32:  # Optuna's sampler seeds numpy's RandomState
         raise ConfigError(f"--seed {seed}: must be < 2**32")
     if tracking_uri:

@@ -22,7 +22,8 @@ from pathlib import Path
 from ray import tune
 
 from shortft import attempts, resources, tracking
-from shortft.config import Config, ConfigError, from_dict, pin_paths, read_mapping, to_dict
+from shortft.arguments import check_at_least
+from shortft.config import Config, ConfigError, check_name, from_dict, pin_paths, read_mapping, to_dict
 from shortft.mlflow_relay import RELAY, relay_call, start_relay
 from shortft.space import Space, to_tune, trial_config
 from shortft.sweep.eval_report import OBJECTIVE, OBJECTIVE_SE, EvalReport
@@ -219,7 +220,8 @@ def trainable_for(base: str = "toy", *, smoke_test: bool = False, fixed: dict | 
     trial, nested under `parent_run_id` when given. `workers`/`gpus_per_worker`: each trial's Ray Train
     job; one whose workers are not placed within `resource_wait_s` fails. `threads`: torch threads of each
     CPU worker (default: its CPUs, 1). Raises ConfigError (one line,
-    naming the key) for a bad base, fixed key or value."""
+    naming the key) for a bad base, fixed key or value, name or count. A trial that fails leaves its MLflow
+    run RUNNING unless `RunCloser(tracking_uri)` is among tune.run's callbacks (it closes it FAILED)."""
     import ray
 
     from shortft.ray_storage import check_storage_path, resolve_storage_path
@@ -228,8 +230,12 @@ def trainable_for(base: str = "toy", *, smoke_test: bool = False, fixed: dict | 
         # tune.run will start a local Ray, whose processes inherit this environment: a laptop is not
         # preempted, so no preemption-watcher actor (one process start less per trial).
         os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+    # what fails every trial, here before Tune starts: a bad base config, fixed key, name or count
+    check_at_least((("workers", workers, 1), ("gpus_per_worker", gpus_per_worker, 0),
+                    ("resource_wait_s", resource_wait_s, 1), ("threads", threads, 1)))
+    check_name("name", name, room=TRIAL_SUFFIX_BYTES)
     fixed = {**(SMOKE_TEST if smoke_test else {}), **(fixed or {})}
-    trial_config(base, fixed, {})  # a bad base config or fixed key fails here, before Tune starts
+    trial_config(base, fixed, {})
     if tracking_uri == "":
         tracking_uri = tracking.default_tracking_uri()
     if tracking_uri:
