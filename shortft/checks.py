@@ -33,5 +33,6 @@ def check(cfg: Config, parts: Collection[str] = PARTS) -> Config:
 
 def load_config(config: str | None = None, overrides: list[str] | dict | None = None,
                 parts: Collection[str] = PARTS) -> Config:
-    """Built-in config name or YAML path, then `a.b=c` overrides (or a nested dict); checked (`check`)."""
+    """Built-in config name or YAML path, then `a.b=c` overrides (or a dict, nested or of dotted keys); checked
+    (`check`)."""
     return check(read_config(config, overrides), parts)

@@ -344,6 +344,17 @@ def replaced(items: list[str]) -> list[str]:
     return notes
 
 
+def nested(overrides: dict) -> dict:
+    """A dict of overrides with dotted keys (`{"chain.segments": 4}`: a space's, `trainable_for(fixed=...)`) as
+    the nested dict a config is; nested ones as they are (merged, not changed in place)."""
+    out: dict = {}
+    for key, value in overrides.items():
+        for part in reversed(str(key).split(".")[1:]):
+            value = {part: value}
+        out = merge(out, {str(key).split(".")[0]: value})
+    return out
+
+
 def merge(base: dict, update: dict) -> dict:
     out = dict(base)
     for k, v in update.items():
@@ -389,12 +400,15 @@ def pin_paths(data: dict, prefix: str = "") -> dict:
 
 
 def read_config(config: str | None = None, overrides: list[str] | dict | None = None) -> Config:
-    """Built-in name or YAML path, then overrides (`a.b=c` strings or a nested dict); type and range
+    """Built-in name or YAML path, then overrides (`a.b=c` strings or a dict, nested or dotted); type and range
     checked (`shortft.load_config` also runs the registry and disk checks). Relative local paths that
     exist from here are made absolute (`pin_paths`)."""
     data = read_mapping(config) if config else {}
+    if isinstance(overrides, str):  # its letters were read as overrides: "override 't': expected key=value"
+        raise ConfigError(f"overrides {overrides!r}: give a list of key=value strings, e.g. [{overrides!r}], or a "
+                          "dict")
     if overrides:
-        data = merge(data, overrides if isinstance(overrides, dict) else parse_overrides(list(overrides)))
+        data = merge(data, nested(overrides) if isinstance(overrides, dict) else parse_overrides(list(overrides)))
     cfg = from_dict(Config, pin_paths(data))
     validate(cfg)
     return cfg

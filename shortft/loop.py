@@ -12,6 +12,7 @@ from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 import yaml
@@ -59,7 +60,7 @@ class TrainResult:
     output_dir: Path
     lora_dir: Path
     steps: int
-    eval: dict[str, float] = field(default_factory=dict)
+    eval: dict[str, Any] = field(default_factory=dict)  # scalars, and `eval/objective_samples` (a list per prompt)
     history: list[dict] = field(default_factory=list)
 
 

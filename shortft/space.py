@@ -25,7 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from shortft.checks import check
-from shortft.config import Config, ConfigError, builtin_names, describe, from_dict, merge, pin_paths, read_mapping, validate
+from shortft.config import (Config, ConfigError, builtin_names, describe, from_dict, merge, nested, pin_paths,
+                            read_mapping, validate)
 
 KINDS = ("choice", "uniform", "loguniform", "randint", "lograndint")
 PROBED = 256  # an integer range this wide or less is checked value by value
@@ -98,18 +99,6 @@ def _read(name_or_path: str) -> tuple[str, dict]:
             if not isinstance(key, str):
                 raise ConfigError(f"{section}: {key!r} is no config key; keys are dotted names, e.g. chain.segments")
     return name, data
-
-
-def nested(flat: dict) -> dict:
-    """{'chain.segments': 4} -> {'chain': {'segments': 4}}: the override shape of `load_config`."""
-    out: dict = {}
-    for key, value in flat.items():
-        node = out
-        parts = key.split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-        node[parts[-1]] = value
-    return out
 
 
 def check_key(key: str, where: str) -> None:

@@ -112,6 +112,16 @@ def test_every_key_has_help():
     assert len(rows) > 30 and all(help for _, _, help in rows)
 
 
+def test_overrides_from_python_may_be_a_dict_of_dotted_keys_and_a_string_is_refused():
+    """`load_config("tiny", {"train.steps": 3})` (the keys `trainable_for(fixed=...)` takes) said "unknown key
+    'train.steps'"; `load_config("tiny", "train.steps=3")` read each letter as an override ("override 't'")."""
+    cfg = load_config("tiny", {"train.steps": 3, "train": {"lr": 0.5}, "reward.weights.brightness": 0.5})
+    assert (cfg.train.steps, cfg.train.lr, cfg.reward.weights) == (3, 0.5, {"symmetry": 1.0, "brightness": 0.5})
+    with pytest.raises(ConfigError, match=re.escape("overrides 'train.steps=3': give a list of key=value strings, "
+                                                    "e.g. ['train.steps=3'], or a dict")):
+        load_config("tiny", "train.steps=3")
+
+
 def test_override_changes_value_and_weights_merge():
     cfg = load_config("tiny", ["reward.weights.brightness=0.5", "chain.truncate_at=0.25"])
     assert cfg.reward.weights == {"symmetry": 1.0, "brightness": 0.5}
