@@ -13,9 +13,13 @@ The core never imports them directly.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import json
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -213,7 +217,7 @@ def resolve(pretrained: str) -> str:
     if name == "toy":
         return str(toy_dir())
     target = cache_dir() / f"{name}-v1"
-    if not (target / "model_index.json").is_file():
+    if not complete(target):
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
             tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
@@ -221,12 +225,48 @@ def resolve(pretrained: str) -> str:
             raise ConfigError(f"builtin:{name} is built into {target.parent} (${CACHE_ENV}, else ~/.cache/shortft), "
                               f"which cannot be written here ({e.strerror or e}); set ${CACHE_ENV} to a folder "
                               "you can write") from None
-        BUILTIN_MODELS[name](tmp)
+        _build(name, tmp)
+        if target.exists() and not complete(target):  # an earlier build left it without weights: set aside
+            aside = Path(tempfile.mkdtemp(prefix=f".{name}-incomplete-", dir=target.parent))
+            with contextlib.suppress(OSError):
+                target.rename(aside / target.name)
+            shutil.rmtree(aside, ignore_errors=True)
         try:
             tmp.rename(target)
         except OSError:  # another process won the race; its copy is identical
             shutil.rmtree(tmp, ignore_errors=True)
     return str(target)
+
+
+def complete(folder: Path) -> bool:
+    """A built pipeline: its index, a folder with files for each part it names, weights beside every config.json."""
+    try:
+        index = json.loads((folder / "model_index.json").read_text())
+    except (OSError, ValueError):
+        return False
+    parts = [k for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and v[0] is not None]
+    weights = (".safetensors", ".bin")
+    return all((folder / k).is_dir() and any((folder / k).iterdir()) for k in parts) and all(
+        any(p.suffix in weights for p in config.parent.iterdir()) for config in folder.glob("*/config.json"))
+
+
+def _build(name: str, out: Path) -> None:
+    """`BUILTIN_MODELS[name]` into `out`, checked. In a process group (a Ray Train worker) in a process of its
+    own: transformers writes a model's weights on rank 0 alone there, and rank 1's build, which won the race
+    to the cache, had a text_encoder/ without them: every later run of the model failed to load it."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        code = "import sys; from pathlib import Path; from shortft.builtin import BUILTIN_MODELS; " \
+               "BUILTIN_MODELS[sys.argv[1]](Path(sys.argv[2]))"
+        done = subprocess.run([sys.executable, "-c", code, name, str(out)], capture_output=True, text=True)
+        why = (done.stderr.strip().splitlines() or [f"status {done.returncode}"])[-1]
+    else:
+        BUILTIN_MODELS[name](out)
+        why = ""
+    if not complete(out):
+        shutil.rmtree(out, ignore_errors=True)
+        raise ConfigError(f"builtin:{name}: its build into {out.parent} came out incomplete"
+                          f"{f' ({why})' if why else ''}; check that the folder can be written, or set ${CACHE_ENV} "
+                          "to another")
 
 
 def resolve_path(path: str, segments: int | None = None) -> str:

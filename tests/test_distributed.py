@@ -450,3 +450,39 @@ def test_a_workers_copy_of_a_remote_checkpoint_is_removed_when_its_training_fail
     with pytest.raises(RuntimeError, match="a crash"):
         distributed._worker(config)
     assert not list(scratch.iterdir())
+
+
+_BUILD_AS_RANK = """
+import os, sys
+import torch
+import torch.distributed as dist
+
+def build(rank):
+    dist.init_process_group("gloo", init_method="file://" + sys.argv[2], rank=rank, world_size=2)
+    if rank == 1:  # a Ray Train worker of rank 1 that reached the cache first
+        os.environ["SHORTFT_CACHE"] = sys.argv[1]
+        from shortft.builtin import resolve
+        resolve("builtin:tiny")
+    dist.barrier()
+    dist.destroy_process_group()
+
+torch.multiprocessing.start_processes(build, nprocs=2, start_method="fork")
+"""
+
+
+def test_a_builtin_model_built_by_a_worker_of_rank_1_is_whole_and_a_broken_cache_is_rebuilt(tmp_path, monkeypatch):
+    """transformers writes a model's weights on rank 0 alone once a process group exists: the first
+    `--workers 2` run of a machine could leave ~/.cache/shortft/tiny-v1 with an empty text_encoder/ (rank 1's
+    build won the race), and every later run of builtin:tiny, in one process too, failed to load it."""
+    from shortft import builtin
+
+    done = subprocess.run([sys.executable, "-c", _BUILD_AS_RANK, str(tmp_path / "cache"), str(tmp_path / "rdv")],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    built = tmp_path / "cache" / "tiny-v1"
+    assert sorted(p.name for p in (built / "text_encoder").iterdir()) == ["config.json", "model.safetensors"]
+    for f in (built / "text_encoder").iterdir():  # a cache that bug left (text_encoder/ empty): built again
+        f.unlink()
+    monkeypatch.setenv("SHORTFT_CACHE", str(tmp_path / "cache"))
+    assert builtin.resolve("builtin:tiny") == str(built) and builtin.complete(built)
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == ["tiny-v1"]  # nothing set aside is left
