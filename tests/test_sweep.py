@@ -318,6 +318,10 @@ def test_the_results_table_pairs_a_trials_best_evaluation_with_the_untrained_mod
     searching = load_space(_space_file(tmp_path, "  eval.seed: {randint: [0, 9]}\n  lora.rank: {randint: [4, 8]}"))
     [row] = results_table([Result(history)], searching, sweep_settings, base)
     assert row["objective_best"] == 0.7 and row["objective_samples"] is None and row["gain"] is None
+    pending = Result([{"trial_id": "eb0fef0e"}])  # a Ctrl-C left it PENDING, with no values yet: no row of dashes
+    pending.config = {}
+    assert [r["trial"] for r in results_table([pending, Result(history)], space, sweep_settings, base,
+                                               {"eb0fef0e": "PENDING"})] == ["t001"]
 
 
 def test_the_untrained_row_is_left_out_when_the_space_searches_what_the_evaluation_reads(tmp_path, capsys):

@@ -38,6 +38,8 @@ def results_table(results, space: Space, sweep: dict, base: dict | None = None,
     for r in results:
         cfg = r.config or {}
         m = r.metrics or {}
+        if not r.error and "step" not in m and not any(k in cfg for k in space.search):
+            continue  # a trial a Ctrl-C left PENDING before it had its values: a row of dashes, by its Tune id
         history = r.metrics_dataframe
         best, se, samples, step = None, None, None, None  # the best evaluation: objective, se, samples, step
         if history is not None and OBJECTIVE in history and history[OBJECTIVE].notna().any():
