@@ -477,7 +477,8 @@ def test_ctrl_c_stops_the_sweep_says_so_and_how_to_continue_it_and_the_resume_fi
     assert proc.returncode == 130, out[-3000:]
     assert "A new study created" not in out and "Creating initial MLflow database tables" not in out  # INFO noise
     line = next(x for x in out.splitlines() if x.startswith("sweep cut stopped before its end (Tune kept its state)"))
-    assert line.endswith(f"continue it with: python tune/sweep.py --name cut --resume --storage-path {work / 'ray_results'} "
+    # the script as it was run (here the copy `ray submit` makes): `tune/sweep.py` is not there
+    assert line.endswith(f"continue it with: python sweep.py --name cut --resume --storage-path {work / 'ray_results'} "
                          "(on a cluster: ray submit <cluster yaml> tune/sweep.py -- --name cut --resume)")
     rows = pq.read_table(work / "runs" / "sweeps" / "cut" / "results.parquet").to_pylist()
     assert all(r["status"] != "STOPPED_EARLY" for r in rows), [(r["trial"], r["status"]) for r in rows]

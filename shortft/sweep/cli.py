@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 
 from shortft import tracking
@@ -79,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         print(tracking.ui_line(result.tracking_uri))
     if result.unfinished:  # Ctrl-C: Tune stopped the sweep and kept its state
         print(f"sweep {result.name} stopped before its end (Tune kept its state): the table holds the trials so far; "
-              f"continue it with: python tune/sweep.py --name {result.name} --resume --storage-path "
+              f"continue it with: python {_script()} --name {result.name} --resume --storage-path "
               f"{result.storage_path} (on a cluster: ray submit <cluster yaml> tune/sweep.py -- --name "
               f"{result.name} --resume)", file=sys.stderr)
         return 130
@@ -90,3 +91,11 @@ def main(argv: list[str] | None = None) -> int:
         for r in failed:  # the reason of each (out of GPU memory, say, with the settings that fit)
             print(f"  {r['trial']}: {r.get('error') or 'no reason kept'}", file=sys.stderr)
     return 0 if result.best else 1
+
+
+def _script() -> str:
+    """This script as it was run (`python sweep.py` in the folder `ray submit` copies it to, a path from
+    elsewhere): `tune/sweep.py` named a file only from the project's folder."""
+    given = sys.argv[0] if sys.argv and sys.argv[0].endswith(".py") else "tune/sweep.py"
+    return shlex.quote(given)
+
