@@ -159,12 +159,10 @@ def run_rewards(cfg, args) -> None:
         for row in cost.describe():
             print(f"{row['name']:20s} {'' if row['gradient'] else '(evaluation only) '}{row['about']}")
         return
-    names = None
-    if args.names is not None:  # `--names ""` timed the config's rewards as if no flag were given
-        names = comma_items("--names", args.names)
-        if not names:
-            raise ConfigError(f"--names {args.names!r}: name at least one reward, e.g. --names symmetry,pickscore "
-                              "(without the flag: the config's rewards)")
+    names = None if args.names is None else comma_items("--names", args.names)
+    if names == []:  # `--names ""` timed the config's rewards as if no flag were given
+        raise ConfigError(f"--names {args.names!r}: name at least one reward, e.g. --names symmetry,pickscore "
+                          "(without the flag: the config's rewards)")
     print(cost.run(cfg, names, args.random_weights, args.batch, args.repeats))
 
 
@@ -215,7 +213,8 @@ def _run_train(cfg, args, uri: str | None, experiment: str | None) -> int:
             r = train_with_ray(cfg, args.workers, use_gpu=args.gpu, storage_path=args.storage_path,
                                max_failures=args.max_failures, tracking_uri=uri,
                                experiment=experiment or tracking.DEFAULT_EXPERIMENT, resume=bool(args.resume))
-            print(f"done: run {r.run_name}; LoRA in {r.output_dir / 'lora'}; checkpoints in {r.storage_path}")
+            print(f"done: run {r.run_name}; LoRA in {r.output_dir / 'lora'}; checkpoints in "
+                  f"{r.storage_path.rstrip('/')}/{r.run_name}")
         else:
             note_unused_flags(args)
             callbacks, run_id = [], None

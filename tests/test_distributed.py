@@ -290,6 +290,9 @@ def test_cli_two_workers_on_toy_config_logs_everything_to_mlflow(tmp_path):
                        env={**os.environ, "RAY_num_cpus": "4"})
     assert p.returncode == 0, p.stderr[-3000:]
     assert "mlflow ui --backend-store-uri" in p.stdout
+    done = next(line for line in p.stdout.splitlines() if line.startswith("done: run "))
+    folder = Path(done.rpartition("; checkpoints in ")[2])  # the run's own folder, not the storage path's root
+    assert folder.parent == tmp_path / "ray" and sorted(folder.glob("checkpoint_*")), done
     client = tracking.client(uri)
     runs = client.search_runs([client.get_experiment_by_name("cli").experiment_id])
     assert len(runs) == 1
