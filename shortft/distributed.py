@@ -232,7 +232,7 @@ def train_with_ray(cfg: Config, workers: int, use_gpu: bool = False, storage_pat
         cpus = 1.0 if use_gpu else max(0.1, min(1.0, float(ray.cluster_resources().get("CPU", 1)) / workers))
     if check_resources:  # before anything is made (an MLflow run, the relay) and before the group waits
         resources.check(resources.Request(workers, cpus, gpus_per_worker if use_gpu else 0.0, workers_flag="--workers",
-                                          gpu_flag="--gpu", gpu_fix="drop --gpu"))
+                                          gpu_flag="--gpu", gpu_fix="drop --gpu", who="the run"))
     own_run = bool(tracking_uri and not run_id)  # a sweep's trial run is the sweep's to close
     if own_run:  # found again from any folder, and after the run folder moved
         run_id = run_store.open_run(tracking_uri, experiment, name, name, cfg, reuse=resume)

@@ -176,6 +176,7 @@ class Request:
     workers_flag: str = "--workers-per-trial"
     gpu_flag: str = "--gpus-per-worker"
     gpu_fix: str = "use --gpus-per-worker 0"
+    who: str = "one trial"  # what needs the workers: a sweep's trial, or a `train --workers` run
 
 
 def _bundles(node: dict, request: Request) -> int:
@@ -210,7 +211,7 @@ def fit(request: Request, nodes: list[dict], node_types: list[tuple[dict, int]] 
     if later >= request.workers:
         return "later"
     gpu_part = f" + {request.gpus_per_worker:g} GPU" if request.gpus_per_worker > 0 else ""
-    raise ConfigError(f"{request.workers_flag} {request.workers}: one trial needs {request.workers} workers of "
+    raise ConfigError(f"{request.workers_flag} {request.workers}: {request.who} needs {request.workers} workers of "
                       f"{request.cpus_per_worker:g} CPU{gpu_part}; this Ray cluster can place {now}"
                       + (f" (with its autoscaler {later})" if node_types is not None else " and has no autoscaler")
                       + f"; use {request.workers_flag} {max(1, later)} or fewer")
@@ -280,7 +281,7 @@ def check(request: Request) -> str:
     """`fit` against the connected Ray cluster; says once, in one line, when the trial waits for nodes."""
     verdict = fit(request, _alive_nodes(request), autoscaler_node_types())
     if verdict == "later":
-        print(f"note: one trial needs {request.workers} workers of {request.cpus_per_worker:g} CPU"
+        print(f"note: {request.who} needs {request.workers} workers of {request.cpus_per_worker:g} CPU"
               + (f" + {request.gpus_per_worker:g} GPU" if request.gpus_per_worker else "")
               + "; the cluster has too few now, and its autoscaler can add them: waiting", flush=True)
     return verdict

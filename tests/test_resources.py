@@ -25,6 +25,8 @@ def test_fit_against_nodes_and_autoscaler_types():
     with pytest.raises(ConfigError, match="--workers-per-trial 8: .*can place 4 and has no autoscaler; use "
                                           "--workers-per-trial 4 or fewer"):
         fit(Request(8, 1.0), [CPU_NODE], None)
+    with pytest.raises(ConfigError, match="--workers 8: the run needs 8 workers"):  # `train --workers` said "one trial"
+        fit(Request(8, 1.0, workers_flag="--workers", who="the run"), [CPU_NODE], None)
     gpu_type = ({"CPU": 8.0, "GPU": 1.0}, 4)
     assert fit(Request(2, 1.0, 1.0), [CPU_NODE], [gpu_type]) == "later"  # two GPU nodes can be added
     with pytest.raises(ConfigError, match="with its autoscaler 4"):
