@@ -34,7 +34,8 @@ from shortft.progress import warn
 from shortft.ray_reports import BEST_AND_LATEST, FAULT_MARKER, FaultInjector, RayReport, fault_request, readable
 from shortft.ray_stop import StopChannel, polled
 from shortft.run_lock import FolderInUse
-from shortft.ray_storage import check_storage_path, name_in_storage, resolve_storage_path, run_exists
+from shortft.ray_storage import (check_resumed_workers, check_storage_path, name_in_storage, resolve_storage_path,
+                                 run_exists)
 
 
 def _quiet_report_lines() -> None:
@@ -211,6 +212,8 @@ def train_with_ray(cfg: Config, workers: int, use_gpu: bool = False, storage_pat
     if exists and not resume:
         raise ConfigError(f"run {name} already exists in {storage_path}; pass --resume to continue it, or set "
                           "name=<new name> to start another")
+    if resume and exists:
+        check_resumed_workers(storage_path, name, workers)
     if not resume:
         # a run of one process there: the workers would write beside it
         checkpoint.check_new_run(cfg.output_dir, cfg.train.output_dir, cfg.train.steps)

@@ -116,3 +116,19 @@ def run_exists(storage_path: str, name: str) -> bool:
         return fs.get_file_info(f"{root}/{name}").type != pyarrow.fs.FileType.NotFound
     d = Path(storage_path).expanduser() / name
     return d.is_dir() and any(d.iterdir())
+
+
+def check_resumed_workers(storage_path: str, name: str, workers: int) -> None:
+    """A resume with another worker count is refused by the workers as they resume, once Ray has started and
+    the models have loaded (26 s here): a local storage path's latest checkpoint is read first."""
+    from shortft import checkpoint
+    from shortft.resume_settings import check_workers
+    from shortft.safe_load import Unreadable
+
+    if "://" in storage_path:
+        return
+    held = checkpoint.latest(Path(storage_path).expanduser() / name)
+    with contextlib.suppress(Unreadable):  # the resume goes back to the one before it, saying so
+        if held is not None:
+            check_workers(held, checkpoint.read_state(held), workers)
+

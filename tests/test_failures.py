@@ -447,6 +447,15 @@ def test_resuming_with_another_worker_count_is_refused_in_one_line(make_cfg, tmp
         f"and {latest} is a checkpoint of 1 worker(s); resume it in one process (no --workers), or, if --workers 1 "
         "wrote it, with the --storage-path it was written to")
     assert not ray.is_initialized() and (latest / "state.json").is_file()
+    # A Ray run of two workers resumed with one: refused by the workers once Ray had started and the models had
+    # loaded (26 s); now from the storage path's latest checkpoint, before Ray starts
+    ray_run = tmp_path / "ray2" / "x" / "step_000002"
+    shutil.copytree(latest, ray_run)
+    (ray_run / "state.json").write_text(json.dumps({**json.loads((latest / "state.json").read_text()), "world_size": 2}))
+    with pytest.raises(ConfigError, match=re.escape(f"the checkpoint {ray_run} was written by 2 worker(s), this run "
+                                                    "has 1; resume with --workers 2")):
+        train_with_ray(cfg, 1, resume=True, storage_path=str(tmp_path / "ray2"), tracking_uri=None, name="x")
+    assert not ray.is_initialized()
     # A checkpoint two workers wrote: `train --resume --dry-run` said it would resume from it, the run refused.
     from types import SimpleNamespace
 
