@@ -224,6 +224,8 @@ def train_with_ray(cfg: Config, workers: int, use_gpu: bool = False, storage_pat
                "in one process (no --workers), or, if --workers 1 wrote it, with the --storage-path it was written to")
         raise ConfigError(f"resume: {storage_path} holds no run {name} for Ray to resume, and {local} is a checkpoint "
                           f"of {written_by} worker(s); resume it {how}")
+    if resume and not exists:  # as a resume in one process says it (a mistyped name started at 0 without a word)
+        warn(f"shortft: note: {storage_path} holds no run {name} to resume; starting from step 0")
     run_record.remember(cfg.output_dir, "ray", {"name": name, "storage_path": storage_path})  # found after a move
     # Files written by rank 0 go to an absolute path, whatever the worker's working directory.
     cfg = from_dict(Config, to_dict(cfg))

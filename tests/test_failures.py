@@ -467,6 +467,23 @@ def test_resuming_with_another_worker_count_is_refused_in_one_line(make_cfg, tmp
         resume_line(cfg, SimpleNamespace(resume=True, workers=0, overrides=[], config=None))
 
 
+def test_a_workers_resume_of_a_run_the_storage_path_lacks_says_it_starts_from_step_0(make_cfg, tmp_path, monkeypatch,
+                                                                                      capsys):
+    """A one-process resume with nothing to resume says "no checkpoint ...; starting from step 0"; one with
+    --workers (a mistyped name, another storage path) started at step 0 without a word."""
+    from shortft import distributed
+    from shortft.distributed import train_with_ray
+
+    def started(**kwargs):
+        raise RuntimeError("Ray would start here")
+
+    monkeypatch.setattr(distributed.resources, "connect", started)
+    monkeypatch.setattr("ray.is_initialized", lambda: False)
+    with pytest.raises(RuntimeError, match="Ray would start here"):
+        train_with_ray(make_cfg(), 2, resume=True, storage_path=str(tmp_path / "ray"), tracking_uri=None, name="typo")
+    assert f"shortft: note: {tmp_path / 'ray'} holds no run typo to resume; starting from step 0" in capsys.readouterr().err
+
+
 def test_a_resume_names_the_settings_changed_since_its_checkpoint_and_refuses_those_its_loras_do_not_fit(
         make_cfg, tmp_path, capsys):
     """Out of GPU memory, a run is told which settings lower the peak and that its checkpoints are kept: a
