@@ -38,6 +38,9 @@ def connect(**kwargs) -> None:
     local = not kwargs.get("address") and starts_local_ray()
     if not local:
         check_answers(kwargs.get("address"))
+    else:  # a laptop is not preempted: no preemption-watcher actor (one process start less per trial or run, and
+        # no "PreemptionWatcher ... max_restarts > 0" error line from Ray's core worker on every `train --workers`)
+        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     # Connecting to a cluster, Ray (Python and C++) logs its guesses and a traceback before it raises:
     # held back, and shown only if the connection succeeds. A local start is not held (its processes
     # would inherit the capture).

@@ -290,6 +290,7 @@ def test_cli_two_workers_on_toy_config_logs_everything_to_mlflow(tmp_path):
                        env={**os.environ, "RAY_num_cpus": "4"})
     assert p.returncode == 0, p.stderr[-3000:]
     assert "mlflow ui --backend-store-uri" in p.stdout
+    assert "PreemptionWatcher" not in p.stderr  # Ray's core-worker error line of every local `--workers` run
     done = next(line for line in p.stdout.splitlines() if line.startswith("done: run "))
     folder = Path(done.rpartition("; checkpoints in ")[2])  # the run's own folder, not the storage path's root
     assert folder.parent == tmp_path / "ray" and sorted(folder.glob("checkpoint_*")), done

@@ -185,9 +185,7 @@ def run_sweep(space: str | Space | None = None, num_samples: int | None = None, 
             resources.connect(address=address)
         else:
             # With the dashboard (ray[default]): Ray Train's placement-group cleaner needs its state API to
-            # release a finished or stopped trial's workers. A laptop is not preempted: no
-            # preemption-watcher actor (one process start less per trial).
-            os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+            # release a finished or stopped trial's workers.
             resources.connect(num_cpus=max(4, os.cpu_count() or 1), logging_config=ray.LoggingConfig(log_level="ERROR"))
     check_storage_for_cluster(storage_path)
     # before any trial; "now" (not "later", when an autoscaler must add a node): one-worker trials train in-trial
