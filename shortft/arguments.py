@@ -58,4 +58,3 @@ def check_at_least(items) -> None:
             continue
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value < float("inf"):
             raise ConfigError(f"{label} {value!r}: must be a finite number >= {low}")
-

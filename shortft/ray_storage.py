@@ -131,4 +131,3 @@ def check_resumed_workers(storage_path: str, name: str, workers: int) -> None:
     with contextlib.suppress(Unreadable):  # the resume goes back to the one before it, saying so
         if held is not None:
             check_workers(held, checkpoint.read_state(held), workers)
-

@@ -98,4 +98,3 @@ def _script() -> str:
     elsewhere): `tune/sweep.py` named a file only from the project's folder."""
     given = sys.argv[0] if sys.argv and sys.argv[0].endswith(".py") else "tune/sweep.py"
     return shlex.quote(given)
-
