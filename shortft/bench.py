@@ -52,18 +52,19 @@ class Arm:
                 + (" ckpt" if self.checkpointing and self.method != "full" else "") + f" b={self.batch}")
 
 
-# Methods with a single call with gradient: per-call checkpointing changes nothing there.
+# Methods with a single call with gradient: per-call checkpointing changes nothing there (draft: at last_k 1).
 ONE_GRAD_CALL = ("draft", "refl")
 
 
 def arms(methods: list[str], segments: list[int], batches: list[int],
-         checkpointing: list[bool | None] = (None,)) -> list[Arm]:
+         checkpointing: list[bool | None] = (None,), last_k: int = 1) -> list[Arm]:
     """Every method at every batch and checkpointing choice; ShortFT at every k too. `full` (checkpointed)
-    is always included, once per batch."""
+    is always included, once per batch. `last_k`: draft's calls with gradient (`chain.last_k`)."""
+    one = [m for m in ONE_GRAD_CALL if m != "draft" or last_k == 1]
     out = []
     for batch in batches:
         for method in dict.fromkeys(["full", *methods]):
-            choices = [True] if method == "full" else [None] if method in ONE_GRAD_CALL else checkpointing
+            choices = [True] if method == "full" else [None] if method in one else checkpointing
             for ckpt in dict.fromkeys(choices):
                 out += [Arm(method, k, batch, ckpt) for k in (segments if method == "shortft" else [None])]
     return out
@@ -158,7 +159,7 @@ def run_bench(cfg: Config, methods: list[str], segments: list[int], batches: lis
     if random_weights and cfg.model.shortcut != "none":
         # A shortcut LoRA cannot be random-initialised meaningfully; the base model's own jump costs the same calls.
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, shortcut="none"))
-    for arm in arms(methods, segments, batches, checkpointing):  # e.g. a k with no shortcut: now, not arms later
+    for arm in arms(methods, segments, batches, checkpointing, cfg.chain.last_k):  # e.g. a k with no shortcut: now, not arms later
         check(arm_config(cfg, arm))
     device = pick_device(cfg.model.device)
     peak = device_peak_tflops(device)
@@ -178,7 +179,7 @@ def run_bench(cfg: Config, methods: list[str], segments: list[int], batches: lis
               "device": device_name(device), "host_cpu": host_cpu(), "libraries": library_versions(),
               "threads": torch.get_num_threads(), "peak_bf16_tflops": peak, "date": datetime.date.today().isoformat(),
               "rows": rows}
-    for arm in arms(methods, segments, batches, checkpointing):
+    for arm in arms(methods, segments, batches, checkpointing, cfg.chain.last_k):
         arm_cfg = arm_config(cfg, arm)
         t0 = time.perf_counter()
         counted = _earlier_count(counts_from, arm) if counts_from else None

@@ -113,8 +113,9 @@ def parser() -> argparse.ArgumentParser:
     bn.add_argument("--counts-from", metavar="JSON", help="reuse FLOP counts and memory estimates of an earlier "
                     "--json (e.g. a --count-only run on a CPU) for the same arms")
     bn.add_argument("--checkpointing", default=None, metavar="false,true",
-                    help="per-call checkpointing of each method but full (always on): one arm per value "
-                         "(default: the config's chain.checkpointing)")
+                    help="per-call checkpointing of each method but full (always on), refl and draft at "
+                         "chain.last_k=1 (one call with gradient: one arm): one arm per value (default: the config's "
+                         "chain.checkpointing)")
     bn.add_argument("--profile", action="store_true",
                     help="on a GPU, one more step under the profiler: kernels per step and the GPU's busy share")
     bn.add_argument("--tracking-uri", help="also log an MLflow run (experiment shortft-bench)")

@@ -143,7 +143,8 @@ class ChainConfig:
     segments: int = setting(4, "k: shortcut segments of the ShortFT chain")
     truncate_at: float = setting(0.0, "fraction of the N steps run without gradient first (0 = end to end)")
     guidance_scale: float = setting(7.5, "classifier-free guidance scale (<= 1 turns guidance off)")
-    checkpointing: bool = setting(False, "recompute each UNet call in backward (less memory; about 2x time on the toy CPU, BENCHMARKS.md)")
+    checkpointing: bool = setting(False, "recompute each UNet call in backward (less memory; 1.06-1.24x the time on the "
+                                  "toy CPU, BENCHMARKS.md)")
     last_k: int = setting(1, "draft: steps at the end of the chain that carry gradient")
     lv_copies: int = setting(2, "draft_lv: extra re-noised copies of the last step")
     alignprop_range: list = setting([0.0, 1.0], "alignprop: fraction range the random gradient cut is drawn from")

@@ -53,6 +53,9 @@ def test_checkpointing_arms_one_per_value_full_always_on_single_grad_call_method
     got = arms(["shortft", "draft", "alignprop"], [4], [1, 2], [False, True])
     assert [a.label for a in got if a.batch == 1] == [
         "full b=1", "shortft k=4 b=1", "shortft k=4 ckpt b=1", "draft b=1", "alignprop b=1", "alignprop ckpt b=1"]
+    # draft with chain.last_k 3 has 3 calls with gradient: its checkpointed arm was left out
+    assert [a.label for a in arms(["draft"], [4], [1], [False, True], last_k=3)] == ["full b=1", "draft b=1",
+                                                                                     "draft ckpt b=1"]
     cfg = load_config("tiny")
     assert arm_config(cfg, Arm("full", None, 1, None)).chain.checkpointing
     assert not arm_config(cfg, Arm("shortft", 4, 1, False)).chain.checkpointing
