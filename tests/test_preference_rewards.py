@@ -205,6 +205,7 @@ def test_jpeg_size_is_an_evaluation_term_only(make_cfg):
     with pytest.raises(rewards.ConfigError, match="reward.weights.jpeg_size: jpeg_size has no gradient"):
         make_cfg("reward.weights={jpeg_size: 1}")
     make_cfg("eval.terms=[jpeg_size, compressibility]")
+    make_cfg("reward.weights.jpeg_size=0")  # a 0 leaves the term out: it was refused as a term without gradient
 
 
 def _bad(options, name, **change):

@@ -167,7 +167,7 @@ def check_config(cfg: Config) -> None:
     modules.import_all(cfg.reward.modules)
     for name in cfg.reward.weights:
         check_name(f"reward.weights.{name}", name)
-        if name in EVAL_ONLY:
+        if name in EVAL_ONLY and cfg.reward.weights[name]:  # a 0 leaves the term out (as the help says)
             raise ConfigError(f"reward.weights.{name}: {name} has no gradient (an evaluation term); "
                               "train on a differentiable term (e.g. compressibility) and list it in eval.terms")
     for name, opts in cfg.reward.options.items():
