@@ -25,10 +25,11 @@ import yaml
 from shortft.arguments import comma_items, name_too_long
 from shortft.checks import load_config
 from shortft.cli_parser import int_list, interrupted_line, parser as _parser
-from shortft.config import PARTS, READS, ConfigError, describe, flatten, parse_overrides, replaced, to_dict
+from shortft.config import PARTS, READS, ConfigError, describe, parse_overrides, replaced, to_dict
 from shortft.memory import OutOfMemory, explained
 from shortft.out_paths import image_suffixes, output_file, output_folder
 from shortft.progress import printable, quiet_libraries
+from shortft.resume_preview import check_resume_folder, resume_line
 from shortft.safe_load import Unreadable
 
 
@@ -103,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "plan" or (args.command == "train" and args.dry_run):
             if args.command == "train":
                 note_unused_flags(args)
+                check_device_here(cfg, args)
                 print(yaml.safe_dump(to_dict(cfg), sort_keys=False))
             from shortft.preflight import print_plan, report, too_big
 
@@ -174,11 +176,7 @@ def run_train(cfg, args) -> int:
     from shortft.checkpoint import check_new_run
 
     output_folder("train.output_dir", cfg.output_dir)
-    if args.workers <= 0:  # the device this process trains on (refused as the model loaded: after the run was made)
-        from shortft.compiling import check_compile
-        from shortft.models import pick_device
-
-        check_compile(cfg.model, pick_device(cfg.model.device))
+    check_device_here(cfg, args)
     # credentials leave the URI here, before anything prints or stores it; a resume logs where the run started
     uri, experiment, note = (None, None, None) if args.no_mlflow else run_store.settle(
         cfg.output_dir, args.tracking_uri, args.experiment, resume=bool(args.resume))
@@ -240,44 +238,14 @@ def _run_train(cfg, args, uri: str | None, experiment: str | None) -> int:
     return 0
 
 
-def check_resume_folder(cfg, args) -> None:
-    """`--resume` with a run's own config.yaml from another folder: its relative `train.output_dir` named a
-    folder here, and the resume started afresh there (status 0) beside the run it was meant to continue."""
-    from shortft import checkpoint
+def check_device_here(cfg, args) -> None:
+    """The device a run in this process trains on, and model.compile there (refused as the model loaded: after
+    the run's folder and MLflow run were made; a dry run said nothing)."""
+    if args.workers <= 0:
+        from shortft.compiling import check_compile
+        from shortft.models import pick_device
 
-    named = any(o.split("=", 1)[0] in ("name", "train.output_dir") for o in args.overrides)  # another folder, meant
-    if args.resume is not True or named or not args.config or not Path(args.config).is_file():
-        return
-    folder = Path(args.config).resolve().parent
-    held = checkpoint.latest(folder / "checkpoints")
-    if held is None or folder == cfg.output_dir.resolve() or checkpoint.latest(cfg.output_dir / "checkpoints"):
-        return
-    raise ConfigError(f"--resume: no checkpoint under {cfg.output_dir / 'checkpoints'}; --config {args.config} is the "
-                      f"config of the run in {folder} (checkpoints to step {checkpoint.step_of(held)}): add "
-                      f"train.output_dir={folder} to continue it there")
-
-
-def resume_line(cfg, args) -> str:
-    """Where `train --resume` would start (a dry run): the checkpoint and its step, or step 0."""
-    from shortft import checkpoint
-    from shortft.plan import training_plan
-    from shortft.resume_settings import changed_settings, check_workers
-
-    check_resume_folder(cfg, args)
-    if args.workers:
-        return "resume: from the latest checkpoint Ray Train recorded in the storage path"
-    if args.resume is not True:
-        checkpoint.check_resume_path(args.resume)
-        path = Path(args.resume)
-    else:
-        path = checkpoint.latest(cfg.output_dir / "checkpoints")
-        if path is None:
-            return f"resume: no checkpoint under {cfg.output_dir / 'checkpoints'}; the run would start from step 0"
-    state = checkpoint.read_state(path)
-    check_workers(path, state, 1)  # the run itself refuses it: the dry run said it would resume
-    changed = changed_settings(path, flatten(to_dict(cfg)), list(training_plan(cfg).adapters))  # or these
-    return f"resume: from {path} at step {state['step']}" + (
-        "; settings changed since the checkpoint: " + ", ".join(changed) if changed else "")
+        check_compile(cfg.model, pick_device(cfg.model.device))
 
 
 def note_unused_flags(args) -> None:

@@ -83,7 +83,9 @@ def test_inductor_on_a_cpu_is_refused_in_one_line_before_the_run_is_made(tiny_di
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     for bad, said in ((["model.compile=true", "model.device=cpu"], "model.compile=true on a CPU"),
                       (["model.compile=true", "model.compile_backend=nope"], "model.compile_backend='nope'"),
-                      *([] if torch.cuda.is_available() else [(["model.device=cuda"], "CUDA is not available")])):
+                      *([] if torch.cuda.is_available() else [(["model.device=cuda"], "CUDA is not available")]),
+                      # its dry run said nothing of it (status 0)
+                      (["model.compile=true", "model.device=cpu", "--dry-run"], "model.compile=true on a CPU")):
         p = subprocess.run([sys.executable, "-m", "shortft.cli", "train", "--config", "tiny", "--tracking-uri", uri,
                             f"model.pretrained={tiny_dir}", *bad], capture_output=True, text=True, timeout=120,
                            cwd=tmp_path)
