@@ -221,6 +221,9 @@ def print_plan(cfg) -> None:
     budget, stages = Budget.of(cfg.train), plan.stages
     reached = (set(range(1, stages + 1)) if cfg.train.steps >= stages
                else {budget.stage(step, stages) for step in range(cfg.train.steps)})
+    if stages > 1 and (cfg.train.call_budget or cfg.train.time_budget_s):
+        print("(the stages below split train.steps; with a budget they split it too, whichever is further along: a "
+              "budget of fewer steps than there are stages skips some; docs/method.md)")
     for stage in range(1, plan.stages + 1):
         calls = plan.calls(timesteps, stage)
         skipped = f"; never run: train.steps={cfg.train.steps} < {plan.stages} stages" if stage not in reached else ""

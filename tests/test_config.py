@@ -99,6 +99,10 @@ def test_the_dry_run_says_which_progressive_stages_fewer_steps_never_run(capsys)
     assert main(["train", "--config", "tiny", "--dry-run", "train.steps=2", "chain.segments=4", "chain.steps=8"]) == 0
     stages = [line for line in capsys.readouterr().out.splitlines() if line.startswith("stage ")]
     assert [("never run: train.steps=2 < 4 stages" in line) for line in stages] == [False, True, False, True], stages
+    # a budget splits the stages too, and one of fewer steps than stages skips some the list shows as run
+    assert main(["train", "--config", "tiny", "--dry-run", "train.call_budget=12", "chain.steps=8"]) == 0
+    assert "with a budget they split it too, whichever is further along: a budget of fewer steps than there are " \
+           "stages skips some" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("name", builtin_configs())
