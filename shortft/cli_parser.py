@@ -59,8 +59,8 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--gpu", action="store_true", help="one GPU per Ray worker (NCCL)")
     t.add_argument("--storage-path", help="Ray checkpoints: a local dir, s3://... or an NFS path (default ./ray_results)")
     t.add_argument("--max-failures", type=at_least(0), default=1,
-                   help="worker-group restarts from the last checkpoint (a config mistake, a non-finite stop, or "
-                        "out of GPU memory alone on the card ends the restart at once)")
+                   help="with --workers: worker-group restarts from the last checkpoint (default 1; a config "
+                        "mistake, a non-finite stop, or out of GPU memory alone on the card ends the restart at once)")
     mlflow = t.add_mutually_exclusive_group()  # both given: one was ignored without a word
     mlflow.add_argument("--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
     mlflow.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
@@ -75,14 +75,16 @@ def parser() -> argparse.ArgumentParser:
     common(sp)
     sp.add_argument("--lora", required=True, help="the lora/ dir a train run wrote")
     sp.add_argument("--prompt", action="append", default=[], help="a prompt (repeat for more)")
-    sp.add_argument("--prompts", help="a text file, one prompt per line")
+    sp.add_argument("--prompts", help="a prompts file as data.prompts takes it (a text file, one prompt per line; "
+                    ".jsonl/.csv/.parquet with data.prompt_column; hf://, builtin:)")
     sp.add_argument("--seeds", default="0", help="comma-separated seeds; every prompt is drawn with each (default 0)")
     sp.add_argument("--steps", type=at_least(1), help="sampler steps N (default: the config's chain.steps)")
     sp.add_argument("--guidance", type=finite, help="guidance scale (default: the config's chain.guidance_scale)")
     sp.add_argument("--out", default="samples", help="output dir (default ./samples)")
     sp.add_argument("--compare", action="store_true", help="also the base model, side by side, as one grid PNG")
 
-    pl = sub.add_parser("plan", help="print the timestep plan of every stage (same as train --dry-run)")
+    pl = sub.add_parser("plan", help="print the timestep plan of every stage (train --dry-run prints it "
+                        "too, with the config, memory and sources)")
     common(pl)
 
     toy = sub.add_parser("toy", help="the toy world").add_subparsers(dest="toy_command", required=True)

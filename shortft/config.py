@@ -120,7 +120,7 @@ class ModelConfig:
     resolution: int | None = setting(None, "image side in pixels, a multiple of the VAE factor (null = the model's own)")
     timestep_spacing: str | None = setting(None, "leading, linspace or trailing (null = the model scheduler's own)")
     shortcut: str = setting("none", "frozen few-step model: none (base model, one DDIM jump), lora:<path>, unet:<path>")
-    shortcut_weight_name: str | None = setting(None, "the LoRA file inside a lora: shortcut's hub repo or folder")
+    shortcut_weight_name: str | None = setting(None, "the file inside a lora: or unet: shortcut's hub repo or folder")
     shortcut_revision: str | None = setting(None, "hub revision (branch, tag or commit) of model.shortcut (null = main)")
     shortcut_scale: float = setting(1.0, "LoRA scale of a lora: shortcut")
     shortcut_guidance_scale: float | None = setting(
@@ -158,8 +158,8 @@ class ChainConfig:
     drtune_train_steps: int = setting(5, "drtune: K, the most evenly spaced steps that carry gradient")
     drtune_stop_range: list = setting([0.6, 1.0], "drtune: the early stop, drawn per iteration from this range "
                                       "(fractions of the chain); that step's predicted x0 is scored; [1, 1] = off")
-    interior_adapters: str = setting("none", "LoRAs on the steps the short chain skips (the N-step sampler, and a "
-                                      "progressive stage's run-up): none or segment")
+    interior_adapters: str = setting("none", "shortft: LoRAs on the steps the short chain skips (the N-step sampler, "
+                                      "and a progressive stage's run-up): none or segment")
 
 
 @dataclass
