@@ -240,7 +240,7 @@ def train_with_ray(cfg: Config, workers: int, use_gpu: bool = False, storage_pat
                                           gpu_flag="--gpu", gpu_fix="drop --gpu", who="the run"))
     own_run = bool(tracking_uri and not run_id)  # a sweep's trial run is the sweep's to close
     if own_run:  # found again from any folder, and after the run folder moved
-        run_id = run_store.open_run(tracking_uri, experiment, name, name, cfg, reuse=resume)
+        run_id = run_store.open_run(tracking_uri, experiment, name, name, cfg, reuse=resume, workers=workers)
         run_store.remember(cfg.output_dir, tracking_uri, experiment, run_id)
     with run_status.kept(tracking_uri if own_run else None, run_id):  # KILLED or FAILED if it raises
         relay = start_relay(tracking_uri) if tracking_uri else None  # found again if the sweep started it

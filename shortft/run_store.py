@@ -21,6 +21,7 @@ from shortft.config import Config, ConfigError
 from shortft.mlflow_client import sqlite_path
 
 PART = "mlflow"
+WORKERS_TAG = "shortft.workers"  # a `--workers N` run's N
 
 
 def remember(output_dir: Path, uri: str, experiment: str, run_id: str) -> None:
@@ -60,11 +61,21 @@ def settle(output_dir: Path, given_uri: str | None, given_experiment: str | None
                                                     "(--tracking-uri to log elsewhere)")
 
 
-def open_run(uri: str, experiment: str, key: str, name: str, cfg: Config, reuse: bool = True) -> str:
-    """The run to log to: the one the run folder recorded, where it is this folder's own run (`run_record`)
-    of this experiment and is in this store (a run id is unique: a store moved with its runs has it), its key
-    then set to this folder's (it may have moved); else the run with this key, or a new one. A resumed run
-    whose settings are not its params gets them named in a tag (`tracking.note_changed_params`)."""
+def open_run(uri: str, experiment: str, key: str, name: str, cfg: Config, reuse: bool = True,
+             workers: int = 0) -> str:
+    """The run to log to (`_open_run`); a `--workers N` run's tagged `shortft.workers` N: its params are a
+    one-process run's, with `train.batch_size` each worker's (the global batch is N times it)."""
+    run_id = _open_run(uri, experiment, key, name, cfg, reuse)
+    if workers:
+        tracking.set_tag(uri, run_id, WORKERS_TAG, str(workers))
+    return run_id
+
+
+def _open_run(uri: str, experiment: str, key: str, name: str, cfg: Config, reuse: bool) -> str:
+    """The one the run folder recorded, where it is this folder's own run (`run_record`) of this experiment
+    and is in this store (a run id is unique: a store moved with its runs has it), its key then set to this
+    folder's (it may have moved); else the run with this key, or a new one. A resumed run whose settings are
+    not its params gets them named in a tag (`tracking.note_changed_params`)."""
     record, own = run_record.recorded(cfg.output_dir, PART) if reuse else ({}, False)
     run_id = record.get("run_id")
     if own and isinstance(run_id, str) and record.get("experiment") == experiment:

@@ -299,6 +299,7 @@ def test_cli_two_workers_on_toy_config_logs_everything_to_mlflow(tmp_path):
     assert len(runs) == 1
     run = runs[0]
     assert run.data.params["chain.method"] == "shortft" and run.data.params["lora.rank"] == "8"
+    assert run.data.tags["shortft.workers"] == "2"  # its params alone are a one-process run's of half the batch
     assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [1, 2, 3, 4, 5, 6]
     # Between two steps the workers wait for Ray Train's controller to take the report: by default it
     # polls every 2 s, which held every step to at least 2 s (distributed.POLL_INTERVAL_ENV)

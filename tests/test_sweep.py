@@ -399,6 +399,9 @@ def _check_sweep_outputs(db: Path, table: Path, trials: int = 3):
         assert child.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
         for key in SEARCHED:
             assert key in child.data.params, key
+        # the folder it trained in (runs/sweeps/<sweep>/<run name>), not the base config's `runs/{name}`
+        assert Path(child.data.params["train.output_dir"]).parts[-3:] == ("sweeps", table.parent.name,
+                                                                           child.info.run_name), child.data.params
         assert "loss" in child.data.metrics and "eval/objective" in child.data.metrics
         assert child.info.status == "FINISHED"
     assert len({ch.data.tags[tracking.RUN_KEY] for ch in children}) == trials  # no duplicates

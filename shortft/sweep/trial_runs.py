@@ -12,7 +12,7 @@ from ray.tune.search import ConcurrencyLimiter
 from shortft import raised, tracking
 from shortft.run_status import ERROR_TAG
 from shortft.stats import finite
-from shortft.sweep.trials import OBJECTIVE, RUN_ID_KEY, TRIAL_KEY, combination_error, config_of_trial, stopped_early
+from shortft.sweep.trials import OBJECTIVE, RUN_ID_KEY, TRIAL_KEY, combination_error, stopped_early, trial_run_config
 
 
 class TrialRuns(ConcurrencyLimiter):
@@ -105,7 +105,7 @@ class TrialRuns(ConcurrencyLimiter):
         sweep = self.sweep_settings
         if sweep["tracking_uri"] and not combination_error(config, sweep):  # else it fails as it starts
             name = f"{sweep['name']}-{key}"
-            cfg = config_of_trial(config, sweep, name)
+            cfg = trial_run_config(config, sweep, name)
             config[RUN_ID_KEY] = tracking.ensure_trial_run(sweep["tracking_uri"], sweep["experiment"], name, cfg,
                                                            sweep["parent_run_id"])
         return config

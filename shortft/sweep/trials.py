@@ -84,6 +84,14 @@ def config_of_trial(config: dict, sweep: dict, name: str | None = None) -> Confi
     return from_dict(Config, json.loads(_config_json(*key)))
 
 
+def trial_run_config(config: dict, sweep: dict, name: str) -> Config:
+    """The trial's config as it trains, its folder under the sweep's `output_root` filled in: its MLflow run's
+    params said `train.output_dir: runs/{name}`, where it wrote to runs/sweeps/<sweep>/<name>."""
+    cfg = config_of_trial(config, sweep, name)
+    cfg.train.output_dir = str(Path(sweep["output_root"]) / name)
+    return cfg
+
+
 def stopped_early(config: dict, sweep: dict, last_result: dict) -> bool:
     """The trial's last reported step is short of the steps its config plans and of its budgets (ASHA
     stopped it)."""
@@ -105,10 +113,9 @@ def run_trial(config: dict, sweep: dict) -> None:
     resources (`trial_resources`), else as a Ray Train job; either reports its evaluations to Tune."""
     context = tune.get_context()
     name = trial_name(config, sweep, context.get_trial_id())
-    output_dir = Path(sweep["output_root"]) / name
-    with attempts.once(output_dir, sweep.get("attempt")):  # Tune's retry of a final failure ends at once
-        cfg = config_of_trial(config, sweep, name)  # (values valid alone, not together, fail here, for good)
-        cfg.train.output_dir = str(output_dir)
+    # Tune's retry of a final failure ends at once; values valid alone, not together, fail here, for good
+    with attempts.once(Path(sweep["output_root"]) / name, sweep.get("attempt")):
+        cfg = trial_run_config(config, sweep, name)
         run_id = config.get(RUN_ID_KEY)
         if sweep["tracking_uri"] and not run_id:  # plain tune.run / Tuner: its own child run, made by the
             # relay the driver started (trials that start together would otherwise race on SQLite), tagged
