@@ -18,6 +18,9 @@ from shortft.progress import warn
 from shortft.tracking import client
 
 REWOUND_TAG = "shortft.rewound"  # a run resumed from a checkpoint before its last logged step
+# The best evaluation so far, beside each evaluation: the UI's runs table shows a metric's last value, and a
+# sweep ranks its trials by their best (a trial that peaked early looked worse there than in results.md).
+BEST = "eval/objective_best"
 
 
 class MlflowLogger(Callback):
@@ -37,6 +40,7 @@ class MlflowLogger(Callback):
         self.metrics_file = metrics_file  # the run's metrics.jsonl: steps a restart skips are logged from it
         self.pending: list[tuple] = []  # (method, args) in order
         self.dropped, self.failed_at, self.error = 0, 0.0, ""
+        self.best: float | None = None
 
     def on_start(self, models, start_step: int) -> None:
         if self.rank:
@@ -49,6 +53,9 @@ class MlflowLogger(Callback):
         else:
             self.client = client(self.uri)
         self.logged_up_to, self.logged_loss, self.start = 0, {}, start_step
+        for row in read_metrics(self.metrics_file) if self.metrics_file is not None else []:
+            if row.get("step", 0) <= start_step:  # a resumed run's best is of its steps before too
+                self._note_best(row)
         try:
             history = self.client.get_metric_history(self.run_id, "loss")
             # After a restart the steps since the last checkpoint run again; they were logged already.
@@ -71,15 +78,25 @@ class MlflowLogger(Callback):
                     self.on_step(row["step"], row, {})
 
     def on_step(self, step: int, metrics: dict, artifacts: dict) -> None:
+        best = self._note_best(metrics) if not self.rank else None
         if self.rank or step <= self.logged_up_to and not self._another_line(step, metrics):
             return
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
+        values = {**scalars(metrics), **({BEST: best} if best is not None else {})}
         self._log("log_batch", self.run_id, metrics=[Metric(k, float(v), now, step)
-                                                      for k, v in scalars(metrics).items() if k != "step"])
+                                                      for k, v in values.items() if k != "step"])
         if "grid" in artifacts:
             self._log("log_artifact", self.run_id, str(artifacts["grid"]), "samples")
+
+    def _note_best(self, metrics: dict) -> float | None:
+        """The best `eval/objective` so far where `metrics` holds one (a finite one), else None."""
+        value = metrics.get("eval/objective")
+        if not isinstance(value, (int, float)) or not math.isfinite(value):
+            return None
+        self.best = value if self.best is None else max(self.best, value)
+        return self.best
 
     def _another_line(self, step: int, metrics: dict) -> bool:
         """A step run again whose loss is not the one logged (an exact resume gives the same): the run resumed

@@ -987,6 +987,21 @@ def test_steps_written_but_not_logged_before_a_crash_are_logged_on_resume(tmp_pa
     assert sorted(m.step for m in client.get_metric_history(run_id, "loss")) == [1, 2, 3, 4]
 
 
+def test_each_evaluation_logs_the_best_so_far_beside_it_a_resumed_runs_earlier_ones_too(tmp_path):
+    """MLflow's runs table shows a metric's last value: trials ranked by their best evaluation (the sweep's
+    table) showed there by their last."""
+    uri = f"sqlite:///{tmp_path}/m.db"
+    run_id = tracking.ensure_run(uri, "x", "run", "run")
+    rows = [{"step": 1, "loss": 0.1}, {"step": 2, "loss": 0.2, "eval/objective": 0.9}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    logger = MlflowLogger(uri, run_id, metrics_file=tmp_path / "metrics.jsonl")
+    logger.on_start(None, 2)  # resumed at step 2: its 0.9 is the best so far
+    for step, objective in ((3, 0.7), (4, float("nan")), (5, 0.95)):
+        logger.on_step(step, {"step": step, "loss": 0.1, "eval/objective": objective}, {})
+    history = tracking.client(uri).get_metric_history(run_id, "eval/objective_best")
+    assert [(m.step, m.value) for m in sorted(history, key=lambda m: m.step)] == [(2, 0.9), (3, 0.9), (5, 0.95)]
+
+
 @pytest.mark.slow
 def test_a_two_worker_trial_is_a_ray_train_job_that_reports_to_tune(tmp_path):
     """Trials of several workers (and ones waiting for an autoscaler) still fit a Ray Train job: its
