@@ -1514,7 +1514,7 @@ def test_a_resumed_sweeps_parent_run_holds_only_its_new_best_loras_and_every_dri
 
     def end(trial: str, segments: int | None) -> list[str]:
         best = {"trial": trial, "objective": 0.5, "config": {"name": trial}, "lora_dir": None,
-                "lora_from": f"the LoRAs of {trial}'s best evaluation were not kept"}
+                "lora_from": f"the LoRAs of {trial}'s best evaluation were not kept", "mlflow_run_id": f"id-{trial}"}
         if segments:
             folder = tmp_path / trial / "best"
             (folder / "lora").mkdir(parents=True)
@@ -1537,6 +1537,7 @@ def test_a_resumed_sweeps_parent_run_holds_only_its_new_best_loras_and_every_dri
     assert json.loads(Path(where).read_text()) == {"trial": "t003", "lora": None,
                                                    "why": "the LoRAs of t003's best evaluation were not kept"}
     assert run.data.tags["best_trial"] == "t003" and "shortft.best_stale" not in run.data.tags
+    assert run.data.tags["best_run_id"] == "id-t003"  # the best trial's run (its name is <sweep>-t003)
     from mlflow.store.artifact.local_artifact_repo import LocalArtifactRepository
 
     def cannot(self, path=None):

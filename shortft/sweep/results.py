@@ -177,6 +177,8 @@ def finish_parent(uri: str, run_id: str, rows: list[dict], best: dict | None, st
     if best:
         client.log_metric(run_id, "best_objective", best["objective"])
         client.set_tag(run_id, "best_trial", best["trial"])
+        if best.get("mlflow_run_id"):  # the trial's own run, one click away (its name is <sweep>-<trial>)
+            client.set_tag(run_id, "best_run_id", best["mlflow_run_id"])
         (out_dir / "best_config.yaml").write_text(yaml.safe_dump(best["config"], sort_keys=False))
         client.log_artifact(run_id, str(out_dir / "best_config.yaml"))
         # the best evaluation's LoRAs, its config and best.json (sweep/best.py), and none of an earlier end's
