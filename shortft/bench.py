@@ -159,7 +159,8 @@ def run_bench(cfg: Config, methods: list[str], segments: list[int], batches: lis
     if random_weights and cfg.model.shortcut != "none":
         # A shortcut LoRA cannot be random-initialised meaningfully; the base model's own jump costs the same calls.
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, shortcut="none"))
-    for arm in arms(methods, segments, batches, checkpointing, cfg.chain.last_k):  # e.g. a k with no shortcut: now, not arms later
+    # each arm's config checked now (e.g. a k with no shortcut), not as the arms before it have run
+    for arm in arms(methods, segments, batches, checkpointing, cfg.chain.last_k):
         check(arm_config(cfg, arm))
     device = pick_device(cfg.model.device)
     peak = device_peak_tflops(device)

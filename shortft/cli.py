@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "plan" or (args.command == "train" and args.dry_run):
             if args.command == "train":
                 note_unused_flags(args)
-                check_device_here(cfg, args)
+                check_device_here(cfg, args, planning=True)
                 print(yaml.safe_dump(to_dict(cfg), sort_keys=False))
             from shortft.preflight import print_plan, report, too_big
 
@@ -238,10 +238,13 @@ def _run_train(cfg, args, uri: str | None, experiment: str | None) -> int:
     return 0
 
 
-def check_device_here(cfg, args) -> None:
+def check_device_here(cfg, args, planning: bool = False) -> None:
     """The device a run in this process trains on, and model.compile there (refused as the model loaded: after
-    the run's folder and MLflow run were made; a dry run said nothing)."""
-    if args.workers <= 0:
+    the run's folder and MLflow run were made; a dry run said nothing). `planning` (a dry run): model.device=auto
+    on a machine without a GPU may plan a GPU run elsewhere, unchecked."""
+    import torch
+
+    if args.workers <= 0 and not (planning and cfg.model.device == "auto" and not torch.cuda.is_available()):
         from shortft.compiling import check_compile
         from shortft.models import pick_device
 

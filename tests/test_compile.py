@@ -94,6 +94,11 @@ def test_inductor_on_a_cpu_is_refused_in_one_line_before_the_run_is_made(tiny_di
         assert not (tmp_path / "runs").exists(), bad
     if (tmp_path / "mlflow.db").exists():
         assert not sqlite3.connect(tmp_path / "mlflow.db").execute("select name from runs").fetchall()
+    if not torch.cuda.is_available():  # model.device=auto without a GPU here: a dry run may plan a GPU run elsewhere
+        p = subprocess.run([sys.executable, "-m", "shortft.cli", "train", "--config", "tiny", "--dry-run",
+                            f"model.pretrained={tiny_dir}", "model.compile=true"], capture_output=True, text=True,
+                           timeout=120, cwd=tmp_path)
+        assert p.returncode == 0, p.stderr[-2000:]
 
 
 @pytest.mark.slow
