@@ -395,6 +395,8 @@ def _check_sweep_outputs(db: Path, table: Path, trials: int = 3):
 
     c, parents, children = _runs(db)
     assert len(parents) == 1 and len(children) == trials
+    # the sweep's settings that shape its trials (shortft_sweep.json holds them too)
+    assert {"seed", "max_concurrent", "smoke_test", "num_samples"} <= set(parents[0].data.params), parents[0].data.params
     for child in children:
         assert child.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
         for key in SEARCHED:

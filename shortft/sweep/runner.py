@@ -211,7 +211,8 @@ def run_sweep(space: str | Space | None = None, num_samples: int | None = None, 
         if not resume:
             tracking.log_dict_params(tracking_uri, parent, {
                 "space": space.name, "base": space.base, "num_samples": num_samples,
-                "workers_per_trial": workers_per_trial, "gpus_per_worker": gpus_per_worker,
+                "workers_per_trial": workers_per_trial, "gpus_per_worker": gpus_per_worker, "seed": seed,
+                "max_concurrent": max_concurrent, "smoke_test": values["smoke_test"],
                 **{f"fixed.{k}": v for k, v in space.fixed.items()},
                 **{f"search.{k}": f"{d.kind} {d.args}" for k, d in space.search.items()}})
     sweep_settings = settings(space, name, storage_path, output_root, workers_per_trial, use_gpu,
