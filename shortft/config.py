@@ -643,6 +643,9 @@ def validate(cfg: Config) -> None:
         if isinstance(value, str):
             continue  # a file: `shortft.data.check_prompts` looks for it
         if not isinstance(value, list) or not value or not all(isinstance(p, str) for p in value):
-            raise ConfigError(f"data.{key}: expected a non-empty list of prompts or a text file path")
+            none = value == [] and key == "prompts"  # the defaults' own: a config of one's own that gives none
+            raise ConfigError(f"data.{key}: expected a non-empty list of prompts or a text file path" + (
+                " (a config needs its prompts: start from a built-in one, e.g. shortft config --config toy > "
+                "my.yaml, or name one: --config toy)" if none else ""))
         if not all(p.strip() for p in value):  # a file's blank lines are dropped; a list's would be trained on
             raise ConfigError(f"data.{key}: prompt {[p.strip() for p in value].index('') + 1} is blank; give text")

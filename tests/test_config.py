@@ -126,6 +126,16 @@ def test_overrides_from_python_may_be_a_dict_of_dotted_keys_and_a_string_is_refu
         load_config("tiny", "train.steps=3")
 
 
+def test_a_config_of_ones_own_without_prompts_is_told_where_to_start(tmp_path):
+    """A YAML of a few keys (or `load_config(None)`) got "data.prompts: expected a non-empty list": the
+    defaults have none, and nothing said a config is best started from a built-in one."""
+    (tmp_path / "my.yaml").write_text("chain:\n  steps: 10\n")
+    for config in (str(tmp_path / "my.yaml"), None):
+        with pytest.raises(ConfigError, match=re.escape("(a config needs its prompts: start from a built-in one, "
+                                                        "e.g. shortft config --config toy > my.yaml")):
+            load_config(config)
+
+
 def test_override_changes_value_and_weights_merge():
     cfg = load_config("tiny", ["reward.weights.brightness=0.5", "chain.truncate_at=0.25"])
     assert cfg.reward.weights == {"symmetry": 1.0, "brightness": 0.5}
