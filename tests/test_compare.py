@@ -153,7 +153,14 @@ def test_a_failed_or_non_finite_seed_is_counted_out_in_the_table_and_a_cut_line_
     (["--call-budget", "5", "--lrs", "1e-3,x"], "--lrs '1e-3,x': could not convert string to float"),
     (["--call-budget", "5", "--lrs", ","], "--lrs ',': give learning rates > 0"),
     (["--call-budget", "5", "--lrs", "1e-3,nan"], "--lrs '1e-3,nan': give learning rates > 0"),
-    (["--call-budget", "5", "--lrs", "1e-3,,3e-3"], "--lrs '1e-3,,3e-3': item 2 of 3 is empty"),  # dropped unsaid
+    # dropped unsaid; then said twice ("--lrs '1e-3,,3e-3': --lrs '1e-3,,3e-3': item 2 ...")
+    (["--call-budget", "5", "--lrs", "1e-3,,3e-3"], "error: --lrs '1e-3,,3e-3': item 2 of 3 is empty"),
+    # one seed counted twice in the report, with a ± 0.000
+    (["--call-budget", "5", "--lrs", "1e-3,0.001"], "--lrs '1e-3,0.001': a learning rate is given twice"),
+    # accepted: minutes of the untrained model's evaluation, then a report of it alone (or of 1 seed, "seeds 1")
+    (["--call-budget", "5", "--arms", ""], "--arms: name at least one arm"),
+    (["--call-budget", "5", "--seeds", "0"], "--seeds 0: must be a finite number >= 1"),
+    (["--call-budget", "5", "--ablation-seeds", "-1"], "--ablation-seeds -1: must be a finite number >= 1"),
     (["--call-budget", "5", "--arms", "shortft,,draft"], "--arms 'shortft,,draft': item 2 of 3 is empty"),
     # refused after a local Ray had started
     (["--time-budget-s", "1", "--arms", "nosuch"], "--arms nosuch: unknown; choose from shortft,"),
@@ -174,3 +181,49 @@ def test_bad_comparison_input_is_one_line_before_ray(tmp_path, capsys, args, lin
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and line in err[0] and not ray.is_initialized(), err
     assert (tmp_path / "rows.jsonl").read_text()  # kept
+
+
+def test_an_out_that_is_a_file_is_one_line_before_ray(tmp_path, capsys):
+    """It was a FileExistsError traceback from `out.mkdir`, once Ray had started."""
+    import ray
+
+    from shortft.sweep.compare import main
+
+    (tmp_path / "afile").write_text("")
+    assert main(["--out", str(tmp_path / "afile"), "--no-mlflow", "--call-budget", "5"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: --out {tmp_path / 'afile'}: a file; give a folder (made if missing)"] and \
+        not ray.is_initialized(), err
+
+
+def test_a_ctrl_c_during_a_trial_ends_the_comparison_in_one_line(tmp_path, monkeypatch, capsys):
+    """Tune stops its run on Ctrl-C and returns: the comparison went on with every other trial, counted the
+    one cut short as a whole seed, wrote its report and exited 0. A Ctrl-C outside a trial was a traceback
+    and left the MLflow parent run RUNNING."""
+    from types import SimpleNamespace
+
+    from ray import tune
+
+    from shortft import tracking
+    from shortft.sweep import compare
+
+    class Stopped:  # what tuner.fit() returns after Tune's own SIGINT handler stopped the run
+        _experiment_analysis = SimpleNamespace(trials=[SimpleNamespace(trial_id="a", status="RUNNING")])
+
+        def __iter__(self):
+            return iter([])
+
+    monkeypatch.setattr(tune, "Tuner", lambda *a, **k: SimpleNamespace(fit=lambda: Stopped()))
+    with pytest.raises(KeyboardInterrupt, match="in x-shortft-lr"):
+        compare._fit(None, {}, "x-shortft-lr", str(tmp_path), tmp_path)
+    uri = f"sqlite:///{tmp_path}/m.db"
+    monkeypatch.setattr(compare, "evaluate_base", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt()))
+    monkeypatch.setattr(compare, "check_sources", lambda *a, **k: None)
+    monkeypatch.setattr("shortft.resources.connect", lambda **kwargs: None)  # no Ray: the trials never start
+    assert compare.main(["--out", str(tmp_path / "out"), "--tracking-uri", uri, "--call-budget", "5",
+                         "--smoke-test", "--arms", "shortft"]) == 130
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "compare.py: interrupted; no arm had ended: the same command starts it over")
+    (parent,) = tracking.client(uri).search_runs([tracking.experiment_id(uri, "shortft-compare")])
+    assert parent.info.status == "KILLED"
+

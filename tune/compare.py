@@ -13,6 +13,9 @@ import sys
 
 try:
     from shortft.sweep.compare import main
+except KeyboardInterrupt:  # Ctrl-C while Ray and torch import (seconds): not a traceback
+    print("compare.py: interrupted while starting", file=sys.stderr)
+    sys.exit(130)
 except ImportError as e:  # the package must be installed next to Ray
     print(f"error: cannot import shortft ({e}); install the project first: pip install <project dir>",
           file=sys.stderr)

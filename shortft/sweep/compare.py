@@ -17,15 +17,18 @@ import json
 import math
 from pathlib import Path
 
-from shortft import raised
-from shortft.arguments import OneLineParser, comma_items, name_too_long
+from shortft import raised, run_status
+from shortft.arguments import OneLineParser, check_at_least, comma_items, name_too_long
 from shortft.config import ConfigError, check_name, load_yaml, replaced
 from shortft.hub import check_sources
+from shortft.out_paths import output_folder
 from shortft.progress import quiet_libraries
 from shortft.space import trial_config
 from shortft.stats import finite
 from shortft.sweep.baseline import evaluate_base
 from shortft.sweep.compare_report import write_report
+from shortft.sweep.ray_compat import trial_statuses
+from shortft.sweep.results import UNFINISHED
 from shortft.sweep.trials import OBJECTIVE, SMOKE_TEST, TRIAL_SUFFIX_BYTES, cpu_threads, trainable_for
 
 ARMS: dict[str, dict] = {
@@ -71,46 +74,48 @@ def run_comparison(base: str, out: str | Path, arms: list[str] = tuple(ARMS), se
     if tracking_uri:  # credentials out before comparison.json, the trials' configs and Ray see it
         tracking_uri = tracking.resolve_uri(tracking_uri)
     parent = parent_run(tracking_uri, name, out) if tracking_uri else None
-    (out / "comparison.json").write_text(json.dumps({
-        "base": base, "arms": list(arms), "seeds": seeds, "ablation_seeds": ablation_seeds, "lrs": list(lrs),
-        "budget": budget, "fixed": fixed or {}, "smoke_test": smoke_test, "tracking_uri": tracking_uri,
-        "parent_run_id": parent}, indent=1))
-    # The untrained model on the same evaluation: what every arm's gain is measured from (loaded here,
-    # as every arm's trials are: each hub source in this machine's cache or on the hub, else one line now).
-    base_fixed = {**(SMOKE_TEST if smoke_test else {}), **(fixed or {})}  # as `trainable_for` merges them
-    check_sources([trial_config(base, base_fixed, {})])
-    base_eval = evaluate_base(base, base_fixed, out)
-    progress(f"untrained base model: {OBJECTIVE} {base_eval[OBJECTIVE]:.3f}")
-    # The checks of every arm before the first trial: a bad base, key or value fails in one line here.
-    trainables = {arm: {} for arm in arms}
-    for arm in arms:
-        for phase in ("lr", "seeds"):
-            trainables[arm][phase] = trainable_for(
-                base, smoke_test=smoke_test, fixed={**(fixed or {}), **ARMS[arm], **budget}, name=f"{name}-{arm}-{phase}",
-                tracking_uri=tracking_uri, experiment="shortft-compare", parent_run_id=parent,
-                storage_path=storage_path, output_root=str(runs), threads=cpu_threads(1, 1))  # one trial at a time
-    for arm in arms:
-        n_seeds = seeds if arm in MAIN else ablation_seeds
-        lr_rows = _fit(trainables[arm]["lr"], {"train.lr": tune.grid_search(list(lrs)), "train.seed": 0},
-                       f"{name}-{arm}-lr", storage_path, runs)
-        best = choose_lr(lr_rows, arm)
-        progress(f"{arm}: lr {best['lr']:g} (best of {len(lrs)}: "
-                 + ", ".join(f"{r['lr']:g} -> {_said(r)}" for r in lr_rows) + ")")
-        # A seed that fails is a row with its error (the table counts it out), not the end of the comparison.
-        seed_rows = _fit(trainables[arm]["seeds"], {"train.lr": best["lr"],
-                                                    "train.seed": tune.grid_search(list(range(1, n_seeds)))},
-                         f"{name}-{arm}-seeds", storage_path, runs) if n_seeds > 1 else []
-        for r in seed_rows:
-            if "error" in r:
-                progress(f"{arm}: seed {r['seed']} failed ({r['error']})")
-        with rows_path.open("a") as f:
-            for r in [r for r in lr_rows if "error" not in r] + seed_rows:
-                chosen = r["lr"] == best["lr"]
-                f.write(json.dumps({"arm": arm, "lr_trials": len(lrs), "chosen": chosen, **r}) + "\n")
-    report = write_report(rows_path, out, tracking_uri, parent)
-    progress(f"report: {report}")
-    if parent:
-        tracking.client(tracking_uri).set_terminated(parent)
+    with run_status.kept(tracking_uri, parent):  # KILLED on Ctrl-C, FAILED on an error (it was left RUNNING)
+        (out / "comparison.json").write_text(json.dumps({
+            "base": base, "arms": list(arms), "seeds": seeds, "ablation_seeds": ablation_seeds, "lrs": list(lrs),
+            "budget": budget, "fixed": fixed or {}, "smoke_test": smoke_test, "tracking_uri": tracking_uri,
+            "parent_run_id": parent}, indent=1))
+        # The untrained model on the same evaluation: what every arm's gain is measured from (loaded here,
+        # as every arm's trials are: each hub source in this machine's cache or on the hub, else one line now).
+        base_fixed = {**(SMOKE_TEST if smoke_test else {}), **(fixed or {})}  # as `trainable_for` merges them
+        check_sources([trial_config(base, base_fixed, {})])
+        base_eval = evaluate_base(base, base_fixed, out)
+        progress(f"untrained base model: {OBJECTIVE} {base_eval[OBJECTIVE]:.3f}")
+        # The checks of every arm before the first trial: a bad base, key or value fails in one line here.
+        trainables = {arm: {} for arm in arms}
+        for arm in arms:
+            for phase in ("lr", "seeds"):
+                trainables[arm][phase] = trainable_for(
+                    base, smoke_test=smoke_test, fixed={**(fixed or {}), **ARMS[arm], **budget},
+                    name=f"{name}-{arm}-{phase}", tracking_uri=tracking_uri, experiment="shortft-compare",
+                    parent_run_id=parent, storage_path=storage_path, output_root=str(runs),
+                    threads=cpu_threads(1, 1))  # one trial at a time
+        for arm in arms:
+            n_seeds = seeds if arm in MAIN else ablation_seeds
+            lr_rows = _fit(trainables[arm]["lr"], {"train.lr": tune.grid_search(list(lrs)), "train.seed": 0},
+                           f"{name}-{arm}-lr", storage_path, runs)
+            best = choose_lr(lr_rows, arm)
+            progress(f"{arm}: lr {best['lr']:g} (best of {len(lrs)}: "
+                     + ", ".join(f"{r['lr']:g} -> {_said(r)}" for r in lr_rows) + ")")
+            # A seed that fails is a row with its error (the table counts it out), not the end of the comparison.
+            seed_rows = _fit(trainables[arm]["seeds"], {"train.lr": best["lr"],
+                                                        "train.seed": tune.grid_search(list(range(1, n_seeds)))},
+                             f"{name}-{arm}-seeds", storage_path, runs) if n_seeds > 1 else []
+            for r in seed_rows:
+                if "error" in r:
+                    progress(f"{arm}: seed {r['seed']} failed ({r['error']})")
+            with rows_path.open("a") as f:
+                for r in [r for r in lr_rows if "error" not in r] + seed_rows:
+                    chosen = r["lr"] == best["lr"]
+                    f.write(json.dumps({"arm": arm, "lr_trials": len(lrs), "chosen": chosen, **r}) + "\n")
+        report = write_report(rows_path, out, tracking_uri, parent)
+        progress(f"report: {report}")
+        if parent:
+            tracking.client(tracking_uri).set_terminated(parent)
     return rows_path
 
 
@@ -139,6 +144,9 @@ def check_new(out: str | Path, time_budget_s: float | None, call_budget: int | N
               base: str | None = None, fixed: dict | None = None) -> None:
     """A comparison's arms, budget, folder and (given `base`) base config with its `--set` keys, in one line
     before Ray starts (an unknown arm was refused after a local Ray had started)."""
+    if not arms:  # `--arms ""`: minutes of the untrained model's evaluation, then a report of it alone
+        raise ConfigError(f"--arms: name at least one arm, from {','.join(ARMS)}")
+    output_folder("--out", out)  # a file: a traceback once Ray had started
     unknown = [a for a in arms if a not in ARMS]
     if unknown:
         raise ConfigError(f"--arms {','.join(unknown)}: unknown; choose from {','.join(ARMS)}")
@@ -179,8 +187,10 @@ def _fit(trainable, param_space: dict, name: str, storage_path: str, runs: Path)
     tuner = tune.Tuner(trainable, param_space=param_space,
                        tune_config=tune.TuneConfig(metric=OBJECTIVE, mode="max", max_concurrent_trials=1),
                        run_config=tune.RunConfig(name=name, storage_path=storage_path, verbose=0))
-    rows = []
-    for result in tuner.fit():
+    rows, grid = [], tuner.fit()
+    if any(status in UNFINISHED for status in trial_statuses(grid).values()):  # Tune stopped on Ctrl-C: its
+        raise KeyboardInterrupt(f"in {name}")  # trial cut short was counted as a whole seed, and the rest ran on
+    for result in grid:
         if result.error:
             rows.append({"lr": float(result.config["train.lr"]), "seed": int(result.config["train.seed"]),
                          "error": raised.one_line(result.error)})
@@ -237,6 +247,7 @@ def main(argv: list[str] | None = None) -> int:
         for line in replaced(args.set):  # the dict keeps the last
             print(f"note: {line}", file=sys.stderr)
         arms = comma_items("--arms", args.arms)
+        check_at_least((("--seeds", args.seeds, 1), ("--ablation-seeds", args.ablation_seeds, 1)))
         check_new(out, args.time_budget_s, args.call_budget, arms, args.config,
                   {**(SMOKE_TEST if args.smoke_test else {}), **fixed})
         from shortft import resources
@@ -257,18 +268,28 @@ def main(argv: list[str] | None = None) -> int:
     except TrialFailed as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt as e:
+        ended = (out / "rows.jsonl").is_file() and (out / "rows.jsonl").stat().st_size
+        print(f"compare.py: interrupted{f' {e}' if str(e) else ''}; " + (
+            f"{out / 'rows.jsonl'} holds the arms that ended (--report-only writes their report); a comparison starts "
+            "over: run it again under another --name" if ended else "no arm had ended: the same command starts it "
+            "over"), file=sys.stderr)
+        return 130
     print(f"rows: {rows}")
     return 0
 
 
 def learning_rates(text: str) -> list[float]:
     """`--lrs`: at least one rate, each finite and > 0 (`--lrs ,` left a grid of none, `nan` trained nothing)."""
+    items = comma_items("--lrs", text)  # its own line (inside the try below, it was said twice)
     try:
-        lrs = [float(v) for v in comma_items("--lrs", text)]
+        lrs = [float(v) for v in items]
     except ValueError as e:
         raise ConfigError(f"--lrs {text!r}: {e}") from None
     if not lrs or not all(math.isfinite(v) and v > 0 for v in lrs):
         raise ConfigError(f"--lrs {text!r}: give learning rates > 0, e.g. --lrs 3e-4,1e-3")
+    if len(set(lrs)) < len(lrs):  # `1e-3,0.001`: one seed counted twice in the report, with a ± 0.000
+        raise ConfigError(f"--lrs {text!r}: a learning rate is given twice; give each once")
     return lrs
 
 
