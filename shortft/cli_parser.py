@@ -92,7 +92,8 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--quick", action="store_true", help="a miniature build in about a minute (tests)")
     b.add_argument("--out", help="output dir (default: $SHORTFT_TOY_DIR, else the package's shortft/toy/assets)")
     b.add_argument("--seed", type=at_least(0), default=0)
-    b.add_argument("--from-base", metavar="DIR", help="reuse this build's VAE/text encoder/UNet; redo the rest")
+    b.add_argument("--from-base", metavar="DIR", help="reuse this build's VAE/text encoder/UNet (and its reward and judge at the same --seed and "
+                   "sizes); redo the rest")
     b.add_argument("--set", nargs="*", action="extend", default=[], metavar="key=value", help="build sizes, e.g. shortcut_steps=1500")
     b.add_argument("--device", default="cpu",
                    help="where the shortcut stage runs: cpu (default), cuda, cuda:N or auto; the rest runs on cpu")

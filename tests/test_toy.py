@@ -60,7 +60,7 @@ def test_toy_build_rejects_bad_sizes_and_devices_before_any_work(tmp_path, capsy
 
 
 @pytest.mark.slow
-def test_quick_build_loads_with_stock_diffusers_and_trains(tmp_path, monkeypatch):
+def test_quick_build_loads_with_stock_diffusers_and_trains(tmp_path, monkeypatch, capfd):
     from diffusers import StableDiffusionPipeline
 
     from shortft.toy.build import build
@@ -83,6 +83,12 @@ def test_quick_build_loads_with_stock_diffusers_and_trains(tmp_path, monkeypatch
     assert os.environ["SHORTFT_TOY_DIR"] == str(out)
     result = shortft.train(cfg)
     assert 0 <= result.eval["eval/objective"] <= 1 and "eval/toy_judge" in result.eval
+    # --from-base at another --seed: the reward and judge (its data's held-out split is the seed's) are trained
+    # again; they were reused whatever the seed
+    capfd.readouterr()
+    build(tmp_path / "again", quick=True, seed=1, base=out)
+    said = capfd.readouterr().out
+    assert "4/5 reward model and judge" in said and "reused from" not in said.split("4/5")[1], said
 
 
 def test_committed_assets_load_and_sample_on_cpu():

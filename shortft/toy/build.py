@@ -159,8 +159,12 @@ def build(out: Path, quick: bool = False, seed: int = 0, base: Path | None = Non
     stage("shortcuts")
 
     log("4/5 reward model and judge")
-    if base is not None and (Path(base) / "reward").is_dir() and (Path(base) / "judge").is_dir():
-        log(f"  reused from {base}")  # same seeds and data: retraining would give the same nets
+    # reused where trained from the same seed (the data and its held-out split) and sizes: retraining would give
+    # the same nets; another --seed or --set judge_steps/batch was ignored
+    same = previous.get("seed") == seed and all(previous.get("size", {}).get(k) == getattr(size, k)
+                                                for k in ("judge_steps", "batch")) if base is not None else False
+    if same and (Path(base) / "reward").is_dir() and (Path(base) / "judge").is_dir():
+        log(f"  reused from {base}")
         reward, judge = AttributeNet.load(Path(base) / "reward"), AttributeNet.load(Path(base) / "judge")
         report["seconds"]["judges"] = previous.get("seconds", {}).get("judges")
     else:
