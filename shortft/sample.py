@@ -148,6 +148,10 @@ def run_sample(cfg: Config, lora: str, prompt: list[str], prompts_file: str | No
     chain = dataclasses.replace(cfg.chain, steps=steps or cfg.chain.steps,
                                 guidance_scale=cfg.chain.guidance_scale if guidance is None else guidance)
     cfg = dataclasses.replace(cfg, chain=chain)
+    segments = read_lora_plan(lora)["segments"] if lora and Path(lora).is_dir() else 1
+    if chain.steps < segments:  # the segments collapsed (segment_1 never ran alone); chain.steps=2 was refused
+        raise ConfigError(f"{'--steps' if steps else 'chain.steps='}{' ' if steps else ''}{chain.steps}: the LoRA set "
+                          f"{lora} has {segments} segments, and each needs a step; give {segments} or more")
     flags = {k: flag for k, flag, given in (("chain.steps", "--steps", steps), ("chain.guidance_scale", "--guidance",
                                                                                  guidance)) if given is not None}
     models = load_trained(cfg, lora, flags)

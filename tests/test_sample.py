@@ -454,6 +454,10 @@ def test_a_sampler_other_than_the_runs_is_said_and_a_prompt_table_is_read_by_its
     # `sample --steps 2`: the note named the run's config.yaml, whose chain.steps --steps overrides
     assert (f"--lora {trained}: the run evaluated with chain.steps=8; this samples with chain.steps=2 (pass --steps 8)"
             in capsys.readouterr().err)
+    # fewer steps than the set's segments: they collapsed (segment_1 never ran alone), where chain.steps=1 is refused
+    with pytest.raises(ConfigError, match=re.escape(f"--steps 1: the LoRA set {trained} has 2 segments, and each "
+                                                    "needs a step; give 2 or more")):
+        sample.run_sample(cfg, str(trained), ["a red circle"], None, [0], 1, None, tmp_path / "out1", False)
 
 
 def test_the_evaluation_scores_in_chunks_of_its_batch_size_and_the_same_numbers(make_cfg):
