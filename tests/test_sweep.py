@@ -679,6 +679,13 @@ def test_the_overhead_report_of_a_store_with_no_sweep_is_one_line_and_makes_no_s
     assert p.returncode == 2 and p.stderr.strip().splitlines() == [
         "error: --tracking-uri sqlite:///mlflow.db: no such store; give the sweep's"]
     assert not list(tmp_path.iterdir())
+    # a store of another kind was MLflow's traceback; $MLFLOW_TRACKING_URI was not read (the sweep's default)
+    for args, env, line in ((["--tracking-uri", "bogus://x"], {}, "error: tracking URI 'bogus://x': use sqlite:///"),
+                            ([], {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/env.db"},
+                             f"error: --tracking-uri sqlite:///{tmp_path}/env.db: no such store")):
+        p = subprocess.run([sys.executable, str(ROOT / "tune" / "overhead.py"), *args], cwd=tmp_path,
+                           capture_output=True, text=True, timeout=120, env={**os.environ, **env})
+        assert p.returncode == 2 and p.stderr.strip().startswith(line), p.stderr[-2000:]
 
 
 def test_private_ray_tune_optuna_attributes_are_still_there():

@@ -10,12 +10,15 @@ import sys
 
 from mlflow.tracking import MlflowClient
 
-from shortft.tracking import sqlite_path
+from shortft.arguments import OneLineParser
+from shortft.config import ConfigError
+from shortft.tracking import check_tracking_uri, default_tracking_uri, sqlite_path, take_credentials
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Where a sweep's wall time went.")
-    p.add_argument("--tracking-uri", default="sqlite:///mlflow.db")
+    p = OneLineParser(prog="overhead.py", description="Where a sweep's wall time went.")
+    p.add_argument("--tracking-uri", default=None, help="the sweep's MLflow store (default $MLFLOW_TRACKING_URI or "
+                   "sqlite:///mlflow.db)")
     p.add_argument("--experiment", default="shortft-sweeps")
     p.add_argument("--name", default=None, help="sweep name (default: the latest)")
     return p
@@ -23,9 +26,15 @@ def parser() -> argparse.ArgumentParser:
 
 def main() -> int:
     args = parser().parse_args()
+    args.tracking_uri = take_credentials(args.tracking_uri or default_tracking_uri())  # as the sweep's own
     store = sqlite_path(args.tracking_uri)
     if store is not None and not store.is_file():  # MLflow would make an empty store there
         print(f"error: --tracking-uri {args.tracking_uri}: no such store; give the sweep's", file=sys.stderr)
+        return 2
+    try:  # a path, `bogus://x`: MLflow's tracebacks
+        check_tracking_uri(args.tracking_uri)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
     c = MlflowClient(args.tracking_uri)
     exp = c.get_experiment_by_name(args.experiment)
