@@ -47,6 +47,8 @@ def read_json(flag: str, path: str) -> dict:
         raise ConfigError(f"{flag} {path}: {e.strerror or e}") from None
     except ValueError as e:
         raise ConfigError(f"{flag} {path}: not JSON ({e}); give the file an earlier `shortft bench --json` wrote") from None
-    if not isinstance(data, dict) or not isinstance(data.get("rows"), list):
-        raise ConfigError(f"{flag} {path}: not a `shortft bench --json` result (no rows)")
+    rows = data.get("rows") if isinstance(data, dict) else None
+    if not isinstance(rows, list) or not all(isinstance(r, dict) and {"method", "segments", "batch"} <= set(r)
+                                             for r in rows):  # `{"rows": [{}]}`: a KeyError traceback
+        raise ConfigError(f"{flag} {path}: not a `shortft bench --json` result (no rows of arms)")
     return data

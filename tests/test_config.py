@@ -241,6 +241,11 @@ def test_a_config_named_from_the_project_instead_of_the_heads_home_folder_is_poi
     (["sample", "--lora", "x", "--steps", "-5"], "argument --steps: -5: must be >= 1"),  # sampled noise, status 0
     (["bench", "--counts-from", "{tmp}/none.json"], "--counts-from {tmp}/none.json: No such file or directory"),
     (["bench", "--counts-from", "{tmp}/bad.json"], "--counts-from {tmp}/bad.json: not JSON (Expecting value"),
+    # rows not of arms: KeyError/AttributeError tracebacks; another config's counts: reused without a word
+    (["bench", "--counts-from", "{tmp}/rowless.json"], "--counts-from {tmp}/rowless.json: not a `shortft bench --json` "
+                                                        "result (no rows of arms)"),
+    (["bench", "--config", "toy", "--count-only", "--random-weights", "--counts-from", "{tmp}/tiny.json"],
+     "--counts-from: its counts are of builtin:tiny at N=20, this bench's of builtin:toy at N=50"),
     (["bench", "--config", "toy", "--segments", "2,3", "--count-only"],
      "model.shortcut='lora:builtin:toy/shortcut-k{{segments}}': "),  # found after the first arms had run
     (["toy", "check", "--dir", "{tmp}/none"], "--dir {tmp}/none: no such folder"),  # said as model.pretrained
@@ -348,6 +353,9 @@ def test_bad_flag_values_are_one_line_with_status_2(tmp_path, capsys, args, line
     from shortft.cli import main
 
     (tmp_path / "bad.json").write_text("")
+    (tmp_path / "rowless.json").write_text('{"rows": [{}]}')
+    (tmp_path / "tiny.json").write_text(json.dumps({"pretrained": "builtin:tiny", "steps": 20, "rows": [
+        {"method": "full", "segments": None, "batch": 1, "flops": 1.0}]}))
     (tmp_path / "bad.yaml").write_text("name: x\nb: c: d\n")
     (tmp_path / "latin1.yaml").write_bytes(b"name: caf\xe9\n")
     (tmp_path / "twice.yaml").write_text("train:\n  steps: 5\ntrain:\n  lr: 0.1\n")
