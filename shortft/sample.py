@@ -15,7 +15,7 @@ from shortft.config import INTERIOR_ADAPTERS, Config, ConfigError, flatten, to_d
 from shortft.data import read_prompts
 from shortft.evaluate import generate, save_grid
 from shortft.lora import load_lora_state
-from shortft.lora_plan import read_lora_plan
+from shortft.lora_plan import PLAN_FILE, read_lora_plan
 from shortft.models import Models, load_models
 from shortft.out_paths import output_folder, write_whole
 from shortft.plan import training_plan
@@ -148,7 +148,8 @@ def run_sample(cfg: Config, lora: str, prompt: list[str], prompts_file: str | No
     chain = dataclasses.replace(cfg.chain, steps=steps or cfg.chain.steps,
                                 guidance_scale=cfg.chain.guidance_scale if guidance is None else guidance)
     cfg = dataclasses.replace(cfg, chain=chain)
-    segments = read_lora_plan(lora)["segments"] if lora and Path(lora).is_dir() else 1
+    # (a folder that is not a set, a run's: `load_trained` says which folder to give)
+    segments = read_lora_plan(lora)["segments"] if lora and (Path(lora) / PLAN_FILE).is_file() else 1
     if chain.steps < segments:  # the segments collapsed (segment_1 never ran alone); chain.steps=2 was refused
         raise ConfigError(f"{'--steps' if steps else 'chain.steps='}{' ' if steps else ''}{chain.steps}: the LoRA set "
                           f"{lora} has {segments} segments, and each needs a step; give {segments} or more")
