@@ -146,11 +146,11 @@ def run_bench(cfg: Config, methods: list[str], segments: list[int], batches: lis
     after each arm, with the rows so far (the CLI writes its JSON there: a run stopped by a time limit
     keeps the arms it finished). An arm that runs out of GPU memory gets an `error` and no timings; the
     others go on."""
-    counted_for = {k: (counts_from or {}).get(k) for k in ("pretrained", "steps")}
-    if counts_from and counted_for != {"pretrained": cfg.model.pretrained, "steps": cfg.chain.steps}:
-        raise ConfigError(f"--counts-from: its counts are of {counted_for['pretrained']} at N={counted_for['steps']}, "
-                          f"this bench's of {cfg.model.pretrained} at N={cfg.chain.steps} (another config's were "
-                          "reused); give a --json of the same config and chain.steps")
+    if counts_from and (counts_from.get("pretrained"), counts_from.get("steps")) != (cfg.model.pretrained,
+                                                                                     cfg.chain.steps):
+        raise ConfigError(f"--counts-from: its counts are of {counts_from.get('pretrained')} at N="
+                          f"{counts_from.get('steps')}, this bench's of {cfg.model.pretrained} at N={cfg.chain.steps} "
+                          "(another config's were reused); give a --json of the same config and chain.steps")
     bad = [m for m in methods if m not in METHODS]
     if bad:
         raise ConfigError(f"--methods {','.join(bad)}: unknown; choose from {','.join(METHODS)}")

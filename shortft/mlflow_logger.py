@@ -53,9 +53,12 @@ class MlflowLogger(Callback):
         else:
             self.client = client(self.uri)
         self.logged_up_to, self.logged_loss, self.start = 0, {}, start_step
-        for row in read_metrics(self.metrics_file) if self.metrics_file is not None else []:
-            if row.get("step", 0) <= start_step:  # a resumed run's best is of its steps before too
-                self._note_best(row)
+        # the steps before this start, read once: for the best so far (a resumed run's earlier evaluations) and
+        # for the steps written but not logged (below)
+        before = [row for row in (read_metrics(self.metrics_file) if self.metrics_file is not None else [])
+                  if row.get("step", 0) <= start_step]
+        for row in before:
+            self._note_best(row)
         try:
             history = self.client.get_metric_history(self.run_id, "loss")
             # After a restart the steps since the last checkpoint run again; they were logged already.
@@ -70,12 +73,11 @@ class MlflowLogger(Callback):
         # what this part of the run ran on (a resumed run's tags are its last part's)
         tags = run_tags(getattr(models, "device", None))
         self._log("log_batch", self.run_id, tags=[RunTag(k, v) for k, v in tags.items()])
-        if self.metrics_file is not None and start_step > self.logged_up_to:
-            # A process that died after writing a step to metrics.jsonl but before logging it: the
-            # resumed run starts after that step and would never log it.
-            for row in read_metrics(self.metrics_file):
-                if self.logged_up_to < row.get("step", 0) <= start_step:
-                    self.on_step(row["step"], row, {})
+        # A process that died after writing a step to metrics.jsonl but before logging it: the resumed run
+        # starts after that step and would never log it.
+        for row in before:
+            if row.get("step", 0) > self.logged_up_to:
+                self.on_step(row["step"], row, {})
 
     def on_step(self, step: int, metrics: dict, artifacts: dict) -> None:
         best = self._note_best(metrics) if not self.rank else None

@@ -161,8 +161,8 @@ def build(out: Path, quick: bool = False, seed: int = 0, base: Path | None = Non
     log("4/5 reward model and judge")
     # reused where trained from the same seed (the data and its held-out split) and sizes: retraining would give
     # the same nets; another --seed or --set judge_steps/batch was ignored
-    same = previous.get("seed") == seed and all(previous.get("size", {}).get(k) == getattr(size, k)
-                                                for k in ("judge_steps", "batch")) if base is not None else False
+    same = base is not None and previous.get("seed") == seed and all(
+        previous.get("size", {}).get(k) == getattr(size, k) for k in ("judge_steps", "batch"))
     if same and (Path(base) / "reward").is_dir() and (Path(base) / "judge").is_dir():
         log(f"  reused from {base}")
         reward, judge = AttributeNet.load(Path(base) / "reward"), AttributeNet.load(Path(base) / "judge")
