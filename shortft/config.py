@@ -494,6 +494,14 @@ def flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
+def alpha_as_used(settings: dict) -> dict:
+    """Flat settings with an unset `lora.alpha` as the LoRAs are scaled by it (the rank), so that alphas
+    compare (a LoRA file's, a sweep trial's sampled one)."""
+    if settings.get("lora.alpha") is None and settings.get("lora.rank") is not None:
+        return {**settings, "lora.alpha": float(settings["lora.rank"])}
+    return settings
+
+
 def describe() -> list[tuple[str, Any, str]]:
     """(key, default, help) for every field: for docs and `shortft config --help`."""
     rows = []

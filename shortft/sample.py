@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from shortft.config import INTERIOR_ADAPTERS, Config, ConfigError, flatten, to_dict
+from shortft.config import INTERIOR_ADAPTERS, Config, ConfigError, alpha_as_used, flatten, to_dict
 from shortft.data import read_prompts
 from shortft.evaluate import generate, save_grid
 from shortft.lora import load_lora_state
@@ -72,7 +72,7 @@ def check_trained_with(cfg: Config, lora: str | Path, flags: dict[str, str] | No
         return
     now = flatten(to_dict(cfg))
     if saved.get("lora.alpha") is not None or now.get("lora.alpha") is not None:  # unset is the rank
-        saved, now = _alpha_as_used(saved), _alpha_as_used(now)
+        saved, now = alpha_as_used(saved), alpha_as_used(now)
     differ = [k for k in FIXED if k in saved and saved[k] != now.get(k)]
     moved = moved_model(saved, now) if "model.pretrained" in differ else None
     if moved is not None:
@@ -94,13 +94,6 @@ def check_trained_with(cfg: Config, lora: str | Path, flags: dict[str, str] | No
             [_fix(where, saved, rest)] if rest else [])
         warn(f"--lora {lora}: the run evaluated with " + ", ".join(f"{k}={saved[k]!r}" for k in other) + "; this "
              "samples with " + ", ".join(f"{k}={now.get(k)!r}" for k in other) + f" ({'; '.join(fixes)})")
-
-
-def _alpha_as_used(settings: dict) -> dict:
-    """`lora.alpha` as the LoRAs are scaled by it (unset is the rank), so that a file's alpha compares."""
-    if settings.get("lora.alpha") is None and settings.get("lora.rank") is not None:
-        return {**settings, "lora.alpha": float(settings["lora.rank"])}
-    return settings
 
 
 def _fix(where: str, saved: dict, keys: list[str]) -> str:

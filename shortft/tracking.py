@@ -15,7 +15,7 @@ import urllib.request
 from pathlib import Path
 
 from shortft.captured import captured_warnings
-from shortft.config import Config, ConfigError, flatten, to_dict
+from shortft.config import Config, ConfigError, alpha_as_used, flatten, to_dict
 from shortft.credentials import (  # noqa: F401
     CREDENTIAL_ENV, credentials_env, redacted, split_credentials, take_credentials)
 from shortft.mlflow_client import SQLITE, open_client, sqlite_path
@@ -220,7 +220,13 @@ def set_tag(uri: str, run_id: str, key: str, value: str) -> None:
 
 
 def log_params(uri: str, run_id: str, cfg: Config) -> None:
-    log_dict_params(uri, run_id, flatten(to_dict(cfg)))
+    log_dict_params(uri, run_id, run_params(cfg))
+
+
+def run_params(cfg: Config) -> dict:
+    """A run's settings as its params: an unset `lora.alpha` as the rank that scales the LoRAs ('None' beside
+    the sampled alphas of a sweep's trials in MLflow's compare view)."""
+    return alpha_as_used(flatten(to_dict(cfg)))
 
 
 def param_values(values: dict) -> dict[str, str]:
@@ -234,7 +240,7 @@ def note_changed_params(uri: str, run_id: str, cfg: Config) -> None:
     dropped where none differ."""
     mlflow_client = client(uri)
     run = mlflow_client.get_run(run_id)
-    was, now = run.data.params, param_values(flatten(to_dict(cfg)))
+    was, now = run.data.params, param_values(run_params(cfg))
     changed = [f"{k}: {was.get(k, '(none)')} -> {now.get(k, '(none)')}" for k in dict.fromkeys([*was, *now])
                if was.get(k) != now.get(k)]
     if changed:
@@ -262,7 +268,7 @@ def ensure_trial_run(uri: str, experiment: str, name: str, cfg: Config, parent_r
     key = f"{parent_run_id}/{name}" if parent_run_id else name
     run_id = ensure_run(uri, experiment, key, name, cfg, parent_run_id)
     logged = client(uri).get_run(run_id).data.params
-    wanted = param_values(flatten(to_dict(cfg)))
+    wanted = param_values(run_params(cfg))
     if any(logged.get(k) != v for k, v in wanted.items()):
         client(uri).delete_run(run_id)
         run_id = ensure_run(uri, experiment, key, name, cfg, parent_run_id, reuse=False)

@@ -351,6 +351,8 @@ def test_a_resumed_run_logs_into_its_own_mlflow_run_from_any_folder_and_after_a_
     assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [1, 2]
     # MLflow never changes a param: the settings the resume changed are named beside them
     assert run.data.params["train.steps"] == "1" and "train.steps: 1 -> 2" in run.data.tags["shortft.settings_changed"]
+    # an unset alpha is logged as the rank that scales the LoRAs (a sweep trial's is a number): not 'None'
+    assert run.data.params["lora.alpha"] == "4.0" and "lora.alpha" not in run.data.tags["shortft.settings_changed"]
 
     shutil.move(home / "runs" / "tiny", home / "runs" / "moved")
     monkeypatch.chdir(home)
