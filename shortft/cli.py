@@ -188,10 +188,13 @@ def run_train(cfg, args) -> int:
     elif args.workers <= 0:  # its checkpoint's settings (refused once the models had loaded)
         with suppress(Unreadable):  # the run goes back to the checkpoint before it, saying so
             resume_line(cfg, args)
+    if args.workers > 0:  # a folder not made yet has no run in it (made here, it stayed behind a refused run)
+        if cfg.output_dir.exists():
+            with run_lock.held(cfg.output_dir):
+                pass
+        return _run_train(cfg, args, uri, experiment)
     with run_lock.held(cfg.output_dir):
-        if args.workers <= 0:
-            return _run_train(cfg, args, uri, experiment)
-    return _run_train(cfg, args, uri, experiment)
+        return _run_train(cfg, args, uri, experiment)
 
 
 def _run_train(cfg, args, uri: str | None, experiment: str | None) -> int:

@@ -84,6 +84,7 @@ def test_train_with_gpu_workers_on_a_cpu_only_machine_fails_fast(tmp_path):
                              "--storage-path", str(tmp_path / "s"), "--tracking-uri", f"sqlite:///{tmp_path}/m.db"],
                             cwd=tmp_path)  # its ./runs/tiny: not one another test's run may hold
     assert "--gpu: this Ray cluster has 0 GPUs" in line and "drop --gpu" in line
+    assert not (tmp_path / "runs").exists()  # runs/tiny/ stayed behind (its lock file and Ray record)
     from mlflow.tracking import MlflowClient  # refused before anything was made: no dangling RUNNING run
     assert all(not c.search_runs([e.experiment_id]) for c in [MlflowClient(f"sqlite:///{tmp_path}/m.db")]
                for e in c.search_experiments())
