@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
 
             build = world_module("toy", "build")
             given = ("--from-base", getattr(args, "from_base", None)) if args.toy_command == "build" else (
-                "--dir", args.dir)
+                "--dir", args.dir) if args.dir else ("$SHORTFT_TOY_DIR", os.environ.get("SHORTFT_TOY_DIR"))
             if given[1] and not (Path(given[1]) / "model_index.json").is_file():  # not as model.pretrained, from
                 what = "no toy build in that folder" if Path(given[1]).is_dir() else "no such folder"  # the loaders
                 raise ConfigError(f"{given[0]} {given[1]}: {what}; give a toy build's folder (shortft toy build --out "

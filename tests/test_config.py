@@ -76,6 +76,17 @@ def test_a_toy_dir_variable_that_names_no_build_is_what_the_line_names(tmp_path,
         "model_index.json); point it at a `shortft toy build --out` folder, or unset it for the package's own")
 
 
+def test_toy_check_names_a_toy_dir_variable_without_a_build(tmp_path, monkeypatch, capsys):
+    """It said `model.pretrained='<dir>': could not load a diffusers pipeline (We couldn't connect to
+    'https://huggingface.co' ...)`, a key `toy check` has not."""
+    from shortft.cli import main
+
+    monkeypatch.setenv("SHORTFT_TOY_DIR", str(tmp_path / "none"))
+    assert main(["toy", "check"]) == 2
+    assert capsys.readouterr().err.strip() == (f"shortft: error: $SHORTFT_TOY_DIR {tmp_path / 'none'}: no such folder; "
+                                               "give a toy build's folder (shortft toy build --out DIR writes one)")
+
+
 def test_a_key_given_twice_in_a_space_is_refused_and_a_merge_may_still_be_overridden(tmp_path):
     """A space with two `search:` blocks searched the second only, without a word."""
     from shortft.config import load_yaml
