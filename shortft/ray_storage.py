@@ -108,14 +108,23 @@ def check_storage_path(path: str) -> None:
                 folder.rmdir()
 
 
+RAY_MARKER = ".validate_storage_marker"  # what Ray writes first into a run's folder
+
+
 def run_exists(storage_path: str, name: str) -> bool:
+    """A run of that name holds anything in the storage path. Ray's marker alone is an attempt that stopped
+    before its first checkpoint: nothing to resume (a new start was refused as "already exists" for good,
+    and a resume from it started at step 0 anyway)."""
     if "://" in storage_path:
         import pyarrow.fs
 
         fs, root = pyarrow.fs.FileSystem.from_uri(storage_path)
-        return fs.get_file_info(f"{root}/{name}").type != pyarrow.fs.FileType.NotFound
+        if fs.get_file_info(f"{root}/{name}").type == pyarrow.fs.FileType.NotFound:
+            return False
+        held = fs.get_file_info(pyarrow.fs.FileSelector(f"{root}/{name}", allow_not_found=True))
+        return any(Path(info.path).name != RAY_MARKER for info in held)
     d = Path(storage_path).expanduser() / name
-    return d.is_dir() and any(d.iterdir())
+    return d.is_dir() and any(p.name != RAY_MARKER for p in d.iterdir())
 
 
 def check_resumed_workers(storage_path: str, name: str, workers: int) -> None:

@@ -588,6 +588,21 @@ def test_a_two_worker_run_outlives_the_tracking_server_and_resumes_with_two_work
 
 
 @pytest.mark.parametrize("kind", ["local", "file://"])
+def test_a_run_whose_first_attempt_stopped_before_a_checkpoint_is_no_run_to_refuse_or_resume(tmp_path, kind):
+    """A `--workers` run whose worker died before its first checkpoint leaves Ray's marker alone in its storage
+    folder: the same command again was refused for good ("run ... already exists; pass --resume"), where
+    --resume started at step 0 anyway. (Seen with SHORTFT_FAIL_AT_STEP=2, checkpoints every 2 and
+    --max-failures 0; the same command then trains steps 1-4 under the same name.)"""
+    from shortft.ray_storage import RAY_MARKER, run_exists
+
+    (tmp_path / "bucket" / "tried").mkdir(parents=True)
+    (tmp_path / "bucket" / "tried" / RAY_MARKER).write_text("")
+    (tmp_path / "bucket" / "taken" / "step_000002").mkdir(parents=True)
+    storage = str(tmp_path / "bucket") if kind == "local" else f"file://{tmp_path}/bucket"
+    assert not run_exists(storage, "tried") and run_exists(storage, "taken") and not run_exists(storage, "none")
+
+
+@pytest.mark.parametrize("kind", ["local", "file://"])
 def test_a_new_distributed_run_refuses_a_name_that_exists_on_any_storage(make_cfg, tmp_path, kind):
     """Checked before Ray starts: local paths directly, URIs (s3://, gs://, file://) through pyarrow."""
     import ray
