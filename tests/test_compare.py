@@ -196,6 +196,24 @@ def test_an_out_that_is_a_file_is_one_line_before_ray(tmp_path, capsys):
         not ray.is_initialized(), err
 
 
+@pytest.mark.parametrize("flag", ["--storage-path", "--tracking-uri"])
+def test_a_storage_path_or_store_that_cannot_be_used_is_one_line_before_ray(tmp_path, capsys, monkeypatch, flag):
+    """Both were found once a local Ray had started (and --out had been made)."""
+    import ray
+
+    from shortft.sweep.compare import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    (tmp_path / "afile").write_text("")
+    value = str(tmp_path / "afile") if flag == "--storage-path" else f"sqlite:///{tmp_path}/nodir/mlflow.db"
+    assert main(["--out", str(tmp_path / "out"), "--call-budget", "5", flag, value]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    said = "a file, not a folder" if flag == "--storage-path" else "does not exist or is not writable"
+    assert len(err) == 1 and said in err[0] and not ray.is_initialized(), err
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_ctrl_c_during_a_trial_ends_the_comparison_in_one_line(tmp_path, monkeypatch, capsys):
     """Tune stops its run on Ctrl-C and returns: the comparison went on with every other trial, counted the
     one cut short as a whole seed, wrote its report and exited 0. A Ctrl-C outside a trial was a traceback

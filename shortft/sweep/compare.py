@@ -55,24 +55,28 @@ def run_comparison(base: str, out: str | Path, arms: list[str] = tuple(ARMS), se
                    tracking_uri: str | None = "", storage_path: str | None = None, smoke_test: bool = False,
                    progress=print) -> Path:
     """Run every arm (see the module docstring); returns the `rows.jsonl` written under `out`."""
+    import ray
     from ray import tune
 
-    from shortft import tracking
+    from shortft import resources, tracking
+    from shortft.ray_storage import check_storage_path, resolve_storage_path
 
     check_new(out, time_budget_s, call_budget, arms)
     budget = {"train.steps": 10**6, **({"train.time_budget_s": time_budget_s} if time_budget_s is not None else {}),
               **({"train.call_budget": call_budget} if call_budget is not None else {})}
-    from shortft.ray_storage import resolve_storage_path
-
-    out = Path(out).resolve()
-    rows_path = out / "rows.jsonl"
-    out.mkdir(parents=True, exist_ok=True)
-    storage_path, runs = resolve_storage_path(storage_path), out / "runs"
-    rows_path.write_text("")
+    # the storage path and the MLflow store before Ray starts (a file as --storage-path was a line after it)
+    storage_path = resolve_storage_path(storage_path)
+    check_storage_path(storage_path)
     if tracking_uri == "":
         tracking_uri = tracking.default_tracking_uri()
     if tracking_uri:  # credentials out before comparison.json, the trials' configs and Ray see it
         tracking_uri = tracking.resolve_uri(tracking_uri)
+    out = Path(out).resolve()
+    rows_path, runs = out / "rows.jsonl", out / "runs"
+    out.mkdir(parents=True, exist_ok=True)
+    rows_path.write_text("")
+    if not ray.is_initialized():
+        resources.connect(log_to_driver=False)
     parent = parent_run(tracking_uri, name, out) if tracking_uri else None
     with run_status.kept(tracking_uri, parent):  # KILLED on Ctrl-C, FAILED on an error (it was left RUNNING)
         (out / "comparison.json").write_text(json.dumps({
@@ -250,12 +254,6 @@ def main(argv: list[str] | None = None) -> int:
         check_at_least((("--seeds", args.seeds, 1), ("--ablation-seeds", args.ablation_seeds, 1)))
         check_new(out, args.time_budget_s, args.call_budget, arms, args.config,
                   {**(SMOKE_TEST if args.smoke_test else {}), **fixed})
-        from shortft import resources
-
-        import ray
-
-        if not ray.is_initialized():
-            resources.connect(log_to_driver=False)
         rows = run_comparison(args.config, out, arms, args.seeds,
                               args.ablation_seeds, lrs, args.time_budget_s, args.call_budget, fixed, args.name,
                               None if args.no_mlflow else args.tracking_uri, args.storage_path, args.smoke_test)
