@@ -139,13 +139,13 @@ def device_peak_tflops(device: torch.device) -> float | None:
 def run_bench(cfg: Config, methods: list[str], segments: list[int], batches: list[int], steps: int = 3,
               warmup: int = 1, random_weights: bool = False, time_it: bool = True, progress=print,
               counts_from: dict | None = None, checkpointing: list[bool | None] = (None,),
-              profile: bool = False, on_arm: Callable[[dict], None] | None = None) -> dict:
+              profile: bool = False, on_arm: Callable[[dict], None] | None = None, header: str | None = None) -> dict:
     """Bench every arm; returns {"rows": [...], "device": ..., ...} (see the module docstring).
     `counts_from`: an earlier result (e.g. a `--count-only` run on a CPU) whose FLOP counts and memory
     estimates are reused for the same arms, since they do not depend on the machine. `on_arm(result)`
     after each arm, with the rows so far (the CLI writes its JSON there: a run stopped by a time limit
     keeps the arms it finished). An arm that runs out of GPU memory gets an `error` and no timings; the
-    others go on."""
+    others go on. `header`: printed (through `progress`) once every input is checked."""
     if counts_from and (counts_from.get("pretrained"), counts_from.get("steps")) != (cfg.model.pretrained,
                                                                                      cfg.chain.steps):
         raise ConfigError(f"--counts-from: its counts are of {counts_from.get('pretrained')} at N="
@@ -169,6 +169,8 @@ def run_bench(cfg: Config, methods: list[str], segments: list[int], batches: lis
         check(arm_config(cfg, arm))
     device = pick_device(cfg.model.device)
     peak = device_peak_tflops(device)
+    if header:
+        progress(header)
     # The reward models are frozen and the same in every arm: built once per device they are counted
     # and timed (with random weights, the counting step's are the timed ones).
     shared: dict[str, Rewards] = {}

@@ -23,15 +23,18 @@ def run_bench(cfg, args) -> dict:
     path = output_file("--json", args.json) if args.json else None  # before the arms run, not after
     if args.tracking_uri:
         tracking.resolve_uri(args.tracking_uri)
-    print(f"bench {cfg.name}: {cfg.model.pretrained}{' (random weights)' if args.random_weights else ''}, "
-          f"N={cfg.chain.steps}", flush=True)
+    # every flag read before the header line: a bad one is the only line printed
+    segments, batches = int_list("--segments", args.segments), int_list("--batch", args.batch)
+    checkpointing = bool_list("--checkpointing", args.checkpointing)
+    counts = read_json("--counts-from", args.counts_from) if args.counts_from else None
     if path:
         path.parent.mkdir(parents=True, exist_ok=True)
-    result = bench(cfg, methods, int_list("--segments", args.segments), int_list("--batch", args.batch),
-                   args.steps, args.warmup, args.random_weights, time_it=not args.count_only,
-                   counts_from=read_json("--counts-from", args.counts_from) if args.counts_from else None,
-                   checkpointing=bool_list("--checkpointing", args.checkpointing), profile=args.profile,
-                   on_arm=(lambda so_far: save_json(path, so_far)) if path else None)
+    weights = " (random weights)" if args.random_weights else ""
+    result = bench(cfg, methods, segments, batches, args.steps, args.warmup, args.random_weights,
+                   time_it=not args.count_only, progress=lambda line: print(line, flush=True), counts_from=counts,
+                   checkpointing=checkpointing, profile=args.profile,
+                   on_arm=(lambda so_far: save_json(path, so_far)) if path else None,
+                   header=f"bench {cfg.name}: {cfg.model.pretrained}{weights}, N={cfg.chain.steps}")
     print(f"\n{result['device']} (host: {result['host_cpu']}, {result['threads']} torch threads), "
           f"{result['mixed_precision']} autocast, frozen weights {result['dtype']}, {result['date']}\n"
           + format_table(result))

@@ -7,6 +7,8 @@ import argparse
 import math
 import re
 import shlex
+import time
+from pathlib import Path
 
 from shortft.arguments import OneLineParser, comma_items
 from shortft.config import ConfigError, builtin_configs
@@ -79,7 +81,8 @@ def parser() -> argparse.ArgumentParser:
                     ".jsonl/.csv/.parquet with data.prompt_column; hf://, builtin:)")
     sp.add_argument("--seeds", default="0", help="comma-separated seeds; every prompt is drawn with each (default 0)")
     sp.add_argument("--steps", type=at_least(1), help="sampler steps N (default: the config's chain.steps)")
-    sp.add_argument("--guidance", type=finite, help="guidance scale (default: the config's chain.guidance_scale)")
+    sp.add_argument("--guidance", type=finite, help="guidance scale; <= 1 turns guidance off (default: the config's "
+                    "chain.guidance_scale)")
     sp.add_argument("--out", default="samples", help="output dir (default ./samples)")
     sp.add_argument("--compare", action="store_true", help="also the base model, side by side, as one grid PNG")
 
@@ -166,9 +169,15 @@ def bool_list(flag: str, text: str | None) -> list[bool | None]:
     return [v == "true" for v in values]
 
 
+STARTED = time.time()  # this command's start, about: the CLI imports this module first
+
+
 def interrupted_line(e: KeyboardInterrupt, args: argparse.Namespace, argv: list[str]) -> str:
     """The line of a command a signal stopped; an interrupted `train` names the whole command that continues it
     (the run's overrides too: `--resume` alone took a 60-step run on to the config's 200)."""
+    if args.command == "bench" and getattr(args, "json", None):  # written after every arm (not an earlier bench's)
+        kept = Path(args.json).is_file() and Path(args.json).stat().st_mtime >= STARTED
+        return "interrupted" + (f"; {args.json} holds the arms that ended" if kept else "; no arm had ended")
     if args.command != "train":  # `eval`, `sample`: nothing to resume (they said `--resume`, which they lack)
         return f"interrupted: {e}" if str(e) else "interrupted"
     line = f"interrupted: {e}" if str(e) else "interrupted; continue with --resume"

@@ -70,6 +70,7 @@ def test_bench_bad_flags_one_line_exit_2(tiny_dir):
                            capture_output=True, text=True, timeout=120)
         lines = [line for line in p.stderr.splitlines() if line.strip()]
         assert p.returncode == 2 and len(lines) == 1 and word in lines[0] and "Traceback" not in p.stderr, p.stderr
+        assert not p.stdout, p.stdout  # the "bench tiny: ..." header came before the error line
 
 
 def test_checkpointing_trades_memory_for_compute_in_the_count(tiny_dir):
@@ -119,3 +120,21 @@ def test_an_arm_that_runs_out_of_gpu_memory_is_a_row_and_the_json_keeps_every_fi
     assert p.returncode == 1 and "killed" in p.stderr
     assert [r["method"] for r in json.loads(out.read_text())["rows"]] == ["full", "shortft"]  # the finished arms
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_an_interrupted_bench_says_where_the_arms_that_ended_are(tmp_path):
+    """A Ctrl-C said "interrupted" and nothing of the --json written after every arm."""
+    from argparse import Namespace
+
+    from shortft.cli_parser import interrupted_line
+
+    import os
+
+    args = Namespace(command="bench", json=str(tmp_path / "b.json"))
+    assert interrupted_line(KeyboardInterrupt(), args, []) == "interrupted; no arm had ended"
+    (tmp_path / "b.json").write_text("{}")  # an earlier bench's
+    os.utime(tmp_path / "b.json", (0, 0))
+    assert interrupted_line(KeyboardInterrupt(), args, []) == "interrupted; no arm had ended"
+    (tmp_path / "b.json").write_text("{}")
+    assert interrupted_line(KeyboardInterrupt(), args, []) == f"interrupted; {tmp_path / 'b.json'} holds the arms that ended"
+    assert interrupted_line(KeyboardInterrupt(), Namespace(command="bench", json=None), []) == "interrupted"
