@@ -163,17 +163,15 @@ def test_a_ray_run_resumes_with_changed_settings_as_a_run_in_one_process_does(ra
     assert [row["step"] for row in _rows(more.output_dir)] == [1, 2, 3]
     written = yaml.safe_load((more.output_dir / "config.yaml").read_text())
     assert written["train"]["steps"] == 3 and written["chain"]["checkpointing"] is True
-    # a moved run folder is still that Ray run (named by the folder's path, it was "no run ... to resume")
-    (tmp_path / "run").rename(tmp_path / "moved")
-    moved = train_with_ray(make_cfg(*common, "train.steps=4", f"train.output_dir={tmp_path}/moved"), resume=True, **kw)
-    assert moved.run_name == first.run_name and moved.metrics["step"] == 4
-    assert [row["step"] for row in _rows(moved.output_dir)] == [1, 2, 3, 4]
+    # a moved run folder is still that Ray run (named by the folder's path, it was "no run ... to resume"),
     # resumed from another working folder without --storage-path: the storage path the run started with
+    (tmp_path / "run").rename(tmp_path / "moved")
     (tmp_path / "elsewhere").mkdir()
     monkeypatch.chdir(tmp_path / "elsewhere")
-    again = train_with_ray(make_cfg(*common, "train.steps=5", f"train.output_dir={tmp_path}/moved"), resume=True,
+    moved = train_with_ray(make_cfg(*common, "train.steps=4", f"train.output_dir={tmp_path}/moved"), resume=True,
                            **{**kw, "storage_path": None})
-    assert again.run_name == first.run_name and again.metrics["step"] == 5 and not list(Path.cwd().iterdir())
+    assert moved.run_name == first.run_name and moved.metrics["step"] == 4 and not list(Path.cwd().iterdir())
+    assert [row["step"] for row in _rows(moved.output_dir)] == [1, 2, 3, 4]
 
 
 def test_a_ray_run_is_named_by_its_run_folder_and_a_run_named_by_its_config_still_resumes(make_cfg, tmp_path):

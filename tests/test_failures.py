@@ -880,6 +880,8 @@ def test_ctrl_c_of_a_workers_run_stops_every_worker_after_the_same_step_with_a_c
     assert not (tmp_path / "run" / "lora").exists()
     assert _status(tmp_path) == ("KILLED", f"{sig.name}: Ray Train run {name} stopped after step {step}; checkpoint "
                                            f"{ckpt}; continue with --resume --workers {workers}")
+    if workers == 1:  # the resume is the same after either signal: once, where rank 0 alone says it resumed
+        return
     r = subprocess.run(args[:-6] + [f"train.steps={step + 2}", *args[-6:], "--resume"], capture_output=True,
                        text=True, timeout=300, cwd=tmp_path)
     assert r.returncode == 0 and r.stderr.count(f"resumed from {ckpt} at step {step}") == 1, r.stderr[-3000:]  # rank 0's
