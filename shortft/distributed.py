@@ -237,8 +237,7 @@ def train_with_ray(cfg: Config, workers: int, use_gpu: bool = False, storage_pat
     if check_resources:  # before anything is made (an MLflow run, the relay) and before the group waits
         resources.check(resources.Request(workers, cpus, gpus_per_worker if use_gpu else 0.0, workers_flag="--workers",
                                           gpu_flag="--gpu", gpu_fix="drop --gpu", who="the run"))
-    # found after a move; written once the run may start (a refused one left its folder behind)
-    run_record.remember(cfg.output_dir, "ray", {"name": name, "storage_path": storage_path})
+    run_record.remember(cfg.output_dir, "ray", {"name": name, "storage_path": storage_path})  # found after a move
     own_run = bool(tracking_uri and not run_id)  # a sweep's trial run is the sweep's to close
     if own_run:  # found again from any folder, and after the run folder moved
         run_id = run_store.open_run(tracking_uri, experiment, name, name, cfg, reuse=resume, workers=workers)
