@@ -399,10 +399,11 @@ def test_an_argument_error_is_one_line(argv):
     assert p.returncode == 2 and len(lines) == 1 and ": error: " in lines[0] and lines[0].endswith("--help)"), p.stderr
 
 
-def test_the_dry_run_refuses_a_run_that_cannot_fit_this_machine_and_notes_it_when_planning_for_a_gpu(capsys):
+def test_the_dry_run_refuses_a_run_that_cannot_fit_this_machine_and_notes_it_when_planning_for_a_gpu(capsys, tiny_dir):
     """`train --dry-run lora.rank=100000000` printed a 7439 GiB estimate and exited 0; the run then failed as it
     loaded. Where the run would be on this machine's CPU (or a GPU here), the dry run stops with the line; with
-    model.device=auto and no GPU here it may plan a GPU run elsewhere: a note."""
+    model.device=auto and no GPU here it may plan a GPU run elsewhere: a note. (`tiny_dir`: built before, so
+    that its build's progress bar is not among the lines; alone, this test failed.)"""
     import torch
 
     from shortft.cli import main
