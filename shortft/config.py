@@ -119,7 +119,8 @@ class ModelConfig:
     variant: str | None = setting(None, "weights variant of model.pretrained, e.g. fp16 (*.fp16.safetensors)")
     resolution: int | None = setting(None, "image side in pixels, a multiple of the VAE factor (null = the model's own)")
     timestep_spacing: str | None = setting(None, "leading, linspace or trailing (null = the model scheduler's own)")
-    shortcut: str = setting("none", "frozen few-step model: none (base model, one DDIM jump), lora:<path>, unet:<path>")
+    shortcut: str = setting("none", "ShortFT's frozen few-step model (the baselines never load it): none (base "
+                            "model, one DDIM jump), lora:<path>, unet:<path>")
     shortcut_weight_name: str | None = setting(None, "the file inside a lora: or unet: shortcut's hub repo or folder")
     shortcut_revision: str | None = setting(None, "hub revision (branch, tag or commit) of model.shortcut (null = main)")
     shortcut_scale: float = setting(1.0, "LoRA scale of a lora: shortcut")
@@ -140,7 +141,7 @@ class ModelConfig:
 class ChainConfig:
     method: str = setting("shortft", "one of " + ", ".join(METHODS))
     steps: int = setting(50, "N: original DDIM steps of the sampler")
-    segments: int = setting(4, "k: shortcut segments of the ShortFT chain")
+    segments: int = setting(4, "k: shortcut segments of the ShortFT chain (the baselines have none)")
     truncate_at: float = setting(0.0, "fraction of the N steps run without gradient first (0 = end to end)")
     guidance_scale: float = setting(7.5, "classifier-free guidance scale (<= 1 turns guidance off)")
     checkpointing: bool = setting(False, "recompute each UNet call in backward (less memory; 1.06-1.24x the time on the "
@@ -584,7 +585,7 @@ def validate(cfg: Config) -> None:
     for key, value in (("train.seed", train.seed), ("eval.seed", cfg.eval.seed)):
         if not 0 <= value < 2**32:  # numpy's seeds are >= 0; torch's overflow at 2**64
             raise ConfigError(f"{key}={value}: a seed is an integer in [0, 2**32)")
-    if chain.segments > chain.steps:
+    if chain.method == "shortft" and chain.segments > chain.steps:  # the baselines' N steps have no segments
         raise ConfigError(f"chain.segments={chain.segments}: must be <= chain.steps={chain.steps} (each segment needs a step)")
     if chain.last_k > chain.steps:
         raise ConfigError(f"chain.last_k={chain.last_k}: must be <= chain.steps={chain.steps}")

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from shortft.config import PARTS, Config, ConfigError
-from shortft.plan import resolve_shortcut
+from shortft.plan import shortcut_of
 
 TIMEOUT_S = 10.0  # one request per source not in the cache
 COMPONENTS = {"StableDiffusionPipeline": "unet, vae, text_encoder, tokenizer, scheduler",
@@ -116,7 +116,7 @@ def sources(cfg: Config, parts: Collection[str] = PARTS) -> list[Source]:
         what += f"; variant {model.variant})" if model.variant else ")"
         rows.append(Source("model.pretrained", model.pretrained, what, model.pretrained, "model_index.json",
                            model.revision, model.variant))
-    shortcut = resolve_shortcut(model, cfg.chain.segments) if "shortcut" in parts else None
+    shortcut = shortcut_of(model, cfg.chain) if "shortcut" in parts else None
     if shortcut and shortcut.kind != "none" and is_hub(shortcut.path):
         file = shortcut.weight_name or ("config.json" if shortcut.kind == "unet" else "*.safetensors")
         alt = "unet/config.json" if file == "config.json" else None  # a UNet repo, or a pipeline repo's unet/

@@ -14,7 +14,7 @@ i.e. 12 + 2*3 = 18 calls instead of 50.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -170,9 +170,16 @@ def resolve_shortcut(model: ModelConfig, segments: int) -> Shortcut:
     return Shortcut(kind, path)
 
 
+def shortcut_of(model: ModelConfig, chain) -> Shortcut:
+    """The shortcut a chain jumps with: ShortFT's alone. The baselines run the N-step sampler and never call
+    it: it was loaded all the same (an SDXL `unet:` shortcut is another 5 GB on the card, and a download),
+    and a toy `full` run of chain.segments=3 was refused for the shortcut-k3 no method there uses."""
+    return resolve_shortcut(model, chain.segments) if chain.method == "shortft" else Shortcut("none")
+
+
 def check_shortcut(cfg: Config) -> None:
     """A shortcut given as a local path (or a built-in file) must exist; hub ids are checked on load."""
-    shortcut = resolve_shortcut(cfg.model, cfg.chain.segments)
+    shortcut = shortcut_of(cfg.model, cfg.chain)
     if shortcut.kind == "none":
         return
     given = cfg.model.shortcut.partition(":")[2]
@@ -266,12 +273,11 @@ def training_plan(cfg: Config, saved: dict | None = None) -> TrainingPlan:
     """The plan of `cfg`; with `saved` (a `shortft_lora.json`), the adapters and chain of that run."""
     chain = cfg.chain
     if saved is not None:
-        from dataclasses import replace
-
         chain = replace(chain, method=saved["method"], segments=saved["segments"])
         adapters = tuple(saved["adapters"])
     else:
+        if chain.method != "shortft":  # the N-step sampler of a baseline has no segments (its LoRA plan says 1)
+            chain = replace(chain, segments=1)
         adapters = tuple(adapter_names(chain.method, cfg.lora.timestep_aware, chain.segments))
     stages = chain.segments if chain.method == "shortft" and cfg.train.progressive else 1
-    return TrainingPlan(chain, adapters, stages, cfg.train.stage_segment_grad,
-                        resolve_shortcut(cfg.model, chain.segments))
+    return TrainingPlan(chain, adapters, stages, cfg.train.stage_segment_grad, shortcut_of(cfg.model, chain))

@@ -11,8 +11,9 @@ from shortft.config import ConfigError
 from shortft.safe_load import Unreadable
 
 # Settings whose change makes a checkpoint's LoRAs not fit, or mean something else: a resume refuses them.
-FIXED = ("model.pretrained", "lora.rank", "lora.alpha", "lora.targets", "lora.timestep_aware")
-ADAPTER_KEYS = ("chain.method", "chain.segments", "chain.interior_adapters")  # which LoRAs a run has
+FIXED = ("model.pretrained", "lora.rank", "lora.alpha", "lora.targets")
+# which LoRAs a run has: refused where the adapters differ (a baseline's one set whatever these say)
+ADAPTER_KEYS = ("chain.method", "chain.segments", "chain.interior_adapters", "lora.timestep_aware")
 # Settings a resumed run may change without note: its length, bookkeeping, where it runs.
 BOOKKEEPING = ("name", "train.steps", "train.output_dir", "train.log_every", "train.checkpoint_every",
                "train.keep_checkpoints", "train.time_budget_s", "train.call_budget", "model.device", "model.compile",

@@ -142,7 +142,8 @@ def run_sample(cfg: Config, lora: str, prompt: list[str], prompts_file: str | No
                                 guidance_scale=cfg.chain.guidance_scale if guidance is None else guidance)
     cfg = dataclasses.replace(cfg, chain=chain)
     # (a folder that is not a set, a run's: `load_trained` says which folder to give)
-    segments = read_lora_plan(lora)["segments"] if lora and (Path(lora) / PLAN_FILE).is_file() else 1
+    saved = read_lora_plan(lora) if lora and (Path(lora) / PLAN_FILE).is_file() else {}
+    segments = saved["segments"] if saved.get("method") == "shortft" else 1  # a baseline's N steps have none
     if chain.steps < segments:  # the segments collapsed (segment_1 never ran alone); chain.steps=2 was refused
         raise ConfigError(f"{'--steps' if steps else 'chain.steps='}{' ' if steps else ''}{chain.steps}: the LoRA set "
                           f"{lora} has {segments} segments, and each needs a step; give {segments} or more")

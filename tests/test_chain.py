@@ -279,3 +279,36 @@ def test_draft_lv_re_noises_each_sample_from_its_own_stream_whatever_rank_or_bat
     both, rank0, rank1 = rewards_of(0, 2), rewards_of(0, 1), rewards_of(1, 1)
     assert torch.allclose(both, torch.cat([rank0, rank1], 1), atol=1e-5), (both, rank0, rank1)
     assert not torch.allclose(rank0[1:], rank1[1:], atol=1e-3)  # the two samples' copies differ
+
+
+def test_a_baseline_neither_loads_nor_needs_the_shortcut_nor_has_segments(tmp_path):
+    """The baselines run the N-step sampler and never jump: the shortcut was loaded all the same (an SDXL
+    `unet:` shortcut is 5 GB more on the card), listed as a download of their dry run (sd15: Hyper-SD),
+    and the toy's `full` with chain.segments=3 was refused for the shortcut-k3 it never calls; chain.steps=2
+    with chain.segments=4 was refused ("each segment needs a step"); a resume that changed
+    lora.timestep_aware, which gives a baseline no other LoRAs, was refused as if they would not fit."""
+    import json
+
+    from shortft import load_config
+    from shortft.config import ConfigError
+    from shortft.hub import sources
+    from shortft.plan import training_plan
+    from shortft.resume_settings import changed_settings
+
+    full = load_config("toy", ["chain.method=full", "chain.segments=3"])
+    assert training_plan(full).shortcut.kind == "none" and training_plan(full).chain.segments == 1
+    assert training_plan(load_config("toy")).shortcut.kind == "lora"
+    assert "model.shortcut" not in {s.key for s in sources(load_config("sd15", ["chain.method=draft"]))}
+    assert "model.shortcut" in {s.key for s in sources(load_config("sd15"))}
+    load_config("tiny", ["chain.method=draft", "chain.steps=2", "chain.segments=4"])
+    with pytest.raises(ConfigError, match="chain.segments=4: must be <= chain.steps=2"):
+        load_config("tiny", ["chain.steps=2", "chain.segments=4"])
+    # a checkpoint of a baseline: one LoRA set, `default`, whatever timestep_aware says
+    (tmp_path / "lora" / "default").mkdir(parents=True)
+    was = {"chain.method": "full", "lora.timestep_aware": False}
+    (tmp_path / "state.json").write_text(json.dumps({"step": 1, "config": was}))
+    assert changed_settings(tmp_path, {**was, "lora.timestep_aware": True}, ["default"]) == [
+        "lora.timestep_aware false -> true"]
+    with pytest.raises(ConfigError, match="lora.timestep_aware=true, which its LoRAs do not fit"):
+        changed_settings(tmp_path, {**was, "chain.method": "shortft", "lora.timestep_aware": True},
+                         ["segment_1", "segment_2"])
