@@ -134,6 +134,9 @@ def run_sample(cfg: Config, lora: str, prompt: list[str], prompts_file: str | No
     blank = next((p for p in prompt if not p.strip()), None)
     if blank is not None:  # drawn unconditioned, as data.prompts' blank lines are refused
         raise ConfigError(f"--prompt {blank!r}: blank; give text")
+    twice = next((p for i, p in enumerate(prompt) if p in prompt[:i]), None)
+    if twice is not None:  # the same images drawn twice, as `--seeds 0,0` was
+        raise ConfigError(f"--prompt {twice!r}: given twice; give each once")
     prompts = list(prompt) + (read_prompts(prompts_file, cfg.data.prompt_column, "--prompts") if prompts_file else [])
     if not prompts:
         raise ConfigError("give --prompt \"...\" (repeatable) or --prompts <file>")

@@ -336,6 +336,8 @@ def test_a_config_named_from_the_project_instead_of_the_heads_home_folder_is_poi
      "lora.targets: ['nosuch'] match no UNet module; e.g. to_q, to_k, to_v, to_out.0"),
     (["plan", "--config", "toy", "train.output_dir="], "train.output_dir='': give a folder"),  # the run went into ./
     (["sample", "--config", "toy", "--lora", "x", "--prompt", " "], "--prompt ' ': blank; give text"),  # drawn
+    (["sample", "--config", "toy", "--lora", "x", "--prompt", "a", "--prompt", "a"],
+     "--prompt 'a': given twice; give each once"),  # the same images twice
     (["plan", "--config", "toy", "train.lr=1e999"], "train.lr=inf: must be a finite number > 0"),  # was "must be > 0"
     (["plan", "--config", "{tmp}/bad.yaml"],
      "not valid YAML (mapping values are not allowed here, line 2, column 5)"),  # no place named
