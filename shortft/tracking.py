@@ -229,6 +229,15 @@ def run_params(cfg: Config) -> dict:
     return alpha_as_used(flatten(to_dict(cfg)))
 
 
+def logged_params(run) -> dict[str, str]:
+    """A run's params as `run_params` gives them now: one that logged an unset alpha as 'None' (before
+    2026-12-08) is not a run of other settings (a resumed sweep deleted and made again each trial's run)."""
+    params = dict(run.data.params)
+    if params.get("lora.alpha") == "None" and params.get("lora.rank"):
+        params["lora.alpha"] = str(float(params["lora.rank"]))
+    return params
+
+
 def param_values(values: dict) -> dict[str, str]:
     """Params as MLflow keeps them: strings, cut at its 6000 characters."""
     return {k: str(v)[:6000] for k, v in values.items()}
@@ -240,7 +249,7 @@ def note_changed_params(uri: str, run_id: str, cfg: Config) -> None:
     dropped where none differ."""
     mlflow_client = client(uri)
     run = mlflow_client.get_run(run_id)
-    was, now = run.data.params, param_values(run_params(cfg))
+    was, now = logged_params(run), param_values(run_params(cfg))
     changed = [f"{k}: {was.get(k, '(none)')} -> {now.get(k, '(none)')}" for k in dict.fromkeys([*was, *now])
                if was.get(k) != now.get(k)]
     if changed:
@@ -267,7 +276,7 @@ def ensure_trial_run(uri: str, experiment: str, name: str, cfg: Config, parent_r
     `tune_trial`: (Tune's experiment folder name, trial id), tagged so that `tune_trial_run` finds it."""
     key = f"{parent_run_id}/{name}" if parent_run_id else name
     run_id = ensure_run(uri, experiment, key, name, cfg, parent_run_id)
-    logged = client(uri).get_run(run_id).data.params
+    logged = logged_params(client(uri).get_run(run_id))
     wanted = param_values(run_params(cfg))
     if any(logged.get(k) != v for k, v in wanted.items()):
         client(uri).delete_run(run_id)

@@ -1650,3 +1650,23 @@ def test_the_importance_plot_weighs_only_the_searched_values_that_differ_between
         same.add_trial(optuna.trial.create_trial(params={"chain.segments": 4, "train.lr": 0.1}, distributions=dists,
                                                  value=float(i)))
     assert sorted(optuna_plots(same, tmp_path)) == ["optimization_history"]
+
+
+def test_a_trial_run_that_logged_an_unset_alpha_as_none_is_still_its_run(tmp_path):
+    """An unset lora.alpha is logged as the rank since 2026-12-08 ('None' before): a sweep resumed across that
+    change found each trial's run of other params, deleted it and made another; a resumed run was tagged
+    `lora.alpha: None -> 4.0` among its changed settings."""
+    from mlflow.entities import Param
+
+    uri = f"sqlite:///{tmp_path}/m.db"
+    cfg = trial_config("toy", {}, {})
+    parent = tracking.ensure_run(uri, "e", "sweep/s", "s", reuse=False)
+    run = tracking.ensure_trial_run(uri, "e", "s-t001", cfg, parent)
+    client = tracking.client(uri)
+    assert client.get_run(run).data.params["lora.alpha"] == str(float(cfg.lora.rank))
+    old = tracking.ensure_run(uri, "e", f"{parent}/s-t002", "s-t002", parent_run_id=parent)  # as logged before
+    client.log_batch(old, params=[Param(k, "None" if k == "lora.alpha" else v)
+                                  for k, v in tracking.param_values(tracking.run_params(cfg)).items()])
+    assert tracking.ensure_trial_run(uri, "e", "s-t002", cfg, parent) == old
+    tracking.note_changed_params(uri, old, cfg)
+    assert tracking.CHANGED_TAG not in client.get_run(old).data.tags
