@@ -119,8 +119,6 @@ def run_exists(storage_path: str, name: str) -> bool:
         import pyarrow.fs
 
         fs, root = pyarrow.fs.FileSystem.from_uri(storage_path)
-        if fs.get_file_info(f"{root}/{name}").type == pyarrow.fs.FileType.NotFound:
-            return False
         held = fs.get_file_info(pyarrow.fs.FileSelector(f"{root}/{name}", allow_not_found=True))
         return any(Path(info.path).name != RAY_MARKER for info in held)
     d = Path(storage_path).expanduser() / name

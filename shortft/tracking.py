@@ -233,9 +233,9 @@ def logged_params(run) -> dict[str, str]:
     """A run's params as `run_params` gives them now: one that logged an unset alpha as 'None' (before
     2026-12-08) is not a run of other settings (a resumed sweep deleted and made again each trial's run)."""
     params = dict(run.data.params)
-    if params.get("lora.alpha") == "None" and params.get("lora.rank"):
-        params["lora.alpha"] = str(float(params["lora.rank"]))
-    return params
+    if params.get("lora.alpha") == "None":
+        params["lora.alpha"] = None
+    return param_values(alpha_as_used(params))
 
 
 def param_values(values: dict) -> dict[str, str]:
