@@ -230,8 +230,7 @@ def run_params(cfg: Config) -> dict:
 
 
 def logged_params(run) -> dict[str, str]:
-    """A run's params as `run_params` gives them now: one that logged an unset alpha as 'None' (before
-    2026-12-08) is not a run of other settings (a resumed sweep deleted and made again each trial's run)."""
+    """A run's params as `run_params` gives them now: an unset alpha logged as 'None' (before 2026-12-08) is rank."""
     params = dict(run.data.params)
     if params.get("lora.alpha") == "None":
         params["lora.alpha"] = None
