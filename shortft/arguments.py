@@ -5,23 +5,61 @@ error was the last of many lines; every other bad input is one line."""
 from __future__ import annotations
 
 import argparse
+import difflib
 import errno
 import os
 import sys
 
-from shortft.config import ConfigError
+from shortft.config import ConfigError, describe
+
+UNRECOGNIZED = "unrecognized arguments: "
 
 
 class OneLineParser(argparse.ArgumentParser):
     """An ArgumentParser (its subcommands' parsers too) whose errors are one line naming where to read more."""
 
     def error(self, message: str):
+        if message.startswith(UNRECOGNIZED):
+            message = unknown_flags(self, message[len(UNRECOGNIZED):].split())
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
     def exit(self, status: int = 0, message: str | None = None):
         if message:
             sys.stderr.write(message)
         sys.exit(status)
+
+
+def unknown_flags(parser: argparse.ArgumentParser, extra: list[str]) -> str:
+    """The line for arguments no flag took: each unknown flag with the config key of its name (`--steps`:
+    `train.steps=... or chain.steps=...`, where the command takes key=value) or the nearest flag. argparse named
+    them all, with the overrides and values after them: `--out /tmp/r train.steps=2` was `unrecognized
+    arguments: --out train.steps=2`."""
+    flags = [e for e in extra if e.startswith("--") or (e.startswith("-") and e[1:2].isalpha())]
+    if not flags:
+        return UNRECOGNIZED + " ".join(extra)
+    known = [s for action in parser._actions for s in action.option_strings]
+    keys = [key for key, _, _ in describe()] if any(a.dest == "overrides" for a in parser._actions) else []
+    said = []
+    for flag in dict.fromkeys(flags):
+        name, eq, value = flag.partition("=")
+        word = name.lstrip("-").replace("-", "_")
+        same = [k for k in keys if k.rsplit(".", 1)[-1] == word]
+        close = difflib.get_close_matches(name, known, n=1, cutoff=0.75)
+        begun = [k for k in keys if len(word) >= 3 and k.rsplit(".", 1)[-1].startswith(word)]
+        as_keys = same or (begun if not close else [])
+        hint = (f"the config key{'s' if len(as_keys) > 1 else ''}: "
+                + " or ".join(f"{k}={value if eq else '...'}" for k in as_keys) if as_keys
+                else f"did you mean {close[0]}?" if close else "")
+        said.append(f"{name}{f' ({hint})' if hint else ''}")
+    return f"no flag {', '.join(said)}"
+
+
+def command_parser(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.ArgumentParser:
+    """The (sub)command's own parser that `args` came from: its flags and `--help` are the ones to name."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction) and getattr(args, action.dest, None) in action.choices:
+            return command_parser(action.choices[getattr(args, action.dest)], args)
+    return parser
 
 
 def name_too_long(e: OSError) -> str:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import yaml
 
-from shortft.arguments import comma_items, name_too_long
+from shortft.arguments import comma_items, command_parser, name_too_long
 from shortft.checks import load_config
 from shortft.cli_parser import int_list, interrupted_line, parser as _parser
 from shortft.config import PARTS, READS, ConfigError, describe, parse_overrides, replaced, to_dict
@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
         args.overrides = [*args.overrides, *extra]
     elif extra:
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        command_parser(parser, args).error(f"unrecognized arguments: {' '.join(extra)}")
     if getattr(args, "overrides", None):  # as written: a later one replaces an earlier one, whichever flag took it
         given, order = set(args.overrides), list(sys.argv[1:] if argv is None else argv)
         args.overrides = [a for a in order if a in given]

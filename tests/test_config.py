@@ -358,6 +358,13 @@ def test_a_config_named_from_the_project_instead_of_the_heads_home_folder_is_poi
     (["plan", "--config", "toy", "lora.rank=!!int abc"], "lora.rank='!!int abc': expected an integer"),
     (["plan", "--config", "{tmp}/alias.yaml"],
      "not valid YAML (a value that contains itself (an alias *x inside its own anchor &x))"),
+    # argparse's line named the overrides and values after an unknown flag too, and the top command's --help
+    (["train", "--config", "toy", "--dry-run", "--out", "{tmp}/r", "train.steps=2"],
+     "shortft train: error: no flag --out (the config key: train.output_dir=...) (see shortft train --help)"),
+    (["train", "--config", "toy", "--dry-run", "--steps=2"],
+     "no flag --steps (the config keys: chain.steps=2 or train.steps=2)"),
+    (["train", "--config", "toy", "--dry-run", "--quite"], "no flag --quite (did you mean --quiet?)"),
+    (["toy", "build", "--outt", "{tmp}/x"], "shortft toy build: error: no flag --outt (did you mean --out?)"),
     (["plan", "--config", "{tmp}/tab.yaml"],  # PyYAML's context line named no tab
      "not valid YAML (while scanning for the next token; found character '\\t' that cannot start any token, line 2, "
      "column 1)"),
@@ -392,7 +399,8 @@ def test_bad_flag_values_are_one_line_with_status_2(tmp_path, capsys, args, line
 
 
 @pytest.mark.parametrize("argv", [["-m", "shortft.cli", "sample", "--steps", "0"], ["-m", "shortft.cli", "bogus"],
-                                  ["tune/sweep.py", "--num-samples", "abc"], ["tune/compare.py", "--seeds", "x"]])
+                                  ["tune/sweep.py", "--num-samples", "abc"], ["tune/compare.py", "--seeds", "x"],
+                                  ["tune/sweep.py", "--trials", "2"]])
 def test_an_argument_error_is_one_line(argv):
     """argparse printed its usage block (4-10 lines) before the error."""
     root = Path(__file__).resolve().parents[1]
