@@ -59,17 +59,18 @@ def trained_settings(lora: str | Path) -> tuple[dict, str]:
     return (found, str(lora)) if found else ({}, "")
 
 
-def check_trained_with(cfg: Config, lora: str | Path, flags: dict[str, str] | None = None) -> None:
+def check_trained_with(cfg: Config, lora: str | Path, flags: dict[str, str] | None = None) -> str | None:
     """The LoRAs of a run (`trained_settings`) fit `cfg`: the same base model and LoRA shape. Else one line
     naming both values and where the run's are, before anything loads; it was PyTorch's state-dict error
     after the model had loaded, or (a folder with no run config beside it) LoRAs scaled by this config's
     alpha, not the run's, without a word. `flags`: the sampler's keys a command's flag set (`--steps`),
-    which the run's config would not change: the note names the flag."""
+    which the run's config would not change: the note names the flag. Returns the note where the sampler is
+    not the one the run evaluated with, for the caller to print once the sampler is known to run."""
     from shortft.resume_settings import FIXED, moved_model
 
     saved, where = trained_settings(lora)
     if not saved:
-        return
+        return None
     now = flatten(to_dict(cfg))
     if saved.get("lora.alpha") is not None or now.get("lora.alpha") is not None:  # unset is the rank
         saved, now = alpha_as_used(saved), alpha_as_used(now)
@@ -91,14 +92,17 @@ def check_trained_with(cfg: Config, lora: str | Path, flags: dict[str, str] | No
         flags = {k: flag for k, flag in (flags or {}).items() if k in other}
         rest = [k for k in other if k not in flags]
         fixes = (["pass " + " ".join(f"{flag} {saved[k]}" for k, flag in flags.items())] if flags else []) + (
-            [_fix(where, saved, rest)] if rest else [])
-        warn(f"--lora {lora}: the run evaluated with " + ", ".join(f"{k}={saved[k]!r}" for k in other) + "; this "
-             "samples with " + ", ".join(f"{k}={now.get(k)!r}" for k in other) + f" ({'; '.join(fixes)})")
+            [_fix(where, saved, rest, keys_only=True)] if rest else [])
+        return (f"--lora {lora}: the run evaluated with " + ", ".join(f"{k}={saved[k]!r}" for k in other) + "; this "
+                "samples with " + ", ".join(f"{k}={now.get(k)!r}" for k in other) + f" ({'; '.join(fixes)})")
+    return None
 
 
-def _fix(where: str, saved: dict, keys: list[str]) -> str:
-    """How to sample with the run's settings: its config (which may name code: reward.modules), or the keys."""
-    if where.endswith("config.yaml"):
+def _fix(where: str, saved: dict, keys: list[str], keys_only: bool = False) -> str:
+    """How to sample with the run's settings: its config (which may name code: reward.modules), or the keys
+    (`keys_only`: the sampler's few, which hold whatever --config was given: `--config run/config.yaml
+    chain.interior_adapters=segment` was told to pass the --config it had)."""
+    if where.endswith("config.yaml") and not keys_only:
         modules = saved.get("reward.modules")
         return f"pass --config {where}" + (f" (read it first: its reward.modules {modules} are imported, so run)"
                                            if modules else "")
@@ -118,10 +122,12 @@ def load_trained(cfg: Config, lora: str | None, flags: dict[str, str] | None = N
     """The config's models with the LoRAs of a run (its own adapters and chain), or without any; no shortcut.
     `flags`: as `check_trained_with`'s."""
     cfg = for_sampling(cfg)
-    if lora:
-        check_trained_with(cfg, lora, flags)
+    note = check_trained_with(cfg, lora, flags) if lora else None
     plan = training_plan(cfg, saved=read_lora_plan(lora)) if lora else None
     models = load_models(cfg, with_loras=bool(lora), plan=plan)
+    models.denoiser.timesteps(cfg.chain.steps)  # a schedule the model refuses (`--steps 1001`) is refused here,
+    if note:  # before the note on it (the note came first, then the error at the first image)
+        warn(note)
     if lora:
         load_lora_state(models.unet, Path(lora), models.adapters)
     return models
@@ -152,7 +158,13 @@ def run_sample(cfg: Config, lora: str, prompt: list[str], prompts_file: str | No
                           f"{lora} has {segments} segments, and each needs a step; give {segments} or more")
     flags = {k: flag for k, flag, given in (("chain.steps", "--steps", steps), ("chain.guidance_scale", "--guidance",
                                                                                  guidance)) if given is not None}
-    models = load_trained(cfg, lora, flags)
+    try:
+        models = load_trained(cfg, lora, flags)
+    except ConfigError as e:  # the schedule's refusal names chain.steps, which --steps replaced
+        said = f"chain.steps={chain.steps}:"
+        if steps and str(e).startswith(said):
+            raise ConfigError(f"--steps {steps}:{str(e)[len(said):]}") from None
+        raise
     items = [(p, s) for p in prompts for s in seeds]
     tuned = generate(models, cfg, [p for p, _ in items], [s for _, s in items],
                      desc="sampling (tuned)" if compare else "sampling")

@@ -445,8 +445,9 @@ def test_a_sampler_other_than_the_runs_is_said_and_a_prompt_table_is_read_by_its
                                  "model.timestep_spacing=trailing"), str(trained))
     err = capsys.readouterr().err
     assert (f"--lora {trained}: the run evaluated with chain.interior_adapters='none', model.timestep_spacing=None; this "
-            "samples with chain.interior_adapters='segment', model.timestep_spacing='trailing' (pass --config "
-            f"{trained.parent / 'config.yaml'})") in err, err
+            "samples with chain.interior_adapters='segment', model.timestep_spacing='trailing' (pass "
+            f"chain.interior_adapters=\"none\" model.timestep_spacing=null (the run's, from "
+            f"{trained.parent / 'config.yaml'}))") in err, err
     (tmp_path / "p.csv").write_text("caption\na red circle\n")
     cfg = make_cfg("chain.steps=8", "chain.segments=2", "data.prompt_column=caption")
     out = sample.run_sample(cfg, str(trained), [], str(tmp_path / "p.csv"), [0], 2, None, tmp_path / "out", False)
@@ -454,6 +455,11 @@ def test_a_sampler_other_than_the_runs_is_said_and_a_prompt_table_is_read_by_its
     # `sample --steps 2`: the note named the run's config.yaml, whose chain.steps --steps overrides
     assert (f"--lora {trained}: the run evaluated with chain.steps=8; this samples with chain.steps=2 (pass --steps 8)"
             in capsys.readouterr().err)
+    # more steps than the model's timesteps: the note (pass --steps 8) came first, and then an error about
+    # chain.steps, which the user never set
+    with pytest.raises(ConfigError, match=re.escape("--steps 1001: at most 1000, this model's training timesteps")):
+        sample.run_sample(cfg, str(trained), ["a red circle"], None, [0], 1001, None, tmp_path / "out1", False)
+    assert "the run evaluated with" not in capsys.readouterr().err
     # fewer steps than the set's segments: they collapsed (segment_1 never ran alone), where chain.steps=1 is refused
     with pytest.raises(ConfigError, match=re.escape(f"--steps 1: the LoRA set {trained} has 2 segments, and each "
                                                     "needs a step; give 2 or more")):
