@@ -31,7 +31,8 @@ class OneLineParser(argparse.ArgumentParser):
 
 def unknown_flags(parser: argparse.ArgumentParser, extra: list[str]) -> str:
     """The line for arguments no flag took: each unknown flag with the config key of its name (`--steps`:
-    `train.steps=... or chain.steps=...`, where the command takes key=value) or the nearest flag. argparse named
+    `train.steps=... or chain.steps=...`, where the command takes key=value; a parser's `flag_keys` adds
+    others: train's `--out`) or the nearest flag. argparse named
     them all, with the overrides and values after them: `--out /tmp/r train.steps=2` was `unrecognized
     arguments: --out train.steps=2`."""
     flags = [e for e in extra if e.startswith("--") or (e.startswith("-") and e[1:2].isalpha())]
@@ -45,8 +46,7 @@ def unknown_flags(parser: argparse.ArgumentParser, extra: list[str]) -> str:
         word = name.lstrip("-").replace("-", "_")
         same = [k for k in keys if k.rsplit(".", 1)[-1] == word]
         close = difflib.get_close_matches(name, known, n=1, cutoff=0.75)
-        begun = [k for k in keys if len(word) >= 3 and k.rsplit(".", 1)[-1].startswith(word)]
-        as_keys = same or (begun if not close else [])
+        as_keys = same or [k for k in getattr(parser, "flag_keys", {}).get(word, ()) if not close]
         hint = (f"the config key{'s' if len(as_keys) > 1 else ''}: "
                 + " or ".join(f"{k}={value if eq else '...'}" for k in as_keys) if as_keys
                 else f"did you mean {close[0]}?" if close else "")

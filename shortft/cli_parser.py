@@ -52,6 +52,7 @@ def parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="fine-tune with the configured method")
     common(t)
+    t.flag_keys = {word: ["train.output_dir"] for word in ("out", "output", "out_dir", "output_dir")}  # unknown flags
     t.add_argument("--resume", nargs="?", const=True, default=False, metavar="CHECKPOINT",
                    help="continue from the latest checkpoint in the output dir (or the one given)")
     t.add_argument("--dry-run", action="store_true",

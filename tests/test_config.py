@@ -364,6 +364,7 @@ def test_a_config_named_from_the_project_instead_of_the_heads_home_folder_is_poi
     (["train", "--config", "toy", "--dry-run", "--steps=2"],
      "no flag --steps (the config keys: chain.steps=2 or train.steps=2)"),
     (["train", "--config", "toy", "--dry-run", "--quite"], "no flag --quite (did you mean --quiet?)"),
+    (["eval", "--config", "toy", "--out", "x"], "shortft eval: error: no flag --out (see shortft eval --help)"),
     (["toy", "build", "--outt", "{tmp}/x"], "shortft toy build: error: no flag --outt (did you mean --out?)"),
     (["plan", "--config", "{tmp}/tab.yaml"],  # PyYAML's context line named no tab
      "not valid YAML (while scanning for the next token; found character '\\t' that cannot start any token, line 2, "
