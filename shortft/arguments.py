@@ -88,11 +88,13 @@ def comma_items(flag: str, text: str) -> list[str]:
     return items
 
 
-def check_at_least(items) -> None:
+def check_at_least(items, whole: bool = False) -> None:
     """(label, value, low) each: None passes; else a finite number >= low (a string from Python, `"2"`, was a
-    TypeError of the comparison; nan passed)."""
+    TypeError of the comparison; nan passed); with `whole`, an integer (`run_sweep(num_samples=1.5)` started Ray,
+    evaluated the base model, then failed in Tune's traceback, and left a sweep folder behind)."""
     for label, value, low in items:
         if value is None:
             continue
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value < float("inf"):
-            raise ConfigError(f"{label} {value!r}: must be a finite number >= {low}")
+        kinds = int if whole else (int, float)
+        if isinstance(value, bool) or not isinstance(value, kinds) or not low <= value < float("inf"):
+            raise ConfigError(f"{label} {value!r}: must be {'an integer' if whole else 'a finite number'} >= {low}")

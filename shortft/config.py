@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
 import types
 import typing
@@ -405,7 +406,12 @@ def read_config(config: str | None = None, overrides: list[str] | dict | None = 
     """Built-in name or YAML path, then overrides (`a.b=c` strings or a dict, nested or dotted); type and range
     checked (`shortft.load_config` also runs the registry and disk checks). Relative local paths that
     exist from here are made absolute (`pin_paths`)."""
-    data = read_mapping(config) if config else {}
+    if config is not None and not isinstance(config, (str, os.PathLike)):  # pathlib's TypeError, a Config too
+        raise ConfigError(f"config {config!r:.60}: give a built-in name ({', '.join(builtin_configs())}) or a YAML "
+                          "path; a dict goes as the overrides (load_config(None, {...}))")
+    if overrides is not None and not isinstance(overrides, (str, dict, list, tuple)):  # "'int' is not iterable"
+        raise ConfigError(f"overrides {overrides!r:.60}: give a list of key=value strings or a dict")
+    data = read_mapping(str(config)) if config else {}
     if isinstance(overrides, str):  # its letters were read as overrides: "override 't': expected key=value"
         raise ConfigError(f"overrides {overrides!r}: give a list of key=value strings, e.g. [{overrides!r}], or a "
                           "dict")

@@ -20,7 +20,7 @@ import yaml
 from shortft import checkpoint, run_lock
 from shortft.budget import Budget
 from shortft.chain import ChainInput, sample
-from shortft.checks import check
+from shortft.checks import check, checked_callbacks
 from shortft.config import Config, ConfigError, flatten, to_dict
 from shortft.data import run_prompts
 from shortft.denoiser import CallCount
@@ -110,6 +110,7 @@ def train(cfg: Config, callbacks: list[Callback] = (), resume: bool | str | Path
     driver checked the folder, and its restart of workers that failed before the first checkpoint it
     recorded starts again at step 0 over what they wrote."""
     check(cfg)
+    callbacks = checked_callbacks(callbacks)
     checkpoint.check_resume_path(resume)
     with run_lock.held(cfg.output_dir) if rank == 0 else nullcontext(), stop_requests(asked) as stop:
         return _train(cfg, callbacks, resume, rank, world_size, stop, new_run_checked)

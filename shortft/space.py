@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from shortft.checks import check
+from shortft.checks import check, check_types
 from shortft.config import (Config, ConfigError, builtin_names, describe, from_dict, merge, nested, pin_paths,
                             read_mapping, validate)
 
@@ -225,6 +225,7 @@ def load_space(name_or_path: str, base: str | None = None, overrides: dict | Non
 
 def trial_config(base: str | dict, fixed: dict, values: dict, name: str | None = None) -> Config:
     """The run config of one trial: base config, then the fixed keys, then the trial's values."""
+    check_types(base, fixed=fixed, values=values)
     data = read_mapping(base) if isinstance(base, str) else base
     data = pin_paths(merge(merge(data, nested(fixed)), nested(values)))
     if name:

@@ -159,8 +159,8 @@ def test_a_failed_or_non_finite_seed_is_counted_out_in_the_table_and_a_cut_line_
     (["--call-budget", "5", "--lrs", "1e-3,0.001"], "--lrs '1e-3,0.001': a learning rate is given twice"),
     # accepted: minutes of the untrained model's evaluation, then a report of it alone (or of 1 seed, "seeds 1")
     (["--call-budget", "5", "--arms", ""], "--arms: name at least one arm"),
-    (["--call-budget", "5", "--seeds", "0"], "--seeds 0: must be a finite number >= 1"),
-    (["--call-budget", "5", "--ablation-seeds", "-1"], "--ablation-seeds -1: must be a finite number >= 1"),
+    (["--call-budget", "5", "--seeds", "0"], "--seeds 0: must be an integer >= 1"),
+    (["--call-budget", "5", "--ablation-seeds", "-1"], "--ablation-seeds -1: must be an integer >= 1"),
     (["--call-budget", "5", "--arms", "shortft,,draft"], "--arms 'shortft,,draft': item 2 of 3 is empty"),
     # refused after a local Ray had started
     (["--time-budget-s", "1", "--arms", "nosuch"], "--arms nosuch: unknown; choose from shortft,"),

@@ -105,11 +105,11 @@ def test_bad_programmatic_configs_fail_before_any_trial_in_one_line(tmp_path, mo
         sweep.trainable_for("toy", fixed={"chain.nosuch": 1})
     # each failed every trial as it ran (`a/b` left runs/sweeps/a/b behind); run_sweep's "2" was a TypeError
     for kwargs, line in (({"name": "a/b"}, "name='a/b': a name is one folder's name"),
-                         ({"workers": 0}, "workers 0: must be a finite number >= 1"),
+                         ({"workers": 0}, "workers 0: must be an integer >= 1"),
                          ({"gpus_per_worker": "1"}, "gpus_per_worker '1': must be a finite number >= 0")):
         with pytest.raises(ConfigError, match=re.escape(line)):
             sweep.trainable_for("toy", **kwargs)
-    with pytest.raises(ConfigError, match=re.escape("--num-samples '2': must be a finite number >= 1")):
+    with pytest.raises(ConfigError, match=re.escape("--num-samples '2': must be an integer >= 1")):
         sweep.run_sweep("toy", num_samples="2")
     assert not (tmp_path / "runs").exists()
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
@@ -139,6 +139,45 @@ def test_bad_programmatic_configs_fail_before_any_trial_in_one_line(tmp_path, mo
         assert [p.parent.name for p in (tmp_path / "runs" / "sweeps").rglob(attempts.FILE)] == [f"from-python-{trial.trial_id}"]
     finally:
         ray.shutdown()
+
+
+def test_python_arguments_of_another_type_are_one_line_before_anything_starts(tmp_path, monkeypatch):
+    """From Python, arguments the command line never passes: `run_sweep(num_samples=1.5)` started Ray, evaluated
+    the base model, then failed in Tune's traceback and left a sweep behind; `shortft.train("tiny")` was
+    dataclasses' "asdict() should be called on dataclass instances"; `trainable_for("toy", fixed=["a=1"])` "'list'
+    object is not a mapping"; `train(cfg, callbacks=print)` failed once the models had loaded, after its run
+    folder was made; `param_space("toy")` an AttributeError of a str."""
+    import ray
+
+    import shortft
+    from shortft import sweep
+    from shortft.space import load_space
+
+    monkeypatch.chdir(tmp_path)
+    for kwargs, line in (({"num_samples": 1.5}, "--num-samples 1.5: must be an integer >= 1"),
+                         ({"max_concurrent": 1.5}, "--max-concurrent 1.5: must be an integer >= 1"),
+                         ({"seed": 1.5}, "--seed 1.5: must be an integer >= 0"),
+                         ({"workers_per_trial": 1.5}, "--workers-per-trial 1.5: must be an integer >= 1")):
+        with pytest.raises(ConfigError, match=re.escape(line)):
+            sweep.run_sweep("toy", smoke_test=True, tracking_uri=None, **kwargs)
+    cfg = shortft.load_config("toy", [f"train.output_dir={tmp_path}/run"])
+    for call, line in ((lambda: shortft.train("tiny"), "config 'tiny': give a Config, e.g. shortft.load_config("),
+                       (lambda: shortft.load_config(cfg), "config Config(name='toy'"),
+                       (lambda: shortft.load_config("tiny", 5), "overrides 5: give a list of key=value strings or a dict"),
+                       (lambda: shortft.load_config("tiny", parts=["nope"]), "parts ['nope']: not among rewards"),
+                       (lambda: shortft.train(cfg, callbacks=print), "callbacks: <built-in function print> is no "
+                                                                     "Callback (on_start, on_step, on_end)"),
+                       (lambda: shortft.train(cfg, callbacks=[object()]), "is no Callback"),
+                       (lambda: sweep.trainable_for("toy", fixed=["train.steps=2"]), "fixed ['train.steps=2']: give "
+                                                                                      "a dict of dotted keys"),
+                       (lambda: sweep.trainable_for(cfg), "base Config(name='toy'"),
+                       (lambda: sweep.evaluate_base("toy", {"chain.nosuch": 1}, tmp_path / "eb"), "chain.nosuch"),
+                       (lambda: sweep.param_space(3), "space 3: give a space name (")):
+        with pytest.raises(ConfigError, match=re.escape(line)):
+            call()
+    assert not ray.is_initialized()
+    assert not list(tmp_path.iterdir())  # no run, sweep or evaluation folder
+    assert set(sweep.param_space("toy")) == set(sweep.param_space(load_space("toy")))
 
 
 def test_readme_tune_run_closes_the_run_of_a_trial_that_died(tmp_path, monkeypatch):

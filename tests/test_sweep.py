@@ -59,7 +59,7 @@ def _space_file(tmp_path, search: str, extra: str = "") -> str:
     # each of the rest was found once trials were made, or by Optuna, after Ray and the parent run had started
     ("  chain.segments: {randint: [2, 8]}", [], "search.chain.segments=3 gives an invalid config"),  # no toy k=3
     ("  chain.segments: {uniform: [2, 8]}", [], "search.chain.segments=4.22"),  # 4.22 segments
-    ("  chain.segments: {choice: [2, 4]}", ["--seed", "-1"], "--seed -1: must be a finite number >= 0"),
+    ("  chain.segments: {choice: [2, 4]}", ["--seed", "-1"], "--seed -1: must be an integer >= 0"),
     ("  chain.segments: {choice: [2, 4]}", ["--seed", "4294967296"], "--seed 4294967296: must be < 2**32"),
     ("  chain.segments: {choice: [2, 4]}", ["--gpus-per-worker", "nan"], "--gpus-per-worker nan: must be a finite"),
     # valid one at a time, not together: the trial Optuna drew with both stopped the sweep partway, in the driver

@@ -53,8 +53,8 @@ def evaluate_base(base: str | dict, fixed: dict, out: str | Path) -> dict:
     from shortft.sample import evaluate_trained
 
     out = Path(out)
+    cfg = trial_config(base, fixed, {})  # before the folder: a bad base left an empty out/grids/
     (out / "grids").mkdir(parents=True, exist_ok=True)
-    cfg = trial_config(base, fixed, {})
     with explained(cfg, "in the untrained model's evaluation", "sampling"):
         metrics = evaluate_trained(cfg, None, out / "grids" / "base.png")
     _write(out / BASE_FILE, metrics, evaluation_of(cfg))

@@ -251,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
         for line in replaced(args.set):  # the dict keeps the last
             print(f"note: {line}", file=sys.stderr)
         arms = comma_items("--arms", args.arms)
-        check_at_least((("--seeds", args.seeds, 1), ("--ablation-seeds", args.ablation_seeds, 1)))
+        check_at_least((("--seeds", args.seeds, 1), ("--ablation-seeds", args.ablation_seeds, 1)), whole=True)
         check_new(out, args.time_budget_s, args.call_budget, arms, args.config,
                   {**(SMOKE_TEST if args.smoke_test else {}), **fixed})
         rows = run_comparison(args.config, out, arms, args.seeds,

@@ -116,8 +116,8 @@ def run_sweep(space: str | Space | None = None, num_samples: int | None = None, 
     t_start, cpu_start = time.time(), time.process_time()
     # 1. Everything a user can get wrong, before Ray starts.
     check_at_least((("--num-samples", num_samples, 1), ("--workers-per-trial", workers_per_trial, 1),
-                    ("--max-concurrent", max_concurrent, 1), ("--gpus-per-worker", gpus_per_worker, 0),
-                    ("--resource-wait-s", resource_wait_s, 1), ("--seed", seed, 0)))
+                    ("--max-concurrent", max_concurrent, 1), ("--seed", seed, 0)), whole=True)
+    check_at_least((("--gpus-per-worker", gpus_per_worker, 0), ("--resource-wait-s", resource_wait_s, 1)))
     if seed is not None and seed >= 2**32:  # Optuna's sampler seeds numpy's RandomState
         raise ConfigError(f"--seed {seed}: must be < 2**32")
     if tracking_uri:

@@ -23,9 +23,10 @@ from ray import tune
 
 from shortft import attempts, resources, tracking
 from shortft.arguments import check_at_least
-from shortft.config import Config, ConfigError, check_name, from_dict, pin_paths, read_mapping, to_dict
+from shortft.config import Config, ConfigError, builtin_names, check_name, from_dict, pin_paths, read_mapping, to_dict
 from shortft.mlflow_relay import RELAY, relay_call, start_relay
-from shortft.space import Space, to_tune, trial_config
+from shortft.checks import check_types
+from shortft.space import Space, load_space, to_tune, trial_config
 from shortft.sweep.eval_report import OBJECTIVE, OBJECTIVE_SE, EvalReport
 from shortft.sweep.ray_compat import start_autoscaling_coordinator, tune_metric
 
@@ -63,8 +64,19 @@ def settings(space: Space, name: str, storage_path: str, output_root: str, worke
             "attempt": attempts.new_attempt()}  # a resumed sweep is a new attempt: its errored trials try again
 
 
-def param_space(space: Space) -> dict:
-    return to_tune(space)
+def as_space(space: Space | str) -> Space:
+    """A Space, or the space file (built-in name or YAML path) `space` names: `param_space("toy")` was an
+    AttributeError of a str."""
+    if isinstance(space, (str, os.PathLike)):
+        return load_space(str(space))
+    if not isinstance(space, Space):
+        raise ConfigError(f"space {space!r:.60}: give a space name ({', '.join(builtin_names('shortft.spaces'))}), a "
+                          "YAML path or a Space from shortft.space.load_space")
+    return space
+
+
+def param_space(space: Space | str) -> dict:
+    return to_tune(as_space(space))
 
 
 def searched_values(config: dict) -> dict:
@@ -238,9 +250,10 @@ def trainable_for(base: str = "toy", *, smoke_test: bool = False, fixed: dict | 
         # preempted, so no preemption-watcher actor (one process start less per trial).
         os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     # what fails every trial, here before Tune starts: a bad base config, fixed key, name or count
-    check_at_least((("workers", workers, 1), ("gpus_per_worker", gpus_per_worker, 0),
-                    ("resource_wait_s", resource_wait_s, 1), ("threads", threads, 1)))
+    check_at_least((("workers", workers, 1), ("threads", threads, 1)), whole=True)
+    check_at_least((("gpus_per_worker", gpus_per_worker, 0), ("resource_wait_s", resource_wait_s, 1)))
     check_name("name", name, room=TRIAL_SUFFIX_BYTES)
+    check_types(base, fixed=fixed or {})  # before they merge
     fixed = {**(SMOKE_TEST if smoke_test else {}), **(fixed or {})}
     trial_config(base, fixed, {})
     if tracking_uri == "":
