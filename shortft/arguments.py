@@ -62,6 +62,13 @@ def command_parser(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
     return parser
 
 
+def pipe_closed() -> int:
+    """The status once the reader of stdout has gone (`shortft config --keys | head`): 141, as a process the
+    SIGPIPE ended; the rest of the output goes nowhere (Python's BrokenPipeError was a traceback)."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the flush at exit fails no more
+    return 141
+
+
 def name_too_long(e: OSError) -> str:
     """The one line for a path with a file or folder name longer than the file system takes (Python's
     `Path.is_file()` raises it where a check asks: `--out`, `--config`, `data.prompts` ended in a traceback);

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import yaml
 
-from shortft.arguments import comma_items, command_parser, name_too_long
+from shortft.arguments import comma_items, command_parser, name_too_long, pipe_closed
 from shortft.checks import load_config
 from shortft.cli_parser import int_list, interrupted_line, parser as _parser
 from shortft.config import PARTS, READS, ConfigError, describe, parse_overrides, replaced, to_dict
@@ -143,6 +143,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, OutOfMemory) as e:  # a user's mistake: 2; out of GPU memory in `eval`, `sample`: 1
         print(f"shortft: error: {printable(str(e))}", file=sys.stderr)
         return 2 if isinstance(e, ConfigError) else 1
+    except BrokenPipeError:
+        return pipe_closed()
     except OSError as e:
         print(f"shortft: error: {name_too_long(e)}", file=sys.stderr)
         return 2

@@ -399,6 +399,16 @@ def test_bad_flag_values_are_one_line_with_status_2(tmp_path, capsys, args, line
     assert code == 2 and line.format(tmp=tmp_path) in err[-1] and "Traceback" not in "\n".join(err), err
 
 
+def test_output_to_a_reader_that_has_gone_ends_without_a_traceback():
+    """`shortft config --keys | head`: the first print after head exited was a BrokenPipeError traceback."""
+    root = Path(__file__).resolve().parents[1]
+    p = subprocess.Popen([sys.executable, "-m", "shortft.cli", "config", "--config", "toy", "--keys"], cwd=root,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    p.stdout.close()  # gone before the first line: Python takes a second to import
+    err = p.stderr.read()
+    assert p.wait(timeout=120) == 141 and err == "", err
+
+
 @pytest.mark.parametrize("argv", [["-m", "shortft.cli", "sample", "--steps", "0"], ["-m", "shortft.cli", "bogus"],
                                   ["tune/sweep.py", "--num-samples", "abc"], ["tune/compare.py", "--seeds", "x"],
                                   ["tune/sweep.py", "--trials", "2"]])
