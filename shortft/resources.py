@@ -102,7 +102,8 @@ def check_answers(address: str | None, wait_s: float | None = None) -> None:
             return
         except OSError as e:
             if time.monotonic() >= deadline:
-                raise ConfigError(f"Ray cluster address {given}: nothing answers at {host}:{port} "
+                raise ConfigError(f"Ray cluster address {given}: nothing answers at {host}:{port}"
+                                  f"{'' if given.endswith(f'{host}:{port}') else ' (as Ray reads it)'} "
                                   f"({e.strerror or type(e).__name__}) after {wait_s:g} s; start Ray there (ray start "
                                   "--head), or give the head node's host:port") from None
         if not told:

@@ -123,7 +123,7 @@ def test_a_trial_that_can_only_fit_later_waits_then_ends_as_error(tmp_path):
     assert run.info.status == "FAILED" and run.data.tags["shortft.error"] == row["error"]
 
 
-def test_a_cluster_address_nothing_answers_at_is_one_line_in_seconds(monkeypatch, capsys):
+def test_a_cluster_address_nothing_answers_at_is_one_line_in_seconds(monkeypatch, capsys, tmp_path):
     """`tune/sweep.py --address 127.0.0.1:1` (or a stale RAY_ADDRESS) waited silently for over 3 minutes."""
     import socket
     import threading
@@ -145,6 +145,12 @@ def test_a_cluster_address_nothing_answers_at_is_one_line_in_seconds(monkeypatch
             resources.connect(address=address)
     assert time.time() - t0 < 20
     assert "note: nothing answers at" in capsys.readouterr().err
+    # the sweep's line named the address as Ray rewrote it (127.0.0.1 as this node's IP), not the one given
+    from shortft.sweep import run_sweep
+
+    monkeypatch.delenv("RAY_ADDRESS")
+    with pytest.raises(ConfigError, match=rf"^Ray cluster address 127\.0\.0\.1:{port}: nothing answers at \S+:{port}"):
+        run_sweep("toy", smoke_test=True, tracking_uri=None, address=f"127.0.0.1:{port}", storage_path=str(tmp_path))
     server = socket.socket()  # a head that starts listening while the driver waits (`ray up`, then the sweep)
     server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     starts = threading.Timer(1.5, lambda: (server.bind(("0.0.0.0", port)), server.listen()))

@@ -90,10 +90,14 @@ def _init_names(cls) -> str:
 
 
 def canonical_address(address: str | None) -> str | None:
-    """`auto`, host:port or a `ray://` address as `ray.init` wants it (None: start a local Ray)."""
+    """`auto`, or none given, as the cluster address `ray.init` would find (None: start a local Ray); a
+    host:port or `ray://` address as given (`ray.init` reads it so itself; here 127.0.0.1 became the node's
+    IP, and the line for an address nothing answers at named that, not what was given)."""
     from ray._private.services import canonicalize_bootstrap_address
 
-    return canonicalize_bootstrap_address(address) if address != "local" else None
+    if address == "local":
+        return None
+    return address if address and address != "auto" else canonicalize_bootstrap_address(address)
 
 
 def start_autoscaling_coordinator() -> None:
