@@ -225,7 +225,9 @@ def parser():
     mlflow = p.add_mutually_exclusive_group()
     mlflow.add_argument("--tracking-uri", default="", help="MLflow (default $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
     mlflow.add_argument("--no-mlflow", action="store_true")
-    p.add_argument("--smoke-test", action="store_true", help="the sweep's smoke sizes: a plumbing check")
+    p.add_argument("--smoke-test", action="store_true", help="the sweep's smoke sizes (10-step chains, batch 1, "
+                   "one evaluation sample): a plumbing check; each trial still runs to the budget, so give a small one "
+                   "(--call-budget 20)")
     p.add_argument("--report-only", action="store_true", help="write the report of an earlier run in --out")
     return p
 
