@@ -65,6 +65,9 @@ def _space_file(tmp_path, search: str, extra: str = "") -> str:
     # valid one at a time, not together: the trial Optuna drew with both stopped the sweep partway, in the driver
     ("  chain.steps: {choice: [50, 6]}\n  chain.segments: {choice: [2, 8]}", [],
      "search.chain.steps=6 with search.chain.segments=8 gives an invalid config: chain.segments=8: must be <="),
+    # the smoke test fixed chain.steps=10 and dropped it from the search: the mistake passed, status 0
+    ("  chain.steps: {choice: [50, 6]}\n  chain.segments: {choice: [2, 8]}", ["--smoke-test"],
+     "search.chain.steps=6 with search.chain.segments=8 gives an invalid config"),
     ("  chain.method: {choice: [shortft, refl]}\n  chain.truncate_at: {uniform: [0.0, 0.5]}", [],
      "search.chain.method='refl' with search.chain.truncate_at=0.5 gives an invalid config"),
     # Tune refused it in fit(): a ValueError traceback, the parent MLflow run left RUNNING
@@ -80,6 +83,17 @@ def test_bad_input_fails_before_ray_with_one_line(tmp_path, capsys, search, args
     assert code == 2
     assert len(err.splitlines()) == 1 and err.startswith("error:") and expected in err, err
     assert not ray.is_initialized() and not (tmp_path / "s").exists()  # (an empty storage folder was left)
+
+
+def test_the_smoke_test_says_which_searched_keys_it_fixes(tmp_path, capsys):
+    """`--smoke-test` of a space that searches chain.steps ran trials of chain.steps=10, with the key gone from
+    the results without a word."""
+    (tmp_path / "s").mkdir()
+    space = _space_file(tmp_path, "  chain.steps: {choice: [20, 40]}\n  chain.segments: {choice: [2, 4]}")
+    assert sweep.main(["--space", space, "--smoke-test", "--resume", "--name", "nosuch", "--no-mlflow",
+                       "--storage-path", str(tmp_path / "s")]) == 2  # refused after the space is read
+    assert ("note: --smoke-test fixes chain.steps=10, which the space searches: its trials do not search them"
+            in capsys.readouterr().err)
 
 
 def test_a_key_both_fixed_and_searched_is_refused(tmp_path):
