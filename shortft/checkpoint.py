@@ -162,17 +162,28 @@ def holds_run(folder: Path) -> bool:
     return latest(Path(folder) / "checkpoints") is not None or (Path(folder) / "result.json").is_file()
 
 
-def check_new_run(out: Path, template: str = "{name}", steps: int | None = None) -> None:
+def is_fork(resume, out: Path) -> bool:
+    """`--resume PATH` of a checkpoint outside `out`/checkpoints: a new run in `out` from that checkpoint."""
+    return isinstance(resume, (str, Path)) and Path(resume).resolve().parent.parent != Path(out).resolve()
+
+
+def check_new_run(out: Path, template: str = "{name}", steps: int | None = None, fork: Path | None = None) -> None:
     """A new run (no resume) may not start in a run folder that holds checkpoints: it wrote its steps beside
     them and its metrics over the old ones, and a later `--resume` took the newest checkpoint of either run.
     Nor in one that holds a finished run whose checkpoints were removed: its LoRAs and result went.
     `template`: the config's train.output_dir, to name the setting that moves the run (a run's or a sweep
     trial's config.yaml holds its folder itself: there name= moved nothing); `steps`: the new run's
-    train.steps, to say what --resume of a finished run would do (at its steps: nothing)."""
+    train.steps, to say what --resume of a finished run would do (at its steps: nothing); `fork`: the checkpoint
+    of another folder the new run starts from (the line said "pass --resume" to a run given --resume PATH)."""
     other = ("set name=<new name> (or train.output_dir) to start another" if "{name}" in template else
              "set train.output_dir=<another folder> to start another (this config's train.output_dir names the "
              "folder itself, without {name}: name= does not move it)")
     held, result = latest(Path(out) / "checkpoints"), _result_steps(Path(out) / "result.json")
+    if fork is not None and (held is not None or result is not None):
+        raise ConfigError(f"--resume {fork}: a checkpoint outside {Path(out) / 'checkpoints'} starts a new run in "
+                          f"{out} from it, and that folder holds a run" + (
+                              f" (checkpoints to step {step_of(held)})" if held is not None else "") +
+                          f"; {other}, or pass --resume alone to continue the one there")
     if held is not None:
         step = step_of(held)
         finished = result is not None and result >= step  # one trained on past its result and stopped: not finished

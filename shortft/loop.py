@@ -119,9 +119,9 @@ def train(cfg: Config, callbacks: list[Callback] = (), resume: bool | str | Path
 def _train(cfg: Config, callbacks, resume, rank: int, world_size: int, stop: StopRequest,
            new_run_checked: bool = False) -> TrainResult:
     out, is_main = cfg.output_dir, rank == 0
-    fork = isinstance(resume, (str, Path)) and Path(resume).resolve().parent.parent != out.resolve()
+    fork = checkpoint.is_fork(resume, out)
     if (not resume or fork) and not new_run_checked:  # a fork from another run's checkpoint is a new run here
-        checkpoint.check_new_run(out, cfg.train.output_dir, cfg.train.steps)
+        checkpoint.check_new_run(out, cfg.train.output_dir, cfg.train.steps, Path(resume) if fork else None)
     if is_main:
         output_folder("train.output_dir", out).mkdir(parents=True, exist_ok=True)
 

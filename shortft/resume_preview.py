@@ -38,6 +38,8 @@ def resume_line(cfg, args) -> str:
     if args.resume is not True:
         checkpoint.check_resume_path(args.resume)
         path = Path(args.resume)
+        if checkpoint.is_fork(path, cfg.output_dir):  # a new run there: refused where a run is (the dry run said
+            checkpoint.check_new_run(cfg.output_dir, cfg.train.output_dir, cfg.train.steps, path)  # "resume")
     else:
         path = checkpoint.latest(cfg.output_dir / "checkpoints")
         if path is None:

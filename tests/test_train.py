@@ -298,11 +298,16 @@ def test_a_runs_config_used_from_another_folder_resumes_that_run_or_says_how(tmp
             "that checkpoint's run") in capsys.readouterr().err
     assert main(["train", "--config", "moved/config.yaml", "--resume", *common, f"train.output_dir={moved}"]) == 0
     assert f"resumed from {moved}/checkpoints/step_000001 at step 1\n" in capsys.readouterr().err
-    # A fork into a folder that holds its own run's checkpoints would mix the two: refused like a new run.
-    assert main(["train", "--config", "moved/config.yaml", "--resume", f"{moved}/checkpoints/step_000002", *common,
-                 "train.steps=3", "train.output_dir=runs/tiny"]) == 2
-    assert "train.output_dir runs/tiny holds a finished run (checkpoints to step 2); pass --resume to train it on to " \
-           "step 3 (train.steps)" in capsys.readouterr().err
+    # A fork into a folder that holds its own run's checkpoints would mix the two: refused like a new run, by the
+    # dry run too (it said "resume: from ... at step 2"), and not told to "pass --resume", which it had.
+    for dry in ([], ["--dry-run"]):
+        assert main(["train", "--config", "moved/config.yaml", "--resume", f"{moved}/checkpoints/step_000002", *common,
+                     "train.steps=3", "train.output_dir=runs/tiny", *dry]) == 2
+        assert capsys.readouterr().err.strip().endswith(
+            f"--resume {moved}/checkpoints/step_000002: a checkpoint outside runs/tiny/checkpoints starts a new run in "
+            "runs/tiny from it, and that folder holds a run (checkpoints to step 2); set train.output_dir=<another "
+            "folder> to start another (this config's train.output_dir names the folder itself, without {name}: name= "
+            "does not move it), or pass --resume alone to continue the one there")
     # A new run refused there leaves no MLflow run behind (a --resume took that FAILED run up as its own).
     uri = f"sqlite:///{tmp_path}/m.db"
     assert main(["train", "--config", "moved/config.yaml", "--tracking-uri", uri, *common[1:]]) == 2
