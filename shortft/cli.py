@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
                 if args.resume:
                     print(resume_line(cfg, args))
                 else:  # the line (and status) the run itself would stop with
-                    from shortft.checkpoint import check_new_run
+                    from shortft.new_run import check_new_run
 
                     check_new_run(cfg.output_dir, cfg.train.output_dir, cfg.train.steps)
         elif args.command == "train":
@@ -175,7 +175,7 @@ def run_train(cfg, args) -> int:
     before its record and MLflow run are made, for the whole run in this process; with --workers, only
     whether another process trains there now (the workers lock it where they train)."""
     from shortft import run_lock, run_store
-    from shortft.checkpoint import check_new_run
+    from shortft.new_run import check_new_run
 
     output_folder("train.output_dir", cfg.output_dir)
     check_device_here(cfg, args)

@@ -22,7 +22,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
-from shortft import attempts, checkpoint, raised, resources, run_record, run_status, run_store, tracking
+from shortft import attempts, checkpoint, new_run, raised, resources, run_record, run_status, run_store, tracking
 from shortft.config import Config, ConfigError, from_dict, to_dict
 from shortft.guard import NonFiniteError
 from shortft.interrupt import SIGNALS, Interrupted
@@ -216,7 +216,7 @@ def train_with_ray(cfg: Config, workers: int, use_gpu: bool = False, storage_pat
         check_resumed_workers(storage_path, name, workers)
     if not resume:
         # a run of one process there: the workers would write beside it
-        checkpoint.check_new_run(cfg.output_dir, cfg.train.output_dir, cfg.train.steps)
+        new_run.check_new_run(cfg.output_dir, cfg.train.output_dir, cfg.train.steps)
     local = checkpoint.latest(cfg.output_dir / "checkpoints") if resume and not exists else None
     if local is not None:  # Ray would start from step 0 and write over that run: say so instead
         written_by = json.loads((local / "state.json").read_text()).get("world_size", 1)

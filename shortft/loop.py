@@ -17,7 +17,7 @@ from typing import Any
 import torch
 import yaml
 
-from shortft import checkpoint, run_lock
+from shortft import checkpoint, new_run, run_lock
 from shortft.budget import Budget
 from shortft.chain import ChainInput, sample
 from shortft.checks import check, checked_callbacks
@@ -119,9 +119,9 @@ def train(cfg: Config, callbacks: list[Callback] = (), resume: bool | str | Path
 def _train(cfg: Config, callbacks, resume, rank: int, world_size: int, stop: StopRequest,
            new_run_checked: bool = False) -> TrainResult:
     out, is_main = cfg.output_dir, rank == 0
-    fork = checkpoint.is_fork(resume, out)
+    fork = new_run.is_fork(resume, out)
     if (not resume or fork) and not new_run_checked:  # a fork from another run's checkpoint is a new run here
-        checkpoint.check_new_run(out, cfg.train.output_dir, cfg.train.steps, Path(resume) if fork else None)
+        new_run.check_new_run(out, cfg.train.output_dir, cfg.train.steps, Path(resume) if fork else None)
     if is_main:
         output_folder("train.output_dir", out).mkdir(parents=True, exist_ok=True)
 

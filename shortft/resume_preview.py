@@ -28,7 +28,7 @@ def check_resume_folder(cfg, args) -> None:
 
 def resume_line(cfg, args) -> str:
     """Where `train --resume` would start (a dry run): the checkpoint and its step, or step 0."""
-    from shortft import checkpoint
+    from shortft import checkpoint, new_run
     from shortft.plan import training_plan
     from shortft.resume_settings import changed_settings, check_workers
 
@@ -38,8 +38,8 @@ def resume_line(cfg, args) -> str:
     if args.resume is not True:
         checkpoint.check_resume_path(args.resume)
         path = Path(args.resume)
-        if checkpoint.is_fork(path, cfg.output_dir):  # a new run there: refused where a run is (the dry run said
-            checkpoint.check_new_run(cfg.output_dir, cfg.train.output_dir, cfg.train.steps, path)  # "resume")
+        if new_run.is_fork(path, cfg.output_dir):  # a new run there: refused where a run is (the dry run said
+            new_run.check_new_run(cfg.output_dir, cfg.train.output_dir, cfg.train.steps, path)  # "resume")
     else:
         path = checkpoint.latest(cfg.output_dir / "checkpoints")
         if path is None:

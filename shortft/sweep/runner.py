@@ -36,7 +36,7 @@ from shortft.sweep.trials import (EXPERIMENT, OBJECTIVE, SMOKE_TEST, TRIAL_CPUS,
 def check_trial_folders(output_root: str, name: str) -> None:
     """A new sweep's trials may not start in folders that hold an earlier sweep's trial runs (its Tune state
     removed, or under another --storage-path): each trial was refused there, after Ray's start-up."""
-    from shortft.checkpoint import holds_run
+    from shortft.new_run import holds_run
 
     root = Path(output_root)
     held = sorted(d.name for d in root.iterdir() if d.is_dir() and holds_run(d)) if root.is_dir() else []
