@@ -93,9 +93,9 @@ def parser() -> argparse.ArgumentParser:
 
     toy = sub.add_parser("toy", help="the toy world").add_subparsers(dest="toy_command", required=True)
     b = toy.add_parser("build", help="train the toy model, shortcuts, reward and judge from seeds")
-    b.add_argument("--quick", action="store_true", help="a miniature build in about a minute (tests)")
+    b.add_argument("--quick", action="store_true", help="a miniature build in under a minute (what the tests use)")
     b.add_argument("--out", help="output dir (default: $SHORTFT_TOY_DIR, else the package's shortft/toy/assets)")
-    b.add_argument("--seed", type=at_least(0), default=0)
+    b.add_argument("--seed", type=at_least(0), default=0, help="the build's seed (default 0)")
     b.add_argument("--from-base", metavar="DIR", help="reuse this build's VAE/text encoder/UNet (and its reward and judge at the same --seed and "
                    "sizes); redo the rest")
     b.add_argument("--set", nargs="*", action="extend", default=[], metavar="key=value", help="build sizes, e.g. shortcut_steps=1500")
@@ -103,7 +103,8 @@ def parser() -> argparse.ArgumentParser:
                    help="where the shortcut stage runs: cpu (default), cuda, cuda:N or auto; the rest runs on cpu")
     ck = toy.add_parser("check", help="recompute the toy build's figures from its files")
     ck.add_argument("--dir", help="assets dir (default: $SHORTFT_TOY_DIR, else the package's)")
-    ck.add_argument("--samples", type=at_least(1), default=256)
+    ck.add_argument("--samples", type=at_least(1), default=256,
+                    help="images the figures are measured on, from fresh teacher paths (default 256)")
 
     bn = sub.add_parser("bench", help="seconds/step, memory, FLOPs and utilisation of each method")
     common(bn)
