@@ -32,9 +32,8 @@ class OneLineParser(argparse.ArgumentParser):
 def unknown_flags(parser: argparse.ArgumentParser, extra: list[str]) -> str:
     """The line for arguments no flag took: each unknown flag with the config key of its name (`--steps`:
     `train.steps=... or chain.steps=...`, where the command takes key=value; a parser's `flag_keys` adds
-    others: train's `--out`) or the nearest flag. argparse named
-    them all, with the overrides and values after them: `--out /tmp/r train.steps=2` was `unrecognized
-    arguments: --out train.steps=2`."""
+    others: train's `--out`) or the nearest flag. argparse named them all, with the overrides and values
+    after them: `--out /tmp/r train.steps=2` was `unrecognized arguments: --out train.steps=2`."""
     flags = [e for e in extra if e.startswith("--") or (e.startswith("-") and e[1:2].isalpha())]
     if not flags:
         return UNRECOGNIZED + " ".join(extra)

@@ -91,8 +91,8 @@ def _init_names(cls) -> str:
 
 def canonical_address(address: str | None) -> str | None:
     """`auto`, or none given, as the cluster address `ray.init` would find (None: start a local Ray); a
-    host:port or `ray://` address as given (`ray.init` reads it so itself; here 127.0.0.1 became the node's
-    IP, and the line for an address nothing answers at named that, not what was given)."""
+    host:port or `ray://` address as given, which `ray.init` resolves itself (resolved here, 127.0.0.1 became
+    this node's IP, and the line for an address nothing answers at named that, not what was given)."""
     from ray._private.services import canonicalize_bootstrap_address
 
     if address == "local":

@@ -155,8 +155,8 @@ def run_sweep(space: str | Space | None = None, num_samples: int | None = None, 
     if space is None and values["config"] and not resume:
         check_default_space(values["space"], values["config"])
     if not isinstance(space, Space):
-        if values["smoke_test"]:  # the space as its real sweep runs it: a mistake there is the smoke test's too
-            searched = load_space(values["space"], base=values["config"]).search  # (smoke sizes passed it)
+        if values["smoke_test"]:  # the space as its real sweep runs it first: the smoke sizes fix some searched
+            searched = load_space(values["space"], base=values["config"]).search  # keys, and a pair it refuses passed
             if dropped := [k for k in searched if k in SMOKE_TEST]:
                 print(f"note: --smoke-test fixes {', '.join(f'{k}={SMOKE_TEST[k]}' for k in dropped)}, which the "
                       "space searches: its trials do not search them", file=sys.stderr)

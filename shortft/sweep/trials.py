@@ -23,9 +23,9 @@ from ray import tune
 
 from shortft import attempts, resources, tracking
 from shortft.arguments import check_at_least
+from shortft.checks import check_types
 from shortft.config import Config, ConfigError, builtin_names, check_name, from_dict, pin_paths, read_mapping, to_dict
 from shortft.mlflow_relay import RELAY, relay_call, start_relay
-from shortft.checks import check_types
 from shortft.space import Space, load_space, to_tune, trial_config
 from shortft.sweep.eval_report import OBJECTIVE, OBJECTIVE_SE, EvalReport
 from shortft.sweep.ray_compat import start_autoscaling_coordinator, tune_metric
