@@ -54,16 +54,26 @@ def split_credentials(uri: str) -> tuple[str, dict[str, str]]:
     return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, urllib.parse.urlencode(kept), parts.fragment)), env
 
 
+SECRET_QUERY = r"([?&](?:password|passwd|pwd|token|access_token)=)[^&#]*"
+
+
 def redacted(uri: str) -> str:
-    """`uri` with the password of its `user:password@` (if any) shown as `***`: for the lines that name it."""
-    return re.sub(r"^([^/]*//[^/@:]*):[^/@]*@", r"\1:***@", uri)
+    """`uri` with the password of its `user:password@` (if any; up to the last @: one with @ or / in it was
+    shown from there on) and a password or token in its query shown as `***`: for the lines that name it."""
+    uri = re.sub(r"^([^/]*//[^/@:]*):.*@", r"\1:***@", uri)
+    return re.sub(SECRET_QUERY, r"\1***", uri, flags=re.IGNORECASE)
+
+
+def has_secret(uri: str) -> bool:
+    """A password or token in `uri`: in its `user:password@`, or in its query (`mysql://h/db?password=...`)."""
+    return redacted(uri) != uri
 
 
 def take_credentials(uri: str) -> str:
     """The URI without its credentials (`split_credentials`), which go to the environment."""
     stripped, env = split_credentials(uri)
     parts = urllib.parse.urlsplit(uri)
-    if parts.password is not None and not env:
+    if has_secret(stripped) and not env:
         warn(f"shortft: the tracking URI's password ({parts.scheme}://) stays in it, and sweeps and Ray runs store "
              "the URI; keep the password in the database driver's own settings instead")
     os.environ.update(env)

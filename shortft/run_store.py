@@ -17,6 +17,7 @@ import urllib.parse
 from pathlib import Path
 
 from shortft import run_record, tracking
+from shortft.credentials import has_secret
 from shortft.config import Config, ConfigError
 from shortft.mlflow_client import sqlite_path
 
@@ -27,8 +28,7 @@ WORKERS_TAG = "shortft.workers"  # a `--workers N` run's N
 def remember(output_dir: Path, uri: str, experiment: str, run_id: str) -> None:
     """A URI with credentials in it (a database's `user:password@`; an http(s) URI's are moved out before
     this) is not written down: a resume takes the store from the environment or `--tracking-uri` again."""
-    secret = urllib.parse.urlsplit(uri).password is not None
-    run_record.remember(output_dir, PART, {"tracking_uri": None if secret else uri, "experiment": experiment,
+    run_record.remember(output_dir, PART, {"tracking_uri": None if has_secret(uri) else uri, "experiment": experiment,
                                            "run_id": run_id})
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -192,12 +193,14 @@ def run_sample(cfg: Config, lora: str, prompt: list[str], prompts_file: str | No
 
 
 INDEX = "samples.json"
+SAMPLED = re.compile(r"\d{3,}-[a-z0-9-]+-seed\d+\.png|compare\.png")  # the names `run_sample` gives its images
 
 
 def clear_earlier(out: Path) -> int:
     """The images an earlier `shortft sample` wrote in `out` (its `samples.json` lists them), removed: a second
-    call overwrote some and left the others, and its line counted only its own. Nothing else is touched.
-    Returns how many there were."""
+    call overwrote some and left the others, and its line counted only its own. Nothing else is touched: a
+    listed file is removed only if its name is one the sampler gives (a `samples.json` planted in a shared
+    folder listing `wedding.png` had it deleted). Returns how many there were."""
     try:
         earlier = json.loads((out / INDEX).read_text()).get("images", [])
     except (OSError, ValueError, AttributeError):
@@ -205,15 +208,13 @@ def clear_earlier(out: Path) -> int:
     removed = 0
     for entry in earlier:
         name = entry.get("file") if isinstance(entry, dict) else None
-        if isinstance(name, str) and name == Path(name).name and name.endswith(".png"):  # this folder's own files
+        if isinstance(name, str) and SAMPLED.fullmatch(name):  # this folder's own files, as named above
             removed += (out / name).is_file()
             (out / name).unlink(missing_ok=True)
     return removed
 
 
 def _slug(prompt: str) -> str:
-    import re
-
     return re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:40].rstrip("-") or "prompt"
 
 

@@ -1,5 +1,7 @@
 """Files others can write are never unpickled; a checkpoint with code in it is refused in one line."""
 
+import json
+import re
 import subprocess
 import sys
 
@@ -74,6 +76,56 @@ def test_whole_file_writes_replace_a_planted_temporary_link(tmp_path):
     save_grid(torch.zeros(1, 3, 4, 4), tmp_path / "grid.png")
     assert victim.read_text() == "precious" and (tmp_path / "samples.json").read_text() == "{}"
     assert not any(p.is_symlink() for p in tmp_path.iterdir())
+
+
+def test_reports_from_a_shared_folder_write_nothing_outside_it_nor_through_links(tmp_path):
+    """`compare.py --report-only` of a folder someone else wrote: an arm named `../../x` in rows.jsonl had its
+    grid copied to x.png outside it, and report.md, the plot, a sweep's results.parquet, results.md and
+    best_config.yaml were written through links planted under their names. And a planted samples.json
+    had `sample --out` delete any .png it listed."""
+    from shortft.sample import INDEX, clear_earlier
+    from shortft.sweep.compare_report import write_report
+    from shortft.sweep.results import write_table
+
+    victim, run = tmp_path / "victim.txt", tmp_path / "run"
+    victim.write_text("precious")
+    (run / "samples").mkdir(parents=True)
+    (run / "samples" / "step_000002.png").write_bytes(b"\x89PNG planted")
+    row = {"arm": "../escaped", "lr_trials": 1, "chosen": True, "lr": 1e-3, "seed": 0, "run_dir": str(run),
+           "final": {"eval/objective": 0.5, "step": 2, "calls_total": 4}, "evals": []}
+    out = tmp_path / "cmp"
+    out.mkdir()
+    (out / "rows.jsonl").write_text(json.dumps(row) + "\n")
+    with pytest.raises(ConfigError, match=re.escape("line 1: arm='../escaped': a name is one folder's name")):
+        write_report(out / "rows.jsonl")
+    assert not (tmp_path / "escaped.png").exists()
+    (out / "rows.jsonl").write_text(json.dumps({**row, "arm": "shortft"}) + "\n")
+    (out / "grids").mkdir()
+    for name in ("report.md", "objective_vs_seconds.png", "grids/shortft.png", "results.parquet"):
+        (out / name).symlink_to(victim)
+    write_report(out / "rows.jsonl")
+    write_table([{"trial": "t001", "objective": 0.5}], out / "results.parquet")
+    assert victim.read_text() == "precious" and not any(p.is_symlink() for p in out.rglob("*"))
+    (out / "wedding.png").write_bytes(b"mine")
+    for name in ("000-a-seed0.png", "compare.png"):
+        (out / name).write_bytes(b"sampled")
+    (out / INDEX).write_text(json.dumps({"images": [{"file": n} for n in ("wedding.png", "000-a-seed0.png",
+                                                                            "compare.png", "../victim.txt")]}))
+    assert clear_earlier(out) == 2 and (out / "wedding.png").is_file() and victim.is_file()
+
+
+@pytest.mark.parametrize("uri,shown", [  # the password was shown from an @ or / in it on
+    ("mysql://alice:p@S3cretPW@127.0.0.1:1/db", "mysql://alice:***@127.0.0.1:1/db"),
+    ("http://alice:pa/S3cretPW@127.0.0.1:1", "http://alice:***@127.0.0.1:1"),
+    ("mysql+pymysql://alice@h/db?password=S3cretPW", "mysql+pymysql://alice@h/db?password=***"),  # as given
+])
+def test_a_password_with_an_at_or_a_slash_or_in_the_query_is_not_shown(uri, shown, tmp_path):
+    from shortft import run_record, run_store
+    from shortft.credentials import has_secret, redacted
+
+    assert redacted(uri) == shown and has_secret(uri)
+    run_store.remember(tmp_path, uri, "e", "r")  # a query's password was written into shortft_run.json
+    assert "S3cretPW" not in (tmp_path / run_record.FILE).read_text()
 
 
 def test_a_checkpoint_with_cuda_rng_state_resumes_on_a_cpu(make_cfg, tmp_path):

@@ -21,7 +21,7 @@ from shortft import raised, run_status
 from shortft.arguments import OneLineParser, check_at_least, comma_items, name_too_long
 from shortft.config import ConfigError, check_name, load_yaml, replaced
 from shortft.hub import check_sources
-from shortft.out_paths import output_folder
+from shortft.out_paths import output_folder, write_whole
 from shortft.progress import quiet_libraries
 from shortft.space import trial_config
 from shortft.stats import finite
@@ -74,12 +74,12 @@ def run_comparison(base: str, out: str | Path, arms: list[str] = tuple(ARMS), se
     out = Path(out).resolve()
     rows_path, runs = out / "rows.jsonl", out / "runs"
     out.mkdir(parents=True, exist_ok=True)
-    rows_path.write_text("")
+    write_whole(rows_path, "")  # (renamed over: a link planted there is replaced, not written through)
     if not ray.is_initialized():
         resources.connect(log_to_driver=False)
     parent = parent_run(tracking_uri, name, out) if tracking_uri else None
     with run_status.kept(tracking_uri, parent):  # KILLED on Ctrl-C, FAILED on an error (it was left RUNNING)
-        (out / "comparison.json").write_text(json.dumps({
+        write_whole(out / "comparison.json", json.dumps({
             "base": base, "arms": list(arms), "seeds": seeds, "ablation_seeds": ablation_seeds, "lrs": list(lrs),
             "budget": budget, "fixed": fixed or {}, "smoke_test": smoke_test, "tracking_uri": tracking_uri,
             "parent_run_id": parent}, indent=1))

@@ -11,6 +11,8 @@ import statistics
 from pathlib import Path
 
 from shortft import stats
+from shortft.config import check_name
+from shortft.out_paths import whole, write_whole
 from shortft.progress import warn
 from shortft.sweep.eval_report import NOT_TERMS, OBJECTIVE
 
@@ -25,6 +27,7 @@ def read_rows(path: Path) -> dict[str, list[dict]]:
         except ValueError:
             warn(f"{path}: line {number} is cut short or not JSON; left out of the report")
             continue
+        check_name(f"{path}: line {number}: arm", str(row["arm"]))  # it names a file: `../x` wrote elsewhere
         arms.setdefault(row["arm"], [])
         if row["chosen"]:
             arms[row["arm"]].append(row)
@@ -121,7 +124,8 @@ def plot(arms: dict[str, list[dict]], path: Path, base: dict | None = None) -> P
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with whole(path) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)
     return path
 
@@ -149,11 +153,12 @@ def write_report(rows_path: Path, out: Path | None = None, tracking_uri: str | N
         trials = [t for t in trials if t.get("run_dir")]
         samples = sorted((Path(trials[0]["run_dir"]) / "samples").glob("step_*.png")) if trials else []
         if samples:
-            shutil.copy(samples[-1], grids / f"{arm}.png")
+            with whole(grids / f"{arm}.png") as tmp:  # a new file renamed over: a link planted there stays untouched
+                shutil.copyfile(samples[-1], tmp)
             lines.append(f"{arm} (seed {trials[0]['seed']}, step {samples[-1].stem[5:].lstrip('0')}): "
                          f"![{arm}](grids/{arm}.png)")
     report = out / "report.md"
-    report.write_text("\n".join(lines) + "\n")
+    write_whole(report, "\n".join(lines) + "\n")
     if tracking_uri and parent_run_id:
         from shortft import tracking
 

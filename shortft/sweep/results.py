@@ -10,6 +10,7 @@ from pathlib import Path
 
 from shortft import raised, stats, tracking
 from shortft.evaluate import scalars
+from shortft.out_paths import whole, write_whole
 from shortft.space import Space
 from shortft.sweep import best as best_lora
 from shortft.sweep.baseline import searched_evaluation_keys
@@ -135,7 +136,8 @@ def write_table(rows: list[dict], path: Path) -> Path:
     columns = list(dict.fromkeys(k for row in rows for k in row))
     table = pa.Table.from_pylist([{k: row.get(k) for k in columns} for row in rows])
     path.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(table, path)
+    with whole(path) as tmp:  # renamed over: a link planted at results.parquet is replaced, not written through
+        pq.write_table(table, tmp)
     return path
 
 
@@ -179,7 +181,7 @@ def finish_parent(uri: str, run_id: str, rows: list[dict], best: dict | None, st
         client.set_tag(run_id, "best_trial", best["trial"])
         if best.get("mlflow_run_id"):  # the trial's own run, one click away (its name is <sweep>-<trial>)
             client.set_tag(run_id, "best_run_id", best["mlflow_run_id"])
-        (out_dir / "best_config.yaml").write_text(yaml.safe_dump(best["config"], sort_keys=False))
+        write_whole(out_dir / "best_config.yaml", yaml.safe_dump(best["config"], sort_keys=False))
         client.log_artifact(run_id, str(out_dir / "best_config.yaml"))
         # the best evaluation's LoRAs, its config and best.json (sweep/best.py), and none of an earlier end's
         folder = Path(best["lora_dir"]).parent if best.get("lora_dir") else None
@@ -227,7 +229,8 @@ def optuna_plots(study, out_dir: Path) -> dict:
                 warnings.simplefilter("ignore")
                 ax = plot(study)
             path = out_dir / f"{name}.png"
-            ax.figure.savefig(path, bbox_inches="tight", dpi=100)
+            with whole(path) as tmp:
+                ax.figure.savefig(tmp, bbox_inches="tight", dpi=100, format="png")
             plt.close(ax.figure)
             out[name] = path
         except Exception as e:  # a plot Optuna cannot draw yet (too few trials) is skipped, not fatal

@@ -18,6 +18,7 @@ from shortft.arguments import check_at_least
 from shortft.config import ConfigError, check_name, to_dict
 from shortft.hub import check_sources
 from shortft.mlflow_relay import start_relay
+from shortft.out_paths import write_whole
 from shortft.ray_reports import BEST_AND_LATEST
 from shortft.space import Space, check_default_space, configs, load_space, trial_config
 from shortft.sweep import baseline as baseline_eval
@@ -276,7 +277,7 @@ def run_sweep(space: str | Space | None = None, num_samples: int | None = None, 
         unfinished = sum(r["status"] == "UNFINISHED" for r in rows) + max(0, num_samples - len(rows))
         out_dir.mkdir(parents=True, exist_ok=True)
         table_path = write_table(rows, out_dir / "results.parquet")
-        (out_dir / "results.md").write_text(markdown(rows, space, base))
+        write_whole(out_dir / "results.md", markdown(rows, space, base))
         done = [r for r in rows if r["objective_best"] is not None]
         best = None
         if done:
