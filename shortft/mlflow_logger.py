@@ -21,6 +21,7 @@ REWOUND_TAG = "shortft.rewound"  # a run resumed from a checkpoint before its la
 # The best evaluation so far, beside each evaluation: the UI's runs table shows a metric's last value, and a
 # sweep ranks its trials by their best (a trial that peaked early looked worse there than in results.md).
 BEST = "eval/objective_best"
+REPLAYED = ("loss", "lr", "eval/objective")  # what a step run again compares with its logged values
 
 
 class MlflowLogger(Callback):
@@ -52,7 +53,7 @@ class MlflowLogger(Callback):
             self.client = RelayClient(self.relay)
         else:
             self.client = client(self.uri)
-        self.logged_up_to, self.logged_loss, self.start = 0, {}, start_step
+        self.logged_up_to, self.logged, self.start = 0, {}, start_step
         # the steps before this start, read once: for the best so far (a resumed run's earlier evaluations) and
         # for the steps written but not logged (below)
         before = [row for row in (read_metrics(self.metrics_file) if self.metrics_file is not None else [])
@@ -60,10 +61,10 @@ class MlflowLogger(Callback):
         for row in before:
             self._note_best(row)
         try:
-            history = self.client.get_metric_history(self.run_id, "loss")
             # After a restart the steps since the last checkpoint run again; they were logged already.
-            self.logged_up_to = max((m.step for m in history), default=0)
-            self.logged_loss = {m.step: m.value for m in history}
+            self.logged = {key: {m.step: m.value for m in self.client.get_metric_history(self.run_id, key)}
+                           for key in REPLAYED}
+            self.logged_up_to = max(self.logged["loss"], default=0)
         except Exception as e:  # the server away: take the steps to the checkpoint as logged (else the replay
             self._failed(e)      # below logged the whole of metrics.jsonl a second time)
             self.logged_up_to = start_step
@@ -101,12 +102,15 @@ class MlflowLogger(Callback):
         return self.best
 
     def _another_line(self, step: int, metrics: dict) -> bool:
-        """A step run again whose loss is not the one logged (an exact resume gives the same): the run resumed
-        from an earlier checkpoint or with other settings, another line of steps. From it on every step is
-        logged (MLflow then holds a value of each line at those steps, this line's the later) and the run says
-        so in the tag `shortft.rewound`; before, MLflow kept the abandoned line's values."""
-        was = self.logged_loss.get(step)
-        if was is None or "loss" not in metrics or math.isclose(was, float(metrics["loss"]), rel_tol=1e-9):
+        """A step run again whose loss, learning rate or evaluation is not the one logged (an exact resume gives
+        the same): the run resumed from an earlier checkpoint with other settings, another line of steps. From
+        it on every step is logged (MLflow then holds a value of each line at those steps, this line's the
+        later) and the run says so in the tag `shortft.rewound`; before, MLflow kept the abandoned line's
+        values. (The loss alone missed a new train.lr or eval setting: a step's loss is computed before its
+        update, so the first step run again had the logged loss, and an evaluation changes no loss.)"""
+        differs = [key for key in REPLAYED if step in self.logged.get(key, {}) and key in metrics
+                   and not math.isclose(self.logged[key][step], float(metrics[key]), rel_tol=1e-9)]
+        if not differs:
             return False
         self._log("set_tag", self.run_id, REWOUND_TAG, (
             f"resumed at step {self.start} after step {self.logged_up_to} was logged, and from step {step} its values "

@@ -1594,6 +1594,19 @@ def test_a_resume_from_an_earlier_checkpoint_logs_the_steps_it_runs_again_and_sa
     assert client.get_run(run_id).data.metrics["loss"] == 2.0
     assert client.get_run(run_id).data.tags["shortft.rewound"].startswith(
         "resumed at step 2 after step 4 was logged, and from step 3 its values are not those logged")
+    # a new train.lr leaves the first step run again at the logged loss (computed before its update), and a new
+    # eval setting changes no loss: the run's MLflow kept the abandoned line's lr and evaluation, untagged
+    for changed in ({"lr": 0.003}, {"eval/objective": 0.8}):
+        run_id = tracking.ensure_run(uri, "x", f"run-{len(changed)}-{next(iter(changed))}", "run")
+        client.log_batch(run_id, metrics=[Metric(k, v, 0, s) for s in (1, 2, 3, 4)
+                                          for k, v in {"loss": 1.0, "lr": 0.001, "eval/objective": 0.6}.items()])
+        logger = MlflowLogger(uri, run_id, metrics_file=tmp_path / "metrics.jsonl")
+        logger.on_start(None, 2)
+        logger.on_step(3, {"step": 3, "loss": 1.0, "lr": 0.001, "eval/objective": 0.6, **changed}, {})
+        key = next(iter(changed))
+        assert [m.value for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.timestamp)
+                if m.step == 3] == [0.001 if key == "lr" else 0.6, changed[key]]
+        assert "shortft.rewound" in client.get_run(run_id).data.tags
 
 
 def test_a_resume_whose_first_history_read_fails_logs_no_step_twice(tmp_path, monkeypatch):
