@@ -183,7 +183,8 @@ def run_bench(cfg: Config, methods: list[str], segments: list[int], batches: lis
 
     rows = []
     result = {"config": cfg.name, "pretrained": cfg.model.pretrained, "random_weights": random_weights,
-              "steps": cfg.chain.steps, "dtype": cfg.model.dtype, "mixed_precision": autocast_for(cfg, device)[1],
+              "steps": cfg.chain.steps, "timed_steps": steps if time_it else 0, "warmup_steps": warmup if time_it else 0,
+              "dtype": cfg.model.dtype, "mixed_precision": autocast_for(cfg, device)[1],
               "device": device_name(device), "host_cpu": host_cpu(), "libraries": library_versions(),
               "threads": torch.get_num_threads(), "peak_bf16_tflops": peak, "date": datetime.date.today().isoformat(),
               "rows": rows}

@@ -6,6 +6,8 @@ import json
 import time
 from pathlib import Path
 
+from shortft.out_paths import write_whole
+
 
 def describe(row: dict) -> str:
     text = f"calls {row['calls']}/{row['grad_calls']}  {row['flops'] / 1e12:8.3g} TFLOP  {row.get('ops', 0):7d} ops"
@@ -50,9 +52,7 @@ def format_table(result: dict) -> str:
 
 def save_json(path: Path, result: dict) -> None:
     """Written whole or not at all (a temp file renamed): a bench stopped mid-write keeps the previous arms."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(result, indent=1))
-    tmp.replace(path)
+    write_whole(path, json.dumps(result, indent=1))
 
 
 def log_to_mlflow(result: dict, tracking_uri: str, json_path: Path | None, experiment: str = "shortft-bench") -> str:
@@ -61,7 +61,10 @@ def log_to_mlflow(result: dict, tracking_uri: str, json_path: Path | None, exper
     tracking_uri = tracking.resolve_uri(tracking_uri)
     run_id = tracking.ensure_run(tracking_uri, experiment, f"bench/{time.time_ns()}", f"bench-{result['config']}",
                                  reuse=False)
-    tracking.log_dict_params(tracking_uri, run_id, {k: v for k, v in result.items() if k != "rows"})
+    # `steps` is the chain's N (the JSON's name, which --counts-from reads); as a param beside timed_steps it read
+    # as the steps timed
+    tracking.log_dict_params(tracking_uri, run_id, {("chain.steps" if k == "steps" else k): v
+                                                    for k, v in result.items() if k != "rows"})
     client = tracking.client(tracking_uri)
     for r in result["rows"]:
         label = f"{r['method']}_k{r['segments'] or 0}_b{r['batch']}" + ("_ckpt" if r["checkpointing"] else "")

@@ -36,7 +36,9 @@ def test_bench_counts_and_times_every_method_as_its_plan_says(tmp_path, tiny_dir
     assert rows["shortft", 4]["flops"] < rows["full", None]["flops"]
     assert "| shortft | 4 | 1 | 11 (11) |" in stdout
     # the host's CPU goes with every figure (a CPU step, or a host-bound GPU step, runs at its speed)
-    host = json.loads((tmp_path / "bench.json").read_text())["host_cpu"]
+    result = json.loads((tmp_path / "bench.json").read_text())
+    assert (result["steps"], result["timed_steps"], result["warmup_steps"]) == (20, 1, 0)  # N, and how it was timed
+    host = result["host_cpu"]
     assert host.endswith(" CPUs") and len(host) > len(" CPUs") + 2 and f"(host: {host}, " in stdout
     for r in rows.values():
         assert math.isfinite(r["seconds_per_step"]) and r["seconds_per_step"] > 0
@@ -138,3 +140,20 @@ def test_an_interrupted_bench_says_where_the_arms_that_ended_are(tmp_path):
     (tmp_path / "b.json").write_text("{}")
     assert interrupted_line(KeyboardInterrupt(), args, []) == f"interrupted; {tmp_path / 'b.json'} holds the arms that ended"
     assert interrupted_line(KeyboardInterrupt(), Namespace(command="bench", json=None), []) == "interrupted"
+
+
+def test_the_bench_run_in_mlflow_says_how_it_was_timed(tmp_path):
+    """Its param `steps` was the chain's N (50), read as the steps timed; the steps timed and warmed up were
+    not logged, so a 1-step bench without warm-up looked like a careful one."""
+    from mlflow.tracking import MlflowClient
+
+    from shortft.bench_report import log_to_mlflow
+
+    uri = f"sqlite:///{tmp_path}/m.db"
+    result = {"config": "toy", "steps": 50, "timed_steps": 1, "warmup_steps": 0, "rows": [
+        {"method": "full", "segments": None, "batch": 1, "checkpointing": True, "seconds_per_step": 2.5}]}
+    run = MlflowClient(uri).get_run(log_to_mlflow(result, uri, None))
+    assert {k: run.data.params[k] for k in ("chain.steps", "timed_steps", "warmup_steps")} == {
+        "chain.steps": "50", "timed_steps": "1", "warmup_steps": "0"} and "steps" not in run.data.params
+    assert run.data.metrics["full_k0_b1_ckpt/seconds_per_step"] == 2.5
+

@@ -37,7 +37,7 @@ SEARCHED = ["chain.segments", "chain.truncate_at", "lora.rank", "lora.alpha", "t
             "reward.weights.toy_alignment", "reward.weights.saturation"]
 COLUMNS = ["trial", "status", *SEARCHED, "objective_final", "objective_best", "objective_se", "step_best", "gain",
            "gain_se", "objective_samples", "eval/toy_judge_accuracy", "eval/toy_alignment", "eval/saturation",
-           "seconds_per_step", "peak_memory_mb", "node_id"]
+           "mean_seconds_per_step", "peak_memory_mb", "node_id"]
 
 
 def _space_file(tmp_path, search: str, extra: str = "") -> str:
@@ -157,12 +157,12 @@ def test_results_markdown_gives_each_objective_its_standard_error_and_the_spread
 
     space = load_space(_space_file(Path(os.environ["SHORTFT_CACHE"]), "  lora.rank: {randint: [4, 8]}"))
     rows = [{"trial": "t001", "status": "DONE", "lora.rank": 4, "objective_best": 0.9, "objective_se": 0.02,
-             "steps": 60, "seconds_per_step": 1.234, "peak_memory_mb": 900.4},
+             "steps": 60, "mean_seconds_per_step": 1.234, "peak_memory_mb": 900.4},
             {"trial": "t002", "status": "STOPPED_EARLY", "lora.rank": 8, "objective_best": 0.8, "objective_se": 0.01,
-             "steps": 30, "seconds_per_step": 2.0, "peak_memory_mb": 800.0},
+             "steps": 30, "mean_seconds_per_step": 2.0, "peak_memory_mb": 800.0},
             {"trial": "t003", "status": "ERROR", "lora.rank": 6, "objective_best": None}]
     lines = markdown(rows, space).splitlines()
-    assert lines[0] == "| trial | status | rank | objective (best) ± se | steps | s/step | peak MB |"
+    assert lines[0] == "| trial | status | rank | objective (best) ± se | steps | mean s/step | peak MB |"
     assert lines[2] == "| t001 | DONE | 4 | 0.9000 ± 0.0200 | 60 | 1.23 | 900 |"
     assert lines[4] == "| t003 | ERROR | 6 | - | - | - | - |"
     assert lines[-1] == "best - worst: 0.1000 = 4.5 x the combined standard error (0.0224, as if independent)"
@@ -173,7 +173,7 @@ def test_results_markdown_puts_the_untrained_model_first_and_the_best_trials_gai
 
     space = load_space(_space_file(Path(os.environ["SHORTFT_CACHE"]), "  lora.rank: {randint: [4, 8]}"))
     rows = [{"trial": "t001", "status": "DONE", "lora.rank": 4, "objective_best": 0.9, "objective_se": 0.02,
-             "steps": 60, "seconds_per_step": 1.234, "peak_memory_mb": 900.4}]
+             "steps": 60, "mean_seconds_per_step": 1.234, "peak_memory_mb": 900.4}]
     base = {"eval/objective": 0.86, "eval/objective_se": 0.025, "eval/toy_judge_accuracy": 0.7}
     lines = markdown(rows, space, base).splitlines()
     assert lines[2] == "| untrained | BASE | - | 0.8600 ± 0.0250 | 0 | - | - |"
@@ -208,7 +208,7 @@ def test_gains_over_the_untrained_model_are_measured_sample_by_sample():
              "gain": gain, "gain_se": se, "objective_samples": up, "steps": 60},
             {"trial": "t002", "status": "ERROR", "lora.rank": 8, "objective_best": None}]
     lines = markdown(rows, space, base).splitlines()
-    assert lines[0] == "| trial | status | rank | objective (best) ± se | gain ± paired se | steps | s/step | peak MB |"
+    assert lines[0] == "| trial | status | rank | objective (best) ± se | gain ± paired se | steps | mean s/step | peak MB |"
     assert lines[2] == "| untrained | BASE | - | 0.5833 ± 0.1100 | - | 0 | - | - |"
     assert lines[3] == "| t001 | DONE | 4 | 0.6033 ± 0.1100 | +0.0200 ± 0.0037 | 60 | - | - |"
     assert lines[4] == "| t002 | ERROR | 8 | - | - | - | - | - |"
@@ -436,7 +436,7 @@ def _check_sweep_outputs(db: Path, table: Path, trials: int = 3):
         if row["status"] == "DONE":
             artifacts = {a.path for a in c.list_artifacts(child.info.run_id)}
             assert {"lora", "config.yaml"} <= artifacts, (row["trial"], artifacts)
-    assert all(r["seconds_per_step"] > 0 and r["peak_memory_mb"] > 0 for r in rows)
+    assert all(r["mean_seconds_per_step"] > 0 and r["peak_memory_mb"] > 0 for r in rows)
     assert all(0 < r["objective_se"] < 0.5 for r in rows)  # the judge's score over the samples, in [0, 1]
     text = Path(table).with_name("results.md").read_text()
     assert text.count("\n| t0") == trials and "objective (best) ± se | gain ± paired se |" in text

@@ -59,7 +59,8 @@ def results_table(results, space: Space, sweep: dict, base: dict | None = None,
                "gain": gain[0] if gain else None, "gain_se": gain[1] if gain else None, "steps": m.get("step"),
                **{k: v for k, v in m.items() if k.startswith("eval/") and k not in NOT_TERMS},
                **{f"train/{k}": v for k, v in m.items() if k.startswith("reward")},
-               "seconds_per_step": m.get("mean_seconds_per_step"), "peak_memory_mb": m.get("peak_memory_mb"),
+               # the mean over the trial's steps, named so: MLflow's `seconds_per_step` is each step's own
+               "mean_seconds_per_step": m.get("mean_seconds_per_step"), "peak_memory_mb": m.get("peak_memory_mb"),
                "node_id": m.get("node_id"), "mlflow_run_id": cfg.get(RUN_ID_KEY), "error": raised.one_line(r.error),
                SAMPLES: samples}
         rows.append(row)
@@ -78,14 +79,14 @@ def markdown(rows: list[dict], space: Space, base: dict | None = None) -> str:
                      "objective_se": base.get(OBJECTIVE_SE), "steps": 0, SAMPLES: base.get(OBJECTIVE_SAMPLES)}
     gains = any(row.get("gain") is not None for row in rows)
     head = ["trial", "status", *(k.split(".")[-1] for k in keys), "objective (best) ± se",
-            *(["gain ± paired se"] if gains else []), "steps", "s/step", "peak MB"]
+            *(["gain ± paired se"] if gains else []), "steps", "mean s/step", "peak MB"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in ([untrained] if untrained else []) + rows:
         best, se, gain = row.get("objective_best"), stats.finite(row.get("objective_se")), row.get("gain")
         cells = [str(row["trial"]), row["status"], *(_cell(row.get(k)) for k in keys),
                  "-" if best is None else f"{best:.4f}" + (f" ± {se:.4f}" if se is not None else ""),
                  *([f"{gain:+.4f} ± {row['gain_se']:.4f}" if gain is not None else "-"] if gains else []),
-                 _cell(row.get("steps")), _cell(row.get("seconds_per_step")), _cell(row.get("peak_memory_mb"), ".0f")]
+                 _cell(row.get("steps")), _cell(row.get("mean_seconds_per_step")), _cell(row.get("peak_memory_mb"), ".0f")]
         lines.append("| " + " | ".join(cells) + " |")
     done = [r for r in rows if r.get("objective_best") is not None]
     best = max(done, key=lambda r: r["objective_best"]) if done else None
