@@ -17,8 +17,8 @@ import urllib.parse
 from pathlib import Path
 
 from shortft import run_record, tracking
-from shortft.credentials import has_secret
 from shortft.config import Config, ConfigError
+from shortft.credentials import has_secret
 from shortft.mlflow_client import sqlite_path
 
 PART = "mlflow"
