@@ -165,8 +165,8 @@ def test_python_arguments_of_another_type_are_one_line_before_anything_starts(tm
                        (lambda: shortft.load_config(cfg), "config Config(name='toy'"),
                        (lambda: shortft.load_config("tiny", 5), "overrides 5: give a list of key=value strings or a dict"),
                        (lambda: shortft.load_config("tiny", parts=["nope"]), "parts ['nope']: not among rewards"),
-                       (lambda: shortft.train(cfg, callbacks=print), "callbacks: <built-in function print> is no "
-                                                                     "Callback (on_start, on_step, on_end)"),
+                       (lambda: shortft.train(cfg, callbacks=len), "callbacks: <built-in function len> is no "
+                                                                   "Callback (on_start, on_step, on_end)"),
                        (lambda: shortft.train(cfg, callbacks=[object()]), "is no Callback"),
                        (lambda: sweep.trainable_for("toy", fixed=["train.steps=2"]), "fixed ['train.steps=2']: give "
                                                                                       "a dict of dotted keys"),
